@@ -1,0 +1,1 @@
+"""securechatd: a self-hosted secure chat daemon (AMP over TLS, SQLite, bcrypt)."""

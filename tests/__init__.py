@@ -1,0 +1,1 @@
+"""trial tests for securechatd, one module per module of the package."""
