@@ -1,0 +1,151 @@
+"""Settings: conf/securechatd.ini plus command-line overrides, validated once.
+
+Every setting is declared here with its INI section, default and parser, so
+the daemon, the admin CLI and the documented sample config cannot disagree.
+A problem is reported as one sentence naming the setting.
+"""
+
+import configparser
+import ipaddress
+from dataclasses import dataclass
+
+
+class ConfigError(Exception):
+    """A setting is missing, unknown or has a bad value."""
+
+
+def _integer(low, high=None):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise ValueError(f"must be a whole number {bound}, not {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise ValueError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def _choice(*choices):
+    def parse(text):
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, not {text!r}")
+        return text
+
+    return parse
+
+
+def _text(text):
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+def _optional_text(text):
+    return text.strip() or None
+
+
+def _address(text):
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(f"must be an IP address such as 127.0.0.1 or ::, not {text!r}")
+
+
+def _addresses(text):
+    return tuple(_address(part) for part in text.replace(",", " ").split())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the daemon, with its default (see conf/securechatd.ini)."""
+
+    interface: str = "127.0.0.1"
+    port: int = 5599
+    listen: str | None = None
+    certs: str = "certs"
+    database: str = "securechatd.sqlite"
+    durability: str = "normal"
+    busy_timeout: float = 5.0
+    bcrypt_cost: int = 12
+    hash_threads: int = 2
+    max_sessions: int = 10
+    resume_token_lifetime: float = 30 * 86400
+    login_failures_before_delay: int = 5
+    login_max_delay: float = 900.0
+    address_login_failures: int = 20
+    address_failure_window: float = 3600.0
+    registrations_per_address: int = 1
+    registration_window: float = 600.0
+    registration_exempt: tuple = ("127.0.0.1", "::1")
+
+
+# field name -> (INI section, INI key, parser of the INI/command-line text)
+SCHEMA = {
+    "interface": ("server", "interface", _address),
+    "port": ("server", "port", _integer(0, 65535)),
+    "listen": ("server", "listen", _optional_text),
+    "certs": ("server", "certs", _text),
+    "database": ("database", "path", _text),
+    "durability": ("database", "durability", _choice("normal", "full")),
+    "busy_timeout": ("database", "busy_timeout", _seconds),
+    "bcrypt_cost": ("accounts", "bcrypt_cost", _integer(10, 20)),
+    "hash_threads": ("accounts", "hash_threads", _integer(1, 64)),
+    "max_sessions": ("accounts", "max_sessions", _integer(1)),
+    "resume_token_lifetime": ("accounts", "resume_token_lifetime", _seconds),
+    "login_failures_before_delay": ("limits", "login_failures_before_delay", _integer(1)),
+    "login_max_delay": ("limits", "login_max_delay", _seconds),
+    "address_login_failures": ("limits", "address_login_failures", _integer(1)),
+    "address_failure_window": ("limits", "address_failure_window", _seconds),
+    "registrations_per_address": ("limits", "registrations_per_address", _integer(1)),
+    "registration_window": ("limits", "registration_window", _seconds),
+    "registration_exempt": ("limits", "registration_exempt", _addresses),
+}
+
+
+def describe(name):
+    section, key, _ = SCHEMA[name]
+    return f"[{section}] {key}"
+
+
+def _parse(name, text, where):
+    try:
+        return SCHEMA[name][2](text)
+    except ValueError as problem:
+        raise ConfigError(f"{where}: {problem}")
+
+
+def load(path=None, overrides=None):
+    """Settings from the INI file at `path` (if any), then `overrides` {field: text}."""
+    values = {}
+    if path is not None:
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            with open(path, encoding="utf-8") as config_file:
+                parser.read_file(config_file)
+        except OSError as problem:
+            raise ConfigError(f"config file {path}: {problem.strerror}")
+        except (configparser.Error, UnicodeDecodeError) as problem:
+            raise ConfigError(f"config file {path}: not a valid INI file ({problem.__class__.__name__})")
+        by_key = {(section, key): name for name, (section, key, _) in SCHEMA.items()}
+        for section in parser.sections():
+            for key, text in parser.items(section):
+                name = by_key.get((section, key))
+                if name is None:
+                    raise ConfigError(f"{path}: unknown setting [{section}] {key}")
+                values[name] = _parse(name, text, f"{path}: {describe(name)}")
+    for name, text in (overrides or {}).items():
+        values[name] = _parse(name, text, f"--{name}")
+    return Settings(**values)

@@ -1,0 +1,268 @@
+"""Accounts: registration, password and token logins, logout, password changes.
+
+Authentication goes through a twisted.cred Portal: a bcrypt/SQLite password
+checker and a resume-token checker feed the ChatRealm, so another checker
+can be plugged in without touching the protocol.
+"""
+
+import hashlib
+import re
+import secrets
+from datetime import datetime, timezone
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import Attribute, implementer
+
+from securechatd.commands import (
+    BAD_CREDENTIALS_TEXT,
+    BadCredentials,
+    InvalidUsername,
+    RateLimited,
+    UsernameTaken,
+)
+from securechatd.server import passwords
+from securechatd.server.sessions import ChatRealm, IChatSession, SessionRegistry
+from securechatd.server.throttle import retry_text
+
+log = Logger()
+security = Logger(namespace="securechatd.security")
+
+_USERNAME = re.compile(r"[a-z][a-z0-9_.-]{2,31}\Z")
+
+
+def normalize_username(username):
+    """The stored, lower-case form of `username`, or InvalidUsername."""
+    lowered = username.lower()
+    if not (username.isascii() and _USERNAME.match(lowered)):
+        raise InvalidUsername(
+            "Usernames are 3 to 32 characters of a-z, 0-9, '_', '.' and '-',"
+            " starting with a letter."
+        )
+    return lowered
+
+
+def utc(seconds):
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+def _token_hash(token):
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class IResumeToken(ICredentials):
+    """A user name and the single-use token a previous login handed out."""
+
+    username = Attribute("the user name")
+    token = Attribute("the resume token")
+
+
+@implementer(IResumeToken)
+class ResumeToken:
+    def __init__(self, username, token):
+        self.username = username
+        self.token = token
+
+    def __repr__(self):
+        return f"<ResumeToken for {self.username}>"
+
+
+@implementer(ICredentialsChecker)
+class PasswordChecker:
+    """bcrypt hashes in SQLite; an unknown user costs the same as a wrong password."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, store, hasher):
+        self._store = store
+        self._hasher = hasher
+
+    async def _check(self, credentials):
+        found = await self._store.get_credentials(credentials.username)
+        stored = found.password_hash if found else None
+        if not await self._hasher.verify(credentials.password, stored):
+            raise UnauthorizedLogin()
+        if self._hasher.needs_rehash(stored):
+            rehashed = await self._hasher.hash(credentials.password)
+            await self._store.rehash_password(found.username, stored, rehashed)
+        return found.username
+
+    def requestAvatarId(self, credentials):
+        return Deferred.fromCoroutine(self._check(credentials))
+
+
+@implementer(ICredentialsChecker)
+class ResumeTokenChecker:
+    """Spends a stored resume token: no bcrypt, so reconnect storms are cheap."""
+
+    credentialInterfaces = (IResumeToken,)
+
+    def __init__(self, store, clock):
+        self._store = store
+        self._clock = clock
+
+    async def _check(self, credentials):
+        spent = await self._store.consume_resume_token(
+            credentials.username, _token_hash(credentials.token), self._clock.seconds()
+        )
+        if not spent:
+            raise UnauthorizedLogin()
+        return credentials.username
+
+    def requestAvatarId(self, credentials):
+        return Deferred.fromCoroutine(self._check(credentials))
+
+
+class AccountService:
+    """The account rules of PROTOCOL.md, for the protocol to call.
+
+    `address` is the client's IP address, for throttling and the security log.
+    `connection` is the realm's mind: told when the server ends the session.
+    """
+
+    def __init__(
+        self,
+        store,
+        hasher,
+        clock,
+        throttle,
+        registrations,
+        registration_exempt=(),
+        max_sessions=10,
+        token_lifetime=30 * 86400,
+    ):
+        self.store = store
+        self.hasher = hasher
+        self.clock = clock
+        self.throttle = throttle
+        self.registrations = registrations
+        self.registration_exempt = frozenset(registration_exempt)
+        self.token_lifetime = token_lifetime
+        self.registry = SessionRegistry()
+        self.portal = Portal(
+            ChatRealm(self.registry, clock, max_sessions),
+            [PasswordChecker(store, hasher), ResumeTokenChecker(store, clock)],
+        )
+
+    async def register(self, username, password, address):
+        username = normalize_username(username)
+        passwords.check_rule(password)
+        if address not in self.registration_exempt:
+            wait = self.registrations.retry_after(address)
+            if wait:
+                security.warn(
+                    "registration refused: rate limit {address}", address=address, security_event="register_throttled"
+                )
+                raise RateLimited(f"Too many registrations from your address; {retry_text(wait)}.")
+        if await self.store.get_credentials(username) is not None:
+            raise UsernameTaken(f"The username {username} is taken.")
+        self.registrations.record(address)
+        hashed = await self.hasher.hash(password)
+        if not await self.store.create_user(username, hashed, self.clock.seconds()):
+            raise UsernameTaken(f"The username {username} is taken.")
+        security.info(
+            "registered {username} from {address}",
+            username=username,
+            address=address,
+            security_event="register",
+        )
+        return username
+
+    async def login(self, username, password, client_name, address, connection):
+        """(session, resume token) for a right password, else BadCredentials."""
+        username = normalize_username(username)
+        self.throttle.check(username, address)
+        if not passwords.MIN_LENGTH <= len(password) <= passwords.MAX_LENGTH:
+            self._login_failed(username, address, "password")
+        credentials = UsernamePassword(username, password)
+        return await self._log_in(credentials, client_name, address, connection, "password")
+
+    async def resume(self, username, token, client_name, address, connection):
+        """(session, new resume token) for a valid token, else BadCredentials."""
+        try:
+            username = normalize_username(username)
+        except InvalidUsername:
+            self._login_failed(username[:64], address, "token")
+        self.throttle.check(username, address)
+        credentials = ResumeToken(username, token)
+        return await self._log_in(credentials, client_name, address, connection, "token")
+
+    async def _log_in(self, credentials, client_name, address, connection, method):
+        try:
+            _, session, _ = await self.portal.login(
+                credentials, (connection, client_name), IChatSession
+            )
+        except UnauthorizedLogin:
+            self._login_failed(credentials.username, address, method)
+        self.throttle.succeeded(session.username)
+        token = await self._issue_token(session)
+        security.info(
+            "login {username} from {address} by {method}",
+            username=session.username,
+            address=address,
+            method=method,
+            client_name=client_name,
+            session_id=session.session_id,
+            security_event="login",
+        )
+        return session, token
+
+    def _login_failed(self, username, address, method):
+        self.throttle.failed(username, address)
+        security.warn(
+            "login failed for {username} from {address} by {method}",
+            username=username,
+            address=address,
+            method=method,
+            security_event="login_failed",
+        )
+        raise BadCredentials(BAD_CREDENTIALS_TEXT)
+
+    async def _issue_token(self, session):
+        token = secrets.token_urlsafe(32)
+        now = self.clock.seconds()
+        await self.store.add_resume_token(
+            session.username, session.session_id, _token_hash(token), now, now + self.token_lifetime
+        )
+        return token
+
+    async def logout(self, session):
+        """End `session` now and revoke its resume token."""
+        session.end()
+        await self.store.revoke_resume_token(session.username, session.session_id)
+        security.info(
+            "logout {username}",
+            username=session.username,
+            session_id=session.session_id,
+            security_event="logout",
+        )
+
+    async def change_password(self, session, old_password, new_password, address):
+        """Replace the password, then end the user's other sessions and their tokens."""
+        passwords.check_rule(new_password)
+        self.throttle.check(session.username, address)
+        found = await self.store.get_credentials(session.username)
+        old_ok = len(old_password) <= passwords.MAX_LENGTH and await self.hasher.verify(
+            old_password, found.password_hash if found else None
+        )
+        if not old_ok:
+            self._login_failed(session.username, address, "password change")
+        hashed = await self.hasher.hash(new_password)
+        await self.store.set_password(
+            session.username, hashed, self.clock.seconds(), keep_session=session.session_id
+        )
+        ended = [s for s in self.registry.sessions_of(session.username) if s is not session]
+        for other in ended:
+            other.end()
+            other.connection.session_ended("Your password was changed in another session.")
+        security.info(
+            "password changed for {username} from {address}; {count} other sessions ended",
+            username=session.username,
+            address=address,
+            count=len(ended),
+            security_event="password_changed",
+        )

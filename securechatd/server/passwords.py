@@ -1,0 +1,76 @@
+"""Password rules and bcrypt hashing, always off the reactor thread.
+
+The password is pre-hashed with HMAC-SHA256 and base64-encoded (44 bytes)
+before bcrypt, so the whole password counts: bcrypt alone would silently
+ignore everything after 72 bytes (or raise, in bcrypt >= 5).
+"""
+
+import base64
+import hashlib
+import hmac
+import os
+import unicodedata
+
+import bcrypt
+
+from securechatd.commands import WeakPassword
+
+MIN_LENGTH = 8
+MAX_LENGTH = 1024
+MIN_COST = 10
+
+_PREHASH_KEY = b"securechatd password prehash v1"
+
+
+def normalize(password):
+    """NFC, so the same password typed on different keyboards matches."""
+    return unicodedata.normalize("NFC", password)
+
+
+def check_rule(password):
+    """Raise WeakPassword unless the password is 8 to 1024 characters."""
+    if not MIN_LENGTH <= len(password) <= MAX_LENGTH:
+        raise WeakPassword(
+            f"Passwords must be {MIN_LENGTH} to {MAX_LENGTH} characters long."
+        )
+
+
+def _prehash(password):
+    digest = hmac.new(_PREHASH_KEY, normalize(password).encode("utf-8"), hashlib.sha256)
+    return base64.b64encode(digest.digest())
+
+
+def hash_cost(hashed):
+    """The bcrypt cost recorded in a stored hash ('$2b$12$...' -> 12)."""
+    return int(hashed.split("$")[2])
+
+
+class PasswordHasher:
+    """bcrypt at a fixed cost, each call run by `run_in_thread` (a Deferred).
+
+    `verify` against no stored hash still spends a full bcrypt check on a
+    dummy, so an unknown user costs the same time as a wrong password.
+    """
+
+    def __init__(self, cost, run_in_thread):
+        self.cost = cost
+        self._run = run_in_thread
+        self._dummy = self._hash(os.urandom(16).hex())
+
+    def _hash(self, password):
+        return bcrypt.hashpw(_prehash(password), bcrypt.gensalt(self.cost)).decode("ascii")
+
+    def _verify(self, password, hashed):
+        ok = bcrypt.checkpw(_prehash(password), (hashed or self._dummy).encode("ascii"))
+        return ok and hashed is not None
+
+    def hash(self, password):
+        """Deferred firing with the storable hash of `password`."""
+        return self._run(self._hash, password)
+
+    def verify(self, password, hashed):
+        """Deferred firing True if `password` matches `hashed` (None: never)."""
+        return self._run(self._verify, password, hashed)
+
+    def needs_rehash(self, hashed):
+        return hash_cost(hashed) != self.cost

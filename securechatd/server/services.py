@@ -1,0 +1,76 @@
+"""Twisted services that own the daemon's resources and release them on stop."""
+
+from twisted.application.service import Service
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class ThreadPoolService(Service):
+    """Runs a thread pool (bcrypt's) for as long as the daemon runs."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def startService(self):
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
+class StoreService(Service):
+    """Closes the database pool when the daemon stops."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def stopService(self):
+        super().stopService()
+        self.store.close()
+
+
+class ListenerService(Service):
+    """Listens on an endpoint; a port that cannot be bound stops start-up with one line."""
+
+    port = None
+    _listened = False
+
+    def __init__(self, endpoint, factory, where):
+        self.endpoint = endpoint
+        self.factory = factory
+        self.where = where
+
+    def privilegedStartService(self):
+        """Bind before twistd drops privileges, so ports below 1024 work."""
+        super().privilegedStartService()
+        self._listen()
+
+    def _listen(self):
+        self._listened = True
+        listening = self.endpoint.listen(self.factory)
+        failures = []
+        listening.addCallbacks(self._listening, failures.append)
+        if failures:
+            problem = failures[0].value
+            if failures[0].check(CannotListenError):
+                problem = problem.socketError
+            raise SystemExit(f"securechatd: cannot listen on {self.where}: {problem}")
+
+    def _listening(self, port):
+        self.port = port
+        log.info("securechatd listening on {address}", address=port.getHost())
+
+    def startService(self):
+        if not self._listened:
+            self._listen()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()

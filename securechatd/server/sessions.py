@@ -1,0 +1,89 @@
+"""Logged-in sessions: the cred realm that creates them and the registry of live ones.
+
+A session is the avatar of one logged-in connection. The registry is the
+daemon's view of who is online, by user; presence and delivery build on it.
+"""
+
+import uuid
+
+from twisted.cred.portal import IRealm
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from securechatd.commands import NotAllowed
+
+log = Logger()
+
+
+class IChatSession(Interface):
+    """The avatar interface: a logged-in user on one connection."""
+
+
+class IConnection(Interface):
+    """What a session needs of its connection (the realm's `mind`)."""
+
+    def session_ended(reason):
+        """The server ended this session (e.g. a password change elsewhere)."""
+
+
+@implementer(IChatSession)
+class Session:
+    """One user logged in on one connection."""
+
+    def __init__(self, registry, username, connection, client_name, started):
+        self.registry = registry
+        self.username = username
+        self.session_id = uuid.uuid4().hex
+        self.connection = connection
+        self.client_name = client_name
+        self.started = started
+
+    def __repr__(self):
+        return f"<Session {self.username} {self.session_id[:8]}>"
+
+    def end(self):
+        """Forget this session; idempotent."""
+        self.registry.remove(self)
+
+
+class SessionRegistry:
+    """The live sessions of every user."""
+
+    def __init__(self):
+        self._by_user = {}
+
+    def add(self, session):
+        self._by_user.setdefault(session.username, {})[session.session_id] = session
+
+    def remove(self, session):
+        sessions = self._by_user.get(session.username, {})
+        if sessions.pop(session.session_id, None) is not None and not sessions:
+            del self._by_user[session.username]
+
+    def sessions_of(self, username):
+        return list(self._by_user.get(username, {}).values())
+
+    def online_users(self):
+        return set(self._by_user)
+
+
+@implementer(IRealm)
+class ChatRealm:
+    """Turns an authenticated user name into a live Session, within the session limit."""
+
+    def __init__(self, registry, clock, max_sessions):
+        self.registry = registry
+        self._clock = clock
+        self.max_sessions = max_sessions
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if IChatSession not in interfaces:
+            raise NotImplementedError("securechatd only has IChatSession avatars")
+        connection, client_name = mind
+        if len(self.registry.sessions_of(avatarId)) >= self.max_sessions:
+            raise NotAllowed(
+                f"Too many sessions: at most {self.max_sessions} logins per user at once."
+            )
+        session = Session(self.registry, avatarId, connection, client_name, self._clock.seconds())
+        self.registry.add(session)
+        return IChatSession, session, session.end

@@ -1,0 +1,130 @@
+"""Failure and rate counters that slow down password guessing and sign-up floods.
+
+All state is in memory and keyed by account or client address; every entry
+forgets itself after its window, so an attacker cycling through names cannot
+grow it without bound for longer than that window.
+"""
+
+import math
+from collections import deque
+
+from securechatd.commands import RateLimited
+
+
+def retry_text(seconds):
+    return f"retry in {max(1, math.ceil(seconds))} seconds"
+
+
+class _Swept:
+    """Drops stale keys now and then, so keys never seen again do not pile up."""
+
+    _sweep_at = 1024
+
+    def _maybe_sweep(self, table, is_stale):
+        if len(table) >= self._sweep_at:
+            for key in list(table):
+                if is_stale(key):
+                    table.pop(key, None)
+            self._sweep_at = max(1024, 2 * len(table))
+
+
+class WindowCounter(_Swept):
+    """At most `limit` events per key in any `window` seconds."""
+
+    def __init__(self, clock, limit, window):
+        self._clock = clock
+        self.limit = limit
+        self.window = window
+        self._events = {}
+
+    def _recent(self, key):
+        events = self._events.get(key)
+        if events is None:
+            return ()
+        horizon = self._clock.seconds() - self.window
+        while events and events[0] <= horizon:
+            events.popleft()
+        if not events:
+            del self._events[key]
+        return events
+
+    def retry_after(self, key):
+        """Seconds until another event is allowed for `key` (0: allowed now)."""
+        events = self._recent(key)
+        if len(events) < self.limit:
+            return 0
+        return events[0] + self.window - self._clock.seconds()
+
+    def record(self, key):
+        self._maybe_sweep(self._events, lambda key: not self._recent(key))
+        self._recent(key)
+        self._events.setdefault(key, deque(maxlen=self.limit)).append(self._clock.seconds())
+
+    def forget(self, key):
+        self._events.pop(key, None)
+
+
+class AccountDelay(_Swept):
+    """After `free` failures an account waits 1, 2, 4, ... up to `max_delay` seconds.
+
+    The wait applies to every attempt, the right password included, so a
+    guesser gains nothing by trying during it. The count resets on success
+    or after `window` seconds without a failure.
+    """
+
+    def __init__(self, clock, free, max_delay, window):
+        self._clock = clock
+        self.free = free
+        self.max_delay = max_delay
+        self.window = window
+        self._state = {}  # account -> (failures, last failure time)
+
+    def _failures(self, account):
+        failures, last = self._state.get(account, (0, None))
+        if last is not None and self._clock.seconds() - last >= self.window:
+            del self._state[account]
+            return 0, None
+        return failures, last
+
+    def retry_after(self, account):
+        failures, last = self._failures(account)
+        if failures < self.free:
+            return 0
+        delay = min(2 ** (failures - self.free), self.max_delay)
+        return max(0, last + delay - self._clock.seconds())
+
+    def record(self, account):
+        self._maybe_sweep(self._state, lambda key: self._failures(key)[1] is None)
+        failures, _ = self._failures(account)
+        self._state[account] = (failures + 1, self._clock.seconds())
+
+    def forget(self, account):
+        self._state.pop(account, None)
+
+
+class LoginThrottle:
+    """Per-account delays plus a per-address block, checked before any hashing."""
+
+    def __init__(self, clock, account_free, account_max_delay, address_limit, address_window):
+        self.accounts = AccountDelay(clock, account_free, account_max_delay, address_window)
+        self.addresses = WindowCounter(clock, address_limit, address_window)
+
+    def check(self, account, address):
+        """Raise RateLimited if this account or address must wait."""
+        address_wait = self.addresses.retry_after(address)
+        if address_wait:
+            raise RateLimited(
+                f"Too many failed logins from your address; {retry_text(address_wait)}."
+            )
+        account_wait = self.accounts.retry_after(account)
+        if account_wait:
+            raise RateLimited(
+                f"Too many failed logins for this account; {retry_text(account_wait)}."
+            )
+
+    def failed(self, account, address):
+        self.accounts.record(account)
+        self.addresses.record(address)
+
+    def succeeded(self, account):
+        self.accounts.forget(account)

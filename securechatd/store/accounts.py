@@ -1,0 +1,139 @@
+"""SQL for accounts and resume tokens."""
+
+import sqlite3
+from collections import namedtuple
+
+from securechatd.store.base import StoreBase
+
+Credentials = namedtuple("Credentials", "user_id username password_hash")
+
+
+def _user_id(txn, username):
+    txn.execute("SELECT id FROM users WHERE username = ?", (username,))
+    row = txn.fetchone()
+    return row[0] if row else None
+
+
+class AccountStore(StoreBase):
+    def create_user(self, username, password_hash, now):
+        """Deferred: True if created, False if the name is taken."""
+        return self._write(self._create_user_txn, username, password_hash, now)
+
+    @staticmethod
+    def _create_user_txn(txn, username, password_hash, now):
+        try:
+            txn.execute(
+                "INSERT INTO users (username, password_hash, created_at, password_changed_at)"
+                " VALUES (?, ?, ?, ?)",
+                (username, password_hash, now, now),
+            )
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    def get_credentials(self, username):
+        """Deferred: Credentials, or None for an unknown user."""
+        return self._read(self._get_credentials_txn, username)
+
+    @staticmethod
+    def _get_credentials_txn(txn, username):
+        txn.execute("SELECT id, username, password_hash FROM users WHERE username = ?", (username,))
+        row = txn.fetchone()
+        return Credentials(*row) if row else None
+
+    def set_password(self, username, password_hash, now, keep_session=None):
+        """Deferred: True if the user exists. Revokes every resume token but `keep_session`'s."""
+        return self._write(self._set_password_txn, username, password_hash, now, keep_session)
+
+    @staticmethod
+    def _set_password_txn(txn, username, password_hash, now, keep_session):
+        user_id = _user_id(txn, username)
+        if user_id is None:
+            return False
+        txn.execute(
+            "UPDATE users SET password_hash = ?, password_changed_at = ? WHERE id = ?",
+            (password_hash, now, user_id),
+        )
+        txn.execute(
+            "DELETE FROM resume_tokens WHERE user_id = ? AND session_id IS NOT ?",
+            (user_id, keep_session),
+        )
+        return True
+
+    def rehash_password(self, username, old_hash, new_hash):
+        """Deferred: store a re-costed hash unless the password changed meanwhile."""
+        return self._write(self._rehash_password_txn, username, old_hash, new_hash)
+
+    @staticmethod
+    def _rehash_password_txn(txn, username, old_hash, new_hash):
+        txn.execute(
+            "UPDATE users SET password_hash = ? WHERE username = ? AND password_hash = ?",
+            (new_hash, username, old_hash),
+        )
+
+    def delete_user(self, username):
+        """Deferred: True if the user existed."""
+        return self._write(self._delete_user_txn, username)
+
+    @staticmethod
+    def _delete_user_txn(txn, username):
+        txn.execute("DELETE FROM users WHERE username = ?", (username,))
+        return txn.rowcount > 0
+
+    def list_users(self, prefix="", limit=None):
+        """Deferred: registered user names starting with `prefix`, sorted."""
+        return self._read(self._list_users_txn, prefix, limit)
+
+    @staticmethod
+    def _list_users_txn(txn, prefix, limit):
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        txn.execute(
+            "SELECT username FROM users WHERE username LIKE ? ESCAPE '\\'"
+            " ORDER BY username LIMIT ?",
+            (escaped + "%", -1 if limit is None else limit),
+        )
+        return [row[0] for row in txn.fetchall()]
+
+    def add_resume_token(self, username, session_id, token_hash, now, expires_at):
+        """Deferred: record a session's token (replacing its previous one)."""
+        return self._write(self._add_resume_token_txn, username, session_id, token_hash, now, expires_at)
+
+    @staticmethod
+    def _add_resume_token_txn(txn, username, session_id, token_hash, now, expires_at):
+        user_id = _user_id(txn, username)
+        if user_id is None:
+            return
+        txn.execute("DELETE FROM resume_tokens WHERE expires_at <= ?", (now,))
+        txn.execute(
+            "DELETE FROM resume_tokens WHERE user_id = ? AND session_id = ?", (user_id, session_id)
+        )
+        txn.execute(
+            "INSERT INTO resume_tokens (token_hash, user_id, session_id, created_at, expires_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (token_hash, user_id, session_id, now, expires_at),
+        )
+
+    def consume_resume_token(self, username, token_hash, now):
+        """Deferred: True if `username` held this unexpired token, which is now spent."""
+        return self._write(self._consume_resume_token_txn, username, token_hash, now)
+
+    @staticmethod
+    def _consume_resume_token_txn(txn, username, token_hash, now):
+        txn.execute(
+            "DELETE FROM resume_tokens WHERE token_hash = ? AND expires_at > ?"
+            " AND user_id = (SELECT id FROM users WHERE username = ?)",
+            (token_hash, now, username),
+        )
+        return txn.rowcount == 1
+
+    def revoke_resume_token(self, username, session_id):
+        """Deferred: forget the token of one session (at logout)."""
+        return self._write(self._revoke_resume_token_txn, username, session_id)
+
+    @staticmethod
+    def _revoke_resume_token_txn(txn, username, session_id):
+        txn.execute(
+            "DELETE FROM resume_tokens WHERE session_id = ?"
+            " AND user_id = (SELECT id FROM users WHERE username = ?)",
+            (session_id, username),
+        )

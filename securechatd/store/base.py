@@ -1,0 +1,24 @@
+"""Runs store functions in transactions on the pool's database thread."""
+
+
+def _in_transaction(txn, begin, function, args):
+    txn.execute(begin)
+    return function(txn, *args)
+
+
+class StoreBase:
+    """Async methods of the store call `_write` or `_read` with a `_..._txn` function."""
+
+    def __init__(self, pool):
+        self._pool = pool
+
+    def _write(self, function, *args):
+        """Run `function(txn, *args)` holding the write lock from the start."""
+        return self._pool.runInteraction(_in_transaction, "BEGIN IMMEDIATE", function, args)
+
+    def _read(self, function, *args):
+        """Run `function(txn, *args)` in a consistent read transaction."""
+        return self._pool.runInteraction(_in_transaction, "BEGIN", function, args)
+
+    def close(self):
+        self._pool.close()

@@ -1,0 +1,143 @@
+"""`twistd securechatd`: command-line options and the service tree.
+
+makeService is synchronous and runs before the reactor: it creates missing
+development certificates, upgrades the database schema, and builds the
+services. Any problem there stops start-up with one line and exit status 1.
+"""
+
+import sqlite3
+import sys
+from functools import partial
+
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
+
+from securechatd import certs, config, tls
+from securechatd.server.accounts import AccountService
+from securechatd.server.passwords import PasswordHasher
+from securechatd.server.protocol import ChatFactory
+from securechatd.server.services import ListenerService, StoreService, ThreadPoolService
+from securechatd.server.throttle import LoginThrottle, WindowCounter
+from securechatd.store import Store
+from securechatd.store.migrations import MigrationError, upgrade
+from securechatd.store.pool import connect, open_pool
+
+log = Logger()
+
+
+def _fail(problem):
+    """Stop start-up with one line on stderr and exit status 1: no traceback."""
+    sys.stderr.write(f"securechatd: {problem}\n")
+    raise SystemExit(1)
+
+
+class Options(usage.Options):
+    """Every option can also be set in the config file; the command line wins."""
+
+    optParameters = [
+        ["config", "c", None, "INI file with settings (see conf/securechatd.ini)."],
+        ["port", "p", None, "TCP port to listen on [default: 5599]."],
+        ["interface", "i", None, "IP address to listen on [default: 127.0.0.1]."],
+        ["listen", None, None, "Server endpoint string instead of port/interface (e.g. systemd:domain=INET6:index=0)."],
+        ["database", "d", None, "SQLite database file [default: securechatd.sqlite]."],
+        ["certs", None, None, "Directory with ca.pem, server.pem, server.key [default: certs]."],
+    ]
+
+    def parseOptions(self, options=None):
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as problem:
+            _fail(problem)
+
+    def postOptions(self):
+        overrides = {
+            name: self[name]
+            for name in ("port", "interface", "listen", "database", "certs")
+            if self[name] is not None
+        }
+        try:
+            self["settings"] = config.load(self["config"], overrides)
+        except config.ConfigError as problem:
+            _fail(problem)
+
+
+def _endpoint(settings, reactor):
+    if settings.listen:
+        return serverFromString(reactor, settings.listen), settings.listen
+    endpoint_type = TCP6ServerEndpoint if ":" in settings.interface else TCP4ServerEndpoint
+    endpoint = endpoint_type(reactor, settings.port, interface=settings.interface)
+    return endpoint, f"{settings.interface} port {settings.port}"
+
+
+def _prepare_database(settings, reactor):
+    try:
+        connection = connect(settings.database, settings.durability, settings.busy_timeout)
+        try:
+            applied = upgrade(connection, settings.database, reactor.seconds())
+        finally:
+            connection.close()
+    except sqlite3.Error as problem:
+        raise MigrationError(f"database {settings.database}: {problem}")
+    if applied:
+        log.info(
+            "database {path}: applied schema migrations {versions}",
+            path=settings.database,
+            versions=applied,
+        )
+
+
+def build(settings, reactor):
+    """The daemon's service tree for `settings` (raises on bad certs or database)."""
+    if certs.ensure_dev_certs(settings.certs):
+        log.warn(
+            "Created DEVELOPMENT certificates in {directory}: a new CA (ca.pem) and a"
+            " server certificate for localhost, 127.0.0.1 and ::1. Clients must trust"
+            " {directory}/ca.pem. For a real deployment put your own server.pem and"
+            " server.key there.",
+            directory=settings.certs,
+        )
+    server_tls = tls.server_options(settings.certs)
+    _prepare_database(settings, reactor)
+    store = Store(open_pool(settings.database, settings.durability, settings.busy_timeout, reactor))
+    hash_pool = ThreadPool(minthreads=0, maxthreads=settings.hash_threads, name="securechatd-bcrypt")
+    hasher = PasswordHasher(settings.bcrypt_cost, partial(deferToThreadPool, reactor, hash_pool))
+    accounts = AccountService(
+        store,
+        hasher,
+        reactor,
+        LoginThrottle(
+            reactor,
+            settings.login_failures_before_delay,
+            settings.login_max_delay,
+            settings.address_login_failures,
+            settings.address_failure_window,
+        ),
+        WindowCounter(reactor, settings.registrations_per_address, settings.registration_window),
+        registration_exempt=settings.registration_exempt,
+        max_sessions=settings.max_sessions,
+        token_lifetime=settings.resume_token_lifetime,
+    )
+    endpoint, where = _endpoint(settings, reactor)
+    daemon = MultiService()
+    ThreadPoolService(hash_pool).setServiceParent(daemon)
+    StoreService(store).setServiceParent(daemon)
+    listener = ListenerService(
+        endpoint, TLSMemoryBIOFactory(server_tls, False, ChatFactory(accounts, reactor)), where
+    )
+    listener.setName("listener")
+    listener.setServiceParent(daemon)
+    return daemon
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    try:
+        return build(options["settings"], reactor)
+    except (certs.CertError, MigrationError, OSError) as problem:
+        _fail(problem)

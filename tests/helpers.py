@@ -1,0 +1,105 @@
+"""Shared test fixtures: real SQLite without threads, fast bcrypt, in-memory connections."""
+
+from twisted.enterprise import adbapi
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.test import iosim
+
+from securechatd.server.accounts import AccountService
+from securechatd.server.passwords import PasswordHasher
+from securechatd.server.protocol import ChatProtocol
+from securechatd.server.throttle import LoginThrottle, WindowCounter
+from securechatd.store import Store
+from securechatd.store.migrations import upgrade
+from securechatd.store.pool import connect, open_pool
+
+# bcrypt's minimum cost: the rules are the same, the tests are 250x faster.
+TEST_COST = 4
+
+
+class _NoThreadsReactor:
+    """What adbapi asks of a reactor, for a pool that never starts threads."""
+
+    def callWhenRunning(self, f, *args, **kw):
+        return None
+
+    def addSystemEventTrigger(self, *args, **kw):
+        return None
+
+    def removeSystemEventTrigger(self, trigger):
+        pass
+
+
+class SyncPool(adbapi.ConnectionPool):
+    """adbapi's real pool and transactions over real SQLite, run at once on this thread.
+
+    Results are ready as soon as a call returns, so tests driven by iosim and
+    task.Clock stay deterministic (Synapse tests its stores the same way).
+    """
+
+    def runInteraction(self, interaction, *args, **kw):
+        return defer.maybeDeferred(self._runInteraction, interaction, *args, **kw)
+
+
+def make_store(testcase, path=None):
+    """A migrated Store on a fresh SQLite file, closed at the end of the test."""
+    path = path or testcase.mktemp() + ".sqlite"
+    connection = connect(path)
+    upgrade(connection, path, 0)
+    connection.close()
+    store = Store(open_pool(path, reactor=_NoThreadsReactor(), pool_class=SyncPool))
+    testcase.addCleanup(store.close)
+    return store
+
+
+def run_now(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
+def make_accounts(testcase, clock=None, store=None, **kw):
+    clock = clock or task.Clock()
+    store = store or make_store(testcase)
+    settings = dict(max_sessions=10, token_lifetime=30 * 86400, registration_exempt=())
+    settings.update(kw)
+    return AccountService(
+        store,
+        PasswordHasher(TEST_COST, run_now),
+        clock,
+        LoginThrottle(clock, 5, 900, 20, 3600),
+        WindowCounter(clock, settings.pop("registrations_per_address", 100), 600),
+        **settings,
+    )
+
+
+class Connection:
+    """A client AMP connection to a server ChatProtocol, pumped in memory."""
+
+    def __init__(self, accounts, address="10.0.0.1"):
+        self.client, self.server, self.pump = iosim.connectedServerAndClient(
+            lambda: ChatProtocol(accounts, accounts.clock),
+            amp.AMP,
+            serverTransportFactory=lambda protocol: iosim.FakeTransport(
+                protocol, True, peerAddress=IPv4Address("TCP", address, 40000)
+            ),
+        )
+
+    def call(self, command, **arguments):
+        """Send a command, deliver everything, return a Deferred of its answer.
+
+        The outcome is captured before pumping: AMP drops the connection over
+        an error that has no errback by the time it arrives.
+        """
+        outcome = []
+        self.client.callRemote(command, **arguments).addBoth(outcome.append)
+        self.pump.flush()
+        if not outcome:
+            return defer.Deferred()
+        if isinstance(outcome[0], Failure):
+            return defer.fail(outcome[0])
+        return defer.succeed(outcome[0])
+
+    def drop(self):
+        self.client.transport.loseConnection()
+        self.pump.flush()
