@@ -1,0 +1,196 @@
+"""`securechatd-admin`: certificates and accounts, safe while the daemon runs.
+
+Account commands open the same SQLite database as the daemon (WAL mode and a
+busy timeout let both write) and apply the same rules and bcrypt cost.
+"""
+
+import getpass
+import sqlite3
+import sys
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.python import usage
+
+from securechatd import certs, config
+from securechatd.commands import ChatError
+from securechatd.server.accounts import normalize_username
+from securechatd.server.passwords import PasswordHasher, check_rule
+from securechatd.store import Store
+from securechatd.store.migrations import MigrationError, upgrade
+from securechatd.store.pool import connect, open_pool
+
+
+class AdminError(Exception):
+    """A problem to report in one line, exit status 1."""
+
+
+class CertsOptions(usage.Options):
+    synopsis = "--dir DIR --hostname NAME [--hostname NAME ...] [--ip ADDR ...]"
+    longdesc = "Make a new CA and a server certificate signed by it; never overwrites files."
+    optParameters = [["dir", None, "certs", "Directory to write ca.pem, ca.key, server.pem, server.key."]]
+
+    def __init__(self):
+        super().__init__()
+        self["hostname"] = []
+        self["ip"] = []
+
+    def opt_hostname(self, name):
+        """DNS name the certificate is valid for (repeatable)."""
+        self["hostname"].append(name)
+
+    def opt_ip(self, address):
+        """IP address the certificate is valid for (repeatable)."""
+        self["ip"].append(config._address(address))
+
+    def postOptions(self):
+        if not self["hostname"]:
+            raise usage.UsageError("--hostname is required")
+
+
+class UserOptions(usage.Options):
+    def parseArgs(self, username):
+        self["username"] = username
+
+
+class AddUserOptions(UserOptions):
+    synopsis = "NAME"
+    longdesc = "Create an account; the password is read without echo (or one line of stdin)."
+
+
+class PasswdOptions(UserOptions):
+    synopsis = "NAME"
+    longdesc = "Set a user's password and revoke their resume tokens."
+
+
+class DelUserOptions(UserOptions):
+    synopsis = "NAME"
+    longdesc = "Delete an account."
+
+
+class UsersOptions(usage.Options):
+    longdesc = "List registered users."
+    optParameters = [["prefix", None, "", "Only names starting with this."]]
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--database PATH] COMMAND [options]"
+    optParameters = [
+        ["config", "c", None, "The daemon's INI file (for the database path and bcrypt cost)."],
+        ["database", "d", None, "SQLite database file (overrides the config file)."],
+    ]
+    subCommands = [
+        ["certs", None, CertsOptions, "Make a CA and a server certificate."],
+        ["adduser", None, AddUserOptions, "Create a user."],
+        ["passwd", None, PasswdOptions, "Set a user's password."],
+        ["deluser", None, DelUserOptions, "Delete a user."],
+        ["users", None, UsersOptions, "List users."],
+    ]
+
+    def postOptions(self):
+        if self.subCommand is None:
+            raise usage.UsageError("a command is required")
+
+
+def read_password(prompt, stdin=sys.stdin):
+    """A new password: twice without echo on a terminal, else one line of stdin."""
+    if stdin.isatty():
+        password = getpass.getpass(prompt)
+        if getpass.getpass("Again: ") != password:
+            raise AdminError("the passwords do not match")
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    try:
+        check_rule(password)
+    except ChatError as problem:
+        raise AdminError(str(problem))
+    return password
+
+
+def _username(name):
+    try:
+        return normalize_username(name)
+    except ChatError as problem:
+        raise AdminError(str(problem))
+
+
+async def _accounts(reactor, settings, command, options, out):
+    connection = connect(settings.database, settings.durability, settings.busy_timeout)
+    try:
+        upgrade(connection, settings.database, reactor.seconds())
+    finally:
+        connection.close()
+    store = Store(open_pool(settings.database, settings.durability, settings.busy_timeout, reactor))
+    try:
+        if command == "users":
+            for name in await store.list_users(options["prefix"]):
+                out.write(name + "\n")
+            return
+        username = _username(options["username"])
+        if command == "deluser":
+            if not await store.delete_user(username):
+                raise AdminError(f"no such user: {username}")
+            out.write(f"deleted {username}\n")
+            return
+        password = read_password(f"Password for {username}: ")
+        hasher = PasswordHasher(settings.bcrypt_cost, deferToThread)
+        hashed = await hasher.hash(password)
+        if command == "adduser":
+            if not await store.create_user(username, hashed, reactor.seconds()):
+                raise AdminError(f"the username {username} is taken")
+            out.write(f"created {username}\n")
+        elif await store.set_password(username, hashed, reactor.seconds()):
+            out.write(f"password changed for {username}; their resume tokens are revoked\n")
+        else:
+            raise AdminError(f"no such user: {username}")
+    finally:
+        store.close()
+
+
+def run(argv, out=sys.stdout):
+    """Run one admin command; returns the exit status."""
+    options = Options()
+    try:
+        options.parseOptions(argv)
+        overrides = {"database": options["database"]} if options["database"] else {}
+        settings = config.load(options["config"], overrides)
+        command, sub = options.subCommand, options.subOptions
+        if command == "certs":
+            for path in certs.write_certs(sub["dir"], sub["hostname"], sub["ip"]):
+                out.write(f"wrote {path}\n")
+            return 0
+        task.react(lambda reactor: Deferred.fromCoroutine(_reported(reactor, settings, command, sub, out)))
+    except SystemExit as exit:
+        return exit.code
+    except _REPORTED as problem:
+        return _report(problem)
+    return 0
+
+
+_REPORTED = (
+    usage.UsageError,
+    config.ConfigError,
+    certs.CertError,
+    AdminError,
+    MigrationError,
+    OSError,
+    sqlite3.Error,
+)
+
+
+def _report(problem):
+    sys.stderr.write(f"securechatd-admin: {problem}\n")
+    return 1
+
+
+async def _reported(reactor, settings, command, options, out):
+    """Run an account command under task.react, reporting expected problems in one line."""
+    try:
+        await _accounts(reactor, settings, command, options, out)
+    except _REPORTED as problem:
+        raise SystemExit(_report(problem))
+
+
+def main():
+    sys.exit(run(sys.argv[1:]))

@@ -1,0 +1,241 @@
+"""
+Development certificates: a private CA and a server certificate it signs.
+
+This is first-run and test tooling, not a PKI.  It lets a fresh install
+speak TLS at once, with clients that trust ca.pem verifying both the chain
+and the host name.  For a real deployment an operator replaces server.pem
+and server.key with a certificate from their own CA; nothing here ever
+overwrites a file, so a real certificate is never clobbered.
+
+The keys are written unencrypted (PKCS8 PEM) because the daemon has to start
+unattended: they are protected by being created 0600 in a 0700 directory,
+not by a passphrase that would have to sit next to them anyway.
+"""
+
+import datetime
+import ipaddress
+import os
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_CERT = "ca.pem"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.pem"
+SERVER_KEY = "server.key"
+
+CA_NAME = "securechatd development CA"
+CA_DAYS = 3650
+
+
+class CertError(Exception):
+    """
+    A problem with certificate files.
+
+    Its message is one sentence for an operator: which file, what is wrong.
+    It never contains key material.
+    """
+
+
+def write_certs(directory, hostnames, ips=(), *, now=None, days=825):
+    """
+    Make a new development CA and a server certificate signed by it.
+
+    @param directory: where to write ca.pem, ca.key, server.pem and
+        server.key; created (0700) if missing.
+    @param hostnames: DNS names for the server certificate's
+        subjectAltName; the first is also its common name.
+    @param ips: IP addresses (text or L{ipaddress} objects) for the
+        subjectAltName.
+    @param now: an aware UTC L{datetime.datetime} the certificates start
+        at, by default the current time (tests pass a past time to get an
+        expired certificate).
+    @param days: how long the server certificate is valid; 825 days is the
+        longest that Apple platforms accept for a TLS server certificate.
+
+    @raise CertError: if any of the four files already exists (nothing is
+        written then) or a file cannot be written.
+    @return: the paths written, in the order ca.pem, ca.key, server.pem,
+        server.key.
+    """
+    hostnames = list(hostnames)
+    if not hostnames:
+        raise ValueError("a server certificate needs at least one hostname")
+    addresses = [ipaddress.ip_address(ip) for ip in ips]
+    if now is None:
+        now = datetime.datetime.now(datetime.timezone.utc)
+
+    paths = [
+        os.path.join(directory, name)
+        for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)
+    ]
+    for path in paths:
+        if os.path.lexists(path):
+            raise CertError(f"{path} already exists; refusing to overwrite it")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise CertError(f"cannot create directory {directory}: {e.strerror}")
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME)])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
+        )
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(name) for name in hostnames]
+                + [x509.IPAddress(address) for address in addresses]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    contents = [
+        (_cert_pem(ca_cert), 0o644),
+        (_key_pem(ca_key), 0o600),
+        (_cert_pem(server_cert), 0o644),
+        (_key_pem(server_key), 0o600),
+    ]
+    written = []
+    try:
+        for path, (data, mode) in zip(paths, contents):
+            _write_new(path, data, mode)
+            written.append(path)
+    except CertError:
+        # Leave no half set behind (only files this call created), so that
+        # ensure_dev_certs can simply be run again.
+        for path in written:
+            os.unlink(path)
+        raise
+    return written
+
+
+def ensure_dev_certs(directory):
+    """
+    Make development certificates on first run; otherwise leave everything.
+
+    @return: L{True} if certificates were written, L{False} if server.pem
+        and server.key were already there.
+    @raise CertError: naming the missing file, if only some of the files
+        exist: that is a broken or half-replaced setup for an operator to
+        look at, and guessing could destroy a real key.
+    """
+    server_cert = os.path.join(directory, SERVER_CERT)
+    server_key = os.path.join(directory, SERVER_KEY)
+    have_cert = os.path.lexists(server_cert)
+    have_key = os.path.lexists(server_key)
+    if have_cert and have_key:
+        return False
+    if have_cert:
+        raise CertError(f"{server_key} is missing although {server_cert} exists")
+    if have_key:
+        raise CertError(f"{server_cert} is missing although {server_key} exists")
+    for name in (CA_CERT, CA_KEY):
+        path = os.path.join(directory, name)
+        if os.path.lexists(path):
+            raise CertError(
+                f"{server_cert} and {server_key} are missing although {path} "
+                f"exists; remove the CA files to make new development "
+                f"certificates"
+            )
+    write_certs(directory, ["localhost"], ["127.0.0.1", "::1"])
+    return True
+
+
+def _cert_pem(cert):
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key):
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write_new(path, data, mode):
+    """
+    Write a file that must not exist yet, created with its final mode so a
+    key is never readable by others, not even for a moment.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        raise CertError(f"{path} already exists; refusing to overwrite it")
+    except OSError as e:
+        raise CertError(f"cannot create {path}: {e.strerror}")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        os.unlink(path)
+        raise CertError(f"cannot write {path}: {e.strerror}")

@@ -1,0 +1,127 @@
+"""
+TLS settings for both ends of a securechatd connection.
+
+The whole AMP connection is wrapped in TLS (AMP's own StartTLS does not check
+host names).  Both ends require TLS 1.2 or later and forward-secret AEAD
+cipher suites; the client verifies the server's chain up to one configured CA
+and the host name it dialled.
+"""
+
+import os
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import crypto
+from twisted.internet.ssl import (
+    AcceptableCiphers,
+    Certificate,
+    CertificateOptions,
+    TLSVersion,
+    optionsForClientTLS,
+)
+
+from securechatd.certs import SERVER_CERT, SERVER_KEY, CertError
+
+# Mozilla's "intermediate" TLS 1.2 suites, keeping only ECDHE key exchange
+# with AES-GCM or ChaCha20-Poly1305.  Twisted's default list is not used
+# because it still accepts suites without forward secrecy (RSA key exchange)
+# and CBC-mode suites.  This string only governs TLS 1.2: OpenSSL's TLS 1.3
+# suites are all AEAD and forward secret, so its defaults stay.
+CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+
+_ACCEPTABLE_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(CIPHERS)
+
+
+def server_options(certs_dir):
+    """
+    Build the server's TLS options from certs_dir/server.pem and server.key.
+
+    server.pem holds the server certificate, optionally followed by the
+    intermediate certificates that complete its chain.  Everything is
+    checked here, at start-up, so a bad file stops the daemon with one clear
+    sentence instead of failing each handshake later.
+
+    @raise CertError: if a file is missing, unreadable or not PEM, or the
+        key does not belong to the certificate.
+    """
+    cert_path = os.path.join(certs_dir, SERVER_CERT)
+    key_path = os.path.join(certs_dir, SERVER_KEY)
+    leaf, *chain = _load_certificates(cert_path)
+    key = _load_private_key(key_path)
+    if _public_der(key.public_key()) != _public_der(leaf.public_key()):
+        raise CertError(
+            f"{key_path} is not the private key of the certificate in {cert_path}"
+        )
+    return CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),
+        certificate=crypto.X509.from_cryptography(leaf),
+        extraCertChain=[crypto.X509.from_cryptography(cert) for cert in chain],
+        raiseMinimumTo=TLSVersion.TLSv1_2,
+        acceptableCiphers=_ACCEPTABLE_CIPHERS,
+    )
+
+
+def client_options(ca_path, hostname):
+    """
+    Build client TLS options that trust only the CA certificate in ca_path
+    and check that the server's certificate names hostname.
+
+    hostname may be a DNS name or an IPv4/IPv6 address literal: Twisted
+    matches an address against the certificate's IP subjectAltNames (via
+    service_identity) and, as the TLS RFCs require, sends no SNI for it.
+
+    @raise CertError: if ca_path is missing, unreadable or not a PEM
+        certificate.
+    """
+    data = _read(ca_path)
+    try:
+        trust_root = Certificate.loadPEM(data)
+    except crypto.Error:
+        raise CertError(f"{ca_path} does not contain a PEM certificate")
+    return optionsForClientTLS(
+        hostname,
+        trustRoot=trust_root,
+        extraCertificateOptions={
+            "raiseMinimumTo": TLSVersion.TLSv1_2,
+            "acceptableCiphers": _ACCEPTABLE_CIPHERS,
+        },
+    )
+
+
+def _read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise CertError(f"cannot read {path}: {e.strerror}")
+
+
+def _load_certificates(path):
+    try:
+        return x509.load_pem_x509_certificates(_read(path))
+    except ValueError:
+        raise CertError(f"{path} does not contain a PEM certificate")
+
+
+def _load_private_key(path):
+    try:
+        return serialization.load_pem_private_key(_read(path), password=None)
+    except TypeError:
+        # Raised for an encrypted key when no password is given.
+        raise CertError(
+            f"{path} is an encrypted private key; securechatd needs it unencrypted"
+        )
+    except (ValueError, UnsupportedAlgorithm):
+        raise CertError(f"{path} does not contain a PEM private key")
+
+
+def _public_der(public_key):
+    return public_key.public_bytes(
+        serialization.Encoding.DER,
+        serialization.PublicFormat.SubjectPublicKeyInfo,
+    )
