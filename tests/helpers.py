@@ -3,11 +3,13 @@
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from securechatd.server.accounts import AccountService
+from securechatd.tls import client_options
 from securechatd.server.passwords import PasswordHasher
 from securechatd.server.protocol import ChatProtocol
 from securechatd.server.throttle import LoginThrottle, WindowCounter
@@ -103,3 +105,39 @@ class Connection:
     def drop(self):
         self.client.transport.loseConnection()
         self.pump.flush()
+
+
+def tls_connect(reactor, port, ca_path, hostname="localhost", protocol=None):
+    """A real TLS connection to 127.0.0.1:`port`, verifying `hostname` against the CA."""
+    endpoint = wrapClientTLS(
+        client_options(ca_path, hostname), TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
+    )
+    return connectProtocol(endpoint, protocol or amp.AMP())
+
+
+def when_lost(protocol):
+    """A Deferred that fires when `protocol`'s connection is closed."""
+    lost = defer.Deferred()
+    original = protocol.connectionLost
+
+    def connectionLost(reason):
+        original(reason)
+        lost.callback(None)
+
+    protocol.connectionLost = connectionLost
+    return lost
+
+
+@defer.inlineCallbacks
+def connected_client(testcase, reactor, port, ca_path, hostname="localhost"):
+    """tls_connect, closed (and waited for) at the end of the test."""
+    client = yield tls_connect(reactor, port, ca_path, hostname)
+    lost = when_lost(client)
+
+    def close():
+        if not lost.called:
+            client.transport.loseConnection()
+        return lost
+
+    testcase.addCleanup(close)
+    return client

@@ -1,0 +1,149 @@
+"""The daemon as twistd builds it: options, start-up checks, and real TLS on 127.0.0.1."""
+
+import os
+import sqlite3
+import stat
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.error import ConnectionClosed
+from twisted.trial import unittest
+from OpenSSL.SSL import Error as TLSError
+
+from securechatd import commands, config, tap
+from securechatd.certs import write_certs
+from securechatd.commands import BadCredentials
+from tests.helpers import connected_client, when_lost
+
+PASSWORD = "correct horse battery"
+
+
+def parse(argv):
+    options = tap.Options()
+    options.parseOptions(argv)
+    return options
+
+
+class OptionsTests(unittest.TestCase):
+    """A bad option or value stops start-up with one line naming it and status 1."""
+
+    def assertStops(self, argv, *expected):
+        stderr = []
+        self.patch(tap.sys, "stderr", type("Err", (), {"write": lambda self, s: stderr.append(s)})())
+        with self.assertRaises(SystemExit) as stopped:
+            parse(argv)
+        self.assertEqual(stopped.exception.code, 1)
+        [line] = stderr
+        self.assertTrue(line.startswith("securechatd: ") and line.endswith("\n"), line)
+        self.assertEqual(line.count("\n"), 1)
+        for text in expected:
+            self.assertIn(text, line)
+
+    def test_defaults(self):
+        self.assertEqual(parse([])["settings"], config.Settings())
+
+    def test_command_line_wins_over_config(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[server]\nport = 6000\ninterface = ::\n[database]\npath = from-config.sqlite\n")
+        settings = parse(["--config", path, "--port", "7000", "--database", "cli.sqlite"])["settings"]
+        self.assertEqual((settings.port, settings.interface, settings.database), (7000, "::", "cli.sqlite"))
+
+    def test_bad_port(self):
+        self.assertStops(["--port", "http"], "--port", "'http'")
+        self.assertStops(["--port", "70000"], "--port", "65535")
+
+    def test_bad_interface(self):
+        self.assertStops(["--interface", "localhost"], "--interface", "IP address")
+
+    def test_unknown_option(self):
+        self.assertStops(["--prot", "5"], "prot")
+
+    def test_bad_config_value(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[accounts]\nbcrypt_cost = 8\n")
+        self.assertStops(["--config", path], "[accounts] bcrypt_cost", "from 10 to 20", "'8'")
+
+    def test_missing_config_file(self):
+        self.assertStops(["--config", "/nonexistent/securechatd.ini"], "/nonexistent/securechatd.ini")
+
+
+class DaemonTests(unittest.TestCase):
+    """makeService's daemon on 127.0.0.1:0, spoken to over real TLS sockets."""
+
+    def setUp(self):
+        base = self.mktemp()
+        os.makedirs(base)
+        self.certs = os.path.join(base, "certs")
+        self.settings = config.Settings(
+            port=0, certs=self.certs, database=os.path.join(base, "chat.sqlite"), bcrypt_cost=10
+        )
+
+    def start(self):
+        daemon = tap.build(self.settings, reactor)
+        daemon.startService()
+        self.addCleanup(daemon.stopService)
+        return daemon.getServiceNamed("listener").port.getHost().port
+
+    def connect(self, port, hostname="localhost", ca=None):
+        ca = ca or os.path.join(self.certs, "ca.pem")
+        return connected_client(self, reactor, port, ca, hostname)
+
+    def test_first_run_creates_dev_certificates(self):
+        self.start()
+        for name in ("ca.key", "server.key"):
+            mode = stat.S_IMODE(os.stat(os.path.join(self.certs, name)).st_mode)
+            self.assertEqual(mode, 0o600, name)
+        with open(os.path.join(self.certs, "server.pem"), "rb") as f:
+            before = f.read()
+        self.start()  # a second start keeps what is there
+        with open(os.path.join(self.certs, "server.pem"), "rb") as f:
+            self.assertEqual(f.read(), before)
+
+    @inlineCallbacks
+    def test_accounts_over_tls(self):
+        port = self.start()
+        alice = yield self.connect(port)
+        answer = yield alice.callRemote(commands.Register, username="Alice", password=PASSWORD)
+        self.assertEqual(answer["username"], "alice")
+        with self.assertRaises(BadCredentials):
+            yield alice.callRemote(commands.Login, username="alice", password="wrong password")
+        login = yield alice.callRemote(commands.Login, username="alice", password=PASSWORD)
+        yield alice.callRemote(commands.Ping)
+
+        laptop = yield self.connect(port, hostname="127.0.0.1")
+        resumed = yield laptop.callRemote(
+            commands.Resume, username="alice", resume_token=login["resume_token"], client_name="laptop"
+        )
+        self.assertEqual(resumed["username"], "alice")
+        lost = when_lost(alice)
+        yield laptop.callRemote(
+            commands.ChangePassword, old_password=PASSWORD, new_password="another password"
+        )
+        yield lost  # the other session's connection was closed
+        yield laptop.callRemote(commands.Logout)
+        yield laptop.callRemote(commands.Login, username="alice", password="another password")
+
+    @inlineCallbacks
+    def test_untrusted_server_refused_before_sending(self):
+        port = self.start()
+        other = self.mktemp()
+        write_certs(other, ["localhost"], ["127.0.0.1"])
+        with self.assertRaises((TLSError, ConnectionClosed)):
+            client = yield self.connect(port, ca=os.path.join(other, "ca.pem"))
+            yield client.callRemote(commands.Ping)
+
+    @inlineCallbacks
+    def test_wrong_hostname_refused(self):
+        port = self.start()
+        with self.assertRaises(Exception) as refused:
+            client = yield self.connect(port, hostname="chat.example.org")
+            yield client.callRemote(commands.Ping)
+        self.assertNotIsInstance(refused.exception, commands.ChatError)
+
+    def test_database_is_migrated_and_durable(self):
+        self.start()
+        with sqlite3.connect(self.settings.database) as db:
+            self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
+            self.assertEqual(db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0], 2)
