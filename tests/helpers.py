@@ -2,7 +2,7 @@
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -78,12 +78,13 @@ def make_accounts(testcase, clock=None, store=None, **kw):
 class Connection:
     """A client AMP connection to a server ChatProtocol, pumped in memory."""
 
-    def __init__(self, accounts, address="10.0.0.1"):
+    def __init__(self, accounts, address="10.0.0.1", ipv6=False):
+        peer = (IPv6Address if ipv6 else IPv4Address)("TCP", address, 40000)
         self.client, self.server, self.pump = iosim.connectedServerAndClient(
             lambda: ChatProtocol(accounts, accounts.clock),
             amp.AMP,
             serverTransportFactory=lambda protocol: iosim.FakeTransport(
-                protocol, True, peerAddress=IPv4Address("TCP", address, 40000)
+                protocol, True, peerAddress=peer
             ),
         )
 

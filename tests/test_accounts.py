@@ -139,6 +139,24 @@ class AccountCommandTests(unittest.TestCase):
         self.assertFails(self.login("alice", base + "B"), BadCredentials)
         self.successResultOf(self.login("alice", base + "A"))
 
+    def test_login_rehashes_at_a_new_cost(self):
+        self.register()
+        before = self.successResultOf(self.accounts.store.get_credentials("alice")).password_hash
+        self.accounts.hasher.cost += 1
+        self.successResultOf(self.login())
+        after = self.successResultOf(self.accounts.store.get_credentials("alice")).password_hash
+        self.assertNotEqual(before, after)
+        self.assertTrue(after.startswith(f"$2b$0{self.accounts.hasher.cost}$"))
+        self.successResultOf(self.login(conn=Connection(self.accounts)))
+
+    def test_ipv4_mapped_addresses_count_as_ipv4(self):
+        accounts = make_accounts(
+            self, clock=self.clock, registrations_per_address=1, registration_exempt=("127.0.0.1",)
+        )
+        for name in ("alice", "bob"):
+            conn = Connection(accounts, address="::ffff:127.0.0.1", ipv6=True)
+            self.register(name, conn=conn)
+
     def test_double_login_refused(self):
         self.register()
         self.successResultOf(self.login())

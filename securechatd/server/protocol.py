@@ -4,6 +4,8 @@ No business rules live here. Responders sit on ChatLocator (one per
 connection), separate from the AMP box handling, as in Flocker.
 """
 
+import ipaddress
+
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -66,7 +68,13 @@ class ChatLocator(amp.CommandLocator):
             raise AlreadyAuthenticated("This connection is already logged in.")
 
     def _address(self):
-        return getattr(self.connection.transport.getPeer(), "host", "unknown")
+        """The client's IP address; IPv4 clients of a dual-stack socket as plain IPv4."""
+        host = getattr(self.connection.transport.getPeer(), "host", "unknown")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return host
+        return str(getattr(address, "ipv4_mapped", None) or address)
 
     async def _logged_in(self, login):
         self._logging_in = True

@@ -1,0 +1,92 @@
+"""Throttling with task.Clock: account delays, address windows, bounded memory."""
+
+from twisted.internet import task
+from twisted.trial import unittest
+
+from securechatd.commands import RateLimited
+from securechatd.server.throttle import AccountDelay, LoginThrottle, WindowCounter
+
+
+class WindowCounterTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.counter = WindowCounter(self.clock, limit=2, window=10)
+
+    def test_limit_within_window(self):
+        self.counter.record("a")
+        self.clock.advance(3)
+        self.counter.record("a")
+        self.assertEqual(self.counter.retry_after("a"), 7)
+        self.assertEqual(self.counter.retry_after("b"), 0)
+        self.clock.advance(7)
+        self.assertEqual(self.counter.retry_after("a"), 0)
+
+    def test_sliding(self):
+        for _ in range(5):
+            self.counter.record("a")
+            self.clock.advance(6)
+        self.assertEqual(self.counter.retry_after("a"), 0)
+
+    def test_stale_keys_are_swept(self):
+        for i in range(5000):
+            self.counter.record(f"address{i}")
+        self.clock.advance(10)
+        for i in range(5000):
+            self.counter.record(f"fresh{i}")
+        self.assertLessEqual(len(self.counter._events), 5000 + 1024)
+
+
+class AccountDelayTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.delay = AccountDelay(self.clock, free=3, max_delay=8, window=100)
+
+    def fail_times(self, count):
+        for _ in range(count):
+            self.delay.record("alice")
+
+    def test_free_failures(self):
+        self.fail_times(2)
+        self.assertEqual(self.delay.retry_after("alice"), 0)
+
+    def test_doubling_up_to_max(self):
+        waits = []
+        for _ in range(7):
+            self.delay.record("alice")
+            waits.append(self.delay.retry_after("alice"))
+        self.assertEqual(waits, [0, 0, 1, 2, 4, 8, 8])
+
+    def test_success_resets(self):
+        self.fail_times(4)
+        self.delay.forget("alice")
+        self.assertEqual(self.delay.retry_after("alice"), 0)
+
+    def test_quiet_window_resets(self):
+        self.fail_times(6)
+        self.clock.advance(100)
+        self.delay.record("alice")
+        self.assertEqual(self.delay.retry_after("alice"), 0)
+
+
+class LoginThrottleTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.throttle = LoginThrottle(self.clock, 5, 900, 20, 3600)
+
+    def test_account_wait_even_for_right_password(self):
+        for _ in range(5):
+            self.throttle.failed("alice", "10.0.0.1")
+        with self.assertRaises(RateLimited) as raised:
+            self.throttle.check("alice", "10.0.0.2")
+        self.assertIn("retry in 1 seconds", str(raised.exception))
+        self.throttle.check("bob", "10.0.0.1")
+
+    def test_address_block_spans_accounts(self):
+        for i in range(20):
+            self.throttle.failed(f"user{i}", "10.0.0.1")
+        with self.assertRaises(RateLimited) as raised:
+            self.throttle.check("alice", "10.0.0.1")
+        self.assertIn("retry in 3600 seconds", str(raised.exception))
+        self.throttle.check("alice", "10.0.0.2")
+        self.clock.advance(3600)
+        self.throttle.check("alice", "10.0.0.1")
