@@ -148,16 +148,24 @@ class ChatProtocol(amp.AMP):
         self.locator.session = None
         self.transport.loseConnection()
 
+    def makeConnection(self, transport):
+        # Skips AMP.makeConnection's info line per connection: noise at scale;
+        # the security log records what matters (logins and failures).
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
     def connectionLost(self, reason):
         self.lost = True
         if self.locator.session is not None:
             self.locator.session.end()
             self.locator.session = None
-        super().connectionLost(reason)
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
 
 
 class ChatFactory(Factory):
     """Makes a ChatProtocol per connection, all sharing the services."""
+
+    noisy = False
 
     def __init__(self, accounts, clock):
         self.accounts = accounts
