@@ -68,7 +68,13 @@ class Options(usage.Options):
 
 def _endpoint(settings, reactor):
     if settings.listen:
-        return serverFromString(reactor, settings.listen), settings.listen
+        try:
+            return serverFromString(reactor, settings.listen), settings.listen
+        except Exception as problem:  # the parser raises several kinds for a bad string
+            raise config.ConfigError(
+                f"{config.describe('listen')} (--listen): {settings.listen!r} is not a"
+                f" server endpoint string ({problem})"
+            )
     endpoint_type = TCP6ServerEndpoint if ":" in settings.interface else TCP4ServerEndpoint
     endpoint = endpoint_type(reactor, settings.port, interface=settings.interface)
     return endpoint, f"{settings.interface} port {settings.port}"
@@ -139,5 +145,5 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     try:
         return build(options["settings"], reactor)
-    except (certs.CertError, MigrationError, OSError) as problem:
+    except (config.ConfigError, certs.CertError, MigrationError, OSError) as problem:
         _fail(problem)

@@ -18,6 +18,13 @@ from tests.helpers import connected_client, when_lost
 PASSWORD = "correct horse battery"
 
 
+def capture_stderr(testcase):
+    """The lines tap writes to stderr during the test."""
+    lines = []
+    testcase.patch(tap.sys, "stderr", type("Stderr", (), {"write": lambda self, s: lines.append(s)})())
+    return lines
+
+
 def parse(argv):
     options = tap.Options()
     options.parseOptions(argv)
@@ -28,8 +35,7 @@ class OptionsTests(unittest.TestCase):
     """A bad option or value stops start-up with one line naming it and status 1."""
 
     def assertStops(self, argv, *expected):
-        stderr = []
-        self.patch(tap.sys, "stderr", type("Err", (), {"write": lambda self, s: stderr.append(s)})())
+        stderr = capture_stderr(self)
         with self.assertRaises(SystemExit) as stopped:
             parse(argv)
         self.assertEqual(stopped.exception.code, 1)
@@ -141,6 +147,24 @@ class DaemonTests(unittest.TestCase):
             client = yield self.connect(port, hostname="chat.example.org")
             yield client.callRemote(commands.Ping)
         self.assertNotIsInstance(refused.exception, commands.ChatError)
+
+    @inlineCallbacks
+    def test_listen_endpoint_instead_of_port(self):
+        self.settings = config.Settings(
+            listen="tcp:0:interface=127.0.0.1", port=1, certs=self.certs, database=self.settings.database
+        )
+        port = self.start()
+        client = yield self.connect(port)
+        answer = yield client.callRemote(commands.Ping)
+        self.assertIn("server_time", answer)
+
+    def test_bad_listen_endpoint_is_one_line(self):
+        self.settings = config.Settings(listen="carrier-pigeon:7", certs=self.certs)
+        options = {"settings": self.settings}
+        stderr = capture_stderr(self)
+        self.assertRaises(SystemExit, tap.makeService, options, reactor)
+        [line] = stderr
+        self.assertIn("[server] listen (--listen): 'carrier-pigeon:7'", line)
 
     def test_database_is_migrated_and_durable(self):
         self.start()
