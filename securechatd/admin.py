@@ -5,6 +5,7 @@ busy timeout let both write) and apply the same rules and bcrypt cost.
 """
 
 import getpass
+import ipaddress
 import sqlite3
 import sys
 
@@ -42,7 +43,10 @@ class CertsOptions(usage.Options):
 
     def opt_ip(self, address):
         """IP address the certificate is valid for (repeatable)."""
-        self["ip"].append(config._address(address))
+        try:
+            self["ip"].append(str(ipaddress.ip_address(address)))
+        except ValueError:
+            raise usage.UsageError(f"--ip: {address!r} is not an IP address")
 
     def postOptions(self):
         if not self["hostname"]:
@@ -93,8 +97,9 @@ class Options(usage.Options):
             raise usage.UsageError("a command is required")
 
 
-def read_password(prompt, stdin=sys.stdin):
+def read_password(prompt, stdin=None):
     """A new password: twice without echo on a terminal, else one line of stdin."""
+    stdin = stdin or sys.stdin
     if stdin.isatty():
         password = getpass.getpass(prompt)
         if getpass.getpass("Again: ") != password:

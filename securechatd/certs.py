@@ -15,6 +15,7 @@ not by a passphrase that would have to sit next to them anyway.
 import datetime
 import ipaddress
 import os
+import re
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -37,6 +38,12 @@ class CertError(Exception):
     Its message is one sentence for an operator: which file, what is wrong.
     It never contains key material.
     """
+
+
+# DNS names: labels of letters, digits and hyphens (a leading "*." for wildcards).
+_HOSTNAME = re.compile(
+    r"(\*\.)?(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?\Z"
+)
 
 
 def write_certs(directory, hostnames, ips=(), *, now=None, days=825):
@@ -62,7 +69,10 @@ def write_certs(directory, hostnames, ips=(), *, now=None, days=825):
     """
     hostnames = list(hostnames)
     if not hostnames:
-        raise ValueError("a server certificate needs at least one hostname")
+        raise CertError("a server certificate needs at least one hostname")
+    for name in hostnames:
+        if not _HOSTNAME.match(name):
+            raise CertError(f"{name!r} is not a valid host name")
     addresses = [ipaddress.ip_address(ip) for ip in ips]
     if now is None:
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -115,7 +125,8 @@ def write_certs(directory, hostnames, ips=(), *, now=None, days=825):
     server_cert = (
         x509.CertificateBuilder()
         .subject_name(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
+            # a common name is at most 64 characters; clients check the SANs anyway
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0][:64])])
         )
         .issuer_name(ca_name)
         .public_key(server_key.public_key())

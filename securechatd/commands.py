@@ -119,3 +119,179 @@ class ChangePassword(ChatCommand):
 class Ping(ChatCommand):
     arguments = []
     response = [(b"server_time", amp.DateTime())]
+
+
+# -- presence and users ---------------------------------------------------------
+
+STATUSES = ("online", "away", "busy", "invisible")
+
+
+class SetPresence(ChatCommand):
+    arguments = [(b"status", amp.Unicode()), (b"note", amp.Unicode(optional=True))]
+    response = []
+
+
+class GetPresence(ChatCommand):
+    arguments = [(b"usernames", amp.ListOf(amp.Unicode()))]
+    response = [
+        (
+            b"presence",
+            amp.AmpList(
+                [
+                    (b"username", amp.Unicode()),
+                    (b"status", amp.Unicode()),
+                    (b"note", amp.Unicode(optional=True)),
+                    (b"last_seen", amp.DateTime(optional=True)),
+                ]
+            ),
+        )
+    ]
+
+
+class ListUsers(ChatCommand):
+    arguments = [(b"prefix", amp.Unicode(optional=True)), (b"limit", amp.Integer(optional=True))]
+    response = [(b"users", amp.AmpList([(b"username", amp.Unicode()), (b"status", amp.Unicode())]))]
+
+
+# -- conversations ----------------------------------------------------------------
+
+
+class CreateConversation(ChatCommand):
+    arguments = [(b"members", amp.ListOf(amp.Unicode())), (b"title", amp.Unicode(optional=True))]
+    response = [(b"conversation_id", amp.Integer()), (b"created", amp.Boolean())]
+
+
+class ListConversations(ChatCommand):
+    arguments = [(b"after_id", amp.Integer(optional=True))]
+    response = [
+        (
+            b"conversations",
+            amp.AmpList(
+                [
+                    (b"conversation_id", amp.Integer()),
+                    (b"kind", amp.Unicode()),
+                    (b"title", amp.Unicode(optional=True)),
+                    (b"members", amp.ListOf(amp.Unicode())),
+                    (b"last_seq", amp.Integer()),
+                    (b"unread", amp.Integer()),
+                ]
+            ),
+        ),
+        (b"has_more", amp.Boolean(optional=True)),
+    ]
+
+
+class AddMembers(ChatCommand):
+    arguments = [(b"conversation_id", amp.Integer()), (b"members", amp.ListOf(amp.Unicode()))]
+    response = []
+
+
+class LeaveConversation(ChatCommand):
+    arguments = [(b"conversation_id", amp.Integer())]
+    response = []
+
+
+# -- messages ---------------------------------------------------------------------
+
+
+class SendMessage(ChatCommand):
+    arguments = [
+        (b"conversation_id", amp.Integer()),
+        (b"client_msg_id", amp.Unicode()),
+        (b"body", amp.Unicode()),
+    ]
+    response = [(b"message_id", amp.Integer()), (b"seq", amp.Integer()), (b"sent_at", amp.DateTime())]
+
+
+class History(ChatCommand):
+    arguments = [
+        (b"conversation_id", amp.Integer()),
+        (b"before_seq", amp.Integer(optional=True)),
+        (b"limit", amp.Integer(optional=True)),
+    ]
+    response = [
+        (
+            b"messages",
+            amp.AmpList(
+                [
+                    (b"message_id", amp.Integer()),
+                    (b"seq", amp.Integer()),
+                    (b"sender", amp.Unicode()),
+                    (b"body", amp.Unicode()),
+                    (b"sent_at", amp.DateTime()),
+                ]
+            ),
+        ),
+        (b"has_more", amp.Boolean()),
+    ]
+
+
+class MarkRead(ChatCommand):
+    arguments = [
+        (b"conversation_id", amp.Integer()),
+        (b"seq", amp.Integer()),
+        (b"private", amp.Boolean(optional=True)),
+    ]
+    response = []
+
+
+class GetReceipts(ChatCommand):
+    arguments = [(b"conversation_id", amp.Integer()), (b"message_id", amp.Integer())]
+    response = [
+        (
+            b"receipts",
+            amp.AmpList(
+                [
+                    (b"username", amp.Unicode()),
+                    (b"delivered_at", amp.DateTime(optional=True)),
+                    (b"read_at", amp.DateTime(optional=True)),
+                ]
+            ),
+        )
+    ]
+
+
+# -- server to client ---------------------------------------------------------------
+
+
+class Deliver(ChatCommand):
+    arguments = [
+        (b"message_id", amp.Integer()),
+        (b"conversation_id", amp.Integer()),
+        (b"seq", amp.Integer()),
+        (b"sender", amp.Unicode()),
+        (b"body", amp.Unicode()),
+        (b"sent_at", amp.DateTime()),
+    ]
+    response = []
+
+
+class Receipt(ChatCommand):
+    arguments = [
+        (b"conversation_id", amp.Integer()),
+        (b"username", amp.Unicode()),
+        (b"state", amp.Unicode()),
+        (b"seq", amp.Integer()),
+        (b"at", amp.DateTime()),
+    ]
+    response = []
+
+
+class PresenceChanged(ChatCommand):
+    arguments = [
+        (b"username", amp.Unicode()),
+        (b"status", amp.Unicode()),
+        (b"note", amp.Unicode(optional=True)),
+        (b"at", amp.DateTime()),
+    ]
+    response = []
+
+
+class ConversationUpdated(ChatCommand):
+    arguments = [
+        (b"conversation_id", amp.Integer()),
+        (b"kind", amp.Unicode()),
+        (b"title", amp.Unicode(optional=True)),
+        (b"members", amp.ListOf(amp.Unicode())),
+    ]
+    response = []

@@ -90,6 +90,11 @@ class Settings:
     registrations_per_address: int = 1
     registration_window: float = 600.0
     registration_exempt: tuple = ("127.0.0.1", "::1")
+    max_message_bytes: int = 16 * 1024
+    max_members: int = 1000
+    delivery_window: int = 32
+    ping_after: float = 30.0
+    drop_after: float = 90.0
 
 
 # field name -> (INI section, INI key, parser of the INI/command-line text)
@@ -112,6 +117,11 @@ SCHEMA = {
     "registrations_per_address": ("limits", "registrations_per_address", _integer(1)),
     "registration_window": ("limits", "registration_window", _seconds),
     "registration_exempt": ("limits", "registration_exempt", _addresses),
+    "max_message_bytes": ("messages", "max_message_bytes", _integer(1, 60000)),
+    "max_members": ("messages", "max_members", _integer(2, 1000)),
+    "delivery_window": ("messages", "delivery_window", _integer(1, 10000)),
+    "ping_after": ("connections", "ping_after", _seconds),
+    "drop_after": ("connections", "drop_after", _seconds),
 }
 
 
@@ -148,4 +158,7 @@ def load(path=None, overrides=None):
                 values[name] = _parse(name, text, f"{path}: {describe(name)}")
     for name, text in (overrides or {}).items():
         values[name] = _parse(name, text, f"--{name}")
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.drop_after <= settings.ping_after:
+        raise ConfigError(f"{describe('drop_after')} must be longer than {describe('ping_after')}")
+    return settings

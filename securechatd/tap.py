@@ -19,7 +19,11 @@ from twisted.python.threadpool import ThreadPool
 
 from securechatd import certs, config, tls
 from securechatd.server.accounts import AccountService
+from securechatd.server.conversations import ConversationService
+from securechatd.server.hub import Hub
+from securechatd.server.messages import MessageService
 from securechatd.server.passwords import PasswordHasher
+from securechatd.server.presence import PresenceService
 from securechatd.server.protocol import ChatFactory
 from securechatd.server.services import ListenerService, StoreService, ThreadPoolService
 from securechatd.server.throttle import LoginThrottle, WindowCounter
@@ -128,13 +132,18 @@ def build(settings, reactor):
         max_sessions=settings.max_sessions,
         token_lifetime=settings.resume_token_lifetime,
     )
+    conversations = ConversationService(store, accounts.registry, reactor, settings.max_members)
+    messages = MessageService(
+        store, conversations, accounts.registry, reactor, settings.max_message_bytes
+    )
+    presence = PresenceService(store, accounts.registry, reactor)
+    hub = Hub(accounts, conversations, messages, presence, reactor, settings.delivery_window)
+    factory = ChatFactory(hub, reactor, settings.ping_after, settings.drop_after)
     endpoint, where = _endpoint(settings, reactor)
     daemon = MultiService()
     ThreadPoolService(hash_pool).setServiceParent(daemon)
     StoreService(store).setServiceParent(daemon)
-    listener = ListenerService(
-        endpoint, TLSMemoryBIOFactory(server_tls, False, ChatFactory(accounts, reactor)), where
-    )
+    listener = ListenerService(endpoint, TLSMemoryBIOFactory(server_tls, False, factory), where)
     listener.setName("listener")
     listener.setServiceParent(daemon)
     return daemon

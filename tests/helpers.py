@@ -1,5 +1,7 @@
 """Shared test fixtures: real SQLite without threads, fast bcrypt, in-memory connections."""
 
+from datetime import datetime, timezone
+
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -8,7 +10,12 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
+from securechatd import commands
 from securechatd.server.accounts import AccountService
+from securechatd.server.conversations import ConversationService
+from securechatd.server.hub import Hub
+from securechatd.server.messages import MessageService
+from securechatd.server.presence import PresenceService
 from securechatd.tls import client_options
 from securechatd.server.passwords import PasswordHasher
 from securechatd.server.protocol import ChatProtocol
@@ -75,14 +82,72 @@ def make_accounts(testcase, clock=None, store=None, **kw):
     )
 
 
-class Connection:
-    """A client AMP connection to a server ChatProtocol, pumped in memory."""
+def make_hub(testcase, clock=None, window=32, max_members=1000, max_body=16 * 1024, **kw):
+    """Every service of the daemon over one real SQLite file, driven by `clock`."""
+    accounts = make_accounts(testcase, clock=clock, **kw)
+    clock, store, registry = accounts.clock, accounts.store, accounts.registry
+    conversations = ConversationService(store, registry, clock, max_members)
+    messages = MessageService(store, conversations, registry, clock, max_body)
+    presence = PresenceService(store, registry, clock)
+    return Hub(accounts, conversations, messages, presence, clock, window)
 
-    def __init__(self, accounts, address="10.0.0.1", ipv6=False):
+
+class RecordingClient(amp.AMP):
+    """A client that records every server push and answers it (its acknowledgement)."""
+
+    def __init__(self, connection):
+        super().__init__()
+        self.connection = connection
+
+    def locateResponder(self, name):
+        command = PUSHES.get(name)
+        if command is None:
+            return super().locateResponder(name)
+        connection = self.connection
+
+        def respond(box):
+            arguments = command.parseArguments(box, self)
+            connection.pushes.append((name.decode(), arguments))
+            answer = defer.Deferred()
+            if command is commands.Ping:
+                answer.callback({"server_time": EPOCH})
+            elif connection.answering:
+                answer.callback({})
+            else:
+                connection.unanswered.append(answer)
+            return answer.addCallback(lambda result: command.makeResponse(result, self))
+
+        return respond
+
+
+EPOCH = datetime.fromtimestamp(0, timezone.utc)
+PUSHES = {
+    command.commandName: command
+    for command in (
+        commands.Deliver,
+        commands.Receipt,
+        commands.PresenceChanged,
+        commands.ConversationUpdated,
+    )
+}
+PUSHES[commands.Ping.commandName] = commands.Ping
+
+
+class Connection:
+    """A client AMP connection to a server ChatProtocol, pumped in memory.
+
+    Pushes from the server land in `self.pushes` as (command name, arguments);
+    the client answers them at once unless `answering` is False.
+    """
+
+    def __init__(self, hub, address="10.0.0.1", ipv6=False, answering=True):
         peer = (IPv6Address if ipv6 else IPv4Address)("TCP", address, 40000)
+        self.pushes = []
+        self.unanswered = []
+        self.answering = answering
         self.client, self.server, self.pump = iosim.connectedServerAndClient(
-            lambda: ChatProtocol(accounts, accounts.clock),
-            amp.AMP,
+            lambda: ChatProtocol(hub, hub.clock),
+            lambda: RecordingClient(self),
             serverTransportFactory=lambda protocol: iosim.FakeTransport(
                 protocol, True, peerAddress=peer
             ),

@@ -16,7 +16,7 @@ from securechatd.commands import (
     UsernameTaken,
     WeakPassword,
 )
-from tests.helpers import Connection, make_accounts
+from tests.helpers import Connection, make_hub
 
 PASSWORD = "correct horse battery"
 
@@ -25,8 +25,9 @@ class AccountCommandTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)
-        self.accounts = make_accounts(self, clock=self.clock)
-        self.conn = Connection(self.accounts)
+        self.hub = make_hub(self, clock=self.clock)
+        self.accounts = self.hub.accounts
+        self.conn = Connection(self.hub)
 
     def register(self, username="alice", password=PASSWORD, conn=None):
         return self.successResultOf(
@@ -74,23 +75,23 @@ class AccountCommandTests(unittest.TestCase):
         self.successResultOf(self.login("bob", "é" * 1024))
 
     def test_registration_rate_per_address(self):
-        accounts = make_accounts(self, clock=self.clock, registrations_per_address=1)
-        conn = Connection(accounts, address="10.0.0.7")
+        hub = make_hub(self, clock=self.clock, registrations_per_address=1)
+        conn = Connection(hub, address="10.0.0.7")
         self.register("alice", conn=conn)
         text = self.assertFails(
             conn.call(commands.Register, username="bob", password=PASSWORD), RateLimited
         )
         self.assertIn("retry in 600 seconds", text)
-        other = Connection(accounts, address="10.0.0.8")
+        other = Connection(hub, address="10.0.0.8")
         self.register("carol", conn=other)
-        self.clock.advance(600)
-        self.register("bob", conn=conn)
+        self.clock.advance(600)  # (the idle connection was dropped meanwhile)
+        self.register("bob", conn=Connection(hub, address="10.0.0.7"))
 
     def test_registration_exempt_address(self):
-        accounts = make_accounts(
+        hub = make_hub(
             self, clock=self.clock, registrations_per_address=1, registration_exempt=("10.0.0.1",)
         )
-        conn = Connection(accounts, address="10.0.0.1")
+        conn = Connection(hub, address="10.0.0.1")
         self.register("alice", conn=conn)
         self.register("bob", conn=conn)
 
@@ -147,14 +148,14 @@ class AccountCommandTests(unittest.TestCase):
         after = self.successResultOf(self.accounts.store.get_credentials("alice")).password_hash
         self.assertNotEqual(before, after)
         self.assertTrue(after.startswith(f"$2b$0{self.accounts.hasher.cost}$"))
-        self.successResultOf(self.login(conn=Connection(self.accounts)))
+        self.successResultOf(self.login(conn=Connection(self.hub)))
 
     def test_ipv4_mapped_addresses_count_as_ipv4(self):
-        accounts = make_accounts(
+        hub = make_hub(
             self, clock=self.clock, registrations_per_address=1, registration_exempt=("127.0.0.1",)
         )
         for name in ("alice", "bob"):
-            conn = Connection(accounts, address="::ffff:127.0.0.1", ipv6=True)
+            conn = Connection(hub, address="::ffff:127.0.0.1", ipv6=True)
             self.register(name, conn=conn)
 
     def test_double_login_refused(self):
@@ -163,12 +164,12 @@ class AccountCommandTests(unittest.TestCase):
         self.assertFails(self.login(), AlreadyAuthenticated)
 
     def test_session_limit(self):
-        accounts = make_accounts(self, clock=self.clock, max_sessions=2)
-        first = Connection(accounts)
+        hub = make_hub(self, clock=self.clock, max_sessions=2)
+        first = Connection(hub)
         self.register(conn=first)
         self.successResultOf(self.login(conn=first))
-        self.successResultOf(self.login(conn=Connection(accounts)))
-        third = Connection(accounts)
+        self.successResultOf(self.login(conn=Connection(hub)))
+        third = Connection(hub)
         self.assertIn("at most 2", self.assertFails(self.login(conn=third), NotAllowed))
         first.drop()
         self.successResultOf(self.login(conn=third))
@@ -211,14 +212,14 @@ class AccountCommandTests(unittest.TestCase):
         self.register()
         first = self.successResultOf(self.login())
         self.conn.drop()
-        again = Connection(self.accounts)
+        again = Connection(self.hub)
         resumed = self.successResultOf(
             again.call(commands.Resume, username="alice", resume_token=first["resume_token"])
         )
         self.assertEqual(resumed["username"], "alice")
         self.assertNotEqual(resumed["resume_token"], first["resume_token"])
         self.assertNotEqual(resumed["session_id"], first["session_id"])
-        third = Connection(self.accounts)
+        third = Connection(self.hub)
         self.assertFails(
             third.call(commands.Resume, username="alice", resume_token=first["resume_token"]),
             BadCredentials,
@@ -232,7 +233,7 @@ class AccountCommandTests(unittest.TestCase):
         token = self.successResultOf(self.login())["resume_token"]
         self.accounts.hasher._verify = lambda p, h: self.fail("Resume ran bcrypt")
         self.successResultOf(
-            Connection(self.accounts).call(commands.Resume, username="alice", resume_token=token)
+            Connection(self.hub).call(commands.Resume, username="alice", resume_token=token)
         )
 
     def test_resume_token_expires(self):
@@ -240,7 +241,7 @@ class AccountCommandTests(unittest.TestCase):
         token = self.successResultOf(self.login())["resume_token"]
         self.clock.advance(30 * 86400)
         self.assertFails(
-            Connection(self.accounts).call(commands.Resume, username="alice", resume_token=token),
+            Connection(self.hub).call(commands.Resume, username="alice", resume_token=token),
             BadCredentials,
         )
 
@@ -248,7 +249,7 @@ class AccountCommandTests(unittest.TestCase):
         self.register("alice")
         self.register("bob")
         token = self.successResultOf(self.login("alice"))["resume_token"]
-        conn = Connection(self.accounts)
+        conn = Connection(self.hub)
         self.assertFails(
             conn.call(commands.Resume, username="bob", resume_token=token), BadCredentials
         )
@@ -263,7 +264,7 @@ class AccountCommandTests(unittest.TestCase):
     def test_change_password_ends_other_sessions(self):
         self.register()
         mine = self.successResultOf(self.login())
-        other = Connection(self.accounts)
+        other = Connection(self.hub)
         theirs = self.successResultOf(self.login(conn=other))
         self.successResultOf(
             self.conn.call(
@@ -275,7 +276,7 @@ class AccountCommandTests(unittest.TestCase):
         self.assertEqual(
             [s.session_id for s in self.accounts.registry.sessions_of("alice")], [mine["session_id"]]
         )
-        fresh = Connection(self.accounts)
+        fresh = Connection(self.hub)
         self.assertFails(
             fresh.call(commands.Resume, username="alice", resume_token=theirs["resume_token"]),
             BadCredentials,
@@ -283,8 +284,8 @@ class AccountCommandTests(unittest.TestCase):
         self.successResultOf(
             fresh.call(commands.Resume, username="alice", resume_token=mine["resume_token"])
         )
-        self.assertFails(self.login(conn=Connection(self.accounts)), BadCredentials)
-        self.successResultOf(self.login(password="a new password", conn=Connection(self.accounts)))
+        self.assertFails(self.login(conn=Connection(self.hub)), BadCredentials)
+        self.successResultOf(self.login(password="a new password", conn=Connection(self.hub)))
 
     def test_change_password_wrong_old(self):
         self.register()
@@ -293,7 +294,7 @@ class AccountCommandTests(unittest.TestCase):
             self.conn.call(commands.ChangePassword, old_password="wrong password", new_password="a new password"),
             BadCredentials,
         )
-        self.successResultOf(self.login(conn=Connection(self.accounts)))
+        self.successResultOf(self.login(conn=Connection(self.hub)))
 
     def test_change_password_weak_new(self):
         self.register()
@@ -323,9 +324,9 @@ class AccountCommandTests(unittest.TestCase):
             self.assertFails(self.login(username=f"user{i}", password="wrong password"), BadCredentials)
         text = self.assertFails(self.login(), RateLimited)
         self.assertIn("your address", text)
-        self.successResultOf(self.login(conn=Connection(self.accounts, address="10.9.9.9")))
+        self.successResultOf(self.login(conn=Connection(self.hub, address="10.9.9.9")))
         self.clock.advance(3600)
-        self.successResultOf(self.login())
+        self.successResultOf(self.login(conn=Connection(self.hub)))
 
     # -- malformed arguments ------------------------------------------------------
 

@@ -285,7 +285,7 @@ class WriteCertsTests(TestCase):
         A server certificate without any hostname is refused before anything
         is written.
         """
-        self.assertRaises(ValueError, write_certs, self.directory, [])
+        self.assertRaises(CertError, write_certs, self.directory, [])
         self.assertFalse(os.path.exists(self.directory))
 
 

@@ -13,6 +13,7 @@ from OpenSSL.SSL import Error as TLSError
 from securechatd import commands, config, tap
 from securechatd.certs import write_certs
 from securechatd.commands import BadCredentials
+from securechatd.store.migrations import LATEST
 from tests.helpers import connected_client, when_lost
 
 PASSWORD = "correct horse battery"
@@ -170,4 +171,4 @@ class DaemonTests(unittest.TestCase):
         self.start()
         with sqlite3.connect(self.settings.database) as db:
             self.assertEqual(db.execute("PRAGMA journal_mode").fetchone()[0], "wal")
-            self.assertEqual(db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0], 2)
+            self.assertEqual(db.execute("SELECT MAX(version) FROM schema_version").fetchone()[0], LATEST)

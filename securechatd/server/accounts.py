@@ -22,6 +22,7 @@ from securechatd.commands import (
     BAD_CREDENTIALS_TEXT,
     BadCredentials,
     InvalidUsername,
+    NoSuchUser,
     RateLimited,
     UsernameTaken,
 )
@@ -44,6 +45,14 @@ def normalize_username(username):
             " starting with a letter."
         )
     return lowered
+
+
+def existing_name(username):
+    """`username` normalized for lookup; a malformed name cannot exist: NO_SUCH_USER."""
+    try:
+        return normalize_username(username)
+    except InvalidUsername:
+        raise NoSuchUser(f"There is no user {username[:40]!r}.")
 
 
 def utc(seconds):

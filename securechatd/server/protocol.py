@@ -15,9 +15,13 @@ from zope.interface import implementer
 from securechatd import commands
 from securechatd.commands import AlreadyAuthenticated, AuthRequired, ChatError, ServiceUnavailable
 from securechatd.server.accounts import utc
+from securechatd.server.keepalive import KeepAlive
+from securechatd.server.messages import check_limit, page_within_limit
 from securechatd.server.sessions import IConnection
 
 log = Logger()
+
+CONVERSATION_ITEM = dict(commands.ListConversations.response)[b"conversations"].subargs
 
 
 def _declared(error):
@@ -25,12 +29,18 @@ def _declared(error):
     return fail(amp.RemoteAmpError(error.code, str(error)))
 
 
+def _answer(coroutine, shape=lambda result: {}):
+    """Run a service coroutine; its result, passed through `shape`, is the AMP answer."""
+    return Deferred.fromCoroutine(coroutine).addCallback(shape)
+
+
 class ChatLocator(amp.CommandLocator):
     """Responders for one connection; `self.session` is None until login."""
 
-    def __init__(self, connection, accounts, clock):
+    def __init__(self, connection, hub, clock):
         self.connection = connection
-        self.accounts = accounts
+        self.hub = hub
+        self.accounts = hub.accounts
         self.clock = clock
         self.session = None
         self._logging_in = False
@@ -86,6 +96,7 @@ class ChatLocator(amp.CommandLocator):
             session.end()
             raise AuthRequired("The connection closed during login.")
         self.session = session
+        self.hub.session_started(session)
         return {
             "username": session.username,
             "session_id": session.session_id,
@@ -93,13 +104,20 @@ class ChatLocator(amp.CommandLocator):
             "resume_token": token,
         }
 
-    # -- responders ----------------------------------------------------------
+    def end_session(self):
+        """This connection's session is over, however it ended."""
+        session, self.session = self.session, None
+        if session is not None:
+            self.hub.session_ended(session)
+        return session
+
+    # -- accounts --------------------------------------------------------------
 
     @commands.Register.responder
     def register(self, username, password):
         self._not_logged_in()
         registered = self.accounts.register(username, password, self._address())
-        return Deferred.fromCoroutine(registered).addCallback(lambda name: {"username": name})
+        return _answer(registered, lambda name: {"username": name})
 
     @commands.Login.responder
     def login(self, username, password, client_name=None):
@@ -117,20 +135,108 @@ class ChatLocator(amp.CommandLocator):
 
     @commands.Logout.responder
     def logout(self):
-        session = self._session()
-        self.session = None
-        return Deferred.fromCoroutine(self.accounts.logout(session)).addCallback(lambda _: {})
+        self._session()
+        return _answer(self.accounts.logout(self.end_session()))
 
     @commands.ChangePassword.responder
     def change_password(self, old_password, new_password):
         changed = self.accounts.change_password(
             self._session(), old_password, new_password, self._address()
         )
-        return Deferred.fromCoroutine(changed).addCallback(lambda _: {})
+        return _answer(changed)
 
     @commands.Ping.responder
     def ping(self):
         return {"server_time": utc(self.clock.seconds())}
+
+    # -- presence and users ------------------------------------------------------
+
+    @commands.SetPresence.responder
+    def set_presence(self, status, note=None):
+        self.hub.presence.set_status(self._session(), status, note)
+        return {}
+
+    @commands.GetPresence.responder
+    def get_presence(self, usernames):
+        self._session()
+        return _answer(self.hub.presence.get(usernames), lambda rows: {"presence": rows})
+
+    @commands.ListUsers.responder
+    def list_users(self, prefix=None, limit=None):
+        self._session()
+        limit = check_limit(limit, 50, 200)
+        listed = self.accounts.store.list_users((prefix or "").lower(), limit)
+
+        def shape(names):
+            status = self.hub.presence.status_of
+            return {"users": [{"username": name, "status": status(name)[0]} for name in names]}
+
+        return listed.addCallback(shape)
+
+    # -- conversations -----------------------------------------------------------
+
+    @commands.CreateConversation.responder
+    def create_conversation(self, members, title=None):
+        created = self.hub.conversations.create(self._session(), members, title)
+        return _answer(
+            created, lambda result: {"conversation_id": result[0].id, "created": result[1]}
+        )
+
+    @commands.ListConversations.responder
+    def list_conversations(self, after_id=None):
+        listing = self.hub.conversations.listing(self._session())
+
+        def shape(rows):
+            items = [
+                {
+                    "conversation_id": conversation.id,
+                    "kind": conversation.kind,
+                    "title": conversation.title,
+                    "members": list(conversation.members),
+                    "last_seq": conversation.last_seq,
+                    "unread": unread,
+                }
+                for conversation, unread in rows
+                if after_id is None or conversation.id > after_id
+            ]
+            page = page_within_limit(items, CONVERSATION_ITEM)
+            return {"conversations": page, "has_more": len(page) < len(items)}
+
+        return _answer(listing, shape)
+
+    @commands.AddMembers.responder
+    def add_members(self, conversation_id, members):
+        return _answer(self.hub.conversations.add_members(self._session(), conversation_id, members))
+
+    @commands.LeaveConversation.responder
+    def leave_conversation(self, conversation_id):
+        return _answer(self.hub.conversations.leave(self._session(), conversation_id))
+
+    # -- messages ------------------------------------------------------------------
+
+    @commands.SendMessage.responder
+    def send_message(self, conversation_id, client_msg_id, body):
+        sent = self.hub.messages.send(self._session(), conversation_id, client_msg_id, body)
+        return _answer(
+            sent,
+            lambda message: {"message_id": message.id, "seq": message.seq, "sent_at": utc(message.sent_at)},
+        )
+
+    @commands.History.responder
+    def history(self, conversation_id, before_seq=None, limit=None):
+        page = self.hub.messages.history(self._session(), conversation_id, before_seq, limit)
+        return _answer(page, lambda result: {"messages": result[0], "has_more": result[1]})
+
+    @commands.MarkRead.responder
+    def mark_read(self, conversation_id, seq, private=None):
+        return _answer(
+            self.hub.messages.mark_read(self._session(), conversation_id, seq, bool(private))
+        )
+
+    @commands.GetReceipts.responder
+    def get_receipts(self, conversation_id, message_id):
+        receipts = self.hub.messages.receipts(self._session(), conversation_id, message_id)
+        return _answer(receipts, lambda rows: {"receipts": rows})
 
 
 @implementer(IConnection)
@@ -138,40 +244,64 @@ class ChatProtocol(amp.AMP):
     """One client connection."""
 
     lost = False
+    keepalive = None
 
-    def __init__(self, accounts, clock):
-        self.locator = ChatLocator(self, accounts, clock)
+    def __init__(self, hub, clock, ping_after=30.0, drop_after=90.0):
+        self.locator = ChatLocator(self, hub, clock)
+        self.clock = clock
+        self.ping_after = ping_after
+        self.drop_after = drop_after
         super().__init__(locator=self.locator)
-
-    def session_ended(self, reason):
-        log.info("ending {session}: {reason}", session=self.locator.session, reason=reason)
-        self.locator.session = None
-        self.transport.loseConnection()
 
     def makeConnection(self, transport):
         # Skips AMP.makeConnection's info line per connection: noise at scale;
         # the security log records what matters (logins and failures).
         amp.BinaryBoxProtocol.makeConnection(self, transport)
+        self.keepalive = KeepAlive(
+            self.clock, self._ping, self._dead, self.ping_after, self.drop_after
+        )
+
+    def dataReceived(self, data):
+        self.keepalive.heard()
+        super().dataReceived(data)
+
+    def _ping(self):
+        self.callRemote(commands.Ping).addErrback(lambda _: None)  # any answer is a sign of life
+
+    def _dead(self):
+        log.info(
+            "dropping {peer}: silent for {seconds:.0f} s",
+            peer=self.transport.getPeer(),
+            seconds=self.drop_after,
+        )
+        self.transport.abortConnection()
+
+    def session_ended(self, reason):
+        session = self.locator.end_session()
+        log.info("ended {session}: {reason}", session=session, reason=reason)
+        self.transport.loseConnection()
 
     def connectionLost(self, reason):
         self.lost = True
-        if self.locator.session is not None:
-            self.locator.session.end()
-            self.locator.session = None
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        self.locator.end_session()
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
 
 
 class ChatFactory(Factory):
-    """Makes a ChatProtocol per connection, all sharing the services."""
+    """Makes a ChatProtocol per connection, all sharing the hub."""
 
     noisy = False
 
-    def __init__(self, accounts, clock):
-        self.accounts = accounts
+    def __init__(self, hub, clock, ping_after=30.0, drop_after=90.0):
+        self.hub = hub
         self.clock = clock
+        self.ping_after = ping_after
+        self.drop_after = drop_after
 
     def buildProtocol(self, addr):
-        protocol = ChatProtocol(self.accounts, self.clock)
+        protocol = ChatProtocol(self.hub, self.clock, self.ping_after, self.drop_after)
         protocol.factory = self
         return protocol

@@ -7,6 +7,8 @@ daemon's view of who is online, by user; presence and delivery build on it.
 import uuid
 
 from twisted.cred.portal import IRealm
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.error import ConnectionClosed, ConnectionDone, ConnectionLost
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -25,6 +27,9 @@ class IConnection(Interface):
     def session_ended(reason):
         """The server ended this session (e.g. a password change elsewhere)."""
 
+    def callRemote(command, **arguments):
+        """Send a server-to-client command; a Deferred of the answer."""
+
 
 @implementer(IChatSession)
 class Session:
@@ -37,6 +42,29 @@ class Session:
         self.connection = connection
         self.client_name = client_name
         self.started = started
+        self.status = "online"
+        self.note = None
+        self.status_changed = started
+        self.outbox = None  # set by the delivery service when the session starts
+
+    def push(self, command, **arguments):
+        """Send a server-to-client command: a Deferred firing True once answered, else False.
+
+        It never fails: a connection that went away or a client that answered
+        with an error is logged, so one broken client never breaks a fan-out.
+        """
+        pushed = maybeDeferred(self.connection.callRemote, command, **arguments)
+        return pushed.addCallbacks(lambda _: True, self._push_failed, errbackArgs=(command,))
+
+    def _push_failed(self, failure, command):
+        if not failure.check(ConnectionDone, ConnectionLost, ConnectionClosed):
+            log.info(
+                "{session} did not take {command}: {problem}",
+                session=self,
+                command=command.commandName.decode(),
+                problem=failure.getErrorMessage(),
+            )
+        return False
 
     def __repr__(self):
         return f"<Session {self.username} {self.session_id[:8]}>"

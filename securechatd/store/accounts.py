@@ -1,17 +1,10 @@
 """SQL for accounts and resume tokens."""
 
-import sqlite3
 from collections import namedtuple
 
-from securechatd.store.base import StoreBase
+from securechatd.store.base import StoreBase, user_id
 
 Credentials = namedtuple("Credentials", "user_id username password_hash")
-
-
-def _user_id(txn, username):
-    txn.execute("SELECT id FROM users WHERE username = ?", (username,))
-    row = txn.fetchone()
-    return row[0] if row else None
 
 
 class AccountStore(StoreBase):
@@ -21,15 +14,12 @@ class AccountStore(StoreBase):
 
     @staticmethod
     def _create_user_txn(txn, username, password_hash, now):
-        try:
-            txn.execute(
-                "INSERT INTO users (username, password_hash, created_at, password_changed_at)"
-                " VALUES (?, ?, ?, ?)",
-                (username, password_hash, now, now),
-            )
-        except sqlite3.IntegrityError:
-            return False
-        return True
+        txn.execute(
+            "INSERT INTO users (username, password_hash, created_at, password_changed_at)"
+            " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
+            (username, password_hash, now, now),
+        )
+        return txn.rowcount == 1
 
     def get_credentials(self, username):
         """Deferred: Credentials, or None for an unknown user."""
@@ -47,16 +37,16 @@ class AccountStore(StoreBase):
 
     @staticmethod
     def _set_password_txn(txn, username, password_hash, now, keep_session):
-        user_id = _user_id(txn, username)
-        if user_id is None:
+        uid = user_id(txn, username)
+        if uid is None:
             return False
         txn.execute(
             "UPDATE users SET password_hash = ?, password_changed_at = ? WHERE id = ?",
-            (password_hash, now, user_id),
+            (password_hash, now, uid),
         )
         txn.execute(
             "DELETE FROM resume_tokens WHERE user_id = ? AND session_id IS NOT ?",
-            (user_id, keep_session),
+            (uid, keep_session),
         )
         return True
 
@@ -100,17 +90,17 @@ class AccountStore(StoreBase):
 
     @staticmethod
     def _add_resume_token_txn(txn, username, session_id, token_hash, now, expires_at):
-        user_id = _user_id(txn, username)
-        if user_id is None:
+        uid = user_id(txn, username)
+        if uid is None:
             return
         txn.execute("DELETE FROM resume_tokens WHERE expires_at <= ?", (now,))
         txn.execute(
-            "DELETE FROM resume_tokens WHERE user_id = ? AND session_id = ?", (user_id, session_id)
+            "DELETE FROM resume_tokens WHERE user_id = ? AND session_id = ?", (uid, session_id)
         )
         txn.execute(
             "INSERT INTO resume_tokens (token_hash, user_id, session_id, created_at, expires_at)"
             " VALUES (?, ?, ?, ?, ?)",
-            (token_hash, user_id, session_id, now, expires_at),
+            (token_hash, uid, session_id, now, expires_at),
         )
 
     def consume_resume_token(self, username, token_hash, now):

@@ -1,6 +1,13 @@
 """Runs store functions in transactions on the pool's database thread."""
 
 
+def user_id(txn, username):
+    """The id of `username`, or None."""
+    txn.execute("SELECT id FROM users WHERE username = ?", (username,))
+    row = txn.fetchone()
+    return row[0] if row else None
+
+
 def _in_transaction(txn, begin, function, args):
     txn.execute(begin)
     return function(txn, *args)

@@ -1,0 +1,149 @@
+"""Conversations: who belongs to which, creating, joining and leaving them.
+
+Every conversation access goes through `member_of`, which answers
+NO_SUCH_CONVERSATION alike for an id that does not exist and for one the
+caller does not belong to, so ids reveal nothing. Conversations in use are
+cached (members and last seq); the database stays the truth and every change
+goes through this service.
+"""
+
+from securechatd.commands import (
+    ConversationUpdated,
+    InvalidArgument,
+    NoSuchConversation,
+    NoSuchUser,
+    NotAllowed,
+)
+from securechatd.server.accounts import existing_name
+
+MAX_TITLE = 200
+
+
+def _usernames(names):
+    """Normalized, de-duplicated user names (NO_SUCH_USER for a malformed one)."""
+    return list(dict.fromkeys(existing_name(name) for name in names))
+
+
+def check_id(value, name="conversation_id"):
+    if value < 1:
+        raise InvalidArgument(f"{name} must be a positive number.")
+    return value
+
+
+class ConversationService:
+    def __init__(self, store, registry, clock, max_members=1000):
+        self.store = store
+        self.registry = registry
+        self.clock = clock
+        self.max_members = max_members
+        self._cache = {}
+
+    async def get(self, conversation_id):
+        """The Conversation (members, last_seq), or None."""
+        conversation = self._cache.get(conversation_id)
+        if conversation is None:
+            conversation = await self.store.conversation(conversation_id)
+            if conversation is not None:
+                conversation = self._cache.setdefault(conversation_id, conversation)
+        return conversation
+
+    async def member_of(self, conversation_id, username):
+        """The Conversation if `username` belongs to it, else NO_SUCH_CONVERSATION."""
+        conversation = await self.get(check_id(conversation_id))
+        if conversation is None or username not in conversation.members:
+            raise NoSuchConversation(f"There is no conversation {conversation_id} of yours.")
+        return conversation
+
+    def cached(self, conversation_id):
+        """The current state of a conversation `get` or `member_of` has loaded."""
+        return self._cache[conversation_id]
+
+    def committed(self, conversation_id, seq):
+        """A message took `seq`: keep the cached last seq current."""
+        conversation = self._cache.get(conversation_id)
+        if conversation is not None and seq > conversation.last_seq:
+            self._cache[conversation_id] = conversation._replace(last_seq=seq)
+
+    def _update(self, conversation):
+        self._cache[conversation.id] = conversation
+        return conversation
+
+    async def _existing(self, names):
+        missing = set(names) - await self.store.existing_users(names)
+        if missing:
+            raise NoSuchUser(f"There is no user {sorted(missing)[0]}.")
+
+    def _check_title(self, title):
+        if title is not None and not (0 < len(title.strip()) <= MAX_TITLE):
+            raise InvalidArgument(f"A title is 1 to {MAX_TITLE} characters.")
+
+    async def create(self, session, members, title):
+        """(Conversation, created): the pair's direct conversation, or a new group."""
+        others = [name for name in _usernames(members) if name != session.username]
+        if not others:
+            raise InvalidArgument("Name at least one other member.")
+        if len(others) + 1 > self.max_members:
+            raise InvalidArgument(f"A conversation has at most {self.max_members} members.")
+        self._check_title(title)
+        await self._existing(others)
+        now = self.clock.seconds()
+        if len(others) == 1 and title is None:
+            conversation, created = await self.store.direct_conversation(session.username, others[0], now)
+        else:
+            conversation, created = await self.store.create_group([session.username, *others], title, now), True
+        self._update(conversation)
+        if created:
+            self.announce(conversation, conversation.members, origin=session)
+        return conversation, created
+
+    async def add_members(self, session, conversation_id, members):
+        conversation = await self.member_of(conversation_id, session.username)
+        if conversation.kind == "direct":
+            raise NotAllowed("Members cannot be added to a direct conversation; create a group.")
+        if not members:
+            raise InvalidArgument("Name at least one member to add.")
+        names = [name for name in _usernames(members) if name not in conversation.members]
+        if len(conversation.members) + len(names) > self.max_members:
+            raise InvalidArgument(f"A conversation has at most {self.max_members} members.")
+        if not names:
+            return
+        await self._existing(names)
+        updated = self._update(
+            await self.store.add_members(conversation.id, names, self.clock.seconds())
+        )
+        self.announce(updated, updated.members, origin=session, joined=names)
+
+    async def leave(self, session, conversation_id):
+        conversation = await self.member_of(conversation_id, session.username)
+        if conversation.kind == "direct":
+            raise NotAllowed("A direct conversation cannot be left.")
+        updated = self._update(await self.store.remove_member(conversation.id, session.username))
+        for own in self.registry.sessions_of(session.username):
+            if own.outbox is not None:
+                own.outbox.left(conversation.id)
+        self.announce(updated, (*updated.members, session.username), origin=session, joined=())
+
+    def announce(self, conversation, usernames, origin=None, joined=None):
+        """Push ConversationUpdated to every session of `usernames` but `origin`.
+
+        New members' sessions (all members, for a new conversation) start
+        receiving its messages from now on.
+        """
+        joined = conversation.members if joined is None else joined
+        for name in usernames:
+            for session in self.registry.sessions_of(name):
+                if name in joined and session.outbox is not None:
+                    session.outbox.joined(conversation.id, conversation.last_seq)
+                if session is not origin:
+                    session.push(
+                        ConversationUpdated,
+                        conversation_id=conversation.id,
+                        kind=conversation.kind,
+                        title=conversation.title,
+                        members=list(conversation.members),
+                    )
+
+    async def listing(self, session):
+        """[(Conversation, unread)] of the caller, by id."""
+        return await self.store.conversations_of(session.username)
+

@@ -1,0 +1,178 @@
+"""Per-session delivery: the database is the queue, the session holds a small window.
+
+An Outbox pushes `Deliver`s to one session, at most `window` unanswered at a
+time, in seq order per conversation. A message committed while the session
+is caught up in that conversation and has room is pushed straight from
+memory; otherwise the conversation is marked *behind* and the messages are
+read back from the database as answers free the window. So a slow or stalled
+client costs a few integers per conversation, never a growing queue.
+
+The answers are the acknowledgements: the user's delivered mark moves to
+the highest seq below which this session has had every message answered.
+A Deliver left unanswered when the connection drops was never marked, so
+the next login pushes it again.
+"""
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from securechatd import commands
+from securechatd.server.accounts import utc
+
+log = Logger()
+
+
+def deliver_arguments(message):
+    return {
+        "message_id": message.id,
+        "conversation_id": message.conversation_id,
+        "seq": message.seq,
+        "sender": message.sender,
+        "body": message.body,
+        "sent_at": utc(message.sent_at),
+    }
+
+
+class Outbox:
+    """The delivery state of one session.
+
+    next_seq[c]   the next seq of conversation c this session has to see
+    behind        conversations whose next messages must be read from the database
+    outstanding[c] seqs pushed to this session in c and not (successfully) answered
+    own_from[c]   copies of the user's own messages are owed from this seq on
+                  (those sent while the session was online); older own messages
+                  are not pending for their sender
+    """
+
+    def __init__(self, session, store, marks, window, on_caught_up=None):
+        self.session = session
+        self.store = store
+        self.marks = marks  # .delivered(username, conversation_id, seq): moves the mark
+        self.window = window
+        self.on_caught_up = on_caught_up
+        self.next_seq = {}
+        self.own_from = {}
+        self.behind = {}  # an ordered set: round-robin over conversations
+        self.outstanding = {}
+        self.sent_here = set()  # ids of messages this session sent itself
+        self.in_flight = 0
+        self.closed = False
+        self._ready = False
+        self._pumping = False
+        self._querying = None
+        self._requery = False
+
+    async def start(self):
+        """Find where delivery stands for each conversation, then push what is pending."""
+        for membership in await self.store.memberships(self.session.username):
+            conversation = membership.conversation_id
+            self.next_seq.setdefault(conversation, membership.delivered_seq + 1)
+            self.own_from.setdefault(conversation, membership.last_seq + 1)
+            if membership.last_seq > membership.delivered_seq:
+                self.behind[conversation] = None
+        self._ready = True
+        await self.pump()
+
+    def joined(self, conversation_id, last_seq):
+        """The user joined a conversation: everything after `last_seq` is for them."""
+        self.next_seq.setdefault(conversation_id, last_seq + 1)
+        self.own_from.setdefault(conversation_id, last_seq + 1)
+
+    def left(self, conversation_id):
+        for table in (self.next_seq, self.own_from, self.behind, self.outstanding):
+            table.pop(conversation_id, None)
+
+    def message_committed(self, message, origin):
+        """A new message in a conversation of this user; `origin` is the sending session."""
+        conversation = message.conversation_id
+        if self.closed:
+            return
+        if origin is self.session:
+            self.sent_here.add(message.id)
+        if conversation not in self.next_seq and self._ready:
+            return  # not (yet) a conversation of this session's user
+        if message.sender == self.session.username:
+            self.own_from.setdefault(conversation, message.seq)
+            self.own_from[conversation] = min(self.own_from[conversation], message.seq)
+        caught_up = (
+            self._ready
+            and conversation not in self.behind
+            and self.next_seq[conversation] == message.seq
+        )
+        if caught_up and (origin is self.session or self.in_flight < self.window):
+            self._push(message)
+            return
+        self.behind[conversation] = None
+        if self._querying == conversation:
+            self._requery = True
+
+    def _owed(self, message):
+        if message.id in self.sent_here:
+            self.sent_here.discard(message.id)
+            return False
+        return (
+            message.sender != self.session.username
+            or message.seq >= self.own_from.get(message.conversation_id, 0)
+        )
+
+    def _push(self, message):
+        conversation = message.conversation_id
+        self.next_seq[conversation] = message.seq + 1
+        if not self._owed(message):
+            return
+        self.in_flight += 1
+        self.outstanding.setdefault(conversation, set()).add(message.seq)
+        answered = self.session.push(commands.Deliver, **deliver_arguments(message))
+        answered.addCallback(self._answered, message)
+
+    def _answered(self, ok, message):
+        self.in_flight -= 1
+        if self.closed:
+            return
+        conversation = message.conversation_id
+        pending = self.outstanding.get(conversation)
+        if ok and pending is not None:
+            pending.discard(message.seq)
+            if message.sender != self.session.username:
+                mark = (min(pending) if pending else self.next_seq[conversation]) - 1
+                self.marks.delivered(self.session.username, conversation, mark)
+        self._start_pump()
+
+    def _start_pump(self):
+        if not self._pumping and self.behind:
+            Deferred.fromCoroutine(self.pump()).addErrback(
+                lambda failure: log.failure("delivery to {session} failed", failure, session=self.session)
+            )
+
+    async def pump(self):
+        """Read what `behind` conversations hold from the database, within the window."""
+        if self._pumping or not self._ready:
+            return
+        self._pumping = True
+        try:
+            while self.behind and self.in_flight < self.window and not self.closed:
+                conversation = next(iter(self.behind))
+                del self.behind[conversation]
+                self._querying, self._requery = conversation, False
+                wanted = self.window - self.in_flight
+                messages = await self.store.messages_from(
+                    conversation, self.next_seq.get(conversation, 1), wanted
+                )
+                self._querying = None
+                if conversation not in self.next_seq:
+                    continue  # left while we were reading
+                for message in messages:
+                    if message.seq >= self.next_seq[conversation]:  # not pushed live meanwhile
+                        self._push(message)
+                if len(messages) == wanted or self._requery:
+                    self.behind[conversation] = None  # more to read: back of the round
+        finally:
+            self._pumping = False
+            self._querying = None
+        if not self.behind and self.on_caught_up is not None and not self.closed:
+            caught_up, self.on_caught_up = self.on_caught_up, None
+            caught_up()
+
+    def close(self):
+        """The session ended: stop pushing; unanswered Delivers are pushed again next login."""
+        self.closed = True

@@ -1,0 +1,55 @@
+"""The hub: the services of a running daemon and the life of each logged-in session.
+
+A session starts when a login succeeds (its Outbox is made, presence
+updated, and once the login answer is out, everything pending is pushed)
+and ends exactly once, however the connection goes: logout, disconnect,
+a dead connection, or the server ending it.
+"""
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from securechatd.server.delivery import Outbox
+from securechatd.server.presence import combined
+
+log = Logger()
+
+
+class Hub:
+    def __init__(self, accounts, conversations, messages, presence, clock, window=32):
+        self.accounts = accounts
+        self.conversations = conversations
+        self.messages = messages
+        self.presence = presence
+        self.registry = accounts.registry
+        self.store = accounts.store
+        self.clock = clock
+        self.window = window
+
+    def session_started(self, session):
+        """Call when the login is answered; pending messages follow in the next turn."""
+        others = [s for s in self.registry.sessions_of(session.username) if s is not session]
+        session.outbox = Outbox(
+            session,
+            self.store,
+            self.messages,
+            self.window,
+            on_caught_up=lambda: self._push_receipts(session),
+        )
+        self.presence.session_started(session, combined(others))
+        self.clock.callLater(0, self._start_delivery, session)
+
+    def _start_delivery(self, session):
+        started = Deferred.fromCoroutine(session.outbox.start())
+        started.addErrback(lambda failure: log.failure("delivery to {session}", failure, session=session))
+
+    def _push_receipts(self, session):
+        pushed = Deferred.fromCoroutine(self.messages.push_pending_receipts(session))
+        pushed.addErrback(lambda failure: log.failure("receipts to {session}", failure, session=session))
+
+    def session_ended(self, session):
+        """Forget `session`: stop its deliveries and tell its contacts if the user's status changed."""
+        session.end()
+        if session.outbox is not None and not session.outbox.closed:
+            session.outbox.close()
+            self.presence.session_ended(session)

@@ -1,0 +1,171 @@
+"""Messages: sending, history, read marks and receipts.
+
+"What happens when Alice sends a message" starts at `MessageService.send`:
+check membership, commit (which numbers the message), then hand it to every
+online session of every member (server/delivery.py). Receipts are coalesced
+marks: one `Receipt` covers every message of the conversation up to its seq.
+"""
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.protocols import amp
+
+from securechatd import commands
+from securechatd.commands import InvalidArgument, MessageTooLarge
+from securechatd.server.accounts import utc
+from securechatd.store.messaging import Receipt
+
+log = Logger()
+
+MAX_CLIENT_MSG_ID = 64
+AMP_VALUE_LIMIT = 0xFFFF
+
+
+def page_within_limit(items, spec):
+    """The longest prefix of `items` whose AmpList encoding fits one AMP value."""
+    encoder = amp.AmpList(spec)
+    size = 0
+    for count, item in enumerate(items):
+        size += len(encoder.toStringProto([item], None))
+        if size > AMP_VALUE_LIMIT:
+            return items[:count]
+    return items
+
+
+def check_limit(limit, default, maximum):
+    if limit is None:
+        return default
+    if not 1 <= limit <= maximum:
+        raise InvalidArgument(f"limit must be from 1 to {maximum}.")
+    return limit
+
+
+HISTORY_ITEM = dict(commands.History.response)[b"messages"].subargs
+
+
+class MessageService:
+    def __init__(self, store, conversations, registry, clock, max_body=16 * 1024):
+        self.store = store
+        self.conversations = conversations
+        self.registry = registry
+        self.clock = clock
+        self.max_body = max_body
+
+    # -- sending -------------------------------------------------------------------
+
+    async def send(self, session, conversation_id, client_msg_id, body):
+        """The stored Message; answered only after it is committed."""
+        if not 1 <= len(client_msg_id) <= MAX_CLIENT_MSG_ID:
+            raise InvalidArgument(f"client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} characters.")
+        if not body:
+            raise InvalidArgument("A message needs a body.")
+        if len(body.encode("utf-8")) > self.max_body:
+            raise MessageTooLarge(f"A message body is at most {self.max_body} bytes of UTF-8.")
+        conversation = await self.conversations.member_of(conversation_id, session.username)
+        stored = await self.store.add_message(
+            conversation.id, session.username, client_msg_id, body, self.clock.seconds()
+        )
+        if stored.new:
+            self.conversations.committed(conversation.id, stored.message.seq)
+            self._fan_out(stored.message, session)
+        return stored.message
+
+    def _fan_out(self, message, origin):
+        conversation = self.conversations.cached(message.conversation_id)
+        for member in conversation.members:
+            for session in self.registry.sessions_of(member):
+                if session.outbox is not None:
+                    session.outbox.message_committed(message, origin)
+
+    # -- reading -------------------------------------------------------------------
+
+    async def history(self, session, conversation_id, before_seq, limit):
+        """(messages in ascending seq, has_more): the newest `limit` before `before_seq`."""
+        limit = check_limit(limit, 50, 500)
+        if before_seq is not None and before_seq < 1:
+            raise InvalidArgument("before_seq must be a positive number.")
+        conversation = await self.conversations.member_of(conversation_id, session.username)
+        newest_first = await self.store.messages_before(conversation.id, before_seq, limit + 1)
+        has_more = len(newest_first) > limit
+        items = [
+            {
+                "message_id": m.id,
+                "seq": m.seq,
+                "sender": m.sender,
+                "body": m.body,
+                "sent_at": utc(m.sent_at),
+            }
+            for m in newest_first[:limit]
+        ]
+        page = page_within_limit(items, HISTORY_ITEM)
+        return page[::-1], has_more or len(page) < len(items)
+
+    async def receipts(self, session, conversation_id, message_id):
+        conversation = await self.conversations.member_of(conversation_id, session.username)
+        message = await self.store.message(message_id)
+        if message is None or message.conversation_id != conversation.id:
+            raise InvalidArgument(f"There is no message {message_id} in this conversation.")
+        return [
+            {
+                "username": name,
+                "delivered_at": utc(delivered) if delivered is not None else None,
+                "read_at": utc(read) if read is not None else None,
+            }
+            for name, delivered, read in await self.store.receipts(message)
+        ]
+
+    # -- marks ---------------------------------------------------------------------
+
+    async def mark_read(self, session, conversation_id, seq, private):
+        if seq < 0:
+            raise InvalidArgument("seq must not be negative.")
+        conversation = await self.conversations.member_of(conversation_id, session.username)
+        last_seq = self.conversations.cached(conversation.id).last_seq
+        receipt = await self._move(conversation.id, session.username, "read", min(seq, last_seq), private)
+        if receipt is not None:
+            for own in self.registry.sessions_of(session.username):
+                if own is not session:
+                    self._push_receipt(own, receipt)
+
+    def delivered(self, username, conversation_id, seq):
+        """A session of `username` answered every Deliver up to `seq` (called by Outboxes)."""
+        moved = Deferred.fromCoroutine(self._move(conversation_id, username, "delivered", seq, False))
+        moved.addErrback(lambda failure: log.failure("delivered mark of {user}", failure, user=username))
+
+    async def _move(self, conversation_id, username, state, seq, private):
+        now = self.clock.seconds()
+        move = await self.store.move_mark(conversation_id, username, state, seq, now)
+        if move.new <= move.old:
+            return None
+        receipt = Receipt(conversation_id, username, state, move.new, now)
+        if not private:
+            await self.send_receipt(move.senders, receipt)
+        return receipt
+
+    async def send_receipt(self, recipients, receipt):
+        """Push `receipt` to every session of `recipients`; keep it for those offline."""
+        offline = []
+        for recipient in recipients:
+            sessions = self.registry.sessions_of(recipient)
+            for session in sessions:
+                self._push_receipt(session, receipt)
+            if not sessions:
+                offline.append(recipient)
+        if offline:
+            await self.store.save_pending_receipt(offline, receipt)
+
+    @staticmethod
+    def _push_receipt(session, receipt):
+        return session.push(
+            commands.Receipt,
+            conversation_id=receipt.conversation_id,
+            username=receipt.reader,
+            state=receipt.state,
+            seq=receipt.seq,
+            at=utc(receipt.at),
+        )
+
+    async def push_pending_receipts(self, session):
+        """At login, after the pending messages: the receipts that came while away."""
+        for receipt in await self.store.take_pending_receipts(session.username):
+            self._push_receipt(session, receipt)

@@ -1,0 +1,368 @@
+"""SQL for conversations, members, messages, read/delivered marks and presence times.
+
+Each conversation numbers its messages 1, 2, 3, ... (`seq`); `last_seq` on
+the conversation row is bumped in the same transaction that inserts the
+message, so numbers follow commit order. A member's `delivered_seq` and
+`read_seq` are marks: every message up to them is delivered/read.
+`mark_events` records when each mark moved (for GetReceipts), and
+`pending_receipts` holds, per sender, the newest receipts they have not seen.
+"""
+
+from collections import namedtuple
+
+from securechatd.store.base import StoreBase, user_id
+
+Conversation = namedtuple("Conversation", "id kind title members last_seq")
+Message = namedtuple("Message", "id conversation_id seq sender body sent_at")
+Stored = namedtuple("Stored", "message new")
+MarkMove = namedtuple("MarkMove", "old new senders")
+Receipt = namedtuple("Receipt", "conversation_id reader state seq at")
+Membership = namedtuple("Membership", "conversation_id delivered_seq read_seq last_seq")
+
+_MESSAGE_COLUMNS = "id, conversation_id, seq, sender, body, sent_at"
+
+
+def _user_ids(txn, usernames):
+    """{username: id} for those of `usernames` that exist."""
+    found = {}
+    for name in usernames:
+        uid = user_id(txn, name)
+        if uid is not None:
+            found[name] = uid
+    return found
+
+
+def _conversation(txn, conversation_id):
+    txn.execute(
+        "SELECT id, kind, title, last_seq FROM conversations WHERE id = ?", (conversation_id,)
+    )
+    row = txn.fetchone()
+    if row is None:
+        return None
+    txn.execute(
+        "SELECT u.username FROM members m JOIN users u ON u.id = m.user_id"
+        " WHERE m.conversation_id = ? ORDER BY u.username",
+        (conversation_id,),
+    )
+    members = tuple(name for (name,) in txn.fetchall())
+    return Conversation(row[0], row[1], row[2], members, row[3])
+
+
+def _add_members(txn, conversation_id, uids, now, last_seq):
+    """Members join at the current end: they owe no delivery of, and have not to read, older messages."""
+    for uid in uids:
+        txn.execute(
+            "INSERT OR IGNORE INTO members (conversation_id, user_id, joined_at, delivered_seq, read_seq)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (conversation_id, uid, now, last_seq, last_seq),
+        )
+
+
+class MessagingStore(StoreBase):
+    # -- users ---------------------------------------------------------------------
+
+    def existing_users(self, usernames):
+        """Deferred: the subset of `usernames` that are registered."""
+        return self._read(self._existing_users_txn, usernames)
+
+    @staticmethod
+    def _existing_users_txn(txn, usernames):
+        return set(_user_ids(txn, usernames))
+
+    def last_seen(self, usernames):
+        """Deferred: {username: last_seen or None} for the registered ones."""
+        return self._read(self._last_seen_txn, usernames)
+
+    @staticmethod
+    def _last_seen_txn(txn, usernames):
+        seen = {}
+        for name in usernames:
+            txn.execute("SELECT last_seen FROM users WHERE username = ?", (name,))
+            row = txn.fetchone()
+            if row is not None:
+                seen[name] = row[0]
+        return seen
+
+    def set_last_seen(self, username, at):
+        """Deferred: record when `username` was last visible."""
+        return self._write(self._set_last_seen_txn, username, at)
+
+    @staticmethod
+    def _set_last_seen_txn(txn, username, at):
+        txn.execute("UPDATE users SET last_seen = ? WHERE username = ?", (at, username))
+
+    def contacts_of(self, username):
+        """Deferred: every other user who shares a conversation with `username`."""
+        return self._read(self._contacts_txn, username)
+
+    @staticmethod
+    def _contacts_txn(txn, username):
+        txn.execute(
+            "SELECT DISTINCT u.username FROM members mine"
+            " JOIN members theirs ON theirs.conversation_id = mine.conversation_id"
+            " JOIN users u ON u.id = theirs.user_id"
+            " WHERE mine.user_id = (SELECT id FROM users WHERE username = ?) AND u.username != ?",
+            (username, username),
+        )
+        return {name for (name,) in txn.fetchall()}
+
+    # -- conversations -------------------------------------------------------------
+
+    def conversation(self, conversation_id):
+        """Deferred: the Conversation, or None."""
+        return self._read(_conversation, conversation_id)
+
+    def direct_conversation(self, a, b, now):
+        """Deferred: (Conversation, created) for the one direct conversation of users a and b."""
+        return self._write(self._direct_txn, a, b, now)
+
+    @staticmethod
+    def _direct_txn(txn, a, b, now):
+        pair = "\n".join(sorted((a, b)))
+        txn.execute("SELECT id FROM conversations WHERE direct_pair = ?", (pair,))
+        row = txn.fetchone()
+        if row is not None:
+            return _conversation(txn, row[0]), False
+        uids = _user_ids(txn, (a, b))
+        txn.execute(
+            "INSERT INTO conversations (kind, direct_pair, created_at) VALUES ('direct', ?, ?)",
+            (pair, now),
+        )
+        conversation_id = txn.lastrowid
+        _add_members(txn, conversation_id, uids.values(), now, 0)
+        return _conversation(txn, conversation_id), True
+
+    def create_group(self, usernames, title, now):
+        """Deferred: the new group Conversation of `usernames`."""
+        return self._write(self._group_txn, usernames, title, now)
+
+    @staticmethod
+    def _group_txn(txn, usernames, title, now):
+        txn.execute(
+            "INSERT INTO conversations (kind, title, created_at) VALUES ('group', ?, ?)", (title, now)
+        )
+        conversation_id = txn.lastrowid
+        _add_members(txn, conversation_id, _user_ids(txn, usernames).values(), now, 0)
+        return _conversation(txn, conversation_id)
+
+    def add_members(self, conversation_id, usernames, now):
+        """Deferred: the Conversation after adding `usernames` (existing members are kept as they are)."""
+        return self._write(self._add_members_txn, conversation_id, usernames, now)
+
+    @staticmethod
+    def _add_members_txn(txn, conversation_id, usernames, now):
+        txn.execute("SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,))
+        (last_seq,) = txn.fetchone()
+        _add_members(txn, conversation_id, _user_ids(txn, usernames).values(), now, last_seq)
+        return _conversation(txn, conversation_id)
+
+    def remove_member(self, conversation_id, username):
+        """Deferred: the Conversation after `username` left."""
+        return self._write(self._remove_member_txn, conversation_id, username)
+
+    @staticmethod
+    def _remove_member_txn(txn, conversation_id, username):
+        txn.execute(
+            "DELETE FROM members WHERE conversation_id = ? AND user_id = ?",
+            (conversation_id, user_id(txn, username)),
+        )
+        return _conversation(txn, conversation_id)
+
+    def conversations_of(self, username):
+        """Deferred: [(Conversation, unread)] for every conversation `username` belongs to."""
+        return self._read(self._conversations_of_txn, username)
+
+    @staticmethod
+    def _conversations_of_txn(txn, username):
+        uid = user_id(txn, username)
+        txn.execute(
+            "SELECT conversation_id, read_seq FROM members WHERE user_id = ? ORDER BY conversation_id",
+            (uid,),
+        )
+        listing = []
+        for conversation_id, read_seq in txn.fetchall():
+            txn.execute(
+                "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq > ?"
+                " AND sender_id IS NOT ?",
+                (conversation_id, read_seq, uid),
+            )
+            (unread,) = txn.fetchone()
+            listing.append((_conversation(txn, conversation_id), unread))
+        return listing
+
+    def memberships(self, username):
+        """Deferred: [Membership] of `username`: where delivery to them stands."""
+        return self._read(self._memberships_txn, username)
+
+    @staticmethod
+    def _memberships_txn(txn, username):
+        txn.execute(
+            "SELECT m.conversation_id, m.delivered_seq, m.read_seq, c.last_seq"
+            " FROM members m JOIN conversations c ON c.id = m.conversation_id"
+            " WHERE m.user_id = (SELECT id FROM users WHERE username = ?)",
+            (username,),
+        )
+        return [Membership(*row) for row in txn.fetchall()]
+
+    # -- messages ------------------------------------------------------------------
+
+    def add_message(self, conversation_id, sender, client_msg_id, body, now):
+        """Deferred: Stored(message, new); a repeated (sender, client_msg_id) returns the first message."""
+        return self._write(self._add_message_txn, conversation_id, sender, client_msg_id, body, now)
+
+    @staticmethod
+    def _add_message_txn(txn, conversation_id, sender, client_msg_id, body, now):
+        sender_id = user_id(txn, sender)
+        txn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE sender_id = ? AND client_msg_id = ?",
+            (sender_id, client_msg_id),
+        )
+        row = txn.fetchone()
+        if row is not None:
+            return Stored(Message(*row), False)
+        txn.execute(
+            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+            (conversation_id,),
+        )
+        (seq,) = txn.fetchone()
+        txn.execute(
+            "INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (conversation_id, seq, sender_id, sender, client_msg_id, body, now),
+        )
+        return Stored(Message(txn.lastrowid, conversation_id, seq, sender, body, now), True)
+
+    def messages_from(self, conversation_id, first_seq, limit):
+        """Deferred: up to `limit` Messages with seq >= first_seq, in seq order."""
+        return self._read(self._messages_from_txn, conversation_id, first_seq, limit)
+
+    @staticmethod
+    def _messages_from_txn(txn, conversation_id, first_seq, limit):
+        txn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND seq >= ?"
+            " ORDER BY seq LIMIT ?",
+            (conversation_id, first_seq, limit),
+        )
+        return [Message(*row) for row in txn.fetchall()]
+
+    def messages_before(self, conversation_id, before_seq, limit):
+        """Deferred: the newest `limit` Messages with seq < before_seq (None: all), newest first."""
+        return self._read(self._messages_before_txn, conversation_id, before_seq, limit)
+
+    @staticmethod
+    def _messages_before_txn(txn, conversation_id, before_seq, limit):
+        txn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation_id = ? AND seq < ?"
+            " ORDER BY seq DESC LIMIT ?",
+            (conversation_id, before_seq if before_seq is not None else 2**62, limit),
+        )
+        return [Message(*row) for row in txn.fetchall()]
+
+    def message(self, message_id):
+        """Deferred: the Message, or None."""
+        return self._read(self._message_txn, message_id)
+
+    @staticmethod
+    def _message_txn(txn, message_id):
+        txn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
+        row = txn.fetchone()
+        return Message(*row) if row else None
+
+    # -- marks and receipts --------------------------------------------------------
+
+    def move_mark(self, conversation_id, username, state, seq, now):
+        """Deferred: MarkMove(old, new, senders of the newly covered messages), never backwards.
+
+        Moving the read mark moves the delivered mark with it (read implies delivered).
+        """
+        return self._write(self._move_mark_txn, conversation_id, username, state, seq, now)
+
+    @staticmethod
+    def _move_mark_txn(txn, conversation_id, username, state, seq, now):
+        uid = user_id(txn, username)
+        txn.execute(
+            "SELECT delivered_seq, read_seq FROM members WHERE conversation_id = ? AND user_id = ?",
+            (conversation_id, uid),
+        )
+        row = txn.fetchone()
+        if row is None:
+            return MarkMove(0, 0, ())
+        delivered, read = row
+        old = read if state == "read" else delivered
+        if seq <= old:
+            return MarkMove(old, old, ())
+        moves = [("read", read), ("delivered", delivered)] if state == "read" else [("delivered", delivered)]
+        for moved_state, mark in moves:
+            if seq > mark:
+                txn.execute(
+                    f"UPDATE members SET {moved_state}_seq = ? WHERE conversation_id = ? AND user_id = ?",
+                    (seq, conversation_id, uid),
+                )
+                txn.execute(
+                    "INSERT INTO mark_events (conversation_id, user_id, state, seq, at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (conversation_id, uid, moved_state, seq, now),
+                )
+        txn.execute(
+            "SELECT DISTINCT sender FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ?"
+            " AND sender_id IS NOT ?",
+            (conversation_id, old, seq, uid),
+        )
+        return MarkMove(old, seq, tuple(name for (name,) in txn.fetchall()))
+
+    def receipts(self, message):
+        """Deferred: [(username, delivered_at, read_at)] for each member but the sender."""
+        return self._read(self._receipts_txn, message)
+
+    @staticmethod
+    def _receipts_txn(txn, message):
+        txn.execute(
+            "SELECT u.id, u.username FROM members m JOIN users u ON u.id = m.user_id"
+            " WHERE m.conversation_id = ? AND u.username != ? ORDER BY u.username",
+            (message.conversation_id, message.sender),
+        )
+        rows = []
+        for uid, name in txn.fetchall():
+            times = []
+            for states in (("delivered", "read"), ("read", "read")):
+                txn.execute(
+                    "SELECT MIN(at) FROM mark_events WHERE conversation_id = ? AND user_id = ?"
+                    " AND state IN (?, ?) AND seq >= ?",
+                    (message.conversation_id, uid, *states, message.seq),
+                )
+                times.append(txn.fetchone()[0])
+            rows.append((name, *times))
+        return rows
+
+    def save_pending_receipt(self, recipients, receipt):
+        """Deferred: keep `receipt` for each offline recipient (only the newest per reader and state)."""
+        return self._write(self._save_pending_txn, recipients, receipt)
+
+    @staticmethod
+    def _save_pending_txn(txn, recipients, receipt):
+        reader_id = user_id(txn, receipt.reader)
+        for recipient in recipients:
+            txn.execute(
+                "INSERT INTO pending_receipts (recipient_id, conversation_id, reader_id, state, seq, at)"
+                " VALUES ((SELECT id FROM users WHERE username = ?), ?, ?, ?, ?, ?)"
+                " ON CONFLICT (recipient_id, conversation_id, reader_id, state)"
+                " DO UPDATE SET seq = MAX(seq, excluded.seq), at = excluded.at",
+                (recipient, receipt.conversation_id, reader_id, receipt.state, receipt.seq, receipt.at),
+            )
+
+    def take_pending_receipts(self, username):
+        """Deferred: [Receipt] kept for `username`, now forgotten."""
+        return self._write(self._take_pending_txn, username)
+
+    @staticmethod
+    def _take_pending_txn(txn, username):
+        uid = user_id(txn, username)
+        txn.execute(
+            "SELECT p.conversation_id, u.username, p.state, p.seq, p.at FROM pending_receipts p"
+            " JOIN users u ON u.id = p.reader_id WHERE p.recipient_id = ?"
+            " ORDER BY p.conversation_id, p.state, p.seq",
+            (uid,),
+        )
+        receipts = [Receipt(*row) for row in txn.fetchall()]
+        txn.execute("DELETE FROM pending_receipts WHERE recipient_id = ?", (uid,))
+        return receipts

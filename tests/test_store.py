@@ -1,0 +1,615 @@
+"""The store on real SQLite files: pragmas, migrations, account SQL, transactions."""
+
+import os
+import sqlite3
+import stat
+
+from twisted.trial import unittest
+
+from securechatd.store import Store, migrations
+from securechatd.store.accounts import Credentials
+from securechatd.store.migrations import LATEST, MigrationError, upgrade
+from securechatd.store.pool import connect, open_pool
+from tests.helpers import SyncPool, _NoThreadsReactor, make_store
+
+NOW = 1_700_000_000.0
+DAY = 86400.0
+
+
+def plain(path):
+    """An independent connection to `path`, with none of the store's settings."""
+    return sqlite3.connect(path, isolation_level=None, timeout=0)
+
+
+def schema(path):
+    """Every table and index of the database, as SQLite records them."""
+    db = plain(path)
+    try:
+        return db.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name"
+        ).fetchall()
+    finally:
+        db.close()
+
+
+def recorded_versions(db):
+    return [row[0] for row in db.execute("SELECT version FROM schema_version ORDER BY version")]
+
+
+def dump(path):
+    db = plain(path)
+    try:
+        return list(db.iterdump())
+    finally:
+        db.close()
+
+
+# Representative data valid at each schema version: (insert, check).
+# `check` must hold both on a database just migrated from that version and
+# on the backup of it. Add an entry with every new migration.
+
+
+def _insert_v1(db):
+    db.execute(
+        "INSERT INTO users (username, password_hash, created_at, password_changed_at)"
+        " VALUES ('alice', '$2b$10$v1hash', 1.5, 2.5), ('bob', '$2b$10$bobhash', 3.0, 3.0)"
+    )
+
+
+def _check_v1(testcase, db):
+    testcase.assertEqual(
+        db.execute(
+            "SELECT username, password_hash, created_at, password_changed_at FROM users ORDER BY id"
+        ).fetchall(),
+        [("alice", "$2b$10$v1hash", 1.5, 2.5), ("bob", "$2b$10$bobhash", 3.0, 3.0)],
+    )
+
+
+def _insert_v2(db):
+    _insert_v1(db)
+    db.execute(
+        "INSERT INTO resume_tokens (token_hash, user_id, session_id, created_at, expires_at)"
+        " SELECT 'tokenhash', id, 'session-1', 4.0, 5.0 FROM users WHERE username = 'alice'"
+    )
+
+
+def _check_v2(testcase, db):
+    _check_v1(testcase, db)
+    testcase.assertEqual(
+        db.execute(
+            "SELECT t.token_hash, u.username, t.session_id, t.created_at, t.expires_at"
+            " FROM resume_tokens AS t JOIN users AS u ON u.id = t.user_id"
+        ).fetchall(),
+        [("tokenhash", "alice", "session-1", 4.0, 5.0)],
+    )
+
+
+SAMPLES = {1: (_insert_v1, _check_v1), 2: (_insert_v2, _check_v2)}
+
+
+class ConnectTests(unittest.TestCase):
+    def pragma(self, db, name):
+        return db.execute(f"PRAGMA {name}").fetchone()[0]
+
+    def test_normal_durability(self):
+        db = connect(self.mktemp(), "normal", busy_timeout=2.5)
+        self.addCleanup(db.close)
+        self.assertEqual(self.pragma(db, "journal_mode"), "wal")
+        self.assertEqual(self.pragma(db, "foreign_keys"), 1)
+        self.assertEqual(self.pragma(db, "synchronous"), 1)  # NORMAL
+        self.assertEqual(self.pragma(db, "busy_timeout"), 2500)
+
+    def test_full_durability(self):
+        db = connect(self.mktemp(), "full", busy_timeout=7)
+        self.addCleanup(db.close)
+        self.assertEqual(self.pragma(db, "journal_mode"), "wal")
+        self.assertEqual(self.pragma(db, "foreign_keys"), 1)
+        self.assertEqual(self.pragma(db, "synchronous"), 2)  # FULL
+        self.assertEqual(self.pragma(db, "busy_timeout"), 7000)
+
+    def test_autocommit(self):
+        """Statements outside an explicit transaction are committed at once."""
+        path = self.mktemp()
+        db = connect(path)
+        self.addCleanup(db.close)
+        db.execute("CREATE TABLE t (x)")
+        db.execute("INSERT INTO t VALUES (1)")
+        self.assertFalse(db.in_transaction)
+        other = plain(path)
+        self.addCleanup(other.close)
+        self.assertEqual(other.execute("SELECT x FROM t").fetchall(), [(1,)])
+
+    def test_pool_connections_are_configured(self):
+        """The daemon's pool applies the same settings to its connection."""
+        pool = open_pool(
+            self.mktemp(), "full", 3, reactor=_NoThreadsReactor(), pool_class=SyncPool
+        )
+        self.addCleanup(pool.close)
+
+        def pragmas(txn):
+            return [
+                txn.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "foreign_keys", "synchronous", "busy_timeout")
+            ]
+
+        self.assertEqual(self.successResultOf(pool.runInteraction(pragmas)), ["wal", 1, 2, 3000])
+
+
+class MigrationTests(unittest.TestCase):
+    def setUp(self):
+        self.path = self.mktemp() + ".sqlite"
+
+    def open(self, path=None):
+        db = connect(path or self.path)
+        self.addCleanup(db.close)
+        return db
+
+    def test_from_empty_file(self):
+        db = self.open()
+        self.assertEqual(upgrade(db, self.path, NOW), list(range(1, LATEST + 1)))
+        self.assertEqual(recorded_versions(db), list(range(1, LATEST + 1)))
+        self.assertEqual(
+            db.execute("SELECT version, description, applied_at FROM schema_version").fetchall(),
+            [(number, description, NOW) for number, description, _ in migrations.MIGRATIONS],
+        )
+        # Nothing to back up in a new database.
+        self.assertEqual(
+            [name for name in os.listdir(os.path.dirname(os.path.abspath(self.path))) if ".before-v" in name],
+            [],
+        )
+
+    def test_second_upgrade_applies_nothing(self):
+        db = self.open()
+        upgrade(db, self.path, NOW)
+        before = dump(self.path)
+        self.assertEqual(upgrade(db, self.path, NOW + 1), [])
+        self.assertEqual(dump(self.path), before)
+        self.assertEqual(recorded_versions(db), list(range(1, LATEST + 1)))
+        self.assertFalse(os.path.exists(f"{self.path}.before-v{LATEST}"))
+
+    def test_versions_are_numbered_in_order(self):
+        self.assertEqual(
+            [number for number, _, _ in migrations.MIGRATIONS], list(range(1, LATEST + 1))
+        )
+
+    def test_every_earlier_version_has_sample_data(self):
+        """A new migration must come with data to test the upgrade from the previous one."""
+        self.assertTrue(set(range(1, LATEST)) <= set(SAMPLES), sorted(SAMPLES))
+
+    def test_from_every_earlier_version(self):
+        fresh = self.mktemp() + ".sqlite"
+        db = self.open(fresh)
+        upgrade(db, fresh, NOW)
+        latest_schema = schema(fresh)
+
+        for version in range(1, LATEST):
+            path = self.mktemp() + f"-v{version}.sqlite"
+            db = self.open(path)
+            self.assertEqual(upgrade(db, path, NOW, target=version), list(range(1, version + 1)))
+            self.assertEqual(recorded_versions(db), list(range(1, version + 1)))
+            insert, check = SAMPLES[version]
+            insert(db)
+
+            self.assertEqual(upgrade(db, path, NOW + 1), list(range(version + 1, LATEST + 1)))
+
+            # The data is intact and the schema is the one a new install gets.
+            check(self, db)
+            self.assertEqual(recorded_versions(db), list(range(1, LATEST + 1)))
+            self.assertEqual(schema(path), latest_schema)
+            self.assertEqual(db.execute("PRAGMA foreign_key_check").fetchall(), [])
+            self.assertEqual(db.execute("PRAGMA integrity_check").fetchone(), ("ok",))
+
+            # The backup is private and holds the database as it was.
+            backup = f"{path}.before-v{version}"
+            self.assertEqual(stat.S_IMODE(os.stat(backup).st_mode), 0o600, backup)
+            old = plain(backup)
+            self.addCleanup(old.close)
+            self.assertEqual(recorded_versions(old), list(range(1, version + 1)))
+            check(self, old)
+
+    def test_upgraded_database_works_with_the_store(self):
+        """Data from version 1 is usable through the store after the upgrade."""
+        db = self.open()
+        upgrade(db, self.path, NOW, target=1)
+        _insert_v1(db)
+        upgrade(db, self.path, NOW)
+        db.close()
+        store = make_store(self, self.path)
+        self.assertEqual(
+            self.successResultOf(store.get_credentials("alice")).password_hash, "$2b$10$v1hash"
+        )
+        self.assertTrue(self.successResultOf(store.create_user("carol", "h", NOW)))
+        self.assertEqual(self.successResultOf(store.list_users()), ["alice", "bob", "carol"])
+
+    def test_newer_database_refused_and_unchanged(self):
+        db = self.open()
+        upgrade(db, self.path, NOW)
+        _insert_v1(db)
+        db.execute(
+            "INSERT INTO schema_version (version, description, applied_at) VALUES (?, 'future', ?)",
+            (LATEST + 1, NOW),
+        )
+        before = dump(self.path)
+
+        error = self.assertRaises(MigrationError, upgrade, db, self.path, NOW + 1)
+        self.assertIn(str(LATEST + 1), str(error))
+        self.assertEqual(dump(self.path), before)
+        self.assertEqual(
+            [name for name in os.listdir(os.path.dirname(os.path.abspath(self.path))) if ".before-v" in name],
+            [],
+        )
+        # It is refused every time, whatever the target.
+        self.assertRaises(MigrationError, upgrade, db, self.path, NOW + 1, target=1)
+        self.assertEqual(dump(self.path), before)
+
+    def test_failing_migration_rolls_back(self):
+        bad = LATEST + 1
+        self.patch(
+            migrations,
+            "MIGRATIONS",
+            migrations.MIGRATIONS
+            + [
+                (
+                    bad,
+                    "broken",
+                    """
+                    CREATE TABLE half_done (x INTEGER);
+                    INSERT INTO half_done VALUES (1);
+                    UPDATE users SET password_hash = 'clobbered';
+                    INSERT INTO no_such_table VALUES (1);
+                    """,
+                )
+            ],
+        )
+        self.patch(migrations, "LATEST", bad)
+        db = self.open()
+        upgrade(db, self.path, NOW, target=LATEST)
+        _insert_v1(db)
+        before = dump(self.path)
+
+        self.assertRaises(sqlite3.OperationalError, upgrade, db, self.path, NOW + 1, target=bad)
+
+        self.assertFalse(db.in_transaction)
+        self.assertEqual(recorded_versions(db), list(range(1, LATEST + 1)))
+        self.assertEqual(dump(self.path), before)
+        self.assertEqual(
+            db.execute("SELECT name FROM sqlite_master WHERE name = 'half_done'").fetchall(), []
+        )
+        _check_v1(self, db)
+        # The copy made before trying is there, and the database is still usable.
+        self.assertTrue(os.path.exists(f"{self.path}.before-v{LATEST}"))
+        db.execute("INSERT INTO schema_version VALUES (99, 'still writable', 0)")
+
+    def test_failure_in_second_migration_keeps_the_first(self):
+        """Each migration is its own transaction: those before a failure stay applied."""
+        base = LATEST
+        self.patch(
+            migrations,
+            "MIGRATIONS",
+            migrations.MIGRATIONS
+            + [
+                (base + 1, "good", "CREATE TABLE good_one (x INTEGER)"),
+                (base + 2, "bad", "CREATE TABLE bad_one (x INTEGER); SELECT * FROM nowhere"),
+            ],
+        )
+        self.patch(migrations, "LATEST", base + 2)
+        db = self.open()
+        self.assertRaises(sqlite3.OperationalError, upgrade, db, self.path, NOW, target=base + 2)
+        self.assertEqual(recorded_versions(db), list(range(1, base + 2)))
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.assertIn("good_one", tables)
+        self.assertNotIn("bad_one", tables)
+
+
+class AccountStoreTests(unittest.TestCase):
+    def setUp(self):
+        self.path = self.mktemp() + ".sqlite"
+        self.store = make_store(self, self.path)
+
+    def ok(self, deferred):
+        return self.successResultOf(deferred)
+
+    def sql(self, query, *args):
+        """What an independent connection sees: only committed data."""
+        db = plain(self.path)
+        try:
+            return db.execute(query, args).fetchall()
+        finally:
+            db.close()
+
+    def tokens(self):
+        return self.sql(
+            "SELECT username, session_id, token_hash FROM resume_tokens"
+            " JOIN users ON users.id = user_id ORDER BY username, session_id"
+        )
+
+    def add_user(self, name, password_hash=None):
+        self.assertTrue(self.ok(self.store.create_user(name, password_hash or f"hash-{name}", NOW)))
+
+    # -- users -------------------------------------------------------------------
+
+    def test_create_and_get_credentials(self):
+        self.assertTrue(self.ok(self.store.create_user("alice", "$2b$12$first", NOW)))
+        credentials = self.ok(self.store.get_credentials("alice"))
+        self.assertIsInstance(credentials, Credentials)
+        self.assertEqual((credentials.username, credentials.password_hash), ("alice", "$2b$12$first"))
+        self.assertEqual(
+            self.sql("SELECT id, created_at, password_changed_at FROM users WHERE username = 'alice'"),
+            [(credentials.user_id, NOW, NOW)],
+        )
+
+    def test_get_credentials_unknown(self):
+        self.assertIsNone(self.ok(self.store.get_credentials("nobody")))
+
+    def test_create_duplicate_keeps_first(self):
+        self.assertTrue(self.ok(self.store.create_user("alice", "first-hash", NOW)))
+        self.assertFalse(self.ok(self.store.create_user("alice", "second-hash", NOW + 5)))
+        self.assertEqual(
+            self.sql("SELECT password_hash, created_at FROM users WHERE username = 'alice'"),
+            [("first-hash", NOW)],
+        )
+        # The failed attempt did not leave the connection inside a transaction.
+        self.assertTrue(self.ok(self.store.create_user("bob", "bob-hash", NOW)))
+
+    def test_set_password(self):
+        self.add_user("alice", "old")
+        self.add_user("bob", "bobs")
+        self.assertTrue(self.ok(self.store.set_password("alice", "new", NOW + 10)))
+        self.assertEqual(
+            self.sql("SELECT username, password_hash, created_at, password_changed_at FROM users ORDER BY username"),
+            [("alice", "new", NOW, NOW + 10), ("bob", "bobs", NOW, NOW)],
+        )
+
+    def test_set_password_unknown_user(self):
+        self.assertFalse(self.ok(self.store.set_password("nobody", "new", NOW)))
+        self.assertEqual(self.sql("SELECT * FROM users"), [])
+
+    def test_set_password_revokes_every_token(self):
+        self.add_user("alice")
+        self.add_user("bob")
+        for session in ("s1", "s2"):
+            self.ok(self.store.add_resume_token("alice", session, f"alice-{session}", NOW, NOW + DAY))
+        self.ok(self.store.add_resume_token("bob", "s1", "bob-s1", NOW, NOW + DAY))
+        self.ok(self.store.set_password("alice", "new", NOW + 1))
+        self.assertEqual(self.tokens(), [("bob", "s1", "bob-s1")])
+
+    def test_set_password_keeps_one_session(self):
+        self.add_user("alice")
+        self.add_user("bob")
+        for session in ("s1", "s2", "s3"):
+            self.ok(self.store.add_resume_token("alice", session, f"alice-{session}", NOW, NOW + DAY))
+        self.ok(self.store.add_resume_token("bob", "s2", "bob-s2", NOW, NOW + DAY))
+        self.assertTrue(self.ok(self.store.set_password("alice", "new", NOW + 1, keep_session="s2")))
+        self.assertEqual(self.tokens(), [("alice", "s2", "alice-s2"), ("bob", "s2", "bob-s2")])
+        self.assertFalse(self.ok(self.store.consume_resume_token("alice", "alice-s1", NOW + 2)))
+        self.assertTrue(self.ok(self.store.consume_resume_token("alice", "alice-s2", NOW + 2)))
+
+    def test_rehash_password(self):
+        self.add_user("alice", "$2b$10$old")
+        self.ok(self.store.add_resume_token("alice", "s1", "t1", NOW, NOW + DAY))
+        self.ok(self.store.rehash_password("alice", "$2b$10$old", "$2b$12$new"))
+        self.assertEqual(
+            self.sql("SELECT password_hash, password_changed_at FROM users"), [("$2b$12$new", NOW)]
+        )
+        # A re-cost is not a password change: sessions carry on.
+        self.assertEqual(self.tokens(), [("alice", "s1", "t1")])
+
+    def test_rehash_after_password_change_is_ignored(self):
+        self.add_user("alice", "$2b$10$old")
+        self.ok(self.store.set_password("alice", "$2b$10$changed", NOW + 1))
+        self.ok(self.store.rehash_password("alice", "$2b$10$old", "$2b$12$rehashed-old"))
+        self.assertEqual(self.sql("SELECT password_hash FROM users"), [("$2b$10$changed",)])
+
+    def test_delete_user(self):
+        self.add_user("alice")
+        self.add_user("bob")
+        self.assertTrue(self.ok(self.store.delete_user("alice")))
+        self.assertIsNone(self.ok(self.store.get_credentials("alice")))
+        self.assertEqual(self.ok(self.store.list_users()), ["bob"])
+        self.assertFalse(self.ok(self.store.delete_user("alice")))
+        self.assertFalse(self.ok(self.store.delete_user("nobody")))
+
+    def test_delete_user_cascades_tokens(self):
+        self.add_user("alice")
+        self.add_user("bob")
+        self.ok(self.store.add_resume_token("alice", "s1", "alice-1", NOW, NOW + DAY))
+        self.ok(self.store.add_resume_token("alice", "s2", "alice-2", NOW, NOW + DAY))
+        self.ok(self.store.add_resume_token("bob", "s1", "bob-1", NOW, NOW + DAY))
+        self.ok(self.store.delete_user("alice"))
+        self.assertEqual(self.sql("SELECT token_hash FROM resume_tokens"), [("bob-1",)])
+        # A new account with the old name does not inherit the old sessions.
+        self.add_user("alice")
+        self.assertFalse(self.ok(self.store.consume_resume_token("alice", "alice-1", NOW + 1)))
+
+    def test_list_users_sorted(self):
+        for name in ("carol", "alice", "bob", "alan"):
+            self.add_user(name)
+        self.assertEqual(self.ok(self.store.list_users()), ["alan", "alice", "bob", "carol"])
+        self.assertEqual(self.ok(self.store.list_users("al")), ["alan", "alice"])
+        self.assertEqual(self.ok(self.store.list_users("alice")), ["alice"])
+        self.assertEqual(self.ok(self.store.list_users("zed")), [])
+
+    def test_list_users_wildcards_are_literal(self):
+        for name in ("a_b", "axb", "a%c", "abc", "a\\d", "aad"):
+            self.add_user(name)
+        self.assertEqual(self.ok(self.store.list_users("a_")), ["a_b"])
+        self.assertEqual(self.ok(self.store.list_users("a%")), ["a%c"])
+        self.assertEqual(self.ok(self.store.list_users("a\\")), ["a\\d"])
+        self.assertEqual(self.ok(self.store.list_users("_")), [])
+        self.assertEqual(self.ok(self.store.list_users("%")), [])
+
+    def test_list_users_limit(self):
+        for name in ("dave", "carol", "alice", "bob", "erin"):
+            self.add_user(name)
+        self.assertEqual(self.ok(self.store.list_users(limit=2)), ["alice", "bob"])
+        self.assertEqual(self.ok(self.store.list_users(limit=0)), [])
+        self.assertEqual(self.ok(self.store.list_users(limit=10)), ["alice", "bob", "carol", "dave", "erin"])
+        self.assertEqual(self.ok(self.store.list_users("", 3)), ["alice", "bob", "carol"])
+
+    # -- resume tokens ---------------------------------------------------------------
+
+    def test_token_single_use(self):
+        self.add_user("alice")
+        self.ok(self.store.add_resume_token("alice", "s1", "token", NOW, NOW + DAY))
+        self.assertTrue(self.ok(self.store.consume_resume_token("alice", "token", NOW + 1)))
+        self.assertFalse(self.ok(self.store.consume_resume_token("alice", "token", NOW + 2)))
+        self.assertEqual(self.tokens(), [])
+
+    def test_unknown_token(self):
+        self.add_user("alice")
+        self.ok(self.store.add_resume_token("alice", "s1", "token", NOW, NOW + DAY))
+        self.assertFalse(self.ok(self.store.consume_resume_token("alice", "other", NOW + 1)))
+        self.assertFalse(self.ok(self.store.consume_resume_token("nobody", "token", NOW + 1)))
+        self.assertEqual(self.tokens(), [("alice", "s1", "token")])
+
+    def test_expired_token_refused(self):
+        self.add_user("alice")
+        self.ok(self.store.add_resume_token("alice", "s1", "expiring", NOW, NOW + DAY))
+        self.ok(self.store.add_resume_token("alice", "s2", "valid", NOW, NOW + DAY + 1))
+        # Expiry is exclusive: at expires_at the token is dead.
+        self.assertFalse(self.ok(self.store.consume_resume_token("alice", "expiring", NOW + DAY)))
+        self.assertFalse(self.ok(self.store.consume_resume_token("alice", "expiring", NOW + 2 * DAY)))
+        self.assertTrue(self.ok(self.store.consume_resume_token("alice", "valid", NOW + DAY)))
+
+    def test_token_bound_to_its_user(self):
+        self.add_user("alice")
+        self.add_user("mallory")
+        self.ok(self.store.add_resume_token("alice", "s1", "alices-token", NOW, NOW + DAY))
+        self.assertFalse(self.ok(self.store.consume_resume_token("mallory", "alices-token", NOW + 1)))
+        # The failed attempt did not spend it.
+        self.assertEqual(self.tokens(), [("alice", "s1", "alices-token")])
+        self.assertTrue(self.ok(self.store.consume_resume_token("alice", "alices-token", NOW + 2)))
+
+    def test_new_token_replaces_the_sessions_previous_one(self):
+        self.add_user("alice")
+        self.ok(self.store.add_resume_token("alice", "s1", "first", NOW, NOW + DAY))
+        self.ok(self.store.add_resume_token("alice", "s2", "other-session", NOW, NOW + DAY))
+        self.ok(self.store.add_resume_token("alice", "s1", "second", NOW + 1, NOW + DAY))
+        self.assertEqual(self.tokens(), [("alice", "s1", "second"), ("alice", "s2", "other-session")])
+        self.assertFalse(self.ok(self.store.consume_resume_token("alice", "first", NOW + 2)))
+
+    def test_adding_a_token_purges_expired_ones(self):
+        self.add_user("alice")
+        self.add_user("bob")
+        self.ok(self.store.add_resume_token("bob", "old", "stale", NOW, NOW + 10))
+        self.ok(self.store.add_resume_token("alice", "s1", "fresh", NOW + 20, NOW + DAY))
+        self.assertEqual(self.tokens(), [("alice", "s1", "fresh")])
+
+    def test_token_for_unknown_user_not_stored(self):
+        self.ok(self.store.add_resume_token("nobody", "s1", "token", NOW, NOW + DAY))
+        self.assertEqual(self.sql("SELECT * FROM resume_tokens"), [])
+
+    def test_revoke_token(self):
+        self.add_user("alice")
+        self.add_user("bob")
+        self.ok(self.store.add_resume_token("alice", "s1", "alice-1", NOW, NOW + DAY))
+        self.ok(self.store.add_resume_token("alice", "s2", "alice-2", NOW, NOW + DAY))
+        self.ok(self.store.add_resume_token("bob", "s1", "bob-1", NOW, NOW + DAY))
+        self.ok(self.store.revoke_resume_token("alice", "s1"))
+        self.assertEqual(self.tokens(), [("alice", "s2", "alice-2"), ("bob", "s1", "bob-1")])
+        self.assertFalse(self.ok(self.store.consume_resume_token("alice", "alice-1", NOW + 1)))
+
+
+class TransactionTests(unittest.TestCase):
+    """Durable before acknowledged, and nothing half-written."""
+
+    def setUp(self):
+        self.path = self.mktemp() + ".sqlite"
+        self.store = make_store(self, self.path)
+
+    def other(self):
+        db = plain(self.path)
+        self.addCleanup(db.close)
+        return db
+
+    def test_acknowledged_write_is_committed(self):
+        self.assertTrue(self.successResultOf(self.store.create_user("alice", "h", NOW)))
+        self.successResultOf(self.store.add_resume_token("alice", "s1", "t1", NOW, NOW + DAY))
+        other = self.other()
+        self.assertEqual(other.execute("SELECT username FROM users").fetchall(), [("alice",)])
+        self.assertEqual(other.execute("SELECT token_hash FROM resume_tokens").fetchall(), [("t1",)])
+        # No transaction is left open holding the write lock.
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+
+    def test_failing_interaction_writes_nothing(self):
+        class Boom(Exception):
+            pass
+
+        def half(txn):
+            txn.execute(
+                "INSERT INTO users (username, password_hash, created_at, password_changed_at)"
+                " VALUES ('ghost', 'h', 0, 0)"
+            )
+            raise Boom()
+
+        self.failureResultOf(self.store._write(half), Boom)
+        self.assertEqual(self.other().execute("SELECT * FROM users").fetchall(), [])
+        self.assertIsNone(self.successResultOf(self.store.get_credentials("ghost")))
+        # The store carries on.
+        self.assertTrue(self.successResultOf(self.store.create_user("alice", "h", NOW)))
+        self.assertEqual(self.other().execute("SELECT username FROM users").fetchall(), [("alice",)])
+
+    def test_failing_statement_undoes_earlier_ones(self):
+        """A constraint failure half-way through a write undoes its first statements."""
+        self.successResultOf(self.store.create_user("alice", "h", NOW))
+        self.successResultOf(self.store.create_user("bob", "h", NOW))
+        self.successResultOf(self.store.add_resume_token("alice", "s1", "taken", NOW, NOW + DAY))
+        self.successResultOf(self.store.add_resume_token("bob", "s1", "bob-1", NOW, NOW + DAY))
+        # bob's session s1 token would be deleted, then the insert collides with alice's token.
+        self.failureResultOf(
+            self.store.add_resume_token("bob", "s1", "taken", NOW + 1, NOW + DAY), sqlite3.IntegrityError
+        )
+        self.assertEqual(
+            self.other().execute("SELECT token_hash FROM resume_tokens ORDER BY token_hash").fetchall(),
+            [("bob-1",), ("taken",)],
+        )
+
+    def test_write_takes_the_write_lock_at_once(self):
+        """BEGIN IMMEDIATE: another writer is locked out before the first statement."""
+        other = self.other()
+        seen = []
+
+        def probe(txn):
+            try:
+                other.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                seen.append(str(e))
+            else:
+                other.execute("ROLLBACK")
+                seen.append("another writer got the lock")
+            return "done"
+
+        self.assertEqual(self.successResultOf(self.store._write(probe)), "done")
+        self.assertEqual(seen, ["database is locked"])
+
+    def test_read_is_a_consistent_snapshot(self):
+        self.successResultOf(self.store.create_user("alice", "h", NOW))
+        other = self.other()
+
+        def count_twice(txn):
+            (first,) = txn.execute("SELECT COUNT(*) FROM users").fetchone()
+            # A read does not hold the write lock...
+            other.execute(
+                "INSERT INTO users (username, password_hash, created_at, password_changed_at)"
+                " VALUES ('bob', 'h', 0, 0)"
+            )
+            # ...and sees one state of the database throughout.
+            (second,) = txn.execute("SELECT COUNT(*) FROM users").fetchone()
+            return first, second
+
+        self.assertEqual(self.successResultOf(self.store._read(count_twice)), (1, 1))
+        self.assertEqual(self.successResultOf(self.store.list_users()), ["alice", "bob"])
+
+    def test_busy_database_fails_the_write_cleanly(self):
+        """A write that cannot get the lock fails (after the busy timeout) without effect."""
+        store = Store(
+            open_pool(self.path, busy_timeout=0.001, reactor=_NoThreadsReactor(), pool_class=SyncPool)
+        )
+        self.addCleanup(store.close)
+        other = self.other()
+        other.execute("BEGIN IMMEDIATE")
+        self.failureResultOf(store.create_user("alice", "h", NOW), sqlite3.OperationalError)
+        other.execute("ROLLBACK")
+        self.assertTrue(self.successResultOf(store.create_user("alice", "h", NOW)))
+        self.assertEqual(other.execute("SELECT username FROM users").fetchall(), [("alice",)])
