@@ -1,0 +1,528 @@
+"""Conversations, sending, delivery, receipts and history through the real protocol (iosim)."""
+
+from twisted.internet import task
+from twisted.protocols import amp
+from twisted.trial import unittest
+
+from securechatd import commands
+from securechatd.commands import (
+    InvalidArgument,
+    MessageTooLarge,
+    NoSuchConversation,
+    NoSuchUser,
+    NotAllowed,
+    AuthRequired,
+)
+from tests.helpers import Connection, make_hub
+
+PASSWORD = "correct horse battery"
+
+
+class MessagingTestCase(unittest.TestCase):
+    """A hub with users alice, bob, carol registered; `connect` logs one in."""
+
+    window = 32
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.hub = make_hub(self, clock=self.clock, window=self.window)
+        setup = Connection(self.hub)
+        for name in ("alice", "bob", "carol", "dave"):
+            self.successResultOf(setup.call(commands.Register, username=name, password=PASSWORD))
+
+    def connect(self, username, answering=True):
+        conn = Connection(self.hub, answering=answering)
+        self.successResultOf(conn.call(commands.Login, username=username, password=PASSWORD))
+        self.settle(conn)
+        return conn
+
+    def settle(self, *conns):
+        """Let pushes scheduled for the next reactor turn go out and be answered."""
+        for _ in range(3):
+            self.clock.advance(0)
+            for conn in conns:
+                conn.pump.flush()
+
+    def ok(self, conn, command, **arguments):
+        return self.successResultOf(conn.call(command, **arguments))
+
+    def error(self, conn, error, command, **arguments):
+        return self.failureResultOf(conn.call(command, **arguments), error)
+
+    def dm(self, conn, other):
+        return self.ok(conn, commands.CreateConversation, members=[other])["conversation_id"]
+
+    def send(self, conn, conversation_id, body, client_msg_id=None):
+        self._sent = getattr(self, "_sent", 0) + 1
+        return self.ok(
+            conn,
+            commands.SendMessage,
+            conversation_id=conversation_id,
+            client_msg_id=client_msg_id or f"m{self._sent}",
+            body=body,
+        )
+
+    def delivered(self, conn, conversation_id=None):
+        return [
+            (p["sender"], p["seq"], p["body"])
+            for name, p in conn.pushes
+            if name == "Deliver" and conversation_id in (None, p["conversation_id"])
+        ]
+
+    def pushed(self, conn, kind):
+        return [p for name, p in conn.pushes if name == kind]
+
+
+class SmokeTests(MessagingTestCase):
+    def test_direct_message_delivered_with_receipt(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        conversation = self.dm(alice, "bob")
+        sent = self.send(alice, conversation, "hello bob")
+        self.settle(alice, bob)
+        self.assertEqual(sent["seq"], 1)
+        self.assertEqual(self.delivered(bob), [("alice", 1, "hello bob")])
+        receipts = self.pushed(alice, "Receipt")
+        self.assertEqual(
+            [(r["username"], r["state"], r["seq"]) for r in receipts], [("bob", "delivered", 1)]
+        )
+
+
+class ConversationTests(MessagingTestCase):
+    def test_direct_conversation_is_created_once(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        first = self.ok(alice, commands.CreateConversation, members=["Bob"])
+        again = self.ok(bob, commands.CreateConversation, members=["alice"])
+        self.assertEqual((first["created"], again["created"]), (True, False))
+        self.assertEqual(first["conversation_id"], again["conversation_id"])
+        self.settle(alice, bob)
+        [update] = self.pushed(bob, "ConversationUpdated")
+        self.assertEqual((update["kind"], update["members"]), ("direct", ["alice", "bob"]))
+        self.assertEqual(self.pushed(alice, "ConversationUpdated"), [])
+
+    def test_creator_other_sessions_hear_of_it(self):
+        phone, laptop = self.connect("alice"), self.connect("alice")
+        self.dm(phone, "bob")
+        self.settle(phone, laptop)
+        self.assertEqual(len(self.pushed(laptop, "ConversationUpdated")), 1)
+
+    def test_group_with_title(self):
+        alice, carol = self.connect("alice"), self.connect("carol")
+        created = self.ok(alice, commands.CreateConversation, members=["bob", "carol", "bob"], title="Plans")
+        self.settle(alice, carol)
+        [update] = self.pushed(carol, "ConversationUpdated")
+        self.assertEqual(update["conversation_id"], created["conversation_id"])
+        self.assertEqual((update["kind"], update["title"]), ("group", "Plans"))
+        self.assertEqual(update["members"], ["alice", "bob", "carol"])
+        # a titled conversation with one other member is a group, not the direct one
+        again = self.ok(alice, commands.CreateConversation, members=["carol"], title="Just us")
+        self.assertNotEqual(again["conversation_id"], self.dm(alice, "carol"))
+
+    def test_bad_members(self):
+        alice = self.connect("alice")
+        self.error(alice, InvalidArgument, commands.CreateConversation, members=[])
+        self.error(alice, InvalidArgument, commands.CreateConversation, members=["alice"])
+        self.error(alice, NoSuchUser, commands.CreateConversation, members=["bob", "zed"])
+        self.error(alice, NoSuchUser, commands.CreateConversation, members=["not a name!"])
+        self.error(alice, InvalidArgument, commands.CreateConversation, members=["bob"], title=" ")
+        self.error(alice, InvalidArgument, commands.CreateConversation, members=["bob"], title="x" * 201)
+        self.assertEqual(self.ok(alice, commands.ListConversations)["conversations"], [])
+
+    def test_member_limit(self):
+        self.hub.conversations.max_members = 3
+        alice = self.connect("alice")
+        self.error(alice, InvalidArgument, commands.CreateConversation, members=["bob", "carol", "dave"])
+        group = self.ok(alice, commands.CreateConversation, members=["bob", "carol"], title="t")
+        self.error(
+            alice, InvalidArgument, commands.AddMembers, conversation_id=group["conversation_id"], members=["dave"]
+        )
+
+    def test_list_conversations(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        direct = self.dm(alice, "bob")
+        group = self.ok(alice, commands.CreateConversation, members=["carol"], title="C")["conversation_id"]
+        self.send(bob, direct, "one")
+        self.send(bob, direct, "two")
+        self.send(alice, direct, "mine")
+        listing = self.ok(alice, commands.ListConversations)
+        self.assertFalse(listing["has_more"])
+        rows = {row["conversation_id"]: row for row in listing["conversations"]}
+        self.assertEqual(set(rows), {direct, group})
+        self.assertEqual(
+            (rows[direct]["kind"], rows[direct]["last_seq"], rows[direct]["unread"]), ("direct", 3, 2)
+        )
+        self.assertEqual((rows[group]["title"], rows[group]["members"]), ("C", ["alice", "carol"]))
+        self.assertEqual([row["conversation_id"] for row in self.ok(bob, commands.ListConversations)["conversations"]], [direct])
+        after = self.ok(alice, commands.ListConversations, after_id=direct)["conversations"]
+        self.assertEqual([row["conversation_id"] for row in after], [group])
+
+    def test_add_members(self):
+        alice, dave = self.connect("alice"), self.connect("dave")
+        group = self.ok(alice, commands.CreateConversation, members=["bob"], title="G")["conversation_id"]
+        self.send(alice, group, "before dave")
+        self.ok(alice, commands.AddMembers, conversation_id=group, members=["dave", "bob"])
+        self.settle(alice, dave)
+        [update] = self.pushed(dave, "ConversationUpdated")
+        self.assertEqual(update["members"], ["alice", "bob", "dave"])
+        self.send(alice, group, "after dave")
+        self.settle(alice, dave)
+        self.assertEqual(self.delivered(dave), [("alice", 2, "after dave")])
+        [row] = self.ok(dave, commands.ListConversations)["conversations"]
+        self.assertEqual(row["unread"], 1)
+
+    def test_add_members_errors(self):
+        alice, carol = self.connect("alice"), self.connect("carol")
+        direct = self.dm(alice, "bob")
+        self.error(alice, NotAllowed, commands.AddMembers, conversation_id=direct, members=["carol"])
+        group = self.ok(alice, commands.CreateConversation, members=["bob"], title="G")["conversation_id"]
+        self.error(alice, NoSuchUser, commands.AddMembers, conversation_id=group, members=["zed"])
+        self.error(alice, InvalidArgument, commands.AddMembers, conversation_id=group, members=[])
+        self.error(carol, NoSuchConversation, commands.AddMembers, conversation_id=group, members=["carol"])
+
+    def test_leave(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        group = self.ok(alice, commands.CreateConversation, members=["bob"], title="G")["conversation_id"]
+        self.ok(bob, commands.LeaveConversation, conversation_id=group)
+        self.send(alice, group, "anyone?")
+        self.settle(alice, bob)
+        self.assertEqual(self.delivered(bob), [])
+        self.assertEqual(self.pushed(alice, "ConversationUpdated")[-1]["members"], ["alice"])
+        self.error(bob, NoSuchConversation, commands.History, conversation_id=group)
+        self.assertEqual(self.ok(bob, commands.ListConversations)["conversations"], [])
+        self.error(bob, NotAllowed, commands.LeaveConversation, conversation_id=self.dm(bob, "alice"))
+
+    def test_list_users(self):
+        alice = self.connect("alice")
+        self.connect("carol")
+        users = self.ok(alice, commands.ListUsers)["users"]
+        self.assertEqual(
+            [(u["username"], u["status"]) for u in users],
+            [("alice", "online"), ("bob", "offline"), ("carol", "online"), ("dave", "offline")],
+        )
+        self.assertEqual([u["username"] for u in self.ok(alice, commands.ListUsers, prefix="C")["users"]], ["carol"])
+        self.assertEqual(len(self.ok(alice, commands.ListUsers, limit=2)["users"]), 2)
+        for bad in (0, -1, 201):
+            self.error(alice, InvalidArgument, commands.ListUsers, limit=bad)
+
+
+class AccessTests(MessagingTestCase):
+    def test_everything_needs_login(self):
+        conn = Connection(self.hub)
+        calls = [
+            (commands.CreateConversation, {"members": ["bob"]}),
+            (commands.ListConversations, {}),
+            (commands.AddMembers, {"conversation_id": 1, "members": ["bob"]}),
+            (commands.LeaveConversation, {"conversation_id": 1}),
+            (commands.SendMessage, {"conversation_id": 1, "client_msg_id": "x", "body": "x"}),
+            (commands.History, {"conversation_id": 1}),
+            (commands.MarkRead, {"conversation_id": 1, "seq": 1}),
+            (commands.GetReceipts, {"conversation_id": 1, "message_id": 1}),
+            (commands.SetPresence, {"status": "away"}),
+            (commands.GetPresence, {"usernames": ["bob"]}),
+            (commands.ListUsers, {}),
+        ]
+        for command, arguments in calls:
+            self.error(conn, AuthRequired, command, **arguments)
+
+    def test_non_member_sees_no_conversation(self):
+        alice, carol = self.connect("alice"), self.connect("carol")
+        direct = self.dm(alice, "bob")
+        sent = self.send(alice, direct, "private")
+        calls = [
+            (commands.SendMessage, {"client_msg_id": "c1", "body": "hi"}),
+            (commands.History, {}),
+            (commands.MarkRead, {"seq": 1}),
+            (commands.GetReceipts, {"message_id": sent["message_id"]}),
+            (commands.AddMembers, {"members": ["carol"]}),
+            (commands.LeaveConversation, {}),
+        ]
+        for command, arguments in calls:
+            theirs = self.error(carol, NoSuchConversation, command, conversation_id=direct, **arguments)
+            missing = self.error(carol, NoSuchConversation, command, conversation_id=direct + 1000, **arguments)
+            self.assertEqual(
+                str(theirs.value).replace(str(direct), "N"), str(missing.value).replace(str(direct + 1000), "N")
+            )
+        self.assertEqual(self.ok(alice, commands.History, conversation_id=direct)["messages"][0]["body"], "private")
+
+
+class SendTests(MessagingTestCase):
+    def test_seq_numbers_per_conversation(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        direct = self.dm(alice, "bob")
+        group = self.ok(alice, commands.CreateConversation, members=["bob"], title="G")["conversation_id"]
+        seqs = [
+            self.send(alice, direct, "a")["seq"],
+            self.send(bob, direct, "b")["seq"],
+            self.send(alice, group, "c")["seq"],
+            self.send(alice, direct, "d")["seq"],
+        ]
+        self.assertEqual(seqs, [1, 2, 1, 3])
+
+    def test_body_limits(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        direct = self.dm(alice, "bob")
+        self.error(
+            alice, MessageTooLarge, commands.SendMessage, conversation_id=direct, client_msg_id="big", body="é" * 8193
+        )
+        self.error(alice, InvalidArgument, commands.SendMessage, conversation_id=direct, client_msg_id="e", body="")
+        self.assertEqual(self.send(alice, direct, "é" * 8192)["seq"], 1)
+        self.settle(alice, bob)
+        self.assertEqual(len(self.delivered(bob)), 1)
+
+    def test_client_msg_id_rules(self):
+        alice = self.connect("alice")
+        direct = self.dm(alice, "bob")
+        for bad in ("", "x" * 65):
+            self.error(alice, InvalidArgument, commands.SendMessage, conversation_id=direct, client_msg_id=bad, body="b")
+        self.send(alice, direct, "ok", client_msg_id="x" * 64)
+
+    def test_resend_is_idempotent(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        direct = self.dm(alice, "bob")
+        first = self.send(alice, direct, "once", client_msg_id="same")
+        again = self.send(alice, direct, "once", client_msg_id="same")
+        self.assertEqual(first, again)
+        self.settle(alice, bob)
+        self.assertEqual(self.delivered(bob), [("alice", 1, "once")])
+        self.assertEqual(self.send(alice, direct, "next")["seq"], 2)
+
+    def test_bad_ids(self):
+        alice = self.connect("alice")
+        self.error(alice, InvalidArgument, commands.SendMessage, conversation_id=0, client_msg_id="x", body="b")
+        self.error(alice, NoSuchConversation, commands.SendMessage, conversation_id=999, client_msg_id="x", body="b")
+
+
+class DeliveryTests(MessagingTestCase):
+    window = 4
+
+    def test_carbons_to_the_senders_other_sessions(self):
+        phone, laptop, bob = self.connect("alice"), self.connect("alice"), self.connect("bob")
+        direct = self.dm(phone, "bob")
+        self.send(phone, direct, "from phone")
+        self.send(bob, direct, "from bob")
+        self.settle(phone, laptop, bob)
+        self.assertEqual(self.delivered(laptop), [("alice", 1, "from phone"), ("bob", 2, "from bob")])
+        self.assertEqual(self.delivered(phone), [("bob", 2, "from bob")])
+        # copies of her own message answered by alice's laptop move no mark: no receipt for alice
+        self.assertEqual([r["username"] for r in self.pushed(bob, "Receipt")], ["alice"])
+
+    def test_offline_messages_arrive_in_order_after_login(self):
+        alice = self.connect("alice")
+        direct = self.dm(alice, "bob")
+        group = self.ok(alice, commands.CreateConversation, members=["bob"], title="G")["conversation_id"]
+        for i in range(10):
+            self.send(alice, direct if i % 2 else group, f"m{i}")
+        bob = Connection(self.hub)
+        self.successResultOf(bob.call(commands.Login, username="bob", password=PASSWORD))
+        self.assertEqual(self.delivered(bob), [])  # nothing before the Login answer
+        self.settle(bob)
+        self.assertEqual([seq for _, seq, _ in self.delivered(bob, direct)], [1, 2, 3, 4, 5])
+        self.assertEqual([seq for _, seq, _ in self.delivered(bob, group)], [1, 2, 3, 4, 5])
+        bob.drop()
+        again = self.connect("bob")
+        self.assertEqual(self.delivered(again), [])  # answered once: not pending any more
+
+    def test_window_bounds_unanswered_delivers(self):
+        alice, bob = self.connect("alice"), self.connect("bob", answering=False)
+        direct = self.dm(alice, "bob")
+        for i in range(10):
+            self.send(alice, direct, f"m{i}")
+        self.settle(alice, bob)
+        self.assertEqual([seq for _, seq, _ in self.delivered(bob)], [1, 2, 3, 4])
+        [session] = self.hub.registry.sessions_of("bob")
+        self.assertEqual(session.outbox.in_flight, 4)
+        for answer in bob.unanswered:
+            answer.callback({})
+        bob.unanswered.clear()
+        self.settle(alice, bob)
+        self.assertEqual([seq for _, seq, _ in self.delivered(bob)], list(range(1, 9)))
+
+    def test_unanswered_delivers_come_again_after_a_drop(self):
+        alice, bob = self.connect("alice"), self.connect("bob", answering=False)
+        direct = self.dm(alice, "bob")
+        for i in range(3):
+            self.send(alice, direct, f"m{i}")
+        self.settle(alice, bob)
+        bob.unanswered.pop(0).callback({})  # only the first is answered
+        self.settle(alice, bob)
+        bob.drop()
+        again = self.connect("bob")
+        self.assertEqual([seq for _, seq, _ in self.delivered(again)], [2, 3])
+
+    def test_error_answers_do_not_acknowledge(self):
+        alice, bob = self.connect("alice"), self.connect("bob", answering=False)
+        direct = self.dm(alice, "bob")
+        self.send(alice, direct, "refused")
+        self.settle(alice, bob)
+        bob.unanswered.pop().errback(amp.RemoteAmpError(b"CLIENT_BUG", "cannot show it"))
+        self.settle(alice, bob)
+        self.send(alice, direct, "second")
+        self.settle(alice, bob)
+        self.assertEqual([seq for _, seq, _ in self.delivered(bob)], [1, 2])
+        self.assertEqual(self.pushed(alice, "Receipt"), [])
+        bob.drop()
+        self.assertEqual([seq for _, seq, _ in self.delivered(self.connect("bob"))], [1, 2])
+
+    def test_receipts_wait_for_an_offline_sender(self):
+        alice = self.connect("alice")
+        direct = self.dm(alice, "bob")
+        self.send(alice, direct, "one")
+        self.send(alice, direct, "two")
+        alice.drop()
+        bob = self.connect("bob")
+        self.ok(bob, commands.MarkRead, conversation_id=direct, seq=1)
+        back = Connection(self.hub)
+        self.successResultOf(back.call(commands.Login, username="alice", password=PASSWORD))
+        self.settle(back)
+        receipts = [(r["username"], r["state"], r["seq"]) for r in self.pushed(back, "Receipt")]
+        self.assertEqual(receipts, [("bob", "delivered", 2), ("bob", "read", 1)])
+        back.drop()
+        self.assertEqual(self.pushed(self.connect("alice"), "Receipt"), [])
+
+
+class ReceiptTests(MessagingTestCase):
+    def setUp(self):
+        super().setUp()
+        self.alice, self.bob, self.bob2 = self.connect("alice"), self.connect("bob"), self.connect("bob")
+        self.direct = self.dm(self.alice, "bob")
+        for i in range(3):
+            self.send(self.alice, self.direct, f"m{i}")
+        self.settle(self.alice, self.bob, self.bob2)
+
+    def receipts(self, conn, state):
+        return [r["seq"] for r in self.pushed(conn, "Receipt") if r["state"] == state]
+
+    def test_mark_read(self):
+        self.ok(self.bob, commands.MarkRead, conversation_id=self.direct, seq=2)
+        self.settle(self.alice, self.bob, self.bob2)
+        self.assertEqual(self.receipts(self.alice, "read"), [2])
+        self.assertEqual(self.receipts(self.bob2, "read"), [2])
+        self.assertEqual(self.receipts(self.bob, "read"), [])
+        [row] = self.ok(self.bob2, commands.ListConversations)["conversations"]
+        self.assertEqual(row["unread"], 1)
+
+    def test_never_backwards_and_clamped(self):
+        self.ok(self.bob, commands.MarkRead, conversation_id=self.direct, seq=2)
+        self.ok(self.bob, commands.MarkRead, conversation_id=self.direct, seq=1)
+        self.ok(self.bob, commands.MarkRead, conversation_id=self.direct, seq=999)
+        self.settle(self.alice)
+        self.assertEqual(self.receipts(self.alice, "read"), [2, 3])
+        self.error(self.bob, InvalidArgument, commands.MarkRead, conversation_id=self.direct, seq=-1)
+
+    def test_private_read_tells_only_my_devices(self):
+        self.ok(self.bob, commands.MarkRead, conversation_id=self.direct, seq=3, private=True)
+        self.settle(self.alice, self.bob2)
+        self.assertEqual(self.receipts(self.alice, "read"), [])
+        self.assertEqual(self.receipts(self.bob2, "read"), [3])
+
+    def test_get_receipts(self):
+        first = self.ok(self.alice, commands.History, conversation_id=self.direct)["messages"][0]
+        self.clock.advance(5)
+        self.ok(self.bob, commands.MarkRead, conversation_id=self.direct, seq=1)
+        [row] = self.ok(
+            self.alice, commands.GetReceipts, conversation_id=self.direct, message_id=first["message_id"]
+        )["receipts"]
+        self.assertEqual(row["username"], "bob")
+        self.assertEqual(row["delivered_at"].timestamp(), 1_700_000_000)
+        self.assertEqual(row["read_at"].timestamp(), 1_700_000_005)
+        other = self.dm(self.alice, "carol")
+        self.error(
+            self.alice, InvalidArgument, commands.GetReceipts, conversation_id=other, message_id=first["message_id"]
+        )
+
+
+class HistoryTests(MessagingTestCase):
+    def setUp(self):
+        super().setUp()
+        self.alice = self.connect("alice")
+        self.direct = self.dm(self.alice, "bob")
+
+    def history(self, **arguments):
+        return self.ok(self.alice, commands.History, conversation_id=self.direct, **arguments)
+
+    def test_pages_backwards_in_ascending_order(self):
+        for i in range(7):
+            self.send(self.alice, self.direct, f"m{i}")
+        page = self.history(limit=3)
+        self.assertEqual([m["seq"] for m in page["messages"]], [5, 6, 7])
+        self.assertTrue(page["has_more"])
+        page = self.history(limit=3, before_seq=5)
+        self.assertEqual([m["seq"] for m in page["messages"]], [2, 3, 4])
+        page = self.history(limit=3, before_seq=2)
+        self.assertEqual(([m["seq"] for m in page["messages"]], page["has_more"]), ([1], False))
+        self.assertEqual(page["messages"][0]["sender"], "alice")
+
+    def test_limits(self):
+        for bad in ({"limit": 0}, {"limit": 501}, {"before_seq": 0}):
+            self.error(self.alice, InvalidArgument, commands.History, conversation_id=self.direct, **bad)
+        self.assertEqual(self.history(), {"messages": [], "has_more": False})
+
+    def test_large_bodies_are_cut_to_fit_amp(self):
+        for i in range(10):
+            self.send(self.alice, self.direct, chr(0x4E00 + i) * 5000)  # 15,000 bytes each
+        seen, before = [], None
+        while True:
+            page = self.history(**({"before_seq": before} if before else {}))
+            self.assertLessEqual(len(page["messages"]), 4)
+            seen = [m["seq"] for m in page["messages"]] + seen
+            if not page["has_more"]:
+                break
+            before = page["messages"][0]["seq"]
+        self.assertEqual(seen, list(range(1, 11)))
+
+
+class PresenceTests(MessagingTestCase):
+    def setUp(self):
+        super().setUp()
+        self.bob = self.connect("bob")
+        self.dm(self.bob, "alice")
+
+    def changes(self):
+        return [(p["username"], p["status"], p.get("note")) for p in self.pushed(self.bob, "PresenceChanged")]
+
+    def test_sessions_combine(self):
+        phone, laptop = self.connect("alice"), self.connect("alice")
+        self.ok(phone, commands.SetPresence, status="away", note="lunch")
+        self.settle(self.bob)
+        self.assertEqual(self.changes(), [("alice", "online", None)])  # laptop still online
+        laptop.drop()
+        self.settle(self.bob)
+        self.assertEqual(self.changes()[-1], ("alice", "away", "lunch"))
+        self.ok(phone, commands.SetPresence, status="invisible")
+        self.settle(self.bob)
+        self.assertEqual(self.changes()[-1], ("alice", "offline", None))
+        [row] = self.ok(self.bob, commands.GetPresence, usernames=["alice"])["presence"]
+        self.assertEqual((row["status"], row["last_seen"].timestamp()), ("offline", 1_700_000_000))
+
+    def test_only_contacts_hear(self):
+        carol = self.connect("carol")
+        self.connect("alice")
+        self.settle(carol, self.bob)
+        self.assertEqual(self.pushed(carol, "PresenceChanged"), [])
+        self.assertEqual(self.changes(), [("alice", "online", None)])
+
+    def test_bad_presence_arguments(self):
+        self.error(self.bob, InvalidArgument, commands.SetPresence, status="asleep")
+        self.error(self.bob, InvalidArgument, commands.SetPresence, status="away", note="n" * 201)
+        self.error(self.bob, NoSuchUser, commands.GetPresence, usernames=["zed"])
+        self.error(self.bob, InvalidArgument, commands.GetPresence, usernames=[])
+
+    def test_dead_connection_is_dropped(self):
+        alice = self.connect("alice")
+        self.settle(self.bob)
+        for _ in range(3):  # alice's side goes silent: only bob's connection is pumped
+            self.clock.advance(30)
+            self.bob.pump.flush()
+        self.assertTrue(alice.server.transport.disconnecting)
+        alice.pump.flush()
+        self.settle(self.bob)
+        self.assertEqual(self.changes()[-1], ("alice", "offline", None))
+
+    def test_live_connection_survives_quiet_periods(self):
+        alice = self.connect("alice")
+        for _ in range(10):
+            self.clock.advance(30)
+            alice.pump.flush()
+            self.bob.pump.flush()
+        self.assertFalse(alice.server.lost)
+        self.assertEqual(self.ok(self.bob, commands.GetPresence, usernames=["alice"])["presence"][0]["status"], "online")
