@@ -71,6 +71,17 @@ class TwistdTests(unittest.TestCase):
         self.addCleanup(stop)
         return process, daemon
 
+    def run_twistd(self, *arguments):
+        """Run the daemon to completion (for start-up failures)."""
+        return subprocess.run(
+            [TWISTD, "--nodaemon", "--pidfile=", "securechatd", "--config", self.config, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=environment(),
+            cwd=self.directory,
+        )
+
     def test_twistd_lists_the_plugin(self):
         listing = subprocess.run(
             [TWISTD, "--help"], capture_output=True, text=True, timeout=60, env=environment()
@@ -99,14 +110,7 @@ class TwistdTests(unittest.TestCase):
     def test_bad_setting_is_one_line(self):
         with open(self.config, "a") as f:
             f.write("[database]\ndurability = sometimes\n")
-        ran = subprocess.run(
-            [TWISTD, "--nodaemon", "--pidfile=", "securechatd", "--config", self.config],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=environment(),
-            cwd=self.directory,
-        )
+        ran = self.run_twistd()
         self.assertEqual(ran.returncode, 1)
         self.assertEqual(
             ran.stderr,
@@ -118,14 +122,7 @@ class TwistdTests(unittest.TestCase):
     def test_port_in_use_is_one_line(self):
         _, first = self.spawn()
         port = yield first.listening
-        ran = subprocess.run(
-            [TWISTD, "--nodaemon", "--pidfile=", "securechatd", "--config", self.config, "--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=environment(),
-            cwd=self.directory,
-        )
+        ran = self.run_twistd("--port", str(port))
         self.assertNotEqual(ran.returncode, 0)
         self.assertIn(f"cannot listen on 127.0.0.1 port {port}", ran.stdout + ran.stderr)
         self.assertNotIn("Traceback", ran.stdout + ran.stderr)
