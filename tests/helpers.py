@@ -1,5 +1,6 @@
 """Shared test fixtures: real SQLite without threads, fast bcrypt, in-memory connections."""
 
+import os
 from datetime import datetime, timezone
 
 from twisted.enterprise import adbapi
@@ -208,3 +209,20 @@ def connected_client(testcase, reactor, port, ca_path, hostname="localhost"):
 
     testcase.addCleanup(close)
     return client
+
+
+def start_daemon(testcase, reactor, **settings):
+    """The real daemon (tap.build) on 127.0.0.1:0 in this process: (port, CA file, hub)."""
+    from securechatd import config, tap
+
+    base = testcase.mktemp()
+    os.makedirs(base)
+    certs_dir = os.path.join(base, "certs")
+    options = dict(port=0, certs=certs_dir, database=os.path.join(base, "chat.sqlite"), bcrypt_cost=10)
+    options.update(settings)
+    daemon = tap.build(config.Settings(**options), reactor)
+    daemon.startService()
+    testcase.addCleanup(daemon.stopService)
+    listener = daemon.getServiceNamed("listener")
+    hub = listener.factory.wrappedFactory.hub
+    return listener.port.getHost().port, os.path.join(certs_dir, "ca.pem"), hub
