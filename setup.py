@@ -19,6 +19,7 @@ setup(
     entry_points={
         "console_scripts": [
             "securechatd-admin = securechatd.admin:main",
+            "securechat = securechatd.client.main:main",
         ],
     },
 )
