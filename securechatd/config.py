@@ -95,6 +95,19 @@ class Settings:
     delivery_window: int = 32
     ping_after: float = 30.0
     drop_after: float = 90.0
+    login_deadline: float = 60.0
+    unauthenticated_per_address: int = 20
+    max_connections: int = 10000
+    commands_in_flight: int = 32
+    max_unread_output: int = 1 << 20
+    write_stall: float = 15.0
+    box_bytes_before_login: int = 8 * 1024
+    box_keys_before_login: int = 32
+    box_bytes: int = 64 * 1024 + 2048
+    box_keys: int = 64
+    message_burst: int = 30
+    message_rate: float = 10.0
+    shutdown_grace: float = 10.0
 
 
 # field name -> (INI section, INI key, parser of the INI/command-line text)
@@ -122,6 +135,19 @@ SCHEMA = {
     "delivery_window": ("messages", "delivery_window", _integer(1, 10000)),
     "ping_after": ("connections", "ping_after", _seconds),
     "drop_after": ("connections", "drop_after", _seconds),
+    "login_deadline": ("connections", "login_deadline", _seconds),
+    "unauthenticated_per_address": ("connections", "unauthenticated_per_address", _integer(1)),
+    "max_connections": ("connections", "max_connections", _integer(1)),
+    "commands_in_flight": ("connections", "commands_in_flight", _integer(1, 10000)),
+    "max_unread_output": ("connections", "max_unread_output", _integer(65536)),
+    "write_stall": ("connections", "write_stall", _seconds),
+    "box_bytes_before_login": ("connections", "box_bytes_before_login", _integer(512, 65535)),
+    "box_keys_before_login": ("connections", "box_keys_before_login", _integer(4, 1000)),
+    "box_bytes": ("connections", "box_bytes", _integer(4096, 1 << 20)),
+    "box_keys": ("connections", "box_keys", _integer(8, 1000)),
+    "message_burst": ("limits", "message_burst", _integer(1)),
+    "message_rate": ("limits", "message_rate", _seconds),
+    "shutdown_grace": ("server", "shutdown_grace", _seconds),
 }
 
 

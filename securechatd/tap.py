@@ -13,7 +13,6 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
@@ -24,7 +23,8 @@ from securechatd.server.hub import Hub
 from securechatd.server.messages import MessageService
 from securechatd.server.passwords import PasswordHasher
 from securechatd.server.presence import PresenceService
-from securechatd.server.protocol import ChatFactory
+from securechatd.server.connection import AdmittingTLSFactory, ChatFactory, ConnectionLimits
+from securechatd.server.framing import BoxLimits
 from securechatd.server.services import ListenerService, StoreService, ThreadPoolService
 from securechatd.server.throttle import LoginThrottle, WindowCounter
 from securechatd.store import Store
@@ -84,6 +84,21 @@ def _endpoint(settings, reactor):
     return endpoint, f"{settings.interface} port {settings.port}"
 
 
+def connection_limits(settings):
+    return ConnectionLimits(
+        login_deadline=settings.login_deadline,
+        unauthenticated_per_address=settings.unauthenticated_per_address,
+        max_connections=settings.max_connections,
+        commands_in_flight=settings.commands_in_flight,
+        max_unread_output=settings.max_unread_output,
+        write_stall=settings.write_stall,
+        ping_after=settings.ping_after,
+        drop_after=settings.drop_after,
+        box_before_login=BoxLimits(settings.box_bytes_before_login, settings.box_keys_before_login),
+        box_after_login=BoxLimits(settings.box_bytes, settings.box_keys),
+    )
+
+
 def _prepare_database(settings, reactor):
     try:
         connection = connect(settings.database, settings.durability, settings.busy_timeout)
@@ -138,12 +153,12 @@ def build(settings, reactor):
     )
     presence = PresenceService(store, accounts.registry, reactor)
     hub = Hub(accounts, conversations, messages, presence, reactor, settings.delivery_window)
-    factory = ChatFactory(hub, reactor, settings.ping_after, settings.drop_after)
+    factory = ChatFactory(hub, reactor, connection_limits(settings))
     endpoint, where = _endpoint(settings, reactor)
     daemon = MultiService()
     ThreadPoolService(hash_pool).setServiceParent(daemon)
     StoreService(store).setServiceParent(daemon)
-    listener = ListenerService(endpoint, TLSMemoryBIOFactory(server_tls, False, factory), where)
+    listener = ListenerService(endpoint, AdmittingTLSFactory(server_tls, False, factory), where)
     listener.setName("listener")
     listener.setServiceParent(daemon)
     return daemon

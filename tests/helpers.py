@@ -19,7 +19,7 @@ from securechatd.server.messages import MessageService
 from securechatd.server.presence import PresenceService
 from securechatd.tls import client_options
 from securechatd.server.passwords import PasswordHasher
-from securechatd.server.protocol import ChatProtocol
+from securechatd.server.connection import ChatProtocol
 from securechatd.server.throttle import LoginThrottle, WindowCounter
 from securechatd.store import Store
 from securechatd.store.migrations import upgrade

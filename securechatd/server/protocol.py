@@ -1,23 +1,18 @@
-"""The AMP protocol: parse, check the connection's state, call a service.
+"""The AMP responders: parse, check the connection's state, call a service.
 
 No business rules live here. Responders sit on ChatLocator (one per
-connection), separate from the AMP box handling, as in Flocker.
+connection), separate from the connection's box handling and limits
+(server/connection.py), as in Flocker.
 """
 
-import ipaddress
-
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
-from zope.interface import implementer
 
 from securechatd import commands
 from securechatd.commands import AlreadyAuthenticated, AuthRequired, ChatError, ServiceUnavailable
 from securechatd.server.accounts import utc
-from securechatd.server.keepalive import KeepAlive
 from securechatd.server.messages import check_limit, page_within_limit
-from securechatd.server.sessions import IConnection
 
 log = Logger()
 
@@ -55,6 +50,8 @@ class ChatLocator(amp.CommandLocator):
                 answer = responder(box)
             except ChatError as error:  # raised by ChatCommand.parseArguments
                 return _declared(error)
+            self.connection.command_started()
+            answer.addBoth(self.connection.command_finished)
             return answer.addErrback(self._unexpected, name)
 
         return respond
@@ -78,13 +75,7 @@ class ChatLocator(amp.CommandLocator):
             raise AlreadyAuthenticated("This connection is already logged in.")
 
     def _address(self):
-        """The client's IP address; IPv4 clients of a dual-stack socket as plain IPv4."""
-        host = getattr(self.connection.transport.getPeer(), "host", "unknown")
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return host
-        return str(getattr(address, "ipv4_mapped", None) or address)
+        return self.connection.address
 
     async def _logged_in(self, login):
         self._logging_in = True
@@ -96,6 +87,7 @@ class ChatLocator(amp.CommandLocator):
             session.end()
             raise AuthRequired("The connection closed during login.")
         self.session = session
+        self.connection.logged_in()
         self.hub.session_started(session)
         return {
             "username": session.username,
@@ -237,71 +229,3 @@ class ChatLocator(amp.CommandLocator):
     def get_receipts(self, conversation_id, message_id):
         receipts = self.hub.messages.receipts(self._session(), conversation_id, message_id)
         return _answer(receipts, lambda rows: {"receipts": rows})
-
-
-@implementer(IConnection)
-class ChatProtocol(amp.AMP):
-    """One client connection."""
-
-    lost = False
-    keepalive = None
-
-    def __init__(self, hub, clock, ping_after=30.0, drop_after=90.0):
-        self.locator = ChatLocator(self, hub, clock)
-        self.clock = clock
-        self.ping_after = ping_after
-        self.drop_after = drop_after
-        super().__init__(locator=self.locator)
-
-    def makeConnection(self, transport):
-        # Skips AMP.makeConnection's info line per connection: noise at scale;
-        # the security log records what matters (logins and failures).
-        amp.BinaryBoxProtocol.makeConnection(self, transport)
-        self.keepalive = KeepAlive(
-            self.clock, self._ping, self._dead, self.ping_after, self.drop_after
-        )
-
-    def dataReceived(self, data):
-        self.keepalive.heard()
-        super().dataReceived(data)
-
-    def _ping(self):
-        self.callRemote(commands.Ping).addErrback(lambda _: None)  # any answer is a sign of life
-
-    def _dead(self):
-        log.info(
-            "dropping {peer}: silent for {seconds:.0f} s",
-            peer=self.transport.getPeer(),
-            seconds=self.drop_after,
-        )
-        self.transport.abortConnection()
-
-    def session_ended(self, reason):
-        session = self.locator.end_session()
-        log.info("ended {session}: {reason}", session=session, reason=reason)
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason):
-        self.lost = True
-        if self.keepalive is not None:
-            self.keepalive.stop()
-        self.locator.end_session()
-        amp.BinaryBoxProtocol.connectionLost(self, reason)
-        self.transport = None
-
-
-class ChatFactory(Factory):
-    """Makes a ChatProtocol per connection, all sharing the hub."""
-
-    noisy = False
-
-    def __init__(self, hub, clock, ping_after=30.0, drop_after=90.0):
-        self.hub = hub
-        self.clock = clock
-        self.ping_after = ping_after
-        self.drop_after = drop_after
-
-    def buildProtocol(self, addr):
-        protocol = ChatProtocol(self.hub, self.clock, self.ping_after, self.drop_after)
-        protocol.factory = self
-        return protocol

@@ -1,0 +1,248 @@
+"""One client connection and its limits; the factory that admits connections.
+
+Whatever a connection does, it can only cost the server a bounded amount:
+boxes are size-limited (server/framing.py), a connection must log in within
+a deadline, few commands may be in flight at once (beyond that its reads are
+paused), a client that stops reading is dropped once its unread output passes
+a limit or a write stalls too long, and silent connections are pinged, then
+dropped. Everything it sent and was acknowledged stays stored.
+"""
+
+import ipaddress
+from dataclasses import dataclass
+
+from twisted.internet.protocol import Factory
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from securechatd import commands
+from securechatd.server.framing import BoundedBoxProtocol, BoxLimits
+from securechatd.server.keepalive import KeepAlive
+from securechatd.server.protocol import ChatLocator
+from securechatd.server.sessions import IConnection
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    login_deadline: float = 60.0
+    unauthenticated_per_address: int = 20
+    max_connections: int = 10000
+    commands_in_flight: int = 32
+    max_unread_output: int = 1 << 20
+    write_stall: float = 15.0
+    ping_after: float = 30.0
+    drop_after: float = 90.0
+    box_before_login: BoxLimits = BoxLimits(8 * 1024, 32)
+    box_after_login: BoxLimits = BoxLimits(64 * 1024 + 2048, 64)
+
+
+def peer_address(address):
+    """The client's IP address as text; IPv4 clients of a dual-stack socket as plain IPv4."""
+    host = getattr(address, "host", None)
+    try:
+        parsed = ipaddress.ip_address(host)
+    except (TypeError, ValueError):
+        return host
+    return str(getattr(parsed, "ipv4_mapped", None) or parsed)
+
+
+@implementer(IPushProducer)
+class _OutputWatch:
+    """Registered with the transport, which pauses it when the client stops reading."""
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def pauseProducing(self):
+        self.connection.output_blocked()
+
+    def resumeProducing(self):
+        self.connection.output_flowing()
+
+    def stopProducing(self):
+        pass
+
+
+@implementer(IConnection)
+class ChatProtocol(BoundedBoxProtocol):
+    """One client connection."""
+
+    lost = False
+    authenticated = False
+    address = None
+    keepalive = None
+    _deadline = None
+    _stall = None
+    _writes_paused = False
+    _reads_paused = False
+
+    def __init__(self, hub, clock, limits=ConnectionLimits(), factory=None):
+        self.locator = ChatLocator(self, hub, clock)
+        self.clock = clock
+        self.limits = limits
+        self.factory = factory
+        self.in_flight = 0
+        self.unread_output = 0
+        super().__init__(locator=self.locator)
+
+    def box_limits(self):
+        if self.locator.session is None:
+            return self.limits.box_before_login
+        return self.limits.box_after_login
+
+    def makeConnection(self, transport):
+        # Skips AMP.makeConnection's info line per connection: noise at scale;
+        # the security log records what matters (logins and failures).
+        self.address = peer_address(transport.getPeer())
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+        transport.registerProducer(_OutputWatch(self), True)
+        self.keepalive = KeepAlive(
+            self.clock, self._ping, self._silent, self.limits.ping_after, self.limits.drop_after
+        )
+        self._deadline = self.clock.callLater(self.limits.login_deadline, self._too_slow)
+
+    # -- the client's side ---------------------------------------------------
+
+    def dataReceived(self, data):
+        self.keepalive.heard()
+        super().dataReceived(data)
+
+    def command_started(self):
+        self.in_flight += 1
+        if self.in_flight >= self.limits.commands_in_flight and not self._reads_paused:
+            self._reads_paused = True
+            self.transport.pauseProducing()
+
+    def command_finished(self, result):
+        self.in_flight -= 1
+        if self._reads_paused and self.in_flight < self.limits.commands_in_flight and not self.lost:
+            self._reads_paused = False
+            self.transport.resumeProducing()
+        return result
+
+    def logged_in(self):
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        if self.factory is not None:
+            self.factory.authenticated(self)
+
+    def _too_slow(self):
+        self._deadline = None
+        self.refuse(f"not logged in within {self.limits.login_deadline:.0f} s")
+
+    def _ping(self):
+        self.callRemote(commands.Ping).addErrback(lambda _: None)  # any answer is a sign of life
+
+    def _silent(self):
+        self.refuse(f"silent for {self.limits.drop_after:.0f} s")
+
+    # -- our side: output the client does not read ------------------------------
+
+    def sendBox(self, box):
+        if self._writes_paused:
+            self.unread_output += len(box.serialize())
+            if self.unread_output > self.limits.max_unread_output:
+                self.refuse(f"more than {self.limits.max_unread_output} bytes of output unread")
+                return
+        super().sendBox(box)
+
+    def output_blocked(self):
+        """The transport's buffer is full: the client is not reading."""
+        self._writes_paused = True
+        if self._stall is None:
+            self._stall = self.clock.callLater(self.limits.write_stall, self._stalled)
+
+    def output_flowing(self):
+        self._writes_paused = False
+        self.unread_output = 0
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+
+    def _stalled(self):
+        self._stall = None
+        self.refuse(f"a write stalled for {self.limits.write_stall:.0f} s")
+
+    # -- ending --------------------------------------------------------------------
+
+    def session_ended(self, reason):
+        session = self.locator.end_session()
+        log.info("ended {session}: {reason}", session=session, reason=reason)
+        self.transport.unregisterProducer()  # else TLS waits for it before closing
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.lost = True
+        for timer in (self._deadline, self._stall):
+            if timer is not None and timer.active():
+                timer.cancel()
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        self.locator.end_session()
+        if self.factory is not None:
+            self.factory.gone(self)
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
+class ChatFactory(Factory):
+    """Makes a ChatProtocol per admitted connection, all sharing the hub."""
+
+    noisy = False
+
+    def __init__(self, hub, clock, limits=ConnectionLimits()):
+        self.hub = hub
+        self.clock = clock
+        self.limits = limits
+        self.connections = set()
+        self.unauthenticated = {}  # address -> count
+
+    def admit(self, addr):
+        """May one more connection from `addr` start?"""
+        address = peer_address(addr)
+        if len(self.connections) >= self.limits.max_connections:
+            log.warn("refusing {address}: {count} connections", address=address, count=len(self.connections))
+            return False
+        if self.unauthenticated.get(address, 0) >= self.limits.unauthenticated_per_address:
+            log.warn("refusing {address}: too many connections not logged in", address=address)
+            return False
+        return True
+
+    def buildProtocol(self, addr):
+        protocol = ChatProtocol(self.hub, self.clock, self.limits, self)
+        address = peer_address(addr)
+        self.connections.add(protocol)
+        self.unauthenticated[address] = self.unauthenticated.get(address, 0) + 1
+        return protocol
+
+    def authenticated(self, protocol):
+        if not protocol.authenticated:
+            protocol.authenticated = True
+            self._forget_unauthenticated(protocol.address)
+
+    def gone(self, protocol):
+        self.connections.discard(protocol)
+        if not protocol.authenticated:
+            self._forget_unauthenticated(protocol.address)
+
+    def _forget_unauthenticated(self, address):
+        left = self.unauthenticated.get(address, 1) - 1
+        if left:
+            self.unauthenticated[address] = left
+        else:
+            self.unauthenticated.pop(address, None)
+
+
+class AdmittingTLSFactory(TLSMemoryBIOFactory):
+    """TLS around a ChatFactory; a connection over its limits is closed before any TLS."""
+
+    def buildProtocol(self, addr):
+        if not self.wrappedFactory.admit(addr):
+            return None
+        return super().buildProtocol(addr)
