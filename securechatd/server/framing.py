@@ -42,6 +42,10 @@ class BoundedBoxProtocol(amp.AMP):
         left = limits.max_bytes - self._box_bytes - PREFIX
         return max(0, min(cap, left))
 
+    def dataReceived(self, data):
+        if self.refused is None:  # a dropped connection's last bytes are not kept
+            super().dataReceived(data)
+
     def proto_init(self, string):
         self._box_bytes = self._box_keys = 0
         return super().proto_init(string)

@@ -1,0 +1,230 @@
+"""Connection limits, driven with raw bytes where the case is about framing."""
+
+import struct
+
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+
+from securechatd import commands
+from securechatd.server.connection import ChatFactory, ConnectionLimits
+from securechatd.server.framing import BoxLimits
+from tests.helpers import Connection, make_hub
+
+PASSWORD = "correct horse battery"
+
+
+def pair(key, value):
+    return struct.pack("!H", len(key)) + key + struct.pack("!H", len(value)) + value
+
+
+def box(**fields):
+    return b"".join(pair(k.encode(), v) for k, v in fields.items()) + b"\x00\x00"
+
+
+class RawConnection:
+    """A ChatProtocol fed raw bytes over a StringTransport."""
+
+    def __init__(self, hub, factory=None, address="10.0.0.1"):
+        self.factory = factory or ChatFactory(hub, hub.clock, hub_limits(hub))
+        self.protocol = self.factory.buildProtocol(IPv4Address("TCP", address, 40000))
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", address, 40000))
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data):
+        self.protocol.dataReceived(data)
+
+    @property
+    def dropped(self):
+        return self.transport.disconnecting
+
+    def buffered(self):
+        """Bytes the parser holds for this connection: the partial box and unparsed input."""
+        current = self.protocol._currentBox or {}
+        held = sum(len(k) + len(v) for k, v in current.items())
+        return held + len(getattr(self.protocol, "_unprocessed", b""))
+
+    def lose(self):
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+def hub_limits(hub):
+    return getattr(hub, "test_limits", ConnectionLimits())
+
+
+class FramingTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.hub = make_hub(self, clock=self.clock)
+        self.logged = []
+        self.patch(
+            __import__("securechatd.server.framing", fromlist=["log"]).log,
+            "warn",
+            lambda text, **fields: self.logged.append(text.format(**fields)),
+        )
+
+    def test_never_ending_box_before_login(self):
+        conn = RawConnection(self.hub)
+        for i in range(100_000):
+            conn.send(pair(b"k%d" % i, b"v" * 200))
+            if conn.dropped:
+                break
+        self.assertTrue(conn.dropped)
+        self.assertLess(i, 40)
+        self.assertLessEqual(conn.buffered(), 8 * 1024)
+        self.assertEqual(len(self.logged), 1)
+
+    def test_never_ending_box_in_large_records(self):
+        conn = RawConnection(self.hub)
+        stream = b"".join(pair(b"k%d" % i, b"v" * 1000) for i in range(1000))  # ~1 MB
+        for start in range(0, len(stream), 16 * 1024):  # as TLS hands it over: 16 KiB records
+            conn.send(stream[start : start + 16 * 1024])
+        self.assertTrue(conn.dropped)
+        self.assertLessEqual(conn.buffered(), 8 * 1024 + 16 * 1024)
+
+    def test_forty_keys_before_login(self):
+        conn = RawConnection(self.hub)
+        conn.send(b"".join(pair(b"k%d" % i, b"") for i in range(40)) + b"\x00\x00")
+        self.assertTrue(conn.dropped)
+        self.assertIn("too many keys", self.logged[0])
+
+    def test_value_longer_than_the_budget_is_not_buffered(self):
+        conn = RawConnection(self.hub)
+        conn.send(struct.pack("!H", 4) + b"_ask" + struct.pack("!H", 60000) + b"x" * 100)
+        self.assertTrue(conn.dropped)
+
+    def test_junk(self):
+        conn = RawConnection(self.hub)
+        conn.send(b"\xff" * (1 << 20))
+        self.assertTrue(conn.dropped)
+        self.assertIn("beyond", self.logged[0])
+
+    def test_key_over_255_bytes(self):
+        conn = RawConnection(self.hub)
+        conn.send(struct.pack("!H", 256) + b"k" * 256)
+        self.assertTrue(conn.dropped)
+
+    def test_box_neither_command_nor_answer(self):
+        conn = RawConnection(self.hub)
+        conn.send(box(hello=b"world"))
+        self.assertTrue(conn.dropped)
+        self.assertIn("neither a command nor an answer", self.logged[0])
+
+    def test_answer_to_an_unknown_tag(self):
+        conn = RawConnection(self.hub)
+        conn.send(box(_answer=b"77"))
+        self.assertTrue(conn.dropped)
+
+    def test_unknown_command_keeps_connection(self):
+        conn = RawConnection(self.hub)
+        conn.send(box(_command=b"Shout", _ask=b"1"))
+        self.assertFalse(conn.dropped)
+        self.assertIn(b"UNHANDLED", conn.transport.value())
+
+    def test_larger_boxes_after_login(self):
+        conn = Connection(self.hub)
+        self.successResultOf(conn.call(commands.Register, username="alice", password=PASSWORD))
+        self.successResultOf(conn.call(commands.Register, username="bob", password=PASSWORD))
+        self.successResultOf(conn.call(commands.Login, username="alice", password=PASSWORD))
+        conversation = self.successResultOf(conn.call(commands.CreateConversation, members=["bob"]))
+        sent = conn.call(
+            commands.SendMessage,
+            conversation_id=conversation["conversation_id"],
+            client_msg_id="big",
+            body="b" * 16 * 1024,
+        )
+        self.assertEqual(self.successResultOf(sent)["seq"], 1)
+
+    def test_large_box_before_login_drops(self):
+        conn = Connection(self.hub)
+        self.failureResultOf(conn.call(commands.Login, username="alice", password="p" * 9000), ConnectionDone)
+        self.assertTrue(conn.server.lost)
+        self.assertIn("beyond the box's budget", self.logged[0])
+
+
+class ConnectionLimitTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.hub = make_hub(self, clock=self.clock)
+
+    def test_login_deadline_not_reset_by_slow_drip(self):
+        conn = RawConnection(self.hub)
+        for byte in box(_command=b"Ping", _ask=b"1")[:-1]:
+            self.clock.advance(6)
+            conn.send(bytes([byte]))
+            if conn.dropped:
+                break
+        self.assertTrue(conn.dropped)
+        self.assertEqual(self.clock.seconds(), 60)
+
+    def test_login_cancels_the_deadline(self):
+        conn = Connection(self.hub)
+        self.successResultOf(conn.call(commands.Register, username="alice", password=PASSWORD))
+        self.successResultOf(conn.call(commands.Login, username="alice", password=PASSWORD))
+        for _ in range(4):
+            self.clock.advance(20)
+            conn.pump.flush()
+        self.assertFalse(conn.server.lost)
+
+    def test_unauthenticated_connections_per_address(self):
+        factory = ChatFactory(self.hub, self.clock, ConnectionLimits(unauthenticated_per_address=3))
+        address = IPv4Address("TCP", "10.0.0.9", 1)
+        conns = [RawConnection(self.hub, factory, "10.0.0.9") for _ in range(3)]
+        self.assertFalse(factory.admit(address))
+        self.assertTrue(factory.admit(IPv4Address("TCP", "10.0.0.10", 1)))
+        conns[0].lose()
+        self.assertTrue(factory.admit(address))
+
+    def test_global_cap(self):
+        factory = ChatFactory(self.hub, self.clock, ConnectionLimits(max_connections=2))
+        RawConnection(self.hub, factory, "10.0.0.1")
+        RawConnection(self.hub, factory, "10.0.0.2")
+        self.assertFalse(factory.admit(IPv4Address("TCP", "10.0.0.3", 1)))
+
+
+class SlowReaderTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.hub = make_hub(self, clock=self.clock)
+
+    def test_pipelined_pings_never_read(self):
+        limits = ConnectionLimits(max_unread_output=64 * 1024)
+        conn = RawConnection(self.hub, ChatFactory(self.hub, self.clock, limits))
+        conn.transport.producer.pauseProducing()  # the kernel buffer is full: the client reads nothing
+        for i in range(10_000):
+            conn.send(box(_command=b"Ping", _ask=b"%d" % i))
+            if conn.dropped:
+                break
+        self.assertTrue(conn.dropped)
+        self.assertLessEqual(conn.protocol.unread_output, 64 * 1024 + 200)
+        self.assertLess(len(conn.transport.value()), 64 * 1024 + 200)
+
+    def test_write_stall(self):
+        conn = RawConnection(self.hub)
+        conn.transport.producer.pauseProducing()
+        self.clock.advance(14)
+        self.assertFalse(conn.dropped)
+        self.clock.advance(1)
+        self.assertTrue(conn.dropped)
+
+    def test_stall_ends_when_the_client_reads(self):
+        conn = RawConnection(self.hub)
+        conn.transport.producer.pauseProducing()
+        self.clock.advance(10)
+        conn.transport.producer.resumeProducing()
+        self.clock.advance(10)
+        self.assertFalse(conn.dropped)
+
+    def test_reads_pause_with_too_many_commands_in_flight(self):
+        limits = ConnectionLimits(commands_in_flight=4)
+        conn = RawConnection(self.hub, ChatFactory(self.hub, self.clock, limits))
+        hashing = []
+        self.hub.accounts.hasher._run = lambda f, *a: hashing.append((f, a)) or __import__(
+            "twisted.internet.defer", fromlist=["Deferred"]
+        ).Deferred()
+        for i in range(4):
+            conn.send(box(_command=b"Register", _ask=b"%d" % i, username=b"user%d" % i, password=b"p" * 10))
+        self.assertEqual(conn.transport.producerState, "paused")
