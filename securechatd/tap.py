@@ -26,7 +26,7 @@ from securechatd.server.presence import PresenceService
 from securechatd.server.connection import AdmittingTLSFactory, ChatFactory, ConnectionLimits
 from securechatd.server.framing import BoxLimits
 from securechatd.server.services import ListenerService, StoreService, ThreadPoolService
-from securechatd.server.throttle import LoginThrottle, WindowCounter
+from securechatd.server.throttle import LoginThrottle, TokenBucket, WindowCounter
 from securechatd.store import Store
 from securechatd.store.migrations import MigrationError, upgrade
 from securechatd.store.pool import connect, open_pool
@@ -149,7 +149,12 @@ def build(settings, reactor):
     )
     conversations = ConversationService(store, accounts.registry, reactor, settings.max_members)
     messages = MessageService(
-        store, conversations, accounts.registry, reactor, settings.max_message_bytes
+        store,
+        conversations,
+        accounts.registry,
+        reactor,
+        settings.max_message_bytes,
+        TokenBucket(reactor, settings.message_burst, settings.message_rate),
     )
     presence = PresenceService(store, accounts.registry, reactor)
     hub = Hub(accounts, conversations, messages, presence, reactor, settings.delivery_window)

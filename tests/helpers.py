@@ -218,7 +218,13 @@ def start_daemon(testcase, reactor, **settings):
     base = testcase.mktemp()
     os.makedirs(base)
     certs_dir = os.path.join(base, "certs")
-    options = dict(port=0, certs=certs_dir, database=os.path.join(base, "chat.sqlite"), bcrypt_cost=10)
+    options = dict(
+        port=0,
+        certs=certs_dir,
+        database=os.path.join(base, "chat.sqlite"),
+        bcrypt_cost=10,
+        message_burst=100_000,  # tests that are not about the rate limit send freely
+    )
     options.update(settings)
     daemon = tap.build(config.Settings(**options), reactor)
     daemon.startService()

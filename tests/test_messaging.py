@@ -526,3 +526,22 @@ class PresenceTests(MessagingTestCase):
             self.bob.pump.flush()
         self.assertFalse(alice.server.lost)
         self.assertEqual(self.ok(self.bob, commands.GetPresence, usernames=["alice"])["presence"][0]["status"], "online")
+
+
+class RateLimitTests(MessagingTestCase):
+    def test_burst_then_rate(self):
+        alice = self.connect("alice")
+        group = self.ok(alice, commands.CreateConversation, members=["bob", "carol", "dave"], title="G")
+        group = group["conversation_id"]
+        for i in range(30):  # a group message counts once, however many receive it
+            self.send(alice, group, f"m{i}")
+        refused = self.error(
+            alice, commands.RateLimited, commands.SendMessage, conversation_id=group, client_msg_id="x", body="b"
+        )
+        self.assertIn("retry in 1 seconds", str(refused.value))
+        self.assertEqual(self.ok(alice, commands.History, conversation_id=group, limit=500)["messages"][-1]["seq"], 30)
+        self.clock.advance(0.1)
+        self.assertEqual(self.send(alice, group, "one more")["seq"], 31)
+        self.error(alice, commands.RateLimited, commands.SendMessage, conversation_id=group, client_msg_id="y", body="b")
+        bob = self.connect("bob")
+        self.send(bob, group, "bob has his own allowance")

@@ -11,8 +11,9 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from securechatd import commands
-from securechatd.commands import InvalidArgument, MessageTooLarge
+from securechatd.commands import InvalidArgument, MessageTooLarge, RateLimited
 from securechatd.server.accounts import utc
+from securechatd.server.throttle import TokenBucket, retry_text
 from securechatd.store.messaging import Receipt
 
 log = Logger()
@@ -44,12 +45,13 @@ HISTORY_ITEM = dict(commands.History.response)[b"messages"].subargs
 
 
 class MessageService:
-    def __init__(self, store, conversations, registry, clock, max_body=16 * 1024):
+    def __init__(self, store, conversations, registry, clock, max_body=16 * 1024, rate=None):
         self.store = store
         self.conversations = conversations
         self.registry = registry
         self.clock = clock
         self.max_body = max_body
+        self.rate = rate or TokenBucket(clock, 30, 10.0)
 
     # -- sending -------------------------------------------------------------------
 
@@ -62,6 +64,9 @@ class MessageService:
         if len(body.encode("utf-8")) > self.max_body:
             raise MessageTooLarge(f"A message body is at most {self.max_body} bytes of UTF-8.")
         conversation = await self.conversations.member_of(conversation_id, session.username)
+        wait = self.rate.take(session.username)
+        if wait:
+            raise RateLimited(f"Too many messages; {retry_text(wait)}.")
         stored = await self.store.add_message(
             conversation.id, session.username, client_msg_id, body, self.clock.seconds()
         )

@@ -128,3 +128,26 @@ class LoginThrottle:
 
     def succeeded(self, account):
         self.accounts.forget(account)
+
+
+class TokenBucket(_Swept):
+    """Per key, a burst of `burst` events, refilled at `rate` per second."""
+
+    def __init__(self, clock, burst, rate):
+        self._clock = clock
+        self.burst = burst
+        self.rate = rate
+        self._buckets = {}  # key -> (tokens, time of that count)
+
+    def _tokens(self, key):
+        tokens, then = self._buckets.get(key, (self.burst, self._clock.seconds()))
+        return min(self.burst, tokens + (self._clock.seconds() - then) * self.rate)
+
+    def take(self, key):
+        """Use one token: 0 if there was one, else the seconds until there is."""
+        self._maybe_sweep(self._buckets, lambda key: self._tokens(key) >= self.burst)
+        tokens = self._tokens(key)
+        if tokens < 1:
+            return (1 - tokens) / self.rate
+        self._buckets[key] = (tokens - 1, self._clock.seconds())
+        return 0
