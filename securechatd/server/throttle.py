@@ -147,7 +147,7 @@ class TokenBucket(_Swept):
         """Use one token: 0 if there was one, else the seconds until there is."""
         self._maybe_sweep(self._buckets, lambda key: self._tokens(key) >= self.burst)
         tokens = self._tokens(key)
-        if tokens < 1:
+        if tokens < 1 - 1e-6:  # (a retry exactly when told must not fail on rounding)
             return (1 - tokens) / self.rate
-        self._buckets[key] = (tokens - 1, self._clock.seconds())
+        self._buckets[key] = (max(0.0, tokens - 1), self._clock.seconds())
         return 0
