@@ -5,11 +5,11 @@ development certificates, upgrades the database schema, and builds the
 services. Any problem there stops start-up with one line and exit status 1.
 """
 
+import signal
 import sqlite3
 import sys
 from functools import partial
 
-from twisted.application.service import MultiService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -25,7 +25,12 @@ from securechatd.server.passwords import PasswordHasher
 from securechatd.server.presence import PresenceService
 from securechatd.server.connection import AdmittingTLSFactory, ChatFactory, ConnectionLimits
 from securechatd.server.framing import BoxLimits
-from securechatd.server.services import ListenerService, StoreService, ThreadPoolService
+from securechatd.server.services import (
+    ListenerService,
+    SequentialMultiService,
+    StoreService,
+    ThreadPoolService,
+)
 from securechatd.server.throttle import LoginThrottle, TokenBucket, WindowCounter
 from securechatd.store import Store
 from securechatd.store.migrations import MigrationError, upgrade
@@ -160,19 +165,37 @@ def build(settings, reactor):
     hub = Hub(accounts, conversations, messages, presence, reactor, settings.delivery_window)
     factory = ChatFactory(hub, reactor, connection_limits(settings))
     endpoint, where = _endpoint(settings, reactor)
-    daemon = MultiService()
+    daemon = SequentialMultiService()
     ThreadPoolService(hash_pool).setServiceParent(daemon)
     StoreService(store).setServiceParent(daemon)
-    listener = ListenerService(endpoint, AdmittingTLSFactory(server_tls, False, factory), where)
+    listener = ListenerService(
+        endpoint, AdmittingTLSFactory(server_tls, False, factory), where, settings.shutdown_grace
+    )
     listener.setName("listener")
     listener.setServiceParent(daemon)
     return daemon
+
+
+def _stop_on_sigterm(reactor):
+    """SIGTERM stops the reactor (so services drain) and twistd then exits 0.
+
+    (Twisted's own handler makes twistd end itself with the signal, which
+    service managers and scripts read as a crash.)
+    """
+
+    def stop(signum, frame):
+        log.info("SIGTERM: shutting down")
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     try:
-        return build(options["settings"], reactor)
+        daemon = build(options["settings"], reactor)
     except (config.ConfigError, certs.CertError, MigrationError, OSError) as problem:
         _fail(problem)
+    reactor.callWhenRunning(_stop_on_sigterm, reactor)
+    return daemon

@@ -5,7 +5,7 @@ import sqlite3
 import stat
 
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionClosed
 from twisted.trial import unittest
 from OpenSSL.SSL import Error as TLSError
@@ -88,10 +88,10 @@ class DaemonTests(unittest.TestCase):
         )
 
     def start(self):
-        daemon = tap.build(self.settings, reactor)
+        self.daemon = daemon = tap.build(self.settings, reactor)
         daemon.startService()
-        self.addCleanup(daemon.stopService)
-        return daemon.getServiceNamed("listener").port.getHost().port
+        self.addCleanup(lambda: daemon.running and daemon.stopService())
+        return self.daemon.getServiceNamed("listener").port.getHost().port
 
     def connect(self, port, hostname="localhost", ca=None):
         ca = ca or os.path.join(self.certs, "ca.pem")
@@ -166,6 +166,26 @@ class DaemonTests(unittest.TestCase):
         self.assertRaises(SystemExit, tap.makeService, options, reactor)
         [line] = stderr
         self.assertIn("[server] listen (--listen): 'carrier-pigeon:7'", line)
+
+    @inlineCallbacks
+    def test_stop_answers_commands_in_flight_then_closes(self):
+        port = self.start()
+        idle = yield self.connect(port)
+        busy = yield self.connect(port)
+        yield busy.callRemote(commands.Register, username="alice", password=PASSWORD)
+        idle_lost, busy_lost = when_lost(idle), when_lost(busy)
+        hub = self.daemon.getServiceNamed("listener").factory.wrappedFactory.hub
+        hashing, run = Deferred(), hub.accounts.hasher._run
+        hub.accounts.hasher._run = lambda *job: hashing.callback(None) or run(*job)
+        login = busy.callRemote(commands.Login, username="alice", password=PASSWORD)
+        yield hashing  # the Login is in flight on the server
+        stopped = self.daemon.stopService()
+        answer = yield login
+        self.assertEqual(answer["username"], "alice")
+        yield idle_lost
+        yield busy_lost
+        yield stopped
+        self.assertFalse(self.daemon.getServiceNamed("listener").running)
 
     def test_database_is_migrated_and_durable(self):
         self.start()

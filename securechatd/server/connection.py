@@ -11,6 +11,7 @@ dropped. Everything it sent and was acknowledged stays stored.
 import ipaddress
 from dataclasses import dataclass
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -73,6 +74,7 @@ class ChatProtocol(BoundedBoxProtocol):
     """One client connection."""
 
     lost = False
+    draining = False
     authenticated = False
     address = None
     keepalive = None
@@ -120,7 +122,10 @@ class ChatProtocol(BoundedBoxProtocol):
 
     def command_finished(self, result):
         self.in_flight -= 1
-        if self._reads_paused and self.in_flight < self.limits.commands_in_flight and not self.lost:
+        if self.draining:
+            if not self.in_flight:
+                self.clock.callLater(0, self.close)  # once this answer is written
+        elif self._reads_paused and self.in_flight < self.limits.commands_in_flight and not self.lost:
             self._reads_paused = False
             self.transport.resumeProducing()
         return result
@@ -174,8 +179,29 @@ class ChatProtocol(BoundedBoxProtocol):
     def session_ended(self, reason):
         session = self.locator.end_session()
         log.info("ended {session}: {reason}", session=session, reason=reason)
+        self.close()
+
+    def close(self):
+        """Close cleanly after what is written so far, parsing nothing more."""
+        if self.transport is None or self.lost:
+            return
+        self.refused = self.refused or "closing"
         self.transport.unregisterProducer()  # else TLS waits for it before closing
+        if self._reads_paused:  # TLS must read the client's close_notify to finish
+            self._reads_paused = False
+            self.transport.resumeProducing()
         self.transport.loseConnection()
+
+    def drain(self):
+        """The server is stopping: read no more commands, close once those in flight are answered."""
+        self.draining = True
+        if self.transport is None:
+            return
+        if not self._reads_paused:
+            self._reads_paused = True
+            self.transport.pauseProducing()
+        if not self.in_flight:
+            self.close()
 
     def connectionLost(self, reason):
         self.lost = True
@@ -202,6 +228,23 @@ class ChatFactory(Factory):
         self.limits = limits
         self.connections = set()
         self.unauthenticated = {}  # address -> count
+        self._drained = None
+
+    def drain(self, grace):
+        """Deferred firing once every connection has closed; after `grace` seconds they are cut."""
+        if not self.connections:
+            return succeed(None)
+        log.info("closing {count} connections (at most {grace} s)", count=len(self.connections), grace=grace)
+        self._drained = Deferred()
+        cut = self.clock.callLater(grace, self._cut)
+        for connection in list(self.connections):
+            connection.drain()
+        return self._drained.addBoth(lambda result: cut.cancel() if cut.active() else None)
+
+    def _cut(self):
+        for connection in list(self.connections):
+            log.warn("cutting {peer}: still busy after the grace time", peer=connection.address)
+            connection.transport.abortConnection()
 
     def admit(self, addr):
         """May one more connection from `addr` start?"""
@@ -230,6 +273,8 @@ class ChatFactory(Factory):
         self.connections.discard(protocol)
         if not protocol.authenticated:
             self._forget_unauthenticated(protocol.address)
+        if self._drained is not None and not self.connections and not self._drained.called:
+            self._drained.callback(None)
 
     def _forget_unauthenticated(self, address):
         left = self.unauthenticated.get(address, 1) - 1

@@ -1,10 +1,27 @@
 """Twisted services that own the daemon's resources and release them on stop."""
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 log = Logger()
+
+
+class SequentialMultiService(MultiService):
+    """Stops its children one after another, last added first, each waited for.
+
+    (MultiService stops them all at once, which would close the database
+    while connections are still finishing their commands.)
+    """
+
+    def stopService(self):
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self):
+        for child in reversed(list(self)):
+            await maybeDeferred(child.stopService)
 
 
 class ThreadPoolService(Service):
@@ -39,10 +56,11 @@ class ListenerService(Service):
     port = None
     _listened = False
 
-    def __init__(self, endpoint, factory, where):
+    def __init__(self, endpoint, factory, where, grace=10.0):
         self.endpoint = endpoint
         self.factory = factory
         self.where = where
+        self.grace = grace
 
     def privilegedStartService(self):
         """Bind before twistd drops privileges, so ports below 1024 work."""
@@ -70,7 +88,12 @@ class ListenerService(Service):
         super().startService()
 
     def stopService(self):
+        """Stop accepting, then let every connection finish (within the grace time)."""
         super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()
+            await port.stopListening()
+        await self.factory.wrappedFactory.drain(self.grace)

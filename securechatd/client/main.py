@@ -1,0 +1,749 @@
+"""`securechat`: chat on a securechatd server from a terminal, or from a script with --batch.
+
+Chat runs typed commands on a ChatClient and turns every answer and server
+push into a record (a dict), which a person sees through ui.render and a
+script gets as one JSON line. The server's certificate is checked before any
+password is asked for or sent.
+"""
+
+import os
+import sys
+import termios
+import tty
+from collections import Counter
+from dataclasses import replace
+from datetime import datetime, timezone
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred, DeferredLock, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionRefusedError, DNSLookupError
+from twisted.internet.stdio import StandardIO
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from securechatd import config
+from securechatd.certs import CA_CERT, CertError
+from securechatd.client import ui
+from securechatd.client.library import ChatClient, TLSHandshakeFailed
+from securechatd.commands import ChatError
+
+log = Logger()
+
+HISTORY = 20  # messages shown by /history without N
+WAIT_TIMEOUT = 30  # seconds /wait waits without TIMEOUT
+SETTLE = 10  # seconds /quit waits for the commands still running
+MAX_NAMES = 200  # users per GetPresence or ListUsers call (the server's limit)
+
+
+class LocalError(Exception):
+    """A problem the client finds by itself, with a code in the style of the server's."""
+
+    def __init__(self, code, message):
+        super().__init__(message)
+        self.code = code
+
+
+def describe(error):
+    """(code, one sentence) for anything a command can fail with."""
+    if isinstance(error, ChatError):
+        return error.code.decode(), str(error)
+    if isinstance(error, LocalError):
+        return error.code, str(error)
+    if isinstance(error, ui.UsageError):
+        return "USAGE", str(error)
+    if isinstance(error, ConnectionClosed):
+        return "DISCONNECTED", "Not connected to the server."
+    return "INTERNAL", f"Unexpected problem: {type(error).__name__}: {error} (--debug logs the details)."
+
+
+class Chat:
+    """One person's session: typed lines in; answers and events out as records.
+
+    In --batch (and whenever input is not a terminal) each line is run to the
+    end before the next is read, so a script reads as it runs; at a terminal
+    lines run at once, so a slow answer holds up nothing.
+    """
+
+    def __init__(self, client, console, clock, *, password=None, user=None, batch=False, keep_going=False):
+        self.client = client
+        self.console = console
+        self.clock = clock
+        self.password = password  # from --password-file or SECURECHAT_PASSWORD
+        self.default_user = user
+        self.batch = batch
+        self.keep_going = keep_going
+        self.failed = False
+        self.done = Deferred()  # fires with the exit status
+        self.conversations = {}  # id -> library Conversation, kept up to date
+        self.current = None
+        self._mine = {}  # conversation id -> {seq: message id} of our messages
+        self._marks = {}  # (conversation id, reader, state) -> seq shown so far
+        self._busy = 0  # commands running
+        self._idle = []  # Deferreds of a /quit waiting for the other commands
+        self._pushes = DeferredLock()  # pushes are shown one at a time, in order
+        self._arrived, self._claimed, self._waiters = Counter(), Counter(), []
+        client.on_deliver = self._push(self._delivered)
+        client.on_receipt = self._push(self._receipt)
+        client.on_presence = self._push(self._presence)
+        client.on_conversation = self._push(self._conversation)
+        client.on_reconnected = self._push(self._reconnected)
+        client.on_disconnected = self._disconnected
+        client.on_logged_out = self._logged_out
+
+    # -- running -------------------------------------------------------------
+
+    def run(self):
+        """Deferred exit status: after /quit, the end of the input, or an error in --batch."""
+        self._prompt()
+        Deferred.fromCoroutine(self._read())
+        return self.done
+
+    def finish(self, status):
+        if not self.done.called:
+            self.done.callback(status)
+
+    async def _read(self):
+        if self.default_user is not None:
+            await self.command("login", [])
+        while not self.done.called:
+            line = await self.console.next_line()
+            if self.done.called:
+                return
+            if line is None:
+                await self.command("quit", [])
+                return
+            running = Deferred.fromCoroutine(self.execute(line))
+            if not self.console.interactive:
+                await running
+
+    async def execute(self, line):
+        try:
+            parsed = ui.parse(line)
+        except ui.UsageError:
+            self._error(line.split()[0].lstrip("/").lower(), Failure())
+            return
+        if parsed is not None:
+            await self.command(*parsed)
+
+    async def command(self, name, arguments):
+        """Run one command; its failure is shown as one line, never raised."""
+        self._busy += 1
+        try:
+            await getattr(self, "_do_" + name)(*arguments)
+        except Exception:
+            self._error(name, Failure())
+        finally:
+            self._busy -= 1
+            if self._busy <= 1:
+                idle, self._idle = self._idle, []
+                for waiting in idle:
+                    if not waiting.called:
+                        waiting.callback(None)
+
+    def _error(self, command, failure):
+        code, message = describe(failure.value)
+        if code == "INTERNAL":
+            log.failure("/{command} failed", failure, command=command)
+        self.failed = True
+        self.emit({"event": "error", "command": command, "code": code, "message": message})
+        if self.batch and not self.keep_going:
+            self.finish(1)
+
+    def emit(self, record):
+        if self.batch:
+            self.console.show(ui.to_json(record))
+        else:
+            for line in ui.render(record):
+                self.console.show(line)
+        self._prompt()
+
+    def _answer(self, command, **fields):
+        self.emit({"event": "answer", "command": command, **fields})
+
+    def _prompt(self):
+        name = self._name(self.current) if self.current is not None else None
+        self.console.set_prompt(ui.prompt(name, sum(c.unread for c in self.conversations.values())))
+
+    def _now(self):
+        return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
+
+    # -- what we know ---------------------------------------------------------------
+
+    def _name(self, conversation_id):
+        conversation = self.conversations.get(conversation_id)
+        if conversation is None:
+            return f"#{conversation_id}"
+        return ui.conversation_name(conversation, self.client.username)
+
+    async def _refresh(self):
+        self.conversations = {c.conversation_id: c for c in await self.client.list_conversations()}
+        if self.current not in self.conversations:
+            self.current = None
+
+    async def _know(self, conversation_id):
+        if conversation_id not in self.conversations:
+            await self._refresh()
+
+    def _forget(self):
+        self.conversations, self.current, self._mine, self._marks = {}, None, {}, {}
+
+    def _logged_in(self):
+        if self.client.username is None:
+            raise LocalError("AUTH_REQUIRED", "Log in first: /login USER, or /register USER for a new account.")
+
+    def _here(self):
+        """The current conversation's id, or why there is none."""
+        self._logged_in()
+        if self.current is None:
+            raise LocalError("NO_CONVERSATION", "There is no current conversation: /dm USER, /open NAME or /convs.")
+        return self.current
+
+    def _seen(self, conversation_id, message):
+        """Note a message of the conversation (for unread counts and our own messages' receipts)."""
+        if message.sender == self.client.username:
+            self._mine.setdefault(conversation_id, {})[message.seq] = message.message_id
+        conversation = self.conversations.get(conversation_id)
+        if conversation is not None and message.seq > conversation.last_seq:
+            unread = conversation.unread + (message.sender != self.client.username)
+            self.conversations[conversation_id] = replace(conversation, last_seq=message.seq, unread=unread)
+
+    def _message(self, conversation_id, message):
+        return {
+            "conversation_id": conversation_id,
+            "conversation": self._name(conversation_id),
+            "message_id": message.message_id,
+            "seq": message.seq,
+            "sender": message.sender,
+            "body": message.body,
+            "sent_at": message.sent_at,
+        }
+
+    # -- accounts ------------------------------------------------------------------
+
+    def _user(self, user, command):
+        user = user or self.default_user
+        if user is None:
+            raise ui.UsageError(f"usage: {ui.COMMANDS[command].usage} (or start securechat with --user NAME)")
+        return user
+
+    async def _secret(self, prompt):
+        secret = await self.console.read_secret(prompt)
+        if not secret:
+            raise LocalError("CANCELLED", "No password was given.")
+        return secret
+
+    async def _new_password(self, prompt):
+        password = await self._secret(prompt)
+        if self.console.interactive and await self._secret("Again: ") != password:
+            raise LocalError("PASSWORD_MISMATCH", "The two passwords differ.")
+        return password
+
+    async def _do_register(self, user=None):
+        user = self._user(user, "register")
+        password = self.password or await self._new_password(f"New password for {user}: ")
+        username = await self.client.register(user, password)
+        self._answer("register", username=username)
+        await self._log_in(username, password)
+
+    async def _do_login(self, user=None):
+        user = self._user(user, "login")
+        await self._log_in(user, self.password or await self._secret(f"Password for {user}: "))
+
+    async def _log_in(self, user, password):
+        login = await self.client.login(user, password)
+        # What the server pushes after its answer is shown after this answer.
+        await self._pushes.acquire()
+        try:
+            self._forget()
+            self.default_user = login.username
+            await self._refresh()
+            unread = sum(c.unread for c in self.conversations.values())
+            self._answer("login", username=login.username, conversations=len(self.conversations), unread=unread)
+        finally:
+            self._pushes.release()
+
+    async def _do_logout(self):
+        await self.client.logout()
+        self._forget()
+        self._answer("logout")
+
+    async def _do_passwd(self):
+        old = self.password or await self._secret("Current password: ")
+        new = await self._new_password("New password: ")
+        await self.client.change_password(old, new)
+        if self.password is not None:
+            self.password = new
+        self._answer("passwd")
+
+    # -- people --------------------------------------------------------------------
+
+    async def _do_users(self, prefix=None):
+        users = await self.client.list_users(prefix, MAX_NAMES)
+        self._answer("users", users=[{"username": name, "status": status} for name, status in users])
+
+    async def _do_who(self):
+        await self._refresh()
+        me = self.client.username
+        contacts = sorted({m for c in self.conversations.values() for m in c.members} - {me})
+        rows = []
+        for start in range(0, len(contacts), MAX_NAMES):
+            rows += await self.client.get_presence(contacts[start : start + MAX_NAMES])
+        presence = [
+            {"username": p.username, "status": p.status, "note": p.note, "last_seen": p.last_seen} for p in rows
+        ]
+        self._answer("who", presence=presence)
+
+    async def _do_status(self, status, note=None):
+        await self.client.set_presence(status, note)
+        self._answer("status", status=status, note=note)
+
+    # -- conversations ---------------------------------------------------------------
+
+    async def _open(self, conversation_id):
+        await self._know(conversation_id)
+        self.current = conversation_id
+        return {"conversation_id": conversation_id, "conversation": self._name(conversation_id)}
+
+    async def _do_dm(self, user, text=None):
+        conversation_id, created = await self.client.create_conversation([user])
+        fields = dict(await self._open(conversation_id), created=created)
+        if text:
+            fields.update(await self._send(conversation_id, text))
+        self._answer("dm", **fields)
+
+    async def _do_group(self, title, users):
+        conversation_id, _ = await self.client.create_conversation(users, title=title)
+        fields = await self._open(conversation_id)
+        self._answer("group", **fields, members=list(self.conversations[conversation_id].members))
+
+    async def _do_add(self, users):
+        conversation_id = self._here()
+        await self.client.add_members(conversation_id, users)
+        conversation = self.conversations[conversation_id]
+        members = tuple(sorted(set(conversation.members) | set(users)))
+        self.conversations[conversation_id] = replace(conversation, members=members)
+        self._answer(
+            "add", conversation_id=conversation_id, conversation=self._name(conversation_id), members=list(members)
+        )
+
+    async def _do_leave(self):
+        conversation_id = self._here()
+        await self.client.leave_conversation(conversation_id)
+        name = self._name(conversation_id)
+        del self.conversations[conversation_id]
+        self.current = None
+        self._answer("leave", conversation_id=conversation_id, conversation=name)
+
+    async def _do_convs(self):
+        await self._refresh()
+        rows = [
+            {
+                "conversation_id": c.conversation_id,
+                "conversation": self._name(c.conversation_id),
+                "kind": c.kind,
+                "title": c.title,
+                "members": list(c.members),
+                "last_seq": c.last_seq,
+                "unread": c.unread,
+                "current": c.conversation_id == self.current,
+            }
+            for c in self.conversations.values()
+        ]
+        self._answer("convs", conversations=rows)
+
+    def _find(self, target):
+        """The id of the conversation `target` names (an id, a person, a title), or None."""
+        number = target.lstrip("#")
+        if number.isdigit():
+            return int(number) if int(number) in self.conversations else None
+        found = [i for i in self.conversations if self._name(i).lower() == target.lower()]
+        if len(found) > 1:
+            ids = ", ".join(f"#{i}" for i in found)
+            raise LocalError("AMBIGUOUS", f"Several conversations are called {target}: {ids}; /open ID picks one.")
+        return found[0] if found else None
+
+    async def _do_open(self, target):
+        self._logged_in()
+        conversation_id = self._find(target)
+        if conversation_id is None:
+            await self._refresh()
+            conversation_id = self._find(target)
+        if conversation_id is None:
+            raise LocalError(
+                "NO_SUCH_CONVERSATION", f"You have no conversation {target}; /convs lists yours, /dm USER starts one."
+            )
+        fields = await self._open(conversation_id)
+        self._answer("open", **fields, unread=self.conversations[conversation_id].unread)
+
+    # -- messages ------------------------------------------------------------------------
+
+    async def _send(self, conversation_id, text):
+        if self.conversations[conversation_id].unread:
+            await self._mark_read(conversation_id)  # a reply shows what came before was read
+        sent = await self.client.send_message(conversation_id, text)
+        fields = {
+            "message_id": sent.message_id,
+            "seq": sent.seq,
+            "sender": self.client.username,
+            "body": text,
+            "sent_at": sent.sent_at,
+        }
+        self._mine.setdefault(conversation_id, {})[sent.seq] = sent.message_id
+        conversation = self.conversations.get(conversation_id)
+        if conversation is not None and sent.seq > conversation.last_seq:
+            self.conversations[conversation_id] = replace(conversation, last_seq=sent.seq)
+        return fields
+
+    async def _do_say(self, text):
+        conversation_id = self._here()
+        sent = await self._send(conversation_id, text)
+        self._answer("say", conversation_id=conversation_id, conversation=self._name(conversation_id), **sent)
+
+    async def _do_history(self, count=HISTORY):
+        conversation_id = self._here()
+        page = await self.client.history(conversation_id, limit=count)
+        for message in page.messages:
+            self._seen(conversation_id, message)
+        self._answer(
+            "history",
+            conversation_id=conversation_id,
+            conversation=self._name(conversation_id),
+            messages=[self._message(conversation_id, m) for m in page.messages],
+            has_more=page.has_more,
+        )
+
+    async def _mark_read(self, conversation_id):
+        seq = self.conversations[conversation_id].last_seq
+        await self.client.mark_read(conversation_id, seq)
+        self.conversations[conversation_id] = replace(self.conversations[conversation_id], unread=0)
+        return seq
+
+    async def _do_read(self):
+        conversation_id = self._here()
+        seq = await self._mark_read(conversation_id)
+        self._answer("read", conversation_id=conversation_id, conversation=self._name(conversation_id), seq=seq)
+
+    async def _last_of_mine(self, conversation_id):
+        if not self._mine.get(conversation_id):
+            page = await self.client.history(conversation_id, limit=100)
+            for message in page.messages:
+                self._seen(conversation_id, message)
+        mine = self._mine.get(conversation_id)
+        if not mine:
+            raise LocalError("NO_MESSAGE", "You have sent no message here yet; /receipts MSG names one.")
+        return mine[max(mine)]
+
+    async def _do_receipts(self, message_id=None):
+        if message_id is None:
+            conversation_id = self._here()
+            message_id = await self._last_of_mine(conversation_id)
+        else:
+            mine = [c for c, messages in self._mine.items() if message_id in messages.values()]
+            conversation_id = mine[0] if mine else self._here()
+        rows = await self.client.get_receipts(conversation_id, message_id)
+        self._answer(
+            "receipts",
+            conversation_id=conversation_id,
+            conversation=self._name(conversation_id),
+            message_id=message_id,
+            receipts=[{"username": r.username, "delivered_at": r.delivered_at, "read_at": r.read_at} for r in rows],
+        )
+
+    # -- the rest ------------------------------------------------------------------------
+
+    async def _do_help(self, command=None):
+        self._answer("help", lines=ui.help_lines(command))
+
+    async def _do_wait(self, event, count=1, timeout=WAIT_TIMEOUT):
+        waiter = (event, count, Deferred())
+        waiter[2].addTimeout(timeout, self.clock)
+        self._waiters.append(waiter)
+        self._wake()
+        try:
+            await waiter[2]
+        except TimeoutError:
+            self._waiters.remove(waiter)
+            came = self._arrived[event] - self._claimed[event]
+            raise LocalError("TIMEOUT", f"Waited {timeout:g} s for {count} {event} event(s); {came} came.")
+        self._answer("wait", awaited=event, count=count)
+
+    def _arrive(self, event):
+        # Counted on the next turn, after the push's acknowledgement is on its
+        # way, so a command that /wait lets through is sent after it.
+        def count():
+            self._arrived[event] += 1
+            self._wake()
+
+        self.clock.callLater(0, count)
+
+    def _wake(self):
+        for waiter in list(self._waiters):
+            event, count, arrived = waiter
+            if self._arrived[event] - self._claimed[event] >= count:
+                self._claimed[event] += count
+                self._waiters.remove(waiter)
+                arrived.callback(None)
+
+    async def _do_quit(self):
+        if self._busy > 1:  # a message typed just before may still be on its way
+            idle = Deferred().addTimeout(SETTLE, self.clock)
+            self._idle.append(idle)
+            try:
+                await idle
+            except TimeoutError:
+                pass
+        self._answer("quit")
+        self.finish(1 if self.batch and self.failed else 0)
+
+    # -- pushes from the server --------------------------------------------------------
+
+    def _push(self, handler):
+        """A library callback running `handler` after earlier pushes; a failure is shown, not raised.
+
+        (A Deliver is acknowledged when this returns, so it is acknowledged once shown.)
+        """
+
+        def received(item):
+            return self._pushes.run(handler, item).addErrback(lambda failure: self._error("push", failure))
+
+        return received
+
+    async def _delivered(self, message):
+        conversation_id = message.conversation_id
+        await self._know(conversation_id)
+        self._seen(conversation_id, message)
+        if self.current is None and conversation_id in self.conversations:
+            self.current = conversation_id  # so a reply needs no /open
+        self.emit({"event": "deliver", **self._message(conversation_id, message)})
+        self._arrive("deliver")
+
+    async def _receipt(self, receipt):
+        conversation_id = receipt.conversation_id
+        await self._know(conversation_id)
+        message_ids = []
+        if receipt.username == self.client.username:
+            if receipt.state == "read":
+                await self._refresh()  # read on another device: new unread counts
+        else:
+            key = (conversation_id, receipt.username, receipt.state)
+            shown = self._marks.get(key, 0)
+            mine = self._mine.get(conversation_id, {})
+            message_ids = [mine[seq] for seq in sorted(mine) if shown < seq <= receipt.seq]
+            self._marks[key] = max(shown, receipt.seq)
+        self.emit(
+            {
+                "event": "receipt",
+                "conversation_id": conversation_id,
+                "conversation": self._name(conversation_id),
+                "username": receipt.username,
+                "state": receipt.state,
+                "seq": receipt.seq,
+                "at": receipt.at,
+                "message_ids": message_ids,
+            }
+        )
+        self._arrive("receipt")
+
+    async def _presence(self, presence):
+        self.emit(
+            {
+                "event": "presence",
+                "username": presence.username,
+                "status": presence.status,
+                "note": presence.note,
+                "at": presence.at,
+            }
+        )
+        self._arrive("presence")
+
+    async def _conversation(self, conversation):
+        conversation_id = conversation.conversation_id
+        known = self.conversations.get(conversation_id)
+        name = ui.conversation_name(conversation, self.client.username)
+        if self.client.username not in conversation.members:
+            self.conversations.pop(conversation_id, None)
+            if self.current == conversation_id:
+                self.current = None
+            change = "left"
+        elif known is None:
+            self.conversations[conversation_id] = conversation
+            change = "new"
+        else:
+            self.conversations[conversation_id] = replace(known, members=conversation.members, title=conversation.title)
+            change = "members"
+        self.emit(
+            {
+                "event": "conversation",
+                "conversation_id": conversation_id,
+                "conversation": name,
+                "kind": conversation.kind,
+                "title": conversation.title,
+                "members": list(conversation.members),
+                "change": change,
+                "at": self._now(),
+            }
+        )
+        self._arrive("conversation")
+
+    async def _reconnected(self, login):
+        await self._refresh()
+        self.emit({"event": "reconnected", "username": login.username, "at": self._now()})
+
+    def _disconnected(self, reason):
+        if self.batch:  # no reconnecting in --batch: a script should know at once
+            self._error("connection", Failure(LocalError("DISCONNECTED", "The connection to the server was lost.")))
+            self.finish(1)
+        else:
+            self.emit({"event": "disconnected", "message": reason.getErrorMessage(), "at": self._now()})
+
+    def quiet(self):
+        """Show no more disconnects: the program is ending (Ctrl-C stops the reactor first)."""
+        self.client.on_disconnected = lambda reason: None
+
+    def _logged_out(self, reason):
+        self._forget()
+        self.emit({"event": "logged_out", "message": reason, "at": self._now()})
+
+
+# -- the program -----------------------------------------------------------------------
+
+
+class Options(usage.Options):
+    synopsis = "[--host H] [--port P] [--ca FILE] [--user NAME] [--password-file FILE] [--batch [--keep-going]]"
+    longdesc = (
+        "Chat on a securechatd server; type /help once connected. A password is asked without echo, "
+        "or read from --password-file or the SECURECHAT_PASSWORD environment variable, never from the "
+        "command line. With --batch, commands come from standard input and every answer and event is "
+        "written as one JSON object per line."
+    )
+    optParameters = [
+        ["host", None, "localhost", "The server's host name; its certificate must name it."],
+        ["port", None, config.Settings.port, "The server's port.", int],
+        ["ca", None, os.path.join(config.Settings.certs, CA_CERT), "The CA certificate the server's is checked with."],
+        ["user", None, None, "Log in as NAME at start."],
+        ["password-file", None, None, "Take the password from the first line of FILE."],
+    ]
+    optFlags = [
+        ["batch", None, "Commands from standard input, JSON lines out; stop at the first error."],
+        ["keep-going", None, "With --batch, go on after errors (the exit status is still 1)."],
+        ["debug", None, "Log the details of unexpected problems to standard error."],
+    ]
+
+    def postOptions(self):
+        if not 0 < self["port"] < 65536:
+            raise usage.UsageError("--port must be from 1 to 65535")
+        if self["keep-going"] and not self["batch"]:
+            raise usage.UsageError("--keep-going goes with --batch")
+        if self["user"] is not None:
+            self["user"] = self["user"].lower()
+
+
+def configured_password(path, environ):
+    """The password given for scripts (--password-file, else SECURECHAT_PASSWORD), or None."""
+    if path is None:
+        return environ.get("SECURECHAT_PASSWORD") or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n") or None
+    except OSError as problem:
+        raise LocalError("PASSWORD_FILE", f"Cannot read the password file {path}: {problem.strerror}.")
+
+
+def _handshake_problem(host, port, ca, detail):
+    if "certificate verify failed" in detail:
+        return LocalError(
+            "CERTIFICATE",
+            f"Certificate problem: the certificate of {host}:{port} is not signed by the CA in {ca}, "
+            "or it has expired.",
+        )
+    if "Mismatch" in detail:
+        return LocalError("CERTIFICATE", f"Certificate problem: the server's certificate is not for {host}.")
+    return LocalError("TLS", f"TLS problem: the handshake with {host}:{port} failed ({detail}).")
+
+
+async def connect(reactor, host, port, ca, reconnect):
+    """A ChatClient connected to a verified server, or a LocalError saying why not."""
+    try:
+        client = ChatClient(host, port, ca, client_name="securechat", reactor=reactor, reconnect=reconnect)
+        await client.connect()
+    except CertError as problem:
+        raise LocalError("CERTIFICATE", f"Certificate problem: {problem} (--ca FILE names the server's CA).")
+    except TLSHandshakeFailed as problem:
+        raise _handshake_problem(host, port, ca, str(problem))
+    except ConnectionRefusedError:
+        raise LocalError("CONNECTION", f"Cannot connect to {host}:{port}: refused; is securechatd running there?")
+    except DNSLookupError:
+        raise LocalError("CONNECTION", f"Cannot connect to {host}:{port}: no such host.")
+    except ConnectError as problem:
+        raise LocalError("CONNECTION", f"Cannot connect to {host}:{port}: {problem}")
+    return client
+
+
+def _report(problem, batch):
+    """A problem that ends the program, as one line."""
+    code, message = describe(problem)
+    if batch:
+        sys.stdout.write(ui.to_json({"event": "error", "command": "connect", "code": code, "message": message}) + "\n")
+    else:
+        sys.stderr.write(f"securechat: {message}\n")
+
+
+async def _session(reactor, options, interactive):
+    try:
+        password = configured_password(options["password-file"], os.environ)
+        client = await connect(reactor, options["host"], options["port"], options["ca"], not options["batch"])
+    except Exception as problem:
+        if not isinstance(problem, LocalError):
+            log.failure("starting", Failure())
+        _report(problem, options["batch"])
+        raise SystemExit(1)
+    if interactive:
+        tty.setcbreak(0)
+    console = ui.Terminal() if interactive else ui.Console()
+    StandardIO(console, reactor=reactor)
+    chat = Chat(
+        client,
+        console,
+        reactor,
+        password=password,
+        user=options["user"],
+        batch=options["batch"],
+        keep_going=options["keep-going"],
+    )
+    reactor.addSystemEventTrigger("before", "shutdown", chat.quiet)
+    status = await chat.run()
+    await client.close()
+    await console.close()
+    raise SystemExit(status)
+
+
+def _one_line(event):
+    """Without --debug, a failure that no command reported is one line on stderr, not a traceback."""
+    failure = event.get("log_failure")
+    if failure is not None and event.get("log_namespace") != __name__:
+        sys.stderr.write(f"securechat: unexpected problem: {failure.getErrorMessage()} (--debug shows more)\n")
+
+
+def main(argv=None):
+    options = Options()
+    try:
+        options.parseOptions(sys.argv[1:] if argv is None else argv)
+    except usage.UsageError as problem:
+        sys.stderr.write(f"securechat: {problem} (securechat --help lists the options)\n")
+        sys.exit(1)
+    observer = textFileLogObserver(sys.stderr) if options["debug"] else _one_line
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    interactive = not options["batch"] and os.isatty(0)
+    blocking = [(fd, os.get_blocking(fd)) for fd in (0, 1)]
+    terminal = termios.tcgetattr(0) if interactive else None
+    try:
+        task.react(_session, (options, interactive))
+    finally:
+        # StandardIO leaves its descriptors non-blocking and Ctrl-C skips the
+        # console's own clean-up: give the shell back what it lent.
+        if terminal is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, terminal)
+            os.write(1, b"\r\x1b[J")
+        for fd, was_blocking in blocking:
+            os.set_blocking(fd, was_blocking)

@@ -1,0 +1,593 @@
+"""What a person sees of `securechat`: the commands and their help, how answers
+and events read, and the input line that output never garbles.
+
+Nothing here touches the network, so all of it is tested against strings and a
+StringTransport; securechatd.client.main connects it to a ChatClient.
+"""
+
+import codecs
+import json
+import shlex
+import shutil
+import textwrap
+import unicodedata
+from dataclasses import dataclass
+from datetime import datetime
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from zope.interface import implementer
+
+from securechatd.commands import STATUSES
+
+EVENTS = ("deliver", "receipt", "presence", "conversation")
+
+
+class UsageError(Exception):
+    """A line that is not a valid command; str() says how to write it."""
+
+
+# -- commands ------------------------------------------------------------------
+
+
+def _positive(kind):
+    def convert(name, word):
+        try:
+            value = kind(word)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise UsageError(f"{name} must be a number above 0, not {word!r}.")
+        return value
+
+    return convert
+
+
+def _one_of(choices):
+    def convert(name, word):
+        if word.lower() not in choices:
+            raise UsageError(f"{name} must be one of {', '.join(choices)}, not {word!r}.")
+        return word.lower()
+
+    return convert
+
+
+# How each argument named in a usage line is checked and converted; others are text.
+_ARGUMENTS = {
+    "USER": lambda name, word: word.lower(),
+    "N": _positive(int),
+    "MSG": _positive(int),
+    "COUNT": _positive(int),
+    "TIMEOUT": _positive(float),
+    "STATUS": _one_of(STATUSES),
+    "EVENT": _one_of(EVENTS),
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command whose usage line is also its argument grammar, so help and parser agree.
+
+    `USER` is a required word, `[N]` an optional one, `USER...` one or more.
+    With `rest`, the last argument takes the rest of the line as typed;
+    otherwise words are split like a shell's, so a title can be quoted.
+    """
+
+    usage: str
+    summary: str
+    details: str = ""
+    rest: bool = False
+
+    @property
+    def name(self):
+        return self.usage.split()[0][1:]
+
+    def parse(self, text):
+        specs = self.usage.split()[1:]
+        if self.rest:
+            words = text.split(None, len(specs) - 1)
+        else:
+            try:
+                words = shlex.split(text)
+            except ValueError:
+                raise UsageError(f"Unbalanced quotes; usage: {self.usage}")
+        arguments = []
+        for index, spec in enumerate(specs):
+            optional, repeated = spec.startswith("["), spec.rstrip("]").endswith("...")
+            name = spec.strip("[]").removesuffix("...")
+            convert = _ARGUMENTS.get(name, lambda name, word: word)
+            if repeated:
+                if len(words) <= index and not optional:
+                    raise UsageError(f"usage: {self.usage}")
+                arguments.append([convert(name, word) for word in words[index:]])
+                return arguments
+            if index < len(words):
+                arguments.append(convert(name, words[index]))
+            elif not optional:
+                raise UsageError(f"usage: {self.usage}")
+        if len(words) > len(specs):
+            raise UsageError(f"usage: {self.usage}")
+        return arguments
+
+
+COMMANDS = {
+    command.name: command
+    for command in (
+        Command(
+            "/register [USER]",
+            "create an account and log in",
+            "Asks for a new password twice (8 to 1024 characters) unless --password-file or "
+            "SECURECHAT_PASSWORD gives one. USER defaults to --user.",
+        ),
+        Command(
+            "/login [USER]",
+            "log in",
+            "Asks for the password unless --password-file or SECURECHAT_PASSWORD gives one "
+            "(in --batch without either, the next input line is the password).",
+        ),
+        Command("/logout", "log out; the connection stays open"),
+        Command(
+            "/passwd",
+            "change your password; ends your other sessions",
+            "Asks for the current password (unless given by --password-file or SECURECHAT_PASSWORD) "
+            "and the new one twice; in --batch the next input line is the new password.",
+        ),
+        Command("/users [PREFIX]", "registered users and their presence"),
+        Command("/who", "presence of the people in your conversations"),
+        Command(
+            "/status STATUS [NOTE]",
+            "set your presence (online, away, busy, invisible)",
+            "NOTE is shown with it, as in /status away back at 3. Invisible shows you as offline to others.",
+            rest=True,
+        ),
+        Command(
+            "/dm USER [TEXT]",
+            "talk with USER, sending TEXT if given",
+            rest=True,
+        ),
+        Command(
+            "/group TITLE USER...",
+            "start a group with these people",
+            'Quote a title with spaces: /group "Team lunch" bob carol',
+        ),
+        Command("/add USER...", "add people to the current group"),
+        Command("/leave", "leave the current group"),
+        Command("/convs", "your conversations with their unread counts"),
+        Command(
+            "/open ID|NAME",
+            "switch conversation: id, person or group title",
+            rest=True,
+        ),
+        Command("/history [N]", "the last N messages here (default 20)"),
+        Command(
+            "/read",
+            "mark the current conversation read (✓✓)",
+            "Sending a message into a conversation marks it read too.",
+        ),
+        Command(
+            "/receipts [MSG]",
+            "who got and read MSG (default: your last here)",
+        ),
+        Command(
+            "/wait EVENT [COUNT] [TIMEOUT]",
+            "for scripts: wait for COUNT more EVENTs",
+            "EVENT is deliver, receipt, presence or conversation; COUNT defaults to 1. Only events "
+            "no earlier /wait claimed count, so /wait deliver returns at once if a message came in "
+            "before it. Fails after TIMEOUT seconds (default 30). Later input waits meanwhile.",
+        ),
+        Command("/help [COMMAND]", "this list, or more about one command"),
+        Command("/quit", "leave (also Ctrl-D)"),
+    )
+}
+
+
+def parse(line):
+    """(command name, arguments) for a typed line, or None for a blank one.
+
+    A line without a slash is `say`, the text for the current conversation;
+    `//text` says "/text".
+    """
+    if not line.strip():
+        return None
+    if line.startswith("//"):
+        return "say", [line[1:]]
+    if not line.startswith("/"):
+        return "say", [line]
+    name, _, text = line[1:].partition(" ")
+    command = COMMANDS.get(name.lower())
+    if command is None:
+        raise UsageError(f"There is no command /{name}; /help lists them.")
+    return command.name, command.parse(text)
+
+
+def help_lines(name=None):
+    if name is not None:
+        command = COMMANDS.get(name.lstrip("/").lower())
+        if command is None:
+            raise UsageError(f"There is no command /{name.lstrip('/')}; /help lists them.")
+        return [f"{command.usage}  {command.summary}"] + textwrap.wrap(
+            command.details, 78, initial_indent="  ", subsequent_indent="  "
+        )
+    width = max(len(command.usage) for command in COMMANDS.values())
+    return [f"{command.usage:<{width}}  {command.summary}" for command in COMMANDS.values()] + [
+        "Lines without a slash go to the current conversation; // sends a leading /.",
+    ]
+
+
+# -- how things read ------------------------------------------------------------
+
+
+def conversation_name(conversation, me):
+    """A direct conversation is called by the other person's name, a group by its title."""
+    others = [member for member in conversation.members if member != me]
+    if conversation.kind == "direct":
+        return others[0] if others else me
+    return conversation.title or ", ".join(others)
+
+
+def prompt(conversation, unread):
+    """The input prompt: where a line without a slash goes, and how much is unread."""
+    where = conversation or "-"
+    return f"[{where} · {unread} unread]> " if unread else f"[{where}]> "
+
+
+def stamp(moment, now=None):
+    """Local time: HH:MM today, with the date on other days."""
+    local = moment.astimezone()
+    now = (now or datetime.now()).astimezone()
+    return local.strftime("%H:%M") if local.date() == now.date() else local.strftime("%b %d %H:%M")
+
+
+def clean(text, indent=""):
+    """Text from other people made safe for a terminal: no control sequences.
+
+    A newline continues on an indented line; every other control character
+    (ESC above all, which could rewrite the screen) becomes U+FFFD.
+    """
+    lines = text.split("\n")
+    safe = ["".join("�" if unicodedata.category(c) == "Cc" else c for c in line.replace("\t", " ")) for line in lines]
+    return ("\n" + indent).join(safe)
+
+
+def _message(record, suffix=""):
+    head = f"{stamp(record['sent_at'])} [{clean(record['conversation'])}] <{record['sender']}> "
+    return head + clean(record["body"], " " * 6) + suffix
+
+
+def _sent(record):
+    return _message(record, f"  (#{record['message_id']} sent)")
+
+
+def _receipt(record):
+    if record["state"] == "read":
+        mark, verb = "✓✓", "read by"
+    else:
+        mark, verb = "✓", "delivered to"
+    ids = record["message_ids"]
+    if len(ids) == 1:
+        what = f" #{ids[0]}"
+    elif ids:
+        what = f" {len(ids)} messages up to #{ids[-1]}"
+    else:
+        what = ""
+    return [f"{stamp(record['at'])} [{clean(record['conversation'])}] {mark}{what} {verb} {record['username']}"]
+
+
+def _presence_text(row):
+    text = f"{row['username']} is {row['status']}"
+    if row.get("note"):
+        text += f": {clean(row['note'])}"
+    if row["status"] == "offline" and row.get("last_seen"):
+        text += f", last seen {stamp(row['last_seen'])}"
+    return text
+
+
+def _conversation(record):
+    name, members = clean(record["conversation"]), ", ".join(record["members"])
+    at = stamp(record["at"])
+    if record["change"] == "left":
+        return [f"{at} * you are no longer in [{name}]"]
+    if record["change"] == "members":
+        return [f"{at} * [{name}] members: {members}"]
+    if record["kind"] == "direct":
+        return [f"{at} * new conversation with {name}; /open {name} to talk there"]
+    return [f"{at} * new group [{name}]: {members}; /open {name} to talk there"]
+
+
+def _login(record):
+    line = f"logged in as {record['username']}"
+    if record["unread"]:
+        return [f"{line}; {record['unread']} unread in your conversations (/convs lists them)"]
+    if not record["conversations"]:
+        return [f"{line}; /users lists people, /dm USER starts a conversation"]
+    return [f"{line}; /convs lists your conversations"]
+
+
+def _dm(record):
+    opened = f"now in [{clean(record['conversation'])}]" + (" (new conversation)" if record["created"] else "")
+    return [opened] + ([_sent(record)] if "message_id" in record else [])
+
+
+def _users(record):
+    rows = record["users"]
+    return [f"  {row['username']:<20} {row['status']}" for row in rows] or ["no users found"]
+
+
+def _who(record):
+    rows = record["presence"]
+    return ["  " + _presence_text(row) for row in rows] or [
+        "you share no conversation with anyone yet; /users lists people"
+    ]
+
+
+def _convs(record):
+    rows = record["conversations"]
+    if not rows:
+        return ["no conversations yet; /dm USER starts one"]
+    lines = []
+    for row in rows:
+        marker = ">" if row["current"] else " "
+        unread = f"{row['unread']} unread" if row["unread"] else ""
+        lines.append(f"{marker} #{row['conversation_id']:<5} {clean(row['conversation']):<24} {unread}".rstrip())
+    return lines
+
+
+def _open(record):
+    line = f"now in [{clean(record['conversation'])}]"
+    return [line + (f", {record['unread']} unread (/history shows them)" if record["unread"] else "")]
+
+
+def _history(record):
+    lines = [_message(message) for message in record["messages"]] or ["no messages yet"]
+    if record["has_more"]:
+        lines.insert(0, "(older messages: /history with a larger N)")
+    return lines
+
+
+def _receipts(record):
+    lines = [f"#{record['message_id']} in [{clean(record['conversation'])}]:"]
+    for row in record["receipts"]:
+        if row["read_at"]:
+            state = f"read {stamp(row['read_at'])}"
+        elif row["delivered_at"]:
+            state = f"delivered {stamp(row['delivered_at'])}, not read yet"
+        else:
+            state = "not delivered yet"
+        lines.append(f"  {row['username']}: {state}")
+    return lines
+
+
+_ANSWERS = {
+    "register": lambda r: [f"registered {r['username']}"],
+    "login": _login,
+    "logout": lambda r: ["logged out"],
+    "passwd": lambda r: ["password changed; your other sessions are logged out"],
+    "users": _users,
+    "who": _who,
+    "status": lambda r: [f"you are {r['status']}" + (f": {clean(r['note'])}" if r["note"] else "")],
+    "say": lambda r: [_sent(r)],
+    "dm": _dm,
+    "group": lambda r: [f"now in the new group [{clean(r['conversation'])}] with {', '.join(r['members'])}"],
+    "add": lambda r: [f"[{clean(r['conversation'])}] members: {', '.join(r['members'])}"],
+    "leave": lambda r: [f"you left [{clean(r['conversation'])}]"],
+    "convs": _convs,
+    "open": _open,
+    "history": _history,
+    "read": lambda r: [f"[{clean(r['conversation'])}] marked read"],
+    "receipts": _receipts,
+    "wait": lambda r: [f"{r['count']} {r['awaited']} event(s) arrived"],
+    "help": lambda r: r["lines"],
+    "quit": lambda r: [],
+}
+
+_EVENTS = {
+    "answer": lambda r: _ANSWERS[r["command"]](r),
+    "error": lambda r: [f"error: {clean(r['message'])}"],
+    "deliver": lambda r: [_message(r)],
+    "receipt": _receipt,
+    "presence": lambda r: [f"{stamp(r['at'])} * {_presence_text(r)}"],
+    "conversation": _conversation,
+    "disconnected": lambda r: [f"{stamp(r['at'])} * connection lost; reconnecting"],
+    "reconnected": lambda r: [f"{stamp(r['at'])} * reconnected as {r['username']}"],
+    "logged_out": lambda r: [f"{stamp(r['at'])} * logged out: {r['message']}"],
+}
+
+
+def render(record):
+    """The lines a person sees for an answer or event record."""
+    return _EVENTS[record["event"]](record)
+
+
+def to_json(record):
+    """One line of JSON for --batch: times in ISO 8601, everything else as is."""
+    return json.dumps(record, default=lambda value: value.isoformat())
+
+
+# -- the console ------------------------------------------------------------------
+
+
+@implementer(IHalfCloseableProtocol)
+class Console(Protocol):
+    """Standard input and output as lines: for pipes, scripts and --batch.
+
+    Half-closeable, so the end of the input leaves output open for the answers
+    still to come.
+    """
+
+    interactive = False
+
+    def __init__(self):
+        self._buffer = b""
+        self._lines = []
+        self._waiting = None
+        self._ended = False
+        self.closed = Deferred()
+
+    def dataReceived(self, data):
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            self._put(line.rstrip(b"\r").decode("utf-8", "replace"))
+
+    def _put(self, line):
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.callback(line)
+        else:
+            self._lines.append(line)
+
+    def _end(self):
+        self._ended = True
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.callback(None)
+
+    def readConnectionLost(self):
+        if self._buffer:
+            self.dataReceived(b"\n")
+        self._end()
+
+    def writeConnectionLost(self):
+        self._end()
+
+    def connectionLost(self, reason):
+        self._end()
+        self.closed.callback(None)
+
+    def next_line(self):
+        """Deferred: the next input line, or None at the end of the input."""
+        if self._lines:
+            return succeed(self._lines.pop(0))
+        if self._ended:
+            return succeed(None)
+        self._waiting = Deferred()
+        return self._waiting
+
+    def read_secret(self, prompt):
+        return self.next_line()
+
+    def set_prompt(self, prompt):
+        pass
+
+    def show(self, text):
+        self.transport.write(text.encode("utf-8") + b"\n")
+
+    def close(self):
+        """Deferred: fires once the output is written."""
+        self.transport.loseConnection()
+        return self.closed
+
+
+def _columns(text):
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+class Terminal(Console):
+    """A terminal in cbreak mode: this echoes and edits the input line itself,
+    so output is printed above it and the partly typed line is drawn again.
+
+    Keys: Backspace, Ctrl-U (erase the line), Ctrl-W (erase a word), Enter,
+    Ctrl-D on an empty line (end); escape sequences such as arrow keys are
+    ignored. A secret (a password) is typed without echo.
+    """
+
+    interactive = True
+
+    def __init__(self, width=lambda: shutil.get_terminal_size().columns):
+        super().__init__()
+        self.prompt = "> "
+        self.typed = ""
+        self._secret = None
+        self._escape = ""
+        self._width = width
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def connectionMade(self):
+        self._draw()
+
+    def dataReceived(self, data):
+        for key in self._decoder.decode(data):
+            self._key(key)
+
+    def _key(self, key):
+        if self._escape:  # ESC x (Alt-x), or ESC [ or ESC O up to a final byte
+            self._escape += key
+            if (len(self._escape) == 2 and key not in "[O") or (len(self._escape) > 2 and "@" <= key <= "~"):
+                self._escape = ""
+        elif key == "\x1b":
+            self._escape = key
+        elif key in "\r\n":
+            self._enter()
+        elif key in "\x7f\x08":
+            self._edit(self.typed[:-1])
+        elif key == "\x15":
+            self._edit("")
+        elif key == "\x17":
+            kept = self.typed.rstrip()
+            self._edit(kept[: kept.rfind(" ") + 1])
+        elif key == "\x04":
+            if self._secret is not None:
+                self._enter()
+            elif not self.typed:
+                self._clear()
+                self._end()
+        elif key >= " ":
+            self.typed += key
+            if self._secret is None:
+                self.transport.write(key.encode("utf-8"))
+
+    def _enter(self):
+        line, self.typed = self.typed, ""
+        if self._secret is not None:
+            (_, secret, self.typed), self._secret = self._secret, None
+            self.transport.write(b"\n")
+            self._draw()
+            secret.callback(line)
+            return
+        if line.startswith("/"):
+            self.transport.write(b"\n")  # a command stays on screen as typed
+        else:
+            self._clear(self.prompt + line)  # a message comes back as its "sent" line
+        self._draw()
+        self._put(line)
+
+    def _edit(self, typed):
+        self._clear()
+        self.typed = typed
+        self._draw()
+
+    def _visible(self):
+        if self._secret is not None:
+            return self._secret[0]
+        return self.prompt + self.typed
+
+    def _clear(self, drawn=None):
+        """Erase the input line, on every screen row it wrapped onto."""
+        rows = max(_columns(self._visible() if drawn is None else drawn) - 1, 0) // max(self._width(), 1)
+        self.transport.write(b"\r" + (b"\x1b[%dA" % rows if rows else b"") + b"\x1b[J")
+
+    def _draw(self):
+        self.transport.write(self._visible().encode("utf-8"))
+
+    def read_secret(self, prompt):
+        """Deferred: a line typed without echo; what was being typed comes back after it."""
+        self._clear()
+        self._secret = (prompt, Deferred(), self.typed)
+        self.typed = ""
+        self._draw()
+        return self._secret[1]
+
+    def set_prompt(self, prompt):
+        if prompt != self.prompt:
+            self._clear()
+            self.prompt = prompt
+            self._draw()
+
+    def show(self, text):
+        self._clear()
+        self.transport.write(text.encode("utf-8") + b"\n")
+        self._draw()
+
+    def close(self):
+        self._clear()
+        return super().close()
