@@ -53,13 +53,15 @@ class SyncPool(adbapi.ConnectionPool):
         return defer.maybeDeferred(self._runInteraction, interaction, *args, **kw)
 
 
-def make_store(testcase, path=None):
+def make_store(testcase, path=None, busy_timeout=5.0):
     """A migrated Store on a fresh SQLite file, closed at the end of the test."""
     path = path or testcase.mktemp() + ".sqlite"
     connection = connect(path)
     upgrade(connection, path, 0)
     connection.close()
-    store = Store(open_pool(path, reactor=_NoThreadsReactor(), pool_class=SyncPool))
+    store = Store(
+        open_pool(path, busy_timeout=busy_timeout, reactor=_NoThreadsReactor(), pool_class=SyncPool)
+    )
     testcase.addCleanup(store.close)
     return store
 

@@ -13,6 +13,7 @@ from securechatd import commands
 from securechatd.commands import AlreadyAuthenticated, AuthRequired, ChatError, ServiceUnavailable
 from securechatd.server.accounts import utc
 from securechatd.server.messages import check_limit, page_within_limit
+from securechatd.store.base import StoreError
 
 log = Logger()
 
@@ -60,7 +61,11 @@ class ChatLocator(amp.CommandLocator):
         """Answer an undeclared failure (a bug, a database error) with a code, keeping the connection."""
         if failure.check(amp.RemoteAmpError):
             return failure
-        log.failure("{command} failed", failure, command=name.decode("ascii", "replace"))
+        command = name.decode("ascii", "replace")
+        if failure.check(StoreError):
+            log.error("{command}: database error: {problem}", command=command, problem=failure.value)
+        else:
+            log.failure("{command} failed", failure, command=command)
         return _declared(ServiceUnavailable("The server could not do that just now; try again later."))
 
     # -- state checks --------------------------------------------------------
