@@ -8,6 +8,7 @@ from twisted.trial import unittest
 
 from securechatd.store import Store, migrations
 from securechatd.store.accounts import Credentials
+from securechatd.store.base import StoreError
 from securechatd.store.migrations import LATEST, MigrationError, upgrade
 from securechatd.store.pool import connect, open_pool
 from tests.helpers import SyncPool, _NoThreadsReactor, make_store
@@ -558,7 +559,7 @@ class TransactionTests(unittest.TestCase):
         self.successResultOf(self.store.add_resume_token("bob", "s1", "bob-1", NOW, NOW + DAY))
         # bob's session s1 token would be deleted, then the insert collides with alice's token.
         self.failureResultOf(
-            self.store.add_resume_token("bob", "s1", "taken", NOW + 1, NOW + DAY), sqlite3.IntegrityError
+            self.store.add_resume_token("bob", "s1", "taken", NOW + 1, NOW + DAY), StoreError
         )
         self.assertEqual(
             self.other().execute("SELECT token_hash FROM resume_tokens ORDER BY token_hash").fetchall(),
@@ -609,7 +610,7 @@ class TransactionTests(unittest.TestCase):
         self.addCleanup(store.close)
         other = self.other()
         other.execute("BEGIN IMMEDIATE")
-        self.failureResultOf(store.create_user("alice", "h", NOW), sqlite3.OperationalError)
+        self.failureResultOf(store.create_user("alice", "h", NOW), StoreError)
         other.execute("ROLLBACK")
         self.assertTrue(self.successResultOf(store.create_user("alice", "h", NOW)))
         self.assertEqual(other.execute("SELECT username FROM users").fetchall(), [("alice",)])
