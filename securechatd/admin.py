@@ -5,6 +5,7 @@ busy timeout let both write) and apply the same rules and bcrypt cost.
 """
 
 import getpass
+import secrets
 import ipaddress
 import sqlite3
 import sys
@@ -14,9 +15,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.python import usage
 
-from securechatd import certs, config
+from securechatd import audit, certs, config
 from securechatd.commands import ChatError
-from securechatd.server.accounts import normalize_username
+from securechatd.server.accounts import normalize_username, token_hash
 from securechatd.server.passwords import PasswordHasher, check_rule
 from securechatd.store import Store
 from securechatd.store.migrations import MigrationError, upgrade
@@ -73,6 +74,15 @@ class DelUserOptions(UserOptions):
     longdesc = "Delete an account."
 
 
+class InviteOptions(usage.Options):
+    longdesc = "Print a single-use registration invitation (for [accounts] registration = closed)."
+    optParameters = [["days", None, "7", "Days until the invitation expires.", float]]
+
+    def postOptions(self):
+        if not self["days"] > 0:
+            raise usage.UsageError("--days must be a positive number")
+
+
 class UsersOptions(usage.Options):
     longdesc = "List registered users."
     optParameters = [["prefix", None, "", "Only names starting with this."]]
@@ -90,6 +100,7 @@ class Options(usage.Options):
         ["passwd", None, PasswdOptions, "Set a user's password."],
         ["deluser", None, DelUserOptions, "Delete a user."],
         ["users", None, UsersOptions, "List users."],
+        ["invite", None, InviteOptions, "Make a registration invitation."],
     ]
 
     def postOptions(self):
@@ -132,10 +143,18 @@ async def _accounts(reactor, settings, command, options, out):
             for name in await store.list_users(options["prefix"]):
                 out.write(name + "\n")
             return
+        if command == "invite":
+            invite = secrets.token_urlsafe(24)
+            now = reactor.seconds()
+            await store.add_invite(token_hash(invite), now, now + options["days"] * 86400)
+            audit.record(settings.audit_log, "admin_invite", method="admin")
+            out.write(invite + "\n")
+            return
         username = _username(options["username"])
         if command == "deluser":
             if not await store.delete_user(username):
                 raise AdminError(f"no such user: {username}")
+            audit.record(settings.audit_log, "admin_deluser", target=username, method="admin")
             out.write(f"deleted {username}\n")
             return
         password = read_password(f"Password for {username}: ")
@@ -144,8 +163,10 @@ async def _accounts(reactor, settings, command, options, out):
         if command == "adduser":
             if not await store.create_user(username, hashed, reactor.seconds()):
                 raise AdminError(f"the username {username} is taken")
+            audit.record(settings.audit_log, "admin_adduser", target=username, method="admin")
             out.write(f"created {username}\n")
         elif await store.set_password(username, hashed, reactor.seconds()):
+            audit.record(settings.audit_log, "admin_passwd", target=username, method="admin")
             out.write(f"password changed for {username}; their resume tokens are revoked\n")
         else:
             raise AdminError(f"no such user: {username}")

@@ -76,7 +76,11 @@ class ChatCommand(amp.Command):
 
 
 class Register(ChatCommand):
-    arguments = [(b"username", amp.Unicode()), (b"password", amp.Unicode())]
+    arguments = [
+        (b"username", amp.Unicode()),
+        (b"password", amp.Unicode()),
+        (b"invite", amp.Unicode(optional=True)),
+    ]
     response = [(b"username", amp.Unicode())]
 
 

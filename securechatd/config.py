@@ -108,6 +108,8 @@ class Settings:
     message_burst: int = 30
     message_rate: float = 10.0
     shutdown_grace: float = 10.0
+    registration: str = "open"
+    audit_log: str | None = "securechatd-audit.jsonl"
 
 
 # field name -> (INI section, INI key, parser of the INI/command-line text)
@@ -148,6 +150,8 @@ SCHEMA = {
     "message_burst": ("limits", "message_burst", _integer(1)),
     "message_rate": ("limits", "message_rate", _seconds),
     "shutdown_grace": ("server", "shutdown_grace", _seconds),
+    "registration": ("accounts", "registration", _choice("open", "closed")),
+    "audit_log": ("logging", "audit_log", _optional_text),
 }
 
 

@@ -26,6 +26,7 @@ from securechatd.server.presence import PresenceService
 from securechatd.server.connection import AdmittingTLSFactory, ChatFactory, ConnectionLimits
 from securechatd.server.framing import BoxLimits
 from securechatd.server.services import (
+    AuditLogService,
     ListenerService,
     SequentialMultiService,
     StoreService,
@@ -151,6 +152,7 @@ def build(settings, reactor):
         registration_exempt=settings.registration_exempt,
         max_sessions=settings.max_sessions,
         token_lifetime=settings.resume_token_lifetime,
+        registration_open=settings.registration == "open",
     )
     conversations = ConversationService(store, accounts.registry, reactor, settings.max_members)
     messages = MessageService(
@@ -166,6 +168,8 @@ def build(settings, reactor):
     factory = ChatFactory(hub, reactor, connection_limits(settings))
     endpoint, where = _endpoint(settings, reactor)
     daemon = SequentialMultiService()
+    if settings.audit_log:
+        AuditLogService(settings.audit_log).setServiceParent(daemon)
     ThreadPoolService(hash_pool).setServiceParent(daemon)
     StoreService(store).setServiceParent(daemon)
     listener = ListenerService(

@@ -11,7 +11,6 @@ from twisted.trial import unittest
 
 from securechatd import commands
 from securechatd.server.connection import ChatFactory, ConnectionLimits
-from securechatd.server.framing import BoxLimits
 from tests.helpers import Connection, make_hub
 
 PASSWORD = "correct horse battery"

@@ -23,6 +23,7 @@ from securechatd.commands import (
     BadCredentials,
     InvalidUsername,
     NoSuchUser,
+    NotAllowed,
     RateLimited,
     UsernameTaken,
 )
@@ -59,7 +60,8 @@ def utc(seconds):
     return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
 
-def _token_hash(token):
+def token_hash(token):
+    """How resume tokens and invitations are stored: never the token itself."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
@@ -116,7 +118,7 @@ class ResumeTokenChecker:
 
     async def _check(self, credentials):
         spent = await self._store.consume_resume_token(
-            credentials.username, _token_hash(credentials.token), self._clock.seconds()
+            credentials.username, token_hash(credentials.token), self._clock.seconds()
         )
         if not spent:
             raise UnauthorizedLogin()
@@ -143,6 +145,7 @@ class AccountService:
         registration_exempt=(),
         max_sessions=10,
         token_lifetime=30 * 86400,
+        registration_open=True,
     ):
         self.store = store
         self.hasher = hasher
@@ -151,40 +154,57 @@ class AccountService:
         self.registrations = registrations
         self.registration_exempt = frozenset(registration_exempt)
         self.token_lifetime = token_lifetime
+        self.registration_open = registration_open
         self.registry = SessionRegistry()
         self.portal = Portal(
             ChatRealm(self.registry, clock, max_sessions),
             [PasswordChecker(store, hasher), ResumeTokenChecker(store, clock)],
         )
 
-    async def register(self, username, password, address):
+    async def register(self, username, password, address, invite=None):
+        """Create an account; with registration closed, only with a valid invitation."""
         username = normalize_username(username)
         passwords.check_rule(password)
-        if address not in self.registration_exempt:
+        invite_hash = None
+        if not self.registration_open:
+            invite_hash = token_hash(invite or "")
+            if not invite or not await self.store.invite_valid(invite_hash, self.clock.seconds()):
+                self._register_refused(address, "no valid invitation", "register_refused")
+                raise NotAllowed("Registration here needs a valid invitation.")
+        elif address not in self.registration_exempt:
             wait = self.registrations.retry_after(address)
             if wait:
-                security.warn(
-                    "registration refused: rate limit {address}", address=address, security_event="register_throttled"
-                )
+                self._register_refused(address, "rate limit", "register_throttled")
                 raise RateLimited(f"Too many registrations from your address; {retry_text(wait)}.")
         if await self.store.get_credentials(username) is not None:
             raise UsernameTaken(f"The username {username} is taken.")
         self.registrations.record(address)
         hashed = await self.hasher.hash(password)
-        if not await self.store.create_user(username, hashed, self.clock.seconds()):
+        if not await self.store.create_user(username, hashed, self.clock.seconds(), invite_hash):
+            if invite_hash is not None and not await self.store.invite_valid(invite_hash, self.clock.seconds()):
+                raise NotAllowed("Registration here needs a valid invitation.")
             raise UsernameTaken(f"The username {username} is taken.")
         security.info(
             "registered {username} from {address}",
             username=username,
             address=address,
+            method="invitation" if invite_hash else "open",
             security_event="register",
         )
         return username
 
+    def _register_refused(self, address, reason, event):
+        security.warn(
+            "registration refused for {address}: {reason}",
+            address=address,
+            reason=reason,
+            security_event=event,
+        )
+
     async def login(self, username, password, client_name, address, connection):
         """(session, resume token) for a right password, else BadCredentials."""
         username = normalize_username(username)
-        self.throttle.check(username, address)
+        self._check_throttle(username, address)
         if not passwords.MIN_LENGTH <= len(password) <= passwords.MAX_LENGTH:
             self._login_failed(username, address, "password")
         credentials = UsernamePassword(username, password)
@@ -196,7 +216,7 @@ class AccountService:
             username = normalize_username(username)
         except InvalidUsername:
             self._login_failed(username[:64], address, "token")
-        self.throttle.check(username, address)
+        self._check_throttle(username, address)
         credentials = ResumeToken(username, token)
         return await self._log_in(credentials, client_name, address, connection, "token")
 
@@ -220,6 +240,19 @@ class AccountService:
         )
         return session, token
 
+    def _check_throttle(self, username, address):
+        try:
+            self.throttle.check(username, address)
+        except RateLimited as limited:
+            security.warn(
+                "login refused for {username} from {address}: {reason}",
+                username=username,
+                address=address,
+                reason=str(limited),
+                security_event="login_throttled",
+            )
+            raise
+
     def _login_failed(self, username, address, method):
         self.throttle.failed(username, address)
         security.warn(
@@ -235,7 +268,7 @@ class AccountService:
         token = secrets.token_urlsafe(32)
         now = self.clock.seconds()
         await self.store.add_resume_token(
-            session.username, session.session_id, _token_hash(token), now, now + self.token_lifetime
+            session.username, session.session_id, token_hash(token), now, now + self.token_lifetime
         )
         return token
 
@@ -253,7 +286,7 @@ class AccountService:
     async def change_password(self, session, old_password, new_password, address):
         """Replace the password, then end the user's other sessions and their tokens."""
         passwords.check_rule(new_password)
-        self.throttle.check(session.username, address)
+        self._check_throttle(session.username, address)
         found = await self.store.get_credentials(session.username)
         old_ok = len(old_password) <= passwords.MAX_LENGTH and await self.hasher.verify(
             old_password, found.password_hash if found else None

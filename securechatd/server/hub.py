@@ -13,6 +13,7 @@ from securechatd.server.delivery import Outbox
 from securechatd.server.presence import combined
 
 log = Logger()
+security = Logger(namespace="securechatd.security")
 
 
 class Hub:
@@ -53,3 +54,9 @@ class Hub:
         if session.outbox is not None and not session.outbox.closed:
             session.outbox.close()
             self.presence.session_ended(session)
+            security.info(
+                "session of {username} ended",
+                username=session.username,
+                session_id=session.session_id,
+                security_event="session_end",
+            )

@@ -111,9 +111,9 @@ class ChatLocator(amp.CommandLocator):
     # -- accounts --------------------------------------------------------------
 
     @commands.Register.responder
-    def register(self, username, password):
+    def register(self, username, password, invite=None):
         self._not_logged_in()
-        registered = self.accounts.register(username, password, self._address())
+        registered = self.accounts.register(username, password, self._address(), invite)
         return _answer(registered, lambda name: {"username": name})
 
     @commands.Login.responder

@@ -3,7 +3,9 @@
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
+
+from securechatd.audit import AuditLog
 
 log = Logger()
 
@@ -22,6 +24,23 @@ class SequentialMultiService(MultiService):
     async def _stop_children(self):
         for child in reversed(list(self)):
             await maybeDeferred(child.stopService)
+
+
+class AuditLogService(Service):
+    """Writes security events to the audit log while the daemon runs."""
+
+    def __init__(self, path, publisher=None):
+        self.publisher = publisher or globalLogPublisher
+        self.observer = AuditLog(path)  # opened now: a bad path stops start-up with one line
+
+    def startService(self):
+        super().startService()
+        self.publisher.addObserver(self.observer)
+
+    def stopService(self):
+        super().stopService()
+        self.publisher.removeObserver(self.observer)
+        self.observer.close()
 
 
 class ThreadPoolService(Service):

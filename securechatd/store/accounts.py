@@ -8,18 +8,55 @@ Credentials = namedtuple("Credentials", "user_id username password_hash")
 
 
 class AccountStore(StoreBase):
-    def create_user(self, username, password_hash, now):
-        """Deferred: True if created, False if the name is taken."""
-        return self._write(self._create_user_txn, username, password_hash, now)
+    def create_user(self, username, password_hash, now, invite_hash=None):
+        """Deferred: True if created; False if the name is taken or the invitation is not (any more) valid.
+
+        With `invite_hash`, the invitation is spent in the same transaction.
+        """
+        return self._write(self._create_user_txn, username, password_hash, now, invite_hash)
 
     @staticmethod
-    def _create_user_txn(txn, username, password_hash, now):
+    def _create_user_txn(txn, username, password_hash, now, invite_hash):
         txn.execute(
             "INSERT INTO users (username, password_hash, created_at, password_changed_at)"
             " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
             (username, password_hash, now, now),
         )
-        return txn.rowcount == 1
+        if txn.rowcount != 1:
+            return False
+        if invite_hash is not None:
+            txn.execute(
+                "UPDATE invites SET used_by = ?, used_at = ?"
+                " WHERE token_hash = ? AND used_at IS NULL AND expires_at > ?",
+                (username, now, invite_hash, now),
+            )
+            if txn.rowcount != 1:
+                txn.execute("DELETE FROM users WHERE username = ?", (username,))
+                return False
+        return True
+
+    def add_invite(self, token_hash, now, expires_at):
+        """Deferred: record a single-use registration invitation."""
+        return self._write(self._add_invite_txn, token_hash, now, expires_at)
+
+    @staticmethod
+    def _add_invite_txn(txn, token_hash, now, expires_at):
+        txn.execute(
+            "INSERT INTO invites (token_hash, created_at, expires_at) VALUES (?, ?, ?)",
+            (token_hash, now, expires_at),
+        )
+
+    def invite_valid(self, token_hash, now):
+        """Deferred: True if the invitation exists, is unused and unexpired."""
+        return self._read(self._invite_valid_txn, token_hash, now)
+
+    @staticmethod
+    def _invite_valid_txn(txn, token_hash, now):
+        txn.execute(
+            "SELECT 1 FROM invites WHERE token_hash = ? AND used_at IS NULL AND expires_at > ?",
+            (token_hash, now),
+        )
+        return txn.fetchone() is not None
 
     def get_credentials(self, username):
         """Deferred: Credentials, or None for an unknown user."""

@@ -91,6 +91,19 @@ MIGRATIONS = [
         )
         """,
     ),
+    (
+        4,
+        "registration invitations",
+        """
+        CREATE TABLE invites (
+            token_hash TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            used_by TEXT,
+            used_at REAL
+        )
+        """,
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]
