@@ -73,20 +73,41 @@ class LoginThrottleTests(unittest.TestCase):
         self.clock = task.Clock()
         self.throttle = LoginThrottle(self.clock, 5, 900, 20, 3600)
 
+    def fail(self, account, address):
+        self.throttle.begin(account, address)
+        self.throttle.end(account, address, False)
+
     def test_account_wait_even_for_right_password(self):
         for _ in range(5):
-            self.throttle.failed("alice", "10.0.0.1")
+            self.fail("alice", "10.0.0.1")
         with self.assertRaises(RateLimited) as raised:
-            self.throttle.check("alice", "10.0.0.2")
+            self.throttle.begin("alice", "10.0.0.2")
         self.assertIn("retry in 1 seconds", str(raised.exception))
-        self.throttle.check("bob", "10.0.0.1")
+        self.throttle.begin("bob", "10.0.0.1")
 
     def test_address_block_spans_accounts(self):
         for i in range(20):
-            self.throttle.failed(f"user{i}", "10.0.0.1")
+            self.fail(f"user{i}", "10.0.0.1")
         with self.assertRaises(RateLimited) as raised:
-            self.throttle.check("alice", "10.0.0.1")
+            self.throttle.begin("alice", "10.0.0.1")
         self.assertIn("retry in 3600 seconds", str(raised.exception))
-        self.throttle.check("alice", "10.0.0.2")
+        self.throttle.begin("alice", "10.0.0.2")
         self.clock.advance(3600)
-        self.throttle.check("alice", "10.0.0.1")
+        self.throttle.begin("alice", "10.0.0.1")
+
+    def test_concurrent_guesses_count_while_in_flight(self):
+        for _ in range(5):
+            self.throttle.begin("alice", "10.0.0.1")  # five checks under way at once
+        with self.assertRaises(RateLimited) as raised:
+            self.throttle.begin("alice", "10.0.0.2")
+        self.assertIn("retry in 1 seconds", str(raised.exception))
+        for _ in range(5):
+            self.throttle.end("alice", "10.0.0.1", None)  # (e.g. they turned out right)
+        self.throttle.begin("alice", "10.0.0.2")
+
+    def test_concurrent_guesses_per_address(self):
+        for i in range(20):
+            self.throttle.begin(f"user{i}", "10.0.0.1")
+        self.assertRaises(RateLimited, self.throttle.begin, "alice", "10.0.0.1")
+        self.throttle.end("user0", "10.0.0.1", True)
+        self.throttle.begin("alice", "10.0.0.1")

@@ -176,9 +176,9 @@ class AccountService:
             if wait:
                 self._register_refused(address, "rate limit", "register_throttled")
                 raise RateLimited(f"Too many registrations from your address; {retry_text(wait)}.")
+            self.registrations.record(address)  # at once: concurrent attempts count too
         if await self.store.get_credentials(username) is not None:
             raise UsernameTaken(f"The username {username} is taken.")
-        self.registrations.record(address)
         hashed = await self.hasher.hash(password)
         if not await self.store.create_user(username, hashed, self.clock.seconds(), invite_hash):
             if invite_hash is not None and not await self.store.invite_valid(invite_hash, self.clock.seconds()):
@@ -204,45 +204,38 @@ class AccountService:
     async def login(self, username, password, client_name, address, connection):
         """(session, resume token) for a right password, else BadCredentials."""
         username = normalize_username(username)
-        self._check_throttle(username, address)
-        if not passwords.MIN_LENGTH <= len(password) <= passwords.MAX_LENGTH:
-            self._login_failed(username, address, "password")
-        credentials = UsernamePassword(username, password)
-        return await self._log_in(credentials, client_name, address, connection, "password")
+
+        async def verify():
+            if not passwords.MIN_LENGTH <= len(password) <= passwords.MAX_LENGTH:
+                raise UnauthorizedLogin()  # no hashing for what can never be right
+            return await self._portal_login(UsernamePassword(username, password), client_name, connection)
+
+        session = await self._attempt(username, address, "password", verify)
+        return session, await self._logged_in(session, address, "password")
 
     async def resume(self, username, token, client_name, address, connection):
         """(session, new resume token) for a valid token, else BadCredentials."""
         try:
-            username = normalize_username(username)
+            name = normalize_username(username)
         except InvalidUsername:
-            self._login_failed(username[:64], address, "token")
-        self._check_throttle(username, address)
-        credentials = ResumeToken(username, token)
-        return await self._log_in(credentials, client_name, address, connection, "token")
+            name = None
 
-    async def _log_in(self, credentials, client_name, address, connection, method):
-        try:
-            _, session, _ = await self.portal.login(
-                credentials, (connection, client_name), IChatSession
-            )
-        except UnauthorizedLogin:
-            self._login_failed(credentials.username, address, method)
-        self.throttle.succeeded(session.username)
-        token = await self._issue_token(session)
-        security.info(
-            "login {username} from {address} by {method}",
-            username=session.username,
-            address=address,
-            method=method,
-            client_name=client_name,
-            session_id=session.session_id,
-            security_event="login",
-        )
-        return session, token
+        async def verify():
+            if name is None:
+                raise UnauthorizedLogin()
+            return await self._portal_login(ResumeToken(name, token), client_name, connection)
 
-    def _check_throttle(self, username, address):
+        session = await self._attempt(name or username[:64], address, "token", verify)
+        return session, await self._logged_in(session, address, "token")
+
+    async def _portal_login(self, credentials, client_name, connection):
+        _, session, _ = await self.portal.login(credentials, (connection, client_name), IChatSession)
+        return session
+
+    async def _attempt(self, username, address, method, verify):
+        """Run `verify()` as one throttled attempt: UnauthorizedLogin becomes BAD_CREDENTIALS."""
         try:
-            self.throttle.check(username, address)
+            self.throttle.begin(username, address)
         except RateLimited as limited:
             security.warn(
                 "login refused for {username} from {address}: {reason}",
@@ -252,17 +245,36 @@ class AccountService:
                 security_event="login_throttled",
             )
             raise
+        outcome = None
+        try:
+            result = await verify()
+            outcome = True
+            return result
+        except UnauthorizedLogin:
+            outcome = False
+            security.warn(
+                "login failed for {username} from {address} by {method}",
+                username=username,
+                address=address,
+                method=method,
+                security_event="login_failed",
+            )
+            raise BadCredentials(BAD_CREDENTIALS_TEXT)
+        finally:
+            self.throttle.end(username, address, outcome)
 
-    def _login_failed(self, username, address, method):
-        self.throttle.failed(username, address)
-        security.warn(
-            "login failed for {username} from {address} by {method}",
-            username=username,
+    async def _logged_in(self, session, address, method):
+        token = await self._issue_token(session)
+        security.info(
+            "login {username} from {address} by {method}",
+            username=session.username,
             address=address,
             method=method,
-            security_event="login_failed",
+            client_name=session.client_name,
+            session_id=session.session_id,
+            security_event="login",
         )
-        raise BadCredentials(BAD_CREDENTIALS_TEXT)
+        return token
 
     async def _issue_token(self, session):
         token = secrets.token_urlsafe(32)
@@ -286,13 +298,15 @@ class AccountService:
     async def change_password(self, session, old_password, new_password, address):
         """Replace the password, then end the user's other sessions and their tokens."""
         passwords.check_rule(new_password)
-        self._check_throttle(session.username, address)
-        found = await self.store.get_credentials(session.username)
-        old_ok = len(old_password) <= passwords.MAX_LENGTH and await self.hasher.verify(
-            old_password, found.password_hash if found else None
-        )
-        if not old_ok:
-            self._login_failed(session.username, address, "password change")
+
+        async def verify():
+            found = await self.store.get_credentials(session.username)
+            if len(old_password) > passwords.MAX_LENGTH or not await self.hasher.verify(
+                old_password, found.password_hash if found else None
+            ):
+                raise UnauthorizedLogin()
+
+        await self._attempt(session.username, address, "password change", verify)
         hashed = await self.hasher.hash(new_password)
         await self.store.set_password(
             session.username, hashed, self.clock.seconds(), keep_session=session.session_id

@@ -48,11 +48,17 @@ class WindowCounter(_Swept):
             del self._events[key]
         return events
 
-    def retry_after(self, key):
-        """Seconds until another event is allowed for `key` (0: allowed now)."""
+    def retry_after(self, key, pending=0):
+        """Seconds until another event is allowed for `key` (0: allowed now).
+
+        `pending` events may still be recorded (attempts in flight): they
+        count against the limit, and a moment is enough to see how they end.
+        """
         events = self._recent(key)
-        if len(events) < self.limit:
+        if len(events) + pending < self.limit:
             return 0
+        if len(events) < self.limit:
+            return 1
         return events[0] + self.window - self._clock.seconds()
 
     def record(self, key):
@@ -86,12 +92,16 @@ class AccountDelay(_Swept):
             return 0, None
         return failures, last
 
-    def retry_after(self, account):
+    def retry_after(self, account, pending=0):
+        """Seconds this account must wait; attempts in flight (`pending`) count as failures to come."""
         failures, last = self._failures(account)
-        if failures < self.free:
+        if failures + pending < self.free:
             return 0
-        delay = min(2 ** (failures - self.free), self.max_delay)
-        return max(0, last + delay - self._clock.seconds())
+        wait = 0
+        if failures >= self.free:
+            delay = min(2 ** (failures - self.free), self.max_delay)
+            wait = max(0, last + delay - self._clock.seconds())
+        return max(wait, 1) if pending else wait
 
     def record(self, account):
         self._maybe_sweep(self._state, lambda key: self._failures(key)[1] is None)
@@ -103,31 +113,43 @@ class AccountDelay(_Swept):
 
 
 class LoginThrottle:
-    """Per-account delays plus a per-address block, checked before any hashing."""
+    """Per-account delays plus a per-address block, checked before any hashing.
+
+    Attempts still being checked count too, so a burst of concurrent guesses
+    gets no more tries than the same guesses one after another.
+    """
 
     def __init__(self, clock, account_free, account_max_delay, address_limit, address_window):
         self.accounts = AccountDelay(clock, account_free, account_max_delay, address_window)
         self.addresses = WindowCounter(clock, address_limit, address_window)
+        self._pending = {}  # account or address -> attempts in flight
 
-    def check(self, account, address):
-        """Raise RateLimited if this account or address must wait."""
-        address_wait = self.addresses.retry_after(address)
+    def begin(self, account, address):
+        """Raise RateLimited if this account or address must wait; else count the attempt as in flight."""
+        address_wait = self.addresses.retry_after(address, self._pending.get(("address", address), 0))
         if address_wait:
             raise RateLimited(
                 f"Too many failed logins from your address; {retry_text(address_wait)}."
             )
-        account_wait = self.accounts.retry_after(account)
+        account_wait = self.accounts.retry_after(account, self._pending.get(("account", account), 0))
         if account_wait:
             raise RateLimited(
                 f"Too many failed logins for this account; {retry_text(account_wait)}."
             )
+        for key in (("account", account), ("address", address)):
+            self._pending[key] = self._pending.get(key, 0) + 1
 
-    def failed(self, account, address):
-        self.accounts.record(account)
-        self.addresses.record(address)
-
-    def succeeded(self, account):
-        self.accounts.forget(account)
+    def end(self, account, address, succeeded):
+        """The attempt `begin` let through is over: True (right), False (wrong) or None (neither)."""
+        for key in (("account", account), ("address", address)):
+            left = self._pending.pop(key) - 1
+            if left:
+                self._pending[key] = left
+        if succeeded:
+            self.accounts.forget(account)
+        elif succeeded is False:
+            self.accounts.record(account)
+            self.addresses.record(address)
 
 
 class TokenBucket(_Swept):
