@@ -4,6 +4,7 @@ import os
 import sqlite3
 import stat
 
+from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 from securechatd.store import Store, migrations
@@ -85,7 +86,44 @@ def _check_v2(testcase, db):
     )
 
 
-SAMPLES = {1: (_insert_v1, _check_v1), 2: (_insert_v2, _check_v2)}
+def _insert_v3(db):
+    _insert_v2(db)
+    db.executescript(
+        """
+        UPDATE users SET last_seen = 6.0 WHERE username = 'bob';
+        INSERT INTO conversations (id, kind, direct_pair, created_at, last_seq)
+            VALUES (1, 'direct', 'alice' || char(10) || 'bob', 7.0, 1);
+        INSERT INTO members (conversation_id, user_id, joined_at, delivered_seq, read_seq)
+            SELECT 1, id, 7.0, 0, 0 FROM users;
+        INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at)
+            SELECT 1, 1, id, 'alice', 'c1', 'hi bob', 8.0 FROM users WHERE username = 'alice';
+        INSERT INTO mark_events (conversation_id, user_id, state, seq, at)
+            SELECT 1, id, 'delivered', 1, 9.0 FROM users WHERE username = 'bob';
+        INSERT INTO pending_receipts (recipient_id, conversation_id, reader_id, state, seq, at)
+            SELECT a.id, 1, b.id, 'delivered', 1, 9.0 FROM users a, users b
+            WHERE a.username = 'alice' AND b.username = 'bob';
+        """
+    )
+
+
+def _check_v3(testcase, db):
+    _check_v2(testcase, db)
+    testcase.assertEqual(
+        db.execute(
+            "SELECT c.kind, m.seq, m.sender, m.body, c.last_seq FROM messages m"
+            " JOIN conversations c ON c.id = m.conversation_id"
+        ).fetchall(),
+        [("direct", 1, "alice", "hi bob", 1)],
+    )
+    testcase.assertEqual(db.execute("SELECT COUNT(*) FROM members").fetchone(), (2,))
+    testcase.assertEqual(db.execute("SELECT seq, at FROM mark_events").fetchall(), [(1, 9.0)])
+    testcase.assertEqual(db.execute("SELECT COUNT(*) FROM pending_receipts").fetchone(), (1,))
+    testcase.assertEqual(
+        db.execute("SELECT last_seen FROM users WHERE username = 'bob'").fetchone(), (6.0,)
+    )
+
+
+SAMPLES = {1: (_insert_v1, _check_v1), 2: (_insert_v2, _check_v2), 3: (_insert_v3, _check_v3)}
 
 
 class ConnectTests(unittest.TestCase):
@@ -614,3 +652,60 @@ class TransactionTests(unittest.TestCase):
         other.execute("ROLLBACK")
         self.assertTrue(self.successResultOf(store.create_user("alice", "h", NOW)))
         self.assertEqual(other.execute("SELECT username FROM users").fetchall(), [("alice",)])
+
+
+class GatedPool(SyncPool):
+    """A real pool whose interactions finish only when the test says so (a busy database thread)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.batches = []
+
+    def runInteraction(self, interaction, *args, **kw):
+        gate = Deferred()
+        self.batches.append((gate, interaction, args, kw))
+        return gate
+
+    def finish(self):
+        """Run the oldest waiting interaction now and deliver its outcome."""
+        gate, interaction, args, kw = self.batches.pop(0)
+        SyncPool.runInteraction(self, interaction, *args, **kw).chainDeferred(gate)
+
+
+class BatchingTests(unittest.TestCase):
+    def setUp(self):
+        path = self.mktemp() + ".sqlite"
+        make_store(self, path)  # migrated
+        self.pool = open_pool(path, reactor=_NoThreadsReactor(), pool_class=GatedPool)
+        self.store = Store(self.pool)
+        self.addCleanup(self.store.close)
+
+    def test_calls_made_while_busy_share_one_transaction(self):
+        first = self.store.create_user("alice", "h", NOW)
+        queued = [self.store.create_user(f"user{i}", "h", NOW) for i in range(5)]
+        listed = self.store.list_users()
+        self.assertEqual(len(self.pool.batches), 1)
+        self.pool.finish()
+        self.assertTrue(self.successResultOf(first))
+        self.assertNoResult(queued[0])
+        self.assertEqual(len(self.pool.batches), 1)  # everything queued meanwhile: one batch
+        self.pool.finish()
+        self.assertEqual([self.successResultOf(d) for d in queued], [True] * 5)
+        self.assertEqual(len(self.successResultOf(listed)), 6)  # the read ran after the writes before it
+
+    def test_a_failing_call_fails_alone(self):
+        first = self.store.create_user("alice", "h", NOW)
+        good = self.store.create_user("bob", "h", NOW)
+        bad = self.store.create_user("carol", None, NOW)  # NOT NULL violated
+        also_good = self.store.create_user("dave", "h", NOW)
+        self.pool.finish()
+        self.successResultOf(first)
+        self.pool.finish()  # the batch of three fails and is rolled back ...
+        for _ in range(3):  # ... then each runs alone
+            self.pool.finish()
+        self.assertTrue(self.successResultOf(good))
+        self.failureResultOf(bad, StoreError)
+        self.assertTrue(self.successResultOf(also_good))
+        listed = self.store.list_users()
+        self.pool.finish()
+        self.assertEqual(self.successResultOf(listed), ["alice", "bob", "dave"])
