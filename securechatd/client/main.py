@@ -15,7 +15,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredLock, TimeoutError
+from twisted.internet.defer import Deferred, DeferredLock, TimeoutError as WaitTimeout
 from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionRefusedError, DNSLookupError
 from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
@@ -462,7 +462,7 @@ class Chat:
         self._wake()
         try:
             await waiter[2]
-        except TimeoutError:
+        except WaitTimeout:
             self._waiters.remove(waiter)
             came = self._arrived[event] - self._claimed[event]
             raise LocalError("TIMEOUT", f"Waited {timeout:g} s for {count} {event} event(s); {came} came.")
@@ -491,7 +491,7 @@ class Chat:
             self._idle.append(idle)
             try:
                 await idle
-            except TimeoutError:
+            except WaitTimeout:
                 pass
         self._answer("quit")
         self.finish(1 if self.batch and self.failed else 0)
@@ -610,7 +610,7 @@ class Chat:
 
 
 class Options(usage.Options):
-    synopsis = "[--host H] [--port P] [--ca FILE] [--user NAME] [--password-file FILE] [--batch [--keep-going]]"
+    synopsis = "Usage: securechat [--host H] [--port P] [--ca FILE] [--user NAME] [--password-file FILE] [--batch [--keep-going]]"
     longdesc = (
         "Chat on a securechatd server; type /help once connected. A password is asked without echo, "
         "or read from --password-file or the SECURECHAT_PASSWORD environment variable, never from the "
@@ -620,7 +620,7 @@ class Options(usage.Options):
     optParameters = [
         ["host", None, "localhost", "The server's host name; its certificate must name it."],
         ["port", None, config.Settings.port, "The server's port.", int],
-        ["ca", None, os.path.join(config.Settings.certs, CA_CERT), "The CA certificate the server's is checked with."],
+        ["ca", None, os.path.join(config.Settings.certs, CA_CERT), "The CA certificate that signed the server's."],
         ["user", None, None, "Log in as NAME at start."],
         ["password-file", None, None, "Take the password from the first line of FILE."],
     ]

@@ -495,15 +495,12 @@ class Terminal(Console):
 
     def __init__(self, width=lambda: shutil.get_terminal_size().columns):
         super().__init__()
-        self.prompt = "> "
+        self.prompt = ""  # drawn by the first set_prompt
         self.typed = ""
         self._secret = None
         self._escape = ""
         self._width = width
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-
-    def connectionMade(self):
-        self._draw()
 
     def dataReceived(self, data):
         for key in self._decoder.decode(data):

@@ -1,0 +1,254 @@
+"""The installed `securechat` against the installed `twistd -n securechatd`, as people and scripts run them."""
+
+import json
+import os
+import socket
+import sys
+
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ProcessProtocol
+from twisted.trial import unittest
+
+from securechatd.certs import write_certs
+from tests.test_twistd import TWISTD, DaemonProcess, environment
+
+SECURECHAT = os.path.join(os.path.dirname(sys.executable), "securechat")
+PASSWORD = "correct horse battery"
+TIMEOUT = 30
+
+
+class ClientProcess(ProcessProtocol):
+    """One securechat run: `keys` are typed at the start, output is collected, `ended` fires with the exit code."""
+
+    def __init__(self, keys, close_stdin=True):
+        self.keys = keys
+        self.close_stdin = close_stdin
+        self.out = b""
+        self.err = b""
+        self.ended = Deferred()
+        self._watching = []
+
+    def connectionMade(self):
+        self.transport.write(self.keys.encode())
+        if self.close_stdin:
+            self.transport.closeStdin()
+
+    def outReceived(self, data):
+        self.out += data
+        for watch in list(self._watching):
+            if watch[0]():
+                self._watching.remove(watch)
+                watch[1].callback(None)
+
+    def errReceived(self, data):
+        self.err += data
+
+    def processEnded(self, reason):
+        self.ended.callback(reason.value.exitCode)
+
+    def records(self):
+        return [json.loads(line) for line in self.out.decode().splitlines()]
+
+    def when(self, predicate):
+        """Deferred firing once predicate() holds (checked as output arrives)."""
+        seen = Deferred()
+        if predicate():
+            seen.callback(None)
+        else:
+            self._watching.append((predicate, seen))
+        return seen.addTimeout(TIMEOUT, reactor)
+
+    def when_shown(self, text):
+        return self.when(lambda: text.encode() in self.out)
+
+
+def events(records, kind):
+    return [r for r in records if r["event"] == kind]
+
+
+class SecurechatTests(unittest.TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        config = os.path.join(self.directory, "securechatd.ini")
+        with open(config, "w") as f:
+            f.write("[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n")
+        # A certificate for the name localhost only, so 127.0.0.1 is a wrong host name.
+        write_certs(os.path.join(self.directory, "certs"), ["localhost"])
+        self.daemon = DaemonProcess()
+        process = reactor.spawnProcess(
+            self.daemon,
+            TWISTD,
+            [TWISTD, "--nodaemon", "--pidfile=", "securechatd", "--config", config],
+            env=environment(),
+            path=self.directory,
+        )
+        self.addCleanup(self.stop, process, self.daemon.ended)
+        self.port = yield self.daemon.listening
+        self.ca = os.path.join(self.directory, "certs", "ca.pem")
+
+    def stop(self, process, ended):
+        if not ended.called:
+            process.signalProcess("KILL")
+        return ended
+
+    def tearDown(self):
+        self.assertNotIn(b"Traceback", self.daemon.output)
+        self.assertNotIn(PASSWORD.encode(), self.daemon.output)
+
+    def securechat(self, *arguments, keys="", ca=None, port=None, env=None, pty=False):
+        client = ClientProcess(keys, close_stdin=not pty)
+        process = reactor.spawnProcess(
+            client,
+            SECURECHAT,
+            [SECURECHAT, "--host", "localhost", "--port", str(port or self.port), "--ca", ca or self.ca, *arguments],
+            env=dict(environment(), TERM="xterm", **(env or {})),
+            path=self.directory,
+            usePTY=pty,
+        )
+        self.addCleanup(self.stop, process, client.ended)
+        return client
+
+    @inlineCallbacks
+    def test_two_people_talk(self):
+        password_file = os.path.join(self.directory, "bob.password")
+        with open(password_file, "w") as f:
+            f.write(PASSWORD + "\n")
+        bob = self.securechat(
+            "--batch",
+            "--password-file",
+            password_file,
+            keys="/register bob\n/wait deliver 1 20\n/open alice\n/read\nhi alice\n"
+            "/status away back soon\n/wait receipt 2 20\n",
+        )
+        yield bob.when(lambda: any(r.get("command") == "login" for r in bob.records()))
+        alice = self.securechat(
+            "--batch",
+            env={"SECURECHAT_PASSWORD": PASSWORD},
+            keys="/register alice\n/dm bob hello bob\n/wait deliver 1 20\n/wait receipt 2 20\n"
+            "/wait presence 1 20\n/who\n/read\n/receipts\n",
+        )
+        self.assertEqual((yield alice.ended), 0, alice.out + alice.err)
+        self.assertEqual((yield bob.ended), 0, bob.out + bob.err)
+        self.assertEqual((alice.err, bob.err), (b"", b""))
+        alice_says, bob_says = alice.records(), bob.records()
+
+        answers = events(alice_says, "answer")
+        self.assertEqual(
+            [a["command"] for a in answers],
+            ["register", "login", "dm", "wait", "wait", "wait", "who", "read", "receipts", "quit"],
+        )
+        dm = answers[2]
+        self.assertEqual((dm["conversation"], dm["created"], dm["body"]), ("bob", True, "hello bob"))
+        hello = dm["message_id"]
+        [reply] = events(alice_says, "deliver")
+        self.assertEqual((reply["conversation"], reply["sender"], reply["body"]), ("bob", "bob", "hi alice"))
+        self.assertEqual(
+            [(r["username"], r["state"], r["message_ids"]) for r in events(alice_says, "receipt")],
+            [("bob", "delivered", [hello]), ("bob", "read", [hello])],
+        )
+        self.assertEqual(
+            (events(alice_says, "presence")[0]["username"], events(alice_says, "presence")[0]["status"]),
+            ("bob", "away"),
+        )
+        self.assertEqual(
+            answers[6]["presence"], [{"username": "bob", "status": "away", "note": "back soon", "last_seen": None}]
+        )
+        [row] = answers[8]["receipts"]
+        self.assertEqual((answers[8]["message_id"], row["username"]), (hello, "bob"))
+        self.assertIsNotNone(row["read_at"])
+
+        answers = events(bob_says, "answer")
+        self.assertEqual(
+            [a["command"] for a in answers],
+            ["register", "login", "wait", "open", "read", "say", "status", "wait", "quit"],
+        )
+        [new] = events(bob_says, "conversation")
+        self.assertEqual((new["conversation"], new["kind"], new["change"]), ("alice", "direct", "new"))
+        [hello_bob] = events(bob_says, "deliver")
+        self.assertEqual((hello_bob["message_id"], hello_bob["sender"]), (hello, "alice"))
+        self.assertEqual((answers[4]["seq"], answers[5]["body"]), (1, "hi alice"))
+        self.assertEqual(
+            [(r["username"], r["state"], r["message_ids"]) for r in events(bob_says, "receipt")],
+            [("alice", "delivered", [answers[5]["message_id"]]), ("alice", "read", [answers[5]["message_id"]])],
+        )
+
+    @inlineCallbacks
+    def test_at_a_terminal(self):
+        carol = self.securechat(pty=True)
+        yield carol.when_shown("[-]> ")
+        for keys, shown in [
+            ("/register carol\r", "New password for carol: "),
+            ("carol's password\r", "Again: "),
+            ("carol's password\r", "logged in as carol"),
+        ]:
+            carol.transport.write(keys.encode())
+            yield carol.when_shown(shown)
+        alice = self.securechat(
+            "--batch", env={"SECURECHAT_PASSWORD": PASSWORD}, keys="/register alice\n/dm carol hello carol\n/wait receipt 2\n"
+        )
+        carol.transport.write(b"hi ali")
+        yield carol.when_shown("<alice> hello carol")
+        yield carol.when_shown("[alice · 1 unread]> hi ali")
+        carol.transport.write(b"ce\r/quit\r")
+        self.assertEqual((yield carol.ended), 0)
+        self.assertEqual((yield alice.ended), 0, alice.out)
+        shown = carol.out.decode()
+        self.assertIn("<carol> hi alice  (#2 sent)", shown)
+        self.assertNotIn("carol's password", shown)
+        self.assertNotIn("Traceback", shown)
+        self.assertEqual(
+            [(r["username"], r["state"]) for r in events(alice.records(), "receipt")],
+            [("carol", "delivered"), ("carol", "read")],  # replying marked "hello carol" read
+        )
+
+    @inlineCallbacks
+    def test_certificate_problem_before_any_password(self):
+        other = os.path.join(self.directory, "other")
+        write_certs(other, ["localhost"], ["127.0.0.1"])
+        wrong_ca = os.path.join(other, "ca.pem")
+        refused = self.securechat("--batch", "--user", "alice", ca=wrong_ca, env={"SECURECHAT_PASSWORD": PASSWORD})
+        self.assertEqual((yield refused.ended), 1)
+        [error] = refused.records()
+        self.assertEqual((error["event"], error["code"]), ("error", "CERTIFICATE"))
+        self.assertEqual(
+            error["message"],
+            f"Certificate problem: the certificate of localhost:{self.port} is not signed by the CA in"
+            f" {wrong_ca}, or it has expired.",
+        )
+        self.assertEqual(refused.err, b"")
+
+        person = self.securechat("--user", "alice", ca=wrong_ca, env={"SECURECHAT_PASSWORD": PASSWORD})
+        self.assertEqual((yield person.ended), 1)
+        self.assertEqual(person.out, b"")
+        self.assertEqual(person.err.decode().count("\n"), 1)
+        self.assertTrue(person.err.startswith(b"securechat: Certificate problem: "))
+
+        wrong_name = self.securechat("--user", "alice", "--host", "127.0.0.1", env={"SECURECHAT_PASSWORD": PASSWORD})
+        self.assertEqual((yield wrong_name.ended), 1)
+        self.assertEqual(
+            wrong_name.err, b"securechat: Certificate problem: the server's certificate is not for 127.0.0.1.\n"
+        )
+
+        # A login the daemon does see, to show its log would have told.
+        trusted = self.securechat("--batch", "--user", "alice", env={"SECURECHAT_PASSWORD": PASSWORD})
+        self.assertEqual((yield trusted.ended), 1)
+        self.assertEqual(trusted.records()[0]["code"], "BAD_CREDENTIALS")
+        for _ in range(100):
+            if b"login failed" in self.daemon.output:
+                break
+            yield task.deferLater(reactor, 0.1)
+        self.assertEqual(self.daemon.output.count(b"login failed"), 1)
+
+    @inlineCallbacks
+    def test_no_server(self):
+        with socket.socket() as unused:
+            unused.bind(("127.0.0.1", 0))
+            port = unused.getsockname()[1]
+        client = self.securechat("--user", "alice", port=port)
+        self.assertEqual((yield client.ended), 1)
+        self.assertEqual(
+            client.err.decode(), f"securechat: Cannot connect to localhost:{port}: refused; is securechatd running there?\n"
+        )
