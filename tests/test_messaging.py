@@ -295,6 +295,16 @@ class SendTests(MessagingTestCase):
 class DeliveryTests(MessagingTestCase):
     window = 4
 
+    def test_own_messages_are_not_pending_for_their_sender(self):
+        alice = self.connect("alice")
+        direct = self.dm(alice, "bob")
+        for i in range(5):
+            self.send(alice, direct, f"m{i}")
+        [membership] = self.successResultOf(self.hub.store.memberships("alice"))
+        self.assertEqual((membership.delivered_seq, membership.read_seq, membership.last_seq), (5, 5, 5))
+        [bobs] = self.successResultOf(self.hub.store.memberships("bob"))
+        self.assertEqual(bobs.delivered_seq, 0)
+
     def test_carbons_to_the_senders_other_sessions(self):
         phone, laptop, bob = self.connect("alice"), self.connect("alice"), self.connect("bob")
         direct = self.dm(phone, "bob")
@@ -545,3 +555,12 @@ class RateLimitTests(MessagingTestCase):
         self.error(alice, commands.RateLimited, commands.SendMessage, conversation_id=group, client_msg_id="y", body="b")
         bob = self.connect("bob")
         self.send(bob, group, "bob has his own allowance")
+
+    def test_resends_cost_nothing(self):
+        alice = self.connect("alice")
+        direct = self.dm(alice, "bob")
+        for i in range(29):
+            self.send(alice, direct, f"m{i}", client_msg_id=f"id{i}")
+        for _ in range(5):
+            self.send(alice, direct, "m0", client_msg_id="id0")  # lost answers, resent
+        self.assertEqual(self.send(alice, direct, "the thirtieth")["seq"], 30)

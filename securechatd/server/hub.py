@@ -10,7 +10,6 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from securechatd.server.delivery import Outbox
-from securechatd.server.presence import combined
 
 log = Logger()
 security = Logger(namespace="securechatd.security")
@@ -28,8 +27,8 @@ class Hub:
         self.window = window
 
     def session_started(self, session):
-        """Call when the login is answered; pending messages follow in the next turn."""
-        others = [s for s in self.registry.sessions_of(session.username) if s is not session]
+        """Call as the login is answered: the session goes online; pending messages follow next turn."""
+        before = self.presence.status_of(session.username)
         session.outbox = Outbox(
             session,
             self.store,
@@ -37,7 +36,8 @@ class Hub:
             self.window,
             on_caught_up=lambda: self._push_receipts(session),
         )
-        self.presence.session_started(session, combined(others))
+        self.registry.activate(session)
+        self.presence.session_started(session, before)
         self.clock.callLater(0, self._start_delivery, session)
 
     def _start_delivery(self, session):

@@ -73,6 +73,8 @@ class MessageService:
         if stored.new:
             self.conversations.committed(conversation.id, stored.message.seq)
             self._fan_out(stored.message, session)
+        else:
+            self.rate.refund(session.username)  # a resend stores nothing: it costs nothing
         return stored.message
 
     def _fan_out(self, message, origin):
@@ -148,16 +150,26 @@ class MessageService:
         return receipt
 
     async def send_receipt(self, recipients, receipt):
-        """Push `receipt` to every session of `recipients`; keep it for those offline."""
+        """Push `receipt` to every session of `recipients`; keep it for those offline.
+
+        A push that is not answered (the connection drops first) keeps it too,
+        for the next login.
+        """
         offline = []
         for recipient in recipients:
             sessions = self.registry.sessions_of(recipient)
             for session in sessions:
-                self._push_receipt(session, receipt)
+                pushed = self._push_receipt(session, receipt)
+                pushed.addCallback(self._keep_unless_answered, recipient, receipt)
             if not sessions:
                 offline.append(recipient)
         if offline:
             await self.store.save_pending_receipt(offline, receipt)
+
+    def _keep_unless_answered(self, answered, recipient, receipt):
+        if not answered:
+            kept = self.store.save_pending_receipt([recipient], receipt)
+            kept.addErrback(lambda failure: log.failure("receipt for {user}", failure, user=recipient))
 
     @staticmethod
     def _push_receipt(session, receipt):

@@ -75,24 +75,40 @@ class Session:
 
 
 class SessionRegistry:
-    """The live sessions of every user."""
+    """The live sessions of every user.
+
+    A session counts against the session limit from the moment its login is
+    accepted, but is *online* (gets pushes, shows in presence) only once its
+    Login answer is on its way: nothing may reach a client before that answer.
+    """
 
     def __init__(self):
-        self._by_user = {}
+        self._by_user = {}  # username -> {session_id: Session}, online or not yet
+        self._online = {}  # username -> {session_id: Session}
 
     def add(self, session):
         self._by_user.setdefault(session.username, {})[session.session_id] = session
 
+    def activate(self, session):
+        if session.session_id in self._by_user.get(session.username, {}):
+            self._online.setdefault(session.username, {})[session.session_id] = session
+
     def remove(self, session):
-        sessions = self._by_user.get(session.username, {})
-        if sessions.pop(session.session_id, None) is not None and not sessions:
-            del self._by_user[session.username]
+        for table in (self._by_user, self._online):
+            sessions = table.get(session.username, {})
+            if sessions.pop(session.session_id, None) is not None and not sessions:
+                del table[session.username]
+
+    def count(self, username):
+        """Sessions of `username`, online or still logging in."""
+        return len(self._by_user.get(username, ()))
 
     def sessions_of(self, username):
-        return list(self._by_user.get(username, {}).values())
+        """The online sessions of `username`."""
+        return list(self._online.get(username, {}).values())
 
     def online_users(self):
-        return set(self._by_user)
+        return set(self._online)
 
 
 @implementer(IRealm)
@@ -108,7 +124,7 @@ class ChatRealm:
         if IChatSession not in interfaces:
             raise NotImplementedError("securechatd only has IChatSession avatars")
         connection, client_name = mind
-        if len(self.registry.sessions_of(avatarId)) >= self.max_sessions:
+        if self.registry.count(avatarId) >= self.max_sessions:
             raise NotAllowed(
                 f"Too many sessions: at most {self.max_sessions} logins per user at once."
             )

@@ -173,3 +173,8 @@ class TokenBucket(_Swept):
             return (1 - tokens) / self.rate
         self._buckets[key] = (max(0.0, tokens - 1), self._clock.seconds())
         return 0
+
+    def refund(self, key):
+        """Give back a token taken for something that turned out to cost nothing."""
+        tokens = self._tokens(key)
+        self._buckets[key] = (min(self.burst, tokens + 1), self._clock.seconds())

@@ -230,6 +230,13 @@ class MessagingStore(StoreBase):
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (conversation_id, seq, sender_id, sender, client_msg_id, body, now),
         )
+        for mark in ("delivered_seq", "read_seq"):
+            # the sender has their own message: a mark right behind it moves past it, so
+            # it is neither pending nor unread for them (a mark further behind stays)
+            txn.execute(
+                f"UPDATE members SET {mark} = ? WHERE conversation_id = ? AND user_id = ? AND {mark} = ?",
+                (seq, conversation_id, sender_id, seq - 1),
+            )
         return Stored(Message(txn.lastrowid, conversation_id, seq, sender, body, now), True)
 
     def messages_from(self, conversation_id, first_seq, limit):
