@@ -1,11 +1,14 @@
 """Shared test fixtures: real SQLite without threads, fast bcrypt, in-memory connections."""
 
 import os
+import re
+import sys
 from datetime import datetime, timezone
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -234,3 +237,35 @@ def start_daemon(testcase, reactor, **settings):
     listener = daemon.getServiceNamed("listener")
     hub = listener.factory.wrappedFactory.hub
     return listener.port.getHost().port, os.path.join(certs_dir, "ca.pem"), hub
+
+
+# -- the installed daemon as a subprocess --------------------------------------------
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+class DaemonProcess(ProcessProtocol):
+    """Collects output; `listening` fires with the port, `ended` with (exit code, signal)."""
+
+    def __init__(self):
+        self.output = b""
+        self.listening = defer.Deferred()
+        self.ended = defer.Deferred()
+
+    def outReceived(self, data):
+        self.output += data
+        found = re.search(rb"securechatd listening on .*port=(\d+)", self.output)
+        if found and not self.listening.called:
+            self.listening.callback(int(found.group(1)))
+
+    errReceived = outReceived
+
+    def processEnded(self, reason):
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(f"daemon exited early:\n{self.output.decode()}"))
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+
+def environment():
+    """The test's environment without any path that would import the source tree."""
+    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}

@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from securechatd import commands
 from tests.helpers import tls_connect
 from tests.test_integration import PASSWORD, ChatClient, WaitTimeout, bounded
-from tests.test_twistd import TWISTD, DaemonProcess, environment
+from tests.helpers import TWISTD, DaemonProcess, environment
 
 COUNT = 200
 IN_FLIGHT = 8

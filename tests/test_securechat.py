@@ -11,7 +11,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.trial import unittest
 
 from securechatd.certs import write_certs
-from tests.test_twistd import TWISTD, DaemonProcess, environment
+from tests.helpers import TWISTD, DaemonProcess, environment
 
 SECURECHAT = os.path.join(os.path.dirname(sys.executable), "securechat")
 PASSWORD = "correct horse battery"

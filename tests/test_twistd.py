@@ -1,47 +1,16 @@
 """The installed `twistd -n securechatd`, run as a subprocess the way a user runs it."""
 
 import os
-import re
 import subprocess
-import sys
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
 from securechatd import commands
-from tests.helpers import connected_client
+from tests.helpers import TWISTD, DaemonProcess, connected_client, environment
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 PASSWORD = "correct horse battery"
-
-
-class DaemonProcess(ProcessProtocol):
-    """Collects output; `listening` fires with the port, `ended` with (exit code, signal)."""
-
-    def __init__(self):
-        self.output = b""
-        self.listening = Deferred()
-        self.ended = Deferred()
-
-    def outReceived(self, data):
-        self.output += data
-        found = re.search(rb"securechatd listening on .*port=(\d+)", self.output)
-        if found and not self.listening.called:
-            self.listening.callback(int(found.group(1)))
-
-    errReceived = outReceived
-
-    def processEnded(self, reason):
-        if not self.listening.called:
-            self.listening.errback(RuntimeError(f"daemon exited early:\n{self.output.decode()}"))
-        self.ended.callback((reason.value.exitCode, reason.value.signal))
-
-
-def environment():
-    """The test's environment without any path that would import the source tree."""
-    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
 
 
 class TwistdTests(unittest.TestCase):
