@@ -13,6 +13,8 @@ A Deliver left unanswered when the connection drops was never marked, so
 the next login pushes it again.
 """
 
+from functools import lru_cache
+
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
@@ -22,15 +24,20 @@ from securechatd.server.accounts import utc
 log = Logger()
 
 
-def deliver_arguments(message):
-    return {
-        "message_id": message.id,
-        "conversation_id": message.conversation_id,
-        "seq": message.seq,
-        "sender": message.sender,
-        "body": message.body,
-        "sent_at": utc(message.sent_at),
-    }
+@lru_cache(maxsize=1024)
+def deliver_box(message):
+    """A message's Deliver arguments, encoded once for all its recipients."""
+    return commands.Deliver.makeArguments(
+        {
+            "message_id": message.id,
+            "conversation_id": message.conversation_id,
+            "seq": message.seq,
+            "sender": message.sender,
+            "body": message.body,
+            "sent_at": utc(message.sent_at),
+        },
+        None,
+    )
 
 
 class Outbox:
@@ -122,7 +129,7 @@ class Outbox:
             return
         self.in_flight += 1
         self.outstanding.setdefault(conversation, set()).add(message.seq)
-        answered = self.session.push(commands.Deliver, **deliver_arguments(message))
+        answered = self.session.push_encoded(commands.Deliver, deliver_box(message))
         answered.addCallback(self._answered, message)
 
     def _answered(self, ok, message):

@@ -30,40 +30,39 @@ class BoxLimits:
 class BoundedBoxProtocol(amp.AMP):
     """AMP whose parser enforces `self.box_limits()` on every incoming box."""
 
-    _box_bytes = 0
-    _box_keys = 0
+    _bytes_left = 0  # of the current box's budget
+    _keys_left = 0
     refused = None  # why the connection was dropped, once it was
 
     def box_limits(self):
         raise NotImplementedError
-
-    def _budget(self, cap):
-        limits = self.box_limits()
-        left = limits.max_bytes - self._box_bytes - PREFIX
-        return max(0, min(cap, left))
 
     def dataReceived(self, data):
         if self.refused is None:  # a dropped connection's last bytes are not kept
             super().dataReceived(data)
 
     def proto_init(self, string):
-        self._box_bytes = self._box_keys = 0
+        limits = self.box_limits()
+        self._bytes_left, self._keys_left = limits.max_bytes, limits.max_keys
         return super().proto_init(string)
 
     def proto_key(self, string):
         if string:
-            self._box_keys += 1
-            self._box_bytes += PREFIX + len(string)
-            if self._box_keys > self.box_limits().max_keys:
+            self._keys_left -= 1
+            self._bytes_left -= PREFIX + len(string)
+            if self._keys_left < 0:
                 return self.refuse("a box with too many keys")
         state = super().proto_key(string)
-        self.MAX_LENGTH = self._budget(VALUE_LIMIT) if state == "value" else KEY_LIMIT
+        if state == "value":  # the value's length prefix is checked against what is left
+            self.MAX_LENGTH = max(0, min(VALUE_LIMIT, self._bytes_left - PREFIX))
+        else:
+            self.MAX_LENGTH = KEY_LIMIT
         return state
 
     def proto_value(self, string):
-        self._box_bytes += PREFIX + len(string)
+        self._bytes_left -= PREFIX + len(string)
         state = super().proto_value(string)
-        self.MAX_LENGTH = self._budget(KEY_LIMIT)
+        self.MAX_LENGTH = max(0, min(KEY_LIMIT, self._bytes_left - PREFIX))
         return state
 
     def lengthLimitExceeded(self, length):

@@ -52,6 +52,8 @@ class MessageService:
         self.clock = clock
         self.max_body = max_body
         self.rate = rate or TokenBucket(clock, 30, 10.0)
+        self._delivered = {}  # (conversation_id, username) -> seq answered, not yet moved
+        self._flush = None
 
     # -- sending -------------------------------------------------------------------
 
@@ -135,9 +137,23 @@ class MessageService:
                     self._push_receipt(own, receipt)
 
     def delivered(self, username, conversation_id, seq):
-        """A session of `username` answered every Deliver up to `seq` (called by Outboxes)."""
-        moved = Deferred.fromCoroutine(self._move(conversation_id, username, "delivered", seq, False))
-        moved.addErrback(lambda failure: log.failure("delivered mark of {user}", failure, user=username))
+        """A session of `username` answered every Deliver up to `seq` (called by Outboxes).
+
+        Answers arriving in the same reactor turn move each mark once, and
+        send one Receipt for all the messages they cover.
+        """
+        key = (conversation_id, username)
+        if seq > self._delivered.get(key, 0):
+            self._delivered[key] = seq
+        if self._flush is None:
+            self._flush = self.clock.callLater(0, self._move_delivered)
+
+    def _move_delivered(self):
+        self._flush = None
+        marks, self._delivered = self._delivered, {}
+        for (conversation_id, username), seq in marks.items():
+            moved = Deferred.fromCoroutine(self._move(conversation_id, username, "delivered", seq, False))
+            moved.addErrback(lambda failure, user=username: log.failure("delivered mark of {user}", failure, user=user))
 
     async def _move(self, conversation_id, username, state, seq, private):
         now = self.clock.seconds()

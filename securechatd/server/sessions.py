@@ -10,6 +10,7 @@ from twisted.cred.portal import IRealm
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.error import ConnectionClosed, ConnectionDone, ConnectionLost
 from twisted.logger import Logger
+from twisted.protocols import amp
 from zope.interface import Interface, implementer
 
 from securechatd.commands import NotAllowed
@@ -54,6 +55,13 @@ class Session:
         with an error is logged, so one broken client never breaks a fan-out.
         """
         pushed = maybeDeferred(self.connection.callRemote, command, **arguments)
+        return pushed.addCallbacks(lambda _: True, self._push_failed, errbackArgs=(command,))
+
+    def push_encoded(self, command, arguments):
+        """As `push`, with the arguments already encoded (an AmpBox shared by many pushes)."""
+        pushed = maybeDeferred(
+            self.connection._sendBoxCommand, command.commandName, amp.AmpBox(arguments)
+        )  # (AMP's own callRemote would encode the same message again for every recipient)
         return pushed.addCallbacks(lambda _: True, self._push_failed, errbackArgs=(command,))
 
     def _push_failed(self, failure, command):
