@@ -156,14 +156,16 @@ class MessageService:
             moved.addErrback(lambda failure, user=username: log.failure("delivered mark of {user}", failure, user=user))
 
     async def _move(self, conversation_id, username, state, seq, private):
+        """Move a mark; the senders it newly covers get Receipts. The `state` Receipt, if it moved."""
         now = self.clock.seconds()
-        move = await self.store.move_mark(conversation_id, username, state, seq, now)
-        if move.new <= move.old:
-            return None
-        receipt = Receipt(conversation_id, username, state, move.new, now)
-        if not private:
-            await self.send_receipt(move.senders, receipt)
-        return receipt
+        moved = None
+        for move in await self.store.move_mark(conversation_id, username, state, seq, now):
+            receipt = Receipt(conversation_id, username, move.state, move.new, now)
+            if not (private and move.state == "read"):  # being delivered is never private
+                await self.send_receipt(move.senders, receipt)
+            if move.state == state:
+                moved = receipt
+        return moved
 
     async def send_receipt(self, recipients, receipt):
         """Push `receipt` to every session of `recipients`; keep it for those offline.

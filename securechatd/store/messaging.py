@@ -15,7 +15,7 @@ from securechatd.store.base import StoreBase, user_id
 Conversation = namedtuple("Conversation", "id kind title members last_seq")
 Message = namedtuple("Message", "id conversation_id seq sender body sent_at")
 Stored = namedtuple("Stored", "message new")
-MarkMove = namedtuple("MarkMove", "old new senders")
+MarkMove = namedtuple("MarkMove", "state old new senders")
 Receipt = namedtuple("Receipt", "conversation_id reader state seq at")
 Membership = namedtuple("Membership", "conversation_id delivered_seq read_seq last_seq")
 
@@ -278,9 +278,11 @@ class MessagingStore(StoreBase):
     # -- marks and receipts --------------------------------------------------------
 
     def move_mark(self, conversation_id, username, state, seq, now):
-        """Deferred: MarkMove(old, new, senders of the newly covered messages), never backwards.
+        """Deferred: [MarkMove] for each mark that moved forward to `seq` (never backwards).
 
-        Moving the read mark moves the delivered mark with it (read implies delivered).
+        Moving the read mark moves the delivered mark with it (read implies
+        delivered): then both moves are listed, delivered first. Each names the
+        senders of the messages it newly covers.
         """
         return self._write(self._move_mark_txn, conversation_id, username, state, seq, now)
 
@@ -293,29 +295,28 @@ class MessagingStore(StoreBase):
         )
         row = txn.fetchone()
         if row is None:
-            return MarkMove(0, 0, ())
-        delivered, read = row
-        old = read if state == "read" else delivered
-        if seq <= old:
-            return MarkMove(old, old, ())
-        moves = [("read", read), ("delivered", delivered)] if state == "read" else [("delivered", delivered)]
-        for moved_state, mark in moves:
-            if seq > mark:
-                txn.execute(
-                    f"UPDATE members SET {moved_state}_seq = ? WHERE conversation_id = ? AND user_id = ?",
-                    (seq, conversation_id, uid),
-                )
-                txn.execute(
-                    "INSERT INTO mark_events (conversation_id, user_id, state, seq, at)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (conversation_id, uid, moved_state, seq, now),
-                )
-        txn.execute(
-            "SELECT DISTINCT sender FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ?"
-            " AND sender_id IS NOT ?",
-            (conversation_id, old, seq, uid),
-        )
-        return MarkMove(old, seq, tuple(name for (name,) in txn.fetchall()))
+            return []
+        marks = dict(zip(("delivered", "read"), row))
+        moves = []
+        for moved in ("delivered", "read") if state == "read" else ("delivered",):
+            old = marks[moved]
+            if seq <= old:
+                continue
+            txn.execute(
+                f"UPDATE members SET {moved}_seq = ? WHERE conversation_id = ? AND user_id = ?",
+                (seq, conversation_id, uid),
+            )
+            txn.execute(
+                "INSERT INTO mark_events (conversation_id, user_id, state, seq, at) VALUES (?, ?, ?, ?, ?)",
+                (conversation_id, uid, moved, seq, now),
+            )
+            txn.execute(
+                "SELECT DISTINCT sender FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ?"
+                " AND sender_id IS NOT ?",
+                (conversation_id, old, seq, uid),
+            )
+            moves.append(MarkMove(moved, old, seq, tuple(name for (name,) in txn.fetchall())))
+        return moves
 
     def receipts(self, message):
         """Deferred: [(username, delivered_at, read_at)] for each member but the sender."""

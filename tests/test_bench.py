@@ -1,0 +1,88 @@
+"""Smoke test of the load generator: every workload, tiny, against a daemon it starts itself.
+
+Each run is `python -m bench ...` as a subprocess, the way it is used; it
+must print exactly one JSON line holding its figures. Nothing here asserts
+a speed: performance is measured by bench/, never by the test suite.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from twisted.trial import unittest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = {
+    "workload",
+    "server",
+    "fresh_daemon",
+    "bcrypt_cost",
+    "securechatd_commit",
+    "installed_matches_tree",
+    "daemon_log",
+    "started_at",
+}
+TRAFFIC = {"sent", "delivered", "expected", "p50_ms", "p99_ms", "answer_p50_ms", "answer_p99_ms"}
+CPU = {"wall_s", "server_cpu_s", "server_cpu_util", "per_server_cpu_s", "client_cpu_s", "server_rss_kb"}
+
+
+def bench(*arguments):
+    """Run the bench with bcrypt's lowest allowed cost; its one line of JSON."""
+    ran = subprocess.run(
+        [sys.executable, "-m", "bench", *arguments, "--bcrypt-cost", "10", "--timeout", "60"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = ran.stdout.splitlines()
+    if ran.returncode or len(lines) != 1:
+        raise AssertionError(f"bench {arguments} exited {ran.returncode}:\n{ran.stdout}\n{ran.stderr[-3000:]}")
+    return json.loads(lines[0])
+
+
+class BenchSmokeTests(unittest.TestCase):
+    def check(self, result, workload, keys):
+        self.assertNotIn("error", result)
+        self.assertEqual(result["workload"], workload)
+        self.assertLessEqual(COMMON | keys, set(result), sorted(COMMON | keys - set(result)))
+        self.assertTrue(result["fresh_daemon"])
+        self.assertEqual(result["bcrypt_cost"], 10)
+
+    def test_logins(self):
+        result = bench("logins", "-n", "3")
+        self.check(result, "logins", CPU | {"logins_per_s", "p50_ms", "p99_ms", "ok", "concurrency"})
+        self.assertEqual((result["method"], result["ok"], result["errors"]), ("password", 3, {}))
+
+    def test_logins_resume(self):
+        result = bench("logins", "-n", "4", "--resume", "--concurrency", "2")
+        self.check(result, "logins", CPU | {"logins_per_s", "p50_ms", "p99_ms"})
+        self.assertEqual((result["method"], result["ok"], result["concurrency"]), ("resume", 4, 2))
+
+    def test_direct(self):
+        result = bench("direct", "-n", "4", "-m", "5", "-w", "2")
+        self.check(result, "direct", CPU | TRAFFIC | {"msgs_per_s", "persisted", "window"})
+        self.assertEqual((result["sent"], result["delivered"], result["expected"]), (20, 20, 20))
+        self.assertFalse(result["timed_out"])
+
+    def test_fanout(self):
+        result = bench("fanout", "-k", "3", "-m", "3", "-w", "2")
+        self.check(result, "fanout", CPU | TRAFFIC | {"deliveries_per_s", "pacing", "room_msgs_per_s"})
+        self.assertEqual((result["sent"], result["delivered"]), (9, 18))
+
+    def test_idle(self):
+        result = bench("idle", "-c", "5", "--hold", "0.1")
+        self.check(result, "idle", CPU | {"rss_per_conn_kb", "server_rss_before_kb", "server_rss_after_kb"})
+        self.assertEqual(result["connected"], 5)
+
+    def test_storm(self):
+        result = bench("storm", "-n", "2", "--logins", "2", "--duration", "0.3", "--rate", "20")
+        self.check(result, "storm", {"p99_ms_without_storm", "p99_ms_with_storm", "without_storm", "with_storm"})
+        self.assertEqual(result["with_storm"]["ok"], 2)
+        self.assertLessEqual({"p50_ms", "p99_ms", "server_cpu_s"}, set(result["without_storm"]))
+
+    def test_offline(self):
+        result = bench("offline", "-p", "20")
+        self.check(result, "offline", CPU | {"msgs_per_s", "flush_s", "rss_growth_kb", "server_rss_peak_kb"})
+        self.assertEqual((result["received"], result["duplicates"], result["in_order"]), (20, 0, True))
