@@ -55,6 +55,16 @@ ERRORS_BY_CODE = {code: cls for cls, code in ERRORS.items()}
 BAD_CREDENTIALS_TEXT = "Wrong username or password."
 
 
+class Integer(amp.Integer):
+    """A 64-bit signed integer: anything larger is a malformed argument, not a database error."""
+
+    def fromString(self, inString):
+        value = super().fromString(inString)
+        if not -(2**63) <= value < 2**63:
+            raise ValueError("integer out of range")
+        return value
+
+
 class ChatCommand(amp.Command):
     """A command whose malformed arguments raise InvalidArgument, not a crash.
 
@@ -153,7 +163,7 @@ class GetPresence(ChatCommand):
 
 
 class ListUsers(ChatCommand):
-    arguments = [(b"prefix", amp.Unicode(optional=True)), (b"limit", amp.Integer(optional=True))]
+    arguments = [(b"prefix", amp.Unicode(optional=True)), (b"limit", Integer(optional=True))]
     response = [(b"users", amp.AmpList([(b"username", amp.Unicode()), (b"status", amp.Unicode())]))]
 
 
@@ -162,22 +172,22 @@ class ListUsers(ChatCommand):
 
 class CreateConversation(ChatCommand):
     arguments = [(b"members", amp.ListOf(amp.Unicode())), (b"title", amp.Unicode(optional=True))]
-    response = [(b"conversation_id", amp.Integer()), (b"created", amp.Boolean())]
+    response = [(b"conversation_id", Integer()), (b"created", amp.Boolean())]
 
 
 class ListConversations(ChatCommand):
-    arguments = [(b"after_id", amp.Integer(optional=True))]
+    arguments = [(b"after_id", Integer(optional=True))]
     response = [
         (
             b"conversations",
             amp.AmpList(
                 [
-                    (b"conversation_id", amp.Integer()),
+                    (b"conversation_id", Integer()),
                     (b"kind", amp.Unicode()),
                     (b"title", amp.Unicode(optional=True)),
                     (b"members", amp.ListOf(amp.Unicode())),
-                    (b"last_seq", amp.Integer()),
-                    (b"unread", amp.Integer()),
+                    (b"last_seq", Integer()),
+                    (b"unread", Integer()),
                 ]
             ),
         ),
@@ -186,12 +196,12 @@ class ListConversations(ChatCommand):
 
 
 class AddMembers(ChatCommand):
-    arguments = [(b"conversation_id", amp.Integer()), (b"members", amp.ListOf(amp.Unicode()))]
+    arguments = [(b"conversation_id", Integer()), (b"members", amp.ListOf(amp.Unicode()))]
     response = []
 
 
 class LeaveConversation(ChatCommand):
-    arguments = [(b"conversation_id", amp.Integer())]
+    arguments = [(b"conversation_id", Integer())]
     response = []
 
 
@@ -200,26 +210,26 @@ class LeaveConversation(ChatCommand):
 
 class SendMessage(ChatCommand):
     arguments = [
-        (b"conversation_id", amp.Integer()),
+        (b"conversation_id", Integer()),
         (b"client_msg_id", amp.Unicode()),
         (b"body", amp.Unicode()),
     ]
-    response = [(b"message_id", amp.Integer()), (b"seq", amp.Integer()), (b"sent_at", amp.DateTime())]
+    response = [(b"message_id", Integer()), (b"seq", Integer()), (b"sent_at", amp.DateTime())]
 
 
 class History(ChatCommand):
     arguments = [
-        (b"conversation_id", amp.Integer()),
-        (b"before_seq", amp.Integer(optional=True)),
-        (b"limit", amp.Integer(optional=True)),
+        (b"conversation_id", Integer()),
+        (b"before_seq", Integer(optional=True)),
+        (b"limit", Integer(optional=True)),
     ]
     response = [
         (
             b"messages",
             amp.AmpList(
                 [
-                    (b"message_id", amp.Integer()),
-                    (b"seq", amp.Integer()),
+                    (b"message_id", Integer()),
+                    (b"seq", Integer()),
                     (b"sender", amp.Unicode()),
                     (b"body", amp.Unicode()),
                     (b"sent_at", amp.DateTime()),
@@ -232,15 +242,15 @@ class History(ChatCommand):
 
 class MarkRead(ChatCommand):
     arguments = [
-        (b"conversation_id", amp.Integer()),
-        (b"seq", amp.Integer()),
+        (b"conversation_id", Integer()),
+        (b"seq", Integer()),
         (b"private", amp.Boolean(optional=True)),
     ]
     response = []
 
 
 class GetReceipts(ChatCommand):
-    arguments = [(b"conversation_id", amp.Integer()), (b"message_id", amp.Integer())]
+    arguments = [(b"conversation_id", Integer()), (b"message_id", Integer())]
     response = [
         (
             b"receipts",
@@ -260,9 +270,9 @@ class GetReceipts(ChatCommand):
 
 class Deliver(ChatCommand):
     arguments = [
-        (b"message_id", amp.Integer()),
-        (b"conversation_id", amp.Integer()),
-        (b"seq", amp.Integer()),
+        (b"message_id", Integer()),
+        (b"conversation_id", Integer()),
+        (b"seq", Integer()),
         (b"sender", amp.Unicode()),
         (b"body", amp.Unicode()),
         (b"sent_at", amp.DateTime()),
@@ -272,10 +282,10 @@ class Deliver(ChatCommand):
 
 class Receipt(ChatCommand):
     arguments = [
-        (b"conversation_id", amp.Integer()),
+        (b"conversation_id", Integer()),
         (b"username", amp.Unicode()),
         (b"state", amp.Unicode()),
-        (b"seq", amp.Integer()),
+        (b"seq", Integer()),
         (b"at", amp.DateTime()),
     ]
     response = []
@@ -293,7 +303,7 @@ class PresenceChanged(ChatCommand):
 
 class ConversationUpdated(ChatCommand):
     arguments = [
-        (b"conversation_id", amp.Integer()),
+        (b"conversation_id", Integer()),
         (b"kind", amp.Unicode()),
         (b"title", amp.Unicode(optional=True)),
         (b"members", amp.ListOf(amp.Unicode())),

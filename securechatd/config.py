@@ -108,6 +108,7 @@ class Settings:
     message_burst: int = 30
     message_rate: float = 10.0
     shutdown_grace: float = 10.0
+    backlog: int = 1024
     registration: str = "open"
     audit_log: str | None = "securechatd-audit.jsonl"
 
@@ -150,6 +151,7 @@ SCHEMA = {
     "message_burst": ("limits", "message_burst", _integer(1)),
     "message_rate": ("limits", "message_rate", _seconds),
     "shutdown_grace": ("server", "shutdown_grace", _seconds),
+    "backlog": ("server", "backlog", _integer(1, 65535)),
     "registration": ("accounts", "registration", _choice("open", "closed")),
     "audit_log": ("logging", "audit_log", _optional_text),
 }

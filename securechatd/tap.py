@@ -86,7 +86,7 @@ def _endpoint(settings, reactor):
                 f" server endpoint string ({problem})"
             )
     endpoint_type = TCP6ServerEndpoint if ":" in settings.interface else TCP4ServerEndpoint
-    endpoint = endpoint_type(reactor, settings.port, interface=settings.interface)
+    endpoint = endpoint_type(reactor, settings.port, backlog=settings.backlog, interface=settings.interface)
     return endpoint, f"{settings.interface} port {settings.port}"
 
 

@@ -191,6 +191,24 @@ class ConversationTests(MessagingTestCase):
         self.assertEqual(self.ok(bob, commands.ListConversations)["conversations"], [])
         self.error(bob, NotAllowed, commands.LeaveConversation, conversation_id=self.dm(bob, "alice"))
 
+    def test_who_left_hears_no_receipts(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        group = self.ok(alice, commands.CreateConversation, members=["bob"], title="G")["conversation_id"]
+        self.send(alice, group, "before leaving")
+        self.ok(alice, commands.LeaveConversation, conversation_id=group)
+        self.settle(alice, bob)
+        receipts_before = len(self.pushed(alice, "Receipt"))
+        self.ok(bob, commands.MarkRead, conversation_id=group, seq=1)
+        self.settle(alice, bob)
+        self.assertEqual(len(self.pushed(alice, "Receipt")), receipts_before)
+
+    def test_send_racing_leave_stores_nothing(self):
+        alice = self.connect("alice")
+        group = self.ok(alice, commands.CreateConversation, members=["bob"], title="G")["conversation_id"]
+        self.successResultOf(self.hub.store.remove_member(group, "alice"))  # the leave committed first
+        self.error(alice, NoSuchConversation, commands.SendMessage, conversation_id=group, client_msg_id="x", body="b")
+        self.assertEqual(self.successResultOf(self.hub.store.messages_from(group, 1, 10)), [])
+
     def test_list_users(self):
         alice = self.connect("alice")
         self.connect("carol")
@@ -289,6 +307,8 @@ class SendTests(MessagingTestCase):
     def test_bad_ids(self):
         alice = self.connect("alice")
         self.error(alice, InvalidArgument, commands.SendMessage, conversation_id=0, client_msg_id="x", body="b")
+        self.error(alice, InvalidArgument, commands.History, conversation_id=2**63)
+        self.error(alice, InvalidArgument, commands.MarkRead, conversation_id=1, seq=2**64)
         self.error(alice, NoSuchConversation, commands.SendMessage, conversation_id=999, client_msg_id="x", body="b")
 
 

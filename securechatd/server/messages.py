@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from securechatd import commands
-from securechatd.commands import InvalidArgument, MessageTooLarge, RateLimited
+from securechatd.commands import InvalidArgument, MessageTooLarge, NoSuchConversation, RateLimited
 from securechatd.server.accounts import utc
 from securechatd.server.throttle import TokenBucket, retry_text
 from securechatd.store.messaging import Receipt
@@ -72,6 +72,8 @@ class MessageService:
         stored = await self.store.add_message(
             conversation.id, session.username, client_msg_id, body, self.clock.seconds()
         )
+        if stored is None:  # left the conversation while this was on its way
+            raise NoSuchConversation(f"There is no conversation {conversation_id} of yours.")
         if stored.new:
             self.conversations.committed(conversation.id, stored.message.seq)
             self._fan_out(stored.message, session)

@@ -207,7 +207,10 @@ class MessagingStore(StoreBase):
     # -- messages ------------------------------------------------------------------
 
     def add_message(self, conversation_id, sender, client_msg_id, body, now):
-        """Deferred: Stored(message, new); a repeated (sender, client_msg_id) returns the first message."""
+        """Deferred: Stored(message, new); a repeated (sender, client_msg_id) returns the first message.
+
+        None if the sender is not (any more) a member: checked in the same transaction.
+        """
         return self._write(self._add_message_txn, conversation_id, sender, client_msg_id, body, now)
 
     @staticmethod
@@ -220,6 +223,11 @@ class MessagingStore(StoreBase):
         row = txn.fetchone()
         if row is not None:
             return Stored(Message(*row), False)
+        txn.execute(
+            "SELECT 1 FROM members WHERE conversation_id = ? AND user_id = ?", (conversation_id, sender_id)
+        )
+        if txn.fetchone() is None:
+            return None
         txn.execute(
             "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
             (conversation_id,),
@@ -310,9 +318,10 @@ class MessagingStore(StoreBase):
                 "INSERT INTO mark_events (conversation_id, user_id, state, seq, at) VALUES (?, ?, ?, ?, ?)",
                 (conversation_id, uid, moved, seq, now),
             )
-            txn.execute(
-                "SELECT DISTINCT sender FROM messages WHERE conversation_id = ? AND seq > ? AND seq <= ?"
-                " AND sender_id IS NOT ?",
+            txn.execute(  # senders still in the conversation: who left hears nothing more of it
+                "SELECT DISTINCT m.sender FROM messages m JOIN members b"
+                " ON b.conversation_id = m.conversation_id AND b.user_id = m.sender_id"
+                " WHERE m.conversation_id = ? AND m.seq > ? AND m.seq <= ? AND m.sender_id != ?",
                 (conversation_id, old, seq, uid),
             )
             moves.append(MarkMove(moved, old, seq, tuple(name for (name,) in txn.fetchall())))
