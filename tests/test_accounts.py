@@ -1,6 +1,6 @@
 """The account commands of PROTOCOL.md through the real protocol, in memory (iosim)."""
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.protocols import amp
 from twisted.trial import unittest
 
@@ -16,6 +16,7 @@ from securechatd.commands import (
     UsernameTaken,
     WeakPassword,
 )
+from securechatd.store.base import StoreError
 from tests.helpers import Connection, make_hub
 
 PASSWORD = "correct horse battery"
@@ -355,3 +356,89 @@ class AccountCommandTests(unittest.TestCase):
 
         self.failureResultOf(self.conn.call(Shout), amp.UnhandledCommand)
         self.successResultOf(self.conn.call(commands.Ping))
+
+
+class RaceTests(unittest.TestCase):
+    """Logins whose checks overlap other changes."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.hub = make_hub(self, clock=self.clock)
+        self.accounts = self.hub.accounts
+        conn = Connection(self.hub)
+        self.successResultOf(conn.call(commands.Register, username="alice", password=PASSWORD))
+
+    def hold_hashing(self):
+        """Make bcrypt checks wait until the returned list's Deferreds are fired."""
+        held = []
+        run = self.accounts.hasher._run
+
+        def hold(f, *args):
+            waiting = defer.Deferred()
+            held.append(waiting)
+            return waiting.addCallback(lambda _: f(*args))
+
+        self.accounts.hasher._run = hold
+        return held, run
+
+    def test_login_racing_a_password_change_gets_nothing(self):
+        victim = Connection(self.hub)
+        self.successResultOf(victim.call(commands.Login, username="alice", password=PASSWORD))
+        held, run = self.hold_hashing()
+        attacker = Connection(self.hub)
+        outcome = []
+        attacker.client.callRemote(commands.Login, username="alice", password=PASSWORD).addBoth(outcome.append)
+        attacker.pump.flush()  # its bcrypt check is held
+        self.accounts.hasher._run = run
+        self.successResultOf(
+            victim.call(commands.ChangePassword, old_password=PASSWORD, new_password="a fresh password")
+        )
+        held[0].callback(None)  # the old password checks out against what was read before
+        attacker.pump.flush()
+        self.assertTrue(outcome[0].check(BadCredentials), outcome)
+        self.assertEqual(len(self.hub.registry.sessions_of("alice")), 1)
+        self.assertEqual(self.hub.registry.count("alice"), 1)
+
+    def test_failed_token_write_leaves_no_session(self):
+        original = self.accounts.store.add_resume_token
+        self.accounts.store.add_resume_token = lambda *a: defer.fail(StoreError("database is locked"))
+        for _ in range(12):
+            self.failureResultOf(
+                Connection(self.hub).call(commands.Login, username="alice", password=PASSWORD),
+                commands.ServiceUnavailable,
+            )
+        self.flushLoggedErrors(StoreError)
+        self.accounts.store.add_resume_token = original
+        self.assertEqual(self.hub.registry.count("alice"), 0)
+        self.successResultOf(Connection(self.hub).call(commands.Login, username="alice", password=PASSWORD))
+
+    def test_resume_over_the_session_limit_keeps_its_token(self):
+        self.accounts.max_sessions = 1
+        first = Connection(self.hub)
+        token = self.successResultOf(first.call(commands.Login, username="alice", password=PASSWORD))["resume_token"]
+        second = Connection(self.hub)
+        self.failureResultOf(second.call(commands.Resume, username="alice", resume_token=token), NotAllowed)
+        first.drop()
+        self.successResultOf(second.call(commands.Resume, username="alice", resume_token=token))
+
+    def test_concurrent_resumes_are_not_guesses(self):
+        tokens = []
+        for _ in range(8):
+            conn = Connection(self.hub)
+            tokens.append(self.successResultOf(conn.call(commands.Login, username="alice", password=PASSWORD))["resume_token"])
+            conn.drop()
+        held = []
+        self.accounts.store.consume_resume_token = lambda *a: held.append(a) or defer.Deferred()
+        calls = [Connection(self.hub).call(commands.Resume, username="alice", resume_token=t) for t in tokens]
+        self.assertEqual(len(held), 8)  # none refused as too many attempts in flight
+        for call in calls:
+            self.assertNoResult(call)
+
+    def test_logout_puts_the_login_deadline_back(self):
+        conn = Connection(self.hub)
+        self.successResultOf(conn.call(commands.Login, username="alice", password=PASSWORD))
+        self.successResultOf(conn.call(commands.Logout))
+        for _ in range(3):
+            self.clock.advance(20)
+            conn.pump.flush()
+        self.assertTrue(conn.server.lost)

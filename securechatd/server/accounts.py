@@ -97,6 +97,7 @@ class PasswordChecker:
         stored = found.password_hash if found else None
         if not await self._hasher.verify(credentials.password, stored):
             raise UnauthorizedLogin()
+        credentials.generation = found.generation
         if self._hasher.needs_rehash(stored):
             rehashed = await self._hasher.hash(credentials.password)
             await self._store.rehash_password(found.username, stored, rehashed)
@@ -117,11 +118,12 @@ class ResumeTokenChecker:
         self._clock = clock
 
     async def _check(self, credentials):
-        spent = await self._store.consume_resume_token(
+        generation = await self._store.consume_resume_token(
             credentials.username, token_hash(credentials.token), self._clock.seconds()
         )
-        if not spent:
+        if generation is None:
             raise UnauthorizedLogin()
+        credentials.generation = generation
         return credentials.username
 
     def requestAvatarId(self, credentials):
@@ -155,6 +157,7 @@ class AccountService:
         self.registration_exempt = frozenset(registration_exempt)
         self.token_lifetime = token_lifetime
         self.registration_open = registration_open
+        self.max_sessions = max_sessions
         self.registry = SessionRegistry()
         self.portal = Portal(
             ChatRealm(self.registry, clock, max_sessions),
@@ -205,13 +208,16 @@ class AccountService:
         """(session, resume token) for a right password, else BadCredentials."""
         username = normalize_username(username)
 
+        self._check_session_limit(username)
+        credentials = UsernamePassword(username, password)
+
         async def verify():
             if not passwords.MIN_LENGTH <= len(password) <= passwords.MAX_LENGTH:
                 raise UnauthorizedLogin()  # no hashing for what can never be right
-            return await self._portal_login(UsernamePassword(username, password), client_name, connection)
+            return await self._portal_login(credentials, client_name, connection)
 
         session = await self._attempt(username, address, "password", verify)
-        return session, await self._logged_in(session, address, "password")
+        return session, await self._logged_in(session, credentials, address, "password")
 
     async def resume(self, username, token, client_name, address, connection):
         """(session, new resume token) for a valid token, else BadCredentials."""
@@ -220,22 +226,31 @@ class AccountService:
         except InvalidUsername:
             name = None
 
+        if name is not None:
+            self._check_session_limit(name)  # before the token is spent
+        credentials = ResumeToken(name, token)
+
         async def verify():
             if name is None:
                 raise UnauthorizedLogin()
-            return await self._portal_login(ResumeToken(name, token), client_name, connection)
+            return await self._portal_login(credentials, client_name, connection)
 
-        session = await self._attempt(name or username[:64], address, "token", verify)
-        return session, await self._logged_in(session, address, "token")
+        # an unguessable token: concurrent resumes (a reconnect storm) are not guesses
+        session = await self._attempt(name or username[:64], address, "token", verify, count_pending=False)
+        return session, await self._logged_in(session, credentials, address, "token")
+
+    def _check_session_limit(self, username):
+        if self.registry.count(username) >= self.max_sessions:
+            raise NotAllowed(f"Too many sessions: at most {self.max_sessions} logins per user at once.")
 
     async def _portal_login(self, credentials, client_name, connection):
         _, session, _ = await self.portal.login(credentials, (connection, client_name), IChatSession)
         return session
 
-    async def _attempt(self, username, address, method, verify):
+    async def _attempt(self, username, address, method, verify, count_pending=True):
         """Run `verify()` as one throttled attempt: UnauthorizedLogin becomes BAD_CREDENTIALS."""
         try:
-            self.throttle.begin(username, address)
+            self.throttle.begin(username, address, count_pending)
         except RateLimited as limited:
             security.warn(
                 "login refused for {username} from {address}: {reason}",
@@ -263,8 +278,15 @@ class AccountService:
         finally:
             self.throttle.end(username, address, outcome)
 
-    async def _logged_in(self, session, address, method):
-        token = await self._issue_token(session)
+    async def _logged_in(self, session, credentials, address, method):
+        try:
+            token = await self._issue_token(session, credentials.generation)
+        except BaseException:
+            session.end()  # never leave a session that will not be answered
+            raise
+        if token is None:  # the password changed while this login was being checked
+            session.end()
+            raise BadCredentials(BAD_CREDENTIALS_TEXT)
         security.info(
             "login {username} from {address} by {method}",
             username=session.username,
@@ -276,18 +298,24 @@ class AccountService:
         )
         return token
 
-    async def _issue_token(self, session):
+    async def _issue_token(self, session, generation):
+        """A new resume token for `session`, or None if the credentials changed meanwhile."""
         token = secrets.token_urlsafe(32)
         now = self.clock.seconds()
-        await self.store.add_resume_token(
-            session.username, session.session_id, token_hash(token), now, now + self.token_lifetime
+        recorded = await self.store.add_resume_token(
+            session.username,
+            session.session_id,
+            token_hash(token),
+            now,
+            now + self.token_lifetime,
+            generation,
         )
-        return token
+        return token if recorded else None
 
     async def logout(self, session):
-        """End `session` now and revoke its resume token."""
-        session.end()
+        """Revoke the session's resume token, then end it."""
         await self.store.revoke_resume_token(session.username, session.session_id)
+        session.end()
         security.info(
             "logout {username}",
             username=session.username,
@@ -311,7 +339,7 @@ class AccountService:
         await self.store.set_password(
             session.username, hashed, self.clock.seconds(), keep_session=session.session_id
         )
-        ended = [s for s in self.registry.sessions_of(session.username) if s is not session]
+        ended = [s for s in self.registry.all_sessions_of(session.username) if s is not session]
         for other in ended:
             other.end()
             other.connection.session_ended("Your password was changed in another session.")

@@ -142,6 +142,12 @@ class ChatProtocol(BoundedBoxProtocol):
         if self.factory is not None:
             self.factory.authenticated(self)
 
+    def logged_out(self):
+        """Not logged in any more: the login deadline and the per-address count apply again."""
+        self._deadline = self.clock.callLater(self.limits.login_deadline, self._too_slow)
+        if self.factory is not None:
+            self.factory.unauthenticated_again(self)
+
     def _too_slow(self):
         self._deadline = None
         self.refuse(f"not logged in within {self.limits.login_deadline:.0f} s")
@@ -273,6 +279,11 @@ class ChatFactory(Factory):
         if not protocol.authenticated:
             protocol.authenticated = True
             self._forget_unauthenticated(protocol.address)
+
+    def unauthenticated_again(self, protocol):
+        if protocol.authenticated:
+            protocol.authenticated = False
+            self.unauthenticated[protocol.address] = self.unauthenticated.get(protocol.address, 0) + 1
 
     def gone(self, protocol):
         self.connections.discard(protocol)

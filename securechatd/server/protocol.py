@@ -132,8 +132,14 @@ class ChatLocator(amp.CommandLocator):
 
     @commands.Logout.responder
     def logout(self):
-        self._session()
-        return _answer(self.accounts.logout(self.end_session()))
+        session = self._session()
+
+        async def logout():
+            await self.accounts.logout(session)
+            self.end_session()
+            self.connection.logged_out()
+
+        return _answer(logout())
 
     @commands.ChangePassword.responder
     def change_password(self, old_password, new_password):

@@ -111,6 +111,10 @@ class SessionRegistry:
         """Sessions of `username`, online or still logging in."""
         return len(self._by_user.get(username, ()))
 
+    def all_sessions_of(self, username):
+        """Every session of `username`, online or still logging in."""
+        return list(self._by_user.get(username, {}).values())
+
     def sessions_of(self, username):
         """The online sessions of `username`."""
         return list(self._online.get(username, {}).values())

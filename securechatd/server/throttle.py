@@ -124,14 +124,19 @@ class LoginThrottle:
         self.addresses = WindowCounter(clock, address_limit, address_window)
         self._pending = {}  # account or address -> attempts in flight
 
-    def begin(self, account, address):
-        """Raise RateLimited if this account or address must wait; else count the attempt as in flight."""
-        address_wait = self.addresses.retry_after(address, self._pending.get(("address", address), 0))
+    def begin(self, account, address, count_pending=True):
+        """Raise RateLimited if this account or address must wait; else count the attempt as in flight.
+
+        `count_pending` False: attempts in flight do not count against the
+        limits (for unguessable resume tokens, whose storms are not guessing).
+        """
+        pending = self._pending.get if count_pending else (lambda key, default: 0)
+        address_wait = self.addresses.retry_after(address, pending(("address", address), 0))
         if address_wait:
             raise RateLimited(
                 f"Too many failed logins from your address; {retry_text(address_wait)}."
             )
-        account_wait = self.accounts.retry_after(account, self._pending.get(("account", account), 0))
+        account_wait = self.accounts.retry_after(account, pending(("account", account), 0))
         if account_wait:
             raise RateLimited(
                 f"Too many failed logins for this account; {retry_text(account_wait)}."

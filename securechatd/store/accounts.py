@@ -4,7 +4,7 @@ from collections import namedtuple
 
 from securechatd.store.base import StoreBase, user_id
 
-Credentials = namedtuple("Credentials", "user_id username password_hash")
+Credentials = namedtuple("Credentials", "user_id username password_hash generation")
 
 
 class AccountStore(StoreBase):
@@ -64,7 +64,10 @@ class AccountStore(StoreBase):
 
     @staticmethod
     def _get_credentials_txn(txn, username):
-        txn.execute("SELECT id, username, password_hash FROM users WHERE username = ?", (username,))
+        txn.execute(
+            "SELECT id, username, password_hash, password_changed_at FROM users WHERE username = ?",
+            (username,),
+        )
         row = txn.fetchone()
         return Credentials(*row) if row else None
 
@@ -77,8 +80,9 @@ class AccountStore(StoreBase):
         uid = user_id(txn, username)
         if uid is None:
             return False
-        txn.execute(
-            "UPDATE users SET password_hash = ?, password_changed_at = ? WHERE id = ?",
+        txn.execute(  # strictly later, even within one clock tick: it is the credential generation
+            "UPDATE users SET password_hash = ?, password_changed_at = MAX(?, password_changed_at + 1e-6)"
+            " WHERE id = ?",
             (password_hash, now, uid),
         )
         txn.execute(
@@ -121,15 +125,27 @@ class AccountStore(StoreBase):
         )
         return [row[0] for row in txn.fetchall()]
 
-    def add_resume_token(self, username, session_id, token_hash, now, expires_at):
-        """Deferred: record a session's token (replacing its previous one)."""
-        return self._write(self._add_resume_token_txn, username, session_id, token_hash, now, expires_at)
+    def add_resume_token(self, username, session_id, token_hash, now, expires_at, generation=None):
+        """Deferred: True if the session's token was recorded (replacing its previous one).
+
+        False if the password changed since `generation` (its password_changed_at
+        when the login was checked; None: do not check): a login that raced a
+        password change gets no token, so it cannot outlive the change.
+        """
+        return self._write(
+            self._add_resume_token_txn, username, session_id, token_hash, now, expires_at, generation
+        )
 
     @staticmethod
-    def _add_resume_token_txn(txn, username, session_id, token_hash, now, expires_at):
-        uid = user_id(txn, username)
-        if uid is None:
-            return
+    def _add_resume_token_txn(txn, username, session_id, token_hash, now, expires_at, generation):
+        txn.execute(
+            "SELECT id FROM users WHERE username = ? AND (? IS NULL OR password_changed_at = ?)",
+            (username, generation, generation),
+        )
+        row = txn.fetchone()
+        if row is None:
+            return False
+        (uid,) = row
         txn.execute("DELETE FROM resume_tokens WHERE expires_at <= ?", (now,))
         txn.execute(
             "DELETE FROM resume_tokens WHERE user_id = ? AND session_id = ?", (uid, session_id)
@@ -139,9 +155,10 @@ class AccountStore(StoreBase):
             " VALUES (?, ?, ?, ?, ?)",
             (token_hash, uid, session_id, now, expires_at),
         )
+        return True
 
     def consume_resume_token(self, username, token_hash, now):
-        """Deferred: True if `username` held this unexpired token, which is now spent."""
+        """Deferred: the user's credential generation if they held this unexpired token (now spent), else None."""
         return self._write(self._consume_resume_token_txn, username, token_hash, now)
 
     @staticmethod
@@ -151,7 +168,10 @@ class AccountStore(StoreBase):
             " AND user_id = (SELECT id FROM users WHERE username = ?)",
             (token_hash, now, username),
         )
-        return txn.rowcount == 1
+        if txn.rowcount != 1:
+            return None
+        txn.execute("SELECT password_changed_at FROM users WHERE username = ?", (username,))
+        return txn.fetchone()[0]
 
     def revoke_resume_token(self, username, session_id):
         """Deferred: forget the token of one session (at logout)."""
