@@ -171,7 +171,7 @@ def build(settings, reactor):
     if settings.audit_log:
         AuditLogService(settings.audit_log).setServiceParent(daemon)
     ThreadPoolService(hash_pool).setServiceParent(daemon)
-    StoreService(store).setServiceParent(daemon)
+    StoreService(store, reactor).setServiceParent(daemon)
     listener = ListenerService(
         endpoint, AdmittingTLSFactory(server_tls, False, factory), where, settings.shutdown_grace
     )

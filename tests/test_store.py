@@ -709,3 +709,15 @@ class BatchingTests(unittest.TestCase):
         listed = self.store.list_users()
         self.pool.finish()
         self.assertEqual(self.successResultOf(listed), ["alice", "bob", "dave"])
+
+    def test_flush_waits_for_everything_queued(self):
+        first = self.store.create_user("alice", "h", NOW)
+        flushed = self.store.flush()
+        first.addCallback(lambda _: self.store.create_user("bob", "h", NOW))  # queued by a result
+        self.pool.finish()
+        self.assertNoResult(flushed)
+        while self.pool.batches:
+            self.pool.finish()
+        self.successResultOf(flushed)
+        self.store.close()
+        self.failureResultOf(self.store.list_users(), StoreError)

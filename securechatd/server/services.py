@@ -2,6 +2,7 @@
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger, globalLogPublisher
 
@@ -59,13 +60,20 @@ class ThreadPoolService(Service):
 
 
 class StoreService(Service):
-    """Closes the database pool when the daemon stops."""
+    """Closes the database pool when the daemon stops, after every queued write."""
 
-    def __init__(self, store):
+    def __init__(self, store, clock):
         self.store = store
+        self.clock = clock
 
     def stopService(self):
         super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        # writes queued for the next turn (delivered marks, last-seen times) first
+        await deferLater(self.clock, 0, lambda: None)
+        await self.store.flush()
         self.store.close()
 
 

@@ -12,7 +12,7 @@ fails only itself.
 
 import sqlite3
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
 
@@ -25,6 +25,10 @@ def user_id(txn, username):
     txn.execute("SELECT id FROM users WHERE username = ?", (username,))
     row = txn.fetchone()
     return row[0] if row else None
+
+
+def _nothing(txn):
+    pass
 
 
 def _run_batch(txn, batch):
@@ -41,6 +45,7 @@ class StoreBase:
         self._queue = []  # (function, args, writing, Deferred) waiting for the next batch
         self._running = False
         self._alone = 0  # calls of a failed batch still to run one by one
+        self._closed = False
 
     def _write(self, function, *args):
         """Deferred result of `function(txn, *args)` in a transaction holding the write lock."""
@@ -51,6 +56,8 @@ class StoreBase:
         return self._submit(function, args, False)
 
     def _submit(self, function, args, writing):
+        if self._closed:
+            return fail(StoreError("the database is closed"))
         result = Deferred()
         self._queue.append((function, args, writing, result))
         if not self._running:
@@ -82,8 +89,21 @@ class StoreBase:
                 result.callback(value)
         self._run_next()
 
+    def flush(self):
+        """Deferred firing once the queue is empty, including calls queued by earlier results."""
+        return Deferred.fromCoroutine(self._flush())
+
+    async def _flush(self):
+        while self._running:
+            await self._submit(_nothing, (), False)  # the last call in its batch ...
+            if not self._queue:  # ... so all earlier results have queued what they will
+                return
+
     def close(self):
-        self._pool.close()
+        """Close the pool; later calls fail at once instead of waiting for ever."""
+        if not self._closed:
+            self._closed = True
+            self._pool.close()
 
 
 def _translated(failure):
