@@ -39,6 +39,8 @@ RAISED_LIMITS = {
     "limits": {
         "message_burst": 1000000,
         "message_rate": 1000000,
+        "action_burst": 1000000,
+        "action_rate": 1000000,
         "address_login_failures": 1000000,
         "registration_exempt": "127.0.0.1 ::1",
     },

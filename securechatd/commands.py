@@ -250,7 +250,11 @@ class MarkRead(ChatCommand):
 
 
 class GetReceipts(ChatCommand):
-    arguments = [(b"conversation_id", Integer()), (b"message_id", Integer())]
+    arguments = [
+        (b"conversation_id", Integer()),
+        (b"message_id", Integer()),
+        (b"after", amp.Unicode(optional=True)),
+    ]
     response = [
         (
             b"receipts",
@@ -261,7 +265,8 @@ class GetReceipts(ChatCommand):
                     (b"read_at", amp.DateTime(optional=True)),
                 ]
             ),
-        )
+        ),
+        (b"has_more", amp.Boolean(optional=True)),
     ]
 
 

@@ -107,6 +107,8 @@ class Settings:
     box_keys: int = 64
     message_burst: int = 30
     message_rate: float = 10.0
+    action_burst: int = 20
+    action_rate: float = 1.0
     shutdown_grace: float = 10.0
     backlog: int = 1024
     registration: str = "open"
@@ -150,6 +152,8 @@ SCHEMA = {
     "box_keys": ("connections", "box_keys", _integer(8, 1000)),
     "message_burst": ("limits", "message_burst", _integer(1)),
     "message_rate": ("limits", "message_rate", _seconds),
+    "action_burst": ("limits", "action_burst", _integer(1)),
+    "action_rate": ("limits", "action_rate", _seconds),
     "shutdown_grace": ("server", "shutdown_grace", _seconds),
     "backlog": ("server", "backlog", _integer(1, 65535)),
     "registration": ("accounts", "registration", _choice("open", "closed")),

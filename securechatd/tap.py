@@ -164,7 +164,15 @@ def build(settings, reactor):
         TokenBucket(reactor, settings.message_burst, settings.message_rate),
     )
     presence = PresenceService(store, accounts.registry, reactor)
-    hub = Hub(accounts, conversations, messages, presence, reactor, settings.delivery_window)
+    hub = Hub(
+        accounts,
+        conversations,
+        messages,
+        presence,
+        reactor,
+        settings.delivery_window,
+        TokenBucket(reactor, settings.action_burst, settings.action_rate),
+    )
     factory = ChatFactory(hub, reactor, connection_limits(settings))
     endpoint, where = _endpoint(settings, reactor)
     daemon = SequentialMultiService()

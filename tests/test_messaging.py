@@ -1,6 +1,6 @@
 """Conversations, sending, delivery, receipts and history through the real protocol (iosim)."""
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.protocols import amp
 from twisted.trial import unittest
 
@@ -13,6 +13,7 @@ from securechatd.commands import (
     NotAllowed,
     AuthRequired,
 )
+from securechatd.store.base import StoreError
 from tests.helpers import Connection, make_hub
 
 PASSWORD = "correct horse battery"
@@ -379,19 +380,43 @@ class DeliveryTests(MessagingTestCase):
         again = self.connect("bob")
         self.assertEqual([seq for _, seq, _ in self.delivered(again)], [2, 3])
 
-    def test_error_answers_do_not_acknowledge(self):
+    def test_error_answer_ends_the_session(self):
         alice, bob = self.connect("alice"), self.connect("bob", answering=False)
         direct = self.dm(alice, "bob")
         self.send(alice, direct, "refused")
         self.settle(alice, bob)
         bob.unanswered.pop().errback(amp.RemoteAmpError(b"CLIENT_BUG", "cannot show it"))
         self.settle(alice, bob)
+        self.assertTrue(bob.server.lost)  # the mark cannot pass a refused message
         self.send(alice, direct, "second")
-        self.settle(alice, bob)
-        self.assertEqual([seq for _, seq, _ in self.delivered(bob)], [1, 2])
         self.assertEqual(self.pushed(alice, "Receipt"), [])
-        bob.drop()
         self.assertEqual([seq for _, seq, _ in self.delivered(self.connect("bob"))], [1, 2])
+
+    def test_database_error_while_reading_backlog_is_retried(self):
+        alice = self.connect("alice")
+        direct = self.dm(alice, "bob")
+        for i in range(3):
+            self.send(alice, direct, f"m{i}")
+        read, failures = self.hub.store.messages_from, []
+
+        def failing_once(*args):
+            if not failures:
+                failures.append(args)
+                return defer.fail(StoreError("database is locked"))
+            return read(*args)
+
+        self.hub.store.messages_from = failing_once
+        bob = self.connect("bob")
+        self.assertEqual(self.delivered(bob), [])
+        self.clock.advance(1)
+        self.settle(bob)
+        self.assertEqual([seq for _, seq, _ in self.delivered(bob)], [1, 2, 3])
+
+    def test_delivery_that_cannot_start_ends_the_session(self):
+        self.hub.store.memberships = lambda username: defer.fail(StoreError("database is locked"))
+        bob = self.connect("bob")
+        self.flushLoggedErrors(StoreError)
+        self.assertTrue(bob.server.lost)
 
     def test_receipts_wait_for_an_offline_sender(self):
         alice = self.connect("alice")
@@ -584,3 +609,43 @@ class RateLimitTests(MessagingTestCase):
         for _ in range(5):
             self.send(alice, direct, "m0", client_msg_id="id0")  # lost answers, resent
         self.assertEqual(self.send(alice, direct, "the thirtieth")["seq"], 30)
+
+
+class ActionLimitTests(MessagingTestCase):
+    def test_presence_and_membership_changes_are_limited(self):
+        alice = self.connect("alice")
+        for i in range(20):
+            self.ok(alice, commands.SetPresence, status="away" if i % 2 else "online")
+        refused = self.error(alice, commands.RateLimited, commands.SetPresence, status="busy")
+        self.assertIn("retry in 1 seconds", str(refused.value))
+        self.error(alice, commands.RateLimited, commands.CreateConversation, members=["bob"])
+        self.clock.advance(1)
+        self.ok(alice, commands.CreateConversation, members=["bob"])
+
+    def test_a_client_that_answers_no_push_is_dropped(self):
+        from securechatd.server import sessions
+
+        self.patch(sessions, "MAX_UNANSWERED", 5)
+        alice, bob = self.connect("alice"), self.connect("bob")
+        self.dm(alice, "bob")
+        [session] = self.hub.registry.sessions_of("bob")
+        session.connection.callRemote = lambda command, **kw: defer.Deferred()  # never answered
+        for status in ("away", "online", "busy", "online", "away", "online"):
+            self.ok(alice, commands.SetPresence, status=status)
+        self.assertTrue(bob.server.transport.disconnecting)
+
+    def test_large_receipt_lists_come_in_pages(self):
+        alice = self.connect("alice")
+        direct = self.dm(alice, "bob")
+        sent = self.send(alice, direct, "hi")
+        page = self.ok(alice, commands.GetReceipts, conversation_id=direct, message_id=sent["message_id"])
+        self.assertEqual(([r["username"] for r in page["receipts"]], page["has_more"]), (["bob"], False))
+        after = self.ok(
+            alice, commands.GetReceipts, conversation_id=direct, message_id=sent["message_id"], after="bob"
+        )
+        self.assertEqual(after["receipts"], [])
+
+    def test_presence_note_is_limited_in_bytes(self):
+        alice = self.connect("alice")
+        self.error(alice, InvalidArgument, commands.SetPresence, status="away", note="😀" * 51)
+        self.ok(alice, commands.SetPresence, status="away", note="😀" * 50)

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from securechatd import commands
 from securechatd.server.accounts import utc
+from securechatd.store.base import StoreError
 
 log = Logger()
 
@@ -51,8 +52,11 @@ class Outbox:
                   are not pending for their sender
     """
 
-    def __init__(self, session, store, marks, window, on_caught_up=None):
+    RETRY = 1.0  # seconds before reading again after a database error
+
+    def __init__(self, session, store, marks, window, clock, on_caught_up=None):
         self.session = session
+        self.clock = clock
         self.store = store
         self.marks = marks  # .delivered(username, conversation_id, seq): moves the mark
         self.window = window
@@ -61,13 +65,11 @@ class Outbox:
         self.own_from = {}
         self.behind = {}  # an ordered set: round-robin over conversations
         self.outstanding = {}
-        self.sent_here = set()  # ids of messages this session sent itself
+        self.sent_here = {}  # id -> conversation of messages this session sent itself
         self.in_flight = 0
         self.closed = False
         self._ready = False
         self._pumping = False
-        self._querying = None
-        self._requery = False
 
     async def start(self):
         """Find where delivery stands for each conversation, then push what is pending."""
@@ -88,6 +90,7 @@ class Outbox:
     def left(self, conversation_id):
         for table in (self.next_seq, self.own_from, self.behind, self.outstanding):
             table.pop(conversation_id, None)
+        self.sent_here = {i: c for i, c in self.sent_here.items() if c != conversation_id}
 
     def message_committed(self, message, origin):
         """A new message in a conversation of this user; `origin` is the sending session."""
@@ -95,7 +98,7 @@ class Outbox:
         if self.closed:
             return
         if origin is self.session:
-            self.sent_here.add(message.id)
+            self.sent_here[message.id] = conversation
         if conversation not in self.next_seq and self._ready:
             return  # not (yet) a conversation of this session's user
         if message.sender == self.session.username:
@@ -109,13 +112,10 @@ class Outbox:
         if caught_up and (origin is self.session or self.in_flight < self.window):
             self._push(message)
             return
-        self.behind[conversation] = None
-        if self._querying == conversation:
-            self._requery = True
+        self.behind[conversation] = None  # (read back from the database, in order, when there is room)
 
     def _owed(self, message):
-        if message.id in self.sent_here:
-            self.sent_here.discard(message.id)
+        if self.sent_here.pop(message.id, None) is not None:
             return False
         return (
             message.sender != self.session.username
@@ -138,7 +138,13 @@ class Outbox:
             return
         conversation = message.conversation_id
         pending = self.outstanding.get(conversation)
-        if ok and pending is not None:
+        if not ok:
+            # refused (or the connection went): the mark cannot pass it, so end the
+            # session; the client logs in again and gets it, and what follows, again
+            self.close()
+            self.session.connection.session_ended("a delivery was not acknowledged")
+            return
+        if pending is not None:
             pending.discard(message.seq)
             if message.sender != self.session.username:
                 mark = (min(pending) if pending else self.next_seq[conversation]) - 1
@@ -160,22 +166,25 @@ class Outbox:
             while self.behind and self.in_flight < self.window and not self.closed:
                 conversation = next(iter(self.behind))
                 del self.behind[conversation]
-                self._querying, self._requery = conversation, False
                 wanted = self.window - self.in_flight
-                messages = await self.store.messages_from(
-                    conversation, self.next_seq.get(conversation, 1), wanted
-                )
-                self._querying = None
+                try:
+                    messages = await self.store.messages_from(
+                        conversation, self.next_seq.get(conversation, 1), wanted
+                    )
+                except StoreError as problem:
+                    self.behind[conversation] = None  # still to do: try again shortly
+                    log.warn("delivery to {session} waits: {problem}", session=self.session, problem=problem)
+                    self.clock.callLater(self.RETRY, self._start_pump)
+                    return
                 if conversation not in self.next_seq:
                     continue  # left while we were reading
                 for message in messages:
                     if message.seq >= self.next_seq[conversation]:  # not pushed live meanwhile
                         self._push(message)
-                if len(messages) == wanted or self._requery:
+                if len(messages) == wanted:
                     self.behind[conversation] = None  # more to read: back of the round
         finally:
             self._pumping = False
-            self._querying = None
         if not self.behind and self.on_caught_up is not None and not self.closed:
             caught_up, self.on_caught_up = self.on_caught_up, None
             caught_up()

@@ -9,14 +9,16 @@ a dead connection, or the server ending it.
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from securechatd.commands import RateLimited
 from securechatd.server.delivery import Outbox
+from securechatd.server.throttle import TokenBucket, retry_text
 
 log = Logger()
 security = Logger(namespace="securechatd.security")
 
 
 class Hub:
-    def __init__(self, accounts, conversations, messages, presence, clock, window=32):
+    def __init__(self, accounts, conversations, messages, presence, clock, window=32, actions=None):
         self.accounts = accounts
         self.conversations = conversations
         self.messages = messages
@@ -25,6 +27,13 @@ class Hub:
         self.store = accounts.store
         self.clock = clock
         self.window = window
+        self.actions = actions or TokenBucket(clock, 20, 1.0)
+
+    def limit_action(self, session):
+        """Presence and membership changes push to many others: each user gets so many."""
+        wait = self.actions.take(session.username)
+        if wait:
+            raise RateLimited(f"Too many changes; {retry_text(wait)}.")
 
     def session_started(self, session):
         """Call as the login is answered: the session goes online; pending messages follow next turn."""
@@ -34,6 +43,7 @@ class Hub:
             self.store,
             self.messages,
             self.window,
+            self.clock,
             on_caught_up=lambda: self._push_receipts(session),
         )
         self.registry.activate(session)
@@ -42,7 +52,13 @@ class Hub:
 
     def _start_delivery(self, session):
         started = Deferred.fromCoroutine(session.outbox.start())
-        started.addErrback(lambda failure: log.failure("delivery to {session}", failure, session=session))
+        started.addErrback(self._delivery_failed, session)
+
+    def _delivery_failed(self, failure, session):
+        """Delivery could not start: end the session, so the client logs in again (and retries)."""
+        log.failure("delivery to {session} could not start", failure, session=session)
+        if not session.outbox.closed:
+            session.connection.session_ended("delivery could not start; log in again")
 
     def _push_receipts(self, session):
         pushed = Deferred.fromCoroutine(self.messages.push_pending_receipts(session))

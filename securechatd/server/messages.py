@@ -42,6 +42,7 @@ def check_limit(limit, default, maximum):
 
 
 HISTORY_ITEM = dict(commands.History.response)[b"messages"].subargs
+RECEIPT_ITEM = dict(commands.GetReceipts.response)[b"receipts"].subargs
 
 
 class MessageService:
@@ -111,19 +112,23 @@ class MessageService:
         page = page_within_limit(items, HISTORY_ITEM)
         return page[::-1], has_more or len(page) < len(items)
 
-    async def receipts(self, session, conversation_id, message_id):
+    async def receipts(self, session, conversation_id, message_id, after=None):
+        """(rows by name after `after`, has_more): cut to fit one AMP value, like History."""
         conversation = await self.conversations.member_of(conversation_id, session.username)
         message = await self.store.message(message_id)
         if message is None or message.conversation_id != conversation.id:
             raise InvalidArgument(f"There is no message {message_id} in this conversation.")
-        return [
+        rows = [
             {
                 "username": name,
                 "delivered_at": utc(delivered) if delivered is not None else None,
                 "read_at": utc(read) if read is not None else None,
             }
             for name, delivered, read in await self.store.receipts(message)
+            if after is None or name > after
         ]
+        page = page_within_limit(rows, RECEIPT_ITEM)
+        return page, len(page) < len(rows)
 
     # -- marks ---------------------------------------------------------------------
 
@@ -205,4 +210,5 @@ class MessageService:
     async def push_pending_receipts(self, session):
         """At login, after the pending messages: the receipts that came while away."""
         for receipt in await self.store.take_pending_receipts(session.username):
-            self._push_receipt(session, receipt)
+            pushed = self._push_receipt(session, receipt)
+            pushed.addCallback(self._keep_unless_answered, session.username, receipt)

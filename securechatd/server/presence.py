@@ -16,8 +16,8 @@ from securechatd.server.accounts import existing_name, utc
 log = Logger()
 
 VISIBLE = ("online", "busy", "away")  # most available first
-MAX_NOTE = 200
-MAX_NAMES = 200
+MAX_NOTE = 200  # bytes of UTF-8
+MAX_NAMES = 100  # so an answer always fits one AMP value
 
 
 def combined(sessions):
@@ -51,8 +51,8 @@ class PresenceService:
     def set_status(self, session, status, note):
         if status not in commands.STATUSES:
             raise InvalidArgument(f"status must be one of {', '.join(commands.STATUSES)}.")
-        if note is not None and len(note) > MAX_NOTE:
-            raise InvalidArgument(f"A note is at most {MAX_NOTE} characters.")
+        if note is not None and len(note.encode("utf-8")) > MAX_NOTE:
+            raise InvalidArgument(f"A note is at most {MAX_NOTE} bytes of UTF-8.")
         before = self.status_of(session.username)
         session.status, session.note = status, note
         session.status_changed = self.clock.seconds()

@@ -156,7 +156,9 @@ class ChatLocator(amp.CommandLocator):
 
     @commands.SetPresence.responder
     def set_presence(self, status, note=None):
-        self.hub.presence.set_status(self._session(), status, note)
+        session = self._session()
+        self.hub.limit_action(session)
+        self.hub.presence.set_status(session, status, note)
         return {}
 
     @commands.GetPresence.responder
@@ -180,7 +182,9 @@ class ChatLocator(amp.CommandLocator):
 
     @commands.CreateConversation.responder
     def create_conversation(self, members, title=None):
-        created = self.hub.conversations.create(self._session(), members, title)
+        session = self._session()
+        self.hub.limit_action(session)
+        created = self.hub.conversations.create(session, members, title)
         return _answer(
             created, lambda result: {"conversation_id": result[0].id, "created": result[1]}
         )
@@ -209,11 +213,15 @@ class ChatLocator(amp.CommandLocator):
 
     @commands.AddMembers.responder
     def add_members(self, conversation_id, members):
-        return _answer(self.hub.conversations.add_members(self._session(), conversation_id, members))
+        session = self._session()
+        self.hub.limit_action(session)
+        return _answer(self.hub.conversations.add_members(session, conversation_id, members))
 
     @commands.LeaveConversation.responder
     def leave_conversation(self, conversation_id):
-        return _answer(self.hub.conversations.leave(self._session(), conversation_id))
+        session = self._session()
+        self.hub.limit_action(session)
+        return _answer(self.hub.conversations.leave(session, conversation_id))
 
     # -- messages ------------------------------------------------------------------
 
@@ -237,6 +245,6 @@ class ChatLocator(amp.CommandLocator):
         )
 
     @commands.GetReceipts.responder
-    def get_receipts(self, conversation_id, message_id):
-        receipts = self.hub.messages.receipts(self._session(), conversation_id, message_id)
-        return _answer(receipts, lambda rows: {"receipts": rows})
+    def get_receipts(self, conversation_id, message_id, after=None):
+        receipts = self.hub.messages.receipts(self._session(), conversation_id, message_id, after)
+        return _answer(receipts, lambda result: {"receipts": result[0], "has_more": result[1]})

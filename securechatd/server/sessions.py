@@ -17,6 +17,8 @@ from securechatd.commands import NotAllowed
 
 log = Logger()
 
+MAX_UNANSWERED = 1000  # pushes (receipts, presence, ...) a client may leave unanswered
+
 
 class IChatSession(Interface):
     """The avatar interface: a logged-in user on one connection."""
@@ -27,6 +29,9 @@ class IConnection(Interface):
 
     def session_ended(reason):
         """The server ended this session (e.g. a password change elsewhere)."""
+
+    def refuse(why):
+        """Drop the connection now: the client broke a limit."""
 
     def callRemote(command, **arguments):
         """Send a server-to-client command; a Deferred of the answer."""
@@ -47,6 +52,7 @@ class Session:
         self.note = None
         self.status_changed = started
         self.outbox = None  # set by the delivery service when the session starts
+        self.unanswered = 0  # pushes sent and not answered yet
 
     def push(self, command, **arguments):
         """Send a server-to-client command: a Deferred firing True once answered, else False.
@@ -54,15 +60,26 @@ class Session:
         It never fails: a connection that went away or a client that answered
         with an error is logged, so one broken client never breaks a fan-out.
         """
-        pushed = maybeDeferred(self.connection.callRemote, command, **arguments)
-        return pushed.addCallbacks(lambda _: True, self._push_failed, errbackArgs=(command,))
+        return self._sent(maybeDeferred(self.connection.callRemote, command, **arguments), command)
 
     def push_encoded(self, command, arguments):
         """As `push`, with the arguments already encoded (an AmpBox shared by many pushes)."""
         pushed = maybeDeferred(
             self.connection._sendBoxCommand, command.commandName, amp.AmpBox(arguments)
         )  # (AMP's own callRemote would encode the same message again for every recipient)
-        return pushed.addCallbacks(lambda _: True, self._push_failed, errbackArgs=(command,))
+        return self._sent(pushed, command)
+
+    def _sent(self, pushed, command):
+        """Count the push until it is answered; a client that answers none is dropped."""
+        self.unanswered += 1
+        if self.unanswered > MAX_UNANSWERED:
+            self.connection.refuse(f"{MAX_UNANSWERED} pushes left unanswered")
+
+        def answered(result):
+            self.unanswered -= 1
+            return result
+
+        return pushed.addCallbacks(lambda _: True, self._push_failed, errbackArgs=(command,)).addBoth(answered)
 
     def _push_failed(self, failure, command):
         if not failure.check(ConnectionDone, ConnectionLost, ConnectionClosed):
