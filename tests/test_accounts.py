@@ -442,3 +442,10 @@ class RaceTests(unittest.TestCase):
             self.clock.advance(20)
             conn.pump.flush()
         self.assertTrue(conn.server.lost)
+
+    def test_ipv6_neighbours_share_the_address_block(self):
+        for i in range(20):
+            conn = Connection(self.hub, address=f"2001:db8::{i + 1:x}", ipv6=True)
+            self.failureResultOf(conn.call(commands.Login, username=f"user{i}", password="wrong guess"), BadCredentials)
+        conn = Connection(self.hub, address="2001:db8::ffff", ipv6=True)
+        self.failureResultOf(conn.call(commands.Login, username="bob", password=PASSWORD), RateLimited)

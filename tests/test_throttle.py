@@ -111,3 +111,12 @@ class LoginThrottleTests(unittest.TestCase):
         self.assertRaises(RateLimited, self.throttle.begin, "alice", "10.0.0.1")
         self.throttle.end("user0", "10.0.0.1", True)
         self.throttle.begin("alice", "10.0.0.1")
+
+
+class AddressKeyTests(unittest.TestCase):
+    def test_ipv6_counts_per_64(self):
+        from securechatd.server.throttle import address_key
+
+        self.assertEqual(address_key("2001:db8:1:2:aaaa::1"), address_key("2001:db8:1:2:bbbb::9"))
+        self.assertNotEqual(address_key("2001:db8:1:2::1"), address_key("2001:db8:1:3::1"))
+        self.assertEqual(address_key("192.0.2.7"), "192.0.2.7")

@@ -29,7 +29,7 @@ from securechatd.commands import (
 )
 from securechatd.server import passwords
 from securechatd.server.sessions import ChatRealm, IChatSession, SessionRegistry
-from securechatd.server.throttle import retry_text
+from securechatd.server.throttle import address_key, retry_text
 
 log = Logger()
 security = Logger(namespace="securechatd.security")
@@ -175,11 +175,11 @@ class AccountService:
                 self._register_refused(address, "no valid invitation", "register_refused")
                 raise NotAllowed("Registration here needs a valid invitation.")
         elif address not in self.registration_exempt:
-            wait = self.registrations.retry_after(address)
+            wait = self.registrations.retry_after(address_key(address))
             if wait:
                 self._register_refused(address, "rate limit", "register_throttled")
                 raise RateLimited(f"Too many registrations from your address; {retry_text(wait)}.")
-            self.registrations.record(address)  # at once: concurrent attempts count too
+            self.registrations.record(address_key(address))  # at once: concurrent attempts count too
         if await self.store.get_credentials(username) is not None:
             raise UsernameTaken(f"The username {username} is taken.")
         hashed = await self.hasher.hash(password)
@@ -250,7 +250,7 @@ class AccountService:
     async def _attempt(self, username, address, method, verify, count_pending=True):
         """Run `verify()` as one throttled attempt: UnauthorizedLogin becomes BAD_CREDENTIALS."""
         try:
-            self.throttle.begin(username, address, count_pending)
+            self.throttle.begin(username, address_key(address), count_pending)
         except RateLimited as limited:
             security.warn(
                 "login refused for {username} from {address}: {reason}",
@@ -276,7 +276,7 @@ class AccountService:
             )
             raise BadCredentials(BAD_CREDENTIALS_TEXT)
         finally:
-            self.throttle.end(username, address, outcome)
+            self.throttle.end(username, address_key(address), outcome)
 
     async def _logged_in(self, session, credentials, address, method):
         try:

@@ -24,6 +24,7 @@ from securechatd.server.framing import BoundedBoxProtocol, BoxLimits
 from securechatd.server.keepalive import KeepAlive
 from securechatd.server.protocol import ChatLocator
 from securechatd.server.sessions import IConnection
+from securechatd.server.throttle import address_key
 
 log = Logger()
 
@@ -77,6 +78,7 @@ class ChatProtocol(BoundedBoxProtocol):
     draining = False
     authenticated = False
     address = None
+    limit_key = None  # what the per-address limits count this connection under
     keepalive = None
     _deadline = None
     _stall = None
@@ -259,7 +261,7 @@ class ChatFactory(Factory):
 
     def admit(self, addr):
         """May one more connection from `addr` start?"""
-        address = peer_address(addr)
+        address = address_key(peer_address(addr))
         if len(self.connections) >= self.limits.max_connections:
             log.warn("refusing {address}: {count} connections", address=address, count=len(self.connections))
             return False
@@ -270,7 +272,7 @@ class ChatFactory(Factory):
 
     def buildProtocol(self, addr):
         protocol = ChatProtocol(self.hub, self.clock, self.limits, self)
-        address = peer_address(addr)
+        address = protocol.limit_key = address_key(peer_address(addr))
         self.connections.add(protocol)
         self.unauthenticated[address] = self.unauthenticated.get(address, 0) + 1
         return protocol
@@ -278,17 +280,17 @@ class ChatFactory(Factory):
     def authenticated(self, protocol):
         if not protocol.authenticated:
             protocol.authenticated = True
-            self._forget_unauthenticated(protocol.address)
+            self._forget_unauthenticated(protocol.limit_key)
 
     def unauthenticated_again(self, protocol):
         if protocol.authenticated:
             protocol.authenticated = False
-            self.unauthenticated[protocol.address] = self.unauthenticated.get(protocol.address, 0) + 1
+            self.unauthenticated[protocol.limit_key] = self.unauthenticated.get(protocol.limit_key, 0) + 1
 
     def gone(self, protocol):
         self.connections.discard(protocol)
         if not protocol.authenticated:
-            self._forget_unauthenticated(protocol.address)
+            self._forget_unauthenticated(protocol.limit_key)
         if self._drained is not None and not self.connections and not self._drained.called:
             self._drained.callback(None)
 

@@ -5,10 +5,22 @@ forgets itself after its window, so an attacker cycling through names cannot
 grow it without bound for longer than that window.
 """
 
+import ipaddress
 import math
 from collections import deque
 
 from securechatd.commands import RateLimited
+
+
+def address_key(address):
+    """What limits count per address: an IPv6 client has a whole /64 to pick from, so it is one."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if parsed.version == 6:
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return address
 
 
 def retry_text(seconds):
