@@ -294,7 +294,8 @@ class AccountCommandTests(unittest.TestCase):
         )
         result = self.admin("deluser", "alice")
         self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "deleted alice\n", ""))
-        self.assertEqual(self.users(), [("bob", "h")])
+        self.assertEqual(self.users(), [("alice", "!deleted"), ("bob", "h")])  # the name stays taken
+        self.assertEqual(self.admin("users").stdout, "bob\n")
         self.assertEqual(self.tokens(), [("bob", "bob-1")])
         self.assertEqual(self.db().execute("SELECT COUNT(*) FROM resume_tokens").fetchone(), (1,))
 

