@@ -85,6 +85,7 @@ class ConversationService:
         if len(others) + 1 > self.max_members:
             raise InvalidArgument(f"A conversation has at most {self.max_members} members.")
         self._check_title(title)
+        title = title.strip() if title is not None else None
         await self._existing(others)
         now = self.clock.seconds()
         if len(others) == 1 and title is None:
