@@ -32,6 +32,7 @@ DEFAULTS = {
     "idle": dict(c=1000, concurrency=100, hold=3.0),
     "storm": dict(n=20, logins=100, concurrency=0, rate=10.0, duration=5.0),
     "offline": dict(p=100_000, pipeline=32, timeout=600.0),
+    "attacks": dict(),
 }
 COMMON = dict(timeout=100.0, resume=False)
 

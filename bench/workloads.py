@@ -15,6 +15,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from bench.clients import close_all, connect, error_code, login, login_many
 from bench.daemon import PASSWORD, memory_kb
 from bench.measure import Meter, RssSampler, latency_figures
+from bench.attacks import attacks
 from bench.traffic import Traffic
 from securechatd import commands
 
@@ -413,6 +414,7 @@ async def send_backlog(client, conversation_id, count, pipeline):
 
 
 WORKLOADS = {
+    "attacks": attacks,
     "logins": logins,
     "direct": direct,
     "fanout": fanout,
