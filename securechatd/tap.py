@@ -24,7 +24,6 @@ from securechatd.server.messages import MessageService
 from securechatd.server.passwords import PasswordHasher
 from securechatd.server.presence import PresenceService
 from securechatd.server.connection import AdmittingTLSFactory, ChatFactory, ConnectionLimits
-from securechatd.server.framing import BoxLimits
 from securechatd.server.services import (
     AuditLogService,
     ListenerService,
@@ -88,21 +87,6 @@ def _endpoint(settings, reactor):
     endpoint_type = TCP6ServerEndpoint if ":" in settings.interface else TCP4ServerEndpoint
     endpoint = endpoint_type(reactor, settings.port, backlog=settings.backlog, interface=settings.interface)
     return endpoint, f"{settings.interface} port {settings.port}"
-
-
-def connection_limits(settings):
-    return ConnectionLimits(
-        login_deadline=settings.login_deadline,
-        unauthenticated_per_address=settings.unauthenticated_per_address,
-        max_connections=settings.max_connections,
-        commands_in_flight=settings.commands_in_flight,
-        max_unread_output=settings.max_unread_output,
-        write_stall=settings.write_stall,
-        ping_after=settings.ping_after,
-        drop_after=settings.drop_after,
-        box_before_login=BoxLimits(settings.box_bytes_before_login, settings.box_keys_before_login),
-        box_after_login=BoxLimits(settings.box_bytes, settings.box_keys),
-    )
 
 
 def _prepare_database(settings, reactor):
@@ -173,7 +157,7 @@ def build(settings, reactor):
         settings.delivery_window,
         TokenBucket(reactor, settings.action_burst, settings.action_rate),
     )
-    factory = ChatFactory(hub, reactor, connection_limits(settings))
+    factory = ChatFactory(hub, reactor, ConnectionLimits.from_settings(settings))
     endpoint, where = _endpoint(settings, reactor)
     daemon = SequentialMultiService()
     if settings.audit_log:

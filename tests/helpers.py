@@ -269,3 +269,26 @@ class DaemonProcess(ProcessProtocol):
 def environment():
     """The test's environment without any path that would import the source tree."""
     return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+
+def spawn_daemon(testcase, reactor, config, directory, *arguments):
+    """The installed twistd running securechatd with `config`: (process, DaemonProcess).
+
+    Killed in cleanup if it is still running.
+    """
+    daemon = DaemonProcess()
+    process = reactor.spawnProcess(
+        daemon,
+        TWISTD,
+        [TWISTD, "--nodaemon", "--pidfile=", "securechatd", "--config", config, *arguments],
+        env=environment(),
+        path=directory,
+    )
+
+    def stop():
+        if not daemon.ended.called:
+            process.signalProcess("KILL")
+        return daemon.ended
+
+    testcase.addCleanup(stop)
+    return process, daemon

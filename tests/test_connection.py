@@ -28,7 +28,7 @@ class RawConnection:
     """A ChatProtocol fed raw bytes over a StringTransport."""
 
     def __init__(self, hub, factory=None, address="10.0.0.1"):
-        self.factory = factory or ChatFactory(hub, hub.clock, hub_limits(hub))
+        self.factory = factory or ChatFactory(hub, hub.clock)
         self.protocol = self.factory.buildProtocol(IPv4Address("TCP", address, 40000))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", address, 40000))
         self.protocol.makeConnection(self.transport)
@@ -48,10 +48,6 @@ class RawConnection:
 
     def lose(self):
         self.protocol.connectionLost(Failure(ConnectionDone()))
-
-
-def hub_limits(hub):
-    return getattr(hub, "test_limits", ConnectionLimits())
 
 
 class FramingTests(unittest.TestCase):
@@ -169,7 +165,7 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertFalse(conn.server.lost)
 
     def test_unauthenticated_connections_per_address(self):
-        factory = ChatFactory(self.hub, self.clock, ConnectionLimits(unauthenticated_per_address=3))
+        factory = ChatFactory(self.hub, self.clock, ConnectionLimits.from_settings(unauthenticated_per_address=3))
         address = IPv4Address("TCP", "10.0.0.9", 1)
         conns = [RawConnection(self.hub, factory, "10.0.0.9") for _ in range(3)]
         self.assertFalse(factory.admit(address))
@@ -178,7 +174,7 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertTrue(factory.admit(address))
 
     def test_global_cap(self):
-        factory = ChatFactory(self.hub, self.clock, ConnectionLimits(max_connections=2))
+        factory = ChatFactory(self.hub, self.clock, ConnectionLimits.from_settings(max_connections=2))
         RawConnection(self.hub, factory, "10.0.0.1")
         RawConnection(self.hub, factory, "10.0.0.2")
         self.assertFalse(factory.admit(IPv4Address("TCP", "10.0.0.3", 1)))
@@ -190,7 +186,7 @@ class SlowReaderTests(unittest.TestCase):
         self.hub = make_hub(self, clock=self.clock)
 
     def test_pipelined_pings_never_read(self):
-        limits = ConnectionLimits(max_unread_output=64 * 1024)
+        limits = ConnectionLimits.from_settings(max_unread_output=64 * 1024)
         conn = RawConnection(self.hub, ChatFactory(self.hub, self.clock, limits))
         conn.transport.producer.pauseProducing()  # the kernel buffer is full: the client reads nothing
         for i in range(10_000):
@@ -218,7 +214,7 @@ class SlowReaderTests(unittest.TestCase):
         self.assertFalse(conn.dropped)
 
     def test_reads_pause_with_too_many_commands_in_flight(self):
-        limits = ConnectionLimits(commands_in_flight=4)
+        limits = ConnectionLimits.from_settings(commands_in_flight=4)
         conn = RawConnection(self.hub, ChatFactory(self.hub, self.clock, limits))
         hashing = []
         self.hub.accounts.hasher._run = lambda f, *a: hashing.append((f, a)) or __import__(

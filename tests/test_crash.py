@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from securechatd import commands
 from tests.helpers import tls_connect
 from tests.test_integration import PASSWORD, ChatClient, WaitTimeout, bounded
-from tests.helpers import TWISTD, DaemonProcess, environment
+from tests.helpers import spawn_daemon
 
 COUNT = 200
 IN_FLIGHT = 8
@@ -45,23 +45,7 @@ class CrashTests(unittest.TestCase):
 
     def spawn(self):
         """The installed twistd running securechatd; killed in cleanup if still running."""
-        daemon = DaemonProcess()
-        process = reactor.spawnProcess(
-            daemon,
-            TWISTD,
-            [TWISTD, "--nodaemon", "--pidfile=", "securechatd", "--config", self.config],
-            env=environment(),
-            path=self.directory,
-        )
-
-        def stop():
-            if not daemon.ended.called:
-                process.signalProcess("KILL")
-            return daemon.ended
-
-        self.addCleanup(stop)
-        return process, daemon
-
+        return spawn_daemon(self, reactor, self.config, self.directory)
     @inlineCallbacks
     def login(self, port, username):
         client = ChatClient(username)

@@ -19,21 +19,11 @@ from twisted.trial import unittest
 
 from securechatd import commands, config, tap
 from securechatd.commands import NoSuchConversation
-from tests.helpers import tls_connect
+from tests.helpers import PUSHES, tls_connect
 
 PASSWORD = "correct horse battery"
 WAIT = 10  # seconds any one expected push may take before the test fails
 
-PUSHES = {
-    command.commandName: command
-    for command in (
-        commands.Deliver,
-        commands.Receipt,
-        commands.PresenceChanged,
-        commands.ConversationUpdated,
-        commands.Ping,
-    )
-}
 
 
 def gather(deferreds):

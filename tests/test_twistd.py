@@ -8,7 +8,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
 from securechatd import commands
-from tests.helpers import TWISTD, DaemonProcess, connected_client, environment
+from tests.helpers import TWISTD, connected_client, environment, spawn_daemon
 
 PASSWORD = "correct horse battery"
 
@@ -22,23 +22,7 @@ class TwistdTests(unittest.TestCase):
             f.write("[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n")
 
     def spawn(self, *arguments):
-        daemon = DaemonProcess()
-        process = reactor.spawnProcess(
-            daemon,
-            TWISTD,
-            [TWISTD, "--nodaemon", "--pidfile=", "securechatd", "--config", self.config, *arguments],
-            env=environment(),
-            path=self.directory,
-        )
-
-        def stop():
-            if not daemon.ended.called:
-                process.signalProcess("KILL")
-            return daemon.ended
-
-        self.addCleanup(stop)
-        return process, daemon
-
+        return spawn_daemon(self, reactor, self.config, self.directory, *arguments)
     def run_twistd(self, *arguments):
         """Run the daemon to completion (for start-up failures)."""
         return subprocess.run(

@@ -9,7 +9,7 @@ dropped. Everything it sent and was acknowledged stays stored.
 """
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Factory
@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from securechatd import commands
+from securechatd.config import Settings
 from securechatd.server.framing import BoundedBoxProtocol, BoxLimits
 from securechatd.server.keepalive import KeepAlive
 from securechatd.server.protocol import ChatLocator
@@ -31,16 +32,34 @@ log = Logger()
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    login_deadline: float = 60.0
-    unauthenticated_per_address: int = 20
-    max_connections: int = 10000
-    commands_in_flight: int = 32
-    max_unread_output: int = 1 << 20
-    write_stall: float = 15.0
-    ping_after: float = 30.0
-    drop_after: float = 90.0
-    box_before_login: BoxLimits = BoxLimits(8 * 1024, 32)
-    box_after_login: BoxLimits = BoxLimits(64 * 1024 + 2048, 64)
+    """The per-connection limits of the [connections] settings."""
+
+    login_deadline: float
+    unauthenticated_per_address: int
+    max_connections: int
+    commands_in_flight: int
+    max_unread_output: int
+    write_stall: float
+    ping_after: float
+    drop_after: float
+    box_before_login: BoxLimits
+    box_after_login: BoxLimits
+
+    @classmethod
+    def from_settings(cls, settings=Settings(), **changes):
+        limits = cls(
+            login_deadline=settings.login_deadline,
+            unauthenticated_per_address=settings.unauthenticated_per_address,
+            max_connections=settings.max_connections,
+            commands_in_flight=settings.commands_in_flight,
+            max_unread_output=settings.max_unread_output,
+            write_stall=settings.write_stall,
+            ping_after=settings.ping_after,
+            drop_after=settings.drop_after,
+            box_before_login=BoxLimits(settings.box_bytes_before_login, settings.box_keys_before_login),
+            box_after_login=BoxLimits(settings.box_bytes, settings.box_keys),
+        )
+        return replace(limits, **changes)
 
 
 def peer_address(address):
@@ -85,10 +104,10 @@ class ChatProtocol(BoundedBoxProtocol):
     _writes_paused = False
     _reads_paused = False
 
-    def __init__(self, hub, clock, limits=ConnectionLimits(), factory=None):
+    def __init__(self, hub, clock, limits=None, factory=None):
         self.locator = ChatLocator(self, hub, clock)
         self.clock = clock
-        self.limits = limits
+        self.limits = limits or ConnectionLimits.from_settings()
         self.factory = factory
         self.in_flight = 0
         self.unread_output = 0
@@ -235,10 +254,10 @@ class ChatFactory(Factory):
 
     noisy = False
 
-    def __init__(self, hub, clock, limits=ConnectionLimits()):
+    def __init__(self, hub, clock, limits=None):
         self.hub = hub
         self.clock = clock
-        self.limits = limits
+        self.limits = limits or ConnectionLimits.from_settings()
         self.connections = set()
         self.unauthenticated = {}  # address -> count
         self._drained = None
