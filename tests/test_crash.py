@@ -222,3 +222,59 @@ class CrashTests(unittest.TestCase):
             self.assertEqual(db.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
             self.assertEqual(db.execute("SELECT COUNT(*) FROM messages").fetchone()[0], COUNT + 1)
         db.close()
+
+    @inlineCallbacks
+    def test_kill_and_restart_loop(self):
+        """Three rounds of send, kill -9 mid-stream, restart, resend: every message once, none lost."""
+        process, daemon = self.spawn()
+        port = yield daemon.listening
+        setup = ChatClient("setup")
+        yield tls_connect(reactor, port, self.ca, protocol=setup)
+        for name in ("alice", "bob"):
+            yield setup.callRemote(commands.Register, username=name, password=PASSWORD)
+        setup.transport.loseConnection()
+        yield setup.lost
+        alice = yield self.login(port, "alice")
+        conversation = (yield alice.callRemote(commands.CreateConversation, members=["bob"]))["conversation_id"]
+        answered, unanswered = {}, []
+        for round_ in range(3):
+            ids = [f"r{round_}-{i:02d}" for i in range(40)]
+
+            def send(client_msg_id, client=alice):
+                sent = client.callRemote(
+                    commands.SendMessage, conversation_id=conversation, client_msg_id=client_msg_id, body=client_msg_id
+                )
+                sent.addCallbacks(
+                    lambda answer, i=client_msg_id: answered.__setitem__(i, answer),
+                    lambda failure, i=client_msg_id: failure.trap(ConnectionClosed) and unanswered.append(i),
+                )
+                return sent
+
+            sends = [send(i) for i in ids[:30]]  # 30 in flight at once
+            yield sends[10 + 5 * round_]  # kill at a different point each round
+            process.signalProcess("KILL")
+            yield daemon.ended
+            if alice.transport is not None:
+                alice.transport.abortConnection()
+            yield defer.DeferredList(sends, consumeErrors=True)
+            process, daemon = self.spawn()
+            port = yield daemon.listening
+            alice = yield self.login(port, "alice")
+            for client_msg_id in list(unanswered) + ids[30:]:  # resend what had no answer, then more
+                answered[client_msg_id] = yield alice.callRemote(
+                    commands.SendMessage, conversation_id=conversation, client_msg_id=client_msg_id, body=client_msg_id
+                )
+            unanswered.clear()
+        stored = self.stored(conversation)
+        self.assertEqual(len(answered), 120)
+        for client_msg_id, answer in answered.items():
+            self.assertEqual(stored[client_msg_id], (answer["message_id"], answer["seq"]))
+        self.assertEqual(sorted(seq for _, seq in stored.values()), list(range(1, 121)))
+        bob = yield self.login(port, "bob")
+        yield bob.wait_for_delivers(120)
+        self.assertEqual(bob.seqs(), list(range(1, 121)))
+        process.signalProcess("TERM")
+        yield daemon.ended
+        with sqlite3.connect(self.database) as db:
+            self.assertEqual(db.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
+        db.close()
