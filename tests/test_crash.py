@@ -79,7 +79,8 @@ class CrashTests(unittest.TestCase):
             db.close()
 
     @inlineCallbacks
-    def test_answered_messages_survive_kill_9(self):
+    def alice_and_bob(self):
+        """A daemon with alice and bob registered, alice logged in, and their conversation."""
         process, daemon = self.spawn()
         port = yield daemon.listening
         setup = ChatClient("setup")
@@ -90,7 +91,11 @@ class CrashTests(unittest.TestCase):
         yield setup.lost
         alice = yield self.login(port, "alice")
         answer = yield alice.callRemote(commands.CreateConversation, members=["bob"])
-        conversation = answer["conversation_id"]
+        return process, daemon, port, alice, answer["conversation_id"]
+
+    @inlineCallbacks
+    def test_answered_messages_survive_kill_9(self):
+        process, daemon, port, alice, conversation = yield self.alice_and_bob()
 
         # alice sends with several in flight; the daemon is killed mid-stream
         ids = [f"crash-{i:03d}" for i in range(COUNT)]
@@ -226,16 +231,7 @@ class CrashTests(unittest.TestCase):
     @inlineCallbacks
     def test_kill_and_restart_loop(self):
         """Three rounds of send, kill -9 mid-stream, restart, resend: every message once, none lost."""
-        process, daemon = self.spawn()
-        port = yield daemon.listening
-        setup = ChatClient("setup")
-        yield tls_connect(reactor, port, self.ca, protocol=setup)
-        for name in ("alice", "bob"):
-            yield setup.callRemote(commands.Register, username=name, password=PASSWORD)
-        setup.transport.loseConnection()
-        yield setup.lost
-        alice = yield self.login(port, "alice")
-        conversation = (yield alice.callRemote(commands.CreateConversation, members=["bob"]))["conversation_id"]
+        process, daemon, port, alice, conversation = yield self.alice_and_bob()
         answered, unanswered = {}, []
         for round_ in range(3):
             ids = [f"r{round_}-{i:02d}" for i in range(40)]
