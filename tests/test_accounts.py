@@ -413,7 +413,7 @@ class RaceTests(unittest.TestCase):
         self.successResultOf(Connection(self.hub).call(commands.Login, username="alice", password=PASSWORD))
 
     def test_resume_over_the_session_limit_keeps_its_token(self):
-        self.accounts.max_sessions = 1
+        self.accounts.realm.max_sessions = 1
         first = Connection(self.hub)
         token = self.successResultOf(first.call(commands.Login, username="alice", password=PASSWORD))["resume_token"]
         second = Connection(self.hub)

@@ -157,10 +157,10 @@ class AccountService:
         self.registration_exempt = frozenset(registration_exempt)
         self.token_lifetime = token_lifetime
         self.registration_open = registration_open
-        self.max_sessions = max_sessions
         self.registry = SessionRegistry()
+        self.realm = ChatRealm(self.registry, clock, max_sessions)
         self.portal = Portal(
-            ChatRealm(self.registry, clock, max_sessions),
+            self.realm,
             [PasswordChecker(store, hasher), ResumeTokenChecker(store, clock)],
         )
 
@@ -208,7 +208,7 @@ class AccountService:
         """(session, resume token) for a right password, else BadCredentials."""
         username = normalize_username(username)
 
-        self._check_session_limit(username)
+        self.realm.check_limit(username)
         credentials = UsernamePassword(username, password)
 
         async def verify():
@@ -227,7 +227,7 @@ class AccountService:
             name = None
 
         if name is not None:
-            self._check_session_limit(name)  # before the token is spent
+            self.realm.check_limit(name)  # before the token is spent
         credentials = ResumeToken(name, token)
 
         async def verify():
@@ -238,10 +238,6 @@ class AccountService:
         # an unguessable token: concurrent resumes (a reconnect storm) are not guesses
         session = await self._attempt(name or username[:64], address, "token", verify, count_pending=False)
         return session, await self._logged_in(session, credentials, address, "token")
-
-    def _check_session_limit(self, username):
-        if self.registry.count(username) >= self.max_sessions:
-            raise NotAllowed(f"Too many sessions: at most {self.max_sessions} logins per user at once.")
 
     async def _portal_login(self, credentials, client_name, connection):
         _, session, _ = await self.portal.login(credentials, (connection, client_name), IChatSession)

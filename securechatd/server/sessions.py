@@ -149,14 +149,16 @@ class ChatRealm:
         self._clock = clock
         self.max_sessions = max_sessions
 
+    def check_limit(self, username):
+        """NOT_ALLOWED if `username` has all the sessions allowed (also checked before costly work)."""
+        if self.registry.count(username) >= self.max_sessions:
+            raise NotAllowed(f"Too many sessions: at most {self.max_sessions} logins per user at once.")
+
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IChatSession not in interfaces:
             raise NotImplementedError("securechatd only has IChatSession avatars")
         connection, client_name = mind
-        if self.registry.count(avatarId) >= self.max_sessions:
-            raise NotAllowed(
-                f"Too many sessions: at most {self.max_sessions} logins per user at once."
-            )
+        self.check_limit(avatarId)
         session = Session(self.registry, avatarId, connection, client_name, self._clock.seconds())
         self.registry.add(session)
         return IChatSession, session, session.end
