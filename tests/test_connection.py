@@ -42,9 +42,9 @@ class RawConnection:
 
     def buffered(self):
         """Bytes the parser holds for this connection: the partial box and unparsed input."""
-        current = self.protocol._currentBox or {}
+        current = self.protocol._box or {}
         held = sum(len(k) + len(v) for k, v in current.items())
-        return held + len(getattr(self.protocol, "_unprocessed", b""))
+        return held + len(self.protocol._key or b"") + len(self.protocol._unparsed)
 
     def lose(self):
         self.protocol.connectionLost(Failure(ConnectionDone()))
@@ -79,6 +79,21 @@ class FramingTests(unittest.TestCase):
             conn.send(stream[start : start + 16 * 1024])
         self.assertTrue(conn.dropped)
         self.assertLessEqual(conn.buffered(), 8 * 1024 + 16 * 1024)
+
+    def test_boxes_split_anywhere(self):
+        """However TCP and TLS cut the stream, each box is parsed once and answered in order."""
+        pings = b"".join(box(_command=b"Ping", _ask=b"%d" % tag) for tag in range(1, 4))
+        unknown = box(_command=b"Shout", _ask=b"4", words=b"x" * 300)
+        stream = pings + unknown
+        for size in (1, 2, 3, 7, 64, len(stream)):
+            conn = RawConnection(self.hub)
+            for start in range(0, len(stream), size):
+                conn.send(stream[start : start + size])
+            answers = conn.transport.value()
+            self.assertEqual(answers.count(b"server_time"), 3, size)
+            self.assertLess(answers.index(b"\x00\x07_answer\x00\x013"), answers.index(b"UNHANDLED"))
+            self.assertFalse(conn.dropped)
+            self.assertEqual(conn.buffered(), 0)
 
     def test_forty_keys_before_login(self):
         conn = RawConnection(self.hub)

@@ -12,16 +12,18 @@ import ipaddress
 from dataclasses import dataclass, replace
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securechatd import commands
 from securechatd.config import Settings
-from securechatd.server.framing import BoundedBoxProtocol, BoxLimits
+from securechatd.server.framing import END, BoundedBoxProtocol, BoxLimits, encode
 from securechatd.server.keepalive import KeepAlive
 from securechatd.server.protocol import ChatLocator
 from securechatd.server.sessions import IConnection
@@ -140,13 +142,49 @@ class ChatProtocol(BoundedBoxProtocol):
         self.keepalive.heard()
         super().dataReceived(data)
 
+    def _commandReceived(self, box):
+        """Run a command (server/protocol.py) and answer it once it is done, in order of completion."""
+        ask, name = box.get(amp.ASK), box[amp.COMMAND]
+        self.command_started()
+        try:
+            answer = self.locator.run(name, box)
+        except Exception:
+            self._reply(Failure(), ask, name)
+            return
+        if isinstance(answer, Deferred):
+            answer.addBoth(self._reply, ask, name)
+        else:
+            self._reply(answer, ask, name)
+
+    def _reply(self, outcome, ask, name):
+        """Answer with `outcome`, an answer box or a Failure (as a coded error)."""
+        self.command_finished()
+        if ask is None:  # the client asked for no answer
+            if isinstance(outcome, Failure):
+                self.locator.error_of(outcome, name)
+            return
+        try:
+            if not isinstance(outcome, Failure):
+                try:
+                    self.write(encode([*outcome.items(), (amp.ANSWER, ask)]) + END)
+                    return
+                except amp.TooLong:
+                    outcome = Failure()
+            code, description = self.locator.error_of(outcome, name)
+            if isinstance(description, str):
+                description = description.encode("utf-8", "replace")
+            error = [(amp.ERROR, ask), (amp.ERROR_CODE, code), (amp.ERROR_DESCRIPTION, description)]
+            self.write(encode(error) + END)
+        except ConnectionLost:
+            pass  # the answer has no one to go to
+
     def command_started(self):
         self.in_flight += 1
         if self.in_flight >= self.limits.commands_in_flight and not self._reads_paused:
             self._reads_paused = True
             self.transport.pauseProducing()
 
-    def command_finished(self, result):
+    def command_finished(self):
         self.in_flight -= 1
         if self.draining:
             if not self.in_flight:
@@ -154,7 +192,6 @@ class ChatProtocol(BoundedBoxProtocol):
         elif self._reads_paused and self.in_flight < self.limits.commands_in_flight and not self.lost:
             self._reads_paused = False
             self.transport.resumeProducing()
-        return result
 
     def logged_in(self):
         if self._deadline is not None and self._deadline.active():
@@ -181,13 +218,13 @@ class ChatProtocol(BoundedBoxProtocol):
 
     # -- our side: output the client does not read ------------------------------
 
-    def sendBox(self, box):
+    def write(self, data):
         if self._writes_paused:
-            self.unread_output += len(box.serialize())
+            self.unread_output += len(data)
             if self.unread_output > self.limits.max_unread_output:
                 self.refuse(f"more than {self.limits.max_unread_output} bytes of output unread")
                 return
-        super().sendBox(box)
+        super().write(data)
 
     def output_blocked(self):
         """The transport's buffer is full: the client is not reading."""

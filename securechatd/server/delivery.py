@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from securechatd import commands
 from securechatd.server.accounts import utc
+from securechatd.server.framing import encode_arguments
 from securechatd.store.base import StoreError
 
 log = Logger()
@@ -27,8 +28,9 @@ log = Logger()
 
 @lru_cache(maxsize=1024)
 def deliver_box(message):
-    """A message's Deliver arguments, encoded once for all its recipients."""
-    return commands.Deliver.makeArguments(
+    """A message's Deliver box, encoded once for all its recipients."""
+    return encode_arguments(
+        commands.Deliver,
         {
             "message_id": message.id,
             "conversation_id": message.conversation_id,
@@ -37,7 +39,6 @@ def deliver_box(message):
             "body": message.body,
             "sent_at": utc(message.sent_at),
         },
-        None,
     )
 
 

@@ -1,4 +1,4 @@
-"""Bounded AMP framing: a box may only grow so big before the connection is dropped.
+"""Bounded, lean AMP framing: parse boxes within a budget, write boxes as bytes.
 
 Plain AMP limits each key (255 bytes) and value (65,535) but not how many
 keys a box holds, so one peer streaming an endless box of unique keys could
@@ -7,8 +7,16 @@ grow the server without bound. Here every box has a byte and key budget
 against what is left, so nothing over budget is ever buffered. Boxes AMP
 cannot make sense of (neither command nor answer, an answer to nothing we
 asked) end the connection with one log line rather than a traceback.
+
+The parser is one loop over the received bytes (AMP's own parser makes a
+few method calls per key and per value), and boxes are written with
+`encode`, so a box shared by many connections (a group message's Deliver)
+is encoded once and only its tag is added per connection. Both were the
+largest costs of the reactor thread under load (BENCHMARKS.md).
 """
 
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -17,6 +25,23 @@ log = Logger()
 KEY_LIMIT = 255
 VALUE_LIMIT = 0xFFFF
 PREFIX = 2  # bytes of length before every key and value
+END = b"\x00\x00"  # the empty key that ends a box
+
+
+def encode(pairs):
+    """The wire bytes of (key, value) byte pairs, without the box's end (AMP keys are unordered)."""
+    parts = []
+    for key, value in pairs:
+        if len(value) > VALUE_LIMIT:
+            raise amp.TooLong(False, True, value, key)
+        parts += (len(key).to_bytes(2, "big"), key, len(value).to_bytes(2, "big"), value)
+    return b"".join(parts)
+
+
+def encode_arguments(command, arguments):
+    """A command box without its tag: `_command` and the encoded `arguments`."""
+    values = command.makeArguments(arguments, None)
+    return encode([(amp.COMMAND, command.commandName), *values.items()])
 
 
 class BoxLimits:
@@ -30,47 +55,63 @@ class BoxLimits:
 class BoundedBoxProtocol(amp.AMP):
     """AMP whose parser enforces `self.box_limits()` on every incoming box."""
 
+    refused = None  # why the connection was dropped, once it was
+    _unparsed = b""  # received bytes that do not yet make a whole key or value
+    _box = None  # the box being received
+    _key = None  # its key waiting for a value
     _bytes_left = 0  # of the current box's budget
     _keys_left = 0
-    refused = None  # why the connection was dropped, once it was
 
     def box_limits(self):
         raise NotImplementedError
 
     def dataReceived(self, data):
-        if self.refused is None:  # a dropped connection's last bytes are not kept
-            super().dataReceived(data)
+        if self.refused is not None:  # a dropped connection's last bytes are not kept
+            return
+        if self._unparsed:
+            data = self._unparsed + data
+        size = len(data)
+        at = 0
+        while at + PREFIX <= size:
+            length = (data[at] << 8) | data[at + 1]
+            if self._key is None and length == 0:  # the end of a box
+                at += PREFIX
+                box, self._box = self._box, None
+                self._box_received(box if box is not None else amp.AmpBox())
+                if self.refused is not None:
+                    return
+                continue
+            if self._box is None:
+                limits = self.box_limits()
+                self._bytes_left, self._keys_left = limits.max_bytes, limits.max_keys
+                self._box = amp.AmpBox()
+            if self._key is None:
+                if self._keys_left < 1:
+                    self.refuse("a box with too many keys")
+                    return
+                if length > KEY_LIMIT or length + PREFIX > self._bytes_left:
+                    self.refuse(f"a key of {length} bytes beyond the box's budget")
+                    return
+            elif length + PREFIX > self._bytes_left:
+                self.refuse(f"a value of {length} bytes beyond the box's budget")
+                return
+            end = at + PREFIX + length
+            if end > size:
+                break  # the rest of this string is still on its way
+            string = data[at + PREFIX : end]
+            at = end
+            self._bytes_left -= PREFIX + length
+            if self._key is None:
+                self._key = string
+                self._keys_left -= 1
+            else:
+                self._box[self._key] = string
+                self._key = None
+        self._unparsed = data[at:]
 
-    def proto_init(self, string):
-        limits = self.box_limits()
-        self._bytes_left, self._keys_left = limits.max_bytes, limits.max_keys
-        return super().proto_init(string)
-
-    def proto_key(self, string):
-        if string:
-            self._keys_left -= 1
-            self._bytes_left -= PREFIX + len(string)
-            if self._keys_left < 0:
-                return self.refuse("a box with too many keys")
-        state = super().proto_key(string)
-        if state == "value":  # the value's length prefix is checked against what is left
-            self.MAX_LENGTH = max(0, min(VALUE_LIMIT, self._bytes_left - PREFIX))
-        else:
-            self.MAX_LENGTH = KEY_LIMIT
-        return state
-
-    def proto_value(self, string):
-        self._bytes_left -= PREFIX + len(string)
-        state = super().proto_value(string)
-        self.MAX_LENGTH = max(0, min(KEY_LIMIT, self._bytes_left - PREFIX))
-        return state
-
-    def lengthLimitExceeded(self, length):
-        self.refuse(f"a key or value of {length} bytes beyond the box's budget")
-
-    def ampBoxReceived(self, box):
+    def _box_received(self, box):
         try:
-            super().ampBoxReceived(box)
+            self.ampBoxReceived(box)
         except (amp.NoEmptyBoxes, KeyError):
             self.refuse("a box that is neither a command nor an answer to a question")
 
@@ -78,9 +119,28 @@ class BoundedBoxProtocol(amp.AMP):
         """Drop this connection now, reading nothing more."""
         if self.refused is None:
             self.refused = why
+            self._unparsed = b""
             peer = self.transport.getPeer() if self.transport is not None else None
             log.warn("dropping {peer}: {why}", peer=peer, why=why)
-            self.paused = True  # stops the string parser's loop over buffered data
             if self.transport is not None:
                 self.transport.abortConnection()
-        return "done"
+
+    # -- writing ---------------------------------------------------------------------
+
+    def write(self, data):
+        """Send wire bytes (whole boxes) to the peer."""
+        if self.transport is None:
+            raise ConnectionLost()
+        self.transport.write(data)
+
+    def sendBox(self, box):
+        self.write(encode(box.items()) + END)
+
+    def send_command(self, encoded):
+        """Send a command box made by `encode_arguments`: a Deferred of the answer box."""
+        if self._failAllReason is not None:
+            return fail(self._failAllReason)
+        tag = self._nextTag()
+        self.write(encoded + encode([(amp.ASK, tag)]) + END)
+        answer = self._outstandingRequests[tag] = Deferred()
+        return answer

@@ -5,7 +5,7 @@ connection), separate from the connection's box handling and limits
 (server/connection.py), as in Flocker.
 """
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -18,11 +18,6 @@ from securechatd.store.base import StoreError
 log = Logger()
 
 CONVERSATION_ITEM = dict(commands.ListConversations.response)[b"conversations"].subargs
-
-
-def _declared(error):
-    """An AMP error box for a declared ChatError raised before the responder ran."""
-    return fail(amp.RemoteAmpError(error.code, str(error)))
 
 
 def _answer(coroutine, shape=lambda result: {}):
@@ -41,32 +36,31 @@ class ChatLocator(amp.CommandLocator):
         self.session = None
         self._logging_in = False
 
-    def locateResponder(self, name):
-        responder = super().locateResponder(name)
-        if responder is None:
-            return None
+    def run(self, name, box):
+        """Run command `name` with the arguments in `box`: its answer box, or a Deferred of it."""
+        entry = self._commandDispatch.get(name)
+        if entry is None:
+            raise amp.RemoteAmpError(amp.UNHANDLED_ERROR_CODE, f"Unhandled Command: {name!r}")
+        command, responder = entry
+        arguments = command.parseArguments(box, self)  # malformed: InvalidArgument
+        answer = responder(self, **arguments)
+        if isinstance(answer, Deferred):
+            return answer.addCallback(command.makeResponse, self)
+        return command.makeResponse(answer, self)
 
-        def respond(box):
-            try:
-                answer = responder(box)
-            except ChatError as error:  # raised by ChatCommand.parseArguments
-                return _declared(error)
-            self.connection.command_started()
-            answer.addBoth(self.connection.command_finished)
-            return answer.addErrback(self._unexpected, name)
-
-        return respond
-
-    def _unexpected(self, failure, name):
-        """Answer an undeclared failure (a bug, a database error) with a code, keeping the connection."""
-        if failure.check(amp.RemoteAmpError):
-            return failure
+    def error_of(self, failure, name):
+        """(code, description) answering `failure`; undeclared ones (a bug, a database error) are logged."""
+        error = failure.value
+        if isinstance(error, ChatError):
+            return error.code, str(error)
+        if isinstance(error, amp.RemoteAmpError):
+            return error.errorCode, error.description
         command = name.decode("ascii", "replace")
-        if failure.check(StoreError):
-            log.error("{command}: database error: {problem}", command=command, problem=failure.value)
+        if isinstance(error, StoreError):
+            log.error("{command}: database error: {problem}", command=command, problem=error)
         else:
             log.failure("{command} failed", failure, command=command)
-        return _declared(ServiceUnavailable("The server could not do that just now; try again later."))
+        return ServiceUnavailable.code, "The server could not do that just now; try again later."
 
     # -- state checks --------------------------------------------------------
 

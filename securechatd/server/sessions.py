@@ -7,13 +7,12 @@ daemon's view of who is online, by user; presence and delivery build on it.
 import uuid
 
 from twisted.cred.portal import IRealm
-from twisted.internet.defer import maybeDeferred
 from twisted.internet.error import ConnectionClosed, ConnectionDone, ConnectionLost
 from twisted.logger import Logger
-from twisted.protocols import amp
 from zope.interface import Interface, implementer
 
 from securechatd.commands import NotAllowed
+from securechatd.server.framing import encode_arguments
 
 log = Logger()
 
@@ -33,8 +32,8 @@ class IConnection(Interface):
     def refuse(why):
         """Drop the connection now: the client broke a limit."""
 
-    def callRemote(command, **arguments):
-        """Send a server-to-client command; a Deferred of the answer."""
+    def send_command(encoded):
+        """Send a command box made by framing.encode_arguments; a Deferred of the answer."""
 
 
 @implementer(IChatSession)
@@ -60,14 +59,11 @@ class Session:
         It never fails: a connection that went away or a client that answered
         with an error is logged, so one broken client never breaks a fan-out.
         """
-        return self._sent(maybeDeferred(self.connection.callRemote, command, **arguments), command)
+        return self.push_encoded(command, encode_arguments(command, arguments))
 
-    def push_encoded(self, command, arguments):
-        """As `push`, with the arguments already encoded (an AmpBox shared by many pushes)."""
-        pushed = maybeDeferred(
-            self.connection._sendBoxCommand, command.commandName, amp.AmpBox(arguments)
-        )  # (AMP's own callRemote would encode the same message again for every recipient)
-        return self._sent(pushed, command)
+    def push_encoded(self, command, encoded):
+        """As `push`, with the arguments already encoded (shared by every recipient)."""
+        return self._sent(self.connection.send_command(encoded), command)
 
     def _sent(self, pushed, command):
         """Count the push until it is answered; a client that answers none is dropped."""
