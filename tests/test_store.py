@@ -10,6 +10,7 @@ from twisted.trial import unittest
 from securechatd.store import Store, migrations
 from securechatd.store.accounts import Credentials
 from securechatd.store.base import StoreError
+from securechatd.store.messaging import Stored
 from securechatd.store.migrations import LATEST, MigrationError, upgrade
 from securechatd.store.pool import connect, open_pool
 from tests.helpers import SyncPool, _NoThreadsReactor, make_store
@@ -340,7 +341,7 @@ class MigrationTests(unittest.TestCase):
         self.assertNotIn("bad_one", tables)
 
 
-class AccountStoreTests(unittest.TestCase):
+class StoreTestCase(unittest.TestCase):
     def setUp(self):
         self.path = self.mktemp() + ".sqlite"
         self.store = make_store(self, self.path)
@@ -356,14 +357,16 @@ class AccountStoreTests(unittest.TestCase):
         finally:
             db.close()
 
+    def add_user(self, name, password_hash=None):
+        self.assertTrue(self.ok(self.store.create_user(name, password_hash or f"hash-{name}", NOW)))
+
+
+class AccountStoreTests(StoreTestCase):
     def tokens(self):
         return self.sql(
             "SELECT username, session_id, token_hash FROM resume_tokens"
             " JOIN users ON users.id = user_id ORDER BY username, session_id"
         )
-
-    def add_user(self, name, password_hash=None):
-        self.assertTrue(self.ok(self.store.create_user(name, password_hash or f"hash-{name}", NOW)))
 
     # -- users -------------------------------------------------------------------
 
@@ -547,6 +550,44 @@ class AccountStoreTests(unittest.TestCase):
         self.ok(self.store.revoke_resume_token("alice", "s1"))
         self.assertEqual(self.tokens(), [("alice", "s2", "alice-2"), ("bob", "s1", "bob-1")])
         self.assertFalse(self.ok(self.store.consume_resume_token("alice", "alice-1", NOW + 1)))
+
+
+class MessageStoreTests(StoreTestCase):
+    def setUp(self):
+        super().setUp()
+        for name in ("alice", "bob", "carol"):
+            self.add_user(name)
+        self.group = self.ok(self.store.create_group(["alice", "bob"], "g", NOW))
+
+    def add(self, sender, client_msg_id, body="hi"):
+        return self.ok(self.store.add_message(self.group.id, sender, client_msg_id, body, NOW))
+
+    def test_resend_returns_the_first_and_takes_no_number(self):
+        first = self.add("alice", "m1", "first")
+        again = self.add("alice", "m1", "changed")
+        self.assertEqual((first.new, again.new), (True, False))
+        self.assertEqual(again.message, first.message)
+        self.assertEqual(self.add("bob", "m1").message.seq, 2)  # ids are per sender
+        self.assertEqual(self.sql("SELECT last_seq FROM conversations WHERE id = ?", self.group.id), [(2,)])
+        self.assertEqual(self.sql("SELECT COUNT(*) FROM messages"), [(2,)])
+
+    def test_only_members_send_but_a_resend_is_still_answered(self):
+        stored = self.add("alice", "m1")
+        self.assertIsNone(self.add("carol", "c1"))
+        self.ok(self.store.remove_member(self.group.id, "alice"))
+        self.assertEqual(self.add("alice", "m1"), Stored(stored.message, False))
+        self.assertIsNone(self.add("alice", "m2"))
+        self.assertEqual(self.sql("SELECT seq, sender FROM messages"), [(1, "alice")])
+
+    def test_own_message_moves_marks_right_behind_it(self):
+        self.add("alice", "m1")
+        self.add("bob", "b1")
+        self.add("alice", "m2")
+        marks = self.sql(
+            "SELECT u.username, delivered_seq, read_seq FROM members JOIN users u ON u.id = user_id"
+            " ORDER BY u.username"
+        )
+        self.assertEqual(marks, [("alice", 1, 1), ("bob", 0, 0)])  # seq 3: alice was 1 behind it
 
 
 class TransactionTests(unittest.TestCase):

@@ -21,6 +21,8 @@ Receipt = namedtuple("Receipt", "conversation_id reader state seq at")
 Membership = namedtuple("Membership", "conversation_id delivered_seq read_seq last_seq")
 
 _MESSAGE_COLUMNS = "id, conversation_id, seq, sender, body, sent_at"
+_USER_ID = "SELECT id FROM users WHERE username = ?"
+_SENDER_ID = "SELECT id FROM users WHERE username = :sender"
 
 
 def _user_ids(txn, usernames):
@@ -41,6 +43,16 @@ def _deleted(txn, usernames):
         if txn.fetchone() is not None:
             deleted.add(name)
     return deleted
+
+
+def _resent(txn, sender, client_msg_id):
+    """Stored(the first message, not new) for a resent (sender, client_msg_id); else None."""
+    txn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE sender_id = ({_USER_ID}) AND client_msg_id = ?",
+        (sender, client_msg_id),
+    )
+    row = txn.fetchone()
+    return Stored(Message(*row), False) if row is not None else None
 
 
 def _conversation(txn, conversation_id):
@@ -228,37 +240,39 @@ class MessagingStore(StoreBase):
 
     @staticmethod
     def _add_message_txn(txn, conversation_id, sender, client_msg_id, body, now):
-        sender_id = user_id(txn, sender)
+        # This runs for every message, so a new message costs three statements (the
+        # sender's id looked up inside each); a resend costs more.
         txn.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE sender_id = ? AND client_msg_id = ?",
-            (sender_id, client_msg_id),
+            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = :c AND EXISTS"
+            f" (SELECT 1 FROM members WHERE conversation_id = :c AND user_id = ({_SENDER_ID}))"
+            " RETURNING last_seq",
+            {"c": conversation_id, "sender": sender},
         )
         row = txn.fetchone()
-        if row is not None:
-            return Stored(Message(*row), False)
-        txn.execute(
-            "SELECT 1 FROM members WHERE conversation_id = ? AND user_id = ?", (conversation_id, sender_id)
-        )
-        if txn.fetchone() is None:
-            return None
-        txn.execute(
-            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
-            (conversation_id,),
-        )
-        (seq,) = txn.fetchone()
+        if row is None:  # not (any more) a member: only a resend of a stored message is answered
+            return _resent(txn, sender, client_msg_id)
+        seq = row[0]
         txn.execute(
             "INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (conversation_id, seq, sender_id, sender, client_msg_id, body, now),
+            f" VALUES (?, ?, ({_USER_ID}), ?, ?, ?, ?)"
+            " ON CONFLICT (sender_id, client_msg_id) DO NOTHING",
+            (conversation_id, seq, sender, sender, client_msg_id, body, now),
         )
-        for mark in ("delivered_seq", "read_seq"):
-            # the sender has their own message: a mark right behind it moves past it, so
-            # it is neither pending nor unread for them (a mark further behind stays)
-            txn.execute(
-                f"UPDATE members SET {mark} = ? WHERE conversation_id = ? AND user_id = ? AND {mark} = ?",
-                (seq, conversation_id, sender_id, seq - 1),
-            )
-        return Stored(Message(txn.lastrowid, conversation_id, seq, sender, body, now), True)
+        if txn.rowcount != 1:  # a resend: give the number back, answer with the stored message
+            txn.execute("UPDATE conversations SET last_seq = last_seq - 1 WHERE id = ?", (conversation_id,))
+            return _resent(txn, sender, client_msg_id)
+        message_id = txn.lastrowid
+        # the sender has their own message: a mark right behind it moves past it, so it
+        # is neither pending nor unread for them (a mark further behind stays)
+        txn.execute(
+            "UPDATE members SET"
+            " delivered_seq = CASE WHEN delivered_seq = :before THEN :seq ELSE delivered_seq END,"
+            " read_seq = CASE WHEN read_seq = :before THEN :seq ELSE read_seq END"
+            f" WHERE conversation_id = :c AND user_id = ({_SENDER_ID})"
+            " AND (delivered_seq = :before OR read_seq = :before)",
+            {"c": conversation_id, "sender": sender, "seq": seq, "before": seq - 1},
+        )
+        return Stored(Message(message_id, conversation_id, seq, sender, body, now), True)
 
     def messages_from(self, conversation_id, first_seq, limit):
         """Deferred: up to `limit` Messages with seq >= first_seq, in seq order."""
@@ -309,15 +323,16 @@ class MessagingStore(StoreBase):
 
     @staticmethod
     def _move_mark_txn(txn, conversation_id, username, state, seq, now):
-        uid = user_id(txn, username)
         txn.execute(
-            "SELECT delivered_seq, read_seq FROM members WHERE conversation_id = ? AND user_id = ?",
-            (conversation_id, uid),
+            "SELECT user_id, delivered_seq, read_seq FROM members"
+            f" WHERE conversation_id = ? AND user_id = ({_USER_ID})",
+            (conversation_id, username),
         )
         row = txn.fetchone()
         if row is None:
             return []
-        marks = dict(zip(("delivered", "read"), row))
+        uid = row[0]
+        marks = dict(zip(("delivered", "read"), row[1:]))
         moves = []
         for moved in ("delivered", "read") if state == "read" else ("delivered",):
             old = marks[moved]
