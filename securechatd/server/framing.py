@@ -77,14 +77,14 @@ class BoundedBoxProtocol(amp.AMP):
             if self._key is None and length == 0:  # the end of a box
                 at += PREFIX
                 box, self._box = self._box, None
-                self._box_received(box if box is not None else amp.AmpBox())
+                self._box_received(box or {})
                 if self.refused is not None:
                     return
                 continue
             if self._box is None:
                 limits = self.box_limits()
                 self._bytes_left, self._keys_left = limits.max_bytes, limits.max_keys
-                self._box = amp.AmpBox()
+                self._box = {}
             if self._key is None:
                 if self._keys_left < 1:
                     self.refuse("a box with too many keys")
@@ -114,6 +114,10 @@ class BoundedBoxProtocol(amp.AMP):
             self.ampBoxReceived(box)
         except (amp.NoEmptyBoxes, KeyError):
             self.refuse("a box that is neither a command nor an answer to a question")
+
+    def _answerReceived(self, box):
+        # (AMP's own adds an errback per answer; the Deferreds of our pushes never fail)
+        self._outstandingRequests.pop(box[amp.ANSWER]).callback(box)
 
     def refuse(self, why):
         """Drop this connection now, reading nothing more."""

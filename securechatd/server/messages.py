@@ -6,6 +6,8 @@ online session of every member (server/delivery.py). Receipts are coalesced
 marks: one `Receipt` covers every message of the conversation up to its seq.
 """
 
+from functools import lru_cache
+
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -13,6 +15,7 @@ from twisted.protocols import amp
 from securechatd import commands
 from securechatd.commands import InvalidArgument, MessageTooLarge, NoSuchConversation, RateLimited
 from securechatd.server.accounts import utc
+from securechatd.server.framing import encode_arguments
 from securechatd.server.throttle import TokenBucket, retry_text
 from securechatd.store.messaging import Receipt
 
@@ -39,6 +42,21 @@ def check_limit(limit, default, maximum):
     if not 1 <= limit <= maximum:
         raise InvalidArgument(f"limit must be from 1 to {maximum}.")
     return limit
+
+
+@lru_cache(maxsize=256)
+def receipt_box(receipt):
+    """A Receipt push, encoded once for all the sessions it goes to."""
+    return encode_arguments(
+        commands.Receipt,
+        {
+            "conversation_id": receipt.conversation_id,
+            "username": receipt.reader,
+            "state": receipt.state,
+            "seq": receipt.seq,
+            "at": utc(receipt.at),
+        },
+    )
 
 
 HISTORY_ITEM = dict(commands.History.response)[b"messages"].subargs
@@ -198,14 +216,7 @@ class MessageService:
 
     @staticmethod
     def _push_receipt(session, receipt):
-        return session.push(
-            commands.Receipt,
-            conversation_id=receipt.conversation_id,
-            username=receipt.reader,
-            state=receipt.state,
-            seq=receipt.seq,
-            at=utc(receipt.at),
-        )
+        return session.push_encoded(commands.Receipt, receipt_box(receipt))
 
     async def push_pending_receipts(self, session):
         """At login, after the pending messages: the receipts that came while away."""

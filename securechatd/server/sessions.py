@@ -9,6 +9,7 @@ import uuid
 from twisted.cred.portal import IRealm
 from twisted.internet.error import ConnectionClosed, ConnectionDone, ConnectionLost
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from securechatd.commands import NotAllowed
@@ -70,20 +71,18 @@ class Session:
         self.unanswered += 1
         if self.unanswered > MAX_UNANSWERED:
             self.connection.refuse(f"{MAX_UNANSWERED} pushes left unanswered")
+        return pushed.addBoth(self._answered, command)
 
-        def answered(result):
-            self.unanswered -= 1
-            return result
-
-        return pushed.addCallbacks(lambda _: True, self._push_failed, errbackArgs=(command,)).addBoth(answered)
-
-    def _push_failed(self, failure, command):
-        if not failure.check(ConnectionDone, ConnectionLost, ConnectionClosed):
+    def _answered(self, result, command):
+        self.unanswered -= 1
+        if not isinstance(result, Failure):
+            return True
+        if not result.check(ConnectionDone, ConnectionLost, ConnectionClosed):
             log.info(
                 "{session} did not take {command}: {problem}",
                 session=self,
                 command=command.commandName.decode(),
-                problem=failure.getErrorMessage(),
+                problem=result.getErrorMessage(),
             )
         return False
 
