@@ -326,6 +326,25 @@ class DeliveryTests(MessagingTestCase):
         [bobs] = self.successResultOf(self.hub.store.memberships("bob"))
         self.assertEqual(bobs.delivered_seq, 0)
 
+    def test_a_backlog_is_read_half_a_window_at_a_time(self):
+        alice = self.connect("alice")
+        direct = self.dm(alice, "bob")
+        for i in range(20):
+            self.send(alice, direct, f"m{i}")
+        reads = []
+        real = self.hub.store.messages_from
+
+        def messages_from(conversation_id, first_seq, limit):
+            reads.append(limit)
+            return real(conversation_id, first_seq, limit)
+
+        self.patch(self.hub.store, "messages_from", messages_from)
+        bob = self.connect("bob")
+        for _ in range(20):
+            self.settle(bob)
+        self.assertEqual([seq for _, seq, _ in self.delivered(bob)], list(range(1, 21)))
+        self.assertGreaterEqual(min(reads), self.window // 2)  # not one read per answer
+
     def test_carbons_to_the_senders_other_sessions(self):
         phone, laptop, bob = self.connect("alice"), self.connect("alice"), self.connect("bob")
         direct = self.dm(phone, "bob")

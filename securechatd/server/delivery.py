@@ -150,7 +150,8 @@ class Outbox:
             if message.sender != self.session.username:
                 mark = (min(pending) if pending else self.next_seq[conversation]) - 1
                 self.marks.delivered(self.session.username, conversation, mark)
-        self._start_pump()
+        if self.in_flight <= self.window // 2:  # refill half a window per read, not one message
+            self._start_pump()
 
     def _start_pump(self):
         if not self._pumping and self.behind:
