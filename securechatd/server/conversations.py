@@ -7,6 +7,8 @@ cached (members and last seq); the database stays the truth and every change
 goes through this service.
 """
 
+from twisted.internet.defer import Deferred, succeed
+
 from securechatd.commands import (
     ConversationUpdated,
     InvalidArgument,
@@ -47,9 +49,19 @@ class ConversationService:
                 conversation = self._cache.setdefault(conversation_id, conversation)
         return conversation
 
-    async def member_of(self, conversation_id, username):
-        """The Conversation if `username` belongs to it, else NO_SUCH_CONVERSATION."""
-        conversation = await self.get(check_id(conversation_id))
+    def member_of(self, conversation_id, username):
+        """Deferred: the Conversation if `username` belongs to it, else NO_SUCH_CONVERSATION.
+
+        (A Deferred, not a coroutine: every message passes here, mostly on a cache hit.)
+        """
+        conversation = self._cache.get(check_id(conversation_id))
+        found = succeed(conversation) if conversation is not None else Deferred.fromCoroutine(
+            self.get(conversation_id)
+        )
+        return found.addCallback(self._only_member, conversation_id, username)
+
+    @staticmethod
+    def _only_member(conversation, conversation_id, username):
         if conversation is None or username not in conversation.members:
             raise NoSuchConversation(f"There is no conversation {conversation_id} of yours.")
         return conversation

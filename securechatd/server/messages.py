@@ -76,25 +76,35 @@ class MessageService:
 
     # -- sending -------------------------------------------------------------------
 
-    async def send(self, session, conversation_id, client_msg_id, body):
-        """The stored Message; answered only after it is committed."""
+    def send(self, session, conversation_id, client_msg_id, body):
+        """Deferred: the stored Message, only once it is committed.
+
+        (Callbacks, not a coroutine: this runs for every message, and a
+        coroutine costs about as much as the rest of the work around it.)
+        """
         if not 1 <= len(client_msg_id) <= MAX_CLIENT_MSG_ID:
             raise InvalidArgument(f"client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} characters.")
         if not body:
             raise InvalidArgument("A message needs a body.")
         if len(body.encode("utf-8")) > self.max_body:
             raise MessageTooLarge(f"A message body is at most {self.max_body} bytes of UTF-8.")
-        conversation = await self.conversations.member_of(conversation_id, session.username)
+        checked = self.conversations.member_of(conversation_id, session.username)
+        return checked.addCallback(self._store, session, client_msg_id, body)
+
+    def _store(self, conversation, session, client_msg_id, body):
         wait = self.rate.take(session.username)
         if wait:
             raise RateLimited(f"Too many messages; {retry_text(wait)}.")
-        stored = await self.store.add_message(
+        stored = self.store.add_message(
             conversation.id, session.username, client_msg_id, body, self.clock.seconds()
         )
+        return stored.addCallback(self._stored, session, conversation.id)
+
+    def _stored(self, stored, session, conversation_id):
         if stored is None:  # left the conversation while this was on its way
             raise NoSuchConversation(f"There is no conversation {conversation_id} of yours.")
         if stored.new:
-            self.conversations.committed(conversation.id, stored.message.seq)
+            self.conversations.committed(conversation_id, stored.message.seq)
             self._fan_out(stored.message, session)
         else:
             self.rate.refund(session.username)  # a resend stores nothing: it costs nothing

@@ -222,9 +222,8 @@ class ChatLocator(amp.CommandLocator):
     @commands.SendMessage.responder
     def send_message(self, conversation_id, client_msg_id, body):
         sent = self.hub.messages.send(self._session(), conversation_id, client_msg_id, body)
-        return _answer(
-            sent,
-            lambda message: {"message_id": message.id, "seq": message.seq, "sent_at": utc(message.sent_at)},
+        return sent.addCallback(
+            lambda message: {"message_id": message.id, "seq": message.seq, "sent_at": utc(message.sent_at)}
         )
 
     @commands.History.responder
