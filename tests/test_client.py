@@ -116,12 +116,14 @@ class ClientTests(unittest.TestCase):
         original = self.hub.messages.send
         dropped = []
 
-        async def send_then_drop(session, *arguments):
-            message = await original(session, *arguments)
-            if not dropped:
-                dropped.append(message)
-                session.connection.transport.abortConnection()
-            return message
+        def send_then_drop(session, *arguments):
+            def drop(message):
+                if not dropped:
+                    dropped.append(message)
+                    session.connection.transport.abortConnection()
+                return message
+
+            return original(session, *arguments).addCallback(drop)
 
         self.hub.messages.send = send_then_drop
         answers = [alice.send_message(conversation, f"m{i}") for i in range(3)]
