@@ -129,7 +129,10 @@ class Outbox:
         if not self._owed(message):
             return
         self.in_flight += 1
-        self.outstanding.setdefault(conversation, set()).add(message.seq)
+        pending = self.outstanding.get(conversation)
+        if pending is None:
+            pending = self.outstanding[conversation] = set()
+        pending.add(message.seq)
         answered = self.session.push_encoded(commands.Deliver, deliver_box(message))
         answered.addCallback(self._answered, message)
 

@@ -70,29 +70,30 @@ class BoundedBoxProtocol(amp.AMP):
             return
         if self._unparsed:
             data = self._unparsed + data
+        box, key, bytes_left, keys_left = self._box, self._key, self._bytes_left, self._keys_left
         size = len(data)
         at = 0
         while at + PREFIX <= size:
             length = (data[at] << 8) | data[at + 1]
-            if self._key is None and length == 0:  # the end of a box
+            if key is None and length == 0:  # the end of a box
                 at += PREFIX
-                box, self._box = self._box, None
+                self._box = None
                 self._box_received(box or {})
                 if self.refused is not None:
                     return
+                box = None
                 continue
-            if self._box is None:
+            if box is None:
                 limits = self.box_limits()
-                self._bytes_left, self._keys_left = limits.max_bytes, limits.max_keys
-                self._box = {}
-            if self._key is None:
-                if self._keys_left < 1:
+                bytes_left, keys_left, box = limits.max_bytes, limits.max_keys, {}
+            if key is None:
+                if keys_left < 1:
                     self.refuse("a box with too many keys")
                     return
-                if length > KEY_LIMIT or length + PREFIX > self._bytes_left:
+                if length > KEY_LIMIT or length + PREFIX > bytes_left:
                     self.refuse(f"a key of {length} bytes beyond the box's budget")
                     return
-            elif length + PREFIX > self._bytes_left:
+            elif length + PREFIX > bytes_left:
                 self.refuse(f"a value of {length} bytes beyond the box's budget")
                 return
             end = at + PREFIX + length
@@ -100,14 +101,15 @@ class BoundedBoxProtocol(amp.AMP):
                 break  # the rest of this string is still on its way
             string = data[at + PREFIX : end]
             at = end
-            self._bytes_left -= PREFIX + length
-            if self._key is None:
-                self._key = string
-                self._keys_left -= 1
+            bytes_left -= PREFIX + length
+            if key is None:
+                key = string
+                keys_left -= 1
             else:
-                self._box[self._key] = string
-                self._key = None
+                box[key] = string
+                key = None
         self._unparsed = data[at:]
+        self._box, self._key, self._bytes_left, self._keys_left = box, key, bytes_left, keys_left
 
     def _box_received(self, box):
         try:

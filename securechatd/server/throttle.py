@@ -178,20 +178,21 @@ class TokenBucket(_Swept):
         self.rate = rate
         self._buckets = {}  # key -> (tokens, time of that count)
 
-    def _tokens(self, key):
-        tokens, then = self._buckets.get(key, (self.burst, self._clock.seconds()))
-        return min(self.burst, tokens + (self._clock.seconds() - then) * self.rate)
+    def _tokens(self, key, now):
+        tokens, then = self._buckets.get(key, (self.burst, now))
+        return min(self.burst, tokens + (now - then) * self.rate)
 
     def take(self, key):
         """Use one token: 0 if there was one, else the seconds until there is."""
-        self._maybe_sweep(self._buckets, lambda key: self._tokens(key) >= self.burst)
-        tokens = self._tokens(key)
+        now = self._clock.seconds()
+        self._maybe_sweep(self._buckets, lambda key: self._tokens(key, now) >= self.burst)
+        tokens = self._tokens(key, now)
         if tokens < 1 - 1e-6:  # (a retry exactly when told must not fail on rounding)
             return (1 - tokens) / self.rate
-        self._buckets[key] = (max(0.0, tokens - 1), self._clock.seconds())
+        self._buckets[key] = (max(0.0, tokens - 1), now)
         return 0
 
     def refund(self, key):
         """Give back a token taken for something that turned out to cost nothing."""
-        tokens = self._tokens(key)
-        self._buckets[key] = (min(self.burst, tokens + 1), self._clock.seconds())
+        now = self._clock.seconds()
+        self._buckets[key] = (min(self.burst, self._tokens(key, now) + 1), now)
