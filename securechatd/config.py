@@ -81,6 +81,7 @@ class Settings:
     busy_timeout: float = 5.0
     bcrypt_cost: int = 12
     hash_threads: int = 2
+    hash_nice: int = 10
     max_sessions: int = 10
     resume_token_lifetime: float = 30 * 86400
     login_failures_before_delay: int = 5
@@ -126,6 +127,7 @@ SCHEMA = {
     "busy_timeout": ("database", "busy_timeout", _seconds),
     "bcrypt_cost": ("accounts", "bcrypt_cost", _integer(10, 20)),
     "hash_threads": ("accounts", "hash_threads", _integer(1, 64)),
+    "hash_nice": ("accounts", "hash_nice", _integer(0, 19)),
     "max_sessions": ("accounts", "max_sessions", _integer(1)),
     "resume_token_lifetime": ("accounts", "resume_token_lifetime", _seconds),
     "login_failures_before_delay": ("limits", "login_failures_before_delay", _integer(1)),

@@ -14,14 +14,13 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, s
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.threadpool import ThreadPool
 
 from securechatd import certs, config, tls
 from securechatd.server.accounts import AccountService
 from securechatd.server.conversations import ConversationService
 from securechatd.server.hub import Hub
 from securechatd.server.messages import MessageService
-from securechatd.server.passwords import PasswordHasher
+from securechatd.server.passwords import HashThreadPool, PasswordHasher
 from securechatd.server.presence import PresenceService
 from securechatd.server.connection import AdmittingTLSFactory, ChatFactory, ConnectionLimits
 from securechatd.server.services import (
@@ -119,7 +118,9 @@ def build(settings, reactor):
     server_tls = tls.server_options(settings.certs)
     _prepare_database(settings, reactor)
     store = Store(open_pool(settings.database, settings.durability, settings.busy_timeout, reactor))
-    hash_pool = ThreadPool(minthreads=0, maxthreads=settings.hash_threads, name="securechatd-bcrypt")
+    hash_pool = HashThreadPool(
+        settings.hash_nice, minthreads=0, maxthreads=settings.hash_threads, name="securechatd-bcrypt"
+    )
     hasher = PasswordHasher(settings.bcrypt_cost, partial(deferToThreadPool, reactor, hash_pool))
     accounts = AccountService(
         store,

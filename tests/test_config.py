@@ -70,6 +70,7 @@ class ValidationTests(unittest.TestCase):
         self.assertProblem("[server]\nport = -1\n", "[server] port", "'-1'")
         self.assertProblem("[accounts]\nbcrypt_cost = 9\n", "[accounts] bcrypt_cost", "10 to 20")
         self.assertProblem("[accounts]\nmax_sessions = 0\n", "[accounts] max_sessions")
+        self.assertProblem("[accounts]\nhash_nice = 20\n", "[accounts] hash_nice", "0 to 19")
         self.assertProblem("[database]\nbusy_timeout = soon\n", "[database] busy_timeout", "'soon'")
         self.assertProblem("[limits]\nlogin_max_delay = 0\n", "[limits] login_max_delay")
 

@@ -1,18 +1,22 @@
 """The daemon as twistd builds it: options, start-up checks, and real TLS on 127.0.0.1."""
 
+import dataclasses
 import os
 import sqlite3
 import stat
+import threading
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionClosed
+from twisted.internet.threads import deferToThreadPool
 from twisted.trial import unittest
 from OpenSSL.SSL import Error as TLSError
 
 from securechatd import commands, config, tap
 from securechatd.certs import write_certs
 from securechatd.commands import BadCredentials
+from securechatd.server.services import ThreadPoolService
 from securechatd.store.migrations import LATEST
 from tests.helpers import connected_client, when_lost
 
@@ -107,6 +111,17 @@ class DaemonTests(unittest.TestCase):
         self.start()  # a second start keeps what is there
         with open(os.path.join(self.certs, "server.pem"), "rb") as f:
             self.assertEqual(f.read(), before)
+
+    @inlineCallbacks
+    def test_bcrypt_threads_run_at_hash_nice(self):
+        self.settings = dataclasses.replace(self.settings, hash_nice=3)
+        self.start()
+        [pool] = [service.pool for service in self.daemon if isinstance(service, ThreadPoolService)]
+
+        def niceness():
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        self.assertEqual((yield deferToThreadPool(reactor, pool, niceness)), min(19, niceness() + 3))
 
     @inlineCallbacks
     def test_accounts_over_tls(self):

@@ -9,9 +9,13 @@ import base64
 import hashlib
 import hmac
 import os
+import sys
+import threading
 import unicodedata
 
 import bcrypt
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from securechatd.commands import WeakPassword
 
@@ -20,6 +24,8 @@ MAX_LENGTH = 1024
 MIN_COST = 10
 
 _PREHASH_KEY = b"securechatd password prehash v1"
+
+log = Logger()
 
 
 def normalize(password):
@@ -74,3 +80,40 @@ class PasswordHasher:
 
     def needs_rehash(self, hashed):
         return hash_cost(hashed) != self.cost
+
+
+def lower_thread_priority(nice):
+    """Make the calling thread `nice` steps nicer, up to 19 (on Linux niceness is per thread)."""
+    if sys.platform != "linux":  # elsewhere a thread id is no process id: it could renice another
+        raise OSError("per-thread niceness needs Linux")
+    tid = threading.get_native_id()
+    os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+
+
+class HashThreadPool(ThreadPool):
+    """bcrypt's threads, `nice` steps nicer than the daemon (0: as nice as it).
+
+    bcrypt releases the GIL, so its threads could otherwise take every core
+    from the reactor thread during a login storm; niced, they still use all
+    idle CPU but the reactor preempts them as soon as it has work.
+    """
+
+    def __init__(self, nice, **kwargs):
+        super().__init__(**kwargs)
+        self.nice = nice
+        self._warn_once = threading.Lock()
+
+    def threadFactory(self, target, **kwargs):
+        return threading.Thread(target=self._run_niced, args=(target,), **kwargs)
+
+    def _run_niced(self, target):
+        if self.nice:
+            try:
+                lower_thread_priority(self.nice)
+            except OSError as problem:
+                if self._warn_once.acquire(blocking=False):
+                    log.warn(
+                        "bcrypt threads keep the daemon's CPU priority (hash_nice): {problem}",
+                        problem=problem.strerror or problem,
+                    )
+        target()
