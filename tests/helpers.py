@@ -55,6 +55,9 @@ class SyncPool(adbapi.ConnectionPool):
     def runInteraction(self, interaction, *args, **kw):
         return defer.maybeDeferred(self._runInteraction, interaction, *args, **kw)
 
+    def runWithConnection(self, function, *args, **kw):
+        return defer.maybeDeferred(self._runWithConnection, function, *args, **kw)
+
 
 def make_store(testcase, path=None, busy_timeout=5.0):
     """A migrated Store on a fresh SQLite file, closed at the end of the test."""

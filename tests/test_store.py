@@ -702,15 +702,15 @@ class GatedPool(SyncPool):
         super().__init__(*args, **kw)
         self.batches = []
 
-    def runInteraction(self, interaction, *args, **kw):
+    def runWithConnection(self, function, *args, **kw):
         gate = Deferred()
-        self.batches.append((gate, interaction, args, kw))
+        self.batches.append((gate, function, args, kw))
         return gate
 
     def finish(self):
         """Run the oldest waiting interaction now and deliver its outcome."""
-        gate, interaction, args, kw = self.batches.pop(0)
-        SyncPool.runInteraction(self, interaction, *args, **kw).chainDeferred(gate)
+        gate, function, args, kw = self.batches.pop(0)
+        SyncPool.runWithConnection(self, function, *args, **kw).chainDeferred(gate)
 
 
 class BatchingTests(unittest.TestCase):

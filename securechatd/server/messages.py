@@ -88,8 +88,11 @@ class MessageService:
             raise InvalidArgument("A message needs a body.")
         if len(body.encode("utf-8")) > self.max_body:
             raise MessageTooLarge(f"A message body is at most {self.max_body} bytes of UTF-8.")
-        checked = self.conversations.member_of(conversation_id, session.username)
-        return checked.addCallback(self._store, session, client_msg_id, body)
+        conversation = self.conversations.loaded_member(conversation_id, session.username)
+        if conversation is None:  # not loaded yet
+            checked = self.conversations.member_of(conversation_id, session.username)
+            return checked.addCallback(self._store, session, client_msg_id, body)
+        return self._store(conversation, session, client_msg_id, body)
 
     def _store(self, conversation, session, client_msg_id, body):
         wait = self.rate.take(session.username)

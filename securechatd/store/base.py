@@ -31,10 +31,12 @@ def _nothing(txn):
     pass
 
 
-def _run_batch(txn, batch):
+def _run_batch(connection, batch):
+    # (the pool commits, or rolls back; a plain cursor is what adbapi's Transaction wraps)
+    cursor = connection.cursor()
     writes = any(writing for _, _, writing, _ in batch)
-    txn.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
-    return [function(txn, *args) for function, args, _, _ in batch]
+    cursor.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+    return [function(cursor, *args) for function, args, _, _ in batch]
 
 
 class StoreBase:
@@ -74,7 +76,7 @@ class StoreBase:
             batch, self._queue = self._queue[:1], self._queue[1:]
         else:
             batch, self._queue = self._queue, []
-        ran = self._pool.runInteraction(_run_batch, batch)
+        ran = self._pool.runWithConnection(_run_batch, batch)
         ran.addBoth(self._batch_done, batch)
 
     def _batch_done(self, outcome, batch):
