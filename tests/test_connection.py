@@ -134,6 +134,14 @@ class FramingTests(unittest.TestCase):
         self.assertFalse(conn.dropped)
         self.assertIn(b"UNHANDLED", conn.transport.value())
 
+    def test_command_without_a_tag_gets_no_answer(self):
+        conn = RawConnection(self.hub)
+        conn.send(box(_command=b"Ping") + box(_command=b"Shout") + box(_command=b"Ping", _ask=b"9"))
+        self.assertFalse(conn.dropped)
+        answers = conn.transport.value()
+        self.assertEqual(answers.count(b"server_time"), 1)  # only the tagged Ping is answered
+        self.assertNotIn(b"UNHANDLED", answers)
+
     def test_larger_boxes_after_login(self):
         conn = Connection(self.hub)
         self.successResultOf(conn.call(commands.Register, username="alice", password=PASSWORD))

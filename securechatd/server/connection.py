@@ -157,24 +157,24 @@ class ChatProtocol(BoundedBoxProtocol):
             self._reply(answer, ask, name)
 
     def _reply(self, outcome, ask, name):
-        """Answer with `outcome`, an answer box or a Failure (as a coded error)."""
+        """Answer with `outcome`: an answer box, or a Failure answered as a coded error."""
         self.command_finished()
-        if ask is None:  # the client asked for no answer
-            if isinstance(outcome, Failure):
-                self.locator.error_of(outcome, name)
-            return
-        try:
-            if not isinstance(outcome, Failure):
-                try:
-                    self.write(encode([*outcome.items(), (amp.ANSWER, ask)]) + END)
-                    return
-                except amp.TooLong:
-                    outcome = Failure()
-            code, description = self.locator.error_of(outcome, name)
+        tag = amp.ANSWER
+        if not isinstance(outcome, Failure):
+            try:
+                answer = encode(outcome.items())
+            except amp.TooLong:  # (answers are paged to fit one AMP value: a bug)
+                outcome = Failure()
+        if isinstance(outcome, Failure):
+            tag = amp.ERROR
+            code, description = self.locator.error_of(outcome, name)  # (logs undeclared ones)
             if isinstance(description, str):
                 description = description.encode("utf-8", "replace")
-            error = [(amp.ERROR, ask), (amp.ERROR_CODE, code), (amp.ERROR_DESCRIPTION, description)]
-            self.write(encode(error) + END)
+            answer = encode([(amp.ERROR_CODE, code), (amp.ERROR_DESCRIPTION, description)])
+        if ask is None:  # the client asked for no answer
+            return
+        try:
+            self.write(answer + encode([(tag, ask)]) + END)
         except ConnectionLost:
             pass  # the answer has no one to go to
 
