@@ -8,7 +8,7 @@ marks: one `Receipt` covers every message of the conversation up to its seq.
 
 from functools import lru_cache
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import gatherResults
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -190,26 +190,36 @@ class MessageService:
         self._flush = None
         marks, self._delivered = self._delivered, {}
         for (conversation_id, username), seq in marks.items():
-            moved = Deferred.fromCoroutine(self._move(conversation_id, username, "delivered", seq, False))
+            moved = self._move(conversation_id, username, "delivered", seq, False)
             moved.addErrback(lambda failure, user=username: log.failure("delivered mark of {user}", failure, user=user))
 
-    async def _move(self, conversation_id, username, state, seq, private):
-        """Move a mark; the senders it newly covers get Receipts. The `state` Receipt, if it moved."""
+    def _move(self, conversation_id, username, state, seq, private):
+        """Deferred: move a mark; the senders it newly covers get Receipts. The `state` Receipt, if it moved.
+
+        (Callbacks, not a coroutine: under load a delivered mark moves every few messages.)
+        """
         now = self.clock.seconds()
-        moved = None
-        for move in await self.store.move_mark(conversation_id, username, state, seq, now):
+        moving = self.store.move_mark(conversation_id, username, state, seq, now)
+        return moving.addCallback(self._moved, conversation_id, username, state, private, now)
+
+    def _moved(self, moves, conversation_id, username, state, private, now):
+        moved, keeping = None, []
+        for move in moves:
             receipt = Receipt(conversation_id, username, move.state, move.new, now)
             if not (private and move.state == "read"):  # being delivered is never private
-                await self.send_receipt(move.senders, receipt)
+                keeping += self.send_receipt(move.senders, receipt)
             if move.state == state:
                 moved = receipt
-        return moved
+        if not keeping:
+            return moved
+        kept = gatherResults(keeping, consumeErrors=True)
+        return kept.addCallbacks(lambda _: moved, lambda failure: failure.value.subFailure)
 
-    async def send_receipt(self, recipients, receipt):
+    def send_receipt(self, recipients, receipt):
         """Push `receipt` to every session of `recipients`; keep it for those offline.
 
         A push that is not answered (the connection drops first) keeps it too,
-        for the next login.
+        for the next login. Returns [Deferred of keeping it] if anyone was offline, else [].
         """
         offline = []
         for recipient in recipients:
@@ -219,8 +229,7 @@ class MessageService:
                 pushed.addCallback(self._keep_unless_answered, recipient, receipt)
             if not sessions:
                 offline.append(recipient)
-        if offline:
-            await self.store.save_pending_receipt(offline, receipt)
+        return [self.store.save_pending_receipt(offline, receipt)] if offline else []
 
     def _keep_unless_answered(self, answered, recipient, receipt):
         if not answered:
