@@ -33,24 +33,35 @@ def own_cpu():
     return usage.ru_utime + usage.ru_stime
 
 
+def cpu_ticks():
+    """(steal, total) jiffies of the whole VM from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:9]]
+    return fields[7], sum(fields)
+
+
 class Meter:
     """Wall time, daemon CPU, generator CPU and listen-queue drops from start() to stop()."""
 
     def __init__(self, pid):
         self.pid = pid
-        self.wall0 = self.server0 = self.client0 = self.overflows0 = self.rss0 = None
+        self.wall0 = self.server0 = self.client0 = self.overflows0 = self.rss0 = self.ticks0 = None
 
     def start(self):
         self.overflows0 = listen_overflows()
         self.rss0 = memory_kb(self.pid) if self.pid else None
         self.server0 = cpu_seconds(self.pid) if self.pid else None
         self.client0 = own_cpu()
+        self.ticks0 = cpu_ticks()
         self.wall0 = time.perf_counter()
 
     def stop(self, work):
         """The figures, with `per_server_cpu_s` = work units per daemon CPU-second."""
         wall = time.perf_counter() - self.wall0
+        steal, total = (now - then for now, then in zip(cpu_ticks(), self.ticks0))
         figures = {
+            # CPU time the hypervisor gave other guests: a busy host slows every figure
+            "host_steal_pct": round(100 * steal / total, 1) if total else None,
             "wall_s": round(wall, 3),
             "client_cpu_s": round(own_cpu() - self.client0, 3),
             "host_listen_overflows": listen_overflows() - self.overflows0,
