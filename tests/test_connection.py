@@ -4,7 +4,7 @@ import struct
 
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -141,6 +141,12 @@ class FramingTests(unittest.TestCase):
         answers = conn.transport.value()
         self.assertEqual(answers.count(b"server_time"), 1)  # only the tagged Ping is answered
         self.assertNotIn(b"UNHANDLED", answers)
+
+    def test_push_to_a_connection_without_transport_fails_quietly(self):
+        conn = RawConnection(self.hub)
+        conn.protocol.transport = None  # (between losing the socket and being told so)
+        pushed = conn.protocol.send_command(box(_command=b"Ping")[:-2])
+        self.failureResultOf(pushed, ConnectionLost)
 
     def test_larger_boxes_after_login(self):
         conn = Connection(self.hub)

@@ -147,6 +147,9 @@ class BoundedBoxProtocol(amp.AMP):
         if self._failAllReason is not None:
             return fail(self._failAllReason)
         tag = self._nextTag()
-        self.write(encoded + encode([(amp.ASK, tag)]) + END)
+        try:
+            self.write(encoded + encode([(amp.ASK, tag)]) + END)
+        except ConnectionLost:  # (a fan-out goes on to the other recipients)
+            return fail()
         answer = self._outstandingRequests[tag] = Deferred()
         return answer
