@@ -115,10 +115,11 @@ class ChatCommand(amp.Command):
 
     @classmethod
     def makeArguments(cls, objects, proto):
-        unknown = objects.keys() - {name for _, name, _ in _fields(cls, "arguments")}
+        fields = _fields(cls, "arguments")
+        unknown = objects.keys() - {name for _, name, _ in fields}
         if unknown:
             raise amp.InvalidSignature(f"{', '.join(sorted(unknown))} is not a valid argument")
-        return _to_box(cls.commandType(), _fields(cls, "arguments"), objects)
+        return _to_box(cls.commandType(), fields, objects)
 
     @classmethod
     def parseResponse(cls, box, protocol):

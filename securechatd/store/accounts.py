@@ -2,7 +2,7 @@
 
 from collections import namedtuple
 
-from securechatd.store.base import StoreBase, user_id
+from securechatd.store.base import USER_ID, StoreBase, user_id
 
 Credentials = namedtuple("Credentials", "user_id username password_hash generation")
 DELETED = "!deleted"  # the password hash of a deleted account: matches no password
@@ -183,7 +183,7 @@ class AccountStore(StoreBase):
     def _consume_resume_token_txn(txn, username, token_hash, now):
         txn.execute(
             "DELETE FROM resume_tokens WHERE token_hash = ? AND expires_at > ?"
-            " AND user_id = (SELECT id FROM users WHERE username = ?)",
+            f" AND user_id = ({USER_ID})",
             (token_hash, now, username),
         )
         if txn.rowcount != 1:
@@ -199,6 +199,6 @@ class AccountStore(StoreBase):
     def _revoke_resume_token_txn(txn, username, session_id):
         txn.execute(
             "DELETE FROM resume_tokens WHERE session_id = ?"
-            " AND user_id = (SELECT id FROM users WHERE username = ?)",
+            f" AND user_id = ({USER_ID})",
             (session_id, username),
         )

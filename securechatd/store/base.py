@@ -20,9 +20,12 @@ class StoreError(Exception):
     """The database could not do it (full, locked, read-only, ...); nothing was changed."""
 
 
+USER_ID = "SELECT id FROM users WHERE username = ?"  # also a subquery in other statements
+
+
 def user_id(txn, username):
     """The id of `username`, or None."""
-    txn.execute("SELECT id FROM users WHERE username = ?", (username,))
+    txn.execute(USER_ID, (username,))
     row = txn.fetchone()
     return row[0] if row else None
 

@@ -11,7 +11,7 @@ message, so numbers follow commit order. A member's `delivered_seq` and
 from collections import namedtuple
 
 from securechatd.store.accounts import DELETED
-from securechatd.store.base import StoreBase, user_id
+from securechatd.store.base import USER_ID, StoreBase, user_id
 
 Conversation = namedtuple("Conversation", "id kind title members last_seq")
 Message = namedtuple("Message", "id conversation_id seq sender body sent_at")
@@ -21,7 +21,6 @@ Receipt = namedtuple("Receipt", "conversation_id reader state seq at")
 Membership = namedtuple("Membership", "conversation_id delivered_seq read_seq last_seq")
 
 _MESSAGE_COLUMNS = "id, conversation_id, seq, sender, body, sent_at"
-_USER_ID = "SELECT id FROM users WHERE username = ?"
 _SENDER_ID = "SELECT id FROM users WHERE username = :sender"
 
 
@@ -48,7 +47,7 @@ def _deleted(txn, usernames):
 def _resent(txn, sender, client_msg_id):
     """Stored(the first message, not new) for a resent (sender, client_msg_id); else None."""
     txn.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE sender_id = ({_USER_ID}) AND client_msg_id = ?",
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE sender_id = ({USER_ID}) AND client_msg_id = ?",
         (sender, client_msg_id),
     )
     row = txn.fetchone()
@@ -126,7 +125,7 @@ class MessagingStore(StoreBase):
             "SELECT DISTINCT u.username FROM members mine"
             " JOIN members theirs ON theirs.conversation_id = mine.conversation_id"
             " JOIN users u ON u.id = theirs.user_id"
-            " WHERE mine.user_id = (SELECT id FROM users WHERE username = ?) AND u.username != ?",
+            f" WHERE mine.user_id = ({USER_ID}) AND u.username != ?",
             (username, username),
         )
         return {name for (name,) in txn.fetchall()}
@@ -224,7 +223,7 @@ class MessagingStore(StoreBase):
         txn.execute(
             "SELECT m.conversation_id, m.delivered_seq, m.read_seq, c.last_seq"
             " FROM members m JOIN conversations c ON c.id = m.conversation_id"
-            " WHERE m.user_id = (SELECT id FROM users WHERE username = ?)",
+            f" WHERE m.user_id = ({USER_ID})",
             (username,),
         )
         return [Membership(*row) for row in txn.fetchall()]
@@ -254,7 +253,7 @@ class MessagingStore(StoreBase):
         seq = row[0]
         txn.execute(
             "INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at)"
-            f" VALUES (?, ?, ({_USER_ID}), ?, ?, ?, ?)"
+            f" VALUES (?, ?, ({USER_ID}), ?, ?, ?, ?)"
             " ON CONFLICT (sender_id, client_msg_id) DO NOTHING",
             (conversation_id, seq, sender, sender, client_msg_id, body, now),
         )
@@ -325,7 +324,7 @@ class MessagingStore(StoreBase):
     def _move_mark_txn(txn, conversation_id, username, state, seq, now):
         txn.execute(
             "SELECT user_id, delivered_seq, read_seq FROM members"
-            f" WHERE conversation_id = ? AND user_id = ({_USER_ID})",
+            f" WHERE conversation_id = ? AND user_id = ({USER_ID})",
             (conversation_id, username),
         )
         row = txn.fetchone()
@@ -389,7 +388,7 @@ class MessagingStore(StoreBase):
         for recipient in recipients:
             txn.execute(
                 "INSERT INTO pending_receipts (recipient_id, conversation_id, reader_id, state, seq, at)"
-                " VALUES ((SELECT id FROM users WHERE username = ?), ?, ?, ?, ?, ?)"
+                f" VALUES (({USER_ID}), ?, ?, ?, ?, ?)"
                 " ON CONFLICT (recipient_id, conversation_id, reader_id, state)"
                 " DO UPDATE SET seq = MAX(seq, excluded.seq), at = excluded.at",
                 (recipient, receipt.conversation_id, reader_id, receipt.state, receipt.seq, receipt.at),
