@@ -10,7 +10,7 @@ from twisted.trial import unittest
 from securechatd.store import Store, migrations
 from securechatd.store.accounts import Credentials
 from securechatd.store.base import StoreError
-from securechatd.store.messaging import Stored
+from securechatd.records import Stored
 from securechatd.store.migrations import LATEST, MigrationError, upgrade
 from securechatd.store.pool import connect, open_pool
 from tests.helpers import SyncPool, _NoThreadsReactor, make_store

@@ -17,7 +17,7 @@ from securechatd.commands import InvalidArgument, MessageTooLarge, NoSuchConvers
 from securechatd.server.accounts import utc
 from securechatd.server.framing import encode_arguments
 from securechatd.server.throttle import TokenBucket, retry_text
-from securechatd.store.messaging import Receipt
+from securechatd.records import Receipt
 
 log = Logger()
 

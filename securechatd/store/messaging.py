@@ -8,17 +8,9 @@ message, so numbers follow commit order. A member's `delivered_seq` and
 `pending_receipts` holds, per sender, the newest receipts they have not seen.
 """
 
-from collections import namedtuple
-
+from securechatd.records import Conversation, MarkMove, Membership, Message, Receipt, Stored
 from securechatd.store.accounts import DELETED
 from securechatd.store.base import USER_ID, StoreBase, user_id
-
-Conversation = namedtuple("Conversation", "id kind title members last_seq")
-Message = namedtuple("Message", "id conversation_id seq sender body sent_at")
-Stored = namedtuple("Stored", "message new")
-MarkMove = namedtuple("MarkMove", "state old new senders")
-Receipt = namedtuple("Receipt", "conversation_id reader state seq at")
-Membership = namedtuple("Membership", "conversation_id delivered_seq read_seq last_seq")
 
 _MESSAGE_COLUMNS = "id, conversation_id, seq, sender, body, sent_at"
 _SENDER_ID = "SELECT id FROM users WHERE username = :sender"
