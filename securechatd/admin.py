@@ -39,8 +39,13 @@ class CertsOptions(usage.Options):
         self["ip"] = []
 
     def opt_hostname(self, name):
-        """DNS name the certificate is valid for (repeatable)."""
-        self["hostname"].append(name)
+        """DNS name the certificate is valid for (repeatable); addresses go in --ip."""
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            self["hostname"].append(name)
+        else:
+            raise usage.UsageError(f"--hostname: {name!r} is an IP address; give it with --ip")
 
     def opt_ip(self, address):
         """IP address the certificate is valid for (repeatable)."""

@@ -21,6 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from service_identity import CertificateError
+from service_identity.cryptography import extract_patterns
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -62,8 +64,9 @@ def write_certs(directory, hostnames, ips=(), *, now=None, days=825):
     @param days: how long the server certificate is valid; 825 days is the
         longest that Apple platforms accept for a TLS server certificate.
 
-    @raise CertError: if any of the four files already exists (nothing is
-        written then) or a file cannot be written.
+    @raise CertError: if a name could not be checked by clients, if any of
+        the four files already exists (nothing is written then) or a file
+        cannot be written.
     @return: the paths written, in the order ca.pem, ca.key, server.pem,
         server.key.
     """
@@ -84,10 +87,6 @@ def write_certs(directory, hostnames, ips=(), *, now=None, days=825):
     for path in paths:
         if os.path.lexists(path):
             raise CertError(f"{path} already exists; refusing to overwrite it")
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise CertError(f"cannot create directory {directory}: {e.strerror}")
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_NAME)])
@@ -168,6 +167,16 @@ def write_certs(directory, hostnames, ips=(), *, now=None, days=825):
         )
         .sign(ca_key, hashes.SHA256())
     )
+    try:
+        # Read the names as the client will: one it cannot read (an address
+        # given as a DNS name, "*.localhost") makes it refuse the certificate.
+        extract_patterns(server_cert)
+    except CertificateError as e:
+        raise CertError(f"clients would refuse a certificate for these names: {e}")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise CertError(f"cannot create directory {directory}: {e.strerror}")
 
     contents = [
         (_cert_pem(ca_cert), 0o644),

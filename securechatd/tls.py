@@ -7,12 +7,19 @@ cipher suites; the client verifies the server's chain up to one configured CA
 and the host name it dialled.
 """
 
+import ipaddress
 import os
+import weakref
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
@@ -20,6 +27,8 @@ from twisted.internet.ssl import (
     TLSVersion,
     optionsForClientTLS,
 )
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from securechatd.certs import SERVER_CERT, SERVER_KEY, CertError
 
@@ -71,9 +80,11 @@ def client_options(ca_path, hostname):
     Build client TLS options that trust only the CA certificate in ca_path
     and check that the server's certificate names hostname.
 
-    hostname may be a DNS name or an IPv4/IPv6 address literal: Twisted
-    matches an address against the certificate's IP subjectAltNames (via
-    service_identity) and, as the TLS RFCs require, sends no SNI for it.
+    hostname may be a DNS name or an IPv4/IPv6 address literal: it is
+    matched against the certificate's DNS or IP subjectAltNames (via
+    service_identity) and, as the TLS RFCs require, no SNI is sent for an
+    address.  A certificate without subjectAltName is refused: the common
+    name is never used.
 
     @raise CertError: if ca_path is missing, unreadable or not a PEM
         certificate.
@@ -83,7 +94,7 @@ def client_options(ca_path, hostname):
         trust_root = Certificate.loadPEM(data)
     except crypto.Error:
         raise CertError(f"{ca_path} does not contain a PEM certificate")
-    return optionsForClientTLS(
+    options = optionsForClientTLS(
         hostname,
         trustRoot=trust_root,
         extraCertificateOptions={
@@ -91,6 +102,61 @@ def client_options(ca_path, hostname):
             "acceptableCiphers": _ACCEPTABLE_CIPHERS,
         },
     )
+    return _StrictHostCheck(options, hostname)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _StrictHostCheck:
+    """
+    Twisted's client options with a host name check that fails closed.
+
+    Twisted's own check refuses the handshake only on VerificationError;
+    for service_identity's CertificateError (a certificate without
+    subjectAltName, or with one it cannot read) it logs the error and lets
+    the handshake succeed, so the client would send its password to a
+    server that proved no name.  Any exception of the check refuses here.
+    """
+
+    def __init__(self, options, hostname):
+        self._options = options
+        try:
+            ipaddress.ip_address(hostname)
+        except ValueError:
+            self._check = lambda cert: verify_certificate_hostname(cert, hostname)
+        else:
+            self._check = lambda cert: verify_certificate_ip_address(cert, hostname)
+
+    def clientConnectionForTLS(self, tls_protocol):
+        connection = self._options.clientConnectionForTLS(tls_protocol)
+        # Replaces the verify callback Twisted just set (same flags).
+        connection.set_verify(
+            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+            self._verify_callback(weakref.ref(tls_protocol)),
+        )
+        return connection
+
+    def _verify_callback(self, tls_protocol):
+        """
+        OpenSSL's verify callback: keep its verdict on the chain, and on the
+        server's own certificate (depth 0) also require the host name.  A
+        refusal aborts the handshake before any application data is sent,
+        with the reason reported to the application's connectionLost.
+        (A weak reference, so connection and protocol make no cycle.)
+        """
+
+        def verify(connection, cert, error_number, depth, ok):
+            if not ok or depth != 0:
+                return ok
+            try:
+                self._check(cert.to_cryptography())
+            except Exception:
+                protocol = tls_protocol()
+                if protocol is not None:
+                    protocol.failVerification(Failure())
+                return False
+            return True
+
+        return verify
 
 
 def _read(path):

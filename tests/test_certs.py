@@ -3,6 +3,7 @@ Tests for L{securechatd.certs}: development CA and server certificates.
 """
 
 import datetime
+import io
 import ipaddress
 import os
 import stat
@@ -11,9 +12,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+from service_identity.cryptography import (
+    verify_certificate_hostname,
+    verify_certificate_ip_address,
+)
 from twisted.trial.unittest import TestCase
 
-from securechatd import certs
+from securechatd import admin, certs
 from securechatd.certs import (
     CA_CERT,
     CA_KEY,
@@ -286,6 +291,97 @@ class WriteCertsTests(TestCase):
         is written.
         """
         self.assertRaises(CertError, write_certs, self.directory, [])
+        self.assertFalse(os.path.exists(self.directory))
+
+
+class ClientReadableNamesTests(TestCase):
+    """
+    Every server certificate written carries subjectAltNames the client's
+    host name check (service_identity) can read: one it cannot read makes
+    the client refuse the whole certificate.
+    """
+
+    def setUp(self):
+        self.directory = self.mktemp()
+        self.stderr = io.StringIO()
+        self.patch(admin.sys, "stderr", self.stderr)
+
+    def admin_certs(self, *names):
+        """Run `securechatd-admin certs`: (exit status, standard output)."""
+        out = io.StringIO()
+        status = admin.run(["certs", "--dir", self.directory, *names], out)
+        return status, out.getvalue()
+
+    def test_names_pass_the_client_check(self):
+        """
+        Each hostname (a wildcard too) and each address given verifies with
+        the functions the client uses.
+        """
+        write_certs(
+            self.directory,
+            ["localhost", "chat.example", "*.chat.example"],
+            ["127.0.0.1", "::1"],
+        )
+        cert = load_cert(self.directory, SERVER_CERT)
+        for name in ("localhost", "chat.example", "eu.chat.example"):
+            verify_certificate_hostname(cert, name)
+        for address in ("127.0.0.1", "::1"):
+            verify_certificate_ip_address(cert, address)
+
+    def test_address_as_hostname(self):
+        """
+        An address given as a hostname would be a DNS subjectAltName the
+        client cannot read: refused, naming it, before anything is written.
+        """
+        error = self.assertRaises(
+            CertError, write_certs, self.directory, ["localhost", "127.0.0.1"]
+        )
+        self.assertIn("127.0.0.1", str(error))
+        self.assertFalse(os.path.exists(self.directory))
+
+    def test_wildcard_too_wide(self):
+        """
+        "*.localhost" (a wildcard over a single label) is refused.
+        """
+        error = self.assertRaises(
+            CertError, write_certs, self.directory, ["*.localhost"]
+        )
+        self.assertIn("*.localhost", str(error))
+        self.assertFalse(os.path.exists(self.directory))
+
+    def test_admin_certs_carry_readable_names(self):
+        """
+        `securechatd-admin certs` writes a server certificate whose
+        subjectAltNames pass the client's check for every name given.
+        """
+        status, _ = self.admin_certs("--hostname", "localhost", "--ip", "127.0.0.1")
+        self.assertEqual((status, self.stderr.getvalue()), (0, ""))
+        cert = load_cert(self.directory, SERVER_CERT)
+        verify_certificate_hostname(cert, "localhost")
+        verify_certificate_ip_address(cert, "127.0.0.1")
+
+    def test_admin_address_as_hostname(self):
+        """
+        `certs --hostname 127.0.0.1` fails in one line pointing at --ip, and
+        writes nothing.
+        """
+        status, out = self.admin_certs("--hostname", "127.0.0.1")
+        self.assertEqual((status, out), (1, ""))
+        self.assertEqual(
+            self.stderr.getvalue(),
+            "securechatd-admin: --hostname: '127.0.0.1' is an IP address; "
+            "give it with --ip\n",
+        )
+        self.assertFalse(os.path.exists(self.directory))
+
+    def test_admin_wildcard_too_wide(self):
+        """
+        `certs --hostname *.localhost` fails in one line and writes nothing.
+        """
+        status, out = self.admin_certs("--hostname", "*.localhost")
+        self.assertEqual((status, out), (1, ""))
+        self.assertIn("*.localhost", self.stderr.getvalue())
+        self.assertEqual(self.stderr.getvalue().count("\n"), 1)
         self.assertFalse(os.path.exists(self.directory))
 
 

@@ -1,10 +1,11 @@
 """
-Tests for L{securechatd.tls}: real TLS handshakes, run in memory.
+Tests for L{securechatd.tls}: real TLS handshakes.
 
-Each test makes certificates in a temporary directory, then connects a
+Most tests make certificates in a temporary directory, then connect a
 server and a client through L{TLSMemoryBIOFactory} over L{iosim} (no sockets,
-no reactor) and looks at what each application protocol received and why
-each connection ended.
+no reactor) and look at what each application protocol received and why
+each connection ended.  L{ClientLibraryTests} runs the client library
+against the real daemon on 127.0.0.1.
 """
 
 import datetime
@@ -12,13 +13,16 @@ import os
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL
 from service_identity.exceptions import (
+    CertificateError,
     DNSMismatch,
     IPAddressMismatch,
     VerificationError,
 )
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
@@ -34,6 +38,7 @@ from twisted.internet.ssl import (
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
@@ -45,7 +50,10 @@ from securechatd.certs import (
     CertError,
     write_certs,
 )
+from securechatd.client.library import ChatClient, TLSHandshakeFailed
+from securechatd.commands import BadCredentials
 from securechatd.tls import CIPHERS, client_options, server_options
+from tests.helpers import start_daemon
 
 SERVER_GREETING = b"hello from the server"
 CLIENT_GREETING = b"hello from the client"
@@ -165,34 +173,37 @@ def twisted_default_server(certs_dir):
     return PrivateCertificate.loadPEM(key + cert).options()
 
 
-def replace_with_rsa_server_cert(certs_dir):
+def write_server_cert(
+    certs_dir, now, names=("localhost",), *, valid=(-1, 1), key=None, self_signed=False
+):
     """
-    Replace the server certificate and key in certs_dir with an RSA pair
-    signed by the same CA.  Key exchange without forward secrecy (plain RSA)
-    needs an RSA certificate: with the usual ECDSA one no server could
-    negotiate it, and a refusal would prove nothing about the cipher list.
+    Replace server.pem and server.key in certs_dir with a certificate whose
+    common name is "localhost", whose DNS subjectAltNames are names (no
+    subjectAltName extension at all if names is empty), valid for the days
+    valid[0] to valid[1] counted from now, signed by certs_dir's CA or, if
+    self_signed, by its own key.  key defaults to a new P-256 key.
     """
     with open(os.path.join(certs_dir, CA_KEY), "rb") as f:
         ca_key = serialization.load_pem_private_key(f.read(), password=None)
     with open(os.path.join(certs_dir, CA_CERT), "rb") as f:
         ca = x509.load_pem_x509_certificate(f.read())
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "localhost")])
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(
-            x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "localhost")])
-        )
-        .issuer_name(ca.subject)
+        .subject_name(subject)
+        .issuer_name(subject if self_signed else ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+        .not_valid_before(now + datetime.timedelta(days=valid[0]))
+        .not_valid_after(now + datetime.timedelta(days=valid[1]))
     )
+    if names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(name) for name in names]),
+            critical=False,
+        )
+    cert = builder.sign(key if self_signed else ca_key, hashes.SHA256())
     with open(os.path.join(certs_dir, SERVER_CERT), "wb") as f:
         f.write(cert.public_bytes(serialization.Encoding.PEM))
     with open(os.path.join(certs_dir, SERVER_KEY), "wb") as f:
@@ -205,6 +216,29 @@ def replace_with_rsa_server_cert(certs_dir):
         )
 
 
+def serve_ca_certificate(certs_dir):
+    """
+    Make the server present the CA's own certificate (self-signed, trusted
+    by the client, but naming no host) with the CA's key.
+    """
+    for source, target in ((CA_CERT, SERVER_CERT), (CA_KEY, SERVER_KEY)):
+        with open(os.path.join(certs_dir, source), "rb") as f:
+            data = f.read()
+        with open(os.path.join(certs_dir, target), "wb") as f:
+            f.write(data)
+
+
+def replace_with_rsa_server_cert(certs_dir, now):
+    """
+    Replace the server certificate and key in certs_dir with an RSA pair
+    signed by the same CA.  Key exchange without forward secrecy (plain RSA)
+    needs an RSA certificate: with the usual ECDSA one no server could
+    negotiate it, and a refusal would prove nothing about the cipher list.
+    """
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    write_server_cert(certs_dir, now, key=key)
+
+
 def openssl_reasons(failure):
     """
     The OpenSSL reason strings of a failure that must be an L{SSL.Error}.
@@ -215,8 +249,11 @@ def openssl_reasons(failure):
 
 class TLSTestCase(TestCase):
     def setUp(self):
+        # Certificates are made relative to the real date (OpenSSL checks
+        # them against the wall clock), so the suite passes on any day.
+        self.now = datetime.datetime.now(datetime.timezone.utc)
         self.certs_dir = self.mktemp()
-        write_certs(self.certs_dir, ["localhost"], ["127.0.0.1", "::1"])
+        write_certs(self.certs_dir, ["localhost"], ["127.0.0.1", "::1"], now=self.now)
         self.ca_path = os.path.join(self.certs_dir, CA_CERT)
 
     def assertTalked(self, connection):
@@ -398,7 +435,7 @@ class HandshakeTests(TLSTestCase):
         is refused with "no shared cipher", though Twisted's default server
         with the same RSA certificate accepts it.
         """
-        replace_with_rsa_server_cert(self.certs_dir)
+        replace_with_rsa_server_cert(self.certs_dir, self.now)
         client = tls12_client(self.ca_path, "AES128-GCM-SHA256")
         self.assertTalked(Connection(twisted_default_server(self.certs_dir), client))
 
@@ -421,7 +458,7 @@ class HandshakeTests(TLSTestCase):
         """
         With an RSA certificate, a TLS 1.2 client gets an ECDHE-RSA suite.
         """
-        replace_with_rsa_server_cert(self.certs_dir)
+        replace_with_rsa_server_cert(self.certs_dir, self.now)
         client = tls12_client(self.ca_path, CIPHERS)
         connection = Connection(server_options(self.certs_dir), client)
         self.assertTalked(connection)
@@ -434,7 +471,7 @@ class HandshakeTests(TLSTestCase):
         that only has that fails with "no shared cipher", though a client
         with Twisted's default ciphers connects to it.
         """
-        replace_with_rsa_server_cert(self.certs_dir)
+        replace_with_rsa_server_cert(self.certs_dir, self.now)
         weak_server = weak_context(
             SSL.TLS1_2_VERSION, SSL.TLS1_2_VERSION, b"AES128-GCM-SHA256"
         )
@@ -472,6 +509,154 @@ class HandshakeTests(TLSTestCase):
             [cert.get_subject().CN for cert in chain],
             ["localhost", "securechatd development CA"],
         )
+
+
+class ServerIdentityTests(TLSTestCase):
+    """
+    The client refuses every server certificate that does not prove the
+    host name it dialled, before any application data is sent: also those
+    for which service_identity raises CertificateError rather than
+    VerificationError, which Twisted's own check only logs.
+    """
+
+    def assertIdentityRefused(self, connection, error):
+        """
+        The handshake was aborted by the client's host name check, with a
+        service_identity error of this type, and no data went either way.
+        """
+        self.assertRefused(connection)
+        connection.client.lost_reason.trap(error)
+
+    def test_common_name_only(self):
+        """
+        A certificate from the trusted CA with CN=localhost but no
+        subjectAltName is refused: the common name is not a host name check.
+        """
+        write_server_cert(self.certs_dir, self.now, names=())
+        connection = Connection(
+            server_options(self.certs_dir), client_options(self.ca_path, "localhost")
+        )
+        self.assertIdentityRefused(connection, CertificateError)
+        self.assertIn(
+            "subjectAltName", connection.client.lost_reason.getErrorMessage()
+        )
+
+    def test_common_name_only_for_an_address(self):
+        """
+        Dialling an address, a certificate without subjectAltName is refused
+        as well.
+        """
+        write_server_cert(self.certs_dir, self.now, names=())
+        connection = Connection(
+            server_options(self.certs_dir), client_options(self.ca_path, "127.0.0.1")
+        )
+        self.assertIdentityRefused(connection, CertificateError)
+
+    def test_invalid_subject_alt_name(self):
+        """
+        A certificate whose DNS subjectAltName is an address (which
+        service_identity refuses to read as a DNS name) is refused, although
+        it also names "localhost".
+        """
+        write_server_cert(self.certs_dir, self.now, names=("localhost", "127.0.0.1"))
+        connection = Connection(
+            server_options(self.certs_dir), client_options(self.ca_path, "localhost")
+        )
+        self.assertIdentityRefused(connection, CertificateError)
+
+    def test_ca_certificate_as_server_certificate(self):
+        """
+        The trusted CA's own self-signed certificate, presented with the
+        CA's key, is refused (it is not for server authentication and names
+        no host).
+        """
+        serve_ca_certificate(self.certs_dir)
+        connection = Connection(
+            server_options(self.certs_dir), client_options(self.ca_path, "localhost")
+        )
+        self.assertRefused(connection)
+        self.assertIn(
+            "certificate verify failed", openssl_reasons(connection.client.lost_reason)
+        )
+
+    def test_trusted_self_signed_without_subject_alt_name(self):
+        """
+        A self-signed certificate the client trusts directly (its own CA
+        file) is accepted if it names the host in a subjectAltName, and
+        refused if it has only the common name.
+        """
+        server_pem = os.path.join(self.certs_dir, SERVER_CERT)
+        write_server_cert(self.certs_dir, self.now, self_signed=True)
+        self.assertTalked(
+            Connection(
+                server_options(self.certs_dir), client_options(server_pem, "localhost")
+            )
+        )
+
+        write_server_cert(self.certs_dir, self.now, names=(), self_signed=True)
+        connection = Connection(
+            server_options(self.certs_dir), client_options(server_pem, "localhost")
+        )
+        self.assertIdentityRefused(connection, CertificateError)
+
+    def test_wrong_subject_alt_name(self):
+        """
+        A certificate from the trusted CA whose subjectAltName is another
+        host is refused, although its common name is "localhost".
+        """
+        write_server_cert(self.certs_dir, self.now, names=("chat.example",))
+        connection = Connection(
+            server_options(self.certs_dir), client_options(self.ca_path, "localhost")
+        )
+        self.assertIdentityRefused(connection, VerificationError)
+        self.assertClientMismatch(connection, DNSMismatch)
+
+    def test_expired_from_trusted_ca(self):
+        """
+        A certificate from the trusted (and valid) CA that expired ten days
+        ago is refused with a "certificate expired" alert.
+        """
+        write_server_cert(self.certs_dir, self.now, valid=(-40, -10))
+        connection = Connection(
+            server_options(self.certs_dir), client_options(self.ca_path, "localhost")
+        )
+        self.assertRefused(connection)
+        self.assertServerSaw(connection, "tls alert certificate expired")
+
+    def test_expired_without_subject_alt_name(self):
+        """
+        An expired certificate without subjectAltName is refused too.
+        """
+        write_server_cert(self.certs_dir, self.now, names=(), valid=(-40, -10))
+        connection = Connection(
+            server_options(self.certs_dir), client_options(self.ca_path, "localhost")
+        )
+        self.assertRefused(connection)
+
+    def test_self_signed(self):
+        """
+        A self-signed certificate naming "localhost" but not from the
+        trusted CA is refused by the chain check.
+        """
+        write_server_cert(self.certs_dir, self.now, self_signed=True)
+        connection = Connection(
+            server_options(self.certs_dir), client_options(self.ca_path, "localhost")
+        )
+        self.assertRefused(connection)
+        self.assertIn(
+            "certificate verify failed", openssl_reasons(connection.client.lost_reason)
+        )
+
+    def test_self_signed_without_subject_alt_name(self):
+        """
+        A self-signed certificate without subjectAltName, not from the
+        trusted CA, is refused.
+        """
+        write_server_cert(self.certs_dir, self.now, names=(), self_signed=True)
+        connection = Connection(
+            server_options(self.certs_dir), client_options(self.ca_path, "localhost")
+        )
+        self.assertRefused(connection)
 
 
 class ServerOptionsErrorTests(TLSTestCase):
@@ -567,3 +752,99 @@ class ClientOptionsErrorTests(TLSTestCase):
         self.assertEqual(
             str(error), f"{self.ca_path} does not contain a PEM certificate"
         )
+
+
+class ClientLibraryTests(TestCase):
+    """
+    The client library against the real daemon on 127.0.0.1: with a server
+    certificate that does not prove "localhost", connecting fails with
+    TLSHandshakeFailed and the daemon logs no login attempt, because the
+    password was never sent.
+    """
+
+    def setUp(self):
+        self.now = datetime.datetime.now(datetime.timezone.utc)
+        self.certs_dir = self.mktemp()
+        write_certs(self.certs_dir, ["localhost"], ["127.0.0.1", "::1"], now=self.now)
+        self.security_events = []  # the daemon's audit events, logins included
+        globalLogPublisher.addObserver(self.observe)
+        self.addCleanup(globalLogPublisher.removeObserver, self.observe)
+
+    def observe(self, event):
+        if "security_event" in event:
+            self.security_events.append(event["security_event"])
+
+    @inlineCallbacks
+    def log_in(self):
+        """
+        Start the daemon with the certificates in certs_dir, then connect a
+        ChatClient (verifying "localhost") and log in; the outcome is the
+        exception that stopped it.
+        """
+        port, _, _ = start_daemon(self, reactor, certs=self.certs_dir)
+        ca_path = os.path.join(self.certs_dir, CA_CERT)
+        client = ChatClient(
+            "127.0.0.1",
+            port,
+            ca_path,
+            hostname="localhost",
+            reactor=reactor,
+            reconnect=False,
+        )
+        self.addCleanup(client.close)
+        attempt = client.connect()
+        attempt.addCallback(lambda _: client.login("alice", "correct horse battery"))
+        outcome = yield attempt.addErrback(lambda failure: failure.value)
+        return outcome
+
+    @inlineCallbacks
+    def assertNoLogin(self):
+        """
+        Connecting fails with TLSHandshakeFailed and the daemon saw no login;
+        returns the error's message.
+        """
+        outcome = yield self.log_in()
+        self.assertEqual(self.security_events, [])
+        self.assertIsInstance(outcome, TLSHandshakeFailed)
+        return str(outcome)
+
+    @inlineCallbacks
+    def test_valid_certificate_logs_in(self):
+        """
+        The control: with the certificate write_certs made, the password
+        reaches the daemon (a failed login for an unknown user is logged).
+        """
+        outcome = yield self.log_in()
+        self.assertIsInstance(outcome, BadCredentials)
+        self.assertEqual(self.security_events, ["login_failed"])
+
+    @inlineCallbacks
+    def test_common_name_only(self):
+        """CN=localhost from the trusted CA, no subjectAltName: the bug."""
+        write_server_cert(self.certs_dir, self.now, names=())
+        message = yield self.assertNoLogin()
+        self.assertIn("subjectAltName", message)
+
+    @inlineCallbacks
+    def test_wrong_subject_alt_name(self):
+        """CN=localhost from the trusted CA, subjectAltName chat.example."""
+        write_server_cert(self.certs_dir, self.now, names=("chat.example",))
+        yield self.assertNoLogin()
+
+    @inlineCallbacks
+    def test_expired(self):
+        """From the trusted CA, expired ten days ago."""
+        write_server_cert(self.certs_dir, self.now, valid=(-40, -10))
+        yield self.assertNoLogin()
+
+    @inlineCallbacks
+    def test_ca_certificate(self):
+        """The trusted CA's own self-signed certificate."""
+        serve_ca_certificate(self.certs_dir)
+        yield self.assertNoLogin()
+
+    @inlineCallbacks
+    def test_self_signed(self):
+        """Self-signed for localhost, not from the trusted CA."""
+        write_server_cert(self.certs_dir, self.now, self_signed=True)
+        yield self.assertNoLogin()
