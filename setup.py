@@ -14,6 +14,7 @@ setup(
         "securechatd.client",
         "twisted.plugins",
     ],
+    package_data={"securechatd.store": ["schema/*/*.sql"]},  # the migrations, one folder per engine
     install_requires=["twisted[tls]>=24.7", "bcrypt>=4.1"],
     extras_require={"test": ["hypothesis>=6"]},
     entry_points={

@@ -7,7 +7,6 @@ busy timeout let both write) and apply the same rules and bcrypt cost.
 import getpass
 import secrets
 import ipaddress
-import sqlite3
 import sys
 
 from twisted.internet import task
@@ -19,9 +18,7 @@ from securechatd import audit, certs, config
 from securechatd.commands import ChatError
 from securechatd.server.accounts import normalize_username, token_hash
 from securechatd.server.passwords import PasswordHasher, check_rule
-from securechatd.store import Store
-from securechatd.store.migrations import MigrationError, upgrade
-from securechatd.store.pool import connect, open_pool
+from securechatd.store import MigrationError, Store, StoreError, open_pool, prepare_database
 
 
 class AdminError(Exception):
@@ -137,11 +134,7 @@ def _username(name):
 
 
 async def _accounts(reactor, settings, command, options, out):
-    connection = connect(settings.database, settings.durability, settings.busy_timeout)
-    try:
-        upgrade(connection, settings.database, reactor.seconds())
-    finally:
-        connection.close()
+    prepare_database(settings.database, settings.durability, settings.busy_timeout, reactor.seconds())
     store = Store(open_pool(settings.database, settings.durability, settings.busy_timeout, reactor))
     try:
         if command == "users":
@@ -157,7 +150,7 @@ async def _accounts(reactor, settings, command, options, out):
             return
         username = _username(options["username"])
         if command == "deluser":
-            if not await store.delete_user(username):
+            if not await store.delete_user(username, reactor.seconds()):
                 raise AdminError(f"no such user: {username}")
             audit.record(settings.audit_log, "admin_deluser", target=username, method="admin")
             out.write(f"deleted {username}\n")
@@ -205,8 +198,8 @@ _REPORTED = (
     certs.CertError,
     AdminError,
     MigrationError,
+    StoreError,
     OSError,
-    sqlite3.Error,
 )
 
 

@@ -21,8 +21,8 @@ from twisted.trial import unittest
 import securechatd
 from securechatd import admin
 from securechatd.server.passwords import PasswordHasher
+from securechatd.store.dialect import connect
 from securechatd.store.migrations import LATEST, upgrade
-from securechatd.store.pool import connect
 
 ADMIN = os.path.join(os.path.dirname(sys.executable), "securechatd-admin")
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(securechatd.__file__)))
@@ -224,6 +224,9 @@ class AccountCommandTests(unittest.TestCase):
     def users(self):
         return self.db().execute("SELECT username, password_hash FROM users ORDER BY username").fetchall()
 
+    def deleted(self):
+        return [name for (name,) in self.db().execute("SELECT username FROM users WHERE deleted_at IS NOT NULL")]
+
     def tokens(self):
         return self.db().execute(
             "SELECT username, token_hash FROM resume_tokens JOIN users ON users.id = user_id"
@@ -294,10 +297,20 @@ class AccountCommandTests(unittest.TestCase):
         )
         result = self.admin("deluser", "alice")
         self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "deleted alice\n", ""))
-        self.assertEqual(self.users(), [("alice", "!deleted"), ("bob", "h")])  # the name stays taken
+        self.assertEqual(self.users(), [("alice", ""), ("bob", "h")])  # the name stays taken
+        self.assertEqual(self.deleted(), ["alice"])
         self.assertEqual(self.admin("users").stdout, "bob\n")
         self.assertEqual(self.tokens(), [("bob", "bob-1")])
         self.assertEqual(self.db().execute("SELECT COUNT(*) FROM resume_tokens").fetchone(), (1,))
+
+    def test_passwd_of_a_deleted_user_fails_and_it_stays_deleted(self):
+        self.populate(users=[("alice", "$2b$10$old"), ("bob", "h")])
+        self.assertEqual(self.admin("deluser", "alice").returncode, 0)
+        result = self.admin("passwd", "alice", input="a new passphrase\n")
+        self.assertOneLineError(result, "no such user: alice")
+        self.assertEqual(self.users(), [("alice", ""), ("bob", "h")])
+        self.assertEqual(self.deleted(), ["alice"])
+        self.assertEqual(self.admin("users").stdout, "bob\n")
 
     def test_deluser_unknown(self):
         self.populate(users=[("bob", "h")])

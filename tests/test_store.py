@@ -1,18 +1,19 @@
-"""The store on real SQLite files: pragmas, migrations, account SQL, transactions."""
+"""The store on real SQLite files: pragmas, migrations, account SQL, transactions, batches."""
 
 import os
 import sqlite3
 import stat
+from pathlib import Path
 
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.trial import unittest
 
-from securechatd.store import Store, migrations
+from securechatd.records import Conversation, MarkMove, Message, Stored
+from securechatd.store import MigrationError, Store, StoreError, base, dialect, migrations, prepare_database
 from securechatd.store.accounts import Credentials
-from securechatd.store.base import StoreError
-from securechatd.records import Stored
-from securechatd.store.migrations import LATEST, MigrationError, upgrade
-from securechatd.store.pool import connect, open_pool
+from securechatd.store.dialect import connect, open_pool
+from securechatd.store.migrations import LATEST, upgrade
 from tests.helpers import SyncPool, _NoThreadsReactor, make_store
 
 NOW = 1_700_000_000.0
@@ -62,7 +63,8 @@ def _insert_v1(db):
 def _check_v1(testcase, db):
     testcase.assertEqual(
         db.execute(
-            "SELECT username, password_hash, created_at, password_changed_at FROM users ORDER BY id"
+            "SELECT username, password_hash, created_at, password_changed_at FROM users"
+            " WHERE username IN ('alice', 'bob') ORDER BY id"
         ).fetchall(),
         [("alice", "$2b$10$v1hash", 1.5, 2.5), ("bob", "$2b$10$bobhash", 3.0, 3.0)],
     )
@@ -124,7 +126,35 @@ def _check_v3(testcase, db):
     )
 
 
-SAMPLES = {1: (_insert_v1, _check_v1), 2: (_insert_v2, _check_v2), 3: (_insert_v3, _check_v3)}
+def _insert_v4(db):
+    _insert_v3(db)
+    db.executescript(
+        """
+        INSERT INTO invites (token_hash, created_at, expires_at, used_by, used_at)
+            VALUES ('invitehash', 10.0, 11.0, 'bob', 10.5);
+        INSERT INTO users (username, password_hash, created_at, password_changed_at)
+            VALUES ('dave', '!deleted', 12.0, 12.0);
+        """
+    )
+
+
+def _check_v4(testcase, db):
+    _check_v3(testcase, db)
+    testcase.assertEqual(
+        db.execute("SELECT token_hash, created_at, expires_at, used_by, used_at FROM invites").fetchall(),
+        [("invitehash", 10.0, 11.0, "bob", 10.5)],
+    )
+    testcase.assertEqual(
+        db.execute("SELECT created_at FROM users WHERE username = 'dave'").fetchall(), [(12.0,)]
+    )
+
+
+SAMPLES = {
+    1: (_insert_v1, _check_v1),
+    2: (_insert_v2, _check_v2),
+    3: (_insert_v3, _check_v3),
+    4: (_insert_v4, _check_v4),
+}
 
 
 class ConnectTests(unittest.TestCase):
@@ -341,6 +371,91 @@ class MigrationTests(unittest.TestCase):
         self.assertNotIn("bad_one", tables)
 
 
+    def test_deleted_accounts_and_generations_from_version_4(self):
+        """'!deleted' hashes become deleted_at (the upgrade's time: the deletion's was not kept)."""
+        db = self.open()
+        upgrade(db, self.path, NOW, target=4)
+        _insert_v4(db)
+        self.assertEqual(upgrade(db, self.path, NOW + 1), [5])
+        self.assertEqual(
+            db.execute("SELECT username, password_hash, deleted_at, generation FROM users ORDER BY id").fetchall(),
+            [("alice", "$2b$10$v1hash", None, 1), ("bob", "$2b$10$bobhash", None, 1), ("dave", "", NOW + 1, 1)],
+        )
+        db.close()
+        store = make_store(self, self.path)
+        self.assertEqual(self.successResultOf(store.list_users()), ["alice", "bob"])
+        self.assertIsNone(self.successResultOf(store.get_credentials("dave")))
+        self.assertFalse(self.successResultOf(store.set_password("dave", "$2b$10$back", NOW + 2)))
+        self.assertFalse(self.successResultOf(store.create_user("dave", "$2b$10$new", NOW + 2)))
+        self.assertEqual(self.successResultOf(store.existing_users(["alice", "dave"])), {"alice"})
+        self.assertEqual(self.successResultOf(store.get_credentials("alice")).generation, 1)
+
+    def write_migrations(self, files):
+        folder = Path(self.mktemp())
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        return folder
+
+    def test_migration_files_numbered_from_one_without_gaps(self):
+        folder = self.write_migrations({"0001_a.sql": "CREATE TABLE a (x)", "0002_b_c.sql": "CREATE TABLE b (x)"})
+        self.assertEqual(
+            migrations.load(folder), [(1, "a", "CREATE TABLE a (x)"), (2, "b c", "CREATE TABLE b (x)")]
+        )
+        gap = self.write_migrations({"0001_a.sql": "", "0003_c.sql": ""})
+        self.assertIn("not numbered 1 to 2", str(self.assertRaises(MigrationError, migrations.load, gap)))
+        stray = self.write_migrations({"0001_a.sql": "", "2_b.sql": ""})
+        self.assertIn("2_b.sql", str(self.assertRaises(MigrationError, migrations.load, stray)))
+
+    def test_a_script_is_cut_where_sqlite_ends_a_statement(self):
+        script = (
+            "-- a comment; with a semicolon\n"
+            "CREATE TABLE t (x TEXT DEFAULT 'a;b');\n"
+            "CREATE TRIGGER t_log AFTER INSERT ON t BEGIN INSERT INTO t VALUES ('c;d'); END;"
+            "INSERT INTO t VALUES (';')\n"
+        )
+        self.assertEqual(
+            list(dialect.statements(script)),
+            [
+                "-- a comment; with a semicolon\nCREATE TABLE t (x TEXT DEFAULT 'a;b');",
+                "\nCREATE TRIGGER t_log AFTER INSERT ON t BEGIN INSERT INTO t VALUES ('c;d'); END;",
+                "INSERT INTO t VALUES (';')\n",
+            ],
+        )
+
+    def test_prepare_database(self):
+        self.assertEqual(prepare_database(self.path, "normal", 1.0, NOW), list(range(1, LATEST + 1)))
+        self.assertEqual(prepare_database(self.path, "normal", 1.0, NOW + 1), [])
+        self.assertEqual(recorded_versions(self.open()), list(range(1, LATEST + 1)))
+
+    def test_prepare_database_raises_only_migration_errors(self):
+        """Whatever goes wrong (driver, file system, schema), the caller gets one kind of error naming the file."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        not_a_database = self.mktemp()
+        with open(not_a_database, "wb") as f:
+            f.write(b"this is not a database file, but it is long enough to look at" * 100)
+        for path, reason in ((directory, "unable to open"), (not_a_database, "not a database")):
+            error = self.assertRaises(MigrationError, prepare_database, path, "normal", 1.0, NOW)
+            self.assertIn(path, str(error))
+            self.assertIn(reason, str(error))
+
+    def test_prepare_database_reports_a_failed_backup(self):
+        db = self.open()
+        upgrade(db, self.path, NOW, target=LATEST - 1)
+        _insert_v1(db)
+        os.symlink("nowhere", f"{self.path}.before-v{LATEST - 1}")  # "absent", yet cannot be created
+        error = self.assertRaises(MigrationError, prepare_database, self.path, "normal", 1.0, NOW)
+        self.assertIn("File exists", str(error))
+        self.assertEqual(recorded_versions(db), list(range(1, LATEST)))  # no upgrade without its backup
+
+    def test_prepare_database_refuses_a_newer_schema(self):
+        prepare_database(self.path, "normal", 1.0, NOW)
+        self.open().execute("INSERT INTO schema_version VALUES (?, 'future', 0)", (LATEST + 1,))
+        error = self.assertRaises(MigrationError, prepare_database, self.path, "normal", 1.0, NOW)
+        self.assertIn(str(LATEST + 1), str(error))
+
+
 class StoreTestCase(unittest.TestCase):
     def setUp(self):
         self.path = self.mktemp() + ".sqlite"
@@ -374,7 +489,9 @@ class AccountStoreTests(StoreTestCase):
         self.assertTrue(self.ok(self.store.create_user("alice", "$2b$12$first", NOW)))
         credentials = self.ok(self.store.get_credentials("alice"))
         self.assertIsInstance(credentials, Credentials)
-        self.assertEqual((credentials.username, credentials.password_hash), ("alice", "$2b$12$first"))
+        self.assertEqual(
+            (credentials.username, credentials.password_hash, credentials.generation), ("alice", "$2b$12$first", 1)
+        )
         self.assertEqual(
             self.sql("SELECT id, created_at, password_changed_at FROM users WHERE username = 'alice'"),
             [(credentials.user_id, NOW, NOW)],
@@ -401,6 +518,47 @@ class AccountStoreTests(StoreTestCase):
             self.sql("SELECT username, password_hash, created_at, password_changed_at FROM users ORDER BY username"),
             [("alice", "new", NOW, NOW + 10), ("bob", "bobs", NOW, NOW)],
         )
+
+    def test_each_password_change_is_a_new_generation(self):
+        """Even two changes within one clock tick: a token checked against the first is refused."""
+        self.add_user("alice", "old")
+        self.ok(self.store.set_password("alice", "new", NOW + 1))
+        first = self.ok(self.store.get_credentials("alice")).generation
+        self.ok(self.store.set_password("alice", "newer", NOW + 1))
+        second = self.ok(self.store.get_credentials("alice")).generation
+        self.assertEqual((first, second), (2, 3))
+        self.assertFalse(self.ok(self.store.add_resume_token("alice", "s1", "stale", NOW + 1, NOW + DAY, first)))
+        self.assertTrue(self.ok(self.store.add_resume_token("alice", "s1", "fresh", NOW + 1, NOW + DAY, second)))
+        self.assertEqual(self.ok(self.store.consume_resume_token("alice", "fresh", NOW + 2)), 3)
+        self.assertEqual(self.tokens(), [])
+
+    def test_set_password_of_a_deleted_user_fails_and_keeps_it_deleted(self):
+        self.add_user("alice", "old")
+        self.ok(self.store.delete_user("alice", NOW + 5))
+        self.assertFalse(self.ok(self.store.set_password("alice", "$2b$10$revived", NOW + 10)))
+        self.assertIsNone(self.ok(self.store.get_credentials("alice")))
+        self.assertEqual(self.ok(self.store.list_users()), [])
+        self.assertEqual(
+            self.sql("SELECT password_hash, deleted_at, generation, password_changed_at FROM users"),
+            [("", NOW + 5, 1, NOW)],
+        )
+
+    def test_a_deleted_user_is_no_one(self):
+        """Every lookup by name treats a deleted account as absent."""
+        self.add_user("alice", "$2b$10$old")
+        self.add_user("bob")
+        group = self.ok(self.store.create_group(["alice", "bob"], "g", NOW))
+        self.ok(self.store.set_last_seen("alice", NOW))
+        self.ok(self.store.delete_user("alice", NOW + 1))
+        self.ok(self.store.rehash_password("alice", "", "$2b$12$rehashed"))
+        self.ok(self.store.set_last_seen("alice", NOW + 2))
+        self.assertEqual(self.sql("SELECT password_hash, last_seen FROM users WHERE username = 'alice'"), [("", NOW)])
+        self.assertFalse(self.ok(self.store.add_resume_token("alice", "s1", "t", NOW, NOW + DAY)))
+        self.assertEqual(self.ok(self.store.existing_users(["alice", "bob"])), {"bob"})
+        self.assertEqual(self.ok(self.store.last_seen(["alice", "bob"])), {"bob": None})
+        self.assertEqual(self.ok(self.store.add_members(group.id, ["alice"], NOW)).members, ("bob",))
+        self.assertIsNone(self.ok(self.store.add_message(group.id, "alice", "m1", "hi", NOW)))
+        self.assertEqual(self.ok(self.store.direct_conversation("alice", "bob", NOW))[0].members, ("bob",))
 
     def test_set_password_unknown_user(self):
         self.assertFalse(self.ok(self.store.set_password("nobody", "new", NOW)))
@@ -445,11 +603,15 @@ class AccountStoreTests(StoreTestCase):
     def test_delete_user(self):
         self.add_user("alice")
         self.add_user("bob")
-        self.assertTrue(self.ok(self.store.delete_user("alice")))
+        self.assertTrue(self.ok(self.store.delete_user("alice", NOW + 5)))
         self.assertIsNone(self.ok(self.store.get_credentials("alice")))
         self.assertEqual(self.ok(self.store.list_users()), ["bob"])
-        self.assertFalse(self.ok(self.store.delete_user("alice")))
-        self.assertFalse(self.ok(self.store.delete_user("nobody")))
+        self.assertFalse(self.ok(self.store.delete_user("alice", NOW + 6)))
+        self.assertFalse(self.ok(self.store.delete_user("nobody", NOW + 6)))
+        self.assertEqual(
+            self.sql("SELECT username, password_hash, deleted_at FROM users ORDER BY username"),
+            [("alice", "", NOW + 5), ("bob", "hash-bob", None)],
+        )
 
     def test_delete_user_cascades_tokens(self):
         self.add_user("alice")
@@ -457,7 +619,7 @@ class AccountStoreTests(StoreTestCase):
         self.ok(self.store.add_resume_token("alice", "s1", "alice-1", NOW, NOW + DAY))
         self.ok(self.store.add_resume_token("alice", "s2", "alice-2", NOW, NOW + DAY))
         self.ok(self.store.add_resume_token("bob", "s1", "bob-1", NOW, NOW + DAY))
-        self.ok(self.store.delete_user("alice"))
+        self.ok(self.store.delete_user("alice", NOW))
         self.assertEqual(self.sql("SELECT token_hash FROM resume_tokens"), [("bob-1",)])
         self.assertFalse(self.ok(self.store.consume_resume_token("alice", "alice-1", NOW + 1)))
         # the name stays reserved: a new account would inherit what was the old one's
@@ -623,7 +785,7 @@ class TransactionTests(unittest.TestCase):
             )
             raise Boom()
 
-        self.failureResultOf(self.store._write(half), Boom)
+        self.failureResultOf(self.store._write("half", half), Boom)
         self.assertEqual(self.other().execute("SELECT * FROM users").fetchall(), [])
         self.assertIsNone(self.successResultOf(self.store.get_credentials("ghost")))
         # The store carries on.
@@ -660,7 +822,7 @@ class TransactionTests(unittest.TestCase):
                 seen.append("another writer got the lock")
             return "done"
 
-        self.assertEqual(self.successResultOf(self.store._write(probe)), "done")
+        self.assertEqual(self.successResultOf(self.store._write("probe", probe)), "done")
         self.assertEqual(seen, ["database is locked"])
 
     def test_read_is_a_consistent_snapshot(self):
@@ -678,8 +840,16 @@ class TransactionTests(unittest.TestCase):
             (second,) = txn.execute("SELECT COUNT(*) FROM users").fetchone()
             return first, second
 
-        self.assertEqual(self.successResultOf(self.store._read(count_twice)), (1, 1))
+        self.assertEqual(self.successResultOf(self.store._read("count_twice", count_twice)), (1, 1))
         self.assertEqual(self.successResultOf(self.store.list_users()), ["alice", "bob"])
+
+    def test_a_database_that_cannot_be_opened_names_the_call(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        store = Store(open_pool(directory, reactor=_NoThreadsReactor(), pool_class=SyncPool))
+        self.addCleanup(store.close)
+        failure = self.failureResultOf(store.list_users(), StoreError)
+        self.assertEqual(str(failure.value), "list_users: unable to open database file")
 
     def test_busy_database_fails_the_write_cleanly(self):
         """A write that cannot get the lock fails (after the busy timeout) without effect."""
@@ -689,7 +859,8 @@ class TransactionTests(unittest.TestCase):
         self.addCleanup(store.close)
         other = self.other()
         other.execute("BEGIN IMMEDIATE")
-        self.failureResultOf(store.create_user("alice", "h", NOW), StoreError)
+        failure = self.failureResultOf(store.create_user("alice", "h", NOW), StoreError)
+        self.assertEqual(str(failure.value), "create_user: database is locked")
         other.execute("ROLLBACK")
         self.assertTrue(self.successResultOf(store.create_user("alice", "h", NOW)))
         self.assertEqual(other.execute("SELECT username FROM users").fetchall(), [("alice",)])
@@ -734,7 +905,66 @@ class BatchingTests(unittest.TestCase):
         self.assertEqual([self.successResultOf(d) for d in queued], [True] * 5)
         self.assertEqual(len(self.successResultOf(listed)), 6)  # the read ran after the writes before it
 
-    def test_a_failing_call_fails_alone(self):
+    def finish_all(self):
+        """Run every batch to the end; their sizes."""
+        sizes = []
+        while self.pool.batches:
+            sizes.append(len(self.pool.batches[0][2][0]))
+            self.pool.finish()
+        return sizes
+
+    def test_a_mark_move_commits_before_the_messages_queued_ahead_of_it(self):
+        """A recipient's acknowledgement does not wait behind a queue of incoming messages."""
+        self.store.create_user("alice", "h", NOW)
+        self.store.create_user("bob", "h", NOW)
+        self.finish_all()
+        group = self.store.create_group(["alice", "bob"], "g", NOW)
+        self.finish_all()
+        group = self.successResultOf(group)
+        self.store.add_message(group.id, "alice", "m0", "first", NOW)
+        self.finish_all()
+
+        self.store.add_message(group.id, "alice", "running", "x", NOW)  # the database thread is busy
+        queued = [self.store.add_message(group.id, "alice", f"q{i}", "x", NOW) for i in range(1000)]
+        moved = self.store.move_mark(group.id, "bob", "delivered", 1, NOW)  # bob acknowledges the first
+        self.pool.finish()  # the batch that was running
+        self.pool.finish()  # the next one
+        self.assertEqual(self.successResultOf(moved), [MarkMove("delivered", 0, 1, ("alice",))])
+        committed = plain(self.pool.connargs[0])
+        self.addCleanup(committed.close)
+        self.assertEqual(
+            committed.execute("SELECT delivered_seq FROM members JOIN users ON id = user_id WHERE username = 'bob'")
+            .fetchall(),
+            [(1,)],
+        )
+        self.assertNoResult(queued[-1])
+        self.assertEqual(self.finish_all(), [base.MAX_BATCH] * 2 + [1000 - 3 * base.MAX_BATCH + 1])
+        self.assertEqual([self.successResultOf(d).message.seq for d in queued], list(range(3, 1003)))
+
+    def test_a_batch_takes_mark_moves_first_then_calls_in_arrival_order(self):
+        self.store.create_user("alice", "h", NOW)  # running
+        self.store.create_user("bob", "h", NOW)
+        self.store.move_mark(1, "alice", "read", 1, NOW)
+        self.store.list_users()
+        self.store.move_mark(1, "bob", "read", 1, NOW)
+        self.pool.finish()
+        [(_, _, (batch,), _)] = self.pool.batches
+        self.assertEqual(
+            [name for name, *_ in batch], ["move_mark", "move_mark", "create_user", "list_users"]
+        )
+
+    def test_batches_are_bounded(self):
+        self.store.list_users()  # running
+        for i in range(2 * base.MAX_BATCH + 10):
+            self.store.create_user(f"user{i}", "h", NOW)
+        self.assertEqual(self.finish_all(), [1, base.MAX_BATCH, base.MAX_BATCH, 10])
+        listed = self.store.list_users()
+        self.finish_all()
+        self.assertEqual(len(self.successResultOf(listed)), 2 * base.MAX_BATCH + 10)
+
+    def test_a_failing_call_fails_alone_and_is_named(self):
+        events = []
+        self.patch(base, "log", Logger(observer=events.append))
         first = self.store.create_user("alice", "h", NOW)
         good = self.store.create_user("bob", "h", NOW)
         bad = self.store.create_user("carol", None, NOW)  # NOT NULL violated
@@ -745,8 +975,15 @@ class BatchingTests(unittest.TestCase):
         for _ in range(3):  # ... then each runs alone
             self.pool.finish()
         self.assertTrue(self.successResultOf(good))
-        self.failureResultOf(bad, StoreError)
+        failure = self.failureResultOf(bad, StoreError)
+        self.assertEqual(str(failure.value), "create_user: NOT NULL constraint failed: users.password_hash")
         self.assertTrue(self.successResultOf(also_good))
+        [event] = events
+        self.assertEqual(
+            event["log_format"].format(**event),
+            "a batch of 3 calls failed (create_user: NOT NULL constraint failed: users.password_hash);"
+            " running them one by one",
+        )
         listed = self.store.list_users()
         self.pool.finish()
         self.assertEqual(self.successResultOf(listed), ["alice", "bob", "dave"])
@@ -762,3 +999,140 @@ class BatchingTests(unittest.TestCase):
         self.successResultOf(flushed)
         self.store.close()
         self.failureResultOf(self.store.list_users(), StoreError)
+
+
+def statements_of(testcase, store):
+    """The statements the store's connection runs from now on (not BEGIN and COMMIT): a list that grows."""
+    testcase.successResultOf(store.flush())  # the pool has its connection
+    [connection] = store._pool.connections.values()
+    ran = []
+    connection.set_trace_callback(
+        lambda statement: None if statement.split()[0] in ("BEGIN", "COMMIT") else ran.append(statement)
+    )
+    testcase.addCleanup(connection.set_trace_callback, None)
+    return ran
+
+
+class CountingTestCase(StoreTestCase):
+    """Pages are cut in SQL, in a fixed number of statements however much there is."""
+
+    def setUp(self):
+        super().setUp()
+        for name in ("alice", "bob", "carol"):
+            self.add_user(name)
+        self.ran = statements_of(self, self.store)
+
+
+class ConversationPagingTests(CountingTestCase):
+    CONVERSATIONS = 2000
+
+    def setUp(self):
+        super().setUp()
+        db = plain(self.path)
+        self.addCleanup(db.close)
+        ids = {name: uid for uid, name in db.execute("SELECT id, username FROM users")}
+        # conversation i: alice and bob (and carol if i is even); i % 4 messages, from bob
+        # then alice in turn; alice has read the first one where i % 3 == 0
+        self.expected = []
+        db.execute("BEGIN")
+        for i in range(1, self.CONVERSATIONS + 1):
+            members = ("alice", "bob", "carol") if i % 2 == 0 else ("alice", "bob")
+            senders = [("bob", "alice")[seq % 2] for seq in range(1, i % 4 + 1)]
+            alice_read = 1 if i % 3 == 0 and senders else 0
+            db.execute(
+                "INSERT INTO conversations (id, kind, title, created_at, last_seq) VALUES (?, 'group', ?, 0, ?)",
+                (i, f"g{i}", len(senders)),
+            )
+            for name in members:
+                read = alice_read if name == "alice" else 0
+                db.execute(
+                    "INSERT INTO members (conversation_id, user_id, joined_at, delivered_seq, read_seq)"
+                    " VALUES (?, ?, 0, ?, ?)",
+                    (i, ids[name], read, read),
+                )
+            for seq, sender in enumerate(senders, 1):
+                db.execute(
+                    "INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at)"
+                    " VALUES (?, ?, ?, ?, ?, 'x', 0)",
+                    (i, seq, ids[sender], sender, f"{i}-{seq}"),
+                )
+            unread = sum(1 for seq, s in enumerate(senders, 1) if s != "alice" and seq > alice_read)
+            self.expected.append((Conversation(i, "group", f"g{i}", members, len(senders)), unread))
+        db.execute("COMMIT")
+
+    def test_all_conversations_page_by_page(self):
+        listed, after_id, pages = [], None, 0
+        while True:
+            del self.ran[:]
+            page = self.ok(self.store.conversations_of("alice", after_id, 150))
+            self.assertLessEqual(len(self.ran), 2, self.ran)
+            if not page:
+                break
+            pages += 1
+            listed += page
+            after_id = page[-1][0].id
+        self.assertEqual(pages, 14)
+        self.assertEqual(listed, self.expected)
+
+    def test_all_conversations_at_once(self):
+        self.assertEqual(self.ok(self.store.conversations_of("alice")), self.expected)
+        self.assertEqual(len(self.ran), 2)
+        self.assertEqual(self.ok(self.store.conversations_of("alice", 1990, 5)), self.expected[1990:1995])
+        self.assertEqual(self.ok(self.store.conversations_of("alice", 1998)), self.expected[1998:])
+        self.assertEqual(self.ok(self.store.conversations_of("nobody")), [])
+
+class LookupTests(CountingTestCase):
+    def test_receipts_page_by_page(self):
+        """Each member but the sender, by name, with when their marks first reached the message."""
+        names = [f"m{i:03}" for i in range(300)]
+        for name in names:
+            self.add_user(name)
+        group = self.ok(self.store.create_group(["alice", *names], "big", NOW))
+        self.ok(self.store.add_message(group.id, "alice", "c1", "hi", NOW))
+        second = self.ok(self.store.add_message(group.id, "alice", "c2", "hi again", NOW)).message
+        expected = []
+        for i, name in enumerate(names):
+            if i % 3 == 1:  # delivered both, read the first only
+                self.ok(self.store.move_mark(group.id, name, "read", 1, NOW + i))
+                self.ok(self.store.move_mark(group.id, name, "delivered", 2, NOW + 1000 + i))
+                expected.append((name, NOW + 1000 + i, None))
+            elif i % 3 == 2:  # read both at once
+                self.ok(self.store.move_mark(group.id, name, "read", 2, NOW + i))
+                expected.append((name, NOW + i, NOW + i))
+            else:
+                expected.append((name, None, None))
+        listed, after = [], None
+        while True:
+            del self.ran[:]
+            page = self.ok(self.store.receipts(second, after, 64))
+            self.assertLessEqual(len(self.ran), 2, self.ran)
+            if not page:
+                break
+            listed += page
+            after = page[-1][0]
+        self.assertEqual(listed, expected)
+        self.assertEqual(self.ok(self.store.receipts(second)), expected)
+        self.assertEqual(self.ok(self.store.receipts(second, "m297")), expected[298:])
+
+    def test_names_are_looked_up_in_one_statement(self):
+        names = [f"u{i:04}" for i in range(997)]
+        for name in names[:500]:
+            self.add_user(name)
+        self.ok(self.store.set_last_seen("u0001", NOW))
+        self.ok(self.store.delete_user("u0002", NOW))
+        asked = [*names, "alice", "bob", "nobody"]
+        del self.ran[:]
+        existing = self.ok(self.store.existing_users(asked))
+        seen = self.ok(self.store.last_seen(asked))
+        self.assertEqual(len(self.ran), 2, self.ran)
+        self.assertEqual(existing, {"alice", "bob", *names[:500]} - {"u0002"})
+        self.assertEqual(seen, {name: NOW if name == "u0001" else None for name in existing})
+        del self.ran[:]
+        group = self.ok(self.store.create_group(asked, "everyone", NOW))
+        self.assertEqual(set(group.members), existing)
+        self.assertEqual(len(self.ran), 4, self.ran)  # the conversation, its members, and reading both back
+
+    def test_an_in_list_is_bounded(self):
+        self.assertEqual(base.placeholders(["a", "b"]), "(?, ?)")
+        self.assertRaises(ValueError, base.placeholders, ["a"] * (base.MAX_NAMES + 1))
+        self.assertRaises(ValueError, base.placeholders, [])

@@ -2,10 +2,11 @@
 
 from collections import namedtuple
 
-from securechatd.store.base import USER_ID, StoreBase, user_id
+from securechatd.store.base import LIVE, USER_ID, StoreBase, limited
 
+# generation: 1 for a new account, +1 at every password change (a login checked
+# against one generation cannot be given a token after the next)
 Credentials = namedtuple("Credentials", "user_id username password_hash generation")
-DELETED = "!deleted"  # the password hash of a deleted account: matches no password
 
 
 class AccountStore(StoreBase):
@@ -14,16 +15,17 @@ class AccountStore(StoreBase):
 
         With `invite_hash`, the invitation is spent in the same transaction.
         """
-        return self._write(self._create_user_txn, username, password_hash, now, invite_hash)
+        return self._write("create_user", self._create_user_txn, username, password_hash, now, invite_hash)
 
     @staticmethod
     def _create_user_txn(txn, username, password_hash, now, invite_hash):
-        txn.execute(
+        txn.execute(  # a deleted account keeps its name: ON CONFLICT covers it too
             "INSERT INTO users (username, password_hash, created_at, password_changed_at)"
-            " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
+            " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO NOTHING RETURNING id",
             (username, password_hash, now, now),
         )
-        if txn.rowcount != 1:
+        row = txn.fetchone()
+        if row is None:
             return False
         if invite_hash is not None:
             txn.execute(
@@ -32,13 +34,13 @@ class AccountStore(StoreBase):
                 (username, now, invite_hash, now),
             )
             if txn.rowcount != 1:
-                txn.execute("DELETE FROM users WHERE username = ?", (username,))
+                txn.execute("DELETE FROM users WHERE id = ?", row)
                 return False
         return True
 
     def add_invite(self, token_hash, now, expires_at):
         """Deferred: record a single-use registration invitation."""
-        return self._write(self._add_invite_txn, token_hash, now, expires_at)
+        return self._write("add_invite", self._add_invite_txn, token_hash, now, expires_at)
 
     @staticmethod
     def _add_invite_txn(txn, token_hash, now, expires_at):
@@ -49,7 +51,7 @@ class AccountStore(StoreBase):
 
     def invite_valid(self, token_hash, now):
         """Deferred: True if the invitation exists, is unused and unexpired."""
-        return self._read(self._invite_valid_txn, token_hash, now)
+        return self._read("invite_valid", self._invite_valid_txn, token_hash, now)
 
     @staticmethod
     def _invite_valid_txn(txn, token_hash, now):
@@ -61,103 +63,111 @@ class AccountStore(StoreBase):
 
     def get_credentials(self, username):
         """Deferred: Credentials, or None for an unknown user."""
-        return self._read(self._get_credentials_txn, username)
+        return self._read("get_credentials", self._get_credentials_txn, username)
 
     @staticmethod
     def _get_credentials_txn(txn, username):
         txn.execute(
-            "SELECT id, username, password_hash, password_changed_at FROM users"
-            " WHERE username = ? AND password_hash != ?",
-            (username, DELETED),
+            f"SELECT id, username, password_hash, generation FROM users WHERE username = ? AND {LIVE}",
+            (username,),
         )
         row = txn.fetchone()
         return Credentials(*row) if row else None
 
     def set_password(self, username, password_hash, now, keep_session=None):
-        """Deferred: True if the user exists. Revokes every resume token but `keep_session`'s."""
-        return self._write(self._set_password_txn, username, password_hash, now, keep_session)
+        """Deferred: True if the user exists (and is not deleted): then their credential
+        generation moves on and every resume token but `keep_session`'s is revoked."""
+        return self._write("set_password", self._set_password_txn, username, password_hash, now, keep_session)
 
     @staticmethod
     def _set_password_txn(txn, username, password_hash, now, keep_session):
-        uid = user_id(txn, username)
-        if uid is None:
-            return False
-        txn.execute(  # strictly later, even within one clock tick: it is the credential generation
-            "UPDATE users SET password_hash = ?, password_changed_at = MAX(?, password_changed_at + 1e-6)"
-            " WHERE id = ?",
-            (password_hash, now, uid),
-        )
         txn.execute(
-            "DELETE FROM resume_tokens WHERE user_id = ? AND session_id IS NOT ?",
-            (uid, keep_session),
+            "UPDATE users SET password_hash = ?, password_changed_at = ?, generation = generation + 1"
+            f" WHERE username = ? AND {LIVE} RETURNING id",
+            (password_hash, now, username),
+        )
+        row = txn.fetchone()
+        if row is None:
+            return False
+        txn.execute(
+            "DELETE FROM resume_tokens WHERE user_id = ? AND (? IS NULL OR session_id <> ?)",
+            (row[0], keep_session, keep_session),
         )
         return True
 
     def rehash_password(self, username, old_hash, new_hash):
         """Deferred: store a re-costed hash unless the password changed meanwhile."""
-        return self._write(self._rehash_password_txn, username, old_hash, new_hash)
+        return self._write("rehash_password", self._rehash_password_txn, username, old_hash, new_hash)
 
     @staticmethod
     def _rehash_password_txn(txn, username, old_hash, new_hash):
         txn.execute(
-            "UPDATE users SET password_hash = ? WHERE username = ? AND password_hash = ?",
+            f"UPDATE users SET password_hash = ? WHERE username = ? AND password_hash = ? AND {LIVE}",
             (new_hash, username, old_hash),
         )
 
-    def delete_user(self, username):
+    def delete_user(self, username, now):
         """Deferred: True if the user existed. They lose their password, tokens and conversations.
 
-        The row (and so the name) stays, marked deleted: a new account with the
+        The row (and so the name) stays, with `deleted_at`: a new account with the
         same name would otherwise inherit everything addressed to the old one.
         """
-        return self._write(self._delete_user_txn, username)
+        return self._write("delete_user", self._delete_user_txn, username, now)
 
     @staticmethod
-    def _delete_user_txn(txn, username):
+    def _delete_user_txn(txn, username, now):
         txn.execute(
-            "UPDATE users SET password_hash = ? WHERE username = ? AND password_hash != ?",
-            (DELETED, username, DELETED),
+            f"UPDATE users SET deleted_at = ?, password_hash = '' WHERE username = ? AND {LIVE} RETURNING id",
+            (now, username),
         )
-        if txn.rowcount == 0:
+        row = txn.fetchone()
+        if row is None:
             return False
-        uid = user_id(txn, username)
         for table, column in (
             ("resume_tokens", "user_id"),
             ("members", "user_id"),
             ("pending_receipts", "recipient_id"),
         ):
-            txn.execute(f"DELETE FROM {table} WHERE {column} = ?", (uid,))
+            txn.execute(f"DELETE FROM {table} WHERE {column} = ?", row)
         return True
 
     def list_users(self, prefix="", limit=None):
         """Deferred: registered user names starting with `prefix`, sorted."""
-        return self._read(self._list_users_txn, prefix, limit)
+        return self._read("list_users", self._list_users_txn, prefix, limit)
 
     @staticmethod
     def _list_users_txn(txn, prefix, limit):
         escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        clause, arguments = limited(limit)
         txn.execute(
-            "SELECT username FROM users WHERE username LIKE ? ESCAPE '\\' AND password_hash != ?"
-            " ORDER BY username LIMIT ?",
-            (escaped + "%", DELETED, -1 if limit is None else limit),
+            f"SELECT username FROM users WHERE username LIKE ? ESCAPE '\\' AND {LIVE}"
+            f" ORDER BY username{clause}",
+            (escaped + "%", *arguments),
         )
         return [row[0] for row in txn.fetchall()]
 
     def add_resume_token(self, username, session_id, token_hash, now, expires_at, generation=None):
         """Deferred: True if the session's token was recorded (replacing its previous one).
 
-        False if the password changed since `generation` (its password_changed_at
+        False if the password changed since `generation` (Credentials.generation
         when the login was checked; None: do not check): a login that raced a
         password change gets no token, so it cannot outlive the change.
         """
         return self._write(
-            self._add_resume_token_txn, username, session_id, token_hash, now, expires_at, generation
+            "add_resume_token",
+            self._add_resume_token_txn,
+            username,
+            session_id,
+            token_hash,
+            now,
+            expires_at,
+            generation,
         )
 
     @staticmethod
     def _add_resume_token_txn(txn, username, session_id, token_hash, now, expires_at, generation):
         txn.execute(
-            "SELECT id FROM users WHERE username = ? AND (? IS NULL OR password_changed_at = ?)",
+            f"SELECT id FROM users WHERE username = ? AND {LIVE} AND (? IS NULL OR generation = ?)",
             (username, generation, generation),
         )
         row = txn.fetchone()
@@ -177,7 +187,7 @@ class AccountStore(StoreBase):
 
     def consume_resume_token(self, username, token_hash, now):
         """Deferred: the user's credential generation if they held this unexpired token (now spent), else None."""
-        return self._write(self._consume_resume_token_txn, username, token_hash, now)
+        return self._write("consume_resume_token", self._consume_resume_token_txn, username, token_hash, now)
 
     @staticmethod
     def _consume_resume_token_txn(txn, username, token_hash, now):
@@ -188,12 +198,12 @@ class AccountStore(StoreBase):
         )
         if txn.rowcount != 1:
             return None
-        txn.execute("SELECT password_changed_at FROM users WHERE username = ?", (username,))
+        txn.execute(f"SELECT generation FROM users WHERE username = ? AND {LIVE}", (username,))
         return txn.fetchone()[0]
 
     def revoke_resume_token(self, username, session_id):
         """Deferred: forget the token of one session (at logout)."""
-        return self._write(self._revoke_resume_token_txn, username, session_id)
+        return self._write("revoke_resume_token", self._revoke_resume_token_txn, username, session_id)
 
     @staticmethod
     def _revoke_resume_token_txn(txn, username, session_id):

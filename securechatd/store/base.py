@@ -1,96 +1,160 @@
-"""Runs store functions in transactions on the pool's database thread, in batches.
+"""Runs named store functions in transactions on the pool's database thread, in batches.
 
-Every store call joins one queue. Whenever the database thread is free, all
-queued calls run together in one transaction and each caller's Deferred fires
-after its COMMIT, so nothing is answered before it is durable. Under load,
-calls that arrive while a batch is running ride in the next one: one thread
-hand-off and one commit for many messages and marks, instead of one each.
-With no load a call runs at once, alone. If any call in a batch fails, the
-batch is rolled back and its calls are run again one by one, so one bad call
-fails only itself.
+Every store call has a name (its public method's) and joins a queue. Whenever
+the database thread is free, the next batch of queued calls runs in one
+transaction and each caller's Deferred fires after its COMMIT, so nothing is
+answered before it is durable. Under load, calls that arrive while a batch
+is running ride in a later one: one thread hand-off and one commit for many
+messages and marks, instead of one each. With no load a call runs at once,
+alone. If any call in a batch fails, the batch is rolled back and its calls
+are run again one by one (before anything else), so one bad call fails only
+itself. A database error is raised as a StoreError that starts with the
+name of the call that met it ("add_message: database or disk is full"); a
+failed batch is logged with it.
+
+Acknowledgements first. Mark moves (`_write_first`: a recipient saying
+"delivered" or "read") wait in a lane of their own. Each batch takes every
+waiting mark move first, then other calls in arrival order, and holds at most
+MAX_BATCH calls. The guarantee: a mark move is committed, and its Deferred
+fired, by the end of the first batch that starts after it is queued (at once,
+if none is running), unless MAX_BATCH or more mark moves were waiting ahead
+of it or a batch fails meanwhile. So it waits for at most the batch running
+when it was queued and its own, two batches of at most MAX_BATCH calls each,
+however many messages are queued. A failed batch first re-runs its calls,
+at most MAX_BATCH, one transaction each.
 """
 
-import sqlite3
-
 from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from securechatd.store import dialect
+
+log = Logger()
+
+# Calls per batch (transaction). Bounds how long a mark move can wait; at a
+# few tens of microseconds a call, one batch still commits well within 50 ms,
+# and its thread hand-off and commit are shared by 256 calls.
+MAX_BATCH = 256
+
+MAX_NAMES = 1000  # names in one IN list (SQLite binds up to 32,766 values a statement)
+
+LIVE = "deleted_at IS NULL"  # the one test for an account that exists: every lookup of users has it
+USER_ID = f"SELECT id FROM users WHERE username = ? AND {LIVE}"  # also a subquery in other statements
 
 
 class StoreError(Exception):
     """The database could not do it (full, locked, read-only, ...); nothing was changed."""
 
 
-USER_ID = "SELECT id FROM users WHERE username = ?"  # also a subquery in other statements
-
-
 def user_id(txn, username):
-    """The id of `username`, or None."""
+    """The id of the live user `username`, or None."""
     txn.execute(USER_ID, (username,))
     row = txn.fetchone()
     return row[0] if row else None
+
+
+def placeholders(values):
+    """"(?, ?, ...)" for an IN list of `values`: one statement for up to MAX_NAMES of them."""
+    if not 0 < len(values) <= MAX_NAMES:
+        raise ValueError(f"an IN list of {len(values)} values (1 to {MAX_NAMES} allowed)")
+    return "(" + ", ".join("?" * len(values)) + ")"
+
+
+def limited(limit):
+    """(clause, arguments) for an optional LIMIT: `LIMIT -1` means "all" in SQLite only."""
+    return ("", ()) if limit is None else (" LIMIT ?", (limit,))
 
 
 def _nothing(txn):
     pass
 
 
+def _describe(batch):
+    return batch[0][0] if len(batch) == 1 else f"a batch of {len(batch)} calls"
+
+
+def _failed(where, problem):
+    """The StoreError for a database `problem`, named for where it happened."""
+    return StoreError(f"{where}: {problem}")
+
+
 def _run_batch(connection, batch):
     # (the pool commits, or rolls back; a plain cursor is what adbapi's Transaction wraps)
     cursor = connection.cursor()
-    writes = any(writing for _, _, writing, _ in batch)
-    cursor.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
-    return [function(cursor, *args) for function, args, _, _ in batch]
+    where = _describe(batch)
+    try:
+        writes = any(writing for _, _, _, writing, _ in batch)
+        cursor.execute(dialect.BEGIN_WRITE if writes else dialect.BEGIN_READ)
+        results = []
+        for where, function, args, _, _ in batch:
+            results.append(function(cursor, *args))
+        return results
+    except dialect.Error as problem:
+        raise _failed(where, problem) from problem
 
 
 class StoreBase:
-    """Async methods of the store call `_write` or `_read` with a `_..._txn` function."""
+    """Async methods of the store call `_write`, `_write_first` or `_read` with a name and a `_..._txn` function."""
 
     def __init__(self, pool):
         self._pool = pool
-        self._queue = []  # (function, args, writing, Deferred) waiting for the next batch
+        self._first = []  # (name, function, args, writing, Deferred): mark moves waiting
+        self._queue = []  # every other call waiting, in arrival order
+        self._retry = []  # the calls of a failed batch, to run one by one before anything else
         self._running = False
-        self._alone = 0  # calls of a failed batch still to run one by one
         self._closed = False
 
-    def _write(self, function, *args):
+    def _write(self, name, function, *args):
         """Deferred result of `function(txn, *args)` in a transaction holding the write lock."""
-        return self._submit(function, args, True)
+        return self._submit(self._queue, name, function, args, True)
 
-    def _read(self, function, *args):
+    def _write_first(self, name, function, *args):
+        """Like `_write`, but ahead of every queued call not itself first (see the module's docstring)."""
+        return self._submit(self._first, name, function, args, True)
+
+    def _read(self, name, function, *args):
         """Deferred result of `function(txn, *args)` in a consistent read transaction."""
-        return self._submit(function, args, False)
+        return self._submit(self._queue, name, function, args, False)
 
-    def _submit(self, function, args, writing):
+    def _submit(self, lane, name, function, args, writing):
         if self._closed:
-            return fail(StoreError("the database is closed"))
+            return fail(StoreError(f"{name}: the database is closed"))
         result = Deferred()
-        self._queue.append((function, args, writing, result))
+        lane.append((name, function, args, writing, result))
         if not self._running:
             self._run_next()
         return result
 
     def _run_next(self):
-        if not self._queue:
-            self._running = False
-            return
-        self._running = True
-        if self._alone:
-            self._alone -= 1
-            batch, self._queue = self._queue[:1], self._queue[1:]
+        if self._retry:
+            batch = [self._retry.pop(0)]
         else:
-            batch, self._queue = self._queue, []
-        ran = self._pool.runWithConnection(_run_batch, batch)
-        ran.addBoth(self._batch_done, batch)
+            batch = self._first[:MAX_BATCH]
+            del self._first[:MAX_BATCH]
+            room = MAX_BATCH - len(batch)
+            batch += self._queue[:room]
+            del self._queue[:room]
+        self._running = bool(batch)
+        if batch:
+            ran = self._pool.runWithConnection(_run_batch, batch)
+            ran.addBoth(self._batch_done, batch)
 
     def _batch_done(self, outcome, batch):
         if isinstance(outcome, Failure) and len(batch) > 1:
-            self._queue[:0] = batch  # again, one by one: only the bad call fails
-            self._alone = len(batch)
+            log.warn(
+                "{batch} failed ({error}); running them one by one",
+                batch=_describe(batch),
+                error=outcome.getErrorMessage(),
+            )
+            self._retry = batch  # only the bad call fails
         elif isinstance(outcome, Failure):
-            [(_, _, _, result)] = batch
-            result.errback(_translated(outcome))
+            [(name, _, _, _, result)] = batch
+            if outcome.check(dialect.Error):  # from the pool itself: connecting, COMMIT
+                outcome = Failure(_failed(name, outcome.value))
+            result.errback(outcome)
         else:
-            for (_, _, _, result), value in zip(batch, outcome):
+            for (_, _, _, _, result), value in zip(batch, outcome):
                 result.callback(value)
         self._run_next()
 
@@ -100,8 +164,8 @@ class StoreBase:
 
     async def _flush(self):
         while self._running:
-            await self._submit(_nothing, (), False)  # the last call in its batch ...
-            if not self._queue:  # ... so all earlier results have queued what they will
+            await self._read("flush", _nothing)  # after every call queued before it ...
+            if not (self._first or self._queue or self._retry):  # ... so their results have queued what they will
                 return
 
     def close(self):
@@ -109,9 +173,3 @@ class StoreBase:
         if not self._closed:
             self._closed = True
             self._pool.close()
-
-
-def _translated(failure):
-    if failure.check(sqlite3.Error):
-        return Failure(StoreError(failure.getErrorMessage()))
-    return failure

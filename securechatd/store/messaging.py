@@ -9,31 +9,22 @@ message, so numbers follow commit order. A member's `delivered_seq` and
 """
 
 from securechatd.records import Conversation, MarkMove, Membership, Message, Receipt, Stored
-from securechatd.store.accounts import DELETED
-from securechatd.store.base import USER_ID, StoreBase, user_id
+from securechatd.store.base import LIVE, USER_ID, StoreBase, limited, placeholders, user_id
 
 _MESSAGE_COLUMNS = "id, conversation_id, seq, sender, body, sent_at"
-_SENDER_ID = "SELECT id FROM users WHERE username = :sender"
+_SENDER_ID = f"SELECT id FROM users WHERE username = :sender AND {LIVE}"
 
 
-def _user_ids(txn, usernames):
-    """{username: id} for those of `usernames` that exist."""
-    found = {}
-    for name in usernames:
-        uid = user_id(txn, name)
-        if uid is not None:
-            found[name] = uid
-    return found
-
-
-def _deleted(txn, usernames):
-    """Which of `usernames` are deleted accounts."""
-    deleted = set()
-    for name in usernames:
-        txn.execute("SELECT 1 FROM users WHERE username = ? AND password_hash = ?", (name, DELETED))
-        if txn.fetchone() is not None:
-            deleted.add(name)
-    return deleted
+def _live(txn, column, usernames):
+    """{username: column} for those of `usernames` (at most MAX_NAMES) that exist, in one statement."""
+    if not usernames:
+        return {}
+    usernames = list(usernames)
+    txn.execute(
+        f"SELECT username, {column} FROM users WHERE username IN {placeholders(usernames)} AND {LIVE}",
+        usernames,
+    )
+    return dict(txn.fetchall())
 
 
 def _resent(txn, sender, client_msg_id):
@@ -46,6 +37,19 @@ def _resent(txn, sender, client_msg_id):
     return Stored(Message(*row), False) if row is not None else None
 
 
+def _members(txn, which, arguments):
+    """{conversation_id: (member names, sorted)} of the conversations `which` (an SQL condition on m)."""
+    txn.execute(
+        "SELECT m.conversation_id, u.username FROM members m JOIN users u ON u.id = m.user_id"
+        f" WHERE {which} ORDER BY m.conversation_id, u.username",
+        arguments,
+    )
+    members = {}
+    for conversation_id, name in txn.fetchall():
+        members.setdefault(conversation_id, []).append(name)
+    return {conversation_id: tuple(names) for conversation_id, names in members.items()}
+
+
 def _conversation(txn, conversation_id):
     txn.execute(
         "SELECT id, kind, title, last_seq FROM conversations WHERE id = ?", (conversation_id,)
@@ -53,23 +57,24 @@ def _conversation(txn, conversation_id):
     row = txn.fetchone()
     if row is None:
         return None
-    txn.execute(
-        "SELECT u.username FROM members m JOIN users u ON u.id = m.user_id"
-        " WHERE m.conversation_id = ? ORDER BY u.username",
-        (conversation_id,),
-    )
-    members = tuple(name for (name,) in txn.fetchall())
+    members = _members(txn, "m.conversation_id = ?", (conversation_id,)).get(conversation_id, ())
     return Conversation(row[0], row[1], row[2], members, row[3])
 
 
-def _add_members(txn, conversation_id, uids, now, last_seq):
-    """Members join at the current end: they owe no delivery of, and have not to read, older messages."""
-    for uid in uids:
-        txn.execute(
-            "INSERT OR IGNORE INTO members (conversation_id, user_id, joined_at, delivered_seq, read_seq)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (conversation_id, uid, now, last_seq, last_seq),
-        )
+def _add_members(txn, conversation_id, usernames, now, last_seq):
+    """Members join at the current end: they owe no delivery of, and have not to read, older messages.
+
+    Unknown or deleted names are left out; members already there are kept as they are.
+    """
+    if not usernames:
+        return
+    usernames = list(usernames)
+    txn.execute(
+        "INSERT INTO members (conversation_id, user_id, joined_at, delivered_seq, read_seq)"
+        f" SELECT ?, id, ?, ?, ? FROM users WHERE username IN {placeholders(usernames)} AND {LIVE}"
+        " ON CONFLICT DO NOTHING",
+        (conversation_id, now, last_seq, last_seq, *usernames),
+    )
 
 
 class MessagingStore(StoreBase):
@@ -77,39 +82,27 @@ class MessagingStore(StoreBase):
 
     def existing_users(self, usernames):
         """Deferred: the subset of `usernames` that are registered."""
-        return self._read(self._existing_users_txn, usernames)
+        return self._read("existing_users", self._existing_users_txn, usernames)
 
     @staticmethod
     def _existing_users_txn(txn, usernames):
-        return set(_user_ids(txn, usernames)) - _deleted(txn, usernames)
+        return set(_live(txn, "id", usernames))
 
     def last_seen(self, usernames):
         """Deferred: {username: last_seen or None} for the registered ones."""
-        return self._read(self._last_seen_txn, usernames)
-
-    @staticmethod
-    def _last_seen_txn(txn, usernames):
-        seen = {}
-        for name in usernames:
-            txn.execute(
-                "SELECT last_seen FROM users WHERE username = ? AND password_hash != ?", (name, DELETED)
-            )
-            row = txn.fetchone()
-            if row is not None:
-                seen[name] = row[0]
-        return seen
+        return self._read("last_seen", _live, "last_seen", usernames)
 
     def set_last_seen(self, username, at):
         """Deferred: record when `username` was last visible."""
-        return self._write(self._set_last_seen_txn, username, at)
+        return self._write("set_last_seen", self._set_last_seen_txn, username, at)
 
     @staticmethod
     def _set_last_seen_txn(txn, username, at):
-        txn.execute("UPDATE users SET last_seen = ? WHERE username = ?", (at, username))
+        txn.execute(f"UPDATE users SET last_seen = ? WHERE username = ? AND {LIVE}", (at, username))
 
     def contacts_of(self, username):
         """Deferred: every other user who shares a conversation with `username`."""
-        return self._read(self._contacts_txn, username)
+        return self._read("contacts_of", self._contacts_txn, username)
 
     @staticmethod
     def _contacts_txn(txn, username):
@@ -126,11 +119,11 @@ class MessagingStore(StoreBase):
 
     def conversation(self, conversation_id):
         """Deferred: the Conversation, or None."""
-        return self._read(_conversation, conversation_id)
+        return self._read("conversation", _conversation, conversation_id)
 
     def direct_conversation(self, a, b, now):
         """Deferred: (Conversation, created) for the one direct conversation of users a and b."""
-        return self._write(self._direct_txn, a, b, now)
+        return self._write("direct_conversation", self._direct_txn, a, b, now)
 
     @staticmethod
     def _direct_txn(txn, a, b, now):
@@ -139,76 +132,90 @@ class MessagingStore(StoreBase):
         row = txn.fetchone()
         if row is not None:
             return _conversation(txn, row[0]), False
-        uids = _user_ids(txn, (a, b))
         txn.execute(
-            "INSERT INTO conversations (kind, direct_pair, created_at) VALUES ('direct', ?, ?)",
+            "INSERT INTO conversations (kind, direct_pair, created_at) VALUES ('direct', ?, ?) RETURNING id",
             (pair, now),
         )
-        conversation_id = txn.lastrowid
-        _add_members(txn, conversation_id, uids.values(), now, 0)
+        (conversation_id,) = txn.fetchone()
+        _add_members(txn, conversation_id, (a, b), now, 0)
         return _conversation(txn, conversation_id), True
 
     def create_group(self, usernames, title, now):
         """Deferred: the new group Conversation of `usernames`."""
-        return self._write(self._group_txn, usernames, title, now)
+        return self._write("create_group", self._group_txn, usernames, title, now)
 
     @staticmethod
     def _group_txn(txn, usernames, title, now):
         txn.execute(
-            "INSERT INTO conversations (kind, title, created_at) VALUES ('group', ?, ?)", (title, now)
+            "INSERT INTO conversations (kind, title, created_at) VALUES ('group', ?, ?) RETURNING id",
+            (title, now),
         )
-        conversation_id = txn.lastrowid
-        _add_members(txn, conversation_id, _user_ids(txn, usernames).values(), now, 0)
+        (conversation_id,) = txn.fetchone()
+        _add_members(txn, conversation_id, usernames, now, 0)
         return _conversation(txn, conversation_id)
 
     def add_members(self, conversation_id, usernames, now):
         """Deferred: the Conversation after adding `usernames` (existing members are kept as they are)."""
-        return self._write(self._add_members_txn, conversation_id, usernames, now)
+        return self._write("add_members", self._add_members_txn, conversation_id, usernames, now)
 
     @staticmethod
     def _add_members_txn(txn, conversation_id, usernames, now):
         txn.execute("SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,))
         (last_seq,) = txn.fetchone()
-        _add_members(txn, conversation_id, _user_ids(txn, usernames).values(), now, last_seq)
+        _add_members(txn, conversation_id, usernames, now, last_seq)
         return _conversation(txn, conversation_id)
 
     def remove_member(self, conversation_id, username):
         """Deferred: the Conversation after `username` left."""
-        return self._write(self._remove_member_txn, conversation_id, username)
+        return self._write("remove_member", self._remove_member_txn, conversation_id, username)
 
     @staticmethod
     def _remove_member_txn(txn, conversation_id, username):
         txn.execute(
-            "DELETE FROM members WHERE conversation_id = ? AND user_id = ?",
-            (conversation_id, user_id(txn, username)),
+            f"DELETE FROM members WHERE conversation_id = ? AND user_id = ({USER_ID})",
+            (conversation_id, username),
         )
         return _conversation(txn, conversation_id)
 
-    def conversations_of(self, username):
-        """Deferred: [(Conversation, unread)] for every conversation `username` belongs to."""
-        return self._read(self._conversations_of_txn, username)
+    def conversations_of(self, username, after_id=None, limit=None):
+        """Deferred: [(Conversation, unread)] of `username`'s conversations with ids above
+        `after_id` (None: all), at most `limit` (None: all) of them, by id.
+
+        Two statements, however many conversations: one for the page and its
+        unread counts, one for the members of every conversation in it.
+        """
+        return self._read("conversations_of", self._conversations_of_txn, username, after_id, limit)
 
     @staticmethod
-    def _conversations_of_txn(txn, username):
-        uid = user_id(txn, username)
+    def _conversations_of_txn(txn, username, after_id, limit):
+        after_id = 0 if after_id is None else after_id  # (ids start at 1)
+        clause, arguments = limited(limit)
         txn.execute(
-            "SELECT conversation_id, read_seq FROM members WHERE user_id = ? ORDER BY conversation_id",
-            (uid,),
+            "SELECT c.id, c.kind, c.title, c.last_seq,"
+            " (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = c.id AND x.seq > m.read_seq"
+            "  AND (x.sender_id IS NULL OR x.sender_id <> m.user_id))"
+            " FROM members m JOIN conversations c ON c.id = m.conversation_id"
+            f" WHERE m.user_id = ({USER_ID}) AND m.conversation_id > ?"
+            f" ORDER BY m.conversation_id{clause}",
+            (username, after_id, *arguments),
         )
-        listing = []
-        for conversation_id, read_seq in txn.fetchall():
-            txn.execute(
-                "SELECT COUNT(*) FROM messages WHERE conversation_id = ? AND seq > ?"
-                " AND sender_id IS NOT ?",
-                (conversation_id, read_seq, uid),
-            )
-            (unread,) = txn.fetchone()
-            listing.append((_conversation(txn, conversation_id), unread))
-        return listing
+        rows = txn.fetchall()
+        if not rows:
+            return []
+        members = _members(
+            txn,
+            "m.conversation_id IN (SELECT conversation_id FROM members"
+            f" WHERE user_id = ({USER_ID}) AND conversation_id > ? AND conversation_id <= ?)",
+            (username, after_id, rows[-1][0]),
+        )
+        return [
+            (Conversation(cid, kind, title, members.get(cid, ()), last_seq), unread)
+            for cid, kind, title, last_seq, unread in rows
+        ]
 
     def memberships(self, username):
         """Deferred: [Membership] of `username`: where delivery to them stands."""
-        return self._read(self._memberships_txn, username)
+        return self._read("memberships", self._memberships_txn, username)
 
     @staticmethod
     def _memberships_txn(txn, username):
@@ -227,7 +234,7 @@ class MessagingStore(StoreBase):
 
         None if the sender is not (any more) a member: checked in the same transaction.
         """
-        return self._write(self._add_message_txn, conversation_id, sender, client_msg_id, body, now)
+        return self._write("add_message", self._add_message_txn, conversation_id, sender, client_msg_id, body, now)
 
     @staticmethod
     def _add_message_txn(txn, conversation_id, sender, client_msg_id, body, now):
@@ -246,13 +253,14 @@ class MessagingStore(StoreBase):
         txn.execute(
             "INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at)"
             f" VALUES (?, ?, ({USER_ID}), ?, ?, ?, ?)"
-            " ON CONFLICT (sender_id, client_msg_id) DO NOTHING",
+            " ON CONFLICT (sender_id, client_msg_id) DO NOTHING RETURNING id",
             (conversation_id, seq, sender, sender, client_msg_id, body, now),
         )
-        if txn.rowcount != 1:  # a resend: give the number back, answer with the stored message
+        row = txn.fetchone()
+        if row is None:  # a resend: give the number back, answer with the stored message
             txn.execute("UPDATE conversations SET last_seq = last_seq - 1 WHERE id = ?", (conversation_id,))
             return _resent(txn, sender, client_msg_id)
-        message_id = txn.lastrowid
+        message_id = row[0]
         # the sender has their own message: a mark right behind it moves past it, so it
         # is neither pending nor unread for them (a mark further behind stays)
         txn.execute(
@@ -267,7 +275,7 @@ class MessagingStore(StoreBase):
 
     def messages_from(self, conversation_id, first_seq, limit):
         """Deferred: up to `limit` Messages with seq >= first_seq, in seq order."""
-        return self._read(self._messages_from_txn, conversation_id, first_seq, limit)
+        return self._read("messages_from", self._messages_from_txn, conversation_id, first_seq, limit)
 
     @staticmethod
     def _messages_from_txn(txn, conversation_id, first_seq, limit):
@@ -280,7 +288,7 @@ class MessagingStore(StoreBase):
 
     def messages_before(self, conversation_id, before_seq, limit):
         """Deferred: the newest `limit` Messages with seq < before_seq (None: all), newest first."""
-        return self._read(self._messages_before_txn, conversation_id, before_seq, limit)
+        return self._read("messages_before", self._messages_before_txn, conversation_id, before_seq, limit)
 
     @staticmethod
     def _messages_before_txn(txn, conversation_id, before_seq, limit):
@@ -293,7 +301,7 @@ class MessagingStore(StoreBase):
 
     def message(self, message_id):
         """Deferred: the Message, or None."""
-        return self._read(self._message_txn, message_id)
+        return self._read("message", self._message_txn, message_id)
 
     @staticmethod
     def _message_txn(txn, message_id):
@@ -310,7 +318,7 @@ class MessagingStore(StoreBase):
         delivered): then both moves are listed, delivered first. Each names the
         senders of the messages it newly covers.
         """
-        return self._write(self._move_mark_txn, conversation_id, username, state, seq, now)
+        return self._write_first("move_mark", self._move_mark_txn, conversation_id, username, state, seq, now)
 
     @staticmethod
     def _move_mark_txn(txn, conversation_id, username, state, seq, now):
@@ -346,49 +354,53 @@ class MessagingStore(StoreBase):
             moves.append(MarkMove(moved, old, seq, tuple(name for (name,) in txn.fetchall())))
         return moves
 
-    def receipts(self, message):
-        """Deferred: [(username, delivered_at, read_at)] for each member but the sender."""
-        return self._read(self._receipts_txn, message)
+    def receipts(self, message, after=None, limit=None):
+        """Deferred: [(username, delivered_at, read_at)] for each member but the sender, by name,
+        names above `after` (None: all), at most `limit` (None: all) of them. One statement.
+
+        A time is when the member's mark first reached the message (reading delivers too).
+        """
+        return self._read("receipts", self._receipts_txn, message, after, limit)
 
     @staticmethod
-    def _receipts_txn(txn, message):
+    def _receipts_txn(txn, message, after, limit):
+        clause, arguments = limited(limit)
         txn.execute(
-            "SELECT u.id, u.username FROM members m JOIN users u ON u.id = m.user_id"
-            " WHERE m.conversation_id = ? AND u.username != ? ORDER BY u.username",
-            (message.conversation_id, message.sender),
+            "SELECT u.username,"
+            " (SELECT MIN(e.at) FROM mark_events e WHERE e.conversation_id = m.conversation_id"
+            "  AND e.user_id = m.user_id AND e.state IN ('delivered', 'read') AND e.seq >= ?),"
+            " (SELECT MIN(e.at) FROM mark_events e WHERE e.conversation_id = m.conversation_id"
+            "  AND e.user_id = m.user_id AND e.state = 'read' AND e.seq >= ?)"
+            " FROM members m JOIN users u ON u.id = m.user_id"
+            " WHERE m.conversation_id = ? AND u.username <> ? AND u.username > ?"
+            f" ORDER BY u.username{clause}",
+            # ('' sorts before every name)
+            (message.seq, message.seq, message.conversation_id, message.sender, after or "", *arguments),
         )
-        rows = []
-        for uid, name in txn.fetchall():
-            times = []
-            for states in (("delivered", "read"), ("read", "read")):
-                txn.execute(
-                    "SELECT MIN(at) FROM mark_events WHERE conversation_id = ? AND user_id = ?"
-                    " AND state IN (?, ?) AND seq >= ?",
-                    (message.conversation_id, uid, *states, message.seq),
-                )
-                times.append(txn.fetchone()[0])
-            rows.append((name, *times))
-        return rows
+        return txn.fetchall()
 
     def save_pending_receipt(self, recipients, receipt):
         """Deferred: keep `receipt` for each offline recipient (only the newest per reader and state)."""
-        return self._write(self._save_pending_txn, recipients, receipt)
+        return self._write("save_pending_receipt", self._save_pending_txn, recipients, receipt)
 
     @staticmethod
     def _save_pending_txn(txn, recipients, receipt):
-        reader_id = user_id(txn, receipt.reader)
-        for recipient in recipients:
-            txn.execute(
-                "INSERT INTO pending_receipts (recipient_id, conversation_id, reader_id, state, seq, at)"
-                f" VALUES (({USER_ID}), ?, ?, ?, ?, ?)"
-                " ON CONFLICT (recipient_id, conversation_id, reader_id, state)"
-                " DO UPDATE SET seq = MAX(seq, excluded.seq), at = excluded.at",
-                (recipient, receipt.conversation_id, reader_id, receipt.state, receipt.seq, receipt.at),
-            )
+        recipients = list(recipients)
+        if not recipients:
+            return
+        txn.execute(
+            "INSERT INTO pending_receipts (recipient_id, conversation_id, reader_id, state, seq, at)"
+            f" SELECT users.id, ?, reader.id, ?, ?, ? FROM users, ({USER_ID}) reader"
+            f" WHERE users.username IN {placeholders(recipients)} AND {LIVE}"
+            " ON CONFLICT (recipient_id, conversation_id, reader_id, state) DO UPDATE SET"
+            " seq = CASE WHEN excluded.seq > pending_receipts.seq THEN excluded.seq ELSE pending_receipts.seq END,"
+            " at = excluded.at",
+            (receipt.conversation_id, receipt.state, receipt.seq, receipt.at, receipt.reader, *recipients),
+        )
 
     def take_pending_receipts(self, username):
         """Deferred: [Receipt] kept for `username`, now forgotten."""
-        return self._write(self._take_pending_txn, username)
+        return self._write("take_pending_receipts", self._take_pending_txn, username)
 
     @staticmethod
     def _take_pending_txn(txn, username):
