@@ -2,6 +2,7 @@
 
 from collections import namedtuple
 
+from securechatd.store import dialect
 from securechatd.store.base import LIVE, USER_ID, StoreBase, limited
 
 # generation: 1 for a new account, +1 at every password change (a login checked
@@ -19,13 +20,13 @@ class AccountStore(StoreBase):
 
     @staticmethod
     def _create_user_txn(txn, username, password_hash, now, invite_hash):
-        txn.execute(  # a deleted account keeps its name: ON CONFLICT covers it too
+        uid = dialect.insert(  # a deleted account keeps its name: ON CONFLICT covers it too
+            txn,
             "INSERT INTO users (username, password_hash, created_at, password_changed_at)"
-            " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO NOTHING RETURNING id",
+            " VALUES (?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
             (username, password_hash, now, now),
         )
-        row = txn.fetchone()
-        if row is None:
+        if uid is None:
             return False
         if invite_hash is not None:
             txn.execute(
@@ -34,7 +35,7 @@ class AccountStore(StoreBase):
                 (username, now, invite_hash, now),
             )
             if txn.rowcount != 1:
-                txn.execute("DELETE FROM users WHERE id = ?", row)
+                txn.execute("DELETE FROM users WHERE id = ?", (uid,))
                 return False
         return True
 

@@ -9,6 +9,7 @@ message, so numbers follow commit order. A member's `delivered_seq` and
 """
 
 from securechatd.records import Conversation, MarkMove, Membership, Message, Receipt, Stored
+from securechatd.store import dialect
 from securechatd.store.base import LIVE, USER_ID, StoreBase, limited, placeholders, user_id
 
 _MESSAGE_COLUMNS = "id, conversation_id, seq, sender, body, sent_at"
@@ -132,11 +133,9 @@ class MessagingStore(StoreBase):
         row = txn.fetchone()
         if row is not None:
             return _conversation(txn, row[0]), False
-        txn.execute(
-            "INSERT INTO conversations (kind, direct_pair, created_at) VALUES ('direct', ?, ?) RETURNING id",
-            (pair, now),
+        conversation_id = dialect.insert(
+            txn, "INSERT INTO conversations (kind, direct_pair, created_at) VALUES ('direct', ?, ?)", (pair, now)
         )
-        (conversation_id,) = txn.fetchone()
         _add_members(txn, conversation_id, (a, b), now, 0)
         return _conversation(txn, conversation_id), True
 
@@ -146,11 +145,9 @@ class MessagingStore(StoreBase):
 
     @staticmethod
     def _group_txn(txn, usernames, title, now):
-        txn.execute(
-            "INSERT INTO conversations (kind, title, created_at) VALUES ('group', ?, ?) RETURNING id",
-            (title, now),
+        conversation_id = dialect.insert(
+            txn, "INSERT INTO conversations (kind, title, created_at) VALUES ('group', ?, ?)", (title, now)
         )
-        (conversation_id,) = txn.fetchone()
         _add_members(txn, conversation_id, usernames, now, 0)
         return _conversation(txn, conversation_id)
 
@@ -250,17 +247,16 @@ class MessagingStore(StoreBase):
         if row is None:  # not (any more) a member: only a resend of a stored message is answered
             return _resent(txn, sender, client_msg_id)
         seq = row[0]
-        txn.execute(
+        message_id = dialect.insert(
+            txn,
             "INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at)"
             f" VALUES (?, ?, ({USER_ID}), ?, ?, ?, ?)"
-            " ON CONFLICT (sender_id, client_msg_id) DO NOTHING RETURNING id",
+            " ON CONFLICT (sender_id, client_msg_id) DO NOTHING",
             (conversation_id, seq, sender, sender, client_msg_id, body, now),
         )
-        row = txn.fetchone()
-        if row is None:  # a resend: give the number back, answer with the stored message
+        if message_id is None:  # a resend: give the number back, answer with the stored message
             txn.execute("UPDATE conversations SET last_seq = last_seq - 1 WHERE id = ?", (conversation_id,))
             return _resent(txn, sender, client_msg_id)
-        message_id = row[0]
         # the sender has their own message: a mark right behind it moves past it, so it
         # is neither pending nor unread for them (a mark further behind stays)
         txn.execute(
