@@ -8,12 +8,14 @@ from datetime import datetime, timezone
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
+import securechatd
 from securechatd import commands
 from securechatd.server.accounts import AccountService
 from securechatd.server.conversations import ConversationService
@@ -242,9 +244,36 @@ def start_daemon(testcase, reactor, **settings):
     return listener.port.getHost().port, os.path.join(certs_dir, "ca.pem"), hub
 
 
-# -- the installed daemon as a subprocess --------------------------------------------
+# -- the daemon and the client as subprocesses -----------------------------------------
+#
+# A child process must run the code under test, not the copy `pip install .`
+# left in site-packages: the venv's console scripts find the tree's
+# securechatd through PYTHONPATH (environment()), and twistd finds the tree's
+# plugin through twistd() below.
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+# The tree whose securechatd these tests import: the code under test.
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(securechatd.__file__)))
+BIN = os.path.dirname(sys.executable)
+SECURECHAT = os.path.join(BIN, "securechat")
+
+# The venv's twistd script (twisted.scripts.twistd.run), with one difference:
+# twisted.plugins searches its own directory in site-packages, where pip put a
+# copy of our plugin, before those on sys.path; this searches the tree's first.
+_TWISTD = (
+    "import sys, twisted.plugins; "
+    "twisted.plugins.__path__.insert(0, sys.argv.pop(1)); "
+    "sys.argv[0] = 'twistd'; "
+    "from twisted.scripts.twistd import run; "
+    "sys.exit(run())"
+)
+
+
+def twistd(*arguments, root=SOURCE_ROOT):
+    """argv running twistd with `arguments`, with root/twisted/plugins first in the plugin search.
+
+    Run it with env=environment(root), so that the plugin imports root/securechatd.
+    """
+    return [sys.executable, "-c", _TWISTD, os.path.join(root, "twisted", "plugins"), *arguments]
 
 
 class DaemonProcess(ProcessProtocol):
@@ -269,28 +298,27 @@ class DaemonProcess(ProcessProtocol):
         self.ended.callback((reason.value.exitCode, reason.value.signal))
 
 
-def environment():
-    """The test's environment without any path that would import the source tree."""
-    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+def environment(root=SOURCE_ROOT):
+    """The test's environment for a child process, with `root` (the tree under test) first on PYTHONPATH."""
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [path for path in paths if path and path != root]))
 
 
-def spawn_daemon(testcase, reactor, config, directory, *arguments):
-    """The installed twistd running securechatd with `config`: (process, DaemonProcess).
+def spawn_daemon(testcase, reactor, config, directory, *arguments, root=SOURCE_ROOT):
+    """twistd running the securechatd of `root` with `config`: (process, DaemonProcess).
 
     Killed in cleanup if it is still running.
     """
     daemon = DaemonProcess()
-    process = reactor.spawnProcess(
-        daemon,
-        TWISTD,
-        [TWISTD, "--nodaemon", "--pidfile=", "securechatd", "--config", config, *arguments],
-        env=environment(),
-        path=directory,
-    )
+    argv = twistd("--nodaemon", "--pidfile=", "securechatd", "--config", config, *arguments, root=root)
+    process = reactor.spawnProcess(daemon, argv[0], argv, env=environment(root), path=directory)
 
     def stop():
         if not daemon.ended.called:
-            process.signalProcess("KILL")
+            try:
+                process.signalProcess("KILL")
+            except ProcessExitedAlready:  # exited; its output is still being read
+                pass
         return daemon.ended
 
     testcase.addCleanup(stop)

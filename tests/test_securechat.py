@@ -1,9 +1,8 @@
-"""The installed `securechat` against the installed `twistd -n securechatd`, as people and scripts run them."""
+"""`securechat` against `twistd -n securechatd`, as people and scripts run them, both running the tree under test."""
 
 import json
 import os
 import socket
-import sys
 
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -11,9 +10,8 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.trial import unittest
 
 from securechatd.certs import write_certs
-from tests.helpers import TWISTD, DaemonProcess, environment
+from tests.helpers import SECURECHAT, environment, spawn_daemon
 
-SECURECHAT = os.path.join(os.path.dirname(sys.executable), "securechat")
 PASSWORD = "correct horse battery"
 TIMEOUT = 30
 
@@ -77,15 +75,7 @@ class SecurechatTests(unittest.TestCase):
             f.write("[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n")
         # A certificate for the name localhost only, so 127.0.0.1 is a wrong host name.
         write_certs(os.path.join(self.directory, "certs"), ["localhost"])
-        self.daemon = DaemonProcess()
-        process = reactor.spawnProcess(
-            self.daemon,
-            TWISTD,
-            [TWISTD, "--nodaemon", "--pidfile=", "securechatd", "--config", config],
-            env=environment(),
-            path=self.directory,
-        )
-        self.addCleanup(self.stop, process, self.daemon.ended)
+        _, self.daemon = spawn_daemon(self, reactor, config, self.directory)
         self.port = yield self.daemon.listening
         self.ca = os.path.join(self.directory, "certs", "ca.pem")
 

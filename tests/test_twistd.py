@@ -1,14 +1,21 @@
-"""The installed `twistd -n securechatd`, run as a subprocess the way a user runs it."""
+"""`twistd -n securechatd` run as a subprocess the way a user runs it, on the tree under test.
+
+CodeUnderTestTests proves that child processes run the tree these tests
+import, not the copy `pip install .` left in site-packages.
+"""
 
 import os
+import shutil
 import subprocess
+import sys
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
+import securechatd
 from securechatd import commands
-from tests.helpers import TWISTD, connected_client, environment, spawn_daemon
+from tests.helpers import SECURECHAT, SOURCE_ROOT, connected_client, environment, spawn_daemon, twistd
 
 PASSWORD = "correct horse battery"
 
@@ -23,10 +30,11 @@ class TwistdTests(unittest.TestCase):
 
     def spawn(self, *arguments):
         return spawn_daemon(self, reactor, self.config, self.directory, *arguments)
+
     def run_twistd(self, *arguments):
         """Run the daemon to completion (for start-up failures)."""
         return subprocess.run(
-            [TWISTD, "--nodaemon", "--pidfile=", "securechatd", "--config", self.config, *arguments],
+            twistd("--nodaemon", "--pidfile=", "securechatd", "--config", self.config, *arguments),
             capture_output=True,
             text=True,
             timeout=60,
@@ -35,9 +43,7 @@ class TwistdTests(unittest.TestCase):
         )
 
     def test_twistd_lists_the_plugin(self):
-        listing = subprocess.run(
-            [TWISTD, "--help"], capture_output=True, text=True, timeout=60, env=environment()
-        )
+        listing = subprocess.run(twistd("--help"), capture_output=True, text=True, timeout=60, env=environment())
         self.assertIn("securechatd", listing.stdout)
 
     @inlineCallbacks
@@ -77,3 +83,75 @@ class TwistdTests(unittest.TestCase):
         self.assertNotEqual(ran.returncode, 0)
         self.assertIn(f"cannot listen on 127.0.0.1 port {port}", ran.stdout + ran.stderr)
         self.assertNotIn("Traceback", ran.stdout + ran.stderr)
+
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPORTED_FROM = 'import sys\nsys.stderr.write(f"securechatd imported from {__file__}\\n")\n'
+
+
+class CodeUnderTestTests(unittest.TestCase):
+    """Child processes run the tree these tests import, never the copy installed in site-packages.
+
+    A changed copy of the tree stands for the code under test: what the
+    children do shows which securechatd and which twistd plugin they loaded.
+    """
+
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+
+    def tree(self):
+        """A copy of the tree under test (securechatd and twisted/plugins) whose securechatd reports its file."""
+        root = os.path.abspath(self.mktemp())
+        ignore = shutil.ignore_patterns("__pycache__", "dropin.cache")
+        for part in ("securechatd", os.path.join("twisted", "plugins")):
+            shutil.copytree(os.path.join(SOURCE_ROOT, part), os.path.join(root, part), ignore=ignore)
+        self.change(root, "securechatd/__init__.py", append=IMPORTED_FROM)
+        return root
+
+    def change(self, root, path, append="", old=None, new=None):
+        path = os.path.join(root, *path.split("/"))
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if old is not None:
+            self.assertIn(old, text)
+            text = text.replace(old, new)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + append)
+
+    def test_the_tests_import_the_checkout(self):
+        self.assertEqual(SOURCE_ROOT, CHECKOUT)
+        ran = subprocess.run(
+            [sys.executable, "-c", "import securechatd; print(securechatd.__file__)"],
+            capture_output=True, text=True, timeout=60, env=environment(), cwd=self.directory,
+        )
+        self.assertEqual(ran.stdout, os.path.join(CHECKOUT, "securechatd", "__init__.py") + "\n")
+        self.assertEqual(os.path.abspath(securechatd.__file__), os.path.join(CHECKOUT, "securechatd", "__init__.py"))
+
+    @inlineCallbacks
+    def test_the_daemon_runs_the_trees_makeService(self):
+        root = self.tree()
+        self.change(root, "securechatd/tap.py", append='\n\ndef makeService(options):\n    raise RuntimeError("the broken makeService under test")\n')
+        config = os.path.join(self.directory, "securechatd.ini")
+        with open(config, "w") as f:
+            f.write("[server]\nport = 0\n")
+        _, daemon = spawn_daemon(self, reactor, config, self.directory, root=root)
+        failure = yield self.assertFailure(daemon.listening, RuntimeError)
+        self.assertIn("securechatd imported from " + os.path.join(root, "securechatd", "__init__.py"), str(failure))
+        self.assertIn("RuntimeError: the broken makeService under test", str(failure))
+
+    def test_twistd_finds_the_trees_plugin(self):
+        root = self.tree()
+        self.change(root, "twisted/plugins/securechatd_plugin.py", old='"A secure chat daemon', new='"The plugin under test')
+        listing = subprocess.run(
+            twistd("--help", root=root), capture_output=True, text=True, timeout=60, env=environment(root), cwd=self.directory
+        )
+        self.assertIn("The plugin under test", listing.stdout)
+
+    def test_the_client_runs_the_tree(self):
+        root = self.tree()
+        ran = subprocess.run(
+            [SECURECHAT, "--help"], capture_output=True, text=True, timeout=60, env=environment(root), cwd=self.directory
+        )
+        self.assertEqual(ran.returncode, 0, ran.stderr)
+        self.assertIn("securechatd imported from " + os.path.join(root, "securechatd", "__init__.py"), ran.stderr)

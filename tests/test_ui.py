@@ -5,6 +5,7 @@ from memory, through a real ui.Console or ui.Terminal over a StringTransport.
 """
 
 import json
+import locale
 from datetime import datetime, timedelta, timezone
 
 from twisted.internet import task
@@ -29,11 +30,13 @@ from securechatd.client.main import Chat, LocalError, Options, configured_passwo
 from securechatd.commands import BadCredentials, NoSuchUser
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
+ZONE = timezone(timedelta(hours=-3))  # the reader's time zone: NOW reads 07:00 there, whatever the machine's
 PASSWORD = "correct horse battery"
 
 
-def hhmm(moment):
-    return moment.astimezone().strftime("%H:%M")
+def render(record):
+    """The lines for `record` read at NOW in ZONE."""
+    return ui.render(record, NOW, ZONE)
 
 
 class ParserTests(unittest.TestCase):
@@ -131,52 +134,79 @@ def message(**fields):
 
 class RenderTests(unittest.TestCase):
     def test_message(self):
-        self.assertEqual(ui.render(message()), [f"{hhmm(NOW)} [bob] <bob> hi"])
+        self.assertEqual(render(message()), ["07:00 [bob] <bob> hi"])
 
     def test_own_message_is_marked_sent(self):
         record = message(event="answer", command="say", sender="alice", body="hello")
-        self.assertEqual(ui.render(record), [f"{hhmm(NOW)} [bob] <alice> hello  (#7 sent)"])
+        self.assertEqual(render(record), ["07:00 [bob] <alice> hello  (#7 sent)"])
 
     def test_other_people_cannot_write_control_sequences(self):
-        [line] = ui.render(message(body="one\ntwo\x1b[2J\tthree"))
-        self.assertEqual(line, f"{hhmm(NOW)} [bob] <bob> one\n      two�[2J three")
+        [line] = render(message(body="one\ntwo\x1b[2J\tthree"))
+        self.assertEqual(line, "07:00 [bob] <bob> one\n      two�[2J three")
 
     def test_older_messages_show_the_date(self):
-        yesterday = datetime.now(timezone.utc) - timedelta(days=1)
-        self.assertEqual(ui.stamp(yesterday), yesterday.astimezone().strftime("%b %d %H:%M"))
-        self.assertEqual(ui.stamp(NOW, now=NOW), hhmm(NOW))
+        self.assertEqual(ui.stamp(NOW, NOW, ZONE), "07:00")
+        self.assertEqual(ui.stamp(NOW - timedelta(days=1), NOW, ZONE), "Nov 21 07:00")
+        self.assertEqual(ui.stamp(NOW, NOW + timedelta(days=365), ZONE), "Nov 22 07:00")
+        self.assertEqual(render(message(sent_at=NOW - timedelta(hours=8))), ["Nov 21 23:00 [bob] <bob> hi"])
+
+    def test_today_is_the_day_in_the_readers_zone(self):
+        """10:00 UTC on Nov 22 is 00:00 on Nov 23 at UTC+14 (Kiritimati) and 22:00 on Nov 21 at UTC-12."""
+        earlier, later = NOW - timedelta(hours=1), NOW + timedelta(hours=3)
+        self.assertEqual([ui.stamp(NOW, now, timezone.utc) for now in (earlier, later)], ["10:00", "10:00"])
+        self.assertEqual(ui.stamp(NOW, earlier, timezone(timedelta(hours=14))), "Nov 23 00:00")
+        self.assertEqual(ui.stamp(NOW, later, timezone(timedelta(hours=14))), "00:00")
+        self.assertEqual(ui.stamp(NOW, earlier, timezone(timedelta(hours=-12))), "22:00")
+        self.assertEqual(ui.stamp(NOW, later, timezone(timedelta(hours=-12))), "Nov 21 22:00")
+
+    def test_the_month_is_english_in_any_locale(self):
+        try:
+            previous = locale.setlocale(locale.LC_TIME)
+        except locale.Error as e:
+            raise unittest.SkipTest(f"no locale support: {e}")
+        for name in ("de_DE.UTF-8", "de_DE.utf8", "fr_FR.UTF-8", "fr_FR.utf8"):
+            try:
+                locale.setlocale(locale.LC_TIME, name)
+            except locale.Error:
+                continue
+            self.addCleanup(locale.setlocale, locale.LC_TIME, previous)
+            break
+        else:
+            raise unittest.SkipTest("no German or French locale installed (locale -a)")
+        self.assertNotEqual(datetime(2026, 12, 1).strftime("%b"), "Dec")  # the locale does change %b
+        self.assertEqual(ui.stamp(datetime(2026, 12, 1, tzinfo=timezone.utc), NOW, timezone.utc), "Dec 01 00:00")
 
     def test_receipts(self):
         receipt = dict(event="receipt", conversation_id=3, conversation="bob", username="bob", seq=2, at=NOW)
         self.assertEqual(
-            ui.render(dict(receipt, state="delivered", message_ids=[7])), [f"{hhmm(NOW)} [bob] ✓ #7 delivered to bob"]
+            render(dict(receipt, state="delivered", message_ids=[7])), ["07:00 [bob] ✓ #7 delivered to bob"]
         )
         self.assertEqual(
-            ui.render(dict(receipt, state="read", message_ids=[7, 9])),
-            [f"{hhmm(NOW)} [bob] ✓✓ 2 messages up to #9 read by bob"],
+            render(dict(receipt, state="read", message_ids=[7, 9])),
+            ["07:00 [bob] ✓✓ 2 messages up to #9 read by bob"],
         )
-        self.assertEqual(ui.render(dict(receipt, state="read", message_ids=[])), [f"{hhmm(NOW)} [bob] ✓✓ read by bob"])
+        self.assertEqual(render(dict(receipt, state="read", message_ids=[])), ["07:00 [bob] ✓✓ read by bob"])
 
     def test_presence(self):
         event = dict(event="presence", username="bob", status="away", note="lunch", at=NOW)
-        self.assertEqual(ui.render(event), [f"{hhmm(NOW)} * bob is away: lunch"])
+        self.assertEqual(render(event), ["07:00 * bob is away: lunch"])
         row = dict(username="carol", status="offline", note=None, last_seen=NOW)
         self.assertEqual(
-            ui.render(dict(event="answer", command="who", presence=[row])),
-            [f"  carol is offline, last seen {ui.stamp(NOW)}"],
+            render(dict(event="answer", command="who", presence=[row])),
+            ["  carol is offline, last seen 07:00"],
         )
 
     def test_conversations(self):
         event = dict(event="conversation", conversation_id=3, kind="direct", title=None, at=NOW)
         direct = dict(event, conversation="alice", members=["alice", "bob"], change="new")
-        self.assertEqual(ui.render(direct), [f"{hhmm(NOW)} * new conversation with alice; /open alice to talk there"])
+        self.assertEqual(render(direct), ["07:00 * new conversation with alice; /open alice to talk there"])
         group = dict(event, kind="group", conversation="Team", members=["a", "b", "c"], change="new")
-        self.assertEqual(ui.render(group), [f"{hhmm(NOW)} * new group [Team]: a, b, c; /open Team to talk there"])
-        self.assertEqual(ui.render(dict(group, change="left")), [f"{hhmm(NOW)} * you are no longer in [Team]"])
+        self.assertEqual(render(group), ["07:00 * new group [Team]: a, b, c; /open Team to talk there"])
+        self.assertEqual(render(dict(group, change="left")), ["07:00 * you are no longer in [Team]"])
 
     def test_answers(self):
         def answer(command, **fields):
-            return ui.render(dict(event="answer", command=command, **fields))
+            return render(dict(event="answer", command=command, **fields))
 
         self.assertEqual(
             answer("login", username="alice", conversations=2, unread=3),
@@ -196,14 +226,14 @@ class RenderTests(unittest.TestCase):
                 dict(username="bob", delivered_at=NOW, read_at=None),
                 dict(username="carol", delivered_at=None, read_at=None),
             ]),
-            ["#7 in [bob]:", f"  bob: delivered {hhmm(NOW)}, not read yet", "  carol: not delivered yet"],
+            ["#7 in [bob]:", "  bob: delivered 07:00, not read yet", "  carol: not delivered yet"],
         )
         self.assertEqual(
             answer("history", conversation="bob", messages=[message()], has_more=True),
-            ["(older messages: /history with a larger N)", f"{hhmm(NOW)} [bob] <bob> hi"],
+            ["(older messages: /history with a larger N)", "07:00 [bob] <bob> hi"],
         )
         self.assertEqual(answer("quit"), [])
-        self.assertEqual(ui.render(dict(event="error", code="NO_SUCH_USER", message="No.")), ["error: No."])
+        self.assertEqual(render(dict(event="error", code="NO_SUCH_USER", message="No.")), ["error: No."])
 
     def test_json(self):
         self.assertEqual(
@@ -434,7 +464,7 @@ class ChatTestCase(unittest.TestCase):
         self.status = self.chat.run()
 
     def make_console(self):
-        return ui.Console()
+        return ui.Console(tz=ZONE)
 
     def type(self, *lines):
         self.console.dataReceived("".join(line + "\n" for line in lines).encode())
@@ -692,7 +722,7 @@ class InteractiveTests(ChatTestCase):
     batch = False
 
     def make_console(self):
-        return ui.Terminal(width=lambda: 200)
+        return ui.Terminal(width=lambda: 200, tz=ZONE)
 
     def test_a_message_arriving_while_typing(self):
         self.logged_in(Conversation(3, "direct", ("alice", "bob")))
@@ -702,9 +732,18 @@ class InteractiveTests(ChatTestCase):
         self.client.on_deliver(Message(301, 1, "bob", "where are you?", NOW, 3))
         self.assertEqual(
             self.transport.value().decode(),
-            f"on my wa\r\x1b[J{hhmm(NOW)} [bob] <bob> where are you?\n[bob]> on my wa"
+            "on my wa\r\x1b[J07:00 [bob] <bob> where are you?\n[bob]> on my wa"
             "\r\x1b[J[bob · 1 unread]> on my wa",
         )
+
+    def test_today_is_the_day_on_the_sessions_clock(self):
+        self.logged_in(Conversation(3, "direct", ("alice", "bob")))
+        self.client.on_deliver(Message(301, 1, "bob", "sent today", NOW, 3))
+        self.clock.advance(24 * 60 * 60)
+        self.client.on_deliver(Message(302, 2, "bob", "shown a day later", NOW, 3))
+        lines = [line.rpartition("\x1b[J")[2] for line in self.transport.value().decode().split("\n")]
+        self.assertIn("07:00 [bob] <bob> sent today", lines)
+        self.assertIn("Nov 22 07:00 [bob] <bob> shown a day later", lines)
 
     def test_commands_run_at_once(self):
         self.logged_in(Conversation(3, "direct", ("alice", "bob")))

@@ -154,7 +154,7 @@ class Chat:
         if self.batch:
             self.console.show(ui.to_json(record))
         else:
-            for line in ui.render(record):
+            for line in ui.render(record, self._now(), self.console.tz):
                 self.console.show(line)
         self._prompt()
 

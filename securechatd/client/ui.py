@@ -12,7 +12,6 @@ import shutil
 import textwrap
 import unicodedata
 from dataclasses import dataclass
-from datetime import datetime
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -232,11 +231,18 @@ def prompt(conversation, unread):
     return f"[{where} · {unread} unread]> " if unread else f"[{where}]> "
 
 
-def stamp(moment, now=None):
-    """Local time: HH:MM today, with the date on other days."""
-    local = moment.astimezone()
-    now = (now or datetime.now()).astimezone()
-    return local.strftime("%H:%M") if local.date() == now.date() else local.strftime("%b %d %H:%M")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def stamp(moment, now, tz=None):
+    """When `moment` was, in time zone `tz`: HH:MM on the day `now` falls on there, else "Nov 22 10:00".
+
+    `now` comes from the caller's clock, never the wall clock; `tz` None means
+    this machine's local time zone. The month is English whatever the locale.
+    """
+    local, today = moment.astimezone(tz), now.astimezone(tz)
+    time = f"{local.hour:02d}:{local.minute:02d}"
+    return time if local.date() == today.date() else f"{_MONTHS[local.month - 1]} {local.day:02d} {time}"
 
 
 def clean(text, indent=""):
@@ -250,16 +256,16 @@ def clean(text, indent=""):
     return ("\n" + indent).join(safe)
 
 
-def _message(record, suffix=""):
-    head = f"{stamp(record['sent_at'])} [{clean(record['conversation'])}] <{record['sender']}> "
+def _message(record, at, suffix=""):
+    head = f"{at(record['sent_at'])} [{clean(record['conversation'])}] <{record['sender']}> "
     return head + clean(record["body"], " " * 6) + suffix
 
 
-def _sent(record):
-    return _message(record, f"  (#{record['message_id']} sent)")
+def _sent(record, at):
+    return _message(record, at, f"  (#{record['message_id']} sent)")
 
 
-def _receipt(record):
+def _receipt(record, at):
     if record["state"] == "read":
         mark, verb = "✓✓", "read by"
     else:
@@ -271,31 +277,31 @@ def _receipt(record):
         what = f" {len(ids)} messages up to #{ids[-1]}"
     else:
         what = ""
-    return [f"{stamp(record['at'])} [{clean(record['conversation'])}] {mark}{what} {verb} {record['username']}"]
+    return [f"{at(record['at'])} [{clean(record['conversation'])}] {mark}{what} {verb} {record['username']}"]
 
 
-def _presence_text(row):
+def _presence_text(row, at):
     text = f"{row['username']} is {row['status']}"
     if row.get("note"):
         text += f": {clean(row['note'])}"
     if row["status"] == "offline" and row.get("last_seen"):
-        text += f", last seen {stamp(row['last_seen'])}"
+        text += f", last seen {at(row['last_seen'])}"
     return text
 
 
-def _conversation(record):
+def _conversation(record, at):
     name, members = clean(record["conversation"]), ", ".join(record["members"])
-    at = stamp(record["at"])
+    when = at(record["at"])
     if record["change"] == "left":
-        return [f"{at} * you are no longer in [{name}]"]
+        return [f"{when} * you are no longer in [{name}]"]
     if record["change"] == "members":
-        return [f"{at} * [{name}] members: {members}"]
+        return [f"{when} * [{name}] members: {members}"]
     if record["kind"] == "direct":
-        return [f"{at} * new conversation with {name}; /open {name} to talk there"]
-    return [f"{at} * new group [{name}]: {members}; /open {name} to talk there"]
+        return [f"{when} * new conversation with {name}; /open {name} to talk there"]
+    return [f"{when} * new group [{name}]: {members}; /open {name} to talk there"]
 
 
-def _login(record):
+def _login(record, at):
     line = f"logged in as {record['username']}"
     if record["unread"]:
         return [f"{line}; {record['unread']} unread in your conversations (/convs lists them)"]
@@ -304,24 +310,24 @@ def _login(record):
     return [f"{line}; /convs lists your conversations"]
 
 
-def _dm(record):
+def _dm(record, at):
     opened = f"now in [{clean(record['conversation'])}]" + (" (new conversation)" if record["created"] else "")
-    return [opened] + ([_sent(record)] if "message_id" in record else [])
+    return [opened] + ([_sent(record, at)] if "message_id" in record else [])
 
 
-def _users(record):
+def _users(record, at):
     rows = record["users"]
     return [f"  {row['username']:<20} {row['status']}" for row in rows] or ["no users found"]
 
 
-def _who(record):
+def _who(record, at):
     rows = record["presence"]
-    return ["  " + _presence_text(row) for row in rows] or [
+    return ["  " + _presence_text(row, at) for row in rows] or [
         "you share no conversation with anyone yet; /users lists people"
     ]
 
 
-def _convs(record):
+def _convs(record, at):
     rows = record["conversations"]
     if not rows:
         return ["no conversations yet; /dm USER starts one"]
@@ -333,70 +339,75 @@ def _convs(record):
     return lines
 
 
-def _open(record):
+def _open(record, at):
     line = f"now in [{clean(record['conversation'])}]"
     return [line + (f", {record['unread']} unread (/history shows them)" if record["unread"] else "")]
 
 
-def _history(record):
-    lines = [_message(message) for message in record["messages"]] or ["no messages yet"]
+def _history(record, at):
+    lines = [_message(message, at) for message in record["messages"]] or ["no messages yet"]
     if record["has_more"]:
         lines.insert(0, "(older messages: /history with a larger N)")
     return lines
 
 
-def _receipts(record):
+def _receipts(record, at):
     lines = [f"#{record['message_id']} in [{clean(record['conversation'])}]:"]
     for row in record["receipts"]:
         if row["read_at"]:
-            state = f"read {stamp(row['read_at'])}"
+            state = f"read {at(row['read_at'])}"
         elif row["delivered_at"]:
-            state = f"delivered {stamp(row['delivered_at'])}, not read yet"
+            state = f"delivered {at(row['delivered_at'])}, not read yet"
         else:
             state = "not delivered yet"
         lines.append(f"  {row['username']}: {state}")
     return lines
 
 
+# Each takes the record and `at`, which writes a moment as stamp() does for this render.
 _ANSWERS = {
-    "register": lambda r: [f"registered {r['username']}"],
+    "register": lambda r, at: [f"registered {r['username']}"],
     "login": _login,
-    "logout": lambda r: ["logged out"],
-    "passwd": lambda r: ["password changed; your other sessions are logged out"],
+    "logout": lambda r, at: ["logged out"],
+    "passwd": lambda r, at: ["password changed; your other sessions are logged out"],
     "users": _users,
     "who": _who,
-    "status": lambda r: [f"you are {r['status']}" + (f": {clean(r['note'])}" if r["note"] else "")],
-    "say": lambda r: [_sent(r)],
+    "status": lambda r, at: [f"you are {r['status']}" + (f": {clean(r['note'])}" if r["note"] else "")],
+    "say": lambda r, at: [_sent(r, at)],
     "dm": _dm,
-    "group": lambda r: [f"now in the new group [{clean(r['conversation'])}] with {', '.join(r['members'])}"],
-    "add": lambda r: [f"[{clean(r['conversation'])}] members: {', '.join(r['members'])}"],
-    "leave": lambda r: [f"you left [{clean(r['conversation'])}]"],
+    "group": lambda r, at: [f"now in the new group [{clean(r['conversation'])}] with {', '.join(r['members'])}"],
+    "add": lambda r, at: [f"[{clean(r['conversation'])}] members: {', '.join(r['members'])}"],
+    "leave": lambda r, at: [f"you left [{clean(r['conversation'])}]"],
     "convs": _convs,
     "open": _open,
     "history": _history,
-    "read": lambda r: [f"[{clean(r['conversation'])}] marked read"],
+    "read": lambda r, at: [f"[{clean(r['conversation'])}] marked read"],
     "receipts": _receipts,
-    "wait": lambda r: [f"{r['count']} {r['awaited']} event(s) arrived"],
-    "help": lambda r: r["lines"],
-    "quit": lambda r: [],
+    "wait": lambda r, at: [f"{r['count']} {r['awaited']} event(s) arrived"],
+    "help": lambda r, at: r["lines"],
+    "quit": lambda r, at: [],
 }
 
 _EVENTS = {
-    "answer": lambda r: _ANSWERS[r["command"]](r),
-    "error": lambda r: [f"error: {clean(r['message'])}"],
-    "deliver": lambda r: [_message(r)],
+    "answer": lambda r, at: _ANSWERS[r["command"]](r, at),
+    "error": lambda r, at: [f"error: {clean(r['message'])}"],
+    "deliver": lambda r, at: [_message(r, at)],
     "receipt": _receipt,
-    "presence": lambda r: [f"{stamp(r['at'])} * {_presence_text(r)}"],
+    "presence": lambda r, at: [f"{at(r['at'])} * {_presence_text(r, at)}"],
     "conversation": _conversation,
-    "disconnected": lambda r: [f"{stamp(r['at'])} * connection lost; reconnecting"],
-    "reconnected": lambda r: [f"{stamp(r['at'])} * reconnected as {r['username']}"],
-    "logged_out": lambda r: [f"{stamp(r['at'])} * logged out: {r['message']}"],
+    "disconnected": lambda r, at: [f"{at(r['at'])} * connection lost; reconnecting"],
+    "reconnected": lambda r, at: [f"{at(r['at'])} * reconnected as {r['username']}"],
+    "logged_out": lambda r, at: [f"{at(r['at'])} * logged out: {r['message']}"],
 }
 
 
-def render(record):
-    """The lines a person sees for an answer or event record."""
-    return _EVENTS[record["event"]](record)
+def render(record, now, tz=None):
+    """The lines a person sees for an answer or event record.
+
+    Times read as stamp() writes them: `now` (from the caller's clock) says
+    which day is today, `tz` (None: this machine's local zone) where.
+    """
+    return _EVENTS[record["event"]](record, lambda moment: stamp(moment, now, tz))
 
 
 def to_json(record):
@@ -412,12 +423,14 @@ class Console(Protocol):
     """Standard input and output as lines: for pipes, scripts and --batch.
 
     Half-closeable, so the end of the input leaves output open for the answers
-    still to come.
+    still to come. `tz` is the time zone its reader's times are shown in (None:
+    this machine's local zone).
     """
 
     interactive = False
 
-    def __init__(self):
+    def __init__(self, tz=None):
+        self.tz = tz
         self._buffer = b""
         self._lines = []
         self._waiting = None
@@ -493,8 +506,8 @@ class Terminal(Console):
 
     interactive = True
 
-    def __init__(self, width=lambda: shutil.get_terminal_size().columns):
-        super().__init__()
+    def __init__(self, width=lambda: shutil.get_terminal_size().columns, tz=None):
+        super().__init__(tz)
         self.prompt = ""  # drawn by the first set_prompt
         self.typed = ""
         self._secret = None
