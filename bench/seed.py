@@ -1,8 +1,8 @@
 """Write accounts (and resume tokens) into a new database before the daemon starts.
 
-Run as a script by the daemon's interpreter, so that it imports the
-*installed* securechatd that twistd runs (same migrations, store and hash),
-not the source tree. Every account gets the same bcrypt hash, made once at
+Run as a script by the daemon's interpreter with the same PYTHONPATH, so
+that it imports the securechatd that twistd runs (same migrations, store
+and hash). Every account gets the same bcrypt hash, made once at
 the daemon's cost: a login costs the server exactly what it would after a
 Register, but setting up 1000 accounts costs one hash instead of 1000.
 Resume tokens are stored the way a Login stores them.
@@ -18,7 +18,7 @@ import uuid
 
 from twisted.internet import defer, task
 
-from securechatd.server.accounts import token_hash
+from securechatd.server.passwords import token_hash
 from securechatd.server.passwords import PasswordHasher
 from securechatd.store import Store
 from securechatd.store.migrations import upgrade

@@ -8,15 +8,17 @@ import getpass
 import secrets
 import ipaddress
 import sys
+from datetime import datetime, timezone
 
-from twisted.internet import task
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.python import usage
 
 from securechatd import audit, certs, config
 from securechatd.commands import ChatError
-from securechatd.server.accounts import normalize_username, token_hash
+from securechatd.server.accounts import normalize_username
+from securechatd.server.passwords import token_hash
 from securechatd.server.passwords import PasswordHasher, check_rule
 from securechatd.store import MigrationError, Store, StoreError, open_pool, prepare_database
 
@@ -145,14 +147,14 @@ async def _accounts(reactor, settings, command, options, out):
             invite = secrets.token_urlsafe(24)
             now = reactor.seconds()
             await store.add_invite(token_hash(invite), now, now + options["days"] * 86400)
-            audit.record(settings.audit_log, "admin_invite", method="admin")
+            audit.record(settings.audit_log, "admin_invite", reactor.seconds(), method="admin")
             out.write(invite + "\n")
             return
         username = _username(options["username"])
         if command == "deluser":
             if not await store.delete_user(username, reactor.seconds()):
                 raise AdminError(f"no such user: {username}")
-            audit.record(settings.audit_log, "admin_deluser", target=username, method="admin")
+            audit.record(settings.audit_log, "admin_deluser", reactor.seconds(), target=username, method="admin")
             out.write(f"deleted {username}\n")
             return
         password = read_password(f"Password for {username}: ")
@@ -161,10 +163,10 @@ async def _accounts(reactor, settings, command, options, out):
         if command == "adduser":
             if not await store.create_user(username, hashed, reactor.seconds()):
                 raise AdminError(f"the username {username} is taken")
-            audit.record(settings.audit_log, "admin_adduser", target=username, method="admin")
+            audit.record(settings.audit_log, "admin_adduser", reactor.seconds(), target=username, method="admin")
             out.write(f"created {username}\n")
         elif await store.set_password(username, hashed, reactor.seconds()):
-            audit.record(settings.audit_log, "admin_passwd", target=username, method="admin")
+            audit.record(settings.audit_log, "admin_passwd", reactor.seconds(), target=username, method="admin")
             out.write(f"password changed for {username}; their resume tokens are revoked\n")
         else:
             raise AdminError(f"no such user: {username}")
@@ -181,7 +183,8 @@ def run(argv, out=sys.stdout):
         settings = config.load(options["config"], overrides)
         command, sub = options.subCommand, options.subOptions
         if command == "certs":
-            for path in certs.write_certs(sub["dir"], sub["hostname"], sub["ip"]):
+            now = datetime.fromtimestamp(reactor.seconds(), timezone.utc)
+            for path in certs.write_certs(sub["dir"], sub["hostname"], sub["ip"], now=now):
                 out.write(f"wrote {path}\n")
             return 0
         task.react(lambda reactor: Deferred.fromCoroutine(_reported(reactor, settings, command, sub, out)))

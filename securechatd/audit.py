@@ -54,9 +54,9 @@ class AuditLog:
         self._file.close()
 
 
-def record(path, kind, **fields):
-    """Append one event to the audit log at `path` (for securechatd-admin)."""
+def record(path, kind, now, **fields):
+    """Append one event, at `now` (seconds since the epoch), to the audit log at `path` (for securechatd-admin)."""
     if path is None:
         return
     with open_private(path) as audit:
-        audit.write(audit_line(dict(fields, security_event=kind, log_time=time.time())) + "\n")
+        audit.write(audit_line(dict(fields, security_event=kind, log_time=now)) + "\n")

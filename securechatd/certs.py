@@ -48,7 +48,7 @@ _HOSTNAME = re.compile(
 )
 
 
-def write_certs(directory, hostnames, ips=(), *, now=None, days=825):
+def write_certs(directory, hostnames, ips=(), *, now, days=825):
     """
     Make a new development CA and a server certificate signed by it.
 
@@ -59,8 +59,8 @@ def write_certs(directory, hostnames, ips=(), *, now=None, days=825):
     @param ips: IP addresses (text or L{ipaddress} objects) for the
         subjectAltName.
     @param now: an aware UTC L{datetime.datetime} the certificates start
-        at, by default the current time (tests pass a past time to get an
-        expired certificate).
+        at: the caller's clock (the reactor's time; tests pass a past time
+        to get an expired certificate).
     @param days: how long the server certificate is valid; 825 days is the
         longest that Apple platforms accept for a TLS server certificate.
 
@@ -77,8 +77,6 @@ def write_certs(directory, hostnames, ips=(), *, now=None, days=825):
         if not _HOSTNAME.match(name):
             raise CertError(f"{name!r} is not a valid host name")
     addresses = [ipaddress.ip_address(ip) for ip in ips]
-    if now is None:
-        now = datetime.datetime.now(datetime.timezone.utc)
 
     paths = [
         os.path.join(directory, name)
@@ -198,9 +196,11 @@ def write_certs(directory, hostnames, ips=(), *, now=None, days=825):
     return written
 
 
-def ensure_dev_certs(directory):
+def ensure_dev_certs(directory, now):
     """
     Make development certificates on first run; otherwise leave everything.
+
+    @param now: the current time, an aware UTC L{datetime.datetime}.
 
     @return: L{True} if certificates were written, L{False} if server.pem
         and server.key were already there.
@@ -226,7 +226,7 @@ def ensure_dev_certs(directory):
                 f"exists; remove the CA files to make new development "
                 f"certificates"
             )
-    write_certs(directory, ["localhost"], ["127.0.0.1", "::1"])
+    write_certs(directory, ["localhost"], ["127.0.0.1", "::1"], now=now)
     return True
 
 

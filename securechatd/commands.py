@@ -6,6 +6,7 @@ exception and never a bare UNHANDLED/UNKNOWN for an expected failure.
 """
 
 import functools
+import keyword
 
 from twisted.protocols import amp
 
@@ -56,6 +57,15 @@ ERRORS_BY_CODE = {code: cls for cls, code in ERRORS.items()}
 
 BAD_CREDENTIALS_TEXT = "Wrong username or password."
 
+# -- limits both sides need (the server enforces them, clients stay within them) --------
+
+MAX_CLIENT_MSG_ID = 64  # characters of SendMessage's client_msg_id
+MAX_PRESENCE_NAMES = 100  # names per GetPresence, so an answer always fits one AMP value
+MAX_NOTE_BYTES = 200  # UTF-8 bytes of a presence note
+MAX_TITLE = 200  # characters of a group title
+USERS_LIMIT = (50, 200)  # ListUsers' limit: (default, maximum)
+HISTORY_LIMIT = (50, 500)  # History's limit: (default, maximum)
+
 
 class Integer(amp.Integer):
     """A 64-bit signed integer: anything larger is a malformed argument, not a database error."""
@@ -67,12 +77,33 @@ class Integer(amp.Integer):
         return value
 
 
+# Argument types converted by the fast path below: each reads and writes exactly
+# one key of the box, so toStringProto/fromStringProto is all AMP would do.
+_ONE_KEY_TYPES = (amp.Unicode, amp.Integer, amp.Boolean, amp.DateTime, amp.ListOf, amp.AmpList)
+
+
 @functools.cache
 def _fields(command, schema):
-    """(wire name, Python name, Argument) for each entry of a command's `schema` list."""
-    return tuple(
-        (wire, amp._wireNameToPythonIdentifier(wire), argument) for wire, argument in getattr(command, schema)
-    )
+    """(wire name, Python name, Argument) for each entry of a command's `schema` list.
+
+    An argument of any other type (one that spans several keys, like
+    amp.Descriptor or a custom toBox/fromBox) would be mis-encoded by the
+    fast path, so it is refused here rather than silently.
+    """
+    fields = []
+    for wire, argument in getattr(command, schema):
+        name = wire.decode("ascii")
+        kind = type(argument)
+        if not (
+            isinstance(argument, _ONE_KEY_TYPES)
+            and kind.toBox is amp.Argument.toBox
+            and kind.fromBox is amp.Argument.fromBox
+        ):
+            raise TypeError(f"{command.__name__}.{name}: {type(argument).__name__} is not a one-key argument type")
+        if not name.isidentifier() or keyword.iskeyword(name):
+            raise TypeError(f"{command.__name__}: {wire!r} is not a plain argument name")
+        fields.append((wire, name, argument))
+    return tuple(fields)
 
 
 def _to_box(box, fields, objects):

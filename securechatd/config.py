@@ -106,6 +106,9 @@ class Settings:
     box_keys_before_login: int = 32
     box_bytes: int = 64 * 1024 + 2048
     box_keys: int = 64
+    max_unanswered_pushes: int = 1000
+    refusals_before_pause: int = 50
+    refusal_pause: float = 5.0
     message_burst: int = 30
     message_rate: float = 10.0
     action_burst: int = 20
@@ -152,6 +155,9 @@ SCHEMA = {
     "box_keys_before_login": ("connections", "box_keys_before_login", _integer(4, 1000)),
     "box_bytes": ("connections", "box_bytes", _integer(4096, 1 << 20)),
     "box_keys": ("connections", "box_keys", _integer(8, 1000)),
+    "max_unanswered_pushes": ("connections", "max_unanswered_pushes", _integer(1)),
+    "refusals_before_pause": ("connections", "refusals_before_pause", _integer(1)),
+    "refusal_pause": ("connections", "refusal_pause", _seconds),
     "message_burst": ("limits", "message_burst", _integer(1)),
     "message_rate": ("limits", "message_rate", _seconds),
     "action_burst": ("limits", "action_burst", _integer(1)),

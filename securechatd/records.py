@@ -13,3 +13,4 @@ Receipt = namedtuple("Receipt", "conversation_id reader state seq at")
 Membership = namedtuple("Membership", "conversation_id delivered_seq read_seq last_seq")
 Stored = namedtuple("Stored", "message new")  # the answer to storing a message: new, or a resend
 MarkMove = namedtuple("MarkMove", "state old new senders")  # a mark moved from old to new
+Presence = namedtuple("Presence", "username status note at")  # a user's combined status changed

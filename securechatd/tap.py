@@ -6,7 +6,7 @@ services. Any problem there stops start-up with one line and exit status 1.
 """
 
 import signal
-import sqlite3
+from datetime import datetime, timezone
 import sys
 from functools import partial
 
@@ -22,6 +22,7 @@ from securechatd.server.hub import Hub
 from securechatd.server.messages import MessageService
 from securechatd.server.passwords import HashThreadPool, PasswordHasher
 from securechatd.server.presence import PresenceService
+from securechatd.server.receipts import ReceiptService
 from securechatd.server.connection import AdmittingTLSFactory, ChatFactory, ConnectionLimits
 from securechatd.server.services import (
     AuditLogService,
@@ -31,9 +32,7 @@ from securechatd.server.services import (
     ThreadPoolService,
 )
 from securechatd.server.throttle import LoginThrottle, TokenBucket, WindowCounter
-from securechatd.store import Store
-from securechatd.store.migrations import MigrationError, upgrade
-from securechatd.store.pool import connect, open_pool
+from securechatd.store import MigrationError, Store, open_pool, prepare_database
 
 log = Logger()
 
@@ -56,12 +55,6 @@ class Options(usage.Options):
         ["certs", None, None, "Directory with ca.pem, server.pem, server.key [default: certs]."],
     ]
 
-    def parseOptions(self, options=None):
-        try:
-            super().parseOptions(options)
-        except usage.UsageError as problem:
-            _fail(problem)
-
     def postOptions(self):
         overrides = {
             name: self[name]
@@ -71,7 +64,7 @@ class Options(usage.Options):
         try:
             self["settings"] = config.load(self["config"], overrides)
         except config.ConfigError as problem:
-            _fail(problem)
+            raise usage.UsageError(str(problem))
 
 
 def _endpoint(settings, reactor):
@@ -89,14 +82,7 @@ def _endpoint(settings, reactor):
 
 
 def _prepare_database(settings, reactor):
-    try:
-        connection = connect(settings.database, settings.durability, settings.busy_timeout)
-        try:
-            applied = upgrade(connection, settings.database, reactor.seconds())
-        finally:
-            connection.close()
-    except sqlite3.Error as problem:
-        raise MigrationError(f"database {settings.database}: {problem}")
+    applied = prepare_database(settings.database, settings.durability, settings.busy_timeout, reactor.seconds())
     if applied:
         log.info(
             "database {path}: applied schema migrations {versions}",
@@ -105,9 +91,43 @@ def _prepare_database(settings, reactor):
         )
 
 
+def make_hub(settings, store, hasher, clock):
+    """Every service of the daemon, wired together, for `settings` (also used by the tests)."""
+    accounts = AccountService(
+        store,
+        hasher,
+        clock,
+        LoginThrottle(
+            clock,
+            settings.login_failures_before_delay,
+            settings.login_max_delay,
+            settings.address_login_failures,
+            settings.address_failure_window,
+        ),
+        WindowCounter(clock, settings.registrations_per_address, settings.registration_window),
+        registration_exempt=settings.registration_exempt,
+        max_sessions=settings.max_sessions,
+        token_lifetime=settings.resume_token_lifetime,
+        registration_open=settings.registration == "open",
+    )
+    actions = TokenBucket(clock, settings.action_burst, settings.action_rate)
+    conversations = ConversationService(store, accounts.registry, clock, actions, settings.max_members)
+    messages = MessageService(
+        store,
+        conversations,
+        accounts.registry,
+        clock,
+        TokenBucket(clock, settings.message_burst, settings.message_rate),
+        settings.max_message_bytes,
+    )
+    receipts = ReceiptService(store, conversations, accounts.registry, clock)
+    presence = PresenceService(store, accounts.registry, clock, actions)
+    return Hub(accounts, conversations, messages, receipts, presence, clock, settings.delivery_window)
+
+
 def build(settings, reactor):
     """The daemon's service tree for `settings` (raises on bad certs or database)."""
-    if certs.ensure_dev_certs(settings.certs):
+    if certs.ensure_dev_certs(settings.certs, datetime.fromtimestamp(reactor.seconds(), timezone.utc)):
         log.warn(
             "Created DEVELOPMENT certificates in {directory}: a new CA (ca.pem) and a"
             " server certificate for localhost, 127.0.0.1 and ::1. Clients must trust"
@@ -122,42 +142,7 @@ def build(settings, reactor):
         settings.hash_nice, minthreads=0, maxthreads=settings.hash_threads, name="securechatd-bcrypt"
     )
     hasher = PasswordHasher(settings.bcrypt_cost, partial(deferToThreadPool, reactor, hash_pool))
-    accounts = AccountService(
-        store,
-        hasher,
-        reactor,
-        LoginThrottle(
-            reactor,
-            settings.login_failures_before_delay,
-            settings.login_max_delay,
-            settings.address_login_failures,
-            settings.address_failure_window,
-        ),
-        WindowCounter(reactor, settings.registrations_per_address, settings.registration_window),
-        registration_exempt=settings.registration_exempt,
-        max_sessions=settings.max_sessions,
-        token_lifetime=settings.resume_token_lifetime,
-        registration_open=settings.registration == "open",
-    )
-    conversations = ConversationService(store, accounts.registry, reactor, settings.max_members)
-    messages = MessageService(
-        store,
-        conversations,
-        accounts.registry,
-        reactor,
-        settings.max_message_bytes,
-        TokenBucket(reactor, settings.message_burst, settings.message_rate),
-    )
-    presence = PresenceService(store, accounts.registry, reactor)
-    hub = Hub(
-        accounts,
-        conversations,
-        messages,
-        presence,
-        reactor,
-        settings.delivery_window,
-        TokenBucket(reactor, settings.action_burst, settings.action_rate),
-    )
+    hub = make_hub(settings, store, hasher, reactor)
     factory = ChatFactory(hub, reactor, ConnectionLimits.from_settings(settings))
     endpoint, where = _endpoint(settings, reactor)
     daemon = SequentialMultiService()

@@ -3,6 +3,7 @@
 import os
 import re
 import sys
+from dataclasses import replace
 from datetime import datetime, timezone
 
 from twisted.enterprise import adbapi
@@ -16,19 +17,21 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 import securechatd
-from securechatd import commands
-from securechatd.server.accounts import AccountService
-from securechatd.server.conversations import ConversationService
-from securechatd.server.hub import Hub
-from securechatd.server.messages import MessageService
-from securechatd.server.presence import PresenceService
+from securechatd import commands, tap
+from securechatd.config import Settings
 from securechatd.tls import client_options
 from securechatd.server.passwords import PasswordHasher
-from securechatd.server.connection import ChatProtocol
-from securechatd.server.throttle import LoginThrottle, WindowCounter
+from securechatd.server.connection import ChatProtocol, ConnectionLimits
 from securechatd.store import Store
 from securechatd.store.migrations import upgrade
 from securechatd.store.pool import connect, open_pool
+
+def wall_now():
+    """The real reactor's time as a UTC datetime: for certificates that real TLS checks against the real clock."""
+    from twisted.internet import reactor
+
+    return datetime.fromtimestamp(reactor.seconds(), timezone.utc)
+
 
 # bcrypt's minimum cost: the rules are the same, the tests are 250x faster.
 TEST_COST = 4
@@ -78,29 +81,15 @@ def run_now(f, *args):
     return defer.maybeDeferred(f, *args)
 
 
-def make_accounts(testcase, clock=None, store=None, **kw):
-    clock = clock or task.Clock()
-    store = store or make_store(testcase)
-    settings = dict(max_sessions=10, token_lifetime=30 * 86400, registration_exempt=())
-    settings.update(kw)
-    return AccountService(
-        store,
-        PasswordHasher(TEST_COST, run_now),
-        clock,
-        LoginThrottle(clock, 5, 900, 20, 3600),
-        WindowCounter(clock, settings.pop("registrations_per_address", 100), 600),
-        **settings,
+def make_hub(testcase, clock=None, store=None, **changes):
+    """Every service of the daemon (as tap.make_hub wires them) over one real SQLite file, driven by `clock`.
+
+    `changes` are Settings fields; a test address may register 100 accounts.
+    """
+    settings = replace(Settings(), **{"registrations_per_address": 100, "registration_exempt": (), **changes})
+    return tap.make_hub(
+        settings, store or make_store(testcase), PasswordHasher(TEST_COST, run_now), clock or task.Clock()
     )
-
-
-def make_hub(testcase, clock=None, window=32, max_members=1000, max_body=16 * 1024, **kw):
-    """Every service of the daemon over one real SQLite file, driven by `clock`."""
-    accounts = make_accounts(testcase, clock=clock, **kw)
-    clock, store, registry = accounts.clock, accounts.store, accounts.registry
-    conversations = ConversationService(store, registry, clock, max_members)
-    messages = MessageService(store, conversations, registry, clock, max_body)
-    presence = PresenceService(store, registry, clock)
-    return Hub(accounts, conversations, messages, presence, clock, window)
 
 
 class RecordingClient(amp.AMP):
@@ -144,6 +133,9 @@ PUSHES = {
 PUSHES[commands.Ping.commandName] = commands.Ping
 
 
+LIMITS = ConnectionLimits.from_settings(Settings())
+
+
 class Connection:
     """A client AMP connection to a server ChatProtocol, pumped in memory.
 
@@ -152,13 +144,13 @@ class Connection:
     those wait in `self.unanswered` for the test to answer.
     """
 
-    def __init__(self, hub, address="10.0.0.1", ipv6=False, answering=True):
+    def __init__(self, hub, address="10.0.0.1", ipv6=False, answering=True, limits=None):
         peer = (IPv6Address if ipv6 else IPv4Address)("TCP", address, 40000)
         self.pushes = []
         self.unanswered = []
         self.answering = answering
         self.client, self.server, self.pump = iosim.connectedServerAndClient(
-            lambda: ChatProtocol(hub, hub.clock),
+            lambda: ChatProtocol(hub, hub.clock, limits or LIMITS),
             lambda: RecordingClient(self),
             serverTransportFactory=lambda protocol: iosim.FakeTransport(
                 protocol, True, peerAddress=peer

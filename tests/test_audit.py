@@ -10,7 +10,7 @@ from twisted.trial import unittest
 
 from securechatd import audit, commands
 from securechatd.commands import NotAllowed
-from securechatd.server.accounts import token_hash
+from securechatd.server.passwords import token_hash
 from securechatd.server.services import AuditLogService
 from tests.helpers import Connection, make_hub
 
@@ -70,14 +70,15 @@ class AuditLogTests(unittest.TestCase):
         self.assertEqual(line, {"event": "login", "time": "1970-01-01T00:00:00+00:00", "username": "bob"})
 
     def test_admin_record(self):
-        audit.record(self.path, "admin_adduser", target="carol", method="admin")
-        self.assertEqual(self.lines()[0]["target"], "carol")
+        audit.record(self.path, "admin_adduser", 1_700_000_000, target="carol", method="admin")
+        [line] = self.lines()
+        self.assertEqual((line["target"], line["time"]), ("carol", "2023-11-14T22:13:20+00:00"))
 
 
 class ClosedRegistrationTests(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
-        self.hub = make_hub(self, clock=self.clock, registration_open=False)
+        self.hub = make_hub(self, clock=self.clock, registration="closed")
         self.store = self.hub.store
 
     def invite(self, token="invitation-1", days=7):

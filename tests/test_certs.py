@@ -193,17 +193,6 @@ class WriteCertsTests(TestCase):
         verifier = builder.build_server_verifier(x509.DNSName("other.example"))
         self.assertRaises(VerificationError, verifier.verify, cert, [])
 
-    def test_default_now_is_current_time(self):
-        """
-        Without C{now} the certificates start at the current time.
-        """
-        before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-        write_certs(self.directory, ["chat.example"])
-        after = datetime.datetime.now(datetime.timezone.utc)
-        for name in (CA_CERT, SERVER_CERT):
-            start = load_cert(self.directory, name).not_valid_before_utc
-            self.assertTrue(before <= start <= after, (before, start, after))
-
     def test_each_call_makes_a_new_ca(self):
         """
         Two calls make two unrelated CAs (fresh keys, fresh serials).
@@ -232,7 +221,7 @@ class WriteCertsTests(TestCase):
             with open(path, "wb") as f:
                 f.write(b"operator's file")
             error = self.assertRaises(
-                CertError, write_certs, directory, ["chat.example"]
+                CertError, write_certs, directory, ["chat.example"], now=NOW
             )
             self.assertEqual(
                 str(error), f"{path} already exists; refusing to overwrite it"
@@ -263,7 +252,7 @@ class WriteCertsTests(TestCase):
         os.mkdir(self.directory)
         target = os.path.abspath(self.mktemp())
         os.symlink(target, os.path.join(self.directory, SERVER_KEY))
-        self.assertRaises(CertError, write_certs, self.directory, ["chat.example"])
+        self.assertRaises(CertError, write_certs, self.directory, ["chat.example"], now=NOW)
         self.assertFalse(os.path.lexists(target))
 
     def test_failed_write_leaves_nothing(self):
@@ -280,7 +269,7 @@ class WriteCertsTests(TestCase):
 
         self.patch(certs, "_write_new", failing_write_new)
         error = self.assertRaises(
-            CertError, write_certs, self.directory, ["chat.example"]
+            CertError, write_certs, self.directory, ["chat.example"], now=NOW
         )
         self.assertIn(SERVER_CERT, str(error))
         self.assertEqual(os.listdir(self.directory), [])
@@ -290,7 +279,7 @@ class WriteCertsTests(TestCase):
         A server certificate without any hostname is refused before anything
         is written.
         """
-        self.assertRaises(CertError, write_certs, self.directory, [])
+        self.assertRaises(CertError, write_certs, self.directory, [], now=NOW)
         self.assertFalse(os.path.exists(self.directory))
 
 
@@ -321,6 +310,7 @@ class ClientReadableNamesTests(TestCase):
             self.directory,
             ["localhost", "chat.example", "*.chat.example"],
             ["127.0.0.1", "::1"],
+            now=NOW,
         )
         cert = load_cert(self.directory, SERVER_CERT)
         for name in ("localhost", "chat.example", "eu.chat.example"):
@@ -334,7 +324,7 @@ class ClientReadableNamesTests(TestCase):
         client cannot read: refused, naming it, before anything is written.
         """
         error = self.assertRaises(
-            CertError, write_certs, self.directory, ["localhost", "127.0.0.1"]
+            CertError, write_certs, self.directory, ["localhost", "127.0.0.1"], now=NOW
         )
         self.assertIn("127.0.0.1", str(error))
         self.assertFalse(os.path.exists(self.directory))
@@ -344,7 +334,7 @@ class ClientReadableNamesTests(TestCase):
         "*.localhost" (a wildcard over a single label) is refused.
         """
         error = self.assertRaises(
-            CertError, write_certs, self.directory, ["*.localhost"]
+            CertError, write_certs, self.directory, ["*.localhost"], now=NOW
         )
         self.assertIn("*.localhost", str(error))
         self.assertFalse(os.path.exists(self.directory))
@@ -402,7 +392,7 @@ class EnsureDevCertsTests(TestCase):
         With no certificate files, ensure_dev_certs writes all four, for
         localhost, 127.0.0.1 and ::1.
         """
-        self.assertIs(ensure_dev_certs(self.directory), True)
+        self.assertIs(ensure_dev_certs(self.directory, NOW), True)
         self.assertEqual(sorted(os.listdir(self.directory)), sorted(ALL_FILES))
         san = (
             load_cert(self.directory, SERVER_CERT)
@@ -420,9 +410,9 @@ class EnsureDevCertsTests(TestCase):
         Once the certificates exist, ensure_dev_certs returns False and
         changes nothing.
         """
-        ensure_dev_certs(self.directory)
+        ensure_dev_certs(self.directory, NOW)
         before = snapshot(self.directory)
-        self.assertIs(ensure_dev_certs(self.directory), False)
+        self.assertIs(ensure_dev_certs(self.directory, NOW), False)
         self.assertEqual(snapshot(self.directory), before)
 
     def test_operator_certificate_without_ca(self):
@@ -432,7 +422,7 @@ class EnsureDevCertsTests(TestCase):
         """
         self.write(SERVER_CERT, b"real cert")
         self.write(SERVER_KEY, b"real key")
-        self.assertIs(ensure_dev_certs(self.directory), False)
+        self.assertIs(ensure_dev_certs(self.directory, NOW), False)
         self.assertEqual(
             snapshot(self.directory),
             {SERVER_CERT: b"real cert", SERVER_KEY: b"real key"},
@@ -446,7 +436,7 @@ class EnsureDevCertsTests(TestCase):
         for name in present:
             self.write(name)
         before = snapshot(self.directory)
-        error = self.assertRaises(CertError, ensure_dev_certs, self.directory)
+        error = self.assertRaises(CertError, ensure_dev_certs, self.directory, NOW)
         self.assertTrue(str(error).startswith(self.path(missing) + " "), str(error))
         self.assertIn(" missing ", str(error))
         self.assertEqual(snapshot(self.directory), before)

@@ -9,7 +9,7 @@ from twisted.trial import unittest
 from securechatd.certs import write_certs
 from securechatd.client.library import ChatClient, TLSHandshakeFailed
 from securechatd.commands import BadCredentials, NoSuchConversation
-from tests.helpers import start_daemon
+from tests.helpers import start_daemon, wall_now
 
 PASSWORD = "correct horse battery"
 
@@ -120,7 +120,7 @@ class ClientTests(unittest.TestCase):
             def drop(message):
                 if not dropped:
                     dropped.append(message)
-                    session.connection.transport.abortConnection()
+                    session.client.transport.abortConnection()
                 return message
 
             return original(session, *arguments).addCallback(drop)
@@ -144,7 +144,7 @@ class ClientTests(unittest.TestCase):
         logged_out = Deferred()
         alice.on_logged_out = logged_out.callback
         yield self.hub.store.revoke_resume_token("alice", self.hub.registry.sessions_of("alice")[0].session_id)
-        self.hub.registry.sessions_of("alice")[0].connection.transport.abortConnection()
+        self.hub.registry.sessions_of("alice")[0].client.transport.abortConnection()
         reason = yield logged_out.addTimeout(10, reactor)
         self.assertIn("log in again", reason)
         self.assertIsNone(alice.username)
@@ -160,7 +160,7 @@ class ClientTests(unittest.TestCase):
         yield self.hub.store.revoke_resume_token("alice", session.session_id)
         reconnected = Deferred()
         client.on_reconnected = reconnected.callback
-        session.connection.transport.abortConnection()
+        session.client.transport.abortConnection()
         login = yield reconnected.addTimeout(10, reactor)
         self.assertEqual(login.username, "alice")
 
@@ -175,7 +175,7 @@ class ClientTests(unittest.TestCase):
     @inlineCallbacks
     def test_untrusted_server_is_refused_before_login(self):
         other = self.mktemp()
-        write_certs(other, ["localhost"], ["127.0.0.1"])
+        write_certs(other, ["localhost"], ["127.0.0.1"], now=wall_now())
         client = ChatClient("127.0.0.1", self.port, os.path.join(other, "ca.pem"), hostname="localhost", reactor=reactor)
         with self.assertRaises(TLSHandshakeFailed) as refused:
             yield client.connect()

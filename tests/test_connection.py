@@ -10,8 +10,9 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from securechatd import commands
+from securechatd.config import Settings
 from securechatd.server.connection import ChatFactory, ConnectionLimits
-from tests.helpers import Connection, make_hub
+from tests.helpers import LIMITS, Connection, make_hub, wall_now
 
 PASSWORD = "correct horse battery"
 
@@ -28,7 +29,7 @@ class RawConnection:
     """A ChatProtocol fed raw bytes over a StringTransport."""
 
     def __init__(self, hub, factory=None, address="10.0.0.1"):
-        self.factory = factory or ChatFactory(hub, hub.clock)
+        self.factory = factory or ChatFactory(hub, hub.clock, LIMITS)
         self.protocol = self.factory.buildProtocol(IPv4Address("TCP", address, 40000))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", address, 40000))
         self.protocol.makeConnection(self.transport)
@@ -194,7 +195,7 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertFalse(conn.server.lost)
 
     def test_unauthenticated_connections_per_address(self):
-        factory = ChatFactory(self.hub, self.clock, ConnectionLimits.from_settings(unauthenticated_per_address=3))
+        factory = ChatFactory(self.hub, self.clock, ConnectionLimits.from_settings(Settings(), unauthenticated_per_address=3))
         address = IPv4Address("TCP", "10.0.0.9", 1)
         conns = [RawConnection(self.hub, factory, "10.0.0.9") for _ in range(3)]
         self.assertFalse(factory.admit(address))
@@ -203,7 +204,7 @@ class ConnectionLimitTests(unittest.TestCase):
         self.assertTrue(factory.admit(address))
 
     def test_global_cap(self):
-        factory = ChatFactory(self.hub, self.clock, ConnectionLimits.from_settings(max_connections=2))
+        factory = ChatFactory(self.hub, self.clock, ConnectionLimits.from_settings(Settings(), max_connections=2))
         RawConnection(self.hub, factory, "10.0.0.1")
         RawConnection(self.hub, factory, "10.0.0.2")
         self.assertFalse(factory.admit(IPv4Address("TCP", "10.0.0.3", 1)))
@@ -215,7 +216,7 @@ class SlowReaderTests(unittest.TestCase):
         self.hub = make_hub(self, clock=self.clock)
 
     def test_pipelined_pings_never_read(self):
-        limits = ConnectionLimits.from_settings(max_unread_output=64 * 1024)
+        limits = ConnectionLimits.from_settings(Settings(), max_unread_output=64 * 1024)
         conn = RawConnection(self.hub, ChatFactory(self.hub, self.clock, limits))
         conn.transport.producer.pauseProducing()  # the kernel buffer is full: the client reads nothing
         for i in range(10_000):
@@ -243,7 +244,7 @@ class SlowReaderTests(unittest.TestCase):
         self.assertFalse(conn.dropped)
 
     def test_reads_pause_with_too_many_commands_in_flight(self):
-        limits = ConnectionLimits.from_settings(commands_in_flight=4)
+        limits = ConnectionLimits.from_settings(Settings(), commands_in_flight=4)
         conn = RawConnection(self.hub, ChatFactory(self.hub, self.clock, limits))
         hashing = []
         self.hub.accounts.hasher._run = lambda f, *a: hashing.append((f, a)) or __import__(
@@ -252,3 +253,86 @@ class SlowReaderTests(unittest.TestCase):
         for i in range(4):
             conn.send(box(_command=b"Register", _ask=b"%d" % i, username=b"user%d" % i, password=b"p" * 10))
         self.assertEqual(conn.transport.producerState, "paused")
+
+
+class FloodTests(unittest.TestCase):
+    """A client that keeps sending what it was told to wait with is not read for a while."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.hub = make_hub(self, clock=self.clock)
+        self.limits = ConnectionLimits.from_settings(Settings(), refusals_before_pause=10, refusal_pause=5.0)
+        setup = Connection(self.hub)
+        for name in ("alice", "bob"):
+            self.successResultOf(setup.call(commands.Register, username=name, password=PASSWORD))
+        self.conn = Connection(self.hub, limits=self.limits)
+        self.successResultOf(self.conn.call(commands.Login, username="alice", password=PASSWORD))
+        self.direct = self.successResultOf(self.conn.call(commands.CreateConversation, members=["bob"]))[
+            "conversation_id"
+        ]
+        self.sent = 0
+        self.reading = []  # what the server asked of the transport: (iosim's ignores it)
+        transport = self.conn.server.transport
+        transport.pauseProducing = lambda: self.reading.append("pause")
+        transport.resumeProducing = lambda: self.reading.append("resume")
+
+    def send(self):
+        self.sent += 1
+        return self.conn.call(
+            commands.SendMessage, conversation_id=self.direct, client_msg_id=f"m{self.sent}", body="spam"
+        )
+
+    def refused_in_a_row(self, count):
+        for _ in range(count):
+            self.failureResultOf(self.send(), commands.RateLimited)
+
+    def test_reads_pause_after_refusals_in_a_row_then_resume(self):
+        for _ in range(30):  # the burst
+            self.successResultOf(self.send())
+        self.refused_in_a_row(9)
+        self.assertEqual(self.reading, [])
+        self.refused_in_a_row(1)
+        self.assertEqual(self.reading, ["pause"])
+        self.clock.advance(4.9)
+        self.assertEqual(self.reading, ["pause"])
+        self.clock.advance(0.1)
+        self.assertEqual(self.reading, ["pause", "resume"])
+        self.successResultOf(self.send())  # refilled meanwhile: the connection was never dropped
+
+    def test_an_accepted_command_starts_the_count_again(self):
+        for _ in range(30):
+            self.successResultOf(self.send())
+        self.refused_in_a_row(9)
+        self.successResultOf(self.conn.call(commands.Ping))
+        self.refused_in_a_row(9)
+        self.assertEqual(self.reading, [])
+
+
+class HandshakeTests(unittest.TestCase):
+    """A connection that never finishes TLS is dropped at the login deadline, for that reason."""
+
+    def test_a_stalled_handshake_is_logged_as_such(self):
+        from twisted.logger import globalLogPublisher
+
+        from securechatd import tls
+        from securechatd.certs import ensure_dev_certs
+        from securechatd.server.connection import AdmittingTLSFactory
+
+        clock = task.Clock()
+        hub = make_hub(self, clock=clock)
+        certs = self.mktemp()
+        ensure_dev_certs(certs, wall_now())
+        factory = AdmittingTLSFactory(tls.server_options(certs), False, ChatFactory(hub, clock, LIMITS))
+        logged = []
+        observer = lambda event: logged.append(event.get("why"))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.1", 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 40000))
+        protocol.makeConnection(transport)
+        clock.advance(LIMITS.ping_after)  # a ping now would stall in TLS's buffer
+        self.assertFalse(transport.disconnecting)
+        clock.advance(LIMITS.login_deadline - LIMITS.ping_after)
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("the TLS handshake did not finish within 60 s", logged)

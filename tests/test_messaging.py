@@ -1,5 +1,6 @@
 """Conversations, sending, delivery, receipts and history through the real protocol (iosim)."""
 
+from dataclasses import replace
 from twisted.internet import defer, task
 from twisted.protocols import amp
 from twisted.trial import unittest
@@ -14,7 +15,7 @@ from securechatd.commands import (
     AuthRequired,
 )
 from securechatd.store.base import StoreError
-from tests.helpers import Connection, make_hub
+from tests.helpers import LIMITS, Connection, make_hub
 
 PASSWORD = "correct horse battery"
 
@@ -27,7 +28,7 @@ class MessagingTestCase(unittest.TestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.clock.advance(1_700_000_000)
-        self.hub = make_hub(self, clock=self.clock, window=self.window)
+        self.hub = make_hub(self, clock=self.clock, delivery_window=self.window)
         setup = Connection(self.hub)
         for name in ("alice", "bob", "carol", "dave"):
             self.successResultOf(setup.call(commands.Register, username=name, password=PASSWORD))
@@ -287,6 +288,15 @@ class SendTests(MessagingTestCase):
         self.assertEqual(self.send(alice, direct, "é" * 8192)["seq"], 1)
         self.settle(alice, bob)
         self.assertEqual(len(self.delivered(bob)), 1)
+
+    def test_control_characters_are_refused(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        direct = self.dm(alice, "bob")
+        for bad in ("nul\x00here", "bell\x07", "escape \x1b[2J", "c1 \x9b"):
+            self.error(alice, InvalidArgument, commands.SendMessage, conversation_id=direct, client_msg_id="c", body=bad)
+        self.assertEqual(self.send(alice, direct, "two lines\n\tand a tab, ok 👍")["seq"], 1)
+        self.settle(alice, bob)
+        self.assertEqual([body for _, _, body in self.delivered(bob)], ["two lines\n\tand a tab, ok 👍"])
 
     def test_client_msg_id_rules(self):
         alice = self.connect("alice")
@@ -642,15 +652,17 @@ class ActionLimitTests(MessagingTestCase):
         self.ok(alice, commands.CreateConversation, members=["bob"])
 
     def test_a_client_that_answers_no_push_is_dropped(self):
-        from securechatd.server import sessions
-
-        self.patch(sessions, "MAX_UNANSWERED", 5)
-        alice, bob = self.connect("alice"), self.connect("bob")
+        alice = self.connect("alice")
+        bob = Connection(self.hub, limits=replace(LIMITS, max_unanswered=5))
+        self.successResultOf(bob.call(commands.Login, username="bob", password=PASSWORD))
+        self.settle(bob)
         self.dm(alice, "bob")
-        [session] = self.hub.registry.sessions_of("bob")
-        session.connection.callRemote = lambda command, **kw: defer.Deferred()  # never answered
-        for status in ("away", "online", "busy", "online", "away", "online"):
+        self.settle(alice, bob)
+        bob.server.send_command = lambda encoded: defer.Deferred()  # never answered
+        for status in ("away", "online", "busy", "online", "away"):
             self.ok(alice, commands.SetPresence, status=status)
+        self.assertFalse(bob.server.transport.disconnecting)
+        self.ok(alice, commands.SetPresence, status="online")
         self.assertTrue(bob.server.transport.disconnecting)
 
     def test_large_receipt_lists_come_in_pages(self):

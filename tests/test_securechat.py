@@ -10,7 +10,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.trial import unittest
 
 from securechatd.certs import write_certs
-from tests.helpers import SECURECHAT, environment, spawn_daemon
+from tests.helpers import SECURECHAT, environment, spawn_daemon, wall_now
 
 PASSWORD = "correct horse battery"
 TIMEOUT = 30
@@ -74,7 +74,7 @@ class SecurechatTests(unittest.TestCase):
         with open(config, "w") as f:
             f.write("[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n")
         # A certificate for the name localhost only, so 127.0.0.1 is a wrong host name.
-        write_certs(os.path.join(self.directory, "certs"), ["localhost"])
+        write_certs(os.path.join(self.directory, "certs"), ["localhost"], now=wall_now())
         _, self.daemon = spawn_daemon(self, reactor, config, self.directory)
         self.port = yield self.daemon.listening
         self.ca = os.path.join(self.directory, "certs", "ca.pem")
@@ -197,7 +197,7 @@ class SecurechatTests(unittest.TestCase):
     @inlineCallbacks
     def test_certificate_problem_before_any_password(self):
         other = os.path.join(self.directory, "other")
-        write_certs(other, ["localhost"], ["127.0.0.1"])
+        write_certs(other, ["localhost"], ["127.0.0.1"], now=wall_now())
         wrong_ca = os.path.join(other, "ca.pem")
         refused = self.securechat("--batch", "--user", "alice", ca=wrong_ca, env={"SECURECHAT_PASSWORD": PASSWORD})
         self.assertEqual((yield refused.ended), 1)

@@ -53,7 +53,7 @@ from securechatd.certs import (
 from securechatd.client.library import ChatClient, TLSHandshakeFailed
 from securechatd.commands import BadCredentials
 from securechatd.tls import CIPHERS, client_options, server_options
-from tests.helpers import start_daemon
+from tests.helpers import start_daemon, wall_now
 
 SERVER_GREETING = b"hello from the server"
 CLIENT_GREETING = b"hello from the client"
@@ -334,7 +334,7 @@ class HandshakeTests(TLSTestCase):
         handshake: the server gets an "unknown ca" alert and no data.
         """
         other_dir = self.mktemp()
-        write_certs(other_dir, ["localhost"])
+        write_certs(other_dir, ["localhost"], now=wall_now())
         connection = Connection(
             server_options(self.certs_dir),
             client_options(os.path.join(other_dir, CA_CERT), "localhost"),
@@ -687,7 +687,7 @@ class ServerOptionsErrorTests(TLSTestCase):
         showing no key material.
         """
         other_dir = self.mktemp()
-        write_certs(other_dir, ["localhost"])
+        write_certs(other_dir, ["localhost"], now=wall_now())
         os.remove(self.key_path)
         os.rename(os.path.join(other_dir, SERVER_KEY), self.key_path)
         error = self.assertRaises(CertError, server_options, self.certs_dir)

@@ -69,11 +69,14 @@ class TwistdTests(unittest.TestCase):
             f.write("[database]\ndurability = sometimes\n")
         ran = self.run_twistd()
         self.assertEqual(ran.returncode, 1)
-        self.assertEqual(
-            ran.stderr,
-            f"securechatd: {self.config}: [database] durability: must be one of normal, full,"
-            " not 'sometimes'\n",
+        self.assertIn("--database=", ran.stdout)  # twistd shows the options with the problem
+        self.assertTrue(
+            ran.stdout.rstrip().endswith(
+                f"{self.config}: [database] durability: must be one of normal, full, not 'sometimes'"
+            ),
+            ran.stdout,
         )
+        self.assertNotIn("Traceback", ran.stdout + ran.stderr)
 
     @inlineCallbacks
     def test_port_in_use_is_one_line(self):

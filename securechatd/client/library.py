@@ -154,7 +154,7 @@ class ClientProtocol(amp.AMP):
 
     @commands.Ping.responder
     def ping(self):
-        return {"server_time": datetime.now(timezone.utc)}
+        return {"server_time": datetime.fromtimestamp(self.client.reactor.seconds(), timezone.utc)}
 
 
 class _Factory(Factory):

@@ -22,7 +22,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from securechatd import config
+from securechatd import commands, config
 from securechatd.certs import CA_CERT, CertError
 from securechatd.client import ui
 from securechatd.client.library import ChatClient, TLSHandshakeFailed
@@ -33,7 +33,6 @@ log = Logger()
 HISTORY = 20  # messages shown by /history without N
 WAIT_TIMEOUT = 30  # seconds /wait waits without TIMEOUT
 SETTLE = 10  # seconds /quit waits for the commands still running
-MAX_NAMES = 200  # users per GetPresence or ListUsers call (the server's limit)
 
 
 class LocalError(Exception):
@@ -279,7 +278,7 @@ class Chat:
     # -- people --------------------------------------------------------------------
 
     async def _do_users(self, prefix=None):
-        users = await self.client.list_users(prefix, MAX_NAMES)
+        users = await self.client.list_users(prefix, commands.USERS_LIMIT[1])
         self._answer("users", users=[{"username": name, "status": status} for name, status in users])
 
     async def _do_who(self):
@@ -287,8 +286,9 @@ class Chat:
         me = self.client.username
         contacts = sorted({m for c in self.conversations.values() for m in c.members} - {me})
         rows = []
-        for start in range(0, len(contacts), MAX_NAMES):
-            rows += await self.client.get_presence(contacts[start : start + MAX_NAMES])
+        per_call = commands.MAX_PRESENCE_NAMES
+        for start in range(0, len(contacts), per_call):
+            rows += await self.client.get_presence(contacts[start : start + per_call])
         presence = [
             {"username": p.username, "status": p.status, "note": p.note, "last_seen": p.last_seen} for p in rows
         ]

@@ -5,10 +5,8 @@ checker and a resume-token checker feed the ChatRealm, so another checker
 can be plugged in without touching the protocol.
 """
 
-import hashlib
 import re
 import secrets
-from datetime import datetime, timezone
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
@@ -28,6 +26,8 @@ from securechatd.commands import (
     UsernameTaken,
 )
 from securechatd.server import passwords
+from securechatd.server.passwords import token_hash
+from securechatd.server.policy import deferred
 from securechatd.server.sessions import ChatRealm, IChatSession, SessionRegistry
 from securechatd.server.throttle import address_key, retry_text
 
@@ -54,15 +54,6 @@ def existing_name(username):
         return normalize_username(username)
     except InvalidUsername:
         raise NoSuchUser(f"There is no user {username[:40]!r}.")
-
-
-def utc(seconds):
-    return datetime.fromtimestamp(seconds, tz=timezone.utc)
-
-
-def token_hash(token):
-    """How resume tokens and invitations are stored: never the token itself."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 class IResumeToken(ICredentials):
@@ -144,10 +135,10 @@ class AccountService:
         clock,
         throttle,
         registrations,
-        registration_exempt=(),
-        max_sessions=10,
-        token_lifetime=30 * 86400,
-        registration_open=True,
+        registration_exempt,
+        max_sessions,
+        token_lifetime,
+        registration_open,
     ):
         self.store = store
         self.hasher = hasher
@@ -164,6 +155,7 @@ class AccountService:
             [PasswordChecker(store, hasher), ResumeTokenChecker(store, clock)],
         )
 
+    @deferred
     async def register(self, username, password, address, invite=None):
         """Create an account; with registration closed, only with a valid invitation."""
         username = normalize_username(username)
@@ -204,6 +196,7 @@ class AccountService:
             security_event=event,
         )
 
+    @deferred
     async def login(self, username, password, client_name, address, connection):
         """(session, resume token) for a right password, else BadCredentials."""
         username = normalize_username(username)
@@ -219,6 +212,7 @@ class AccountService:
         session = await self._attempt(username, address, "password", verify)
         return session, await self._logged_in(session, credentials, address, "password")
 
+    @deferred
     async def resume(self, username, token, client_name, address, connection):
         """(session, new resume token) for a valid token, else BadCredentials."""
         try:
@@ -308,6 +302,7 @@ class AccountService:
         )
         return token if recorded else None
 
+    @deferred
     async def logout(self, session):
         """Revoke the session's resume token, then end it."""
         await self.store.revoke_resume_token(session.username, session.session_id)
@@ -319,6 +314,7 @@ class AccountService:
             security_event="logout",
         )
 
+    @deferred
     async def change_password(self, session, old_password, new_password, address):
         """Replace the password, then end the user's other sessions and their tokens."""
         passwords.check_rule(new_password)
@@ -338,7 +334,7 @@ class AccountService:
         ended = [s for s in self.registry.all_sessions_of(session.username) if s is not session]
         for other in ended:
             other.end()
-            other.connection.session_ended("Your password was changed in another session.")
+            other.client.session_ended("Your password was changed in another session.")
         security.info(
             "password changed for {username} from {address}; {count} other sessions ended",
             username=session.username,

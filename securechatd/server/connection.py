@@ -12,9 +12,9 @@ import ipaddress
 from dataclasses import dataclass, replace
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionClosed, ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, ISSLTransport
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -22,11 +22,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securechatd import commands
-from securechatd.config import Settings
+from securechatd.commands import RateLimited
+from securechatd.server import wire
 from securechatd.server.framing import END, BoundedBoxProtocol, BoxLimits, encode
 from securechatd.server.keepalive import KeepAlive
 from securechatd.server.protocol import ChatLocator
-from securechatd.server.sessions import IConnection
+from securechatd.server.sessions import IChatClient
 from securechatd.server.throttle import address_key
 
 log = Logger()
@@ -46,9 +47,12 @@ class ConnectionLimits:
     drop_after: float
     box_before_login: BoxLimits
     box_after_login: BoxLimits
+    max_unanswered: int
+    refusals_before_pause: int
+    refusal_pause: float
 
     @classmethod
-    def from_settings(cls, settings=Settings(), **changes):
+    def from_settings(cls, settings, **changes):
         limits = cls(
             login_deadline=settings.login_deadline,
             unauthenticated_per_address=settings.unauthenticated_per_address,
@@ -60,6 +64,9 @@ class ConnectionLimits:
             drop_after=settings.drop_after,
             box_before_login=BoxLimits(settings.box_bytes_before_login, settings.box_keys_before_login),
             box_after_login=BoxLimits(settings.box_bytes, settings.box_keys),
+            max_unanswered=settings.max_unanswered_pushes,
+            refusals_before_pause=settings.refusals_before_pause,
+            refusal_pause=settings.refusal_pause,
         )
         return replace(limits, **changes)
 
@@ -91,9 +98,9 @@ class _OutputWatch:
         pass
 
 
-@implementer(IConnection)
+@implementer(IChatClient, IHandshakeListener)
 class ChatProtocol(BoundedBoxProtocol):
-    """One client connection."""
+    """One client connection: its commands, its limits, and the pushes services send its session."""
 
     lost = False
     draining = False
@@ -101,18 +108,22 @@ class ChatProtocol(BoundedBoxProtocol):
     address = None
     limit_key = None  # what the per-address limits count this connection under
     keepalive = None
+    handshake_done = True  # False from the start of a TLS connection until its handshake completes
     _deadline = None
     _stall = None
     _writes_paused = False
-    _reads_paused = False
+    _refusal_pause = None
 
-    def __init__(self, hub, clock, limits=None, factory=None):
+    def __init__(self, hub, clock, limits, factory=None):
         self.locator = ChatLocator(self, hub, clock)
         self.clock = clock
-        self.limits = limits or ConnectionLimits.from_settings()
+        self.limits = limits
         self.factory = factory
         self.in_flight = 0
         self.unread_output = 0
+        self.unanswered = 0  # pushes sent and not answered yet
+        self.refusals = 0  # RATE_LIMITED answers in a row
+        self._read_pauses = set()  # why reads are paused: "in flight", "refused", "draining"
         super().__init__(locator=self.locator)
 
     def box_limits(self):
@@ -124,6 +135,7 @@ class ChatProtocol(BoundedBoxProtocol):
         # Skips AMP.makeConnection's info line per connection: noise at scale;
         # the security log records what matters (logins and failures).
         self.address = peer_address(transport.getPeer())
+        self.handshake_done = not ISSLTransport.providedBy(transport)
         no_delay = getattr(transport, "setTcpNoDelay", None)
         if no_delay is not None:
             # Small answers must not wait for the client's delayed ACK (Nagle): with TLS 1.3
@@ -135,6 +147,9 @@ class ChatProtocol(BoundedBoxProtocol):
             self.clock, self._ping, self._silent, self.limits.ping_after, self.limits.drop_after
         )
         self._deadline = self.clock.callLater(self.limits.login_deadline, self._too_slow)
+
+    def handshakeCompleted(self):
+        self.handshake_done = True
 
     # -- the client's side ---------------------------------------------------
 
@@ -161,12 +176,15 @@ class ChatProtocol(BoundedBoxProtocol):
         self.command_finished()
         tag = amp.ANSWER
         if not isinstance(outcome, Failure):
+            self.refusals = 0
             try:
                 answer = encode(outcome.items())
             except amp.TooLong:  # (answers are paged to fit one AMP value: a bug)
                 outcome = Failure()
         if isinstance(outcome, Failure):
             tag = amp.ERROR
+            if outcome.check(RateLimited):
+                self._refused()
             code, description = self.locator.error_of(outcome, name)  # (logs undeclared ones)
             if isinstance(description, str):
                 description = description.encode("utf-8", "replace")
@@ -178,20 +196,55 @@ class ChatProtocol(BoundedBoxProtocol):
         except ConnectionLost:
             pass  # the answer has no one to go to
 
+    # -- reading less ------------------------------------------------------------
+
+    def _pause_reads(self, why):
+        if not self._read_pauses and self.transport is not None:
+            self.transport.pauseProducing()
+        self._read_pauses.add(why)
+
+    def _resume_reads(self, why):
+        if why in self._read_pauses:
+            self._read_pauses.discard(why)
+            if not self._read_pauses and self.transport is not None and not self.lost:
+                self.transport.resumeProducing()
+
     def command_started(self):
         self.in_flight += 1
-        if self.in_flight >= self.limits.commands_in_flight and not self._reads_paused:
-            self._reads_paused = True
-            self.transport.pauseProducing()
+        if self.in_flight >= self.limits.commands_in_flight:
+            self._pause_reads("in flight")
 
     def command_finished(self):
         self.in_flight -= 1
         if self.draining:
             if not self.in_flight:
                 self.clock.callLater(0, self.close)  # once this answer is written
-        elif self._reads_paused and self.in_flight < self.limits.commands_in_flight and not self.lost:
-            self._reads_paused = False
-            self.transport.resumeProducing()
+        elif self.in_flight < self.limits.commands_in_flight:
+            self._resume_reads("in flight")
+
+    def _refused(self):
+        """A client that keeps sending what it was told to wait with is not read for a while.
+
+        (Answering RATE_LIMITED is cheap, but not free: one flooding connection
+        kept a core busy. Paused, it costs nothing until the pause ends.)
+        """
+        self.refusals += 1
+        if self.refusals >= self.limits.refusals_before_pause and self._refusal_pause is None:
+            log.warn(
+                "not reading from {peer} for {pause:.0f} s: {count} commands refused in a row",
+                peer=self.address,
+                pause=self.limits.refusal_pause,
+                count=self.refusals,
+            )
+            self.refusals = 0
+            self._pause_reads("refused")
+            self._refusal_pause = self.clock.callLater(self.limits.refusal_pause, self._refusal_pause_over)
+
+    def _refusal_pause_over(self):
+        self._refusal_pause = None
+        self._resume_reads("refused")
+
+    # -- logging in ----------------------------------------------------------------
 
     def logged_in(self):
         if self._deadline is not None and self._deadline.active():
@@ -208,13 +261,55 @@ class ChatProtocol(BoundedBoxProtocol):
 
     def _too_slow(self):
         self._deadline = None
-        self.refuse(f"not logged in within {self.limits.login_deadline:.0f} s")
+        if not self.handshake_done:
+            self.refuse(f"the TLS handshake did not finish within {self.limits.login_deadline:.0f} s")
+        else:
+            self.refuse(f"not logged in within {self.limits.login_deadline:.0f} s")
 
     def _ping(self):
-        self.callRemote(commands.Ping).addErrback(lambda _: None)  # any answer is a sign of life
+        if self.handshake_done:  # (before it, a ping would only wait in TLS's buffer)
+            self.callRemote(commands.Ping).addErrback(lambda _: None)  # any answer is a sign of life
 
     def _silent(self):
         self.refuse(f"silent for {self.limits.drop_after:.0f} s")
+
+    # -- pushes: IChatClient ---------------------------------------------------------
+
+    def deliver(self, message):
+        return self._push(commands.Deliver, wire.deliver_box(message))
+
+    def receipt(self, receipt):
+        return self._push(commands.Receipt, wire.receipt_box(receipt))
+
+    def presence_changed(self, presence):
+        return self._push(commands.PresenceChanged, wire.presence_box(presence))
+
+    def conversation_changed(self, conversation):
+        return self._push(commands.ConversationUpdated, wire.conversation_box(conversation))
+
+    def _push(self, command, encoded):
+        """Send a push: a Deferred firing True once answered, else False; it never fails.
+
+        A client that leaves too many unanswered is dropped; one that answers
+        with an error is logged, so one broken client never breaks a fan-out.
+        """
+        self.unanswered += 1
+        if self.unanswered > self.limits.max_unanswered:
+            self.refuse(f"{self.limits.max_unanswered} pushes left unanswered")
+        return self.send_command(encoded).addBoth(self._push_answered, command)
+
+    def _push_answered(self, result, command):
+        self.unanswered -= 1
+        if not isinstance(result, Failure):
+            return True
+        if not result.check(ConnectionDone, ConnectionLost, ConnectionClosed):
+            log.info(
+                "{session} did not take {command}: {problem}",
+                session=self.locator.session,
+                command=command.commandName.decode(),
+                problem=result.getErrorMessage(),
+            )
+        return False
 
     # -- our side: output the client does not read ------------------------------
 
@@ -241,7 +336,10 @@ class ChatProtocol(BoundedBoxProtocol):
 
     def _stalled(self):
         self._stall = None
-        self.refuse(f"a write stalled for {self.limits.write_stall:.0f} s")
+        if not self.handshake_done:
+            self.refuse(f"the TLS handshake stalled for {self.limits.write_stall:.0f} s")
+        else:
+            self.refuse(f"a write stalled for {self.limits.write_stall:.0f} s")
 
     # -- ending --------------------------------------------------------------------
 
@@ -256,8 +354,8 @@ class ChatProtocol(BoundedBoxProtocol):
             return
         self.refused = self.refused or "closing"
         self.transport.unregisterProducer()  # else TLS waits for it before closing
-        if self._reads_paused:  # TLS must read the client's close_notify to finish
-            self._reads_paused = False
+        if self._read_pauses:  # TLS must read the client's close_notify to finish
+            self._read_pauses.clear()
             self.transport.resumeProducing()
         self.transport.loseConnection()
 
@@ -266,15 +364,13 @@ class ChatProtocol(BoundedBoxProtocol):
         self.draining = True
         if self.transport is None:
             return
-        if not self._reads_paused:
-            self._reads_paused = True
-            self.transport.pauseProducing()
+        self._pause_reads("draining")
         if not self.in_flight:
             self.close()
 
     def connectionLost(self, reason):
         self.lost = True
-        for timer in (self._deadline, self._stall):
+        for timer in (self._deadline, self._stall, self._refusal_pause):
             if timer is not None and timer.active():
                 timer.cancel()
         if self.keepalive is not None:
@@ -291,10 +387,10 @@ class ChatFactory(Factory):
 
     noisy = False
 
-    def __init__(self, hub, clock, limits=None):
+    def __init__(self, hub, clock, limits):
         self.hub = hub
         self.clock = clock
-        self.limits = limits or ConnectionLimits.from_settings()
+        self.limits = limits
         self.connections = set()
         self.unauthenticated = {}  # address -> count
         self._drained = None

@@ -9,16 +9,12 @@ goes through this service.
 
 from twisted.internet.defer import Deferred, succeed
 
-from securechatd.commands import (
-    ConversationUpdated,
-    InvalidArgument,
-    NoSuchConversation,
-    NoSuchUser,
-    NotAllowed,
-)
+from securechatd import commands
+from securechatd.commands import InvalidArgument, NoSuchConversation, NoSuchUser, NotAllowed
 from securechatd.server.accounts import existing_name
+from securechatd.server.policy import check_id, deferred, take_action
 
-MAX_TITLE = 200
+LISTING_PAGE = 100  # conversations per ListConversations page (cut further to fit one AMP value)
 
 
 def _usernames(names):
@@ -26,17 +22,12 @@ def _usernames(names):
     return list(dict.fromkeys(existing_name(name) for name in names))
 
 
-def check_id(value, name="conversation_id"):
-    if value < 1:
-        raise InvalidArgument(f"{name} must be a positive number.")
-    return value
-
-
 class ConversationService:
-    def __init__(self, store, registry, clock, max_members=1000):
+    def __init__(self, store, registry, clock, actions, max_members):
         self.store = store
         self.registry = registry
         self.clock = clock
+        self.actions = actions  # the TokenBucket shared with presence changes
         self.max_members = max_members
         self._cache = {}
 
@@ -90,19 +81,22 @@ class ConversationService:
         if missing:
             raise NoSuchUser(f"There is no user {sorted(missing)[0]}.")
 
-    def _check_title(self, title):
-        if title is not None and not (0 < len(title.strip()) <= MAX_TITLE):
-            raise InvalidArgument(f"A title is 1 to {MAX_TITLE} characters.")
+    def _check_size(self, count):
+        if count > self.max_members:
+            raise InvalidArgument(f"A conversation has at most {self.max_members} members.")
 
+    @deferred
     async def create(self, session, members, title):
         """(Conversation, created): the pair's direct conversation, or a new group."""
         others = [name for name in _usernames(members) if name != session.username]
         if not others:
             raise InvalidArgument("Name at least one other member.")
-        if len(others) + 1 > self.max_members:
-            raise InvalidArgument(f"A conversation has at most {self.max_members} members.")
-        self._check_title(title)
-        title = title.strip() if title is not None else None
+        self._check_size(len(others) + 1)
+        if title is not None:
+            title = title.strip()
+            if not 0 < len(title) <= commands.MAX_TITLE:
+                raise InvalidArgument(f"A title is 1 to {commands.MAX_TITLE} characters.")
+        take_action(self.actions, session)
         await self._existing(others)
         now = self.clock.seconds()
         if len(others) == 1 and title is None:
@@ -114,6 +108,7 @@ class ConversationService:
             self.announce(conversation, conversation.members, origin=session)
         return conversation, created
 
+    @deferred
     async def add_members(self, session, conversation_id, members):
         conversation = await self.member_of(conversation_id, session.username)
         if conversation.kind == "direct":
@@ -121,8 +116,8 @@ class ConversationService:
         if not members:
             raise InvalidArgument("Name at least one member to add.")
         names = [name for name in _usernames(members) if name not in conversation.members]
-        if len(conversation.members) + len(names) > self.max_members:
-            raise InvalidArgument(f"A conversation has at most {self.max_members} members.")
+        self._check_size(len(conversation.members) + len(names))
+        take_action(self.actions, session)
         if not names:
             return
         await self._existing(names)
@@ -131,10 +126,12 @@ class ConversationService:
         )
         self.announce(updated, updated.members, origin=session, joined=names)
 
+    @deferred
     async def leave(self, session, conversation_id):
         conversation = await self.member_of(conversation_id, session.username)
         if conversation.kind == "direct":
             raise NotAllowed("A direct conversation cannot be left.")
+        take_action(self.actions, session)
         updated = self._update(await self.store.remove_member(conversation.id, session.username))
         for own in self.registry.sessions_of(session.username):
             if own.outbox is not None:
@@ -142,26 +139,20 @@ class ConversationService:
         self.announce(updated, (*updated.members, session.username), origin=session, joined=())
 
     def announce(self, conversation, usernames, origin=None, joined=None):
-        """Push ConversationUpdated to every session of `usernames` but `origin`.
+        """Tell every session of `usernames` but `origin` of the conversation's new state.
 
         New members' sessions (all members, for a new conversation) start
         receiving its messages from now on.
         """
         joined = conversation.members if joined is None else joined
-        for name in usernames:
+        for name in joined:
             for session in self.registry.sessions_of(name):
-                if name in joined and session.outbox is not None:
+                if session.outbox is not None:
                     session.outbox.joined(conversation.id, conversation.last_seq)
-                if session is not origin:
-                    session.push(
-                        ConversationUpdated,
-                        conversation_id=conversation.id,
-                        kind=conversation.kind,
-                        title=conversation.title,
-                        members=list(conversation.members),
-                    )
+        self.registry.tell(usernames, lambda client: client.conversation_changed(conversation), exclude=origin)
 
-    async def listing(self, session):
-        """[(Conversation, unread)] of the caller, by id."""
-        return await self.store.conversations_of(session.username)
-
+    @deferred
+    async def listing(self, session, after_id):
+        """([(Conversation, unread)] of the caller with ids above `after_id`, by id; has_more)."""
+        rows = await self.store.conversations_of(session.username, after_id, LISTING_PAGE + 1)
+        return rows[:LISTING_PAGE], len(rows) > LISTING_PAGE

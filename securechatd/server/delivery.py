@@ -13,33 +13,12 @@ A Deliver left unanswered when the connection drops was never marked, so
 the next login pushes it again.
 """
 
-from functools import lru_cache
-
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from securechatd import commands
-from securechatd.server.accounts import utc
-from securechatd.server.framing import encode_arguments
 from securechatd.store.base import StoreError
 
 log = Logger()
-
-
-@lru_cache(maxsize=1024)
-def deliver_box(message):
-    """A message's Deliver box, encoded once for all its recipients."""
-    return encode_arguments(
-        commands.Deliver,
-        {
-            "message_id": message.id,
-            "conversation_id": message.conversation_id,
-            "seq": message.seq,
-            "sender": message.sender,
-            "body": message.body,
-            "sent_at": utc(message.sent_at),
-        },
-    )
 
 
 class Outbox:
@@ -59,7 +38,7 @@ class Outbox:
         self.session = session
         self.clock = clock
         self.store = store
-        self.marks = marks  # .delivered(username, conversation_id, seq): moves the mark
+        self.marks = marks  # .delivered(username, conversation_id, seq): moves the mark (server/receipts.py)
         self.window = window
         self.on_caught_up = on_caught_up
         self.next_seq = {}
@@ -133,8 +112,7 @@ class Outbox:
         if pending is None:
             pending = self.outstanding[conversation] = set()
         pending.add(message.seq)
-        answered = self.session.push_encoded(commands.Deliver, deliver_box(message))
-        answered.addCallback(self._answered, message)
+        self.session.client.deliver(message).addCallback(self._answered, message)
 
     def _answered(self, ok, message):
         self.in_flight -= 1
@@ -146,7 +124,7 @@ class Outbox:
             # refused (or the connection went): the mark cannot pass it, so end the
             # session; the client logs in again and gets it, and what follows, again
             self.close()
-            self.session.connection.session_ended("a delivery was not acknowledged")
+            self.session.client.session_ended("a delivery was not acknowledged")
             return
         if pending is not None:
             pending.discard(message.seq)

@@ -22,6 +22,26 @@ from twisted.protocols import amp
 
 log = Logger()
 
+# The private names of twisted.protocols.amp this module builds on: the
+# framing replaces AMP's parser and writer but keeps its request table, tags
+# and dispatch. tests/test_framing.py fails loudly if an upgrade of Twisted
+# removes one; nothing outside this module uses them.
+PRIVATE_AMP_NAMES = {
+    "class": [(amp.CommandLocator, "_commandDispatch"), (amp.BoxDispatcher, "_nextTag")],
+    "instance": ["_outstandingRequests", "_failAllReason"],
+    "overridden": [(amp.BoxDispatcher, "_commandReceived"), (amp.BoxDispatcher, "_answerReceived")],
+}
+
+
+def command_and_responder(locator, name):
+    """(Command class, responder function) registered on `locator` for command `name`, or None.
+
+    (AMP's public locateResponder wraps every call in a maybeDeferred and a
+    closure; the daemon runs its own dispatch, server/protocol.py.)
+    """
+    return locator._commandDispatch.get(name)
+
+
 KEY_LIMIT = 255
 VALUE_LIMIT = 0xFFFF
 PREFIX = 2  # bytes of length before every key and value

@@ -9,31 +9,23 @@ a dead connection, or the server ending it.
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from securechatd.commands import RateLimited
 from securechatd.server.delivery import Outbox
-from securechatd.server.throttle import TokenBucket, retry_text
 
 log = Logger()
 security = Logger(namespace="securechatd.security")
 
 
 class Hub:
-    def __init__(self, accounts, conversations, messages, presence, clock, window=32, actions=None):
+    def __init__(self, accounts, conversations, messages, receipts, presence, clock, window):
         self.accounts = accounts
         self.conversations = conversations
         self.messages = messages
+        self.receipts = receipts
         self.presence = presence
         self.registry = accounts.registry
         self.store = accounts.store
         self.clock = clock
-        self.window = window
-        self.actions = actions or TokenBucket(clock, 20, 1.0)
-
-    def limit_action(self, session):
-        """Presence and membership changes push to many others: each user gets so many."""
-        wait = self.actions.take(session.username)
-        if wait:
-            raise RateLimited(f"Too many changes; {retry_text(wait)}.")
+        self.window = window  # unanswered Delivers per session
 
     def session_started(self, session):
         """Call as the login is answered: the session goes online; pending messages follow next turn."""
@@ -41,7 +33,7 @@ class Hub:
         session.outbox = Outbox(
             session,
             self.store,
-            self.messages,
+            self.receipts,
             self.window,
             self.clock,
             on_caught_up=lambda: self._push_receipts(session),
@@ -58,10 +50,10 @@ class Hub:
         """Delivery could not start: end the session, so the client logs in again (and retries)."""
         log.failure("delivery to {session} could not start", failure, session=session)
         if not session.outbox.closed:
-            session.connection.session_ended("delivery could not start; log in again")
+            session.client.session_ended("delivery could not start; log in again")
 
     def _push_receipts(self, session):
-        pushed = Deferred.fromCoroutine(self.messages.push_pending_receipts(session))
+        pushed = self.receipts.push_pending(session)
         pushed.addErrback(lambda failure: log.failure("receipts to {session}", failure, session=session))
 
     def session_ended(self, session):

@@ -28,6 +28,11 @@ _PREHASH_KEY = b"securechatd password prehash v1"
 log = Logger()
 
 
+def token_hash(token):
+    """How resume tokens and invitations are stored: never the token itself (SHA-256 of 256 random bits)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
 def normalize(password):
     """NFC, so the same password typed on different keyboards matches."""
     return unicodedata.normalize("NFC", password)

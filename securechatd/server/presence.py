@@ -6,18 +6,17 @@ everyone else. Changes are pushed to the sessions of every user who shares a
 conversation with them. `last_seen` is when they were last visible.
 """
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from securechatd import commands
 from securechatd.commands import InvalidArgument, NoSuchUser
-from securechatd.server.accounts import existing_name, utc
+from securechatd.records import Presence
+from securechatd.server.accounts import existing_name
+from securechatd.server.policy import check_limit, deferred, take_action
 
 log = Logger()
 
 VISIBLE = ("online", "busy", "away")  # most available first
-MAX_NOTE = 200  # bytes of UTF-8
-MAX_NAMES = 100  # so an answer always fits one AMP value
 
 
 def combined(sessions):
@@ -30,10 +29,11 @@ def combined(sessions):
 
 
 class PresenceService:
-    def __init__(self, store, registry, clock):
+    def __init__(self, store, registry, clock, actions):
         self.store = store
         self.registry = registry
         self.clock = clock
+        self.actions = actions  # the TokenBucket shared with membership changes
 
     def status_of(self, username):
         return combined(self.registry.sessions_of(username))
@@ -48,11 +48,13 @@ class PresenceService:
         before = combined([*remaining, session])
         self._changed(session.username, before)
 
-    def set_status(self, session, status, note):
+    @deferred
+    async def set_status(self, session, status, note):
         if status not in commands.STATUSES:
             raise InvalidArgument(f"status must be one of {', '.join(commands.STATUSES)}.")
-        if note is not None and len(note.encode("utf-8")) > MAX_NOTE:
-            raise InvalidArgument(f"A note is at most {MAX_NOTE} bytes of UTF-8.")
+        if note is not None and len(note.encode("utf-8")) > commands.MAX_NOTE_BYTES:
+            raise InvalidArgument(f"A note is at most {commands.MAX_NOTE_BYTES} bytes of UTF-8.")
+        take_action(self.actions, session)
         before = self.status_of(session.username)
         session.status, session.note = status, note
         session.status_changed = self.clock.seconds()
@@ -67,21 +69,19 @@ class PresenceService:
             # last seen: the moment a visible user stopped, or started, being visible
             seen = self.store.set_last_seen(username, now)
             seen.addErrback(lambda failure: log.failure("last seen of {user}", failure, user=username))
-        notified = Deferred.fromCoroutine(self._notify(username, after, now))
+        notified = self._notify(Presence(username, *after, now))
         notified.addErrback(lambda failure: log.failure("presence of {user}", failure, user=username))
 
-    async def _notify(self, username, status_note, now):
-        status, note = status_note
-        for contact in await self.store.contacts_of(username):
-            for session in self.registry.sessions_of(contact):
-                session.push(
-                    commands.PresenceChanged, username=username, status=status, note=note, at=utc(now)
-                )
+    @deferred
+    async def _notify(self, presence):
+        contacts = await self.store.contacts_of(presence.username)
+        self.registry.tell(contacts, lambda client: client.presence_changed(presence))
 
-    async def get(self, usernames):
-        """Presence rows for `usernames`; NO_SUCH_USER if one is not registered."""
-        if not 1 <= len(usernames) <= MAX_NAMES:
-            raise InvalidArgument(f"Ask for 1 to {MAX_NAMES} users at a time.")
+    @deferred
+    async def get(self, session, usernames):
+        """[(username, status, note, last_seen or None)]; NO_SUCH_USER if one is not registered."""
+        if not 1 <= len(usernames) <= commands.MAX_PRESENCE_NAMES:
+            raise InvalidArgument(f"Ask for 1 to {commands.MAX_PRESENCE_NAMES} users at a time.")
         names = [existing_name(name) for name in usernames]
         seen = await self.store.last_seen(names)
         rows = []
@@ -89,8 +89,12 @@ class PresenceService:
             if name not in seen:
                 raise NoSuchUser(f"There is no user {name}.")
             status, note = self.status_of(name)
-            row = {"username": name, "status": status, "note": note, "last_seen": None}
-            if status == "offline" and seen[name] is not None:
-                row["last_seen"] = utc(seen[name])
-            rows.append(row)
+            rows.append((name, status, note, seen[name] if status == "offline" else None))
         return rows
+
+    @deferred
+    async def list_users(self, session, prefix, limit):
+        """[(username, status)] of registered users whose names start with `prefix`, by name."""
+        limit = check_limit(limit, commands.USERS_LIMIT)
+        names = await self.store.list_users((prefix or "").lower(), limit)
+        return [(name, self.status_of(name)[0]) for name in names]

@@ -1,8 +1,10 @@
-"""The AMP responders: parse, check the connection's state, call a service.
+"""The AMP responders: parse, check the connection's state, call a service, shape the answer.
 
-No business rules live here. Responders sit on ChatLocator (one per
-connection), separate from the connection's box handling and limits
-(server/connection.py), as in Flocker.
+No business rules live here: limits, paging and permissions are the
+services'. Every service method returns a Deferred (server/policy.py);
+its result is turned into the AMP answer with server/wire.py. Responders
+sit on ChatLocator (one per connection), separate from the connection's
+box handling and limits (server/connection.py), as in Flocker.
 """
 
 from twisted.internet.defer import Deferred
@@ -11,18 +13,15 @@ from twisted.protocols import amp
 
 from securechatd import commands
 from securechatd.commands import AlreadyAuthenticated, AuthRequired, ChatError, ServiceUnavailable
-from securechatd.server.accounts import utc
-from securechatd.server.messages import check_limit, page_within_limit
+from securechatd.server import wire
+from securechatd.server.framing import command_and_responder
 from securechatd.store.base import StoreError
 
 log = Logger()
 
-CONVERSATION_ITEM = dict(commands.ListConversations.response)[b"conversations"].subargs
 
-
-def _answer(coroutine, shape=lambda result: {}):
-    """Run a service coroutine; its result, passed through `shape`, is the AMP answer."""
-    return Deferred.fromCoroutine(coroutine).addCallback(shape)
+def _nothing(result):
+    return {}
 
 
 class ChatLocator(amp.CommandLocator):
@@ -38,7 +37,7 @@ class ChatLocator(amp.CommandLocator):
 
     def run(self, name, box):
         """Run command `name` with the arguments in `box`: its answer box, or a Deferred of it."""
-        entry = self._commandDispatch.get(name)
+        entry = command_and_responder(self, name)
         if entry is None:
             raise amp.RemoteAmpError(amp.UNHANDLED_ERROR_CODE, f"Unhandled Command: {name!r}")
         command, responder = entry
@@ -91,7 +90,7 @@ class ChatLocator(amp.CommandLocator):
         return {
             "username": session.username,
             "session_id": session.session_id,
-            "server_time": utc(self.clock.seconds()),
+            "server_time": wire.utc(self.clock.seconds()),
             "resume_token": token,
         }
 
@@ -108,7 +107,7 @@ class ChatLocator(amp.CommandLocator):
     def register(self, username, password, invite=None):
         self._not_logged_in()
         registered = self.accounts.register(username, password, self._address(), invite)
-        return _answer(registered, lambda name: {"username": name})
+        return registered.addCallback(lambda name: {"username": name})
 
     @commands.Login.responder
     def login(self, username, password, client_name=None):
@@ -119,103 +118,88 @@ class ChatLocator(amp.CommandLocator):
     @commands.Resume.responder
     def resume(self, username, resume_token, client_name=None):
         self._not_logged_in()
-        login = self.accounts.resume(
-            username, resume_token, client_name, self._address(), self.connection
-        )
+        login = self.accounts.resume(username, resume_token, client_name, self._address(), self.connection)
         return Deferred.fromCoroutine(self._logged_in(login))
 
     @commands.Logout.responder
     def logout(self):
-        session = self._session()
+        return self.accounts.logout(self._session()).addCallback(self._logged_out)
 
-        async def logout():
-            await self.accounts.logout(session)
-            self.end_session()
-            self.connection.logged_out()
-
-        return _answer(logout())
+    def _logged_out(self, result):
+        self.end_session()
+        self.connection.logged_out()
+        return {}
 
     @commands.ChangePassword.responder
     def change_password(self, old_password, new_password):
-        changed = self.accounts.change_password(
-            self._session(), old_password, new_password, self._address()
-        )
-        return _answer(changed)
+        changed = self.accounts.change_password(self._session(), old_password, new_password, self._address())
+        return changed.addCallback(_nothing)
 
     @commands.Ping.responder
     def ping(self):
-        return {"server_time": utc(self.clock.seconds())}
+        return {"server_time": wire.utc(self.clock.seconds())}
 
     # -- presence and users ------------------------------------------------------
 
     @commands.SetPresence.responder
     def set_presence(self, status, note=None):
-        session = self._session()
-        self.hub.limit_action(session)
-        self.hub.presence.set_status(session, status, note)
-        return {}
+        return self.hub.presence.set_status(self._session(), status, note).addCallback(_nothing)
 
     @commands.GetPresence.responder
     def get_presence(self, usernames):
-        self._session()
-        return _answer(self.hub.presence.get(usernames), lambda rows: {"presence": rows})
+        rows = self.hub.presence.get(self._session(), usernames)
+        return rows.addCallback(
+            lambda rows: {
+                "presence": [
+                    {
+                        "username": name,
+                        "status": status,
+                        "note": note,
+                        "last_seen": None if seen is None else wire.utc(seen),
+                    }
+                    for name, status, note, seen in rows
+                ]
+            }
+        )
 
     @commands.ListUsers.responder
     def list_users(self, prefix=None, limit=None):
-        self._session()
-        limit = check_limit(limit, 50, 200)
-        listed = self.accounts.store.list_users((prefix or "").lower(), limit)
-
-        def shape(names):
-            status = self.hub.presence.status_of
-            return {"users": [{"username": name, "status": status(name)[0]} for name in names]}
-
-        return listed.addCallback(shape)
+        users = self.hub.presence.list_users(self._session(), prefix, limit)
+        return users.addCallback(
+            lambda rows: {"users": [{"username": name, "status": status} for name, status in rows]}
+        )
 
     # -- conversations -----------------------------------------------------------
 
     @commands.CreateConversation.responder
     def create_conversation(self, members, title=None):
-        session = self._session()
-        self.hub.limit_action(session)
-        created = self.hub.conversations.create(session, members, title)
-        return _answer(
-            created, lambda result: {"conversation_id": result[0].id, "created": result[1]}
+        created = self.hub.conversations.create(self._session(), members, title)
+        return created.addCallback(
+            lambda result: {"conversation_id": result[0].id, "created": result[1]}
         )
 
     @commands.ListConversations.responder
     def list_conversations(self, after_id=None):
-        listing = self.hub.conversations.listing(self._session())
+        listing = self.hub.conversations.listing(self._session(), after_id)
+        return listing.addCallback(self._conversations)
 
-        def shape(rows):
-            items = [
-                {
-                    "conversation_id": conversation.id,
-                    "kind": conversation.kind,
-                    "title": conversation.title,
-                    "members": list(conversation.members),
-                    "last_seq": conversation.last_seq,
-                    "unread": unread,
-                }
-                for conversation, unread in rows
-                if after_id is None or conversation.id > after_id
-            ]
-            page = page_within_limit(items, CONVERSATION_ITEM)
-            return {"conversations": page, "has_more": len(page) < len(items)}
-
-        return _answer(listing, shape)
+    @staticmethod
+    def _conversations(result):
+        rows, has_more = result
+        items = [
+            wire.conversation_item(conversation, last_seq=conversation.last_seq, unread=unread)
+            for conversation, unread in rows
+        ]
+        return wire.page(commands.ListConversations, "conversations", items, has_more)
 
     @commands.AddMembers.responder
     def add_members(self, conversation_id, members):
-        session = self._session()
-        self.hub.limit_action(session)
-        return _answer(self.hub.conversations.add_members(session, conversation_id, members))
+        added = self.hub.conversations.add_members(self._session(), conversation_id, members)
+        return added.addCallback(_nothing)
 
     @commands.LeaveConversation.responder
     def leave_conversation(self, conversation_id):
-        session = self._session()
-        self.hub.limit_action(session)
-        return _answer(self.hub.conversations.leave(session, conversation_id))
+        return self.hub.conversations.leave(self._session(), conversation_id).addCallback(_nothing)
 
     # -- messages ------------------------------------------------------------------
 
@@ -223,21 +207,32 @@ class ChatLocator(amp.CommandLocator):
     def send_message(self, conversation_id, client_msg_id, body):
         sent = self.hub.messages.send(self._session(), conversation_id, client_msg_id, body)
         return sent.addCallback(
-            lambda message: {"message_id": message.id, "seq": message.seq, "sent_at": utc(message.sent_at)}
+            lambda message: {"message_id": message.id, "seq": message.seq, "sent_at": wire.utc(message.sent_at)}
         )
 
     @commands.History.responder
     def history(self, conversation_id, before_seq=None, limit=None):
         page = self.hub.messages.history(self._session(), conversation_id, before_seq, limit)
-        return _answer(page, lambda result: {"messages": result[0], "has_more": result[1]})
+        return page.addCallback(self._history)
+
+    @staticmethod
+    def _history(result):
+        newest_first, has_more = result
+        items = [wire.message_item(message) for message in newest_first]
+        answer = wire.page(commands.History, "messages", items, has_more)  # cut from the oldest end
+        answer["messages"].reverse()
+        return answer
 
     @commands.MarkRead.responder
     def mark_read(self, conversation_id, seq, private=None):
-        return _answer(
-            self.hub.messages.mark_read(self._session(), conversation_id, seq, bool(private))
-        )
+        marked = self.hub.receipts.mark_read(self._session(), conversation_id, seq, bool(private))
+        return marked.addCallback(_nothing)
 
     @commands.GetReceipts.responder
     def get_receipts(self, conversation_id, message_id, after=None):
-        receipts = self.hub.messages.receipts(self._session(), conversation_id, message_id, after)
-        return _answer(receipts, lambda result: {"receipts": result[0], "has_more": result[1]})
+        receipts = self.hub.receipts.receipts(self._session(), conversation_id, message_id, after)
+        return receipts.addCallback(
+            lambda result: wire.page(
+                commands.GetReceipts, "receipts", [wire.receipt_item(*row) for row in result[0]], result[1]
+            )
+        )

@@ -1,90 +1,66 @@
-"""Logged-in sessions: the cred realm that creates them and the registry of live ones.
+"""Logged-in sessions: what services may tell a client, the realm that makes sessions, who is online.
 
-A session is the avatar of one logged-in connection. The registry is the
-daemon's view of who is online, by user; presence and delivery build on it.
+A session is the avatar of one logged-in connection. Services speak to it
+in domain terms (IChatClient); the connection layer alone turns that into
+AMP. The registry is the daemon's view of who is online, by user, and owns
+the one fan-out every service uses.
 """
 
 import uuid
 
 from twisted.cred.portal import IRealm
-from twisted.internet.error import ConnectionClosed, ConnectionDone, ConnectionLost
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from securechatd.commands import NotAllowed
-from securechatd.server.framing import encode_arguments
 
 log = Logger()
-
-MAX_UNANSWERED = 1000  # pushes (receipts, presence, ...) a client may leave unanswered
 
 
 class IChatSession(Interface):
     """The avatar interface: a logged-in user on one connection."""
 
 
-class IConnection(Interface):
-    """What a session needs of its connection (the realm's `mind`)."""
+class IChatClient(Interface):
+    """What services may tell one logged-in client (the realm's `mind`).
+
+    Implemented once, by the connection (server/connection.py). Each push
+    returns a Deferred firing True once the client answered it and False if
+    it did not (an error answer, the connection went); it never fails.
+    """
+
+    def deliver(message):
+        """A new records.Message of one of the user's conversations."""
+
+    def receipt(receipt):
+        """A records.Receipt: someone has delivered or read a conversation up to a seq."""
+
+    def presence_changed(presence):
+        """A records.Presence of a contact."""
+
+    def conversation_changed(conversation):
+        """The user was added to a records.Conversation, or its members changed."""
 
     def session_ended(reason):
-        """The server ended this session (e.g. a password change elsewhere)."""
-
-    def refuse(why):
-        """Drop the connection now: the client broke a limit."""
-
-    def send_command(encoded):
-        """Send a command box made by framing.encode_arguments; a Deferred of the answer."""
+        """The server ended this session (e.g. a password change elsewhere); closes the connection."""
 
 
 @implementer(IChatSession)
 class Session:
-    """One user logged in on one connection."""
+    """One user logged in on one connection; `client` is that connection's IChatClient."""
 
-    def __init__(self, registry, username, connection, client_name, started):
+    def __init__(self, registry, username, client, client_name, started):
         self.registry = registry
         self.username = username
         self.session_id = uuid.uuid4().hex
-        self.connection = connection
+        self.client = client
         self.client_name = client_name
         self.started = started
         self.status = "online"
         self.note = None
         self.status_changed = started
-        self.outbox = None  # set by the delivery service when the session starts
-        self.unanswered = 0  # pushes sent and not answered yet
-
-    def push(self, command, **arguments):
-        """Send a server-to-client command: a Deferred firing True once answered, else False.
-
-        It never fails: a connection that went away or a client that answered
-        with an error is logged, so one broken client never breaks a fan-out.
-        """
-        return self.push_encoded(command, encode_arguments(command, arguments))
-
-    def push_encoded(self, command, encoded):
-        """As `push`, with the arguments already encoded (shared by every recipient)."""
-        return self._sent(self.connection.send_command(encoded), command)
-
-    def _sent(self, pushed, command):
-        """Count the push until it is answered; a client that answers none is dropped."""
-        self.unanswered += 1
-        if self.unanswered > MAX_UNANSWERED:
-            self.connection.refuse(f"{MAX_UNANSWERED} pushes left unanswered")
-        return pushed.addBoth(self._answered, command)
-
-    def _answered(self, result, command):
-        self.unanswered -= 1
-        if not isinstance(result, Failure):
-            return True
-        if not result.check(ConnectionDone, ConnectionLost, ConnectionClosed):
-            log.info(
-                "{session} did not take {command}: {problem}",
-                session=self,
-                command=command.commandName.decode(),
-                problem=result.getErrorMessage(),
-            )
-        return False
+        self.outbox = None  # set by the hub when the session starts
 
     def __repr__(self):
         return f"<Session {self.username} {self.session_id[:8]}>"
@@ -134,6 +110,30 @@ class SessionRegistry:
     def online_users(self):
         return set(self._online)
 
+    def tell(self, usernames, push, exclude=None):
+        """Call `push(session.client)` for every online session of `usernames` but `exclude`.
+
+        The one fan-out of the daemon, with one error policy: a push that
+        raises is logged and counts as unanswered, and the others go on, so
+        one broken client never breaks a broadcast. Returns {username:
+        [Deferred of answered]} for the users who have an online session.
+        """
+        told = {}
+        for name in usernames:
+            sessions = self._online.get(name)
+            if not sessions:
+                continue
+            answers = told[name] = []
+            for session in list(sessions.values()):
+                if session is exclude:
+                    continue
+                try:
+                    answers.append(push(session.client))
+                except Exception:
+                    log.failure("a push to {session} failed", session=session)
+                    answers.append(succeed(False))
+        return told
+
 
 @implementer(IRealm)
 class ChatRealm:
@@ -152,8 +152,8 @@ class ChatRealm:
     def requestAvatar(self, avatarId, mind, *interfaces):
         if IChatSession not in interfaces:
             raise NotImplementedError("securechatd only has IChatSession avatars")
-        connection, client_name = mind
+        client, client_name = mind
         self.check_limit(avatarId)
-        session = Session(self.registry, avatarId, connection, client_name, self._clock.seconds())
+        session = Session(self.registry, avatarId, client, client_name, self._clock.seconds())
         self.registry.add(session)
         return IChatSession, session, session.end

@@ -1,0 +1,120 @@
+"""Domain records as AMP boxes: the one place where the services' words meet the wire.
+
+The connection (server/connection.py) encodes its pushes here and the
+responders (server/protocol.py) shape their answers here; no service
+imports AMP. A push shared by many recipients (a group message's Deliver,
+a Receipt, a presence change) is encoded once and cached, so a fan-out
+adds only each connection's tag.
+"""
+
+from datetime import datetime, timezone
+from functools import cache, lru_cache
+
+from twisted.protocols import amp
+
+from securechatd import commands
+from securechatd.server.framing import VALUE_LIMIT, encode_arguments
+
+
+def utc(seconds):
+    """Seconds since the epoch as the UTC datetime amp.DateTime sends."""
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+# -- pushes ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1024)
+def deliver_box(message):
+    return encode_arguments(
+        commands.Deliver,
+        {
+            "message_id": message.id,
+            "conversation_id": message.conversation_id,
+            "seq": message.seq,
+            "sender": message.sender,
+            "body": message.body,
+            "sent_at": utc(message.sent_at),
+        },
+    )
+
+
+@lru_cache(maxsize=256)
+def receipt_box(receipt):
+    return encode_arguments(
+        commands.Receipt,
+        {
+            "conversation_id": receipt.conversation_id,
+            "username": receipt.reader,
+            "state": receipt.state,
+            "seq": receipt.seq,
+            "at": utc(receipt.at),
+        },
+    )
+
+
+@lru_cache(maxsize=256)
+def presence_box(presence):
+    return encode_arguments(
+        commands.PresenceChanged,
+        {"username": presence.username, "status": presence.status, "note": presence.note, "at": utc(presence.at)},
+    )
+
+
+@lru_cache(maxsize=256)
+def conversation_box(conversation):
+    return encode_arguments(commands.ConversationUpdated, conversation_item(conversation))
+
+
+# -- answers --------------------------------------------------------------------------
+
+
+def conversation_item(conversation, **extra):
+    return {
+        "conversation_id": conversation.id,
+        "kind": conversation.kind,
+        "title": conversation.title,
+        "members": list(conversation.members),
+        **extra,
+    }
+
+
+def message_item(message):
+    return {
+        "message_id": message.id,
+        "seq": message.seq,
+        "sender": message.sender,
+        "body": message.body,
+        "sent_at": utc(message.sent_at),
+    }
+
+
+def receipt_item(username, delivered_at, read_at):
+    return {
+        "username": username,
+        "delivered_at": None if delivered_at is None else utc(delivered_at),
+        "read_at": None if read_at is None else utc(read_at),
+    }
+
+
+@cache
+def list_spec(command, name):
+    """The item arguments of `command`'s AmpList answer `name`."""
+    return dict(command.response)[name.encode("ascii")].subargs
+
+
+def fit(items, spec):
+    """The longest prefix of `items` whose AmpList encoding fits one AMP value (65,535 bytes)."""
+    encoder = amp.AmpList(spec)
+    size = 0
+    for count, item in enumerate(items):
+        size += len(encoder.toStringProto([item], None))
+        if size > VALUE_LIMIT:
+            return items[:count]
+    return items
+
+
+def page(command, name, items, has_more):
+    """The answer {name: items that fit, "has_more": ...}: a page cut short says there is more."""
+    fitting = fit(items, list_spec(command, name))
+    return {name: fitting, "has_more": has_more or len(fitting) < len(items)}
