@@ -4,8 +4,9 @@ The peer baseline found that a server's history (earlier runs, connection
 churn) changes its figures, so by default every measurement gets a new
 daemon process on a new database in a temporary directory, with limits
 raised so that only the workload, not a rate limit, decides the pace. The
-daemon runs the *installed* package, like a user's daemon; the JSON says
-whether that matches the source tree.
+daemon (the venv's twistd) runs this source tree's securechatd, put first
+on its PYTHONPATH, so a measurement is always of the code beside it; the
+JSON records the commit and whether the tree had uncommitted changes.
 """
 
 import json
@@ -16,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 
 from twisted.internet.task import deferLater
@@ -96,30 +96,16 @@ def raise_open_files():
 
 
 def source_info():
-    """The tree's commit and whether the installed securechatd (what twistd runs) matches it."""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
-    installed = os.path.join(sysconfig.get_paths()["purelib"], "securechatd")
-    tree = os.path.join(REPO, "securechatd")
-    same = os.path.isdir(installed)
-    for directory, _, files in os.walk(tree):
-        for name in files:
-            if same and name.endswith(".py"):
-                path = os.path.join(directory, name)
-                copy = os.path.join(installed, os.path.relpath(path, tree))
-                same = os.path.exists(copy) and _read(copy) == _read(path)
-    return {"securechatd_commit": commit or None, "installed_matches_tree": same}
+    """The tree's commit, and whether it had uncommitted changes (what the daemon runs)."""
+    def git(*arguments):
+        return subprocess.run(["git", *arguments], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
-
-def _read(path):
-    with open(path, "rb") as f:
-        return f.read()
+    return {"securechatd_commit": git("rev-parse", "--short", "HEAD") or None, "tree_dirty": bool(git("status", "--porcelain", "--", "securechatd"))}
 
 
 def _environment():
-    """No PYTHONPATH: the subprocesses import the installed package, not the tree."""
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    """The subprocesses import this tree's securechatd, whatever `pip install` left in site-packages."""
+    return {**os.environ, "PYTHONPATH": REPO}
 
 
 class Daemon:

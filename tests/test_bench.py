@@ -19,7 +19,7 @@ COMMON = {
     "fresh_daemon",
     "bcrypt_cost",
     "securechatd_commit",
-    "installed_matches_tree",
+    "tree_dirty",
     "daemon_log",
     "started_at",
 }
