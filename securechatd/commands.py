@@ -34,6 +34,7 @@ NoSuchConversation = _error("NoSuchConversation", b"NO_SUCH_CONVERSATION")
 NotAllowed = _error("NotAllowed", b"NOT_ALLOWED")
 MessageTooLarge = _error("MessageTooLarge", b"MESSAGE_TOO_LARGE")
 ServiceUnavailable = _error("ServiceUnavailable", b"SERVICE_UNAVAILABLE")
+MailboxFull = _error("MailboxFull", b"MAILBOX_FULL")
 
 ERRORS = {
     cls: cls.code
@@ -51,6 +52,7 @@ ERRORS = {
         NotAllowed,
         MessageTooLarge,
         ServiceUnavailable,
+        MailboxFull,
     )
 }
 ERRORS_BY_CODE = {code: cls for cls, code in ERRORS.items()}

@@ -94,6 +94,7 @@ class Settings:
     max_message_bytes: int = 16 * 1024
     max_members: int = 1000
     delivery_window: int = 32
+    max_pending: int = 10000
     ping_after: float = 30.0
     drop_after: float = 90.0
     login_deadline: float = 60.0
@@ -143,6 +144,7 @@ SCHEMA = {
     "max_message_bytes": ("messages", "max_message_bytes", _integer(1, 60000)),
     "max_members": ("messages", "max_members", _integer(2, 1000)),
     "delivery_window": ("messages", "delivery_window", _integer(1, 10000)),
+    "max_pending": ("messages", "max_pending", _integer(1)),
     "ping_after": ("connections", "ping_after", _seconds),
     "drop_after": ("connections", "drop_after", _seconds),
     "login_deadline": ("connections", "login_deadline", _seconds),

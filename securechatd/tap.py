@@ -119,10 +119,13 @@ def make_hub(settings, store, hasher, clock):
         clock,
         TokenBucket(clock, settings.message_burst, settings.message_rate),
         settings.max_message_bytes,
+        settings.max_pending,
     )
     receipts = ReceiptService(store, conversations, accounts.registry, clock)
     presence = PresenceService(store, accounts.registry, clock, actions)
-    return Hub(accounts, conversations, messages, receipts, presence, clock, settings.delivery_window)
+    return Hub(
+        accounts, conversations, messages, receipts, presence, clock, settings.delivery_window, settings.max_pending
+    )
 
 
 def build(settings, reactor):

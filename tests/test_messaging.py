@@ -680,3 +680,49 @@ class ActionLimitTests(MessagingTestCase):
         alice = self.connect("alice")
         self.error(alice, InvalidArgument, commands.SetPresence, status="away", note="😀" * 51)
         self.ok(alice, commands.SetPresence, status="away", note="😀" * 50)
+
+
+class PendingLimitTests(MessagingTestCase):
+    """At most max_pending messages wait for a recipient in one conversation (ejabberd's max_user_offline_messages)."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.clock.advance(1_700_000_000)
+        self.hub = make_hub(self, clock=self.clock, max_pending=5, message_burst=100)
+        setup = Connection(self.hub)
+        for name in ("alice", "bob", "carol"):
+            self.successResultOf(setup.call(commands.Register, username=name, password=PASSWORD))
+
+    def test_a_direct_conversation_refuses_beyond_the_limit_until_the_recipient_catches_up(self):
+        alice = self.connect("alice")
+        direct = self.dm(alice, "bob")
+        for i in range(5):
+            self.send(alice, direct, f"m{i}")
+        refused = self.error(
+            alice, commands.MailboxFull, commands.SendMessage, conversation_id=direct, client_msg_id="x", body="b"
+        )
+        self.assertIn("5 messages are waiting", str(refused.value))
+        self.assertNotIn(str(direct), str(refused.value))  # no internal ids in errors
+        self.assertEqual(self.send(alice, direct, "m0", client_msg_id="m1")["seq"], 1)  # a resend is still answered
+        bob = self.connect("bob")
+        self.settle(alice, bob)
+        self.assertEqual(len(self.delivered(bob)), 5)
+        self.assertEqual(self.send(alice, direct, "after")["seq"], 6)
+
+    def test_the_sender_can_still_answer_in_the_other_direction(self):
+        alice, bob = self.connect("alice"), self.connect("bob", answering=False)
+        direct = self.dm(alice, "bob")
+        for i in range(5):
+            self.send(alice, direct, f"m{i}")
+        self.send(bob, direct, "bob may still write to alice")
+
+    def test_a_group_member_back_after_too_many_gets_the_newest(self):
+        alice = self.connect("alice")
+        group = self.ok(alice, commands.CreateConversation, members=["bob", "carol"], title="G")["conversation_id"]
+        for i in range(8):
+            self.send(alice, group, f"m{i}")  # a group is never refused for one member's backlog
+        bob = self.connect("bob")
+        self.settle(alice, bob)
+        self.assertEqual([seq for _, seq, _ in self.delivered(bob)], [4, 5, 6, 7, 8])
+        history = self.ok(bob, commands.History, conversation_id=group)["messages"]
+        self.assertEqual(len(history), 8)  # the older ones are in History

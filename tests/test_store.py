@@ -557,7 +557,7 @@ class AccountStoreTests(StoreTestCase):
         self.assertEqual(self.ok(self.store.existing_users(["alice", "bob"])), {"bob"})
         self.assertEqual(self.ok(self.store.last_seen(["alice", "bob"])), {"bob": None})
         self.assertEqual(self.ok(self.store.add_members(group.id, ["alice"], NOW)).members, ("bob",))
-        self.assertIsNone(self.ok(self.store.add_message(group.id, "alice", "m1", "hi", NOW)))
+        self.assertIsNone(self.ok(self.store.add_message(group.id, "alice", "m1", "hi", NOW, 10_000)))
         self.assertEqual(self.ok(self.store.direct_conversation("alice", "bob", NOW))[0].members, ("bob",))
 
     def test_set_password_unknown_user(self):
@@ -722,7 +722,7 @@ class MessageStoreTests(StoreTestCase):
         self.group = self.ok(self.store.create_group(["alice", "bob"], "g", NOW))
 
     def add(self, sender, client_msg_id, body="hi"):
-        return self.ok(self.store.add_message(self.group.id, sender, client_msg_id, body, NOW))
+        return self.ok(self.store.add_message(self.group.id, sender, client_msg_id, body, NOW, 10_000))
 
     def test_resend_returns_the_first_and_takes_no_number(self):
         first = self.add("alice", "m1", "first")
@@ -921,11 +921,11 @@ class BatchingTests(unittest.TestCase):
         group = self.store.create_group(["alice", "bob"], "g", NOW)
         self.finish_all()
         group = self.successResultOf(group)
-        self.store.add_message(group.id, "alice", "m0", "first", NOW)
+        self.store.add_message(group.id, "alice", "m0", "first", NOW, 10_000)
         self.finish_all()
 
-        self.store.add_message(group.id, "alice", "running", "x", NOW)  # the database thread is busy
-        queued = [self.store.add_message(group.id, "alice", f"q{i}", "x", NOW) for i in range(1000)]
+        self.store.add_message(group.id, "alice", "running", "x", NOW, 10_000)  # the database thread is busy
+        queued = [self.store.add_message(group.id, "alice", f"q{i}", "x", NOW, 10_000) for i in range(1000)]
         moved = self.store.move_mark(group.id, "bob", "delivered", 1, NOW)  # bob acknowledges the first
         self.pool.finish()  # the batch that was running
         self.pool.finish()  # the next one
@@ -1088,8 +1088,8 @@ class LookupTests(CountingTestCase):
         for name in names:
             self.add_user(name)
         group = self.ok(self.store.create_group(["alice", *names], "big", NOW))
-        self.ok(self.store.add_message(group.id, "alice", "c1", "hi", NOW))
-        second = self.ok(self.store.add_message(group.id, "alice", "c2", "hi again", NOW)).message
+        self.ok(self.store.add_message(group.id, "alice", "c1", "hi", NOW, 10_000))
+        second = self.ok(self.store.add_message(group.id, "alice", "c2", "hi again", NOW, 10_000)).message
         expected = []
         for i, name in enumerate(names):
             if i % 3 == 1:  # delivered both, read the first only

@@ -34,12 +34,13 @@ class Outbox:
 
     RETRY = 1.0  # seconds before reading again after a database error
 
-    def __init__(self, session, store, marks, window, clock, on_caught_up=None):
+    def __init__(self, session, store, marks, window, max_pending, clock, on_caught_up=None):
         self.session = session
         self.clock = clock
         self.store = store
         self.marks = marks  # .delivered(username, conversation_id, seq): moves the mark (server/receipts.py)
         self.window = window
+        self.max_pending = max_pending
         self.on_caught_up = on_caught_up
         self.next_seq = {}
         self.own_from = {}
@@ -55,7 +56,10 @@ class Outbox:
         """Find where delivery stands for each conversation, then push what is pending."""
         for membership in await self.store.memberships(self.session.username):
             conversation = membership.conversation_id
-            self.next_seq.setdefault(conversation, membership.delivered_seq + 1)
+            # a member back after more than max_pending messages gets the newest ones pushed;
+            # the older are in History (and count as delivered once the newer are answered)
+            first = max(membership.delivered_seq, membership.last_seq - self.max_pending) + 1
+            self.next_seq.setdefault(conversation, first)
             self.own_from.setdefault(conversation, membership.last_seq + 1)
             if membership.last_seq > membership.delivered_seq:
                 self.behind[conversation] = None

@@ -16,7 +16,7 @@ security = Logger(namespace="securechatd.security")
 
 
 class Hub:
-    def __init__(self, accounts, conversations, messages, receipts, presence, clock, window):
+    def __init__(self, accounts, conversations, messages, receipts, presence, clock, window, max_pending):
         self.accounts = accounts
         self.conversations = conversations
         self.messages = messages
@@ -26,6 +26,7 @@ class Hub:
         self.store = accounts.store
         self.clock = clock
         self.window = window  # unanswered Delivers per session
+        self.max_pending = max_pending  # messages per conversation pushed to a returning session
 
     def session_started(self, session):
         """Call as the login is answered: the session goes online; pending messages follow next turn."""
@@ -35,6 +36,7 @@ class Hub:
             self.store,
             self.receipts,
             self.window,
+            self.max_pending,
             self.clock,
             on_caught_up=lambda: self._push_receipts(session),
         )

@@ -7,7 +7,7 @@ pushes it to its client. Acknowledgements and receipts are server/receipts.py.
 """
 
 from securechatd import commands
-from securechatd.commands import InvalidArgument, MessageTooLarge, NoSuchConversation, RateLimited
+from securechatd.commands import InvalidArgument, MailboxFull, MessageTooLarge, NoSuchConversation, RateLimited
 from securechatd.server.policy import check_limit, deferred
 from securechatd.server.throttle import retry_text
 
@@ -28,13 +28,14 @@ def _is_control(character):
 
 
 class MessageService:
-    def __init__(self, store, conversations, registry, clock, rate, max_body):
+    def __init__(self, store, conversations, registry, clock, rate, max_body, max_pending):
         self.store = store
         self.conversations = conversations
         self.registry = registry
         self.clock = clock
         self.rate = rate  # TokenBucket per sender
         self.max_body = max_body
+        self.max_pending = max_pending  # undelivered messages a direct conversation may hold for its recipient
 
     # -- sending -------------------------------------------------------------------
 
@@ -58,13 +59,19 @@ class MessageService:
         if wait:
             raise RateLimited(f"Too many messages; {retry_text(wait)}.")
         stored = self.store.add_message(
-            conversation.id, session.username, client_msg_id, body, self.clock.seconds()
+            conversation.id, session.username, client_msg_id, body, self.clock.seconds(), self.max_pending
         )
         return stored.addCallback(self._stored, session, conversation.id)
 
     def _stored(self, stored, session, conversation_id):
         if stored is None:  # left the conversation while this was on its way
             raise NoSuchConversation(f"There is no conversation {conversation_id} of yours.")
+        if stored.message is None:
+            self.rate.refund(session.username)
+            raise MailboxFull(
+                f"{self.max_pending} messages are waiting for the other member of this conversation;"
+                " send again once they have received them."
+            )
         if stored.new:
             self.conversations.committed(conversation_id, stored.message.seq)
             self._fan_out(stored.message, session)

@@ -51,6 +51,13 @@ def _members(txn, which, arguments):
     return {conversation_id: tuple(names) for conversation_id, names in members.items()}
 
 
+def _is_member(txn, conversation_id, username):
+    txn.execute(
+        f"SELECT 1 FROM members WHERE conversation_id = ? AND user_id = ({USER_ID})", (conversation_id, username)
+    )
+    return txn.fetchone() is not None
+
+
 def _conversation(txn, conversation_id):
     txn.execute(
         "SELECT id, kind, title, last_seq FROM conversations WHERE id = ?", (conversation_id,)
@@ -226,26 +233,35 @@ class MessagingStore(StoreBase):
 
     # -- messages ------------------------------------------------------------------
 
-    def add_message(self, conversation_id, sender, client_msg_id, body, now):
+    def add_message(self, conversation_id, sender, client_msg_id, body, now, max_pending):
         """Deferred: Stored(message, new); a repeated (sender, client_msg_id) returns the first message.
 
-        None if the sender is not (any more) a member: checked in the same transaction.
+        None if the sender is not (any more) a member: checked in the same
+        transaction. Stored(None, False) if it is a direct conversation whose
+        other member has `max_pending` messages of it waiting (not yet delivered).
         """
-        return self._write("add_message", self._add_message_txn, conversation_id, sender, client_msg_id, body, now)
+        return self._write(
+            "add_message", self._add_message_txn, conversation_id, sender, client_msg_id, body, now, max_pending
+        )
 
     @staticmethod
-    def _add_message_txn(txn, conversation_id, sender, client_msg_id, body, now):
+    def _add_message_txn(txn, conversation_id, sender, client_msg_id, body, now, max_pending):
         # This runs for every message, so a new message costs three statements (the
         # sender's id looked up inside each); a resend costs more.
         txn.execute(
             "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = :c AND EXISTS"
             f" (SELECT 1 FROM members WHERE conversation_id = :c AND user_id = ({_SENDER_ID}))"
+            " AND (kind = 'group' OR NOT EXISTS (SELECT 1 FROM members WHERE conversation_id = :c"
+            f" AND user_id != ({_SENDER_ID}) AND delivered_seq <= conversations.last_seq - :cap))"
             " RETURNING last_seq",
-            {"c": conversation_id, "sender": sender},
+            {"c": conversation_id, "sender": sender, "cap": max_pending},
         )
         row = txn.fetchone()
-        if row is None:  # not (any more) a member: only a resend of a stored message is answered
-            return _resent(txn, sender, client_msg_id)
+        if row is None:  # not (any more) a member, or the recipient's backlog is full
+            resent = _resent(txn, sender, client_msg_id)
+            if resent is None and _is_member(txn, conversation_id, sender):
+                return Stored(None, False)
+            return resent
         seq = row[0]
         message_id = dialect.insert(
             txn,
