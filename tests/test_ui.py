@@ -15,6 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from securechatd import commands
 from securechatd.client import ui
 from securechatd.client.library import (
     Conversation,
@@ -356,6 +357,7 @@ class FakeClient:
     def __init__(self):
         self.username = None
         self.calls = []
+        self.limits = []  # the limit of each list_users call
         self.conversations = {}
         self.users = {"alice", "bob", "carol"}
         self.failing = {}  # method name -> exception it fails with once
@@ -436,6 +438,7 @@ class FakeClient:
         return self._answer("get_presence", usernames, result=rows)
 
     def list_users(self, prefix=None, limit=None):
+        self.limits.append(limit)
         return self._answer("list_users", prefix, result=[(name, "online") for name in sorted(self.users)])
 
 
@@ -669,6 +672,22 @@ class ConversationTests(ChatTestCase):
         [answer] = self.records()
         self.assertEqual([p["username"] for p in answer["presence"]], ["bob", "carol"])
         self.assertEqual(self.client.calls[-1], ("get_presence", ["bob", "carol"]))
+
+    def test_who_asks_within_the_servers_limit(self):
+        """A user with 150 contacts: GetPresence takes at most commands.MAX_PRESENCE_NAMES names a call."""
+        members = ("alice", *[f"user{i:03}" for i in range(150)])
+        self.logged_in(Conversation(5, "group", members, "Everyone"))
+        self.type("/who")
+        [answer] = self.records()
+        self.assertEqual(len(answer["presence"]), 150)
+        asked = [len(call[1]) for call in self.client.calls if call[0] == "get_presence"]
+        self.assertEqual(asked, [commands.MAX_PRESENCE_NAMES, 150 - commands.MAX_PRESENCE_NAMES])
+
+    def test_users_asks_within_the_servers_limit(self):
+        self.logged_in()
+        self.type("/users")
+        [limit] = self.client.limits
+        self.assertLessEqual(limit, commands.USERS_LIMIT[1])
 
     def test_groups(self):
         self.logged_in()
