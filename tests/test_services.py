@@ -104,27 +104,26 @@ class SendingTests(ServiceTestCase):
 
 
 class ReceiptTests(ServiceTestCase):
-    def test_reading_tells_the_sender_and_the_readers_other_sessions(self):
+    def read(self, private):
+        """Alice writes to bob, who reads it on one of his two sessions: (conversation, clients)."""
         alice, alice_client = self.login("alice")
         bob, bob_here = self.login("bob")
         _, bob_phone = self.login("bob")
         conversation = self.direct(alice, "bob")
         self.successResultOf(self.hub.messages.send(alice, conversation.id, "m1", "hello"))
         self.clock.advance(0)
-        self.successResultOf(self.hub.receipts.mark_read(bob, conversation.id, 1, False))
+        self.successResultOf(self.hub.receipts.mark_read(bob, conversation.id, 1, private))
+        return conversation, alice_client, bob_here, bob_phone
+
+    def test_reading_tells_the_sender_and_the_readers_other_sessions(self):
+        conversation, alice_client, bob_here, bob_phone = self.read(private=False)
         read = Receipt(conversation.id, "bob", "read", 1, 1_700_000_000)
         self.assertIn(read, alice_client.of("receipt"))
         self.assertIn(read, bob_phone.of("receipt"))
         self.assertNotIn(read, bob_here.of("receipt"))
 
     def test_a_private_read_tells_only_the_readers_sessions(self):
-        alice, alice_client = self.login("alice")
-        bob, _ = self.login("bob")
-        _, bob_phone = self.login("bob")
-        conversation = self.direct(alice, "bob")
-        self.successResultOf(self.hub.messages.send(alice, conversation.id, "m1", "hello"))
-        self.clock.advance(0)
-        self.successResultOf(self.hub.receipts.mark_read(bob, conversation.id, 1, True))
+        _, alice_client, _, bob_phone = self.read(private=True)
         self.assertEqual([r.state for r in alice_client.of("receipt")], ["delivered"])
         self.assertEqual([r.state for r in bob_phone.of("receipt")], ["read"])
 

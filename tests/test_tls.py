@@ -281,6 +281,12 @@ class TLSTestCase(TestCase):
         errors = connection.client.lost_reason.value.errors
         self.assertEqual([type(e) for e in errors], [mismatch])
 
+    def assertChainRefused(self):
+        """The client, trusting only the CA, refuses the server's chain for "localhost"."""
+        connection = Connection(server_options(self.certs_dir), client_options(self.ca_path, "localhost"))
+        self.assertRefused(connection)
+        self.assertIn("certificate verify failed", openssl_reasons(connection.client.lost_reason))
+
     def assertRefused(self, connection):
         """
         Neither application protocol received anything and both connections
@@ -571,13 +577,7 @@ class ServerIdentityTests(TLSTestCase):
         no host).
         """
         serve_ca_certificate(self.certs_dir)
-        connection = Connection(
-            server_options(self.certs_dir), client_options(self.ca_path, "localhost")
-        )
-        self.assertRefused(connection)
-        self.assertIn(
-            "certificate verify failed", openssl_reasons(connection.client.lost_reason)
-        )
+        self.assertChainRefused()
 
     def test_trusted_self_signed_without_subject_alt_name(self):
         """
@@ -639,13 +639,7 @@ class ServerIdentityTests(TLSTestCase):
         trusted CA is refused by the chain check.
         """
         write_server_cert(self.certs_dir, self.now, self_signed=True)
-        connection = Connection(
-            server_options(self.certs_dir), client_options(self.ca_path, "localhost")
-        )
-        self.assertRefused(connection)
-        self.assertIn(
-            "certificate verify failed", openssl_reasons(connection.client.lost_reason)
-        )
+        self.assertChainRefused()
 
     def test_self_signed_without_subject_alt_name(self):
         """

@@ -26,17 +26,7 @@ def utc(seconds):
 
 @lru_cache(maxsize=1024)
 def deliver_box(message):
-    return encode_arguments(
-        commands.Deliver,
-        {
-            "message_id": message.id,
-            "conversation_id": message.conversation_id,
-            "seq": message.seq,
-            "sender": message.sender,
-            "body": message.body,
-            "sent_at": utc(message.sent_at),
-        },
-    )
+    return encode_arguments(commands.Deliver, message_item(message, conversation_id=message.conversation_id))
 
 
 @lru_cache(maxsize=256)
@@ -79,13 +69,14 @@ def conversation_item(conversation, **extra):
     }
 
 
-def message_item(message):
+def message_item(message, **extra):
     return {
         "message_id": message.id,
         "seq": message.seq,
         "sender": message.sender,
         "body": message.body,
         "sent_at": utc(message.sent_at),
+        **extra,
     }
 
 
