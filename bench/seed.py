@@ -22,7 +22,7 @@ from securechatd.server.passwords import token_hash
 from securechatd.server.passwords import PasswordHasher
 from securechatd.store import Store
 from securechatd.store.migrations import upgrade
-from securechatd.store.pool import connect, open_pool
+from securechatd.store.dialect import connect, open_pool
 
 TOKEN_LIFETIME = 30 * 86400
 

@@ -24,7 +24,7 @@ from securechatd.server.passwords import PasswordHasher
 from securechatd.server.connection import ChatProtocol, ConnectionLimits
 from securechatd.store import Store
 from securechatd.store.migrations import upgrade
-from securechatd.store.pool import connect, open_pool
+from securechatd.store.dialect import connect, open_pool
 
 def wall_now():
     """The real reactor's time as a UTC datetime: for certificates that real TLS checks against the real clock."""

@@ -5,7 +5,7 @@ from twisted.trial import unittest
 
 from securechatd import commands
 from securechatd.commands import ServiceUnavailable
-from securechatd.store.pool import connect
+from securechatd.store.dialect import connect
 from tests.helpers import Connection, make_hub, make_store
 
 PASSWORD = "correct horse battery"
