@@ -12,10 +12,11 @@ setup(
         "securechatd.server",
         "securechatd.store",
         "securechatd.client",
+        "securechatd.e2ee",
         "twisted.plugins",
     ],
     package_data={"securechatd.store": ["schema/*/*.sql"]},  # the migrations, one folder per engine
-    install_requires=["twisted[tls]>=24.7", "bcrypt>=4.1"],
+    install_requires=["twisted[tls]>=24.7", "bcrypt>=4.1", "cryptography>=42"],
     extras_require={"test": ["hypothesis>=6"]},
     entry_points={
         "console_scripts": [
