@@ -80,7 +80,7 @@ class DelUserOptions(UserOptions):
 
 class InviteOptions(usage.Options):
     longdesc = "Print a single-use registration invitation (for [accounts] registration = closed)."
-    optParameters = [["days", None, "7", "Days until the invitation expires.", float]]
+    optParameters = [["days", None, 7.0, "Days until the invitation expires.", float]]  # (defaults are not coerced)
 
     def postOptions(self):
         if not self["days"] > 0:

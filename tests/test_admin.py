@@ -233,6 +233,20 @@ class AccountCommandTests(unittest.TestCase):
             " ORDER BY token_hash"
         ).fetchall()
 
+    def test_invite_with_the_default_lifetime(self):
+        result = self.admin("invite")
+        self.assertEqual(result.returncode, 0, result)
+        [invitation] = result.stdout.split()[-1:]
+        self.assertGreaterEqual(len(invitation), 20)
+        [(created, expires)] = self.db().execute("SELECT created_at, expires_at FROM invites").fetchall()
+        self.assertEqual(expires - created, 7 * 86400)
+
+    def test_the_database_is_private(self):
+        self.admin("users")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(self.database + suffix):
+                self.assertEqual(stat.S_IMODE(os.stat(self.database + suffix).st_mode), 0o600, suffix)
+
     def test_adduser(self):
         result = self.admin("adduser", "Alice", input=PASSWORD + "\n")
         self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "created alice\n", ""))

@@ -13,6 +13,7 @@ half-written and concurrent writers (securechatd-admin) queue on the busy
 timeout instead of failing.
 """
 
+import os
 import sqlite3
 
 from twisted.enterprise import adbapi
@@ -41,7 +42,13 @@ def configure(connection, durability="normal", busy_timeout=5.0):
 
 
 def connect(path, durability="normal", busy_timeout=5.0):
-    """A configured connection for synchronous use (start-up, admin CLI)."""
+    """A configured connection for synchronous use (start-up, admin CLI).
+
+    A new database file is created 0600 first, like the keys and the audit
+    log: SQLite gives its -wal and -shm files the database file's mode.
+    """
+    if path != ":memory:":
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     configure(connection, durability, busy_timeout)
     return connection
