@@ -312,7 +312,7 @@ class AccountCommandTests(unittest.TestCase):
         for _ in range(5):
             self.assertFails(self.login(password="wrong password"), BadCredentials)
         text = self.assertFails(self.login(), RateLimited)
-        self.assertIn("retry in 1 seconds", text)
+        self.assertIn("retry in 1 second", text)
         self.clock.advance(1)
         self.assertFails(self.login(password="wrong password"), BadCredentials)
         self.assertIn("retry in 2 seconds", self.assertFails(self.login(), RateLimited))

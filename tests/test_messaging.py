@@ -622,7 +622,7 @@ class RateLimitTests(MessagingTestCase):
         refused = self.error(
             alice, commands.RateLimited, commands.SendMessage, conversation_id=group, client_msg_id="x", body="b"
         )
-        self.assertIn("retry in 1 seconds", str(refused.value))
+        self.assertIn("retry in 1 second", str(refused.value))
         self.assertEqual(self.ok(alice, commands.History, conversation_id=group, limit=500)["messages"][-1]["seq"], 30)
         self.clock.advance(0.1)
         self.assertEqual(self.send(alice, group, "one more")["seq"], 31)
@@ -646,7 +646,7 @@ class ActionLimitTests(MessagingTestCase):
         for i in range(20):
             self.ok(alice, commands.SetPresence, status="away" if i % 2 else "online")
         refused = self.error(alice, commands.RateLimited, commands.SetPresence, status="busy")
-        self.assertIn("retry in 1 seconds", str(refused.value))
+        self.assertIn("retry in 1 second", str(refused.value))
         self.error(alice, commands.RateLimited, commands.CreateConversation, members=["bob"])
         self.clock.advance(1)
         self.ok(alice, commands.CreateConversation, members=["bob"])

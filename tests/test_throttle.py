@@ -4,7 +4,7 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from securechatd.commands import RateLimited
-from securechatd.server.throttle import AccountDelay, LoginThrottle, WindowCounter
+from securechatd.server.throttle import AccountDelay, LoginThrottle, WindowCounter, retry_text
 
 
 class WindowCounterTests(unittest.TestCase):
@@ -82,7 +82,7 @@ class LoginThrottleTests(unittest.TestCase):
             self.fail("alice", "10.0.0.1")
         with self.assertRaises(RateLimited) as raised:
             self.throttle.begin("alice", "10.0.0.2")
-        self.assertIn("retry in 1 seconds", str(raised.exception))
+        self.assertIn("retry in 1 second", str(raised.exception))
         self.throttle.begin("bob", "10.0.0.1")
 
     def test_address_block_spans_accounts(self):
@@ -100,7 +100,7 @@ class LoginThrottleTests(unittest.TestCase):
             self.throttle.begin("alice", "10.0.0.1")  # five checks under way at once
         with self.assertRaises(RateLimited) as raised:
             self.throttle.begin("alice", "10.0.0.2")
-        self.assertIn("retry in 1 seconds", str(raised.exception))
+        self.assertIn("retry in 1 second", str(raised.exception))
         for _ in range(5):
             self.throttle.end("alice", "10.0.0.1", None)  # (e.g. they turned out right)
         self.throttle.begin("alice", "10.0.0.2")
@@ -120,3 +120,11 @@ class AddressKeyTests(unittest.TestCase):
         self.assertEqual(address_key("2001:db8:1:2:aaaa::1"), address_key("2001:db8:1:2:bbbb::9"))
         self.assertNotEqual(address_key("2001:db8:1:2::1"), address_key("2001:db8:1:3::1"))
         self.assertEqual(address_key("192.0.2.7"), "192.0.2.7")
+
+
+class RetryTextTests(unittest.TestCase):
+    def test_whole_seconds_rounded_up_and_counted_right(self):
+        self.assertEqual(
+            [retry_text(s) for s in (0.2, 1, 1.5, 600)],
+            ["retry in 1 second", "retry in 1 second", "retry in 2 seconds", "retry in 600 seconds"],
+        )

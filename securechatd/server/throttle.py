@@ -24,7 +24,8 @@ def address_key(address):
 
 
 def retry_text(seconds):
-    return f"retry in {max(1, math.ceil(seconds))} seconds"
+    whole = max(1, math.ceil(seconds))
+    return f"retry in {whole} second{'' if whole == 1 else 's'}"
 
 
 class _Swept:
