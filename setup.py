@@ -1,8 +1,13 @@
+import re
+
 from setuptools import setup
+
+with open("securechatd/__init__.py", encoding="utf-8") as package:
+    VERSION = re.search(r'__version__ = "([^"]+)"', package.read()).group(1)
 
 setup(
     name="securechatd",
-    version="0.1.0",
+    version=VERSION,
     description="A self-hosted secure chat daemon: AMP over TLS, SQLite, bcrypt.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -4,6 +4,7 @@ The session (main.Chat) talks to FakeClient, which answers like ChatClient
 from memory, through a real ui.Console or ui.Terminal over a StringTransport.
 """
 
+import sys
 import json
 import locale
 from datetime import datetime, timedelta, timezone
@@ -814,6 +815,18 @@ class OptionsTests(unittest.TestCase):
         for argv in (["--port", "0"], ["--port", "many"], ["--keep-going"], ["--verbose"]):
             with self.assertRaises(Exception):
                 Options().parseOptions(argv)
+
+    def test_version_is_securechats_own(self):
+        import io
+
+        import securechatd
+
+        out = io.StringIO()
+        self.patch(sys, "stdout", out)
+        with self.assertRaises(SystemExit) as exited:
+            Options().parseOptions(["--version"])
+        self.assertEqual(exited.exception.code, 0)
+        self.assertEqual(out.getvalue(), f"securechat {securechatd.__version__}\n")
 
     def test_configured_password(self):
         path = self.mktemp()

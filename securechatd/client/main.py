@@ -22,6 +22,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+import securechatd
 from securechatd import commands, config
 from securechatd.certs import CA_CERT, CertError
 from securechatd.client import ui
@@ -629,6 +630,11 @@ class Options(usage.Options):
         ["keep-going", None, "With --batch, go on after errors (the exit status is still 1)."],
         ["debug", None, "Log the details of unexpected problems to standard error."],
     ]
+
+    def opt_version(self):
+        """Print securechat's version and exit (usage.Options would print Twisted's)."""
+        sys.stdout.write(f"securechat {securechatd.__version__}\n")
+        sys.exit(0)
 
     def postOptions(self):
         if not 0 < self["port"] < 65536:
