@@ -17,8 +17,9 @@ from hashlib import sha256
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from securechatd.e2ee.chain import DEVICE_ID_BYTES
+from securechatd.e2ee.chain import HASH_BYTES
 from securechatd.e2ee.encoding import Malformed, dec, digest, enc
+from securechatd.e2ee.keys import DEVICE_ID_BYTES
 
 SUITE = "securechatd-e2ee-v1"
 HEADER_LABEL = "securechatd/header/v1"
@@ -27,7 +28,6 @@ KC_LABEL = b"securechatd/kc/v1"
 KEY_BYTES = 32
 NONCE = bytes(12)  # K encrypts one body only
 FIRST_BUCKET = 256
-HASH_BYTES = 32
 U64 = 1 << 64
 
 

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from securechatd.e2ee.encoding import Malformed, dec, enc
-from securechatd.e2ee.x3dh import dh, raw_public
+from securechatd.e2ee.keys import dh
 
 RATCHET_INFO = b"securechatd-ratchet-v1"
 MESSAGE_INFO = b"securechatd-message-v1"
@@ -124,7 +124,7 @@ class Ratchet:
         if self.cks is None:
             raise RatchetError("no sending chain yet: a responder sends only after receiving")
         self.cks, mk = kdf_ck(self.cks)
-        header = make_header(raw_public(self.dhs), self.pn, self.ns)
+        header = make_header(self.dhs.public_key().public_bytes_raw(), self.pn, self.ns)
         self.ns += 1
         return header, _encrypt(mk, plaintext, ad + header + context)
 

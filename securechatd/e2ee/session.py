@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from securechatd.e2ee import x3dh
 from securechatd.e2ee.encoding import Malformed, dec, enc
+from securechatd.e2ee.keys import LowOrderKey
 from securechatd.e2ee.ratchet import HEADER_BYTES, Ratchet, RatchetError
 
 RATCHET_MESSAGE = 1
@@ -36,6 +37,10 @@ class NoSession(RatchetError):
 
 class NewSession(RatchetError):
     """A first message (type 2) of a session we do not have: give it to `Session.accept`."""
+
+
+class UnknownPrekey(ValueError):
+    """A first message names a prekey we do not hold (rotated out, or a one-time prekey already used)."""
 
 
 class Accepted(NamedTuple):
@@ -83,15 +88,19 @@ class Session:
     def _push(self, state):
         self._states = [state] + self._states[:ARCHIVED]
 
-    def initiate(self, me, bundle, new_key=X25519PrivateKey.generate):
-        """Start a session from the peer's bundle (its spk signature checked); `new_key` makes EK_A, then our ratchet key."""
-        agreement = x3dh.initiate(me, bundle, new_key())
+    def initiate(self, me, identity, bundle, new_key=X25519PrivateKey.generate):
+        """Start a session from the peer's x3dh.Bundle (its spk signature checked).
+
+        `me` is our keys.DeviceKeys, `identity` our dh private key; `new_key`
+        makes EK_A, then our first ratchet key (fixed in golden vectors).
+        """
+        agreement = x3dh.initiate(me, identity, bundle, new_key())
         ratchet = Ratchet.alice(agreement.sk, bundle.spk_pub, new_key())
         origin = PREFIX.pack(agreement.ek, agreement.spk_id, agreement.opk_id)
         self._push(_State(ratchet, agreement.ad, origin, True))
 
-    def accept(self, me, peer, wrap, context, spk_private, opk_private, check=None, new_key=X25519PrivateKey.generate):
-        """Take a first message that `decrypt` refused with NewSession; `peer` is the sender as its chain lists it.
+    def accept(self, me, identity, peer, wrap, context, spk_private, opk_private, check=None, new_key=X25519PrivateKey.generate):
+        """Take a first message that `decrypt` refused with NewSession; `peer` is the sender's DeviceKeys from its chain.
 
         `spk_private(id)` and `opk_private(id)` return our prekeys' private keys,
         or None for ids we do not hold; the caller deletes the one-time prekey
@@ -105,8 +114,8 @@ class Session:
         spk = spk_private(spk_id)
         opk = opk_private(opk_id) if opk_id else None
         if spk is None or (opk_id and opk is None):
-            raise x3dh.UnknownPrekey(f"no signed prekey {spk_id} or one-time prekey {opk_id}")
-        agreement = x3dh.respond(me, peer, ek, spk, opk)
+            raise UnknownPrekey(f"no signed prekey {spk_id} or one-time prekey {opk_id}")
+        agreement = x3dh.respond(me, identity, peer, ek, spk, opk)
         state = _State(Ratchet.bob(agreement.sk, spk), agreement.ad, prefix, False)
         result = state.ratchet.decrypt(header, ciphertext, state.ad, context, check, new_key)
         self._push(state)
@@ -141,7 +150,7 @@ class Session:
         for state in known[:1] or states:
             try:
                 result = state.ratchet.decrypt(header, ciphertext, state.ad, context, check, new_key)
-            except (RatchetError, x3dh.LowOrderPoint) as error:  # not check's errors: those are final
+            except (RatchetError, LowOrderKey) as error:  # not check's errors: those are final
                 errors.append(error)
                 continue
             state.pending = False
