@@ -35,6 +35,8 @@ NotAllowed = _error("NotAllowed", b"NOT_ALLOWED")
 MessageTooLarge = _error("MessageTooLarge", b"MESSAGE_TOO_LARGE")
 ServiceUnavailable = _error("ServiceUnavailable", b"SERVICE_UNAVAILABLE")
 MailboxFull = _error("MailboxFull", b"MAILBOX_FULL")
+NoSuchDevice = _error("NoSuchDevice", b"NO_SUCH_DEVICE")
+BadSignature = _error("BadSignature", b"BAD_SIGNATURE")
 
 ERRORS = {
     cls: cls.code
@@ -53,6 +55,8 @@ ERRORS = {
         MessageTooLarge,
         ServiceUnavailable,
         MailboxFull,
+        NoSuchDevice,
+        BadSignature,
     )
 }
 ERRORS_BY_CODE = {code: cls for cls, code in ERRORS.items()}
@@ -67,6 +71,9 @@ MAX_NOTE_BYTES = 200  # UTF-8 bytes of a presence note
 MAX_TITLE = 200  # characters of a group title
 USERS_LIMIT = (50, 200)  # ListUsers' limit: (default, maximum)
 HISTORY_LIMIT = (50, 500)  # History's limit: (default, maximum)
+MAX_LINK_BYTES = 512  # a device chain link (docs/E2EE.md: at most 410 bytes as the format stands)
+CHAIN_PAGE = 100  # links per GetDeviceChain answer: 100 of MAX_LINK_BYTES fit one AMP value
+MAX_PREKEYS_PER_UPLOAD = 100  # one-time prekeys in one UploadPrekeys
 
 
 class Integer(amp.Integer):
@@ -81,7 +88,7 @@ class Integer(amp.Integer):
 
 # Argument types converted by the fast path below: each reads and writes exactly
 # one key of the box, so toStringProto/fromStringProto is all AMP would do.
-_ONE_KEY_TYPES = (amp.Unicode, amp.Integer, amp.Boolean, amp.DateTime, amp.ListOf, amp.AmpList)
+_ONE_KEY_TYPES = (amp.String, amp.Integer, amp.Boolean, amp.DateTime, amp.ListOf, amp.AmpList)
 
 
 @functools.cache
@@ -188,6 +195,7 @@ class Login(ChatCommand):
         (b"username", amp.Unicode()),
         (b"password", amp.Unicode()),
         (b"client_name", amp.Unicode(optional=True)),
+        (b"device_id", amp.Unicode(optional=True)),  # version 2: binds the session to this device
     ]
     response = _LOGGED_IN
 
@@ -197,6 +205,7 @@ class Resume(ChatCommand):
         (b"username", amp.Unicode()),
         (b"resume_token", amp.Unicode()),
         (b"client_name", amp.Unicode(optional=True)),
+        (b"device_id", amp.Unicode(optional=True)),
     ]
     response = _LOGGED_IN
 
@@ -348,6 +357,75 @@ class GetReceipts(ChatCommand):
             ),
         ),
         (b"has_more", amp.Boolean(optional=True)),
+    ]
+
+
+# -- devices and keys (version 2) ---------------------------------------------------
+#
+# Device ids are 32 lower-case hex digits; keys, signatures, hashes and chain
+# links are raw bytes (docs/E2EE.md). The server checks and stores, and never
+# holds a private key.
+
+
+class PublishChainLink(ChatCommand):
+    arguments = [(b"link", amp.String())]
+    response = [(b"seq", Integer()), (b"hash", amp.String())]
+
+
+class GetDeviceChain(ChatCommand):
+    arguments = [(b"username", amp.Unicode()), (b"after_seq", Integer(optional=True))]
+    response = [(b"links", amp.ListOf(amp.String())), (b"has_more", amp.Boolean())]
+
+
+class UploadPrekeys(ChatCommand):
+    arguments = [
+        (b"device_id", amp.Unicode()),
+        (b"spk_id", Integer()),
+        (b"spk_pub", amp.String()),
+        (b"spk_signature", amp.String()),
+        (b"one_time", amp.AmpList([(b"opk_id", Integer()), (b"opk_pub", amp.String())])),
+    ]
+    response = [(b"count", Integer())]
+
+
+class CountPrekeys(ChatCommand):
+    arguments = []
+    response = [(b"count", Integer())]
+
+
+class ClaimPrekeyBundle(ChatCommand):
+    arguments = [(b"username", amp.Unicode()), (b"device_id", amp.Unicode())]
+    response = [
+        (b"spk_id", Integer()),
+        (b"spk_pub", amp.String()),
+        (b"spk_signature", amp.String()),
+        (b"opk_id", Integer(optional=True)),
+        (b"opk_pub", amp.String(optional=True)),
+        (b"sig_pub", amp.String()),
+        (b"dh_pub", amp.String()),
+    ]
+
+
+class ListDevices(ChatCommand):
+    arguments = []
+    response = [
+        (
+            b"devices",
+            amp.AmpList([(b"device_id", amp.Unicode()), (b"name", amp.Unicode()), (b"added_seq", Integer())]),
+        ),
+        (
+            b"sessions",
+            amp.AmpList(
+                [
+                    (b"device_id", amp.Unicode(optional=True)),
+                    (b"client_name", amp.Unicode(optional=True)),
+                    (b"address", amp.Unicode(optional=True)),
+                    (b"since", amp.DateTime()),
+                    (b"this_session", amp.Boolean()),
+                ]
+            ),
+        ),
+        (b"has_more", amp.Boolean()),
     ]
 
 

@@ -114,6 +114,10 @@ class Settings:
     message_rate: float = 10.0
     action_burst: int = 20
     action_rate: float = 1.0
+    claim_burst: int = 50
+    claim_rate: float = 0.1
+    max_devices: int = 25
+    max_one_time_prekeys: int = 200
     shutdown_grace: float = 10.0
     backlog: int = 1024
     registration: str = "open"
@@ -164,6 +168,10 @@ SCHEMA = {
     "message_rate": ("limits", "message_rate", _seconds),
     "action_burst": ("limits", "action_burst", _integer(1)),
     "action_rate": ("limits", "action_rate", _seconds),
+    "claim_burst": ("limits", "claim_burst", _integer(1)),
+    "claim_rate": ("limits", "claim_rate", _seconds),
+    "max_devices": ("keys", "max_devices", _integer(1, 200)),
+    "max_one_time_prekeys": ("keys", "max_one_time_prekeys", _integer(1, 10000)),
     "shutdown_grace": ("server", "shutdown_grace", _seconds),
     "backlog": ("server", "backlog", _integer(1, 65535)),
     "registration": ("accounts", "registration", _choice("open", "closed")),

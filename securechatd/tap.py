@@ -11,6 +11,7 @@ import sys
 from functools import partial
 
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
@@ -19,6 +20,7 @@ from securechatd import certs, config, tls
 from securechatd.server.accounts import AccountService
 from securechatd.server.conversations import ConversationService
 from securechatd.server.hub import Hub
+from securechatd.server.keys import KeyService
 from securechatd.server.messages import MessageService
 from securechatd.server.passwords import HashThreadPool, PasswordHasher
 from securechatd.server.presence import PresenceService
@@ -91,8 +93,12 @@ def _prepare_database(settings, reactor):
         )
 
 
-def make_hub(settings, store, hasher, clock):
-    """Every service of the daemon, wired together, for `settings` (also used by the tests)."""
+def make_hub(settings, store, hasher, clock, run_in_thread=maybeDeferred):
+    """Every service of the daemon, wired together, for `settings` (also used by the tests).
+
+    `run_in_thread` checks signatures (build: a thread pool; the default, for
+    tests, runs them at once).
+    """
     accounts = AccountService(
         store,
         hasher,
@@ -123,9 +129,20 @@ def make_hub(settings, store, hasher, clock):
     )
     receipts = ReceiptService(store, conversations, accounts.registry, clock)
     presence = PresenceService(store, accounts.registry, clock, actions)
-    return Hub(
+    hub = Hub(
         accounts, conversations, messages, receipts, presence, clock, settings.delivery_window, settings.max_pending
     )
+    hub.keys = KeyService(
+        store,
+        accounts.registry,
+        clock,
+        run_in_thread,
+        actions,
+        TokenBucket(clock, settings.claim_burst, settings.claim_rate),
+        settings.max_devices,
+        settings.max_one_time_prekeys,
+    )
+    return hub
 
 
 def build(settings, reactor):
@@ -145,7 +162,7 @@ def build(settings, reactor):
         settings.hash_nice, minthreads=0, maxthreads=settings.hash_threads, name="securechatd-bcrypt"
     )
     hasher = PasswordHasher(settings.bcrypt_cost, partial(deferToThreadPool, reactor, hash_pool))
-    hub = make_hub(settings, store, hasher, reactor)
+    hub = make_hub(settings, store, hasher, reactor, partial(deferToThreadPool, reactor, reactor.getThreadPool()))
     factory = ChatFactory(hub, reactor, ConnectionLimits.from_settings(settings))
     endpoint, where = _endpoint(settings, reactor)
     daemon = SequentialMultiService()

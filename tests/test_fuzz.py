@@ -24,6 +24,7 @@ texts = st.text(max_size=40) | st.sampled_from(["alice", "bob", "ALICE", "", " "
 integers = st.integers(min_value=-(2**70), max_value=2**70) | st.sampled_from([0, 1, 2, 3, 500, 501, 2**63])
 values = {
     amp.Unicode: texts,
+    amp.String: st.binary(max_size=80) | st.sampled_from([b"", bytes(32), bytes(64), b"\xff" * 600]),
     amp.Integer: integers,
     commands.Integer: integers,
     amp.Boolean: st.booleans(),
@@ -45,6 +46,10 @@ def arguments_for(command):
     for name, argument in command.arguments:
         if isinstance(argument, amp.ListOf):
             strategy = st.lists(texts, max_size=4)
+        elif isinstance(argument, amp.AmpList):
+            item = {name.decode(): integers if isinstance(sub, amp.Integer) else values[type(sub)]
+                    for name, sub in argument.subargs}
+            strategy = st.lists(st.fixed_dictionaries(item), max_size=3)
         elif isinstance(argument, amp.Integer):
             strategy = integers
         else:
@@ -59,6 +64,8 @@ def _loose(command):
     for name, argument in command.arguments:
         if isinstance(argument, amp.ListOf):
             loose = amp.ListOf(argument.elementType)
+        elif isinstance(argument, amp.AmpList):
+            loose = amp.AmpList(argument.subargs)
         elif isinstance(argument, amp.Integer):
             loose = amp.Integer()  # the fuzzer may send what the server refuses to parse
         else:

@@ -149,11 +149,33 @@ def _check_v4(testcase, db):
     )
 
 
+def _insert_v5(db):
+    _insert_v4(db)
+    db.executescript(
+        """
+        UPDATE users SET generation = 3 WHERE username = 'alice';
+        INSERT INTO users (username, password_hash, created_at, password_changed_at, deleted_at)
+            VALUES ('erin', '', 13.0, 13.0, 14.0);
+        """
+    )
+
+
+def _check_v5(testcase, db):
+    _check_v4(testcase, db)
+    testcase.assertEqual(
+        db.execute(
+            "SELECT username, generation, deleted_at FROM users WHERE username IN ('alice', 'erin') ORDER BY id"
+        ).fetchall(),
+        [("alice", 3, None), ("erin", 1, 14.0)],
+    )
+
+
 SAMPLES = {
     1: (_insert_v1, _check_v1),
     2: (_insert_v2, _check_v2),
     3: (_insert_v3, _check_v3),
     4: (_insert_v4, _check_v4),
+    5: (_insert_v5, _check_v5),
 }
 
 
@@ -376,7 +398,7 @@ class MigrationTests(unittest.TestCase):
         db = self.open()
         upgrade(db, self.path, NOW, target=4)
         _insert_v4(db)
-        self.assertEqual(upgrade(db, self.path, NOW + 1), [5])
+        self.assertEqual(upgrade(db, self.path, NOW + 1, target=5), [5])
         self.assertEqual(
             db.execute("SELECT username, password_hash, deleted_at, generation FROM users ORDER BY id").fetchall(),
             [("alice", "$2b$10$v1hash", None, 1), ("bob", "$2b$10$bobhash", None, 1), ("dave", "", NOW + 1, 1)],

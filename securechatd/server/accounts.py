@@ -19,7 +19,9 @@ from zope.interface import Attribute, implementer
 from securechatd.commands import (
     BAD_CREDENTIALS_TEXT,
     BadCredentials,
+    InvalidArgument,
     InvalidUsername,
+    NoSuchDevice,
     NoSuchUser,
     NotAllowed,
     RateLimited,
@@ -35,6 +37,7 @@ log = Logger()
 security = Logger(namespace="securechatd.security")
 
 _USERNAME = re.compile(r"[a-z][a-z0-9_.-]{2,31}\Z")
+_DEVICE_ID = re.compile(r"[0-9a-f]{32}\Z")
 
 
 def normalize_username(username):
@@ -54,6 +57,13 @@ def existing_name(username):
         return normalize_username(username)
     except InvalidUsername:
         raise NoSuchUser(f"There is no user {username[:40]!r}.")
+
+
+def check_device_id(device_id, name="device_id"):
+    """`device_id` if it is 32 lower-case hex digits (docs/E2EE.md: one spelling per device), else INVALID_ARGUMENT."""
+    if not _DEVICE_ID.match(device_id):
+        raise InvalidArgument(f"{name} must be 32 lower-case hex digits.")
+    return device_id
 
 
 class IResumeToken(ICredentials):
@@ -197,9 +207,14 @@ class AccountService:
         )
 
     @deferred
-    async def login(self, username, password, client_name, address, connection):
-        """(session, resume token) for a right password, else BadCredentials."""
+    async def login(self, username, password, client_name, address, connection, device_id=None):
+        """(session, resume token) for a right password, else BadCredentials.
+
+        With `device_id` the session is bound to that device (see _issue_token).
+        """
         username = normalize_username(username)
+        if device_id is not None:
+            check_device_id(device_id)
 
         self.realm.check_limit(username)
         credentials = UsernamePassword(username, password)
@@ -210,11 +225,13 @@ class AccountService:
             return await self._portal_login(credentials, client_name, connection)
 
         session = await self._attempt(username, address, "password", verify)
-        return session, await self._logged_in(session, credentials, address, "password")
+        return session, await self._logged_in(session, credentials, address, "password", device_id)
 
     @deferred
-    async def resume(self, username, token, client_name, address, connection):
-        """(session, new resume token) for a valid token, else BadCredentials."""
+    async def resume(self, username, token, client_name, address, connection, device_id=None):
+        """(session, new resume token) for a valid token, else BadCredentials; `device_id` as for login."""
+        if device_id is not None:
+            check_device_id(device_id)
         try:
             name = normalize_username(username)
         except InvalidUsername:
@@ -231,7 +248,7 @@ class AccountService:
 
         # an unguessable token: concurrent resumes (a reconnect storm) are not guesses
         session = await self._attempt(name or username[:64], address, "token", verify, count_pending=False)
-        return session, await self._logged_in(session, credentials, address, "token")
+        return session, await self._logged_in(session, credentials, address, "token", device_id)
 
     async def _portal_login(self, credentials, client_name, connection):
         _, session, _ = await self.portal.login(credentials, (connection, client_name), IChatSession)
@@ -268,7 +285,9 @@ class AccountService:
         finally:
             self.throttle.end(username, address_key(address), outcome)
 
-    async def _logged_in(self, session, credentials, address, method):
+    async def _logged_in(self, session, credentials, address, method, device_id):
+        # (before any wait: a revoke of the device meanwhile finds the session and ends it)
+        session.address, session.device_id = address, device_id
         try:
             token = await self._issue_token(session, credentials.generation)
         except BaseException:
@@ -284,23 +303,45 @@ class AccountService:
             method=method,
             client_name=session.client_name,
             session_id=session.session_id,
+            device_id=session.device_id,
             security_event="login",
         )
         return token
 
     async def _issue_token(self, session, generation):
-        """A new resume token for `session`, or None if the credentials changed meanwhile."""
+        """A new resume token for `session`, or None if the credentials changed meanwhile.
+
+        A session bound to a device gets one only if it may bind to it: a
+        current device of the user's chain, or any device while the user has
+        no chain. The store checks that in the token's transaction, so a
+        revoke cannot slip between the check and the token.
+        """
         token = secrets.token_urlsafe(32)
         now = self.clock.seconds()
-        recorded = await self.store.add_resume_token(
-            session.username,
-            session.session_id,
-            token_hash(token),
-            now,
-            now + self.token_lifetime,
-            generation,
+        recording = (session.username, session.session_id, token_hash(token), now, now + self.token_lifetime, generation)
+        if session.device_id is None:
+            return token if await self.store.add_resume_token(*recording) else None
+        outcome = await self.store.add_device_resume_token(*recording, session.device_id)
+        if outcome == "revoked":
+            self._device_refused(session, "revoked")
+            raise NotAllowed("This device was revoked: it cannot log in as one of your devices again.")
+        if outcome == "unknown":
+            self._device_refused(session, "not in the chain")
+            raise NoSuchDevice(
+                "This device is not in your device chain: add it from one of your devices first,"
+                " or log in without device_id."
+            )
+        return token if outcome == "recorded" else None
+
+    def _device_refused(self, session, reason):
+        security.warn(
+            "login refused for {username} on device {device_id}: {reason}",
+            username=session.username,
+            address=session.address,
+            device_id=session.device_id,
+            reason=reason,
+            security_event="login_device_refused",
         )
-        return token if recorded else None
 
     @deferred
     async def logout(self, session):

@@ -110,15 +110,17 @@ class ChatLocator(amp.CommandLocator):
         return registered.addCallback(lambda name: {"username": name})
 
     @commands.Login.responder
-    def login(self, username, password, client_name=None):
+    def login(self, username, password, client_name=None, device_id=None):
         self._not_logged_in()
-        login = self.accounts.login(username, password, client_name, self._address(), self.connection)
+        login = self.accounts.login(username, password, client_name, self._address(), self.connection, device_id)
         return Deferred.fromCoroutine(self._logged_in(login))
 
     @commands.Resume.responder
-    def resume(self, username, resume_token, client_name=None):
+    def resume(self, username, resume_token, client_name=None, device_id=None):
         self._not_logged_in()
-        login = self.accounts.resume(username, resume_token, client_name, self._address(), self.connection)
+        login = self.accounts.resume(
+            username, resume_token, client_name, self._address(), self.connection, device_id
+        )
         return Deferred.fromCoroutine(self._logged_in(login))
 
     @commands.Logout.responder
@@ -236,3 +238,35 @@ class ChatLocator(amp.CommandLocator):
                 commands.GetReceipts, "receipts", [wire.receipt_item(*row) for row in result[0]], result[1]
             )
         )
+
+    # -- devices and keys ------------------------------------------------------------
+
+    @commands.PublishChainLink.responder
+    def publish_chain_link(self, link):
+        published = self.hub.keys.publish(self._session(), link)
+        return published.addCallback(lambda result: {"seq": result[0], "hash": result[1]})
+
+    @commands.GetDeviceChain.responder
+    def get_device_chain(self, username, after_seq=None):
+        page = self.hub.keys.chain(self._session(), username, after_seq)
+        return page.addCallback(lambda result: {"links": result[0], "has_more": result[1]})
+
+    @commands.UploadPrekeys.responder
+    def upload_prekeys(self, device_id, spk_id, spk_pub, spk_signature, one_time):
+        one_time = [(item["opk_id"], item["opk_pub"]) for item in one_time]
+        uploaded = self.hub.keys.upload(self._session(), device_id, spk_id, spk_pub, spk_signature, one_time)
+        return uploaded.addCallback(lambda count: {"count": count})
+
+    @commands.CountPrekeys.responder
+    def count_prekeys(self):
+        return self.hub.keys.count(self._session()).addCallback(lambda count: {"count": count})
+
+    @commands.ClaimPrekeyBundle.responder
+    def claim_prekey_bundle(self, username, device_id):
+        return self.hub.keys.claim(self._session(), username, device_id).addCallback(wire.bundle_answer)
+
+    @commands.ListDevices.responder
+    def list_devices(self):
+        session = self._session()
+        listing = self.hub.keys.devices(session)
+        return listing.addCallback(lambda result: wire.devices_answer(*result, this_session=session))

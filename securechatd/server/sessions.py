@@ -61,6 +61,8 @@ class Session:
         self.note = None
         self.status_changed = started
         self.outbox = None  # set by the hub when the session starts
+        self.address = None  # the client's IP address, and the device the session is bound to
+        self.device_id = None  # (32 hex digits; None: a session of version 1, bound to no device)
 
     def __repr__(self):
         return f"<Session {self.username} {self.session_id[:8]}>"

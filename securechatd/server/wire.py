@@ -88,6 +88,41 @@ def receipt_item(username, delivered_at, read_at):
     }
 
 
+def bundle_answer(bundle):
+    """ClaimPrekeyBundle's answer for a store.keys.PrekeyBundle."""
+    return {
+        "spk_id": bundle.spk_id,
+        "spk_pub": bundle.spk_pub,
+        "spk_signature": bundle.spk_signature,
+        "opk_id": bundle.opk_id,
+        "opk_pub": bundle.opk_pub,
+        "sig_pub": bundle.device.sig_pub,
+        "dh_pub": bundle.device.dh_pub,
+    }
+
+
+def devices_answer(devices, sessions, this_session):
+    """ListDevices' answer: the caller's current devices and sessions, each list cut to fit one AMP value."""
+    device_items = [
+        {"device_id": device.device_id, "name": device.name, "added_seq": device.added_seq} for device in devices
+    ]
+    session_items = [
+        {
+            "device_id": session.device_id,
+            "client_name": session.client_name,
+            "address": session.address,
+            "since": utc(session.started),
+            "this_session": session is this_session,
+        }
+        for session in sorted(sessions, key=lambda session: session.started)
+    ]
+    answer = page(commands.ListDevices, "devices", device_items, False)
+    sessions_page = page(commands.ListDevices, "sessions", session_items, False)
+    answer["sessions"] = sessions_page["sessions"]
+    answer["has_more"] = answer["has_more"] or sessions_page["has_more"]
+    return answer
+
+
 @cache
 def list_spec(command, name):
     """The item arguments of `command`'s AmpList answer `name`."""

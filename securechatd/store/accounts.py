@@ -108,7 +108,8 @@ class AccountStore(StoreBase):
         )
 
     def delete_user(self, username, now):
-        """Deferred: True if the user existed. They lose their password, tokens and conversations.
+        """Deferred: True if the user existed. They lose their password, tokens, conversations,
+        device chain and prekeys.
 
         The row (and so the name) stays, with `deleted_at`: a new account with the
         same name would otherwise inherit everything addressed to the old one.
@@ -128,6 +129,10 @@ class AccountStore(StoreBase):
             ("resume_tokens", "user_id"),
             ("members", "user_id"),
             ("pending_receipts", "recipient_id"),
+            ("one_time_prekeys", "user_id"),  # the key directory: nobody can fetch a deleted user's keys
+            ("signed_prekeys", "user_id"),
+            ("devices", "user_id"),
+            ("chain_links", "user_id"),
         ):
             txn.execute(f"DELETE FROM {table} WHERE {column} = ?", row)
         return True
