@@ -273,6 +273,9 @@ class RuleTests(Chain):
         for bad in (replace(link, name="x" * 65), replace(link, op="delete"), replace(link, device=self.tablet.id), replace(link, countersignature=b"")):
             self.assertRaises(Malformed, self.state.extend, [bad])
             self.assertRaises(Malformed, Link.from_bytes, bad.to_bytes())
+        revoke = chain.revoke(self.state, self.laptop, self.laptop.id)
+        for bad in (replace(link, seq=-1), replace(link, seq=1 << 64), replace(link, prev=b""), replace(revoke, dh_pub=self.phone.keys.dh_pub)):
+            self.assertRaises(Malformed, self.state.extend, [bad])
 
 
 class FlippedByteTests(unittest.TestCase):

@@ -231,13 +231,13 @@ def verify_chain(user, links, seen=None):
     `seen` is the (seq, hash) last seen of this user: Fork if the chain does
     not contain that link (rewritten, or rolled back to fewer links).
     """
-    state = ChainState(user)
-    for link in links:
-        state = state.extend([link])
-        if seen is not None and state.seq == seen[0] and state.head != seen[1]:
-            raise Fork(state.seq, "it is not the link seen before with this seq")
-    if seen is not None and state.seq < seen[0]:
-        raise Fork(state.seq + 1, f"the chain ends before link {seen[0]}, which was seen")
+    links = list(links)
+    state = ChainState(user).extend(links)
+    seen_seq, seen_hash = seen or (0, ZERO_HASH)
+    if state.seq < seen_seq:
+        raise Fork(state.seq + 1, f"the chain ends before link {seen_seq}, which was seen")
+    if seen_seq and links[seen_seq - 1].hash() != seen_hash:  # extend() checked that links[i] is link i + 1
+        raise Fork(seen_seq, "it is not the link seen before with this seq")
     return state
 
 
