@@ -49,7 +49,7 @@ def receive(receiver, sender, envelope, header=None, wrap=None, body=None):
 
 
 def golden():
-    """An envelope from Alice to two devices (Bob's bundle has a one-time prekey, Carol's has none), fixed throughout."""
+    """Alice's envelope to two devices (Bob's bundle has a one-time prekey, Carol's has none), fixed throughout."""
     alice, bob, carol = (fixed_device(user) for user in ("alice", "bob", "carol"))
     bundles = {
         bob.id: bundle_of(bob, bob.signed_prekey(7, fixed_x25519("bob/spk/7")), Prekey(3, fixed_x25519("bob/opk/3"))),
@@ -73,14 +73,20 @@ def golden():
         lambda device, key, context: sessions[device].encrypt(key, context),
         key,
     )
-    named = {f"{device.keys.user}/{kind}": private_hex(getattr(device, kind + "_private")) for device in (alice, bob, carol) for kind in ("sig", "dh")}
-    named.update(
-        (name, private_hex(fixed_x25519(name)))
-        for name in ("bob/spk/7", "bob/opk/3", "carol/spk/5", "envelope/ek/bob", "envelope/ratchet/bob", "envelope/ek/carol", "envelope/ratchet/carol")
-    )
+    named = {
+        f"{device.user}/{kind}": private_hex(getattr(device, kind + "_private"))
+        for device in (alice, bob, carol)
+        for kind in ("sig", "dh")
+    }
+    for name in ("bob/spk/7", "bob/opk/3", "carol/spk/5"):
+        named[name] = private_hex(fixed_x25519(name))
+    for user in ("bob", "carol"):
+        for kind in ("ek", "ratchet"):
+            named[f"envelope/{kind}/{user}"] = private_hex(fixed_x25519(f"envelope/{kind}/{user}"))
     return {
         "about": "docs/E2EE.md, Encrypted messages: Alice's first envelope to Bob (bundle: spk 7, opk 3) and Carol"
-        " (spk 5, no opk), each wrap a first message made with EK envelope/ek/<user> and ratchet key envelope/ratchet/<user>",
+        " (spk 5, no opk), each wrap a first message made with EK envelope/ek/<user>"
+        " and ratchet key envelope/ratchet/<user>",
         "private_keys": named,
         "key": key.hex(),
         "plaintext": "Hello, Bob and Carol",
@@ -184,7 +190,8 @@ class EnvelopeTests(unittest.TestCase):
         saved = self.bob.saved[self.alice.id]
         for at in range(len(envelope.header)):
             # a header that no longer parses, or one the wrap's context no longer matches
-            self.assertRaises((Malformed, BadMessage), receive, self.bob, self.alice, envelope, header=flipped(envelope.header, at))
+            header = flipped(envelope.header, at)
+            self.assertRaises((Malformed, BadMessage), receive, self.bob, self.alice, envelope, header=header)
         for at in range(len(envelope.body)):
             self.assertRaises(BadBody, receive, self.bob, self.alice, envelope, body=flipped(envelope.body, at))
         self.assertRaises(BadBody, receive, self.bob, self.alice, envelope, body=envelope.body[:-1])
@@ -196,7 +203,8 @@ class EnvelopeTests(unittest.TestCase):
 
     def test_a_wrap_replayed_into_another_conversation_fails(self):
         self.converse()
-        first, second = send(self.alice, [self.bob], b"one", conversation=1), send(self.alice, [self.bob], b"two", conversation=2)
+        first = send(self.alice, [self.bob], b"one", conversation=1)
+        second = send(self.alice, [self.bob], b"two", conversation=2)
         moved = replace(Header.from_bytes(first.header), conversation=2)
         self.assertRaises(BadMessage, receive, self.bob, self.alice, first, header=moved.to_bytes())
         self.assertRaises(BadMessage, receive, self.bob, self.alice, second, wrap=first.wraps[self.bob.id])
@@ -208,7 +216,8 @@ class EnvelopeTests(unittest.TestCase):
         envelope = send(self.alice, [self.bob, self.carol, self.laptop])
         self.assertRaises(BadMessage, receive, self.carol, self.alice, envelope, wrap=envelope.wraps[self.bob.id])
         self.assertRaises(BadMessage, receive, self.laptop, self.alice, envelope, wrap=envelope.wraps[self.bob.id])
-        self.assertEqual([receive(device, self.alice, envelope) for device in (self.bob, self.carol, self.laptop)], [b"hello"] * 3)
+        for device in (self.bob, self.carol, self.laptop):
+            self.assertEqual(receive(device, self.alice, envelope), b"hello")
 
     def test_golden_vector(self):
         with open(os.path.join(VECTORS, "golden_envelope.json")) as f:

@@ -14,7 +14,7 @@ from twisted.trial import unittest
 
 from securechatd.e2ee.encoding import Malformed, enc
 from securechatd.e2ee.keys import Device, LowOrderKey
-from securechatd.e2ee.ratchet import MAX_SKIP, BadMessage, DuplicateMessage, Ratchet, TooManySkipped
+from securechatd.e2ee.ratchet import MAX_SKIP, BadMessage, DuplicateMessage, Ratchet, RatchetError, TooManySkipped
 from securechatd.e2ee.session import (
     ARCHIVED,
     FIRST_MESSAGE,
@@ -153,6 +153,9 @@ class RatchetTests(unittest.TestCase):
         saved = self.pair()[1].to_bytes()
         for bad in (b"", b"junk", saved[:-1], saved.replace(b"ratchet-state-v1", b"ratchet-state-v9")):
             self.assertRaises(Malformed, Ratchet.from_bytes, bad)
+
+    def test_bob_sends_only_after_receiving(self):
+        self.assertRaises(RatchetError, self.pair()[1].encrypt, b"x", b"ad", b"")
 
     def test_alice_refuses_a_message_under_bobs_signed_prekey(self):
         alice, bob = self.pair()
@@ -335,7 +338,9 @@ class SessionTests(unittest.TestCase):
             self.assertEqual(self.bob.receive(self.alice, self.alice.send(self.bob, b"a%d" % n)), b"a%d" % n)
             self.assertEqual(self.alice.receive(self.bob, self.bob.send(self.alice, b"b%d" % n)), b"b%d" % n)
         # both now send type 1 messages in one session, whichever began first
-        self.assertEqual((self.alice.send(self.bob)[0], self.bob.send(self.alice)[0]), (RATCHET_MESSAGE, RATCHET_MESSAGE))
+        self.assertEqual({self.alice.send(self.bob)[0], self.bob.send(self.alice)[0]}, {RATCHET_MESSAGE})
+        current = [party.session(peer)._states[0] for party, peer in ((self.alice, self.bob), (self.bob, self.alice))]
+        self.assertEqual(current[0].origin, current[1].origin)
 
     def test_earlier_states_are_bounded(self):
         for _ in range(ARCHIVED + 3):

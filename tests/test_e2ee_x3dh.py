@@ -67,8 +67,14 @@ def golden():
         cases[name] = {"opk_id": agreement.opk_id, "sk": agreement.sk.hex(), "ad": agreement.ad.hex()}
     return {
         "about": "docs/E2EE.md, X3DH: Alice's initiate with the keys below; Bob's respond gives the same SK and AD",
-        "alice": {"user": "alice", "sig_private": private_hex(alice.sig_private), "dh_private": private_hex(alice.dh_private)},
-        "bob": {"user": "bob", "sig_private": private_hex(bob.sig_private), "dh_private": private_hex(bob.dh_private)},
+        **{
+            device.user: {
+                "user": device.user,
+                "sig_private": private_hex(device.sig_private),
+                "dh_private": private_hex(device.dh_private),
+            }
+            for device in (alice, bob)
+        },
         "spk": {"id": 7, "private": private_hex(spk.private), "signature": spk.signature.hex()},
         "opk": {"id": 3, "private": private_hex(opk.private)},
         "ek_private": private_hex(ek),

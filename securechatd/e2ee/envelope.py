@@ -1,4 +1,4 @@
-"""Envelopes: a body encrypted once under a fresh key K, K wrapped per recipient device (docs/E2EE.md, "Encrypted messages").
+"""Envelopes: a body encrypted once under a fresh key K, wrapped per device (docs/E2EE.md, "Encrypted messages").
 
 The header commits to K (`kc`), so a sender cannot wrap different keys for
 different recipients and show them different plaintexts of one body. Each
@@ -47,6 +47,10 @@ class BadPadding(EnvelopeError):
     """The body decrypts but is not padded to a size bucket as the format requires."""
 
 
+def _number(raw):
+    return int.from_bytes(raw, "big")
+
+
 @dataclass(frozen=True)
 class Header:
     """The header fields in the order of docs/E2EE.md; `suite` is fixed."""
@@ -66,7 +70,16 @@ class Header:
             raise Malformed("a header number does not fit 8 bytes")
 
     def fields(self):
-        return [SUITE, self.conversation, self.members, self.sender, self.sender_device, self.counter, self.client_time, self.kc]
+        return [
+            SUITE,
+            self.conversation,
+            self.members,
+            self.sender,
+            self.sender_device,
+            self.counter,
+            self.client_time,
+            self.kc,
+        ]
 
     def to_bytes(self):
         return enc(self.fields())
@@ -87,7 +100,7 @@ class Header:
             sender = sender.decode("utf-8")
         except UnicodeDecodeError:
             raise Malformed("a header's sender is not UTF-8")
-        conversation, counter, client_time = (int.from_bytes(value, "big") for value in (conversation, counter, client_time))
+        conversation, counter, client_time = map(_number, (conversation, counter, client_time))
         return cls(conversation, members, sender, sender_device, counter, client_time, kc)
 
 

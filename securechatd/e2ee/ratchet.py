@@ -27,12 +27,12 @@ MESSAGE_INFO = b"securechatd-message-v1"
 STATE_VERSION = b"securechatd-ratchet-state-v1"
 HEADER_BYTES = 40  # dh_pub (32) | pn (4) | n (4)
 MAX_SKIP = 1000  # a message further ahead than this in its chain is refused; at most this many keys are kept
-KEPT_CHAINS = 5  # earlier receiving ratchet keys remembered to tell a duplicate from a forgery (libsignal keeps 5)
+KEPT_CHAINS = 5  # earlier receiving ratchet keys remembered, so a replay from them is a duplicate (libsignal keeps 5)
 _SKIPPED = struct.Struct(">32sI32s")  # one skipped message key in the saved state: dh_pub, n, mk
 
 
 class RatchetError(ValueError):
-    """A ratchet message that cannot be decrypted; the subclass says why. The state is unchanged."""
+    """A ratchet message that cannot be decrypted (or sent); the subclass says why. The state is unchanged."""
 
 
 class DuplicateMessage(RatchetError):

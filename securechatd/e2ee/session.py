@@ -99,8 +99,10 @@ class Session:
         origin = PREFIX.pack(agreement.ek, agreement.spk_id, agreement.opk_id)
         self._push(_State(ratchet, agreement.ad, origin, True))
 
-    def accept(self, me, identity, peer, wrap, context, spk_private, opk_private, check=None, new_key=X25519PrivateKey.generate):
-        """Take a first message that `decrypt` refused with NewSession; `peer` is the sender's DeviceKeys from its chain.
+    def accept(
+        self, me, identity, peer, wrap, context, spk_private, opk_private, check=None, new_key=X25519PrivateKey.generate
+    ):
+        """Take a first message that `decrypt` refused with NewSession; `peer` is the sender's DeviceKeys (its chain's).
 
         `spk_private(id)` and `opk_private(id)` return our prekeys' private keys,
         or None for ids we do not hold; the caller deletes the one-time prekey
