@@ -88,8 +88,8 @@ class SecurechatTests(unittest.TestCase):
         self.assertNotIn(b"Traceback", self.daemon.output)
         self.assertNotIn(PASSWORD.encode(), self.daemon.output)
 
-    def securechat(self, *arguments, keys="", ca=None, port=None, env=None, pty=False):
-        client = ClientProcess(keys, close_stdin=not pty)
+    def securechat(self, *arguments, keys="", ca=None, port=None, env=None, pty=False, close_stdin=None):
+        client = ClientProcess(keys, close_stdin=not pty if close_stdin is None else close_stdin)
         process = reactor.spawnProcess(
             client,
             SECURECHAT,
@@ -100,6 +100,17 @@ class SecurechatTests(unittest.TestCase):
         )
         self.addCleanup(self.stop, process, client.ended)
         return client
+
+    @inlineCallbacks
+    def test_a_closed_output_pipe_ends_the_client(self):
+        """`securechat --batch ... | head -1`: once no one reads the output, it exits (status 141, as SIGPIPE)."""
+        client = self.securechat(
+            "--batch", env={"SECURECHAT_PASSWORD": PASSWORD}, keys="/register carol\n", close_stdin=False
+        )
+        yield client.when(lambda: b"\n" in client.out)  # the first line, as head -1 reads it
+        client.transport.closeChildFD(1)  # head exits; the input stays open
+        code = yield client.ended.addTimeout(TIMEOUT, reactor)
+        self.assertEqual(code, 141)
 
     @inlineCallbacks
     def test_two_people_talk(self):

@@ -695,6 +695,8 @@ def _report(problem, batch):
         sys.stderr.write(f"securechat: {message}\n")
 
 
+CLOSED_PIPE = 128 + 13  # the status a shell shows for a program killed by SIGPIPE
+
 async def _session(reactor, options, interactive):
     try:
         password = configured_password(options["password-file"], os.environ)
@@ -718,6 +720,7 @@ async def _session(reactor, options, interactive):
         keep_going=options["keep-going"],
     )
     reactor.addSystemEventTrigger("before", "shutdown", chat.quiet)
+    console.output_lost.addCallback(lambda _: chat.finish(CLOSED_PIPE))
     status = await chat.run()
     await client.close()
     await console.close()

@@ -436,6 +436,7 @@ class Console(Protocol):
         self._waiting = None
         self._ended = False
         self.closed = Deferred()
+        self.output_lost = Deferred()  # fires if the reader of our output goes away (`| head -1`)
 
     def dataReceived(self, data):
         *lines, self._buffer = (self._buffer + data).split(b"\n")
@@ -461,6 +462,8 @@ class Console(Protocol):
         self._end()
 
     def writeConnectionLost(self):
+        if not self.output_lost.called:  # (first: the session ends for this reason, not end of input)
+            self.output_lost.callback(None)
         self._end()
 
     def connectionLost(self, reason):
@@ -486,8 +489,10 @@ class Console(Protocol):
         self.transport.write(text.encode("utf-8") + b"\n")
 
     def close(self):
-        """Deferred: fires once the output is written."""
+        """Deferred: fires once the output is written (at once if no one reads it any more)."""
         self.transport.loseConnection()
+        if self.output_lost.called:  # (StandardIO then never reports the connection lost)
+            return succeed(None)
         return self.closed
 
 
