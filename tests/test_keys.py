@@ -5,15 +5,19 @@ directly, as any client would. Most tests go through the real protocol
 (iosim); races and the store's own guarantees are tested one layer down.
 """
 
+import json
 import sqlite3
+import struct
 from dataclasses import replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from twisted.internet import defer, task
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from securechatd import commands, tap
+from securechatd.audit import audit_line
 from securechatd.commands import (
     AuthRequired,
     BadCredentials,
@@ -28,13 +32,21 @@ from securechatd.config import Settings
 from securechatd.e2ee.chain import ZERO_HASH, Link, device_id
 from securechatd.e2ee.encoding import enc, sign
 from securechatd.server.framing import VALUE_LIMIT
-from securechatd.server.keys import spk_fields
 from securechatd.server.passwords import PasswordHasher
 from securechatd.store import Store
 from securechatd.store.dialect import connect, open_pool
 from securechatd.store.keys import NewLink
 from securechatd.store.migrations import upgrade
-from tests.helpers import TEST_COST, Connection, _NoThreadsReactor, make_hub, make_store, run_now
+from tests.helpers import (
+    TEST_COST,
+    Connection,
+    _NoThreadsReactor,
+    connected_client,
+    make_hub,
+    make_store,
+    run_now,
+    start_daemon,
+)
 from tests.test_services import RecordingClient
 from tests.test_store import GatedPool
 
@@ -61,7 +73,7 @@ class Device:
     def spk(self, user, spk_id=1, key=None):
         """Signed prekey arguments of UploadPrekeys, signed by this device (or `key`)."""
         spk_pub = X25519PrivateKey.generate().public_key().public_bytes_raw()
-        signature = sign(key or self.sig, SPK_LABEL, spk_fields(user, self.hex, spk_id, spk_pub))
+        signature = sign(key or self.sig, SPK_LABEL, [user, self.id, struct.pack(">I", spk_id), spk_pub])
         return {"spk_id": spk_id, "spk_pub": spk_pub, "spk_signature": signature}
 
 
@@ -382,6 +394,31 @@ class PublishTests(KeysTestCase):
             self.refused(conn, AuthRequired, command, **arguments)
 
 
+class AuditTests(KeysTestCase):
+    def test_device_changes_and_refused_devices_reach_the_audit_log(self):
+        lines = []
+
+        def observe(event):
+            lines.append(audit_line(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        laptop_conn, laptop = self.first_device()
+        _, phone = self.add_device(laptop_conn, laptop)
+        self.publish(laptop_conn, self.chain("alice").link("revoke", phone, laptop))
+        self.refused(Connection(self.hub), NotAllowed, commands.Login, username="alice", password=PASSWORD, device_id=phone.hex)
+        events = [json.loads(line) for line in lines if line]
+        self.assertEqual(
+            [(e["event"], e["target"]) for e in events if "target" in e],
+            [
+                ("device_add", laptop.hex),
+                ("device_add", phone.hex),
+                ("device_revoke", phone.hex),
+                ("login_device_refused", phone.hex),
+            ],
+        )
+
+
 class RaceTests(unittest.TestCase):
     """Two links for the same place of a chain, both checked before either is stored: one wins."""
 
@@ -516,6 +553,14 @@ class ChainPagingTests(KeysTestCase):
         self.assertEqual(self.links(self.witness, "CAROL"), {"links": [], "has_more": False})
         for name in ("nobody", "not a name!", ""):
             self.refused(self.witness, NoSuchUser, commands.GetDeviceChain, username=name)
+
+    def test_a_user_deleted_while_logged_in(self):
+        conn, laptop = self.first_device()
+        self.successResultOf(self.hub.store.delete_user("alice", NOW))
+        self.refused_link(conn, NoSuchUser, self.chain("alice").link("add", Device(), laptop))
+        self.refused(conn, NoSuchUser, commands.UploadPrekeys, device_id=laptop.hex, one_time=[], **laptop.spk("alice"))
+        self.assertEqual(self.ok(conn, commands.CountPrekeys), {"count": 0})
+        self.assertEqual(self.ok(conn, commands.ListDevices)["devices"], [])
 
     def test_a_deleted_user_has_no_chain_and_no_keys(self):
         conn, laptop = self.first_device()
@@ -820,3 +865,31 @@ class MigrationTests(unittest.TestCase):
         device = Device()
         outcome = store.add_device_resume_token("alice", "s2", "t2", NOW, NOW + 10, 2, device.hex)
         self.assertEqual(self.successResultOf(outcome), "recorded")
+
+
+class DaemonTests(unittest.TestCase):
+    """The daemon as `twistd securechatd` builds it, over real TLS: signatures are checked in a thread."""
+
+    @defer.inlineCallbacks
+    def test_a_chain_and_a_claim_through_the_real_daemon(self):
+        from twisted.internet import reactor
+
+        port, ca, _ = start_daemon(self, reactor)
+        alice = yield connected_client(self, reactor, port, ca)
+        bob = yield connected_client(self, reactor, port, ca)
+        for client, name in ((alice, "alice"), (bob, "bob")):
+            yield client.callRemote(commands.Register, username=name, password=PASSWORD)
+        device = Device()
+        yield alice.callRemote(commands.Login, username="alice", password=PASSWORD, device_id=device.hex)
+        yield bob.callRemote(commands.Login, username="bob", password=PASSWORD)
+        link = Chain("alice").link("add", device, device)
+        with self.assertRaises(BadSignature):
+            yield alice.callRemote(commands.PublishChainLink, link=replace(link, signature=bytes(64)).to_bytes())
+        answer = yield alice.callRemote(commands.PublishChainLink, link=link.to_bytes())
+        self.assertEqual(answer, {"seq": 1, "hash": link.hash()})
+        prekeys = one_time([1])
+        yield alice.callRemote(commands.UploadPrekeys, device_id=device.hex, one_time=prekeys, **device.spk("alice"))
+        bundle = yield bob.callRemote(commands.ClaimPrekeyBundle, username="alice", device_id=device.hex)
+        self.assertEqual((bundle["opk_id"], bundle["opk_pub"]), (1, prekeys[0]["opk_pub"]))
+        chain = yield bob.callRemote(commands.GetDeviceChain, username="alice")
+        self.assertEqual(chain, {"links": [link.to_bytes()], "has_more": False})

@@ -20,7 +20,9 @@ from securechatd.server.sessions import IChatClient
 from tests.helpers import make_hub
 
 PASSWORD = "correct horse battery"
-SERVICES = ("accounts", "conversations", "delivery", "hub", "messages", "policy", "presence", "receipts", "sessions")
+SERVICES = (
+    "accounts", "conversations", "delivery", "hub", "keys", "messages", "policy", "presence", "receipts", "sessions"
+)
 
 
 @implementer(IChatClient)

@@ -59,10 +59,10 @@ def existing_name(username):
         raise NoSuchUser(f"There is no user {username[:40]!r}.")
 
 
-def check_device_id(device_id, name="device_id"):
+def check_device_id(device_id):
     """`device_id` if it is 32 lower-case hex digits (docs/E2EE.md: one spelling per device), else INVALID_ARGUMENT."""
     if not _DEVICE_ID.match(device_id):
-        raise InvalidArgument(f"{name} must be 32 lower-case hex digits.")
+        raise InvalidArgument("A device_id is 32 lower-case hex digits.")
     return device_id
 
 
@@ -335,10 +335,10 @@ class AccountService:
 
     def _device_refused(self, session, reason):
         security.warn(
-            "login refused for {username} on device {device_id}: {reason}",
+            "login refused for {username} on device {target}: {reason}",
             username=session.username,
             address=session.address,
-            device_id=session.device_id,
+            target=session.device_id,
             reason=reason,
             security_event="login_device_refused",
         )

@@ -26,10 +26,10 @@ from securechatd.server.policy import deferred, take_action
 from securechatd.server.throttle import retry_text
 from securechatd.store.keys import NewLink
 
-log = Logger()
 security = Logger(namespace="securechatd.security")
 
-# The labels of docs/E2EE.md the server checks signatures under.
+# The labels of docs/E2EE.md the server checks signatures under (spelled out: the
+# server relies only on e2ee.chain's parsing, which is stable).
 LINK_LABEL = "securechatd/chain-link/v1"
 COUNTERSIGN_LABEL = "securechatd/chain-countersign/v1"
 SPK_LABEL = "securechatd/spk/v1"
@@ -83,7 +83,7 @@ class KeyService:
             raise NotAllowed("A link of someone else's chain: you may only publish to your own.")
         take_action(self.actions, session)
         device, signer = link.device.hex(), link.signer.hex()
-        state = await self.store.chain_state(session.username, {device, signer})
+        state = await self._chain_state(session, {device, signer})
         if link.seq != state.seq + 1 or link.prev != (state.hash or ZERO_HASH):
             raise NotAllowed(MOVED_ON)
         self._check_publisher(session, link, signer, state)
@@ -97,11 +97,11 @@ class KeyService:
         if not await self.store.append_link(session.username, new, self.clock.seconds()):
             raise NotAllowed(MOVED_ON)
         security.info(
-            "device chain of {username}: link {seq} {op}s device {device_id}",
+            "device chain of {username}: link {seq} {op}s device {target}",
             username=session.username,
             seq=link.seq,
             op=link.op,
-            device_id=device,
+            target=device,  # (the audit log's field for what an event is about)
             signer=signer,
             session_id=session.session_id,
             security_event=f"device_{link.op}",
@@ -109,6 +109,12 @@ class KeyService:
         if link.op == "revoke":
             self._end_sessions(session, device)
         return link.seq, digest
+
+    async def _chain_state(self, session, device_ids):
+        state = await self.store.chain_state(session.username, device_ids)
+        if state is None:  # (deleted by securechatd-admin while logged in)
+            raise NoSuchUser("Your account no longer exists.")
+        return state
 
     @staticmethod
     def _parse(data):
@@ -197,7 +203,7 @@ class KeyService:
             raise InvalidArgument(f"Each opk_id is from 1 to 2**32 - 1 and each opk_pub {KEY_BYTES} bytes.")
         if len(dict(one_time)) < len(one_time):
             raise InvalidArgument("An opk_id appears twice in this upload.")
-        state = await self.store.chain_state(session.username, [device_id])
+        state = await self._chain_state(session, [device_id])
         device = state.devices.get(device_id)
         if not _current(device):
             raise NoSuchDevice("This device is not a current device of your chain: publish its link first.")
