@@ -14,6 +14,15 @@ from tests.helpers import start_daemon, wall_now
 PASSWORD = "correct horse battery"
 
 
+def forget_delivery(txn, conversation_id, username):
+    """What a daemon killed before writing an acknowledgement leaves: the message is pending again."""
+    txn.execute(
+        "UPDATE members SET delivered_seq = 0 WHERE conversation_id = ?"
+        " AND user_id = (SELECT id FROM users WHERE username = ?)",
+        (conversation_id, username),
+    )
+
+
 class Inbox:
     """Collects a client's pushes; `wait(kind, count)` fires once that many arrived."""
 
@@ -103,6 +112,25 @@ class ClientTests(unittest.TestCase):
         handled.callback(None)
         [receipt] = yield alice_inbox.wait("receipt", 1)
         self.assertEqual((receipt.state, receipt.seq), ("delivered", 1))
+
+    @inlineCallbacks
+    def test_a_message_pushed_again_is_shown_once_across_restarts(self):
+        """Delivery is at least once: after a lost acknowledgement (a daemon crash), the repeat is not shown."""
+        state = os.path.abspath(self.mktemp())
+        alice, _ = yield self.client("alice")
+        bob, bob_inbox = yield self.client("bob", state_directory=state)
+        conversation, _ = yield alice.create_conversation(["bob"])
+        yield alice.send_message(conversation, "only once, please")
+        yield bob_inbox.wait("deliver", 1)
+        yield alice.ping()
+        yield bob.close()  # a restart of bob's client: it saves what it has shown
+        self.assertEqual(os.stat(os.path.join(state, "bob.seen.json")).st_mode & 0o777, 0o600)
+        yield self.hub.store._write("forget the acknowledgement", forget_delivery, conversation, "bob")
+        bob, bob_inbox = yield self.client("bob", register=False, state_directory=state)
+        yield alice.send_message(conversation, "and a new one")
+        [new] = yield bob_inbox.wait("deliver", 1)  # the repeat of the first was acknowledged, not shown
+        self.assertEqual(new.body, "and a new one")
+        self.assertEqual(len(bob_inbox.items["deliver"]), 1)
 
     @inlineCallbacks
     def test_reconnect_resends_without_duplicates(self):

@@ -94,7 +94,7 @@ class SecurechatTests(unittest.TestCase):
             client,
             SECURECHAT,
             [SECURECHAT, "--host", "localhost", "--port", str(port or self.port), "--ca", ca or self.ca, *arguments],
-            env=dict(environment(), TERM="xterm", **(env or {})),
+            env=dict(environment(), TERM="xterm", XDG_DATA_HOME=self.directory, **(env or {})),
             path=self.directory,
             usePTY=pty,
         )

@@ -12,6 +12,7 @@ and resends every SendMessage that had no answer with the same
 client_msg_id; the server drops duplicates, so nothing is lost or doubled.
 """
 
+import os
 import random
 import uuid
 from dataclasses import dataclass, fields
@@ -28,6 +29,7 @@ from zope.interface import implementer
 
 from securechatd import commands
 from securechatd.commands import BadCredentials
+from securechatd.client.seen import SeenMessages
 from securechatd.tls import client_options
 
 log = Logger()
@@ -134,8 +136,7 @@ class ClientProtocol(amp.AMP):
 
     @commands.Deliver.responder
     def deliver(self, **message):
-        delivered = maybeDeferred(self.client.on_deliver, _record(Message, message))
-        return delivered.addCallback(lambda _: {})
+        return self.client._deliver(_record(Message, message)).addCallback(lambda _: {})
 
     @commands.Receipt.responder
     def receipt(self, **receipt):
@@ -176,7 +177,9 @@ class ChatClient:
     on_disconnected(reason), on_reconnected(LoggedIn), on_logged_out(reason).
     """
 
-    def __init__(self, host, port, ca_path, *, hostname=None, client_name=None, reactor=None, reconnect=True):
+    def __init__(
+        self, host, port, ca_path, *, hostname=None, client_name=None, reactor=None, reconnect=True, state_directory=None
+    ):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -185,6 +188,9 @@ class ChatClient:
         self._endpoint = wrapClientTLS(
             client_options(ca_path, hostname or host), HostnameEndpoint(reactor, host, port, timeout=10)
         )
+        self.state_directory = state_directory  # where this installation keeps what it has seen, per user
+        self.seen = SeenMessages()
+        self._save = None
         self.username = None
         self.resume_token = None
         self._password = None
@@ -276,6 +282,9 @@ class ChatClient:
     def close(self):
         """Disconnect for good; Deferred firing when closed."""
         self._closed = True
+        if self._save is not None:
+            self._save.cancel()
+            self._save_seen()
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
@@ -306,8 +315,32 @@ class ChatClient:
 
     def _logged_in(self, answer):
         login = _record(LoggedIn, answer)
+        if login.username != self.username:
+            path = None
+            if self.state_directory is not None:
+                path = os.path.join(self.state_directory, f"{login.username}.seen.json")
+            self.seen = SeenMessages(path)
         self.username, self.resume_token = login.username, login.resume_token
         return login
+
+    SAVE_AFTER = 1.0  # seconds: what was seen is written at most this often
+
+    def _deliver(self, message):
+        """Hand a pushed message to on_deliver once: a repeat (delivery is at least once) is only acknowledged."""
+        if not self.seen.is_new(message.conversation_id, message.seq):
+            return succeed(None)
+        delivered = maybeDeferred(self.on_deliver, message)
+        return delivered.addCallback(self._handed_over, message)
+
+    def _handed_over(self, result, message):
+        self.seen.handed_over(message.conversation_id, message.seq)
+        if self._save is None:
+            self._save = self.reactor.callLater(self.SAVE_AFTER, self._save_seen)
+        return result
+
+    def _save_seen(self):
+        self._save = None
+        self.seen.save()
 
     def login(self, username, password, remember_password=False):
         """Deferred LoggedIn; `remember_password` keeps it in memory to log in again if a resume fails."""

@@ -668,10 +668,24 @@ def _handshake_problem(host, port, ca, detail):
     return LocalError("TLS", f"TLS problem: the handshake with {host}:{port} failed ({detail}).")
 
 
+def state_directory(host, port, environ):
+    """Where this installation keeps its files for one server: $XDG_DATA_HOME/securechat/HOST-PORT."""
+    data = environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data, "securechat", f"{host}-{port}")
+
+
 async def connect(reactor, host, port, ca, reconnect):
     """A ChatClient connected to a verified server, or a LocalError saying why not."""
     try:
-        client = ChatClient(host, port, ca, client_name="securechat", reactor=reactor, reconnect=reconnect)
+        client = ChatClient(
+            host,
+            port,
+            ca,
+            client_name="securechat",
+            reactor=reactor,
+            reconnect=reconnect,
+            state_directory=state_directory(host, port, os.environ),
+        )
         await client.connect()
     except CertError as problem:
         raise LocalError("CERTIFICATE", f"Certificate problem: {problem} (--ca FILE names the server's CA).")
