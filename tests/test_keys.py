@@ -6,6 +6,7 @@ directly, as any client would. Most tests go through the real protocol
 """
 
 import json
+import os
 import sqlite3
 import struct
 from dataclasses import replace
@@ -223,6 +224,27 @@ class PublishTests(KeysTestCase):
         links = self.links(self.witness, "alice")["links"]
         self.assertEqual(links, [link.to_bytes() for link in self.chain("alice").links])
         self.assertEqual([Link.from_bytes(data).op for data in links], ["add", "add", "name", "revoke"])
+
+    def test_the_golden_chain_of_the_e2ee_spec(self):
+        """tests/vectors/golden_chain.json (made by the client side): the server takes it as it is."""
+        path = os.path.join(os.path.dirname(__file__), "vectors", "golden_chain.json")
+        with open(path, encoding="utf-8") as f:
+            golden = json.load(f)
+        sessions = {}  # device id -> a connection bound to it, logged in once the chain lists it
+        for link in golden["links"]:
+            data = bytes.fromhex(link["bytes"])
+            signer = Link.from_bytes(data).signer.hex()
+            if signer not in sessions:
+                sessions[signer] = self.connect("alice", device_id=signer)
+            answer = self.ok(sessions[signer], commands.PublishChainLink, link=data)
+            self.assertEqual(answer, {"seq": link["seq"], "hash": bytes.fromhex(link["hash"])})
+        published = [bytes.fromhex(link["bytes"]) for link in golden["links"]]
+        self.assertEqual(self.links(self.witness, "alice")["links"], published)
+        laptop, phone = (sessions[device["device_id"]] for device in golden["devices"])
+        [device] = self.ok(phone, commands.ListDevices)["devices"]
+        self.assertEqual({device["device_id"]: device["name"]}, golden["final"]["devices"])
+        self.settle(laptop)
+        self.assertTrue(laptop.server.lost)  # the revoked laptop's session ended
 
     def test_malformed_links(self):
         conn, device = self.connect("alice"), Device()
