@@ -334,7 +334,9 @@ class ChatClient:
 
     def _handed_over(self, result, message):
         self.seen.handed_over(message.conversation_id, message.seq)
-        if self._save is None:
+        if self._closed:  # (a push that arrived while closing)
+            self.seen.save()
+        elif self._save is None:
             self._save = self.reactor.callLater(self.SAVE_AFTER, self._save_seen)
         return result
 
