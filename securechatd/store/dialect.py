@@ -47,8 +47,8 @@ def connect(path, durability="normal", busy_timeout=5.0):
     A new database file is created 0600 first, like the keys and the audit
     log: SQLite gives its -wal and -shm files the database file's mode.
     """
-    if path != ":memory:":
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    if path != ":memory:" and not os.path.exists(path):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     configure(connection, durability, busy_timeout)
     return connection
