@@ -12,27 +12,21 @@ Signatures are checked by `run_in_thread` (a Deferred), off the reactor
 thread, like bcrypt.
 """
 
-import struct
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from twisted.logger import Logger
 
 from securechatd import commands
 from securechatd.commands import BadSignature, InvalidArgument, NoSuchDevice, NoSuchUser, NotAllowed, RateLimited
-from securechatd.e2ee.chain import KEY_BYTES, ZERO_HASH, Link
+from securechatd.e2ee.chain import COUNTERSIGN_LABEL, KEY_BYTES, LINK_LABEL, ZERO_HASH, Link
 from securechatd.e2ee.encoding import Malformed, verify
+from securechatd.e2ee.keys import SPK_LABEL, spk_fields
 from securechatd.server.accounts import check_device_id, existing_name
 from securechatd.server.policy import deferred, take_action
 from securechatd.server.throttle import retry_text
 from securechatd.store.keys import NewLink
 
 security = Logger(namespace="securechatd.security")
-
-# The labels of docs/E2EE.md the server checks signatures under (spelled out: the
-# server relies only on e2ee.chain's parsing, which is stable).
-LINK_LABEL = "securechatd/chain-link/v1"
-COUNTERSIGN_LABEL = "securechatd/chain-countersign/v1"
-SPK_LABEL = "securechatd/spk/v1"
 
 SIGNATURE_BYTES = 64
 PREKEY_IDS = 1 << 32  # prekey ids are 4 bytes; one-time prekey id 0 means "none" in an X3DH header
@@ -51,11 +45,6 @@ def link_signature_problem(link, signer_pub):
     if link.op == "add" and not _signed_by(link.sig_pub, link.countersignature, COUNTERSIGN_LABEL, fields):
         return "The link's countersignature does not check with the added device's key."
     return None
-
-
-def spk_fields(username, device_id, spk_id, spk_pub):
-    """What a signed prekey's signature covers: [user, device (16 bytes), spk_id (4 bytes), spk_pub]."""
-    return [username, bytes.fromhex(device_id), struct.pack(">I", spk_id), spk_pub]
 
 
 def _current(device):
@@ -207,7 +196,7 @@ class KeyService:
         device = state.devices.get(device_id)
         if not _current(device):
             raise NoSuchDevice("This device is not a current device of your chain: publish its link first.")
-        fields = spk_fields(session.username, device_id, spk_id, spk_pub)
+        fields = spk_fields(session.username, bytes.fromhex(device_id), spk_id, spk_pub)
         if not await self._run(_signed_by, device.sig_pub, spk_signature, SPK_LABEL, fields):
             raise BadSignature("spk_signature does not check with this device's key.")
         outcome, value = await self.store.store_prekeys(
