@@ -261,8 +261,12 @@ class ListUsers(ChatCommand):
 
 
 class CreateConversation(ChatCommand):
-    arguments = [(b"members", amp.ListOf(amp.Unicode())), (b"title", amp.Unicode(optional=True))]
-    response = [(b"conversation_id", Integer()), (b"created", amp.Boolean())]
+    arguments = [
+        (b"members", amp.ListOf(amp.Unicode())),
+        (b"title", amp.Unicode(optional=True)),
+        (b"encrypted", amp.Boolean(optional=True)),  # (v2) absent: encrypted unless the server allows plaintext
+    ]
+    response = [(b"conversation_id", Integer()), (b"created", amp.Boolean()), (b"encrypted", amp.Boolean(optional=True))]
 
 
 class ListConversations(ChatCommand):
@@ -278,6 +282,7 @@ class ListConversations(ChatCommand):
                     (b"members", amp.ListOf(amp.Unicode())),
                     (b"last_seq", Integer()),
                     (b"unread", Integer()),
+                    (b"encrypted", amp.Boolean(optional=True)),  # (v2)
                 ]
             ),
         ),
@@ -286,12 +291,19 @@ class ListConversations(ChatCommand):
 
 
 class AddMembers(ChatCommand):
-    arguments = [(b"conversation_id", Integer()), (b"members", amp.ListOf(amp.Unicode()))]
+    arguments = [
+        (b"conversation_id", Integer()),
+        (b"members", amp.ListOf(amp.Unicode())),
+        (b"membership", amp.String(optional=True)),  # (v2) the signed state after the change: encrypted only
+    ]
     response = []
 
 
 class LeaveConversation(ChatCommand):
-    arguments = [(b"conversation_id", Integer())]
+    arguments = [
+        (b"conversation_id", Integer()),
+        (b"membership", amp.String(optional=True)),  # (v2) the signed state after the change: encrypted only
+    ]
     response = []
 
 
@@ -429,7 +441,74 @@ class ListDevices(ChatCommand):
     ]
 
 
+# -- encrypted conversations (version 2) -----------------------------------------------
+#
+# Membership states, headers, bodies and wraps are the byte formats of
+# docs/E2EE.md; the server checks their shape and their place, routes each
+# wrap to its device only, and cannot read a body.
+
+WRAP_ITEM = [(b"device_id", amp.Unicode()), (b"wrap", amp.String())]
+
+
+class PublishMembership(ChatCommand):
+    """The first signed membership state (epoch 1) of an encrypted conversation, by its creator."""
+
+    arguments = [(b"conversation_id", Integer()), (b"membership", amp.String())]
+    response = [(b"epoch", Integer())]
+
+
+class GetMembership(ChatCommand):
+    arguments = [(b"conversation_id", Integer()), (b"after_epoch", Integer(optional=True))]
+    response = [(b"states", amp.ListOf(amp.String())), (b"has_more", amp.Boolean())]
+
+
+class StageWraps(ChatCommand):
+    """Wraps for a message about to be sent, when they do not fit one SendEncrypted (large groups)."""
+
+    arguments = [(b"conversation_id", Integer()), (b"client_msg_id", amp.Unicode()), (b"wraps", amp.AmpList(WRAP_ITEM))]
+    response = [(b"staged", Integer())]
+
+
+class SendEncrypted(ChatCommand):
+    arguments = [
+        (b"conversation_id", Integer()),
+        (b"client_msg_id", amp.Unicode()),
+        (b"header", amp.String()),
+        (b"body", amp.String()),
+        (b"wraps", amp.AmpList(WRAP_ITEM)),
+    ]
+    response = [(b"message_id", Integer()), (b"seq", Integer()), (b"sent_at", amp.DateTime())]
+
+
+ENCRYPTED_MESSAGE = [
+    (b"message_id", Integer()),
+    (b"seq", Integer()),
+    (b"sender", amp.Unicode()),
+    (b"sender_device", amp.Unicode()),
+    (b"sent_at", amp.DateTime()),
+    (b"header", amp.String()),
+    (b"body", amp.String()),
+    (b"wrap", amp.String(optional=True)),  # this device's, while it has not acknowledged it
+]
+
+
+class HistoryEncrypted(ChatCommand):
+    arguments = [
+        (b"conversation_id", Integer()),
+        (b"before_seq", Integer(optional=True)),
+        (b"limit", Integer(optional=True)),
+    ]
+    response = [(b"messages", amp.AmpList(ENCRYPTED_MESSAGE)), (b"has_more", amp.Boolean())]
+
+
 # -- server to client ---------------------------------------------------------------
+
+
+class DeliverEncrypted(ChatCommand):
+    """A new message of an encrypted conversation, to a session bound to a device that has a wrap of it."""
+
+    arguments = [(b"conversation_id", Integer()), *ENCRYPTED_MESSAGE]
+    response = []
 
 
 class Deliver(ChatCommand):
@@ -471,5 +550,6 @@ class ConversationUpdated(ChatCommand):
         (b"kind", amp.Unicode()),
         (b"title", amp.Unicode(optional=True)),
         (b"members", amp.ListOf(amp.Unicode())),
+        (b"encrypted", amp.Boolean(optional=True)),  # (v2)
     ]
     response = []

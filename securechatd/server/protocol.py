@@ -174,7 +174,7 @@ class ChatLocator(amp.CommandLocator):
     # -- conversations -----------------------------------------------------------
 
     @commands.CreateConversation.responder
-    def create_conversation(self, members, title=None):
+    def create_conversation(self, members, title=None, encrypted=None):
         created = self.hub.conversations.create(self._session(), members, title)
         return created.addCallback(
             lambda result: {"conversation_id": result[0].id, "created": result[1]}
@@ -195,12 +195,12 @@ class ChatLocator(amp.CommandLocator):
         return wire.page(commands.ListConversations, "conversations", items, has_more)
 
     @commands.AddMembers.responder
-    def add_members(self, conversation_id, members):
+    def add_members(self, conversation_id, members, membership=None):
         added = self.hub.conversations.add_members(self._session(), conversation_id, members)
         return added.addCallback(_nothing)
 
     @commands.LeaveConversation.responder
-    def leave_conversation(self, conversation_id):
+    def leave_conversation(self, conversation_id, membership=None):
         return self.hub.conversations.leave(self._session(), conversation_id).addCallback(_nothing)
 
     # -- messages ------------------------------------------------------------------
