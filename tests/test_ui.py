@@ -250,6 +250,8 @@ class RenderTests(unittest.TestCase):
         self.assertEqual(ui.conversation_name(Conversation(5, "group", ("alice", "bob", "carol")), "bob"), "alice, carol")
         self.assertEqual(ui.prompt(None, 0), "[-]> ")
         self.assertEqual(ui.prompt("bob", 2), "[bob · 2 unread]> ")
+        self.assertEqual(ui.prompt("bob", 0, 3), "[bob · 3 unread elsewhere]> ")
+        self.assertEqual(ui.prompt("bob", 1, 3), "[bob · 1 unread · 3 unread elsewhere]> ")
 
 
 class ConsoleTests(unittest.TestCase):
@@ -359,6 +361,7 @@ class FakeClient:
         self.username = None
         self.calls = []
         self.limits = []  # the limit of each list_users call
+        self.pages = {}  # conversation_id -> the HistoryPage history() answers
         self.conversations = {}
         self.users = {"alice", "bob", "carol"}
         self.failing = {}  # method name -> exception it fails with once
@@ -423,7 +426,8 @@ class FakeClient:
         return self._answer("send_message", conversation_id, body, result=sent)
 
     def history(self, conversation_id, before_seq=None, limit=None):
-        return self._answer("history", conversation_id, limit, result=HistoryPage((), False))
+        page = self.pages.get(conversation_id, HistoryPage((), False))
+        return self._answer("history", conversation_id, limit, result=page)
 
     def mark_read(self, conversation_id, seq, private=False):
         return self._answer("mark_read", conversation_id, seq)
@@ -636,6 +640,29 @@ class ConversationTests(ChatTestCase):
         self.logged_in(bob, team)
         self.type("/open Team Lunch", "/open bob", "/open #8", "/open 3")
         self.assertEqual([(a["conversation_id"], a["conversation"]) for a in self.answers()], [(8, "Team lunch"), (3, "bob"), (8, "Team lunch"), (3, "bob")])
+
+    def test_the_prompt_counts_this_conversation_apart_from_the_others(self):
+        bob = Conversation(3, "direct", ("alice", "bob"), last_seq=4, unread=2)
+        carol = Conversation(5, "direct", ("alice", "carol"), last_seq=1, unread=1)
+        prompts = []
+        self.patch(self.console, "set_prompt", prompts.append)
+        self.logged_in(bob, carol)
+        self.type("/open carol")
+        self.assertEqual(prompts[-1], "[carol · 1 unread · 2 unread elsewhere]> ")
+
+    def test_open_shows_what_was_missed(self):
+        missed = (Message(301, 3, "bob", "are you there?", NOW, 3), Message(302, 4, "bob", "lunch?", NOW, 3))
+        self.client.pages[3] = HistoryPage(missed, True)
+        self.logged_in(Conversation(3, "direct", ("alice", "bob"), last_seq=4, unread=2))
+        self.type("/open bob")
+        [answer] = self.answers()
+        self.assertEqual([m["body"] for m in answer["messages"]], ["are you there?", "lunch?"])
+        self.assertEqual(self.client.calls[-1], ("history", 3, 2))
+        for message in answer["messages"]:
+            message["sent_at"] = NOW  # (as the Chat hands it to render, before JSON)
+        lines = ui.render(answer, NOW, timezone.utc)
+        self.assertEqual(lines[0], "now in [bob], 2 unread:")
+        self.assertIn("are you there?", lines[1])
 
     def test_open_finds_new_conversations_or_says_what_to_do(self):
         self.logged_in()

@@ -163,7 +163,9 @@ class Chat:
 
     def _prompt(self):
         name = self._name(self.current) if self.current is not None else None
-        self.console.set_prompt(ui.prompt(name, sum(c.unread for c in self.conversations.values())))
+        here = self.conversations[self.current].unread if self.current in self.conversations else 0
+        total = sum(c.unread for c in self.conversations.values())
+        self.console.set_prompt(ui.prompt(name, here, total - here))
 
     def _now(self):
         return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
@@ -375,7 +377,12 @@ class Chat:
                 "NO_SUCH_CONVERSATION", f"You have no conversation {target}; /convs lists yours, /dm USER starts one."
             )
         fields = await self._open(conversation_id)
-        self._answer("open", **fields, unread=self.conversations[conversation_id].unread)
+        unread = self.conversations[conversation_id].unread
+        missed = []
+        if unread:  # what came while away is what one opens a conversation to read
+            page = await self.client.history(conversation_id, limit=min(unread, HISTORY))
+            missed = [self._message(conversation_id, m) for m in page.messages]
+        self._answer("open", **fields, unread=unread, messages=missed)
 
     # -- messages ------------------------------------------------------------------------
 

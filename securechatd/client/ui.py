@@ -225,10 +225,14 @@ def conversation_name(conversation, me):
     return conversation.title or ", ".join(others)
 
 
-def prompt(conversation, unread):
-    """The input prompt: where a line without a slash goes, and how much is unread."""
-    where = conversation or "-"
-    return f"[{where} · {unread} unread]> " if unread else f"[{where}]> "
+def prompt(conversation, unread, elsewhere=0):
+    """The input prompt: where a line without a slash goes, its unread count, and the other conversations'."""
+    parts = [conversation or "-"]
+    if unread:
+        parts.append(f"{unread} unread")
+    if elsewhere:
+        parts.append(f"{elsewhere} unread elsewhere")
+    return f"[{' · '.join(parts)}]> "
 
 
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -341,7 +345,12 @@ def _convs(record, at):
 
 def _open(record, at):
     line = f"now in [{clean(record['conversation'])}]"
-    return [line + (f", {record['unread']} unread (/history shows them)" if record["unread"] else "")]
+    if not record["unread"]:
+        return [line]
+    missed = [_message(message, at) for message in record["messages"]]
+    if len(missed) < record["unread"]:
+        missed.insert(0, f"(the {len(missed)} newest shown; /history N shows more)")
+    return [f"{line}, {record['unread']} unread:", *missed]
 
 
 def _history(record, at):
