@@ -187,7 +187,9 @@ class RenderTests(unittest.TestCase):
             render(dict(receipt, state="read", message_ids=[7, 9])),
             ["07:00 [bob] ✓✓ 2 messages up to #9 read by bob"],
         )
-        self.assertEqual(render(dict(receipt, state="read", message_ids=[])), ["07:00 [bob] ✓✓ read by bob"])
+        self.assertEqual(
+            render(dict(receipt, state="read", message_ids=[])), ["07:00 [bob] ✓✓ messages up to no. 2 read by bob"]
+        )
 
     def test_presence(self):
         event = dict(event="presence", username="bob", status="away", note="lunch", at=NOW)
@@ -732,6 +734,24 @@ class ConversationTests(ChatTestCase):
         self.client.on_conversation(Conversation(9, "group", ("bob", "carol"), "Plans"))
         self.assertEqual([r["change"] for r in self.records()], ["new", "members", "left"])
         self.assertNotIn(9, self.chat.conversations)
+
+    def test_membership_changes_say_who_joined_and_who_left(self):
+        self.logged_in()
+        self.client.on_conversation(Conversation(9, "group", ("alice", "bob", "dave"), "Plans"))
+        self.client.on_conversation(Conversation(9, "group", ("alice", "bob", "carol"), "Plans"))
+        [_, change] = self.records()
+        self.assertEqual((change["joined"], change["left"]), (["carol"], ["dave"]))
+        change["at"] = NOW
+        [line] = ui.render(change, NOW, timezone.utc)
+        self.assertTrue(line.endswith("* [Plans] carol joined; dave left: now alice, bob, carol"), line)
+
+    def test_a_receipt_for_messages_of_an_earlier_run_says_up_to_where(self):
+        self.logged_in(Conversation(3, "direct", ("alice", "bob"), last_seq=4))
+        self.client.on_receipt(Receipt(3, "bob", "read", 4, NOW))
+        [receipt] = self.records()
+        receipt["at"] = NOW
+        [line] = ui.render(receipt, NOW, timezone.utc)
+        self.assertTrue(line.endswith("✓✓ messages up to no. 4 read by bob"), line)
 
     def test_logged_out_forgets(self):
         self.logged_in(Conversation(3, "direct", ("alice", "bob")))

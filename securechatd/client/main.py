@@ -568,6 +568,7 @@ class Chat:
     async def _conversation(self, conversation):
         conversation_id = conversation.conversation_id
         known = self.conversations.get(conversation_id)
+        before = set(known.members) if known is not None else set(conversation.members)
         name = ui.conversation_name(conversation, self.client.username)
         if self.client.username not in conversation.members:
             self.conversations.pop(conversation_id, None)
@@ -589,6 +590,8 @@ class Chat:
                 "title": conversation.title,
                 "members": list(conversation.members),
                 "change": change,
+                "joined": sorted(set(conversation.members) - before),
+                "left": sorted(before - set(conversation.members) - {self.client.username}),
                 "at": self._now(),
             }
         )

@@ -279,8 +279,8 @@ def _receipt(record, at):
         what = f" #{ids[0]}"
     elif ids:
         what = f" {len(ids)} messages up to #{ids[-1]}"
-    else:
-        what = ""
+    else:  # (messages sent before this run: their ids are not known here, their place is)
+        what = f" messages up to no. {record['seq']}"
     return [f"{at(record['at'])} [{clean(record['conversation'])}] {mark}{what} {verb} {record['username']}"]
 
 
@@ -299,7 +299,9 @@ def _conversation(record, at):
     if record["change"] == "left":
         return [f"{when} * you are no longer in [{name}]"]
     if record["change"] == "members":
-        return [f"{when} * [{name}] members: {members}"]
+        moves = [f"{', '.join(record['joined'])} joined"] if record["joined"] else []
+        moves += [f"{', '.join(record['left'])} left"] if record["left"] else []
+        return [f"{when} * [{name}] {'; '.join(moves) or 'members changed'}: now {members}"]
     if record["kind"] == "direct":
         return [f"{when} * new conversation with {name}; /open {name} to talk there"]
     return [f"{when} * new group [{name}]: {members}; /open {name} to talk there"]
