@@ -823,6 +823,19 @@ class InteractiveTests(ChatTestCase):
         held.callback(result)
         self.assertIn("<alice> slow  (#100 sent)", self.transport.value().decode())
 
+    def test_a_line_typed_while_disconnected_shows_at_once_as_pending(self):
+        self.logged_in(Conversation(3, "direct", ("alice", "bob")))
+        self.type("/open bob")
+        self.client.on_disconnected(Failure(ConnectionLost()))
+        self.client.hold = "send_message"
+        self.transport.clear()
+        self.type("still there?")
+        self.assertIn("<alice> still there?  (pending: sent once reconnected)", self.transport.value().decode())
+        self.client.hold = None
+        held, result = self.client.held.pop()
+        held.callback(result)
+        self.assertIn("<alice> still there?  (#100 sent)", self.transport.value().decode())
+
     def test_quit_waits_for_messages_being_sent(self):
         self.logged_in(Conversation(3, "direct", ("alice", "bob")))
         self.client.hold = "send_message"

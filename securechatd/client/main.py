@@ -75,6 +75,7 @@ class Chat:
         self.keep_going = keep_going
         self.failed = False
         self.done = Deferred()  # fires with the exit status
+        self.offline = False  # the connection is lost and being re-established
         self.conversations = {}  # id -> library Conversation, kept up to date
         self.current = None
         self._mine = {}  # conversation id -> {seq: message id} of our messages
@@ -405,6 +406,17 @@ class Chat:
 
     async def _do_say(self, text):
         conversation_id = self._here()
+        if self.offline:  # shown now, so the typing does not seem lost; sent when the connection is back
+            self.emit(
+                {
+                    "event": "pending",
+                    "conversation_id": conversation_id,
+                    "conversation": self._name(conversation_id),
+                    "sender": self.client.username,
+                    "body": text,
+                    "sent_at": self._now(),
+                }
+            )
         sent = await self._send(conversation_id, text)
         self._answer("say", conversation_id=conversation_id, conversation=self._name(conversation_id), **sent)
 
@@ -598,6 +610,7 @@ class Chat:
         self._arrive("conversation")
 
     async def _reconnected(self, login):
+        self.offline = False
         await self._refresh()
         self.emit({"event": "reconnected", "username": login.username, "at": self._now()})
 
@@ -606,6 +619,7 @@ class Chat:
             self._error("connection", Failure(LocalError("DISCONNECTED", "The connection to the server was lost.")))
             self.finish(1)
         else:
+            self.offline = True
             self.emit({"event": "disconnected", "message": reason.getErrorMessage(), "at": self._now()})
 
     def quiet(self):

@@ -407,6 +407,7 @@ _EVENTS = {
     "presence": lambda r, at: [f"{at(r['at'])} * {_presence_text(r, at)}"],
     "conversation": _conversation,
     "disconnected": lambda r, at: [f"{at(r['at'])} * connection lost; reconnecting"],
+    "pending": lambda r, at: [_message(r, at, "  (pending: sent once reconnected)")],
     "reconnected": lambda r, at: [f"{at(r['at'])} * reconnected as {r['username']}"],
     "logged_out": lambda r, at: [f"{at(r['at'])} * logged out: {r['message']}"],
 }
