@@ -6,16 +6,17 @@ script gets as one JSON line. The server's certificate is checked before any
 password is asked for or sent.
 """
 
+import configparser
 import os
 import sys
 import termios
 import tty
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import replace
 from datetime import datetime, timezone
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred, DeferredLock, TimeoutError as WaitTimeout
+from twisted.internet.defer import Deferred, DeferredLock, TimeoutError as WaitTimeout, succeed
 from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionRefusedError, DNSLookupError
 from twisted.internet.stdio import StandardIO
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
@@ -32,6 +33,7 @@ from securechatd.commands import ChatError
 log = Logger()
 
 HISTORY = 20  # messages shown by /history without N
+RECENT = 2000  # messages remembered for /reply
 WAIT_TIMEOUT = 30  # seconds /wait waits without TIMEOUT
 SETTLE = 10  # seconds /quit waits for the commands still running
 
@@ -79,6 +81,7 @@ class Chat:
         self.conversations = {}  # id -> library Conversation, kept up to date
         self.current = None
         self._mine = {}  # conversation id -> {seq: message id} of our messages
+        self._recent = OrderedDict()  # message id -> (conversation id, sender, body), the newest RECENT: for /reply
         self._marks = {}  # (conversation id, reader, state) -> seq shown so far
         self._busy = 0  # commands running
         self._idle = []  # Deferreds of a /quit waiting for the other commands
@@ -155,8 +158,7 @@ class Chat:
         if self.batch:
             self.console.show(ui.to_json(record))
         else:
-            for line in ui.render(record, self._now(), self.console.tz):
-                self.console.show(line)
+            self.console.show_record(record, self._now())
         self._prompt()
 
     def _answer(self, command, **fields):
@@ -172,6 +174,18 @@ class Chat:
         return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)
 
     # -- what we know ---------------------------------------------------------------
+
+    def name(self, conversation_id):
+        """What a person calls the conversation: the other person, or the group's title."""
+        return self._name(conversation_id)
+
+    def switch(self, conversation_id):
+        """Make `conversation_id` current as /open does (None: no conversation); for window keys. Deferred."""
+        if conversation_id is None:
+            self.current = None
+            self._prompt()
+            return succeed(None)
+        return Deferred.fromCoroutine(self.command("open", [f"#{conversation_id}"]))
 
     def _name(self, conversation_id):
         conversation = self.conversations.get(conversation_id)
@@ -190,6 +204,13 @@ class Chat:
 
     def _forget(self):
         self.conversations, self.current, self._mine, self._marks = {}, None, {}, {}
+        self._recent.clear()
+
+    def _remember(self, conversation_id, message_id, sender, body):
+        self._recent[message_id] = (conversation_id, sender, body)
+        self._recent.move_to_end(message_id)
+        while len(self._recent) > RECENT:
+            self._recent.popitem(last=False)
 
     def _logged_in(self):
         if self.client.username is None:
@@ -212,6 +233,7 @@ class Chat:
             self.conversations[conversation_id] = replace(conversation, last_seq=message.seq, unread=unread)
 
     def _message(self, conversation_id, message):
+        self._remember(conversation_id, message.message_id, message.sender, message.body)
         return {
             "conversation_id": conversation_id,
             "conversation": self._name(conversation_id),
@@ -399,6 +421,7 @@ class Chat:
             "sent_at": sent.sent_at,
         }
         self._mine.setdefault(conversation_id, {})[sent.seq] = sent.message_id
+        self._remember(conversation_id, sent.message_id, self.client.username, text)
         conversation = self.conversations.get(conversation_id)
         if conversation is not None and sent.seq > conversation.last_seq:
             self.conversations[conversation_id] = replace(conversation, last_seq=sent.seq)
@@ -419,6 +442,32 @@ class Chat:
             )
         sent = await self._send(conversation_id, text)
         self._answer("say", conversation_id=conversation_id, conversation=self._name(conversation_id), **sent)
+
+    async def _do_me(self, text):
+        await self._do_say(ui.ACTION + text)
+
+    async def _quoted(self, conversation_id, message_id):
+        """(message id, conversation id, sender, body) of the message a /reply answers."""
+        if message_id in self._recent:
+            return (message_id, *self._recent[message_id])
+        if message_id is None:
+            for recent_id, quoted in reversed(self._recent.items()):
+                if quoted[0] == conversation_id and quoted[1] != self.client.username:
+                    return (recent_id, *quoted)
+        page = await self.client.history(conversation_id, limit=100)
+        for message in reversed(page.messages):
+            if message.message_id == message_id or (message_id is None and message.sender != self.client.username):
+                return message.message_id, conversation_id, message.sender, message.body
+        if message_id is None:
+            raise LocalError("NO_MESSAGE", "There is no message from someone else here to reply to.")
+        raise LocalError("NO_MESSAGE", f"There is no message #{message_id} among the last 100 here.")
+
+    async def _do_reply(self, message_id, text):
+        message_id, conversation_id, sender, body = await self._quoted(self._here(), message_id)
+        sent = await self._send(conversation_id, ui.quote(sender, body, text))
+        self._answer(
+            "say", conversation_id=conversation_id, conversation=self._name(conversation_id), reply_to=message_id, **sent
+        )
 
     async def _do_history(self, count=HISTORY):
         conversation_id = self._here()
@@ -634,26 +683,125 @@ class Chat:
 # -- the program -----------------------------------------------------------------------
 
 
+NOTIFY = ("auto", "bell", "desktop", "both", "none")
+
+
+def _yes_no(text):
+    value = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+    if text.strip().lower() not in value:
+        raise ValueError(f"must be yes or no, not {text!r}")
+    return value[text.strip().lower()]
+
+
+def _notify(text):
+    if text.strip().lower() not in NOTIFY:
+        raise ValueError(f"must be one of {', '.join(NOTIFY)}, not {text!r}")
+    return text.strip().lower()
+
+
+def _port(text):
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise ValueError(f"must be from 1 to 65535, not {text!r}")
+    return port
+
+
+# Every setting of the client's config file: (section, key) -> (option it stands for, conversion).
+CONFIG = {
+    ("server", "host"): ("host", str.strip),
+    ("server", "port"): ("port", _port),
+    ("server", "ca"): ("ca", lambda text: os.path.expanduser(text.strip())),
+    ("account", "user"): ("user", str.strip),
+    ("ui", "color"): ("color", _yes_no),
+    ("ui", "plain"): ("plain", _yes_no),
+    ("ui", "notify"): ("notify", _notify),
+    ("ui", "highlight"): ("highlight", lambda text: tuple(w.strip() for w in text.split(",") if w.strip())),
+}
+
+
+def config_path(environ):
+    """The client's config file: $XDG_CONFIG_HOME/securechat/config.ini, else ~/.config/securechat/config.ini."""
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "securechat", "config.ini")
+
+
+def read_config(path, required=False):
+    """{option: value} from the client's config file; a missing file is empty unless `required`.
+
+    A bad file is a usage.UsageError naming the file and the setting.
+    """
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0")
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except FileNotFoundError:
+        if required:
+            raise usage.UsageError(f"there is no config file {path}")
+        return {}
+    except (OSError, UnicodeDecodeError, configparser.Error) as problem:
+        raise usage.UsageError(f"cannot read {path}: {str(problem).splitlines()[0]}")
+    values = {}
+    for section in parser.sections():
+        for key, text in parser.items(section):
+            if (section, key) not in CONFIG:
+                known = ", ".join(f"[{s}] {k}" for s, k in CONFIG)
+                raise usage.UsageError(f"{path}: there is no setting [{section}] {key} (known: {known})")
+            option, convert = CONFIG[section, key]
+            try:
+                values[option] = convert(text)
+            except ValueError as problem:
+                raise usage.UsageError(f"{path}: [{section}] {key} {problem}")
+    return values
+
+
+# What an option is when neither the command line nor the config file says.
+DEFAULTS = {
+    "host": "localhost",
+    "port": config.Settings.port,
+    "ca": os.path.join(config.Settings.certs, CA_CERT),
+    "user": None,
+    "color": True,
+    "plain": False,
+    "notify": "auto",
+    "highlight": (),
+}
+
+
 class Options(usage.Options):
-    synopsis = "Usage: securechat [--host H] [--port P] [--ca FILE] [--user NAME] [--password-file FILE] [--batch [--keep-going]]"
+    synopsis = (
+        "Usage: securechat [--host H] [--port P] [--ca FILE] [--user NAME] [--password-file FILE] "
+        "[--plain] [--no-color] [--config FILE] [--batch [--keep-going]]"
+    )
     longdesc = (
         "Chat on a securechatd server; type /help once connected. A password is asked without echo, "
         "or read from --password-file or the SECURECHAT_PASSWORD environment variable, never from the "
-        "command line. With --batch, commands come from standard input and every answer and event is "
-        "written as one JSON object per line."
+        "command line. At a terminal the client is full-screen (a window per conversation); with --plain, "
+        "or TERM=dumb, it is line by line. With --batch, commands come from standard input and every "
+        "answer and event is written as one JSON object per line. Settings not given here come from "
+        "the config file ($XDG_CONFIG_HOME/securechat/config.ini; see docs/CLIENT.md)."
     )
     optParameters = [
-        ["host", None, "localhost", "The server's host name; its certificate must name it."],
-        ["port", None, config.Settings.port, "The server's port.", int],
-        ["ca", None, os.path.join(config.Settings.certs, CA_CERT), "The CA certificate that signed the server's."],
+        ["host", None, None, "The server's host name; its certificate must name it. [default: localhost]"],
+        ["port", None, None, f"The server's port. [default: {config.Settings.port}]", int],
+        ["ca", None, None, f"The CA certificate that signed the server's. [default: {DEFAULTS['ca']}]"],
         ["user", None, None, "Log in as NAME at start."],
         ["password-file", None, None, "Take the password from the first line of FILE."],
+        ["config", None, None, "Read settings from FILE instead of $XDG_CONFIG_HOME/securechat/config.ini."],
     ]
     optFlags = [
         ["batch", None, "Commands from standard input, JSON lines out; stop at the first error."],
         ["keep-going", None, "With --batch, go on after errors (the exit status is still 1)."],
+        ["plain", None, "At a terminal, line by line instead of full-screen (as with TERM=dumb)."],
+        ["no-color", None, "No colours (as with NO_COLOR set)."],
         ["debug", None, "Log the details of unexpected problems to standard error."],
     ]
+
+    def __init__(self, environ=None):
+        super().__init__()
+        self.environ = os.environ if environ is None else environ
 
     def opt_version(self):
         """Print securechat's version and exit (usage.Options would print Twisted's)."""
@@ -661,12 +809,26 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self):
+        # The command line wins over the config file, which wins over the defaults.
+        configured = read_config(self["config"] or config_path(self.environ), required=self["config"] is not None)
+        for name in ("host", "port", "ca", "user"):
+            if self[name] is None:
+                self[name] = configured.get(name, DEFAULTS[name])
+        self["color"] = not self["no-color"] and not self.environ.get("NO_COLOR") and configured.get("color", DEFAULTS["color"])
+        self["plain"] = self["plain"] or configured.get("plain", DEFAULTS["plain"])
+        self["notify"] = configured.get("notify", DEFAULTS["notify"])
+        self["highlight"] = configured.get("highlight", DEFAULTS["highlight"])
         if not 0 < self["port"] < 65536:
             raise usage.UsageError("--port must be from 1 to 65535")
         if self["keep-going"] and not self["batch"]:
             raise usage.UsageError("--keep-going goes with --batch")
         if self["user"] is not None:
             self["user"] = self["user"].lower()
+
+
+def full_screen(options, environ):
+    """Whether a person at a terminal gets the full-screen client (else the line-by-line one)."""
+    return not options["plain"] and environ.get("TERM", "dumb") not in ("", "dumb")
 
 
 def configured_password(path, environ):
@@ -744,10 +906,21 @@ async def _session(reactor, options, interactive):
             log.failure("starting", Failure())
         _report(problem, options["batch"])
         raise SystemExit(1)
-    if interactive:
-        tty.setcbreak(0)
-    console = ui.Terminal() if interactive else ui.Console()
-    StandardIO(console, reactor=reactor)
+    if interactive and full_screen(options, os.environ):
+        from securechatd.client import tui  # (urwid is imported only for the full-screen client)
+
+        console = tui.Tui(
+            reactor, color=options["color"], notify=options["notify"], highlight=options["highlight"]
+        )
+        console.start()
+        reactor.addSystemEventTrigger("before", "shutdown", console.stop)  # Ctrl-C: the terminal back first
+        global _show_problem
+        _show_problem = console.problem
+    else:
+        if interactive:
+            tty.setcbreak(0)
+        console = ui.Terminal() if interactive else ui.Console()
+        StandardIO(console, reactor=reactor)
     chat = Chat(
         client,
         console,
@@ -757,6 +930,8 @@ async def _session(reactor, options, interactive):
         batch=options["batch"],
         keep_going=options["keep-going"],
     )
+    if hasattr(console, "attach"):
+        console.attach(chat)
     reactor.addSystemEventTrigger("before", "shutdown", chat.quiet)
     console.output_lost.addCallback(lambda _: chat.finish(CLOSED_PIPE))
     status = await chat.run()
@@ -765,11 +940,16 @@ async def _session(reactor, options, interactive):
     raise SystemExit(status)
 
 
+def _show_problem(text):
+    sys.stderr.write(f"securechat: {text}\n")
+
+
 def _one_line(event):
-    """Without --debug, a failure that no command reported is one line on stderr, not a traceback."""
+    """Without --debug, a failure that no command reported is one line (on stderr, or in the full-screen
+    client's status window), not a traceback."""
     failure = event.get("log_failure")
     if failure is not None and event.get("log_namespace") != __name__:
-        sys.stderr.write(f"securechat: unexpected problem: {failure.getErrorMessage()} (--debug shows more)\n")
+        _show_problem(f"unexpected problem: {failure.getErrorMessage()} (--debug shows more)")
 
 
 def main(argv=None):

@@ -7,11 +7,12 @@ StringTransport; securechatd.client.main connects it to a ChatClient.
 
 import codecs
 import json
+import re
 import shlex
 import shutil
 import textwrap
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -84,6 +85,15 @@ class Command:
 
     def parse(self, text):
         specs = self.usage.split()[1:]
+        if specs and specs[0].startswith("[#"):  # an optional #NUMBER, told from the text after it by its #
+            name = specs[0].strip("[#]")
+            number = re.match(r"\s*#(\S*)\s*", text)
+            first = _ARGUMENTS[name](name, number.group(1)) if number else None
+            rest = replace(self, usage=" ".join(["/" + self.name] + specs[1:]))
+            try:
+                return [first] + rest.parse(text[number.end() :] if number else text)
+            except UsageError:
+                raise UsageError(f"usage: {self.usage}")
         if self.rest:
             words = text.split(None, len(specs) - 1)
         else:
@@ -156,6 +166,19 @@ COMMANDS = {
         Command(
             "/open ID|NAME",
             "switch conversation: id, person or group title",
+            rest=True,
+        ),
+        Command(
+            "/me TEXT",
+            "say TEXT as an action: * you TEXT",
+            "Sent as a message whose text starts with /me; clients show it as an action.",
+            rest=True,
+        ),
+        Command(
+            "/reply [#MSG] TEXT",
+            "answer a message, quoting its first line",
+            "Without #MSG, quotes the newest message from someone else here. Message numbers are shown "
+            "as #N (in the full-screen client at the end of each message).",
             rest=True,
         ),
         Command("/history [N]", "the last N messages here (default 20)"),
@@ -260,9 +283,33 @@ def clean(text, indent=""):
     return ("\n" + indent).join(safe)
 
 
+ACTION = "/me "  # a message starting so is an action: "* alice waves"
+
+
+def is_action(body):
+    return body.startswith(ACTION)
+
+
+def quote(sender, body, text):
+    """The body of a reply: the first line of what it answers (not a quote in it), shortened, then the text."""
+    lines = [line for line in body.split("\n") if line.strip() and not line.startswith("> ")] or [""]
+    first = lines[0][len(ACTION) :] if is_action(lines[0]) else lines[0]
+    if len(first) > 60:
+        first = first[:59] + "…"
+    return f"> {sender}: {first}\n{text}"
+
+
+def mentions(body, names):
+    """Whether `body` names any of `names` as a word (case-insensitive; "@bob" and "bob:" count)."""
+    words = [re.escape(name) for name in names if name]
+    return bool(words) and re.search(rf"(?<![\w]){'|'.join(f'(?:{w})' for w in words)}(?![\w])", body, re.I) is not None
+
+
 def _message(record, at, suffix=""):
-    head = f"{at(record['sent_at'])} [{clean(record['conversation'])}] <{record['sender']}> "
-    return head + clean(record["body"], " " * 6) + suffix
+    body, head = record["body"], f"{at(record['sent_at'])} [{clean(record['conversation'])}] "
+    if is_action(body):
+        return head + f"* {record['sender']} " + clean(body[len(ACTION) :], " " * 6) + suffix
+    return head + f"<{record['sender']}> " + clean(body, " " * 6) + suffix
 
 
 def _sent(record, at):
@@ -496,6 +543,11 @@ class Console(Protocol):
 
     def set_prompt(self, prompt):
         pass
+
+    def show_record(self, record, now):
+        """Show an answer or event record as ui.render writes it (`now` from the session's clock)."""
+        for line in render(record, now, self.tz):
+            self.show(line)
 
     def show(self, text):
         self.transport.write(text.encode("utf-8") + b"\n")
