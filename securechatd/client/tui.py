@@ -233,8 +233,11 @@ class Tui:
         self._search = None  # (the input put aside, the Line found) while searching
         self._paste = False
         self._now = None  # the moment of the last record, for stamps in search and help
+        self._drawing = None  # the pending draw
 
-        self.edit = urwid.Edit(("caption", "> "), multiline=True, text_completer=self.complete, undo_limit=100)
+        self.edit = urwid.Edit(
+            ("caption", "> "), multiline=True, text_completer=self.complete, undo_limit=100, kill_buffer=[]
+        )
         keys = urwid.CommandMap()
         keys.bind_readline()
         keys["ctrl left"], keys["ctrl right"] = Command.WORD_LEFT, Command.WORD_RIGHT
@@ -275,6 +278,8 @@ class Tui:
             termios.tcsetattr(0, termios.TCSANOW, mode)
 
     def stop(self):
+        if self._drawing is not None and self._drawing.active():
+            self._drawing.cancel()
         if self.loop is not None:
             loop, self.loop = self.loop, None
             loop.stop()
@@ -285,6 +290,15 @@ class Tui:
             self.screen.flush()
 
     def _draw(self):
+        """Draw the screen on the next turn of the reactor, once however many changes come before it.
+
+        (urwid draws after keys and its own alarms; records come from the network.)
+        """
+        if self.loop is not None and self._drawing is None:
+            self._drawing = self.reactor.callLater(0, self._draw_now)
+
+    def _draw_now(self):
+        self._drawing = None
         if self.loop is not None:
             self.loop.draw_screen()
 
@@ -370,6 +384,7 @@ class Tui:
             self.edit.set_caption(("caption", f"[{ui.clean(self._name(current))}]> "))
         self.sidebar.set_text(self._listing())
         self.status.set_text(self._status_line(window))
+        self._draw()
 
     def _listing(self):
         conversations = self._conversations()
