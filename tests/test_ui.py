@@ -4,6 +4,7 @@ The session (main.Chat) talks to FakeClient, which answers like ChatClient
 from memory, through a real ui.Console or ui.Terminal over a StringTransport.
 """
 
+import os
 import sys
 import json
 import locale
@@ -14,6 +15,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.python.usage import UsageError
 from twisted.trial import unittest
 
 from securechatd import commands
@@ -28,7 +30,15 @@ from securechatd.client.library import (
     ReceiptRow,
     Sent,
 )
-from securechatd.client.main import Chat, LocalError, Options, configured_password, describe
+from securechatd.client.main import (
+    Chat,
+    LocalError,
+    Options,
+    config_path,
+    configured_password,
+    describe,
+    full_screen,
+)
 from securechatd.commands import BadCredentials, NoSuchUser
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
@@ -62,6 +72,9 @@ class ParserTests(unittest.TestCase):
             "/convs": ("convs", []),
             "/open 12": ("open", ["12"]),
             "/open Team lunch": ("open", ["Team lunch"]),
+            "/me waves  twice": ("me", ["waves  twice"]),
+            "/reply sure": ("reply", [None, "sure"]),
+            "/reply #12 sure\nsee you": ("reply", [12, "sure\nsee you"]),
             "/history": ("history", []),
             "/history 5": ("history", [5]),
             "/read": ("read", []),
@@ -101,6 +114,9 @@ class ParserTests(unittest.TestCase):
             "/wait deliver 1 soon": "TIMEOUT must be a number above 0, not 'soon'.",
             '/group "Team bob': "Unbalanced quotes; usage: /group TITLE USER...",
             "/open": "usage: /open ID|NAME",
+            "/me": "usage: /me TEXT",
+            "/reply #12": "usage: /reply [#MSG] TEXT",
+            "/reply #x yes": "MSG must be a number above 0, not 'x'.",
         }
         for line, message in cases.items():
             with self.assertRaises(ui.UsageError, msg=line) as raised:
@@ -137,6 +153,17 @@ def message(**fields):
 class RenderTests(unittest.TestCase):
     def test_message(self):
         self.assertEqual(render(message()), ["07:00 [bob] <bob> hi"])
+
+    def test_action(self):
+        self.assertEqual(render(message(body="/me waves\x1b[2J")), ["07:00 [bob] * bob waves�[2J"])
+
+    def test_quote_and_mentions(self):
+        self.assertEqual(ui.quote("bob", "> carol: x\nlunch at noon?\nor later", "yes"), "> bob: lunch at noon?\nyes")
+        self.assertEqual(ui.quote("bob", "/me " + "a" * 70, "ok"), "> bob: " + "a" * 59 + "…\nok")
+        self.assertTrue(ui.mentions("@Alice: lunch?", ["alice"]))
+        self.assertTrue(ui.mentions("lunch, alice?", ["bob", "alice"]))
+        self.assertFalse(ui.mentions("malice aforethought", ["alice"]))
+        self.assertFalse(ui.mentions("anything", [None]))
 
     def test_own_message_is_marked_sent(self):
         record = message(event="answer", command="say", sender="alice", body="hello")
@@ -761,6 +788,31 @@ class ConversationTests(ChatTestCase):
         self.assertEqual(self.records()[-1]["event"], "logged_out")
 
 
+class ActionAndReplyTests(ChatTestCase):
+    def test_me_is_a_message_starting_with_me(self):
+        self.logged_in(Conversation(3, "direct", ("alice", "bob")))
+        self.type("/open bob", "/me waves")
+        self.assertEqual(self.client.calls[-1], ("send_message", 3, "/me waves"))
+        self.assertEqual(self.answers()[-1]["body"], "/me waves")
+
+    def test_reply_quotes_a_message_shown_or_looked_up(self):
+        self.logged_in(Conversation(3, "direct", ("alice", "bob")))
+        self.type("/open bob")
+        self.client.on_deliver(Message(301, 1, "bob", "lunch at noon?", NOW, 3))
+        self.client.on_deliver(Message(302, 2, "bob", "or later", NOW, 3))
+        self.type("/reply #301 noon is fine", "/reply yes")
+        sent = [call[2] for call in self.client.calls if call[0] == "send_message"]
+        self.assertEqual(sent, ["> bob: lunch at noon?\nnoon is fine", "> bob: or later\nyes"])
+        self.assertEqual([a.get("reply_to") for a in self.answers() if a["command"] == "say"], [301, 302])
+        self.client.pages[3] = HistoryPage((Message(7, 1, "bob", "from an earlier run", NOW, 3),), False)
+        self.type("/reply #7 old news")
+        self.assertEqual(self.client.calls[-1], ("send_message", 3, "> bob: from an earlier run\nold news"))
+        self.transport.clear()
+        self.type("/reply #8 nothing")
+        [error] = self.records()
+        self.assertEqual((error["code"], error["message"]), ("NO_MESSAGE", "There is no message #8 among the last 100 here."))
+
+
 class WaitTests(ChatTestCase):
     def test_wait_claims_events(self):
         self.logged_in(Conversation(3, "direct", ("alice", "bob")))
@@ -898,6 +950,55 @@ class OptionsTests(unittest.TestCase):
         with self.assertRaises(LocalError) as raised:
             configured_password(path + ".missing", {})
         self.assertIn("Cannot read the password file", str(raised.exception))
+
+    def test_config_file_then_command_line(self):
+        home = self.mktemp()
+        os.makedirs(os.path.join(home, "securechat"))
+        with open(os.path.join(home, "securechat", "config.ini"), "w") as f:
+            f.write(
+                "[server]\nhost = chat.example.org\nport = 6000\nca = ~/ca.pem\n[account]\nuser = Alice\n"
+                "[ui]\ncolor = no\nnotify = both\nhighlight = lunch, deploy\n"
+            )
+        options = Options(environ={"XDG_CONFIG_HOME": home, "HOME": "/home/a"})
+        options.parseOptions([])
+        self.assertEqual(
+            [options[k] for k in ("host", "port", "user", "color", "plain", "notify", "highlight")],
+            ["chat.example.org", 6000, "alice", False, False, "both", ("lunch", "deploy")],
+        )
+        self.assertTrue(options["ca"].endswith("/ca.pem") and "~" not in options["ca"])
+        options = Options(environ={"XDG_CONFIG_HOME": home})
+        options.parseOptions(["--host", "localhost", "--port", "5599", "--user", "bob", "--plain"])
+        self.assertEqual([options[k] for k in ("host", "port", "user", "plain")], ["localhost", 5599, "bob", True])
+
+    def test_colour_is_off_with_no_color_or_the_flag(self):
+        for environ, argv, color in (({}, [], True), ({"NO_COLOR": "1"}, [], False), ({"NO_COLOR": ""}, [], True),
+                                     ({}, ["--no-color"], False)):
+            options = Options(environ=dict(environ, XDG_CONFIG_HOME=self.mktemp()))
+            options.parseOptions(argv)
+            self.assertEqual(options["color"], color, (environ, argv))
+
+    def test_bad_config_says_where(self):
+        path = self.mktemp()
+        for text, message in (
+            ("[ui]\nnotify = loudly\n", "[ui] notify must be one of auto, bell, desktop, both, none, not 'loudly'"),
+            ("[server]\nport = 0\n", "[server] port must be from 1 to 65535, not '0'"),
+            ("[ui]\ncolour = no\n", "there is no setting [ui] colour"),
+            ("no section\n", "cannot read"),
+        ):
+            with open(path, "w") as f:
+                f.write(text)
+            with self.assertRaises(UsageError) as raised:
+                Options(environ={}).parseOptions(["--config", path])
+            self.assertIn(message, str(raised.exception))
+        with self.assertRaises(UsageError):
+            Options(environ={}).parseOptions(["--config", path + ".missing"])
+
+    def test_full_screen_unless_plain_or_dumb(self):
+        self.assertTrue(full_screen({"plain": False}, {"TERM": "xterm"}))
+        self.assertFalse(full_screen({"plain": True}, {"TERM": "xterm"}))
+        self.assertFalse(full_screen({"plain": False}, {"TERM": "dumb"}))
+        self.assertFalse(full_screen({"plain": False}, {}))
+        self.assertEqual(config_path({"XDG_CONFIG_HOME": "/x"}), "/x/securechat/config.ini")
 
     def test_describe(self):
         self.assertEqual(describe(NoSuchUser("There is no user x.")), ("NO_SUCH_USER", "There is no user x."))
