@@ -10,11 +10,25 @@ When the connection drops it reconnects with backoff, logs in again with
 its resume token (or, if the application let it keep one, the password),
 and resends every SendMessage that had no answer with the same
 client_msg_id; the server drops duplicates, so nothing is lost or doubled.
+
+End-to-end encryption (docs/E2EE.md) happens inside, when the client has a
+`state_directory`: there it keeps this installation's device of the user
+(`<user>.device`, client/device_file.py). At the first login it makes the
+device and starts the user's device chain with it, or, if the user has
+devices already, waits to be added by one of them (link_request() here,
+link_new_device() there); it logs in bound to the device, keeps its prekeys
+(100 one-time prekeys, refilled below 25; the signed prekey rotated weekly),
+and for encrypted conversations sends and receives plain text as for any
+other: keys, sessions, chains and signed membership states are checked and
+kept by client/crypto.py. A message that cannot be decrypted is still
+handed to on_deliver, with body None and `problem` saying why, and raises
+on_alarm. See ChatClient's docstring for the callbacks and methods.
 """
 
 import os
 import random
 import uuid
+from collections import deque
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 
@@ -25,11 +39,15 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols import amp
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securechatd import commands
-from securechatd.commands import BadCredentials
+from securechatd.commands import BadCredentials, NoSuchDevice, NotAllowed
+from securechatd.client.crypto import Alarm, DeviceInfo, EncryptionUnavailable, EndToEnd, LinkError, Problem
+from securechatd.client.device_file import DeviceFileError
 from securechatd.client.seen import SeenMessages
+from securechatd.e2ee.membership import is_user_name
 from securechatd.tls import client_options
 
 log = Logger()
@@ -55,18 +73,28 @@ class Sent:
     seq: int
     sent_at: datetime
     client_msg_id: str = ""
+    unreached: tuple = ()  # (encrypted) device ids of members' devices it could not be encrypted for (no prekeys)
 
 
 @dataclass(frozen=True)
 class Message:
-    """A message, pushed (Deliver) or read back (History)."""
+    """A message, pushed (Deliver, DeliverEncrypted) or read back (History, HistoryEncrypted).
+
+    An encrypted message that could not be decrypted has body None and
+    `problem` naming the step that failed (a crypto.Problem value), with
+    `problem_detail` saying more; it was reported to on_alarm too.
+    """
 
     message_id: int
     seq: int
     sender: str
-    body: str
+    body: str | None
     sent_at: datetime
     conversation_id: int = 0
+    encrypted: bool = False
+    sender_device: str | None = None
+    problem: str | None = None
+    problem_detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +111,7 @@ class Conversation:
     title: str | None = None
     last_seq: int = 0
     unread: int = 0
+    encrypted: bool | None = None  # as the server says; the library holds the signed member list (members())
 
 
 @dataclass(frozen=True)
@@ -138,6 +167,10 @@ class ClientProtocol(amp.AMP):
     def deliver(self, **message):
         return self.client._deliver(_record(Message, message)).addCallback(lambda _: {})
 
+    @commands.DeliverEncrypted.responder
+    def deliver_encrypted(self, **message):
+        return self.client._deliver_encrypted(message).addCallback(lambda _: {})
+
     @commands.Receipt.responder
     def receipt(self, **receipt):
         self.client.on_receipt(_record(Receipt, receipt))
@@ -150,7 +183,7 @@ class ClientProtocol(amp.AMP):
 
     @commands.ConversationUpdated.responder
     def conversation_updated(self, members, **conversation):
-        self.client.on_conversation(_record(Conversation, dict(conversation, members=tuple(members))))
+        self.client._conversation_updated(_record(Conversation, dict(conversation, members=tuple(members))))
         return {}
 
     @commands.Ping.responder
@@ -168,34 +201,84 @@ class _Factory(Factory):
         return ClientProtocol(self.client)
 
 
+@dataclass(eq=False)
+class _Outgoing:
+    """A message on its way: resent with the same client_msg_id (and, encrypted, the same envelope) until answered."""
+
+    conversation_id: int
+    body: str
+    answer: Deferred
+    encrypted: bool | None = None  # None: not known yet
+    sealed: object = None  # crypto.Sealed, once encrypted: never encrypted again unless the server refused it
+    reseals: int = 0
+
+
+# a refusal after which an encrypted message is sealed again (it was not stored): the membership or a device changed
+_SEAL_AGAIN = (NotAllowed, NoSuchDevice)
+MAX_RESEALS = 2
+BOX_BUDGET = 60_000  # bytes of an AMP box we fill with wraps (a value holds 65,535; the server takes boxes to 66 KiB)
+
+
 class ChatClient:
     """A logged-in (or not yet) connection to securechatd that survives reconnects.
 
     Set the callbacks you need: on_deliver(Message) (may return a Deferred:
     the message is acknowledged when it fires), on_receipt(Receipt),
     on_presence(Presence), on_conversation(Conversation),
-    on_disconnected(reason), on_reconnected(LoggedIn), on_logged_out(reason).
+    on_disconnected(reason), on_reconnected(LoggedIn), on_logged_out(reason),
+    and for end-to-end encryption on_alarm(kind, user, detail) (something the
+    user must know: a fork of a device chain, a member the server added on
+    its own, a message that cannot be decrypted, ...; kinds are the values
+    of crypto.Alarm and crypto.Problem; `user` may be None) and
+    on_devices_changed(user, added, removed) (hex device ids of a user whose
+    devices changed since last seen).
+
+    With a `state_directory` (and `encryption` left on) the client is one
+    device of the user it logs in as; `clock` (default: the reactor) dates
+    prekey rotation and message headers.
     """
 
     def __init__(
-        self, host, port, ca_path, *, hostname=None, client_name=None, reactor=None, reconnect=True, state_directory=None
+        self,
+        host,
+        port,
+        ca_path,
+        *,
+        hostname=None,
+        client_name=None,
+        reactor=None,
+        reconnect=True,
+        state_directory=None,
+        clock=None,
+        encryption=True,
     ):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
+        self.clock = clock or reactor
         self.client_name = client_name
         self.reconnect = reconnect
         self._endpoint = wrapClientTLS(
             client_options(ca_path, hostname or host), HostnameEndpoint(reactor, host, port, timeout=10)
         )
         self.state_directory = state_directory  # where this installation keeps what it has seen, per user
+        self.encryption = encryption and state_directory is not None
+        self.e2ee = None  # crypto.EndToEnd: this installation's device of the logged-in user
+        self.device_problem = None  # why the device file could not be used, if it could not
         self.seen = SeenMessages()
         self._save = None
         self.username = None
         self.resume_token = None
         self._password = None
-        self._unanswered = {}  # client_msg_id -> (conversation_id, body, Deferred)
-        self._in_flight = set()  # client_msg_ids sent on the current connection
+        self._bound = False  # the session is bound to this installation's device
+        self._unanswered = {}  # client_msg_id -> _Outgoing
+        self._in_flight = set()  # client_msg_ids of plaintext messages sent on the current connection
+        self._queues = {}  # conversation_id -> deque of client_msg_ids of encrypted messages, sent one at a time
+        self._pumping = set()
+        self._encrypted = {}  # conversation_id -> the server's encrypted flag
+        self._listing = None  # a ListConversations under way to learn those flags
+        self._deliveries = succeed(None)  # DeliverEncrypted pushes are opened and handed over one after the other
+        self._rebinding = []  # Deferreds of complete_link() waiting for the session to be bound again
         self._current = None  # the latest connection, ready or not
         self._protocol = None  # the current connection, once verified (and logged in again)
         self._waiting = []  # Deferreds of calls made while disconnected
@@ -209,6 +292,8 @@ class ChatClient:
         self.on_disconnected = lambda reason: None
         self.on_reconnected = lambda login: None
         self.on_logged_out = lambda reason: None
+        self.on_alarm = lambda kind, user, detail: None
+        self.on_devices_changed = lambda user, added, removed: None
 
     INITIAL_DELAY = 0.5
     MAX_DELAY = 30.0
@@ -236,6 +321,10 @@ class ChatClient:
             waiter.callback(protocol)
         for client_msg_id in list(self._unanswered):
             self._send(protocol, client_msg_id)
+        for conversation_id in list(self._queues):
+            self._pump(conversation_id)
+        if login is not None and self.e2ee is not None:
+            self._background(self._start_device(), "setting up this device again")
         return protocol
 
     def _redial(self):
@@ -249,19 +338,39 @@ class ChatClient:
         self._retry = self.reactor.callLater(self._delay * random.uniform(0.8, 1.2), self._redial)
         self._delay = min(self._delay * 2, self.MAX_DELAY)
 
-    async def _log_in_again(self, protocol):
-        arguments = {"username": self.username}
+    def _login_arguments(self, username, **secret):
+        arguments = {"username": username, **secret}
         if self.client_name is not None:
             arguments["client_name"] = self.client_name
+        return arguments
+
+    async def _log_in_again(self, protocol):
+        device = self.e2ee.login_device(resume=True) if self.e2ee is not None else None
+        arguments = self._login_arguments(self.username, resume_token=self.resume_token)
         try:
-            answer = await protocol.callRemote(commands.Resume, resume_token=self.resume_token, **arguments)
-        except BadCredentials:
+            answer, bound = await protocol.callRemote(commands.Resume, device_id=device, **arguments), device is not None
+        except (BadCredentials, NoSuchDevice, NotAllowed) as refused:
+            if isinstance(refused, NotAllowed) and device is None:
+                raise
+            if not isinstance(refused, BadCredentials):
+                self.e2ee.refused(refused)  # (the refused token is spent: only the password is left)
             if self._password is None:
                 self.username = self.resume_token = None
                 self.on_logged_out("The session could not be resumed; log in again.")
                 return None
-            answer = await protocol.callRemote(commands.Login, password=self._password, **arguments)
-        return self._logged_in(answer)
+            answer, bound = await self._password_login(protocol.callRemote, self.username, self._password)
+        return self._logged_in(answer, bound)
+
+    async def _password_login(self, call, username, password):
+        """(Login's answer, bound): bound to this installation's device if it may be, else (or if refused) not."""
+        arguments = self._login_arguments(username, password=password)
+        device = self.e2ee.login_device() if self.e2ee is not None else None
+        if device is not None:
+            try:
+                return await call(commands.Login, device_id=device, **arguments), True
+            except (NoSuchDevice, NotAllowed) as refused:
+                self.e2ee.refused(refused)  # a new device of a user with devices, or revoked: log in without it
+        return await call(commands.Login, **arguments), False
 
     def _connection_lost(self, protocol, reason):
         if protocol is self._protocol:
@@ -288,13 +397,17 @@ class ChatClient:
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
+        if self.e2ee is not None:
+            self.e2ee.close()
         failed = ConnectionClosed("The client was closed.")
-        for _, _, answer in self._unanswered.values():
-            answer.errback(failed)
-        self._unanswered.clear()
+        unanswered, self._unanswered = list(self._unanswered.values()), {}
+        self._queues.clear()
+        for outgoing in unanswered:
+            outgoing.answer.errback(failed)
         waiting, self._waiting = self._waiting, []
-        for waiter in waiting:
+        for waiter in waiting + self._rebinding:
             waiter.errback(failed)
+        self._rebinding = []
         protocol, self._protocol = self._current, None
         if protocol is None or protocol.transport is None:
             return succeed(None)
@@ -306,6 +419,17 @@ class ChatClient:
         """Deferred of the answer dict to `command`, once connected."""
         return self._connected().addCallback(lambda protocol: protocol.callRemote(command, **arguments))
 
+    def _background(self, work, what):
+        """Run the coroutine `work`; a failure is logged (a lost connection only noted: it is redone after reconnecting)."""
+
+        def failed(failure):
+            if failure.check(ConnectionClosed):
+                log.info("{what}: the connection was lost", what=what)
+            else:
+                log.failure(what, failure)
+
+        return Deferred.fromCoroutine(work).addErrback(failed)
+
     # -- accounts --------------------------------------------------------------
 
     def register(self, username, password):
@@ -313,7 +437,7 @@ class ChatClient:
             lambda answer: answer["username"]
         )
 
-    def _logged_in(self, answer):
+    def _logged_in(self, answer, bound=False):
         login = _record(LoggedIn, answer)
         if login.username != self.username:
             path = None
@@ -321,6 +445,7 @@ class ChatClient:
                 path = os.path.join(self.state_directory, f"{login.username}.seen.json")
             self.seen = SeenMessages(path)
         self.username, self.resume_token = login.username, login.resume_token
+        self._bound = bound
         return login
 
     SAVE_AFTER = 1.0  # seconds: what was seen is written at most this often
@@ -345,26 +470,44 @@ class ChatClient:
         self.seen.save()
 
     def login(self, username, password, remember_password=False):
-        """Deferred LoggedIn; `remember_password` keeps it in memory to log in again if a resume fails."""
-        arguments = {"username": username, "password": password}
-        if self.client_name is not None:
-            arguments["client_name"] = self.client_name
+        """Deferred LoggedIn; `remember_password` keeps it in memory to log in again if a resume fails.
 
-        def logged_in(answer):
-            self._password = password if remember_password else None
-            return self._logged_in(answer)
+        With encryption, the device is ready when it fires (see ChatClient).
+        """
+        return Deferred.fromCoroutine(self._login(username, password, remember_password))
 
-        return self.call(commands.Login, **arguments).addCallback(logged_in)
+    async def _login(self, username, password, remember_password):
+        self._open_device(username)
+        answer, bound = await self._password_login(self.call, username, password)
+        self._password = password if remember_password else None
+        login = self._logged_in(answer, bound)
+        await self._start_device()
+        return login
 
     def resume(self, username, resume_token):
-        arguments = {"username": username, "resume_token": resume_token}
-        if self.client_name is not None:
-            arguments["client_name"] = self.client_name
-        return self.call(commands.Resume, **arguments).addCallback(self._logged_in)
+        return Deferred.fromCoroutine(self._resume(username, resume_token))
+
+    async def _resume(self, username, resume_token):
+        e2ee = self._open_device(username)
+        device = e2ee.login_device(resume=True) if e2ee is not None else None
+        arguments = self._login_arguments(username, resume_token=resume_token)
+        try:
+            answer = await self.call(commands.Resume, device_id=device, **arguments)
+        except (NoSuchDevice, NotAllowed) as refused:
+            if device is not None:
+                e2ee.refused(refused)
+            raise
+        login = self._logged_in(answer, device is not None)
+        await self._start_device()
+        return login
 
     def logout(self):
         def logged_out(_):
             self.username = self.resume_token = self._password = None
+            self._bound = False
+            if self.e2ee is not None:
+                self.e2ee.close()
+                self.e2ee = None
 
         return self.call(commands.Logout).addCallback(logged_out)
 
@@ -379,6 +522,135 @@ class ChatClient:
 
     def ping(self):
         return self.call(commands.Ping).addCallback(lambda answer: answer["server_time"])
+
+    # -- this installation's device ------------------------------------------------
+
+    def _open_device(self, username):
+        """The EndToEnd of `username` on this installation (loaded, or made in memory), or None without encryption."""
+        name = username.lower()
+        if not self.encryption or not is_user_name(name):
+            return None
+        if self.e2ee is not None:
+            if self.e2ee.user == name:
+                return self.e2ee
+            self.e2ee.close()
+            self.e2ee = None
+        try:
+            self.e2ee = EndToEnd.load(self, os.path.join(self.state_directory, f"{name}.device"), name)
+        except DeviceFileError as problem:
+            self._device_unusable(name, problem)
+        return self.e2ee
+
+    def _device_unusable(self, name, problem):
+        self.device_problem = str(problem)
+        self.e2ee = None
+        log.warn("e2ee: {problem}", problem=self.device_problem)
+        self.on_alarm(Alarm.DEVICE_FILE, name, self.device_problem)
+
+    async def _start_device(self):
+        """After a login: keep the device file for this process, then the chain and prekeys (crypto.EndToEnd.start)."""
+        e2ee = self.e2ee
+        if e2ee is None:
+            return
+        try:
+            e2ee.claim()
+        except DeviceFileError as problem:
+            self._device_unusable(e2ee.user, problem)
+            return
+        try:
+            rebind = await e2ee.start(self._bound)
+        except ConnectionClosed:
+            return  # done again after the reconnection
+        if rebind and self.reconnect and self._protocol is not None:
+            # the device was added since this session logged in unbound: log in again bound to it
+            self._protocol.transport.loseConnection()
+            return
+        rebinding, self._rebinding = self._rebinding, []
+        for waiter in rebinding:
+            waiter.callback(e2ee.active and self._bound)
+
+    def _e2ee(self):
+        """The active EndToEnd, or EncryptionUnavailable saying why there is none."""
+        if self.e2ee is None:
+            if self.device_problem is not None:
+                raise EncryptionUnavailable(self.device_problem)
+            if not self.encryption:
+                raise EncryptionUnavailable("This client keeps no device: give it a state_directory.")
+            raise EncryptionUnavailable("Log in first.")
+        return self.e2ee
+
+    @property
+    def device_id(self):
+        """This installation's device id of the logged-in user (32 hex digits), or None."""
+        return self.e2ee.device_id if self.e2ee is not None else None
+
+    @property
+    def encryption_problem(self):
+        """Why this client cannot encrypt now, or None if it can."""
+        try:
+            return self._e2ee().why_not() or (None if self._bound else "This session is not bound to the device yet.")
+        except EncryptionUnavailable as problem:
+            return str(problem)
+
+    def list_devices(self):
+        """Deferred [DeviceInfo]: the user's current devices, from their verified chain."""
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().devices()))
+
+    def revoke_device(self, device_id):
+        """Deferred: publish the revoke of one of the user's devices (hex id); it gets nothing new from then on."""
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().revoke(device_id)))
+
+    def link_request(self, signer=None):
+        """Deferred text for a new device to show; the device `signer` (hex; the only one if None) adds it.
+
+        On the existing device, link_new_device(text) publishes the link; then
+        complete_link() here (or the next login) binds this installation to
+        its new device.
+        """
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().link_request(signer)))
+
+    def link_new_device(self, request):
+        """Deferred (device id, name): add the new device whose link_request() text this is (run on an active device)."""
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().link_new_device(request)))
+
+    def complete_link(self):
+        """Deferred True once this installation is an active device and the session is bound to it (False: not added yet).
+
+        Binding logs in again: on_disconnected and on_reconnected are called.
+        """
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._complete_link()))
+
+    async def _complete_link(self):
+        e2ee = self._e2ee()
+        if e2ee.active and self._bound:
+            return True
+        rebinding = Deferred()
+        self._rebinding.append(rebinding)
+        await self._start_device()
+        if not e2ee.active or not self.reconnect:
+            self._rebinding.remove(rebinding)
+            return False
+        return await rebinding
+
+    def safety_number(self, user):
+        """Deferred: the 60 digits to compare with `user` (docs/E2EE.md, "Safety numbers")."""
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().safety_number(user.lower())))
+
+    def trust(self, user):
+        """Deferred: `user`'s current devices are verified (the safety numbers matched); a change of them undoes it."""
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().trust(user.lower())))
+
+    def is_verified(self, user):
+        """True if the user trusted `user` and their devices have not changed since."""
+        return self.e2ee is not None and self.e2ee.is_verified(user.lower())
+
+    def members(self, conversation_id):
+        """Deferred tuple: the members of an encrypted conversation by its latest verified signed state."""
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._members(conversation_id)))
+
+    async def _members(self, conversation_id):
+        state = await self._e2ee().verified_membership(conversation_id)
+        return tuple(sorted(state.members)) if state is not None else ()
 
     # -- presence and users ----------------------------------------------------
 
@@ -398,11 +670,42 @@ class ChatClient:
 
     # -- conversations ---------------------------------------------------------
 
-    def create_conversation(self, members, title=None):
-        """Deferred (conversation_id, created)."""
-        return self.call(commands.CreateConversation, members=list(members), title=title).addCallback(
-            lambda answer: (answer["conversation_id"], answer["created"])
-        )
+    def create_conversation(self, members, title=None, encrypted=None):
+        """Deferred (conversation_id, created).
+
+        `encrypted` None lets the server decide (encrypted unless it allows
+        plaintext). An encrypted conversation's first signed membership
+        state is published before this fires.
+        """
+        return Deferred.fromCoroutine(self._create_conversation(list(members), title, encrypted))
+
+    async def _create_conversation(self, members, title, encrypted):
+        answer = await self.call(commands.CreateConversation, members=members, title=title, encrypted=encrypted)
+        conversation_id = answer["conversation_id"]
+        self._encrypted[conversation_id] = bool(answer.get("encrypted"))
+        if answer.get("encrypted"):
+            others = {name.lower() for name in members} - {self.username}
+            kind = "direct" if len(others) == 1 and title is None else "group"
+            title = title.strip() if title is not None else ""
+            await self._e2ee().publish_first(conversation_id, kind, title, sorted(others))
+        return conversation_id, answer["created"]
+
+    def _conversation_updated(self, conversation):
+        if conversation.encrypted is not None:
+            self._encrypted[conversation.conversation_id] = conversation.encrypted
+        self.on_conversation(conversation)
+        self._check_members(conversation)
+
+    def _check_members(self, conversation):
+        """An encrypted conversation's member list from the server, compared with the signed one in the background."""
+        e2ee = self.e2ee
+        if e2ee is None or not e2ee.active or self.username not in conversation.members:
+            return
+        if conversation.encrypted or e2ee.is_encrypted(conversation.conversation_id):
+            self._background(
+                e2ee.check_members(conversation.conversation_id, conversation.members),
+                f"checking the members of conversation {conversation.conversation_id}",
+            )
 
     async def _all_conversations(self):
         conversations, after = [], None
@@ -413,57 +716,263 @@ class ChatClient:
                 for row in page["conversations"]
             ]
             if not page.get("has_more") or not page["conversations"]:
-                return conversations
+                break
             after = conversations[-1].conversation_id
+        for conversation in conversations:
+            self._encrypted[conversation.conversation_id] = bool(conversation.encrypted)
+            known = self.e2ee.membership(conversation.conversation_id) if self.e2ee is not None else None
+            if known is not None and known.members != set(conversation.members):
+                self._check_members(conversation)
+        return conversations
 
     def list_conversations(self):
         """Deferred [Conversation], every page of them."""
         return Deferred.fromCoroutine(self._all_conversations())
 
+    async def _is_encrypted(self, conversation_id):
+        """True for an encrypted conversation: one with verified signed states is, whatever the server says now."""
+        if self.e2ee is not None and self.e2ee.is_encrypted(conversation_id):
+            return True
+        if conversation_id not in self._encrypted:
+            if self._listing is None:
+                self._listing = self.list_conversations()
+
+                def listed(result):
+                    self._listing = None
+                    return result
+
+                self._listing.addBoth(listed)
+            listing = Deferred()
+            self._listing.addBoth(lambda result: listing.callback(None) or result)
+            await listing
+        return bool(self._encrypted.get(conversation_id))
+
     def add_members(self, conversation_id, members):
-        return self.call(commands.AddMembers, conversation_id=conversation_id, members=list(members)).addCallback(
-            lambda _: None
-        )
+        return Deferred.fromCoroutine(self._change_members(conversation_id, "add", list(members)))
 
     def leave_conversation(self, conversation_id):
-        return self.call(commands.LeaveConversation, conversation_id=conversation_id).addCallback(lambda _: None)
+        return Deferred.fromCoroutine(self._change_members(conversation_id, "leave", []))
+
+    async def _change_members(self, conversation_id, op, members):
+        """AddMembers or LeaveConversation; for an encrypted conversation with the signed state after the change."""
+
+        def send(membership=None):
+            if op == "add":
+                return self.call(commands.AddMembers, conversation_id=conversation_id, members=members, membership=membership)
+            return self.call(commands.LeaveConversation, conversation_id=conversation_id, membership=membership)
+
+        if self.e2ee is not None and await self._is_encrypted(conversation_id):
+            await self.e2ee.change_membership(conversation_id, op, members, send)
+        else:
+            await send()
 
     # -- messages --------------------------------------------------------------
 
     def send_message(self, conversation_id, body, client_msg_id=None):
-        """Deferred Sent, answered once committed; resent across reconnects until answered."""
+        """Deferred Sent, answered once committed; resent across reconnects until answered.
+
+        In an encrypted conversation the text is encrypted once, when its turn
+        comes (messages of one conversation go one after the other), and the
+        same envelope is resent; EncryptionUnavailable says why it cannot be.
+        """
         client_msg_id = client_msg_id or uuid.uuid4().hex
         answer = Deferred()
-        self._unanswered[client_msg_id] = (conversation_id, body, answer)
-        self._connected().addCallback(self._send, client_msg_id)
+        outgoing = self._unanswered[client_msg_id] = _Outgoing(conversation_id, body, answer)
+        if self.e2ee is None:
+            outgoing.encrypted = False
+            self._connected().addCallback(self._send, client_msg_id)
+        else:
+            routed = Deferred.fromCoroutine(self._route(client_msg_id, outgoing))
+            routed.addErrback(lambda failure: self._failed(client_msg_id, failure))
         return answer
 
+    async def _route(self, client_msg_id, outgoing):
+        encrypted = await self._is_encrypted(outgoing.conversation_id)
+        outgoing.encrypted = encrypted
+        if encrypted:
+            self._queues.setdefault(outgoing.conversation_id, deque()).append(client_msg_id)
+            self._pump(outgoing.conversation_id)
+        else:
+            self._connected().addCallback(self._send, client_msg_id)
+
     def _send(self, protocol, client_msg_id):
-        """Send (or resend) one message unless it is on its way already."""
-        if client_msg_id not in self._unanswered or client_msg_id in self._in_flight:
+        """Send (or resend) one plaintext message unless it is on its way already."""
+        outgoing = self._unanswered.get(client_msg_id)
+        if outgoing is None or outgoing.encrypted is not False or client_msg_id in self._in_flight:
             return
         self._in_flight.add(client_msg_id)
-        conversation_id, body, _ = self._unanswered[client_msg_id]
         sent = protocol.callRemote(
-            commands.SendMessage, conversation_id=conversation_id, client_msg_id=client_msg_id, body=body
+            commands.SendMessage,
+            conversation_id=outgoing.conversation_id,
+            client_msg_id=client_msg_id,
+            body=outgoing.body,
         )
         sent.addCallbacks(self._answered, self._not_answered, (client_msg_id,), None, (client_msg_id,))
 
-    def _answered(self, answer, client_msg_id):
+    def _answered(self, answer, client_msg_id, unreached=()):
         self._in_flight.discard(client_msg_id)
         pending = self._unanswered.pop(client_msg_id, None)
         if pending is not None:
-            pending[2].callback(_record(Sent, dict(answer, client_msg_id=client_msg_id)))
+            pending.answer.callback(_record(Sent, dict(answer, client_msg_id=client_msg_id, unreached=unreached)))
 
     def _not_answered(self, failure, client_msg_id):
         self._in_flight.discard(client_msg_id)
         if failure.check(ConnectionClosed) and self.reconnect and not self._closed:
             return  # resent when the connection is back
+        self._failed(client_msg_id, failure)
+
+    def _failed(self, client_msg_id, failure):
         pending = self._unanswered.pop(client_msg_id, None)
         if pending is not None:
-            pending[2].errback(failure)
+            pending.answer.errback(failure)
+
+    def _pump(self, conversation_id):
+        """Send the encrypted messages waiting in one conversation, in order, one at a time."""
+        if conversation_id in self._pumping:
+            return
+        self._pumping.add(conversation_id)
+        pumped = Deferred.fromCoroutine(self._pump_queue(conversation_id))
+        pumped.addErrback(lambda failure: log.failure("sending encrypted messages", failure))
+        pumped.addBoth(lambda _: self._pumping.discard(conversation_id))
+
+    async def _pump_queue(self, conversation_id):
+        queue = self._queues.get(conversation_id)
+        while queue:
+            client_msg_id = queue[0]
+            outgoing = self._unanswered.get(client_msg_id)
+            protocol = self._protocol
+            if outgoing is None:
+                queue.popleft()
+                continue
+            if protocol is None:
+                return  # the connection is down: _dial starts again
+            try:
+                if outgoing.sealed is None:
+                    outgoing.sealed = await self._e2ee().seal_message(conversation_id, outgoing.body)
+                answer = await self._send_sealed(protocol, client_msg_id, outgoing)
+            except ConnectionClosed:
+                if self.reconnect and not self._closed:
+                    return  # sent again, the same envelope, once the connection is back
+                self._failed(client_msg_id, Failure())
+            except _SEAL_AGAIN as refused:
+                if outgoing.reseals >= MAX_RESEALS:
+                    self._failed(client_msg_id, Failure())
+                else:  # not stored: the membership or a device changed; encrypt for them as they are now
+                    log.info("sealing {id} again: {why}", id=client_msg_id, why=refused)
+                    outgoing.reseals += 1
+                    outgoing.sealed = None
+                    continue
+            except Exception:
+                self._failed(client_msg_id, Failure())
+            else:
+                self.e2ee.sent(answer["message_id"], outgoing.sealed.key)
+                self._answered(answer, client_msg_id, outgoing.sealed.unreached)
+            if queue and queue[0] == client_msg_id:
+                queue.popleft()
+        if self._queues.get(conversation_id) is queue and not queue:
+            del self._queues[conversation_id]
+
+    async def _send_sealed(self, protocol, client_msg_id, outgoing):
+        """StageWraps for the wraps beyond one box, then SendEncrypted; its answer."""
+        sealed, conversation_id = outgoing.sealed, outgoing.conversation_id
+        items = [{"device_id": device, "wrap": wrap} for device, wrap in sealed.wraps]
+        inline, batches = split_wraps(items, BOX_BUDGET - len(sealed.header) - len(sealed.body))
+        staged = None
+        for batch in batches:
+            try:
+                answer = await protocol.callRemote(
+                    commands.StageWraps, conversation_id=conversation_id, client_msg_id=client_msg_id, wraps=batch
+                )
+            except commands.InvalidArgument as refused:
+                if "sent already" not in str(refused):
+                    raise
+                staged, inline = None, []  # stored before the connection dropped: ask for its answer
+                break
+            staged = answer["staged"]
+        return await protocol.callRemote(
+            commands.SendEncrypted,
+            conversation_id=conversation_id,
+            client_msg_id=client_msg_id,
+            header=sealed.header,
+            body=sealed.body,
+            wraps=inline,
+            staged=staged,
+        )
+
+    def _deliver_encrypted(self, item):
+        """Open a pushed encrypted message and hand it over; pushes are handled one after the other, in order."""
+        handled = Deferred()
+
+        def run(_):
+            opened = Deferred.fromCoroutine(self._open_and_deliver(item))
+            opened.chainDeferred(handled)
+            return opened.addErrback(lambda failure: None)  # (reported to the server in its answer)
+
+        self._deliveries.addCallback(run)
+        return handled
+
+    async def _open_and_deliver(self, item):
+        conversation_id = item["conversation_id"]
+        if not self.seen.is_new(conversation_id, item["seq"]):
+            return
+        if self.e2ee is None:
+            reason = self.device_problem or "This client keeps no device."
+            self.on_alarm(Problem.NO_DEVICE, item["sender"], reason)
+            message = self._encrypted_message(conversation_id, item, None, Problem.NO_DEVICE, reason)
+        else:
+            text, problem = await self.e2ee.open_message(conversation_id, item)
+            message = self._encrypted_message(
+                conversation_id,
+                item,
+                text,
+                problem.problem if problem is not None else None,
+                problem.detail if problem is not None else None,
+            )
+        await maybeDeferred(self.on_deliver, message)
+        self._handed_over(None, message)
+
+    @staticmethod
+    def _encrypted_message(conversation_id, item, text, problem, detail):
+        return Message(
+            item["message_id"],
+            item["seq"],
+            item["sender"],
+            text,
+            item["sent_at"],
+            conversation_id,
+            encrypted=True,
+            sender_device=item["sender_device"],
+            problem=problem,
+            problem_detail=detail,
+        )
 
     def history(self, conversation_id, before_seq=None, limit=None):
+        """Deferred HistoryPage; an encrypted conversation's messages are decrypted (or marked, as for on_deliver)."""
+        if self.e2ee is None:
+            return self._plain_history(conversation_id, before_seq, limit)
+        return Deferred.fromCoroutine(self._history(conversation_id, before_seq, limit))
+
+    async def _history(self, conversation_id, before_seq, limit):
+        if not await self._is_encrypted(conversation_id):
+            return await self._plain_history(conversation_id, before_seq, limit)
+        page = await self.call(
+            commands.HistoryEncrypted, conversation_id=conversation_id, before_seq=before_seq, limit=limit
+        )
+        messages = []
+        for item in page["messages"]:
+            text, problem = await self.e2ee.open_message(conversation_id, dict(item, history=True))
+            messages.append(
+                self._encrypted_message(
+                    conversation_id,
+                    item,
+                    text,
+                    problem.problem if problem is not None else None,
+                    problem.detail if problem is not None else None,
+                )
+            )
+        return HistoryPage(tuple(messages), page["has_more"])
+
+    def _plain_history(self, conversation_id, before_seq, limit):
         page = self.call(commands.History, conversation_id=conversation_id, before_seq=before_seq, limit=limit)
         return page.addCallback(
             lambda answer: HistoryPage(
@@ -482,3 +991,34 @@ class ChatClient:
             lambda answer: [_record(ReceiptRow, row) for row in answer["receipts"]]
         )
 
+
+def _item_size(item):
+    """Bytes of one wrap item in an AmpList: per key a 2-byte length, the key, a 2-byte length, the value; then 2 zero bytes."""
+    return sum(4 + len(key) + len(value if isinstance(value, bytes) else value.encode()) for key, value in item.items()) + 2
+
+
+def split_wraps(items, inline_budget):
+    """(the wrap items that fit SendEncrypted in `inline_budget` bytes, [batches for StageWraps, each within one box]).
+
+    Items that do not fit inline are staged; nothing is split if all fit.
+    """
+    sizes = [_item_size(item) for item in items]
+    if sum(sizes) <= min(inline_budget, BOX_BUDGET):
+        return items, []
+    inline, batches, batch, used = [], [], [], 0
+    budget = max(min(inline_budget, BOX_BUDGET), 0)
+    at = 0
+    while at < len(items) and used + sizes[at] <= budget:  # the first ones go with SendEncrypted
+        inline.append(items[at])
+        used += sizes[at]
+        at += 1
+    used = 0
+    for item, size in zip(items[at:], sizes[at:]):
+        if batch and used + size > BOX_BUDGET:
+            batches.append(batch)
+            batch, used = [], 0
+        batch.append(item)
+        used += size
+    if batch:
+        batches.append(batch)
+    return inline, batches

@@ -1,0 +1,260 @@
+"""The device file: everything one installation keeps to be one device of one user (docs/E2EE.md, "Devices").
+
+One file per installation and user (`<state_directory>/<user>.device`), mode
+0600, replaced atomically (a temporary file in the same directory, fsync,
+rename, fsync of the directory), so a crash leaves the old file or the new
+one, never half of one. It holds private keys: losing it loses this device
+(its keys, sessions and the keys of the messages it read), nothing else.
+
+Versioned, in the e2ee layer's own encoding: `enc` of the label
+`securechatd/device-file/v1` and the sections below, each an `enc` of its
+records. The client changes a DeviceFile in memory and calls save() once
+per step, so what one message changed (its session, the replay window of
+its sender, a one-time prekey it used, its key) lands in one write.
+"""
+
+import errno
+import fcntl
+import os
+
+from securechatd.e2ee.encoding import Malformed, dec, enc
+from securechatd.e2ee.keys import Device, Prekey
+
+LABEL = b"securechatd/device-file/v1"
+
+# status of this installation's device
+NEW = "new"  # keys made; not yet in the user's chain, and the chain was not looked at yet
+PENDING = "pending"  # the user has a chain that does not list it: an existing device must add it
+ACTIVE = "active"  # a current device of the user's chain
+REVOKED = "revoked"  # revoked by the chain: it can never come back
+STATUSES = (NEW, PENDING, ACTIVE, REVOKED)
+
+WINDOW = 1024  # counters of one sender device accepted out of order below the highest seen
+_WINDOW_MASK = (1 << WINDOW) - 1
+_WINDOW_BYTES = WINDOW // 8
+
+
+class DeviceFileError(Exception):
+    """The device file cannot be used: damaged, of another user, or held by another process."""
+
+
+class ReplayWindow:
+    """The counters seen from one sender device: the highest, and which of the WINDOW below it.
+
+    A header's counter is accepted once: above the highest, or within the
+    window and not seen yet (messages of several conversations, or resent
+    after a reconnect, may arrive out of counter order). Older is a replay.
+    Bit i of `bitmap` is counter `highest - i`; counter 0 is never valid.
+    """
+
+    def __init__(self, highest=0, bitmap=1):
+        self.highest = highest
+        self.bitmap = bitmap
+
+    def fresh(self, counter):
+        if counter > self.highest:
+            return True
+        offset = self.highest - counter
+        return offset < WINDOW and not (self.bitmap >> offset) & 1
+
+    def record(self, counter):
+        if counter > self.highest:
+            self.bitmap = ((self.bitmap << (counter - self.highest)) | 1) & _WINDOW_MASK
+            self.highest = counter
+        else:
+            self.bitmap |= 1 << (self.highest - counter)
+
+    def to_bytes(self):
+        return enc([self.highest, self.bitmap.to_bytes(_WINDOW_BYTES, "big")])
+
+    @classmethod
+    def from_bytes(cls, data):
+        highest, bitmap = dec(data, 2)
+        if len(highest) != 8 or len(bitmap) != _WINDOW_BYTES:
+            raise Malformed("a replay window has the wrong size")
+        return cls(_number(highest), int.from_bytes(bitmap, "big"))
+
+
+def _number(raw):
+    if len(raw) != 8:
+        raise Malformed("a number is not 8 bytes")
+    return int.from_bytes(raw, "big")
+
+
+def _text(raw):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Malformed("a text field is not UTF-8")
+
+
+def _records(data, count):
+    """The records of a section, each `count` fields."""
+    return [dec(record, count) for record in dec(data)]
+
+
+class DeviceFile:
+    """This device's private state; attributes are changed in place, then save() writes them all.
+
+    - `device`: keys.Device (its private keys and prekey id counter); `status`: one of STATUSES
+    - `signed_prekeys`: {spk_id: (keys.Prekey, retire_at)}: the current one has retire_at 0,
+      an earlier one the time (ms) after which it is deleted; `spk_made_at` (ms) dates the current one
+    - `one_time_prekeys`: {opk_id: keys.Prekey} not used yet; `spk_uploaded`: the server has the
+      current signed prekey; `opks_to_upload`: ids of one-time prekeys made but not uploaded yet
+    - `sessions`: {(user, device id bytes): session.Session bytes}
+    - `chains`: {user: [link bytes, ...]}: every link verified, in order; `seen` is the last one's (seq, hash)
+    - `memberships`: {conversation_id: [state bytes, ...]}: every verified state, in order
+    - `counter`: the last counter this device sent; `replay`: {(user, device id bytes): ReplayWindow}
+    - `trusted`: {user: frozenset of sig_pub}: the devices the user compared safety numbers for
+    - `message_keys`: {message_id: K} of messages read or sent, for reading history again
+    """
+
+    def __init__(self, path, device, status=NEW):
+        self.path = path
+        self.device = device
+        self.status = status
+        self.counter = 0
+        self.spk_made_at = 0
+        self.signed_prekeys = {}
+        self.one_time_prekeys = {}
+        self.spk_uploaded = False
+        self.opks_to_upload = set()
+        self.sessions = {}
+        self.chains = {}
+        self.memberships = {}
+        self.replay = {}
+        self.trusted = {}
+        self.message_keys = {}
+        self._lock = None
+
+    def __repr__(self):
+        return f"<DeviceFile {self.device.user} {self.device.id.hex()} {self.status}>"
+
+    @property
+    def current_spk(self):
+        """The current signed prekey (keys.Prekey), or None before the first."""
+        for prekey, retire_at in self.signed_prekeys.values():
+            if not retire_at:
+                return prekey
+        return None
+
+    # -- bytes ------------------------------------------------------------------------
+
+    def to_bytes(self):
+        return enc(
+            [
+                LABEL,
+                self.device.to_bytes(),
+                self.status,
+                self.counter,
+                self.spk_made_at,
+                b"\x01" if self.spk_uploaded else b"",
+                enc([opk_id.to_bytes(4, "big") for opk_id in sorted(self.opks_to_upload)]),
+                enc([enc([prekey.to_bytes(), retire_at]) for prekey, retire_at in self.signed_prekeys.values()]),
+                enc([prekey.to_bytes() for prekey in self.one_time_prekeys.values()]),
+                enc([enc([user, device, data]) for (user, device), data in self.sessions.items()]),
+                enc([enc([user, enc(links)]) for user, links in self.chains.items()]),
+                enc([enc([conversation, enc(states)]) for conversation, states in self.memberships.items()]),
+                enc([enc([user, device, window.to_bytes()]) for (user, device), window in self.replay.items()]),
+                enc([enc([user, enc(sorted(keys))]) for user, keys in self.trusted.items()]),
+                enc([enc([message_id, key]) for message_id, key in self.message_keys.items()]),
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, path, data):
+        """The DeviceFile `data` holds; Malformed if it is not one of this version."""
+        fields = dec(data, 15)
+        if fields[0] != LABEL:
+            raise Malformed("not a device file of version securechatd/device-file/v1")
+        (_, device, status, counter, spk_made_at, uploaded, to_upload, spks, opks, sessions, chains, memberships, replay,
+         trusted, message_keys) = fields
+        status = _text(status)
+        if status not in STATUSES or uploaded not in (b"", b"\x01"):
+            raise Malformed("a device file's status is unknown")
+        state = cls(path, Device.from_bytes(device), status)
+        state.counter, state.spk_made_at = _number(counter), _number(spk_made_at)
+        state.spk_uploaded = uploaded == b"\x01"
+        state.opks_to_upload = {int.from_bytes(opk_id, "big") for opk_id in dec(to_upload)}
+        for record, retire_at in _records(spks, 2):
+            prekey = Prekey.from_bytes(record)
+            state.signed_prekeys[prekey.id] = (prekey, _number(retire_at))
+        for record in dec(opks):
+            prekey = Prekey.from_bytes(record)
+            state.one_time_prekeys[prekey.id] = prekey
+        for user, device_id, data in _records(sessions, 3):
+            state.sessions[_text(user), device_id] = data
+        for user, links in _records(chains, 2):
+            state.chains[_text(user)] = dec(links)
+        for conversation, states in _records(memberships, 2):
+            state.memberships[_number(conversation)] = dec(states)
+        for user, device_id, window in _records(replay, 3):
+            state.replay[_text(user), device_id] = ReplayWindow.from_bytes(window)
+        for user, keys in _records(trusted, 2):
+            state.trusted[_text(user)] = frozenset(dec(keys))
+        for message_id, key in _records(message_keys, 2):
+            state.message_keys[_number(message_id)] = key
+        return state
+
+    # -- the file ---------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path):
+        """The DeviceFile at `path`, or None if there is none; DeviceFileError if it cannot be read as one."""
+        try:
+            with open(path, "rb") as saved:
+                data = saved.read()
+        except FileNotFoundError:
+            return None
+        except OSError as problem:
+            raise DeviceFileError(f"cannot read the device file {path}: {problem.strerror}")
+        try:
+            return cls.from_bytes(path, data)
+        except (Malformed, ValueError) as problem:
+            raise DeviceFileError(f"the device file {path} is damaged ({problem}); it was left as it is")
+
+    def save(self):
+        """Replace the file with what this object holds now: a 0600 temporary file beside it, fsync, rename."""
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        temporary = f"{self.path}.{os.getpid()}.tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(descriptor, "wb") as out:
+                out.write(self.to_bytes())
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+            raise
+        directory_descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(directory_descriptor)  # the rename itself survives a power loss
+        finally:
+            os.close(directory_descriptor)
+
+    def lock(self):
+        """Hold `<path>.lock` for this process: two programs advancing the same ratchets would break them.
+
+        DeviceFileError if another process holds it. Released by unlock() (or when the process ends).
+        """
+        if self._lock is not None:
+            return
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        descriptor = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as problem:
+            os.close(descriptor)
+            if problem.errno in (errno.EAGAIN, errno.EACCES):
+                raise DeviceFileError(f"the device file {self.path} is in use by another program")
+            raise
+        self._lock = descriptor
+
+    def unlock(self):
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
