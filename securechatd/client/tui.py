@@ -601,9 +601,12 @@ class Tui:
         if record["change"] == "left":
             self._lines_of(record, at, "system", None)
             return
-        self._conversation_lines(record, at)
         if record["change"] == "new":
             self._lines_of(record, at, "system", None)
+            for text in ui.render(record, self._now, self.tz):  # (no "/open NAME to talk there" in its own window)
+                self.system(text.split("; /open ")[0], "system", record["conversation_id"])
+        else:
+            self._conversation_lines(record, at)
 
     def _everywhere(self, record, at, attr="system"):
         for place in {None, self.shown}:
