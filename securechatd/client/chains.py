@@ -61,7 +61,8 @@ class Chains:
 
         A chain that breaks a rule raises the alarm and the state seen before
         is the answer (None if there was none): the caller goes on with what
-        it verified. A fetch already under way for `user` is shared.
+        it verified. A user the server does not know (deleted) answers None.
+        A fetch already under way for `user` is shared.
         """
         fetched = self._fetched.get(user)
         if fetched is not None and self._clock.seconds() - fetched <= max_age and user in self._chains:
@@ -93,7 +94,10 @@ class Chains:
         fetched_at = self._clock.seconds()
         links = []
         while True:
-            page = await self._call(commands.GetDeviceChain, username=user, after_seq=after + len(links))
+            try:
+                page = await self._call(commands.GetDeviceChain, username=user, after_seq=after + len(links))
+            except commands.NoSuchUser:
+                return None  # deleted (or never was): no devices to encrypt to; what was verified is kept
             links += page["links"]
             if not page["has_more"] or not page["links"]:
                 break

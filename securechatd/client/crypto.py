@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 from dataclasses import replace
 
-from twisted.internet.defer import Deferred, DeferredLock, FirstError, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, FirstError, gatherResults
+from twisted.internet.error import ConnectionClosed
 from twisted.logger import Logger
 
 from securechatd import commands
@@ -180,6 +181,8 @@ class EndToEnd:
             seen = (len(parsed), parsed[-1].hash()) if parsed else None
             self._memberships[conversation] = membership.verify_membership(conversation, parsed, self.chains.lookup, seen)
         self._timers = {}
+        self._running = []  # Deferreds of scheduled work under way
+        self._closed = False
 
     @classmethod
     def load(cls, client, path, username):
@@ -213,9 +216,11 @@ class EndToEnd:
         return state
 
     def close(self):
-        for timer in self._timers.values():
+        self._closed = True
+        for timer, finished in self._timers.values():
             if timer.active():
                 timer.cancel()
+                finished.callback(None)
         self._timers.clear()
         self.state.unlock()
 
@@ -277,6 +282,13 @@ class EndToEnd:
         Answers True if the session should be bound to the device now (it was
         not, and the device is active): the client then logs in again bound.
         """
+        return await self._locked(self._start, bound)
+
+    async def _locked(self, work, *args):
+        """The coroutine function `work`, run while holding the device's lock (one change of the device file at a time)."""
+        return await self.lock.run(lambda: Deferred.fromCoroutine(work(*args)))
+
+    async def _start(self, bound):
         state = self.state
         own = await self.chains.refresh(self.user)
         device = state.device.id
@@ -351,27 +363,54 @@ class EndToEnd:
             state.spk_uploaded = True
             state.opks_to_upload.difference_update(batch)
             self.save()
-        self._schedule("rotate", state.spk_made_at / 1000 + WEEK - self.client.clock.seconds(), self.keep_prekeys)
+        self._schedule("rotate", state.spk_made_at / 1000 + WEEK - self.client.clock.seconds(), self._keep_prekeys_locked)
 
     def _schedule(self, name, delay, work):
-        """Run `work` (a coroutine function) in `delay` seconds while connected; one timer per name."""
-        timer = self._timers.get(name)
-        if timer is not None and timer.active():
-            timer.cancel()
+        """Run `work` (a coroutine function) in `delay` seconds while logged in; one timer per name."""
+        if self._closed:
+            return
+        if name in self._timers:
+            timer, finished = self._timers.pop(name)
+            if timer.active():
+                timer.cancel()
+                finished.callback(None)
+        finished = Deferred()
 
         def run():
             self._timers.pop(name, None)
+            self._running.append(finished)
+            finished.addBoth(lambda result: self._running.remove(finished) or result)
             if self.client.username is None or self.state.status != ACTIVE:
+                finished.callback(None)
                 return
             done = Deferred.fromCoroutine(work())
-            done.addErrback(lambda failure: log.failure("e2ee: {name} failed", failure, name=name))
+            done.addErrback(self._work_failed, name)
+            done.addBoth(lambda _: finished.callback(None))
 
-        self._timers[name] = self.client.clock.callLater(max(delay, 0), run)
+        self._timers[name] = (self.client.clock.callLater(max(delay, 0), run), finished)
+
+    @staticmethod
+    def _work_failed(failure, name):
+        if failure.check(ConnectionClosed):
+            log.info("e2ee: {name} waits for the connection", name=name)  # done again at the next login
+        else:
+            log.failure("e2ee: {name} failed", failure, name=name)
+
+    def settled(self):
+        """Deferred firing when the scheduled work that is due (a refill, a rotation whose time came) is done."""
+        now = self.client.clock.seconds()
+        due = [finished for timer, finished in self._timers.values() if timer.getTime() <= now]
+        return DeferredList(due + list(self._running)).addCallback(lambda _: None)
+
+    REFILL_DELAY = 1.0  # seconds after a first message before counting one-time prekeys (once for a burst)
 
     def refill_soon(self):
         """A first message used a one-time prekey: count what is left (once, after a burst) and refill if low."""
         if "refill" not in self._timers:
-            self._schedule("refill", 1.0, self.keep_prekeys)
+            self._schedule("refill", self.REFILL_DELAY, self._keep_prekeys_locked)
+
+    async def _keep_prekeys_locked(self):
+        return await self._locked(self.keep_prekeys)
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -381,7 +420,7 @@ class EndToEnd:
         The sessions it advanced and the counter are saved before this
         returns, so nothing is ever encrypted twice under one key.
         """
-        return await self.lock.run(lambda: Deferred.fromCoroutine(self._seal(conversation_id, text)))
+        return await self._locked(self._seal, conversation_id, text)
 
     async def _seal(self, conversation_id, text):
         reason = self.why_not()
@@ -415,6 +454,11 @@ class EndToEnd:
                 del recipients[keys.device]
             else:
                 sessions[keys.device] = session
+        if others and not any(keys.user != self.user for keys in recipients.values()):
+            raise EncryptionUnavailable(
+                f"No device of {', '.join(name for name in names if name != self.user)} could be reached"
+                " (no prekeys, or keys that are not the ones their chain lists)."
+            )
         for device, keys in recipients.items():
             if device not in sessions:
                 sessions[device] = Session.from_bytes(state.sessions[keys.user, device])
@@ -481,7 +525,7 @@ class EndToEnd:
         the message's key) is saved before this returns. A failure raises
         its alarm; errors talking to the server propagate (try again later).
         """
-        return await self.lock.run(lambda: Deferred.fromCoroutine(self._open_reporting(conversation_id, item)))
+        return await self._locked(self._open_reporting, conversation_id, item)
 
     async def _open_reporting(self, conversation_id, item):
         try:
@@ -601,7 +645,7 @@ class EndToEnd:
 
     async def verified_membership(self, conversation_id):
         """The MembershipState after fetching what is new (None if the conversation has no state yet)."""
-        return await self.lock.run(lambda: Deferred.fromCoroutine(self.refresh_membership(conversation_id)))
+        return await self._locked(self.refresh_membership, conversation_id)
 
     def is_encrypted(self, conversation_id):
         return conversation_id in self._memberships
@@ -654,9 +698,7 @@ class EndToEnd:
 
     async def publish_first(self, conversation_id, kind, title, others):
         """Sign and publish epoch 1 of a conversation we created (unless it has a state: a direct one found again)."""
-        return await self.lock.run(
-            lambda: Deferred.fromCoroutine(self._publish_first(conversation_id, kind, title, others))
-        )
+        return await self._locked(self._publish_first, conversation_id, kind, title, others)
 
     async def _publish_first(self, conversation_id, kind, title, others):
         self._require_active()
@@ -674,9 +716,7 @@ class EndToEnd:
         `send(state bytes)` is the AddMembers or LeaveConversation call; if it
         fails nothing is kept.
         """
-        return await self.lock.run(
-            lambda: Deferred.fromCoroutine(self._change_membership(conversation_id, op, names, send))
-        )
+        return await self._locked(self._change_membership, conversation_id, op, names, send)
 
     async def _change_membership(self, conversation_id, op, names, send):
         self._require_active()
@@ -699,7 +739,7 @@ class EndToEnd:
 
     async def check_members(self, conversation_id, listed):
         """Compare the server's member list with the latest verified state: alarms for a member added or left out."""
-        current = await self.lock.run(lambda: Deferred.fromCoroutine(self.refresh_membership(conversation_id)))
+        current = await self._locked(self.refresh_membership, conversation_id)
         if current is None or current.latest is None:
             return  # not published yet (the creator publishes right after creating)
         listed = set(listed)
@@ -727,6 +767,9 @@ class EndToEnd:
 
     async def revoke(self, device_id):
         """Publish the revoke of our device `device_id` (hex), signed by this device."""
+        return await self._locked(self._revoke, device_id)
+
+    async def _revoke(self, device_id):
         self._require_active()
         target = bytes.fromhex(device_id)
         own = await self.chains.refresh(self.user)
@@ -764,6 +807,9 @@ class EndToEnd:
 
     async def link_new_device(self, request):
         """Sign and publish the add link of a link_request() made on a new device; (device id hex, name)."""
+        return await self._locked(self._link_new_device, request)
+
+    async def _link_new_device(self, request):
         self._require_active()
         if not request.startswith(LINK_PREFIX):
             raise LinkError("Not a device link request.")

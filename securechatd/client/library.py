@@ -169,7 +169,14 @@ class ClientProtocol(amp.AMP):
 
     @commands.DeliverEncrypted.responder
     def deliver_encrypted(self, **message):
-        return self.client._deliver_encrypted(message).addCallback(lambda _: {})
+        return self.client._deliver_encrypted(message).addCallbacks(lambda _: {}, self._unanswerable)
+
+    @staticmethod
+    def _unanswerable(failure):
+        """A push that could not be handled because the connection is gone is not answered (it comes again)."""
+        if failure.check(ConnectionClosed):
+            return Deferred()
+        return failure
 
     @commands.Receipt.responder
     def receipt(self, **receipt):
