@@ -332,8 +332,10 @@ class RenderingTests(TuiTestCase):
         self.assertEqual(attrs["error: There is no command /frobnicate; /help lists them."], "error")
         self.assertEqual(attrs["07:00"], "time")
         coloured = resolve_runs([runs], tui.PALETTE, colors=16)[0]
-        self.assertEqual({str(spec.foreground) for spec, text in coloured if text.strip() == "<alice>"}, {"light cyan,bold"})
-        self.assertEqual({spec.background for spec, text in coloured if text.strip().startswith("alice │")}, {"dark blue"})
+        own = {str(spec.foreground) for spec, text in coloured if text.strip() == "<alice>"}
+        self.assertEqual(own, {"light cyan,bold"})
+        bar = {spec.background for spec, text in coloured if text.strip().startswith("alice │")}
+        self.assertEqual(bar, {"dark blue"})
         # Without colour (NO_COLOR, --no-color) the same screen uses only bold, underline and standout.
         for spec, text in resolve_runs([runs], tui.PALETTE, colors=1)[0]:
             self.assertEqual((spec.foreground_basic, spec.background_basic), (0, 0), text)  # the default colours
@@ -364,7 +366,9 @@ class NotificationTests(TuiTestCase):
         self.type("/open Team lunch")
         self.deliver(301, 1, "bob", "-u critical\x1b[2J lunch?")
         [argv] = self.clock.spawned
-        self.assertEqual(argv, ["/usr/bin/notify-send", "--app-name=securechat", "--", "bob in bob", "-u critical�[2J lunch?"])
+        self.assertEqual(
+            argv, ["/usr/bin/notify-send", "--app-name=securechat", "--", "bob in bob", "-u critical�[2J lunch?"]
+        )
         self.assertEqual(self.bells, [])
 
     def test_none_is_quiet(self):

@@ -810,7 +810,9 @@ class ActionAndReplyTests(ChatTestCase):
         self.transport.clear()
         self.type("/reply #8 nothing")
         [error] = self.records()
-        self.assertEqual((error["code"], error["message"]), ("NO_MESSAGE", "There is no message #8 among the last 100 here."))
+        self.assertEqual(
+            (error["code"], error["message"]), ("NO_MESSAGE", "There is no message #8 among the last 100 here.")
+        )
 
 
 class WaitTests(ChatTestCase):

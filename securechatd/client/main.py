@@ -466,7 +466,11 @@ class Chat:
         message_id, conversation_id, sender, body = await self._quoted(self._here(), message_id)
         sent = await self._send(conversation_id, ui.quote(sender, body, text))
         self._answer(
-            "say", conversation_id=conversation_id, conversation=self._name(conversation_id), reply_to=message_id, **sent
+            "say",
+            conversation_id=conversation_id,
+            conversation=self._name(conversation_id),
+            reply_to=message_id,
+            **sent,
         )
 
     async def _do_history(self, count=HISTORY):
@@ -814,7 +818,8 @@ class Options(usage.Options):
         for name in ("host", "port", "ca", "user"):
             if self[name] is None:
                 self[name] = configured.get(name, DEFAULTS[name])
-        self["color"] = not self["no-color"] and not self.environ.get("NO_COLOR") and configured.get("color", DEFAULTS["color"])
+        colour = configured.get("color", DEFAULTS["color"])
+        self["color"] = colour and not self["no-color"] and not self.environ.get("NO_COLOR")
         self["plain"] = self["plain"] or configured.get("plain", DEFAULTS["plain"])
         self["notify"] = configured.get("notify", DEFAULTS["notify"])
         self["highlight"] = configured.get("highlight", DEFAULTS["highlight"])

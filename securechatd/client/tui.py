@@ -544,7 +544,8 @@ class Tui:
 
     def _answer_dm(self, record, at):
         if record["created"]:
-            self.system(f"new conversation with {ui.clean(record['conversation'])}", "system", record["conversation_id"])
+            name = ui.clean(record["conversation"])
+            self.system(f"new conversation with {name}", "system", record["conversation_id"])
         if "message_id" in record:
             self._message(record, at)
 
