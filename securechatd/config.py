@@ -95,6 +95,9 @@ class Settings:
     max_members: int = 1000
     delivery_window: int = 32
     max_pending: int = 10000
+    plaintext: str = "refused"
+    max_recipient_devices: int = 500
+    staging_timeout: float = 120.0
     ping_after: float = 30.0
     drop_after: float = 90.0
     login_deadline: float = 60.0
@@ -149,6 +152,9 @@ SCHEMA = {
     "max_members": ("messages", "max_members", _integer(2, 1000)),
     "delivery_window": ("messages", "delivery_window", _integer(1, 10000)),
     "max_pending": ("messages", "max_pending", _integer(1)),
+    "plaintext": ("messages", "plaintext", _choice("refused", "allowed")),
+    "max_recipient_devices": ("messages", "max_recipient_devices", _integer(1, 1000)),
+    "staging_timeout": ("messages", "staging_timeout", _seconds),
     "ping_after": ("connections", "ping_after", _seconds),
     "drop_after": ("connections", "drop_after", _seconds),
     "login_deadline": ("connections", "login_deadline", _seconds),

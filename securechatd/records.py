@@ -7,10 +7,19 @@ are seconds since the epoch, as the injected clock gives them.
 
 from collections import namedtuple
 
-Conversation = namedtuple("Conversation", "id kind title members last_seq")
+# encrypted: end-to-end encrypted (for life); epoch, members_hash: its latest signed membership state (0, None: none)
+Conversation = namedtuple(
+    "Conversation", "id kind title members last_seq encrypted epoch members_hash", defaults=(False, 0, None)
+)
 Message = namedtuple("Message", "id conversation_id seq sender body sent_at")
+# A message of an encrypted conversation: header and body as sent, and wraps {device_id: wrap}
+# (every recipient device's when just stored; only the reading device's when read back). Never hashed.
+EncryptedMessage = namedtuple("EncryptedMessage", "id conversation_id seq sender sender_device sent_at header body wraps")
 Receipt = namedtuple("Receipt", "conversation_id reader state seq at")
-Membership = namedtuple("Membership", "conversation_id delivered_seq read_seq last_seq")
+# first_wrap: the lowest seq of a wrap waiting for the device asked about (None: none, or not asked)
+Membership = namedtuple(
+    "Membership", "conversation_id delivered_seq read_seq last_seq encrypted first_wrap", defaults=(False, None)
+)
 Stored = namedtuple("Stored", "message new")  # the answer to storing a message: new, or a resend
 MarkMove = namedtuple("MarkMove", "state old new senders")  # a mark moved from old to new
 Presence = namedtuple("Presence", "username status note at")  # a user's combined status changed

@@ -20,7 +20,9 @@ from securechatd import certs, config, tls
 from securechatd.server.accounts import AccountService
 from securechatd.server.conversations import ConversationService
 from securechatd.server.hub import Hub
+from securechatd.server.encrypted import EncryptedService
 from securechatd.server.keys import KeyService
+from securechatd.server.membership import MembershipChecker
 from securechatd.server.messages import MessageService
 from securechatd.server.passwords import HashThreadPool, PasswordHasher
 from securechatd.server.presence import PresenceService
@@ -96,8 +98,8 @@ def _prepare_database(settings, reactor):
 def make_hub(settings, store, hasher, clock, run_in_thread=maybeDeferred):
     """Every service of the daemon, wired together, for `settings` (also used by the tests).
 
-    `run_in_thread` checks signatures (build: a thread pool; the default, for
-    tests, runs them at once).
+    `run_in_thread` checks signatures of chain links and membership states
+    (build: a thread pool; the default, for tests, runs them at once).
     """
     accounts = AccountService(
         store,
@@ -117,20 +119,50 @@ def make_hub(settings, store, hasher, clock, run_in_thread=maybeDeferred):
         registration_open=settings.registration == "open",
     )
     actions = TokenBucket(clock, settings.action_burst, settings.action_rate)
-    conversations = ConversationService(store, accounts.registry, clock, actions, settings.max_members)
+    plaintext_allowed = settings.plaintext == "allowed"
+    conversations = ConversationService(
+        store,
+        accounts.registry,
+        clock,
+        actions,
+        settings.max_members,
+        MembershipChecker(store, run_in_thread),
+        plaintext_allowed,
+    )
+    message_rate = TokenBucket(clock, settings.message_burst, settings.message_rate)  # plaintext and encrypted
     messages = MessageService(
         store,
         conversations,
         accounts.registry,
         clock,
-        TokenBucket(clock, settings.message_burst, settings.message_rate),
+        message_rate,
         settings.max_message_bytes,
         settings.max_pending,
+        plaintext_allowed,
+    )
+    encrypted = EncryptedService(
+        store,
+        conversations,
+        accounts.registry,
+        clock,
+        message_rate,
+        settings.max_message_bytes,
+        settings.max_pending,
+        settings.max_recipient_devices,
+        settings.staging_timeout,
     )
     receipts = ReceiptService(store, conversations, accounts.registry, clock)
     presence = PresenceService(store, accounts.registry, clock, actions)
     hub = Hub(
-        accounts, conversations, messages, receipts, presence, clock, settings.delivery_window, settings.max_pending
+        accounts,
+        conversations,
+        messages,
+        receipts,
+        presence,
+        clock,
+        settings.delivery_window,
+        settings.max_pending,
+        encrypted,
     )
     hub.keys = KeyService(
         store,

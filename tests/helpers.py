@@ -81,12 +81,20 @@ def run_now(f, *args):
     return defer.maybeDeferred(f, *args)
 
 
+# The version 1 tests run with plaintext conversations allowed, as docs/PROTOCOL.md's
+# "Version 2" promises them byte for byte; the daemon's default (refused) is tested on its own.
+V1 = {"plaintext": "allowed"}
+
+
 def make_hub(testcase, clock=None, store=None, **changes):
     """Every service of the daemon (as tap.make_hub wires them) over one real SQLite file, driven by `clock`.
 
-    `changes` are Settings fields; a test address may register 100 accounts.
+    `changes` are Settings fields; a test address may register 100 accounts;
+    plaintext conversations are allowed unless `plaintext="refused"`.
     """
-    settings = replace(Settings(), **{"registrations_per_address": 100, "registration_exempt": (), **changes})
+    settings = replace(
+        Settings(), **{"registrations_per_address": 100, "registration_exempt": (), **V1, **changes}
+    )
     return tap.make_hub(
         settings, store or make_store(testcase), PasswordHasher(TEST_COST, run_now), clock or task.Clock()
     )
@@ -111,7 +119,7 @@ class RecordingClient(amp.AMP):
             answer = defer.Deferred()
             if command is commands.Ping:
                 answer.callback({"server_time": EPOCH})
-            elif connection.answering or command is not commands.Deliver:
+            elif connection.answering or command not in (commands.Deliver, commands.DeliverEncrypted):
                 answer.callback({})
             else:
                 connection.unanswered.append(answer)
@@ -125,6 +133,7 @@ PUSHES = {
     command.commandName: command
     for command in (
         commands.Deliver,
+        commands.DeliverEncrypted,
         commands.Receipt,
         commands.PresenceChanged,
         commands.ConversationUpdated,
@@ -140,8 +149,8 @@ class Connection:
     """A client AMP connection to a server ChatProtocol, pumped in memory.
 
     Pushes from the server land in `self.pushes` as (command name, arguments);
-    the client answers them at once, except Delivers when `answering` is False:
-    those wait in `self.unanswered` for the test to answer.
+    the client answers them at once, except Delivers and DeliverEncrypteds when
+    `answering` is False: those wait in `self.unanswered` for the test to answer.
     """
 
     def __init__(self, hub, address="10.0.0.1", ipv6=False, answering=True, limits=None):
@@ -214,7 +223,10 @@ def connected_client(testcase, reactor, port, ca_path, hostname="localhost"):
 
 
 def start_daemon(testcase, reactor, **settings):
-    """The real daemon (tap.build) on 127.0.0.1:0 in this process: (port, CA file, hub)."""
+    """The real daemon (tap.build) on 127.0.0.1:0 in this process: (port, CA file, hub).
+
+    Plaintext conversations are allowed unless `plaintext="refused"`.
+    """
     from securechatd import config, tap
 
     base = testcase.mktemp()
@@ -226,6 +238,7 @@ def start_daemon(testcase, reactor, **settings):
         database=os.path.join(base, "chat.sqlite"),
         bcrypt_cost=10,
         message_burst=100_000,  # tests that are not about the rate limit send freely
+        **V1,
     )
     options.update(settings)
     daemon = tap.build(config.Settings(**options), reactor)
@@ -258,6 +271,10 @@ _TWISTD = (
     "from twisted.scripts.twistd import run; "
     "sys.exit(run())"
 )
+
+
+# What a config file of a subprocess test adds so that its version 1 client works (see V1).
+V1_CONFIG = "[messages]\nplaintext = allowed\n"
 
 
 def twistd(*arguments, root=SOURCE_ROOT):

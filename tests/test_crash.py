@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from securechatd import commands
 from tests.helpers import tls_connect
 from tests.test_integration import PASSWORD, ChatClient, WaitTimeout, bounded
-from tests.helpers import spawn_daemon
+from tests.helpers import V1_CONFIG, spawn_daemon
 
 COUNT = 200
 IN_FLIGHT = 8
@@ -41,6 +41,7 @@ class CrashTests(unittest.TestCase):
                 "[accounts]\nbcrypt_cost = 10\n"
                 # not about the message rate limit: alice sends (and resends) at once
                 "[limits]\nmessage_burst = 100000\nmessage_rate = 100000\n"
+                + V1_CONFIG  # plaintext conversations, as version 1 has them
             )
 
     def spawn(self):

@@ -877,7 +877,7 @@ class MigrationTests(unittest.TestCase):
                 SELECT 'tokenhash', id, 'session-1', 2.0, 9e9 FROM users;
             """
         )
-        self.assertEqual(upgrade(db, path, NOW + 1), [6])
+        self.assertEqual(upgrade(db, path, NOW + 1, target=6), [6])
         self.assertEqual(db.execute("SELECT session_id, device_id FROM resume_tokens").fetchall(), [("session-1", None)])
         db.close()
         store = make_store(self, path)

@@ -442,7 +442,7 @@ class DeliveryTests(MessagingTestCase):
         self.assertEqual([seq for _, seq, _ in self.delivered(bob)], [1, 2, 3])
 
     def test_delivery_that_cannot_start_ends_the_session(self):
-        self.hub.store.memberships = lambda username: defer.fail(StoreError("database is locked"))
+        self.hub.store.memberships = lambda username, device_id=None: defer.fail(StoreError("database is locked"))
         bob = self.connect("bob")
         self.flushLoggedErrors(StoreError)
         self.assertTrue(bob.server.lost)

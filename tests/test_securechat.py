@@ -10,7 +10,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.trial import unittest
 
 from securechatd.certs import write_certs
-from tests.helpers import SECURECHAT, environment, spawn_daemon, wall_now
+from tests.helpers import SECURECHAT, V1_CONFIG, environment, spawn_daemon, wall_now
 
 PASSWORD = "correct horse battery"
 TIMEOUT = 30
@@ -72,7 +72,7 @@ class SecurechatTests(unittest.TestCase):
         os.makedirs(self.directory)
         config = os.path.join(self.directory, "securechatd.ini")
         with open(config, "w") as f:
-            f.write("[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n")
+            f.write("[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n" + V1_CONFIG)  # (a version 1 client)
         # A certificate for the name localhost only, so 127.0.0.1 is a wrong host name.
         write_certs(os.path.join(self.directory, "certs"), ["localhost"], now=wall_now())
         _, self.daemon = spawn_daemon(self, reactor, config, self.directory)

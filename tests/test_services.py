@@ -21,7 +21,18 @@ from tests.helpers import make_hub
 
 PASSWORD = "correct horse battery"
 SERVICES = (
-    "accounts", "conversations", "delivery", "hub", "keys", "messages", "policy", "presence", "receipts", "sessions"
+    "accounts",
+    "conversations",
+    "delivery",
+    "encrypted",
+    "hub",
+    "keys",
+    "membership",
+    "messages",
+    "policy",
+    "presence",
+    "receipts",
+    "sessions",
 )
 
 
@@ -42,6 +53,9 @@ class RecordingClient:
 
     def deliver(self, message):
         return self._told("deliver", message)
+
+    def deliver_encrypted(self, message, wrap):
+        return self._told("deliver_encrypted", (message, wrap))
 
     def receipt(self, receipt):
         return self._told("receipt", receipt)

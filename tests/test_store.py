@@ -170,12 +170,49 @@ def _check_v5(testcase, db):
     )
 
 
+def _insert_v6(db):
+    _insert_v5(db)
+    db.executescript(
+        """
+        INSERT INTO chain_links (user_id, seq, hash, link, published_at)
+            SELECT id, 1, x'01', x'0203', 15.0 FROM users WHERE username = 'alice';
+        INSERT INTO devices (user_id, device_id, sig_pub, dh_pub, name, added_seq)
+            SELECT id, 'aa', x'04', x'05', 'laptop', 1 FROM users WHERE username = 'alice';
+        INSERT INTO signed_prekeys (user_id, device_id, spk_id, spk_pub, signature, uploaded_at)
+            SELECT id, 'aa', 7, x'06', x'07', 16.0 FROM users WHERE username = 'alice';
+        INSERT INTO one_time_prekeys (user_id, device_id, opk_id, opk_pub, uploaded_at)
+            SELECT id, 'aa', 8, x'08', 17.0 FROM users WHERE username = 'alice';
+        UPDATE resume_tokens SET device_id = 'aa';
+        """
+    )
+
+
+def _check_v6(testcase, db):
+    _check_v5(testcase, db)
+    testcase.assertEqual(
+        db.execute(
+            "SELECT c.seq, c.hash, c.link, d.device_id, d.name, d.revoked_seq, s.spk_id, o.opk_id, t.device_id"
+            " FROM chain_links c JOIN devices d ON d.user_id = c.user_id"
+            " JOIN signed_prekeys s ON s.user_id = d.user_id JOIN one_time_prekeys o ON o.user_id = d.user_id"
+            " JOIN resume_tokens t ON t.user_id = d.user_id"
+        ).fetchall(),
+        [(1, b"\x01", b"\x02\x03", "aa", "laptop", None, 7, 8, "aa")],
+    )
+    # (after version 7, the conversations of version 3 are plaintext, with no membership yet)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(conversations)")}
+    if "encrypted" in columns:
+        testcase.assertEqual(
+            db.execute("SELECT encrypted, epoch, members_hash FROM conversations").fetchall(), [(0, 0, None)]
+        )
+
+
 SAMPLES = {
     1: (_insert_v1, _check_v1),
     2: (_insert_v2, _check_v2),
     3: (_insert_v3, _check_v3),
     4: (_insert_v4, _check_v4),
     5: (_insert_v5, _check_v5),
+    6: (_insert_v6, _check_v6),
 }
 
 

@@ -278,6 +278,9 @@ class ChatProtocol(BoundedBoxProtocol):
     def deliver(self, message):
         return self._push(commands.Deliver, wire.deliver_box(message))
 
+    def deliver_encrypted(self, message, wrap):
+        return self._push(commands.DeliverEncrypted, wire.deliver_encrypted_box(message, wrap))
+
     def receipt(self, receipt):
         return self._push(commands.Receipt, wire.receipt_box(receipt))
 

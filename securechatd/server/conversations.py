@@ -3,8 +3,14 @@
 Every conversation access goes through `member_of`, which answers
 NO_SUCH_CONVERSATION alike for an id that does not exist and for one the
 caller does not belong to, so ids reveal nothing. Conversations in use are
-cached (members and last seq); the database stays the truth and every change
-goes through this service.
+cached (members, last seq, latest membership state); the database stays the
+truth and every change goes through this service.
+
+A conversation is plaintext or end-to-end encrypted for life. An encrypted
+one changes members only with a signed membership state (docs/E2EE.md,
+"Membership"): its creator publishes epoch 1, and each AddMembers and
+LeaveConversation carries the state after the change, checked by
+server/membership.py and recorded in the transaction that changes the members.
 """
 
 from twisted.internet.defer import Deferred, succeed
@@ -12,9 +18,12 @@ from twisted.internet.defer import Deferred, succeed
 from securechatd import commands
 from securechatd.commands import InvalidArgument, NoSuchConversation, NoSuchUser, NotAllowed
 from securechatd.server.accounts import existing_name
+from securechatd.server.membership import MAX_TITLE_BYTES, MOVED_ON
 from securechatd.server.policy import check_id, deferred, take_action
 
 LISTING_PAGE = 100  # conversations per ListConversations page (cut further to fit one AMP value)
+MEMBERSHIP_PAGE = 100  # states per GetMembership page (cut further to fit one AMP value)
+PLAINTEXT_REFUSED = "This server refuses plaintext conversations: create it end-to-end encrypted."
 
 
 def _usernames(names):
@@ -23,12 +32,14 @@ def _usernames(names):
 
 
 class ConversationService:
-    def __init__(self, store, registry, clock, actions, max_members):
+    def __init__(self, store, registry, clock, actions, max_members, checker=None, plaintext_allowed=True):
         self.store = store
         self.registry = registry
         self.clock = clock
         self.actions = actions  # the TokenBucket shared with presence changes
         self.max_members = max_members
+        self.checker = checker  # a membership.MembershipChecker: encrypted conversations' states
+        self.plaintext_allowed = plaintext_allowed  # [messages] plaintext = allowed
         self._cache = {}
 
     async def get(self, conversation_id):
@@ -86,8 +97,16 @@ class ConversationService:
             raise InvalidArgument(f"A conversation has at most {self.max_members} members.")
 
     @deferred
-    async def create(self, session, members, title):
-        """(Conversation, created): the pair's direct conversation, or a new group."""
+    async def create(self, session, members, title, encrypted=None):
+        """(Conversation, created): the pair's direct conversation, or a new group.
+
+        `encrypted` None: encrypted unless plaintext is allowed. A pair has one
+        direct conversation of each kind (plaintext, encrypted).
+        """
+        if encrypted is None:
+            encrypted = not self.plaintext_allowed
+        elif not encrypted and not self.plaintext_allowed:
+            raise NotAllowed(PLAINTEXT_REFUSED)
         others = [name for name in _usernames(members) if name != session.username]
         if not others:
             raise InvalidArgument("Name at least one other member.")
@@ -96,43 +115,83 @@ class ConversationService:
             title = title.strip()
             if not 0 < len(title) <= commands.MAX_TITLE:
                 raise InvalidArgument(f"A title is 1 to {commands.MAX_TITLE} characters.")
+            if encrypted and len(title.encode("utf-8")) > MAX_TITLE_BYTES:  # (a membership state's limit)
+                raise InvalidArgument(f"The title of an encrypted conversation is at most {MAX_TITLE_BYTES} bytes of UTF-8.")
         take_action(self.actions, session)
         await self._existing(others)
         now = self.clock.seconds()
         if len(others) == 1 and title is None:
-            conversation, created = await self.store.direct_conversation(session.username, others[0], now)
+            conversation, created = await self.store.direct_conversation(session.username, others[0], now, encrypted)
         else:
-            conversation, created = await self.store.create_group([session.username, *others], title, now), True
+            group = await self.store.create_group([session.username, *others], title, now, encrypted)
+            conversation, created = group, True
         self._update(conversation)
         if created:
             self.announce(conversation, conversation.members, origin=session)
         return conversation, created
 
+    @staticmethod
+    def _membership_argument(conversation, membership, command):
+        if conversation.encrypted and membership is None:
+            raise NotAllowed(
+                f"This conversation is end-to-end encrypted; {command} needs the signed membership state"
+                " after the change (membership)."
+            )
+        if membership is not None and not conversation.encrypted:
+            raise InvalidArgument("membership is for encrypted conversations only.")
+
+    async def _previous_state(self, session, conversation):
+        """The encrypted conversation's latest membership State, of which the caller must be a member."""
+        previous = await self.checker.previous(conversation)
+        if session.username not in previous.members:
+            raise NotAllowed("You are not a member of this conversation's latest membership state.")
+        return previous
+
     @deferred
-    async def add_members(self, session, conversation_id, members):
+    async def add_members(self, session, conversation_id, members, membership=None):
         conversation = await self.member_of(conversation_id, session.username)
         if conversation.kind == "direct":
             raise NotAllowed("Members cannot be added to a direct conversation; create a group.")
+        self._membership_argument(conversation, membership, "AddMembers")
         if not members:
             raise InvalidArgument("Name at least one member to add.")
         names = [name for name in _usernames(members) if name not in conversation.members]
         self._check_size(len(conversation.members) + len(names))
         take_action(self.actions, session)
+        state = previous = None
+        if conversation.encrypted:
+            previous = await self._previous_state(session, conversation)
+            names = [name for name in names if name not in previous.members]
+            if not names:
+                raise NotAllowed("Everyone named is a member already: there is no change to sign.")
         if not names:
             return
         await self._existing(names)
-        updated = self._update(
-            await self.store.add_members(conversation.id, names, self.clock.seconds())
-        )
+        if previous is not None:
+            after = set(previous.members) | set(names)
+            state = await self.checker.check(session, conversation, membership, "add", after, previous)
+        updated = await self.store.add_members(conversation.id, names, self.clock.seconds(), state)
+        if updated is None:
+            raise NotAllowed(MOVED_ON)
+        self._update(updated)
         self.announce(updated, updated.members, origin=session, joined=names)
 
     @deferred
-    async def leave(self, session, conversation_id):
+    async def leave(self, session, conversation_id, membership=None):
         conversation = await self.member_of(conversation_id, session.username)
         if conversation.kind == "direct":
             raise NotAllowed("A direct conversation cannot be left.")
+        self._membership_argument(conversation, membership, "LeaveConversation")
         take_action(self.actions, session)
-        updated = self._update(await self.store.remove_member(conversation.id, session.username))
+        state = None
+        if conversation.encrypted:
+            previous = await self._previous_state(session, conversation)
+            after = set(previous.members) - {session.username}
+            state = await self.checker.check(session, conversation, membership, "leave", after, previous)
+        updated = await self.store.remove_member(conversation.id, session.username, self.clock.seconds(), state)
+        if updated is None:
+            raise NotAllowed(MOVED_ON)
+        self._update(updated)
         for own in self.registry.sessions_of(session.username):
             if own.outbox is not None:
                 own.outbox.left(conversation.id)
@@ -148,7 +207,7 @@ class ConversationService:
         for name in joined:
             for session in self.registry.sessions_of(name):
                 if session.outbox is not None:
-                    session.outbox.joined(conversation.id, conversation.last_seq)
+                    session.outbox.joined(conversation.id, conversation.last_seq, conversation.encrypted)
         self.registry.tell(usernames, lambda client: client.conversation_changed(conversation), exclude=origin)
 
     @deferred
@@ -156,3 +215,32 @@ class ConversationService:
         """([(Conversation, unread)] of the caller with ids above `after_id`, by id; has_more)."""
         rows = await self.store.conversations_of(session.username, after_id, LISTING_PAGE + 1)
         return rows[:LISTING_PAGE], len(rows) > LISTING_PAGE
+
+    # -- membership states of encrypted conversations ---------------------------------
+
+    async def _encrypted(self, session, conversation_id):
+        conversation = await self.member_of(conversation_id, session.username)
+        if not conversation.encrypted:
+            raise NotAllowed("This conversation is not end-to-end encrypted: it has no membership states.")
+        return conversation
+
+    @deferred
+    async def publish_membership(self, session, conversation_id, data):
+        """Record `data`, epoch 1 of the encrypted conversation's membership, signed by the caller: its epoch."""
+        conversation = await self._encrypted(session, conversation_id)
+        take_action(self.actions, session)
+        state = await self.checker.check(session, conversation, data, "create", conversation.members)
+        updated = await self.store.publish_membership(conversation.id, state, self.clock.seconds())
+        if updated is None:
+            raise NotAllowed(MOVED_ON)
+        self._update(updated)
+        return state.epoch
+
+    @deferred
+    async def membership_states(self, session, conversation_id, after_epoch):
+        """([state bytes] after epoch `after_epoch` (None: from the first), in order; has_more)."""
+        after_epoch = after_epoch or 0
+        if after_epoch < 0:
+            raise InvalidArgument("after_epoch must be 0 or more.")
+        conversation = await self._encrypted(session, conversation_id)
+        return await self.store.membership_states(conversation.id, after_epoch, MEMBERSHIP_PAGE)

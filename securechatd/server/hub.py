@@ -16,12 +16,13 @@ security = Logger(namespace="securechatd.security")
 
 
 class Hub:
-    def __init__(self, accounts, conversations, messages, receipts, presence, clock, window, max_pending):
+    def __init__(self, accounts, conversations, messages, receipts, presence, clock, window, max_pending, encrypted=None):
         self.accounts = accounts
         self.conversations = conversations
         self.messages = messages
         self.receipts = receipts
         self.presence = presence
+        self.encrypted = encrypted  # encrypted messages (server/encrypted.py): it takes each device's acknowledgements
         self.registry = accounts.registry
         self.store = accounts.store
         self.clock = clock
@@ -39,6 +40,7 @@ class Hub:
             self.max_pending,
             self.clock,
             on_caught_up=lambda: self._push_receipts(session),
+            acks=self.encrypted,
         )
         self.registry.activate(session)
         self.presence.session_started(session, before)

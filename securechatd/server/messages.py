@@ -7,9 +7,20 @@ pushes it to its client. Acknowledgements and receipts are server/receipts.py.
 """
 
 from securechatd import commands
-from securechatd.commands import InvalidArgument, MailboxFull, MessageTooLarge, NoSuchConversation, RateLimited
+from securechatd.commands import (
+    InvalidArgument,
+    MailboxFull,
+    MessageTooLarge,
+    NoSuchConversation,
+    NotAllowed,
+    RateLimited,
+)
 from securechatd.server.policy import check_limit, deferred
 from securechatd.server.throttle import retry_text
+
+
+ENCRYPTED = "This conversation is end-to-end encrypted; {what} it with {command}, from a session bound to one of your devices."
+PLAINTEXT_REFUSED = "This server no longer accepts plaintext messages; start an end-to-end encrypted conversation."
 
 
 def check_body(body, max_bytes):
@@ -28,7 +39,7 @@ def _is_control(character):
 
 
 class MessageService:
-    def __init__(self, store, conversations, registry, clock, rate, max_body, max_pending):
+    def __init__(self, store, conversations, registry, clock, rate, max_body, max_pending, plaintext_allowed=True):
         self.store = store
         self.conversations = conversations
         self.registry = registry
@@ -36,6 +47,7 @@ class MessageService:
         self.rate = rate  # TokenBucket per sender
         self.max_body = max_body
         self.max_pending = max_pending  # undelivered messages a direct conversation may hold for its recipient
+        self.plaintext_allowed = plaintext_allowed  # [messages] plaintext = allowed
 
     # -- sending -------------------------------------------------------------------
 
@@ -55,6 +67,8 @@ class MessageService:
         return self._store(conversation, session, client_msg_id, body)
 
     def _store(self, conversation, session, client_msg_id, body):
+        if conversation.encrypted or not self.plaintext_allowed:
+            self._refuse_plaintext(conversation)
         wait = self.rate.take(session.username)
         if wait:
             raise RateLimited(f"Too many messages; {retry_text(wait)}.")
@@ -62,6 +76,12 @@ class MessageService:
             conversation.id, session.username, client_msg_id, body, self.clock.seconds(), self.max_pending
         )
         return stored.addCallback(self._stored, session, conversation.id)
+
+    @staticmethod
+    def _refuse_plaintext(conversation):
+        if conversation.encrypted:
+            raise NotAllowed(ENCRYPTED.format(what="send to", command="SendEncrypted"))
+        raise NotAllowed(PLAINTEXT_REFUSED)
 
     def _stored(self, stored, session, conversation_id):
         if stored is None:  # left the conversation while this was on its way
@@ -95,5 +115,7 @@ class MessageService:
         if before_seq is not None and before_seq < 1:
             raise InvalidArgument("before_seq must be a positive number.")
         conversation = await self.conversations.member_of(conversation_id, session.username)
+        if conversation.encrypted:
+            raise NotAllowed(ENCRYPTED.format(what="read", command="HistoryEncrypted"))
         newest_first = await self.store.messages_before(conversation.id, before_seq, limit + 1)
         return newest_first[:limit], len(newest_first) > limit

@@ -175,9 +175,13 @@ class ChatLocator(amp.CommandLocator):
 
     @commands.CreateConversation.responder
     def create_conversation(self, members, title=None, encrypted=None):
-        created = self.hub.conversations.create(self._session(), members, title)
+        created = self.hub.conversations.create(self._session(), members, title, encrypted)
         return created.addCallback(
-            lambda result: {"conversation_id": result[0].id, "created": result[1]}
+            lambda result: {
+                "conversation_id": result[0].id,
+                "created": result[1],
+                "encrypted": True if result[0].encrypted else None,  # (absent for plaintext, as in version 1)
+            }
         )
 
     @commands.ListConversations.responder
@@ -196,12 +200,23 @@ class ChatLocator(amp.CommandLocator):
 
     @commands.AddMembers.responder
     def add_members(self, conversation_id, members, membership=None):
-        added = self.hub.conversations.add_members(self._session(), conversation_id, members)
+        added = self.hub.conversations.add_members(self._session(), conversation_id, members, membership)
         return added.addCallback(_nothing)
 
     @commands.LeaveConversation.responder
     def leave_conversation(self, conversation_id, membership=None):
-        return self.hub.conversations.leave(self._session(), conversation_id).addCallback(_nothing)
+        left = self.hub.conversations.leave(self._session(), conversation_id, membership)
+        return left.addCallback(_nothing)
+
+    @commands.PublishMembership.responder
+    def publish_membership(self, conversation_id, membership):
+        published = self.hub.conversations.publish_membership(self._session(), conversation_id, membership)
+        return published.addCallback(lambda epoch: {"epoch": epoch})
+
+    @commands.GetMembership.responder
+    def get_membership(self, conversation_id, after_epoch=None):
+        states = self.hub.conversations.membership_states(self._session(), conversation_id, after_epoch)
+        return states.addCallback(lambda result: wire.strings_page(*result, name="states"))
 
     # -- messages ------------------------------------------------------------------
 
@@ -222,6 +237,39 @@ class ChatLocator(amp.CommandLocator):
         newest_first, has_more = result
         items = [wire.message_item(message) for message in newest_first]
         answer = wire.page(commands.History, "messages", items, has_more)  # cut from the oldest end
+        answer["messages"].reverse()
+        return answer
+
+    # -- encrypted messages ----------------------------------------------------------
+
+    @staticmethod
+    def _wraps(wraps):
+        return [(item["device_id"], item["wrap"]) for item in wraps]
+
+    @commands.StageWraps.responder
+    def stage_wraps(self, conversation_id, client_msg_id, wraps):
+        staged = self.hub.encrypted.stage(self._session(), conversation_id, client_msg_id, self._wraps(wraps))
+        return staged.addCallback(lambda count: {"staged": count})
+
+    @commands.SendEncrypted.responder
+    def send_encrypted(self, conversation_id, client_msg_id, header, body, wraps, staged=None):
+        sent = self.hub.encrypted.send(
+            self._session(), conversation_id, client_msg_id, header, body, self._wraps(wraps), staged
+        )
+        return sent.addCallback(
+            lambda message: {"message_id": message.id, "seq": message.seq, "sent_at": wire.utc(message.sent_at)}
+        )
+
+    @commands.HistoryEncrypted.responder
+    def history_encrypted(self, conversation_id, before_seq=None, limit=None):
+        page = self.hub.encrypted.history(self._session(), conversation_id, before_seq, limit)
+        return page.addCallback(self._history_encrypted)
+
+    @staticmethod
+    def _history_encrypted(result):
+        newest_first, has_more = result
+        items = [wire.envelope_item(message) for message in newest_first]
+        answer = wire.page(commands.HistoryEncrypted, "messages", items, has_more)  # cut from the oldest end
         answer["messages"].reverse()
         return answer
 

@@ -33,6 +33,10 @@ class IChatClient(Interface):
     def deliver(message):
         """A new records.Message of one of the user's conversations."""
 
+    def deliver_encrypted(message, wrap):
+        """A new records.EncryptedMessage of one of the user's encrypted conversations, with
+        `wrap`, the one for the device this session is bound to (its others are not sent)."""
+
     def receipt(receipt):
         """A records.Receipt: someone has delivered or read a conversation up to a seq."""
 

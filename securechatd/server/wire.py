@@ -13,7 +13,7 @@ from functools import cache, lru_cache
 from twisted.protocols import amp
 
 from securechatd import commands
-from securechatd.server.framing import VALUE_LIMIT, encode_arguments
+from securechatd.server.framing import VALUE_LIMIT, encode, encode_arguments
 
 
 def utc(seconds):
@@ -27,6 +27,27 @@ def utc(seconds):
 @lru_cache(maxsize=1024)
 def deliver_box(message):
     return encode_arguments(commands.Deliver, message_item(message, conversation_id=message.conversation_id))
+
+
+def deliver_encrypted_box(message, wrap):
+    """DeliverEncrypted of `message` with one device's `wrap`: what all devices share is encoded once."""
+    shared = _envelope_box(*message[:-1])
+    return shared if wrap is None else shared + encode([(b"wrap", wrap)])
+
+
+@lru_cache(maxsize=256)
+def _envelope_box(message_id, conversation_id, seq, sender, sender_device, sent_at, header, body):
+    item = {
+        "message_id": message_id,
+        "conversation_id": conversation_id,
+        "seq": seq,
+        "sender": sender,
+        "sender_device": sender_device,
+        "sent_at": utc(sent_at),
+        "header": header,
+        "body": body,
+    }
+    return encode_arguments(commands.DeliverEncrypted, item)
 
 
 @lru_cache(maxsize=256)
@@ -60,11 +81,13 @@ def conversation_box(conversation):
 
 
 def conversation_item(conversation, **extra):
+    """A conversation's arguments; `encrypted` only for an encrypted one, so a plaintext one is as in version 1."""
     return {
         "conversation_id": conversation.id,
         "kind": conversation.kind,
         "title": conversation.title,
         "members": list(conversation.members),
+        "encrypted": True if conversation.encrypted else None,
         **extra,
     }
 
@@ -77,6 +100,21 @@ def message_item(message, **extra):
         "body": message.body,
         "sent_at": utc(message.sent_at),
         **extra,
+    }
+
+
+def envelope_item(message):
+    """A HistoryEncrypted item: the EncryptedMessage with the reading device's wrap, if it still has one."""
+    [wrap] = message.wraps.values() or [None]
+    return {
+        "message_id": message.id,
+        "seq": message.seq,
+        "sender": message.sender,
+        "sender_device": message.sender_device,
+        "sent_at": utc(message.sent_at),
+        "header": message.header,
+        "body": message.body,
+        "wrap": wrap,
     }
 
 
@@ -138,6 +176,18 @@ def fit(items, spec):
         if size > VALUE_LIMIT:
             return items[:count]
     return items
+
+
+def strings_page(items, has_more, name):
+    """{name: the longest prefix of the byte strings `items` whose ListOf(String) fits one AMP value, "has_more": ...}."""
+    encoder = amp.ListOf(amp.String())
+    size, fitting = 0, items
+    for count, item in enumerate(items):
+        size += len(encoder.toStringProto([item], None))
+        if size > VALUE_LIMIT:
+            fitting = items[:count]
+            break
+    return {name: fitting, "has_more": has_more or len(fitting) < len(items)}
 
 
 def page(command, name, items, has_more):

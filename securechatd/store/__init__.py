@@ -9,6 +9,7 @@ every store call.
 from securechatd.store.accounts import AccountStore
 from securechatd.store.base import StoreError
 from securechatd.store.dialect import open_pool
+from securechatd.store.encrypted import EncryptedStore
 from securechatd.store.keys import KeyStore
 from securechatd.store.messaging import MessagingStore
 from securechatd.store.migrations import MigrationError, prepare_database
@@ -16,5 +17,5 @@ from securechatd.store.migrations import MigrationError, prepare_database
 __all__ = ["MigrationError", "Store", "StoreError", "open_pool", "prepare_database"]
 
 
-class Store(AccountStore, MessagingStore, KeyStore):
+class Store(AccountStore, MessagingStore, KeyStore, EncryptedStore):
     """The daemon's database: one adbapi pool, methods returning Deferreds."""

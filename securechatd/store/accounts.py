@@ -109,7 +109,7 @@ class AccountStore(StoreBase):
 
     def delete_user(self, username, now):
         """Deferred: True if the user existed. They lose their password, tokens, conversations,
-        device chain and prekeys.
+        device chain and prekeys, and the wraps waiting for their devices.
 
         The row (and so the name) stays, with `deleted_at`: a new account with the
         same name would otherwise inherit everything addressed to the old one.
@@ -129,6 +129,9 @@ class AccountStore(StoreBase):
             ("resume_tokens", "user_id"),
             ("members", "user_id"),
             ("pending_receipts", "recipient_id"),
+            ("wraps", "user_id"),  # encrypted messages for their devices, and what they staged or sent
+            ("staged_wraps", "user_id"),
+            ("sender_counters", "user_id"),
             ("one_time_prekeys", "user_id"),  # the key directory: nobody can fetch a deleted user's keys
             ("signed_prekeys", "user_id"),
             ("devices", "user_id"),

@@ -78,7 +78,8 @@ class KeyStore(StoreBase):
 
         What the link does to its device happens in the same transaction: an
         add lists it, a name renames it, a revoke marks it and drops its
-        prekeys and the resume tokens of sessions bound to it.
+        prekeys, the resume tokens of sessions bound to it and the wraps
+        waiting for it (it can never log in to take them).
         """
         return self._write("append_link", self._append_link_txn, username, link, now)
 
@@ -104,7 +105,7 @@ class KeyStore(StoreBase):
             txn.execute(f"UPDATE devices SET name = ? WHERE {_OF_DEVICE}", (link.name, *device))
         else:
             txn.execute(f"UPDATE devices SET revoked_seq = ? WHERE {_OF_DEVICE}", (link.seq, *device))
-            for table in ("one_time_prekeys", "signed_prekeys", "resume_tokens"):
+            for table in ("one_time_prekeys", "signed_prekeys", "resume_tokens", "wraps"):
                 txn.execute(f"DELETE FROM {table} WHERE {_OF_DEVICE}", device)
         return True
 

@@ -8,12 +8,27 @@ message, so numbers follow commit order. A member's `delivered_seq` and
 `pending_receipts` holds, per sender, the newest receipts they have not seen.
 """
 
+from collections import namedtuple
+
 from securechatd.records import Conversation, MarkMove, Membership, Message, Receipt, Stored
 from securechatd.store import dialect
 from securechatd.store.base import LIVE, USER_ID, StoreBase, limited, placeholders, user_id
 
+# a signed membership state checked by the service, as the store keeps it (`data`: its bytes)
+NewState = namedtuple("NewState", "epoch prev hash data")
+
 _MESSAGE_COLUMNS = "id, conversation_id, seq, sender, body, sent_at"
+_CONVERSATION_COLUMNS = "id, kind, title, last_seq, encrypted, epoch, members_hash"
 _SENDER_ID = f"SELECT id FROM users WHERE username = :sender AND {LIVE}"
+# The sender has their own message :seq: a mark right behind it moves past it, so it is
+# neither pending nor unread for them (a mark further behind stays).
+OWN_MESSAGE_MARKS = (
+    "UPDATE members SET"
+    " delivered_seq = CASE WHEN delivered_seq = :before THEN :seq ELSE delivered_seq END,"
+    " read_seq = CASE WHEN read_seq = :before THEN :seq ELSE read_seq END"
+    f" WHERE conversation_id = :c AND user_id = ({_SENDER_ID})"
+    " AND (delivered_seq = :before OR read_seq = :before)"
+)
 
 
 def _live(txn, column, usernames):
@@ -58,15 +73,39 @@ def _is_member(txn, conversation_id, username):
     return txn.fetchone() is not None
 
 
-def _conversation(txn, conversation_id):
-    txn.execute(
-        "SELECT id, kind, title, last_seq FROM conversations WHERE id = ?", (conversation_id,)
-    )
+def _conversation_record(row, members):
+    """The Conversation of a row of _CONVERSATION_COLUMNS."""
+    conversation_id, kind, title, last_seq, encrypted, epoch, members_hash = row
+    if members_hash is not None:
+        members_hash = bytes(members_hash)
+    return Conversation(conversation_id, kind, title, members, last_seq, bool(encrypted), epoch, members_hash)
+
+
+def conversation_row(txn, conversation_id):
+    """The Conversation `conversation_id` (with its members), or None."""
+    txn.execute(f"SELECT {_CONVERSATION_COLUMNS} FROM conversations WHERE id = ?", (conversation_id,))
     row = txn.fetchone()
     if row is None:
         return None
     members = _members(txn, "m.conversation_id = ?", (conversation_id,)).get(conversation_id, ())
-    return Conversation(row[0], row[1], row[2], members, row[3])
+    return _conversation_record(row, members)
+
+
+def record_state(txn, conversation_id, state, now):
+    """Record the NewState `state` as the encrypted conversation's latest membership, if it
+    follows the one recorded (epoch - 1, with hash prev); False (and nothing changed) if not."""
+    txn.execute(
+        "UPDATE conversations SET epoch = ?, members_hash = ? WHERE id = ? AND encrypted = 1"
+        " AND epoch = ? AND (epoch = 0 OR members_hash = ?)",
+        (state.epoch, state.hash, conversation_id, state.epoch - 1, state.prev),
+    )
+    if txn.rowcount != 1:
+        return False
+    txn.execute(
+        "INSERT INTO membership_states (conversation_id, epoch, hash, state, published_at) VALUES (?, ?, ?, ?, ?)",
+        (conversation_id, state.epoch, state.hash, state.data, now),
+    )
+    return True
 
 
 def _add_members(txn, conversation_id, usernames, now, last_seq):
@@ -127,59 +166,78 @@ class MessagingStore(StoreBase):
 
     def conversation(self, conversation_id):
         """Deferred: the Conversation, or None."""
-        return self._read("conversation", _conversation, conversation_id)
+        return self._read("conversation", conversation_row, conversation_id)
 
-    def direct_conversation(self, a, b, now):
-        """Deferred: (Conversation, created) for the one direct conversation of users a and b."""
-        return self._write("direct_conversation", self._direct_txn, a, b, now)
+    def direct_conversation(self, a, b, now, encrypted=False):
+        """Deferred: (Conversation, created) for the one direct conversation of users a and b.
+
+        A pair has at most one plaintext and one encrypted direct conversation.
+        """
+        return self._write("direct_conversation", self._direct_txn, a, b, now, encrypted)
 
     @staticmethod
-    def _direct_txn(txn, a, b, now):
+    def _direct_txn(txn, a, b, now, encrypted):
         pair = "\n".join(sorted((a, b)))
+        if encrypted:
+            pair = "encrypted:" + pair  # (no user name holds a ':')
         txn.execute("SELECT id FROM conversations WHERE direct_pair = ?", (pair,))
         row = txn.fetchone()
         if row is not None:
-            return _conversation(txn, row[0]), False
+            return conversation_row(txn, row[0]), False
         conversation_id = dialect.insert(
-            txn, "INSERT INTO conversations (kind, direct_pair, created_at) VALUES ('direct', ?, ?)", (pair, now)
+            txn,
+            "INSERT INTO conversations (kind, direct_pair, created_at, encrypted) VALUES ('direct', ?, ?, ?)",
+            (pair, now, int(encrypted)),
         )
         _add_members(txn, conversation_id, (a, b), now, 0)
-        return _conversation(txn, conversation_id), True
+        return conversation_row(txn, conversation_id), True
 
-    def create_group(self, usernames, title, now):
+    def create_group(self, usernames, title, now, encrypted=False):
         """Deferred: the new group Conversation of `usernames`."""
-        return self._write("create_group", self._group_txn, usernames, title, now)
+        return self._write("create_group", self._group_txn, usernames, title, now, encrypted)
 
     @staticmethod
-    def _group_txn(txn, usernames, title, now):
+    def _group_txn(txn, usernames, title, now, encrypted):
         conversation_id = dialect.insert(
-            txn, "INSERT INTO conversations (kind, title, created_at) VALUES ('group', ?, ?)", (title, now)
+            txn,
+            "INSERT INTO conversations (kind, title, created_at, encrypted) VALUES ('group', ?, ?, ?)",
+            (title, now, int(encrypted)),
         )
         _add_members(txn, conversation_id, usernames, now, 0)
-        return _conversation(txn, conversation_id)
+        return conversation_row(txn, conversation_id)
 
-    def add_members(self, conversation_id, usernames, now):
-        """Deferred: the Conversation after adding `usernames` (existing members are kept as they are)."""
-        return self._write("add_members", self._add_members_txn, conversation_id, usernames, now)
+    def add_members(self, conversation_id, usernames, now, state=None):
+        """Deferred: the Conversation after adding `usernames` (existing members are kept as they are).
+
+        With `state` (a NewState: an encrypted conversation's signed membership
+        after the change) the state is recorded in the same transaction, if the
+        conversation's membership is still at state.epoch - 1 with hash
+        state.prev; else nothing changes and the answer is None.
+        """
+        return self._write("add_members", self._add_members_txn, conversation_id, usernames, now, state)
 
     @staticmethod
-    def _add_members_txn(txn, conversation_id, usernames, now):
+    def _add_members_txn(txn, conversation_id, usernames, now, state):
+        if state is not None and not record_state(txn, conversation_id, state, now):
+            return None
         txn.execute("SELECT last_seq FROM conversations WHERE id = ?", (conversation_id,))
         (last_seq,) = txn.fetchone()
         _add_members(txn, conversation_id, usernames, now, last_seq)
-        return _conversation(txn, conversation_id)
+        return conversation_row(txn, conversation_id)
 
-    def remove_member(self, conversation_id, username):
-        """Deferred: the Conversation after `username` left."""
-        return self._write("remove_member", self._remove_member_txn, conversation_id, username)
+    def remove_member(self, conversation_id, username, now=None, state=None):
+        """Deferred: the Conversation after `username` left; with `state`, as add_members."""
+        return self._write("remove_member", self._remove_member_txn, conversation_id, username, now, state)
 
     @staticmethod
-    def _remove_member_txn(txn, conversation_id, username):
+    def _remove_member_txn(txn, conversation_id, username, now, state):
+        if state is not None and not record_state(txn, conversation_id, state, now):
+            return None
         txn.execute(
             f"DELETE FROM members WHERE conversation_id = ? AND user_id = ({USER_ID})",
             (conversation_id, username),
         )
-        return _conversation(txn, conversation_id)
+        return conversation_row(txn, conversation_id)
 
     def conversations_of(self, username, after_id=None, limit=None):
         """Deferred: [(Conversation, unread)] of `username`'s conversations with ids above
@@ -195,7 +253,7 @@ class MessagingStore(StoreBase):
         after_id = 0 if after_id is None else after_id  # (ids start at 1)
         clause, arguments = limited(limit)
         txn.execute(
-            "SELECT c.id, c.kind, c.title, c.last_seq,"
+            "SELECT c.id, c.kind, c.title, c.last_seq, c.encrypted, c.epoch, c.members_hash,"
             " (SELECT COUNT(*) FROM messages x WHERE x.conversation_id = c.id AND x.seq > m.read_seq"
             "  AND (x.sender_id IS NULL OR x.sender_id <> m.user_id))"
             " FROM members m JOIN conversations c ON c.id = m.conversation_id"
@@ -212,24 +270,30 @@ class MessagingStore(StoreBase):
             f" WHERE user_id = ({USER_ID}) AND conversation_id > ? AND conversation_id <= ?)",
             (username, after_id, rows[-1][0]),
         )
-        return [
-            (Conversation(cid, kind, title, members.get(cid, ()), last_seq), unread)
-            for cid, kind, title, last_seq, unread in rows
-        ]
+        return [(_conversation_record(row[:-1], members.get(row[0], ())), row[-1]) for row in rows]
 
-    def memberships(self, username):
-        """Deferred: [Membership] of `username`: where delivery to them stands."""
-        return self._read("memberships", self._memberships_txn, username)
+    def memberships(self, username, device_id=None):
+        """Deferred: [Membership] of `username`: where delivery to them stands.
+
+        With `device_id`, each encrypted conversation's `first_wrap` is the
+        lowest seq of a wrap waiting for that device (None: none).
+        """
+        return self._read("memberships", self._memberships_txn, username, device_id)
 
     @staticmethod
-    def _memberships_txn(txn, username):
+    def _memberships_txn(txn, username, device_id):
         txn.execute(
-            "SELECT m.conversation_id, m.delivered_seq, m.read_seq, c.last_seq"
+            "SELECT m.conversation_id, m.delivered_seq, m.read_seq, c.last_seq, c.encrypted,"
+            " CASE WHEN c.encrypted = 1 THEN (SELECT MIN(w.seq) FROM wraps w WHERE w.user_id = m.user_id"
+            "  AND w.device_id = ? AND w.conversation_id = m.conversation_id) END"
             " FROM members m JOIN conversations c ON c.id = m.conversation_id"
             f" WHERE m.user_id = ({USER_ID})",
-            (username,),
+            (device_id, username),
         )
-        return [Membership(*row) for row in txn.fetchall()]
+        return [
+            Membership(conversation, delivered, read, last, bool(encrypted), first_wrap)
+            for conversation, delivered, read, last, encrypted, first_wrap in txn.fetchall()
+        ]
 
     # -- messages ------------------------------------------------------------------
 
@@ -273,16 +337,7 @@ class MessagingStore(StoreBase):
         if message_id is None:  # a resend: give the number back, answer with the stored message
             txn.execute("UPDATE conversations SET last_seq = last_seq - 1 WHERE id = ?", (conversation_id,))
             return _resent(txn, sender, client_msg_id)
-        # the sender has their own message: a mark right behind it moves past it, so it
-        # is neither pending nor unread for them (a mark further behind stays)
-        txn.execute(
-            "UPDATE members SET"
-            " delivered_seq = CASE WHEN delivered_seq = :before THEN :seq ELSE delivered_seq END,"
-            " read_seq = CASE WHEN read_seq = :before THEN :seq ELSE read_seq END"
-            f" WHERE conversation_id = :c AND user_id = ({_SENDER_ID})"
-            " AND (delivered_seq = :before OR read_seq = :before)",
-            {"c": conversation_id, "sender": sender, "seq": seq, "before": seq - 1},
-        )
+        txn.execute(OWN_MESSAGE_MARKS, {"c": conversation_id, "sender": sender, "seq": seq, "before": seq - 1})
         return Stored(Message(message_id, conversation_id, seq, sender, body, now), True)
 
     def messages_from(self, conversation_id, first_seq, limit):

@@ -1,0 +1,194 @@
+"""Signed membership states of encrypted conversations, as the server checks them.
+
+Who is in an encrypted conversation is decided by the signed, hash-linked
+states of docs/E2EE.md ("Membership"), which every client verifies; the
+server checks them too (defence in depth), so that an honest server never
+stores a state a client would refuse and a buggy client or a stranger cannot
+break a conversation's membership: each state's shape, its place (epoch and
+prev), its actor (the caller, on the device its session is bound to, a
+current device of the caller's chain), its op and kind, its member set (the
+server's own change: the names added, or the caller removed) and the actor
+device's signature, checked off the reactor thread by the injected runner.
+
+A state that passes is recorded in the transaction that makes the member
+change (server/conversations.py), which checks its place again.
+"""
+
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from securechatd.commands import BadSignature, InvalidArgument, NoSuchDevice, NotAllowed, NoSuchUser
+from securechatd.e2ee.chain import HASH_BYTES, ZERO_HASH
+from securechatd.e2ee.encoding import Malformed, dec, digest, enc, field, verify
+from securechatd.e2ee.keys import DEVICE_ID_BYTES, SIGNATURE_BYTES
+from securechatd.server.accounts import normalize_username
+from securechatd.store.messaging import NewState
+
+SIGN_LABEL = "securechatd/membership/v1"
+HASH_LABEL = "securechatd/membership-hash/v1"
+OPS = ("create", "add", "leave")
+KINDS = ("direct", "group")
+MAX_TITLE_BYTES = 200
+MOVED_ON = "The membership of this conversation changed; fetch it (GetMembership) and sign the change again."
+NO_MEMBERSHIP = "This conversation has no membership state yet: its creator publishes epoch 1 (PublishMembership)."
+
+
+# -- the format (docs/E2EE.md, "Membership") ---------------------------------------------------
+#
+# (securechatd/e2ee/membership.py, the client's side, is being written; this
+# parser follows the same page and gives the same names, so the server can
+# take e2ee's State as soon as it is there.)
+
+
+@dataclass(frozen=True)
+class State:
+    """One membership state: the fields of docs/E2EE.md in order, `members` a sorted tuple, and the signature."""
+
+    conversation: int
+    epoch: int
+    prev: bytes
+    op: str
+    kind: str
+    title: str
+    members: tuple
+    actor: str
+    actor_device: bytes
+    signature: bytes = b""
+
+    def fields(self):
+        """The signed fields; the members are one field, enc(names)."""
+        return [
+            self.conversation,
+            self.epoch,
+            self.prev,
+            self.op,
+            self.kind,
+            self.title,
+            enc(self.members),
+            self.actor,
+            self.actor_device,
+        ]
+
+    def to_bytes(self):
+        return enc(self.fields() + [self.signature])
+
+    def hash(self):
+        return digest(HASH_LABEL, self.fields() + [self.signature])
+
+    @classmethod
+    def from_bytes(cls, data):
+        """The state `data` encodes; Malformed if its shape is wrong (the signature is not checked here)."""
+        conversation, epoch, prev, op, kind, title, members, actor, actor_device, signature = dec(data, 10)
+        if len(conversation) != 8 or len(epoch) != 8:
+            raise Malformed("a membership state number is not 8 bytes")
+        if (len(prev), len(actor_device), len(signature)) != (HASH_BYTES, DEVICE_ID_BYTES, SIGNATURE_BYTES):
+            raise Malformed("a membership state field has the wrong length")
+        try:
+            op, kind = op.decode("ascii"), kind.decode("ascii")
+            names = tuple(name.decode("ascii") for name in dec(members))
+            title, actor = title.decode("utf-8"), actor.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Malformed("a text field is not UTF-8 (or a name, op or kind not ASCII)")
+        if op not in OPS or kind not in KINDS:
+            raise Malformed("unknown op or kind")
+        if len(field(title)) > MAX_TITLE_BYTES:
+            raise Malformed(f"a title is longer than {MAX_TITLE_BYTES} bytes")
+        if not all(_is_user_name(name) for name in names + (actor,)):
+            raise Malformed("a member or the actor is not a user name")
+        if list(names) != sorted(set(names)):
+            raise Malformed("the members are not sorted or not unique")
+        if kind == "direct" and (len(names) != 2 or title):
+            raise Malformed("a direct conversation has exactly two members and no title")
+        return cls(
+            int.from_bytes(conversation, "big"),
+            int.from_bytes(epoch, "big"),
+            prev,
+            op,
+            kind,
+            title,
+            names,
+            actor,
+            actor_device,
+            signature,
+        )
+
+
+def _is_user_name(name):
+    try:
+        return normalize_username(name) == name
+    except Exception:
+        return False
+
+
+def parse_state(data):
+    """The State `data` encodes, or INVALID_ARGUMENT saying why not."""
+    try:
+        return State.from_bytes(data)
+    except Malformed as problem:
+        raise InvalidArgument(f"Not a membership state: {problem}.")
+
+
+def signed_by(sig_pub, state):
+    """True if `state` carries the signature of the Ed25519 key `sig_pub` (run off the reactor thread)."""
+    return verify(Ed25519PublicKey.from_public_bytes(sig_pub), state.signature, SIGN_LABEL, state.fields())
+
+
+def _current(device):
+    return device is not None and device.revoked_seq is None
+
+
+class MembershipChecker:
+    """Checks a membership state a member sends with a change of an encrypted conversation."""
+
+    def __init__(self, store, run_in_thread):
+        self.store = store
+        self._run = run_in_thread
+
+    async def previous(self, conversation):
+        """The conversation's latest State (NOT_ALLOWED if it has none yet)."""
+        if not conversation.epoch:
+            raise NotAllowed(NO_MEMBERSHIP)
+        data = await self.store.latest_membership(conversation.id)
+        if data is None:  # (recorded with the epoch it names, in one transaction)
+            raise NotAllowed(NO_MEMBERSHIP)
+        return State.from_bytes(data)
+
+    async def check(self, session, conversation, data, op, members, previous=None):
+        """The NewState to record for `data`, the state after `op` leaves the conversation with `members`.
+
+        `conversation` is the Conversation as the caller's change found it,
+        `previous` its latest State (None for `create`). Raises the coded
+        error of the first check that fails, in the order of docs/PROTOCOL.md.
+        """
+        if session.device_id is None:
+            raise NotAllowed(
+                "This conversation is end-to-end encrypted: log in with your device_id to change its membership."
+            )
+        state = parse_state(data)
+        if state.conversation != conversation.id:
+            raise InvalidArgument(f"This membership state is of conversation {state.conversation}, not {conversation.id}.")
+        if state.actor != session.username:
+            raise NotAllowed("The actor of a membership state you send must be you.")
+        if state.actor_device.hex() != session.device_id:
+            raise NotAllowed("The actor device of a membership state must be the device this session is bound to.")
+        if state.op != op:
+            raise NotAllowed(f"This change takes a membership state whose op is {op!r}, not {state.op!r}.")
+        if previous is None and conversation.epoch:
+            raise NotAllowed(MOVED_ON)
+        epoch, prev = (previous.epoch + 1, previous.hash()) if previous is not None else (1, ZERO_HASH)
+        if state.epoch != epoch or state.prev != prev:
+            raise NotAllowed(MOVED_ON)
+        if state.kind != conversation.kind or state.title != (conversation.title or ""):
+            raise NotAllowed("A membership state keeps the conversation's kind and title.")
+        if state.members != tuple(sorted(members)):
+            raise NotAllowed("The members of this state are not the conversation's members after this change.")
+        chain = await self.store.chain_state(session.username, [session.device_id])
+        if chain is None:
+            raise NoSuchUser("Your account no longer exists.")
+        device = chain.devices.get(session.device_id)
+        if not _current(device):
+            raise NoSuchDevice(f"Device {session.device_id} is not a current device of your chain.")
+        if not await self._run(signed_by, device.sig_pub, state):
+            raise BadSignature("The membership state's signature does not check with its actor device's key.")
+        return NewState(state.epoch, state.prev, state.hash(), data)
