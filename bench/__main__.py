@@ -1,7 +1,9 @@
 """`python -m bench WORKLOAD [options]`: one JSON line per measurement on stdout.
 
 Workloads: logins, direct, fanout, idle, storm, offline, or all (each once,
-with the parameters of the peer baseline). By default each measurement
+with the parameters of the peer baseline); attacks, flood and killloop
+(hostile clients, flooders beside a canary, kill -9 rounds) run only when
+named. By default each measurement
 starts its own fresh daemon and stops it afterwards; `--server HOST:PORT
 --ca FILE --pid PID` measures a running one instead.
 """
@@ -21,7 +23,7 @@ epollreactor.install()
 
 import twisted  # noqa: E402
 
-from bench.daemon import RAISED_LIMITS, Daemon, Existing, raise_open_files, source_info  # noqa: E402
+from bench.daemon import Daemon, Existing, raise_open_files, raised_limits, source_info  # noqa: E402
 from bench.workloads import WORKLOADS  # noqa: E402
 
 # Per workload: the defaults of the options it uses.
@@ -33,7 +35,11 @@ DEFAULTS = {
     "storm": dict(n=20, logins=100, concurrency=0, rate=10.0, duration=5.0),
     "offline": dict(p=100_000, pipeline=32, timeout=600.0),
     "attacks": dict(),
+    "flood": dict(flooders=(0, 1, 5), duration=10.0, rate=10.0, window=8, outstanding=4096),
+    "killloop": dict(rounds=40, n=300, window=32, duration=3.0, seed=1, both_ways=False),
 }
+# Workloads that measure a limit themselves: these settings keep the daemon's default.
+KEEP_DEFAULT = {"flood": ("message_burst", "message_rate")}
 COMMON = dict(timeout=100.0, resume=False)
 
 # `all`: the measurements of the issue, in order.
@@ -60,20 +66,29 @@ def parser():
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workload", choices=[*WORKLOADS, "all"])
-    p.add_argument("-n", type=int, help="users (logins 100, direct 100, storm: load users 20)")
+    p.add_argument("-n", type=int, help="users (logins 100, direct 100, storm: load users 20, killloop 300)")
     p.add_argument("-m", type=int, help="messages per sender (direct, fanout: 100)")
     p.add_argument("-k", type=int, help="fanout: group members (20)")
     p.add_argument("--senders", type=int, help="fanout: senders (0 = all k)")
     p.add_argument("-c", type=int, help="idle: connections (1000)")
     p.add_argument("-p", type=int, help="offline: pending messages (100000)")
-    p.add_argument("-w", "--window", type=int, help="messages outstanding per sender (8)")
+    p.add_argument("-w", "--window", type=int, help="messages outstanding per sender (8; killloop 32; flood: the canary's)")
     p.add_argument("--concurrency", type=int,
                    help="logins in flight (logins, storm: 0 = all at once; idle: 100)")
     p.add_argument("--resume", action="store_true", default=None, help="logins: Resume tokens, not passwords")
     p.add_argument("--hold", type=float, help="idle: seconds before the second RSS reading (3)")
     p.add_argument("--logins", type=int, help="storm: password logins during traffic (100)")
-    p.add_argument("--rate", type=float, help="storm: messages per second per sender (10)")
-    p.add_argument("--duration", type=float, help="storm: seconds of traffic before the storm (5)")
+    p.add_argument("--rate", type=float, help="storm, flood: messages per second per sender (10)")
+    p.add_argument("--duration", type=float,
+                   help="storm: seconds of traffic before the storm (5); flood: seconds per phase (10);"
+                   " killloop: most seconds of traffic before a kill (3)")
+    p.add_argument("--flooders", type=counts,
+                   help="flood: flooding connections per phase, comma-separated (0,1,5)")
+    p.add_argument("--outstanding", type=int, help="flood: unanswered commands per flooder at most (4096)")
+    p.add_argument("--rounds", type=int, help="killloop: kill -9 rounds (40)")
+    p.add_argument("--seed", type=int, help="killloop: seed of the kill times (1)")
+    p.add_argument("--both-ways", action="store_true", default=None,
+                   help="killloop: both users of a pair send (default: one sends, one answers)")
     p.add_argument("--pipeline", type=int, help="offline: set-up sends in flight (32)")
     p.add_argument("--timeout", type=float, help="measured-phase limit in s (100; offline 600)")
     p.add_argument("--bcrypt-cost", type=int, default=12, help="the fresh daemon's bcrypt cost (12)")
@@ -82,6 +97,17 @@ def parser():
     p.add_argument("--ca", help="with --server: the CA file that signed its certificate")
     p.add_argument("--pid", type=int, help="with --server: its PID (for CPU and RSS)")
     return p
+
+
+def counts(text):
+    """"0,1,5" -> (0, 1, 5)"""
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of counts: {text!r}")
+    if any(value < 0 for value in values):
+        raise argparse.ArgumentTypeError(f"a negative count: {text!r}")
+    return values
 
 
 def parameters(args, workload, overrides):
@@ -94,16 +120,16 @@ def parameters(args, workload, overrides):
     return params
 
 
-def target_for(args, params):
+def target_for(args, workload, params):
     """A fresh daemon, or the running one named by --server."""
     if not args.server:
-        return Daemon(params.bcrypt_cost)
+        return Daemon(params.bcrypt_cost, raised_limits(KEEP_DEFAULT.get(workload, ())))
     return Existing("127.0.0.1", int(args.server.rpartition(":")[2]), args.ca, args.pid)
 
 
 async def measure(reactor, args, workload, params, source):
     """One measurement on its own target; the result dict (with "error" if it failed)."""
-    target = target_for(args, params)
+    target = target_for(args, workload, params)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load = round(os.getloadavg()[0], 2)  # the machine is shared: was it busy?
     try:
@@ -117,7 +143,7 @@ async def measure(reactor, args, workload, params, source):
         fresh_daemon=target.fresh,
         bcrypt_cost=target.bcrypt_cost,
         setup=SEEDED if target.fresh else REGISTERED,
-        raised_limits=RAISED_LIMITS if target.fresh else None,
+        raised_limits=target.limits,
         started_at=started,
         load_average_1m_at_start=load,
         cpus=os.cpu_count(),

@@ -82,14 +82,14 @@ class BenchClient(amp.AMP):
         self.closed.callback(None)
 
 
-def connect(reactor, target):
-    """Deferred BenchClient, TCP-connected; its first commands wait for the TLS handshake."""
+def connect(reactor, target, protocol=BenchClient):
+    """Deferred BenchClient (or `protocol`), TCP-connected; its first commands wait for the TLS handshake."""
     if target.ca not in _TLS:
         _TLS[target.ca] = client_options(target.ca, "localhost")
     endpoint = wrapClientTLS(
         _TLS[target.ca], TCP4ClientEndpoint(reactor, target.host, target.port, timeout=30)
     )
-    return connectProtocol(endpoint, BenchClient())
+    return connectProtocol(endpoint, protocol())
 
 
 async def login(reactor, client, user, password, tokens):
@@ -104,7 +104,7 @@ async def login(reactor, client, user, password, tokens):
     return answer
 
 
-async def login_many(reactor, target, users, concurrency, password, tokens):
+async def login_many(reactor, target, users, concurrency, password, tokens, protocol=BenchClient):
     """Log users in with at most `concurrency` in flight.
 
     Returns ({user: client}, latencies in s from connect start to the
@@ -117,7 +117,7 @@ async def login_many(reactor, target, users, concurrency, password, tokens):
         started = time.perf_counter()
         client = None
         try:
-            client = await connect(reactor, target)
+            client = await connect(reactor, target, protocol)
             await login(reactor, client, user, password, tokens)
         except Exception:
             errors[error_code(Failure())] += 1

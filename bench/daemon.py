@@ -45,16 +45,26 @@ RAISED_LIMITS = {
         "registration_exempt": "127.0.0.1 ::1",
     },
     "connections": {"unauthenticated_per_address": 100000, "max_connections": 100000},
-    "messages": {"plaintext": "allowed"},  # the bench is a version 1 client (SendMessage)
 }
 
 
-def config_text(bcrypt_cost):
+def raised_limits(keep_default=()):
+    """RAISED_LIMITS without the settings named in `keep_default`: those keep the daemon's own default.
+
+    (The `flood` workload measures the default message rate limit itself.)
+    """
+    return {
+        section: {key: value for key, value in settings.items() if key not in keep_default}
+        for section, settings in RAISED_LIMITS.items()
+    }
+
+
+def config_text(bcrypt_cost, limits=RAISED_LIMITS):
     sections = {
         "server": {"port": 0, "shutdown_grace": 2},
         "database": {"path": "securechatd.sqlite"},
         "accounts": {"bcrypt_cost": bcrypt_cost},
-        **RAISED_LIMITS,
+        **limits,
     }
     return "".join(
         f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in settings.items())
@@ -120,14 +130,15 @@ class Daemon:
     live = set()  # created and not yet closed: cleaned up on any exit
     host = "127.0.0.1"
 
-    def __init__(self, bcrypt_cost):
+    def __init__(self, bcrypt_cost, limits=RAISED_LIMITS):
         self.bcrypt_cost = bcrypt_cost
+        self.limits = limits
         self.directory = tempfile.mkdtemp(prefix="securechatd-bench-")
         self.ca = os.path.join(self.directory, "certs", "ca.pem")
         self.log_path = os.path.join(self.directory, "daemon.log")
         self.config = os.path.join(self.directory, "securechatd.ini")
         with open(self.config, "w") as f:
-            f.write(config_text(bcrypt_cost))
+            f.write(config_text(bcrypt_cost, limits))
         self.process = None
         self.port = None
         self.fresh = True
@@ -197,6 +208,15 @@ class Daemon:
             await deferLater(reactor, 0.05, lambda: None)
         self.kill_now()
 
+    async def kill9(self, reactor):
+        """SIGKILL, as a crash would (no shutdown, no flush); returns once the process is gone."""
+        self.process.send_signal(signal.SIGKILL)
+        for _ in range(200):
+            if self.process.poll() is not None:
+                return
+            await deferLater(reactor, 0.01, lambda: None)
+        raise RuntimeError("the daemon outlived SIGKILL for 2 s")
+
     def kill_now(self):
         """Stop the daemon without the reactor (after it stopped, e.g. on Ctrl-C)."""
         if self.process is not None and self.process.poll() is None:
@@ -242,6 +262,7 @@ class Existing:
 
     fresh = False
     bcrypt_cost = None
+    limits = None
 
     def __init__(self, host, port, ca, pid):
         self.host, self.port, self.ca, self.pid = host, port, ca, pid

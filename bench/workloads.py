@@ -1,8 +1,10 @@
 """The workloads: each sets up a target, measures one phase and returns its figures.
 
 They mirror xmpp_load.py's login (A), pairs (B), muc (C) and idle (D), plus
-three the peer had no counterpart for: logins during message traffic
-(storm), and a large offline backlog flushed at login (offline). Set-up
+some the peer had no counterpart for: logins during message traffic
+(storm), a large offline backlog flushed at login (offline), and hostile or
+unlucky conditions in their own modules: attacks (attacks.py), flooders
+beside a canary (flood.py), kill -9 rounds (killloop.py). Set-up
 (accounts, set-up logins, conversations) is never timed.
 """
 
@@ -16,6 +18,8 @@ from bench.clients import close_all, connect, error_code, login, login_many
 from bench.daemon import PASSWORD, memory_kb
 from bench.measure import Meter, RssSampler, latency_figures
 from bench.attacks import attacks
+from bench.flood import flood
+from bench.killloop import killloop
 from bench.traffic import Traffic
 from securechatd import commands
 
@@ -421,4 +425,6 @@ WORKLOADS = {
     "idle": idle,
     "storm": storm,
     "offline": offline,
+    "flood": flood,
+    "killloop": killloop,
 }

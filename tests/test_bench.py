@@ -86,3 +86,23 @@ class BenchSmokeTests(unittest.TestCase):
         result = bench("offline", "-p", "20")
         self.check(result, "offline", CPU | {"msgs_per_s", "flush_s", "rss_growth_kb", "server_rss_peak_kb"})
         self.assertEqual((result["received"], result["duplicates"], result["in_order"]), (20, 0, True))
+
+    def test_flood(self):
+        result = bench("flood", "--flooders", "0,1", "--duration", "1", "--outstanding", "64", "--rate", "5")
+        self.check(result, "flood", {"phases", "canary_p99_ms_0", "canary_p99_ms_1", "server_cpu_util_1", "flood_refused_1"})
+        self.assertNotIn("message_burst", result["raised_limits"]["limits"])  # the daemon's default limit
+        self.assertEqual(result["canary_send_errors"], {})
+        quiet, flooded = result["phases"]
+        self.assertEqual((quiet["flooders"], quiet["flood_sent"], flooded["flooders"]), (0, 0, 1))
+        self.assertGreater(quiet["canary_delivered"], 0)
+        self.assertGreater(flooded["flood_refused"], 0)
+        self.assertLess(flooded["flood_stored"], flooded["flood_sent"])
+        self.assertLessEqual({"canary_p50_ms", "canary_p99_ms", "server_cpu_s", "flood_unanswered"}, set(flooded))
+
+    def test_killloop(self):
+        result = bench("killloop", "--rounds", "2", "-n", "4", "-w", "2", "--duration", "0.4")
+        self.check(result, "killloop", {"repeats", "repeat_age_max_ms", "delivered_before_kills", "per_round"})
+        self.assertEqual([r["round"] for r in result["per_round"]], [0, 1])
+        self.assertGreater(result["delivered_before_kills"], 0)
+        for r in result["per_round"]:
+            self.assertLessEqual(r["repeats"], min(r["pushed_after_restart"], r["delivered_before_kill"]))
