@@ -45,6 +45,7 @@ RAISED_LIMITS = {
         "registration_exempt": "127.0.0.1 ::1",
     },
     "connections": {"unauthenticated_per_address": 100000, "max_connections": 100000},
+    "messages": {"plaintext": "allowed"},  # the bench is a version 1 client (SendMessage)
 }
 
 
