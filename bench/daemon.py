@@ -22,6 +22,7 @@ import tempfile
 from twisted.internet.task import deferLater
 
 from bench import clients
+from securechatd.config import SCHEMA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -58,6 +59,20 @@ def raised_limits(keep_default=()):
         section: {key: value for key, value in settings.items() if key not in keep_default}
         for section, settings in RAISED_LIMITS.items()
     }
+
+
+def known(limits):
+    """`limits` without the settings this tree's securechatd does not know.
+
+    (An older tree, measured as the "before" of a change, refuses a setting
+    added since, such as [messages] plaintext.)
+    """
+    names = {(section, key) for section, key, _ in SCHEMA.values()}
+    kept = {
+        section: {key: value for key, value in settings.items() if (section, key) in names}
+        for section, settings in limits.items()
+    }
+    return {section: settings for section, settings in kept.items() if settings}
 
 
 def config_text(bcrypt_cost, limits=RAISED_LIMITS):
@@ -133,7 +148,7 @@ class Daemon:
 
     def __init__(self, bcrypt_cost, limits=RAISED_LIMITS):
         self.bcrypt_cost = bcrypt_cost
-        self.limits = limits
+        self.limits = limits = known(limits)  # what the JSON's raised_limits reports
         self.directory = tempfile.mkdtemp(prefix="securechatd-bench-")
         self.ca = os.path.join(self.directory, "certs", "ca.pem")
         self.log_path = os.path.join(self.directory, "daemon.log")
