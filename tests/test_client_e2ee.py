@@ -19,7 +19,7 @@ from securechatd.client import library
 from securechatd.client.crypto import Alarm, EncryptionUnavailable, EndToEnd, LinkError, Problem
 from securechatd.client.device_file import ACTIVE, PENDING, REVOKED, DeviceFile, DeviceFileError, ReplayWindow
 from securechatd.client.library import ChatClient, split_wraps
-from securechatd.e2ee import chain, envelope
+from securechatd.e2ee import chain, envelope, membership
 from securechatd.e2ee.keys import Device
 from securechatd.e2ee.session import Session
 from tests.helpers import start_daemon
@@ -709,6 +709,86 @@ class AlarmTests(E2EETestCase):
         [_, injected] = bob_inbox.items["deliver"]
         self.assertEqual((injected.sender, injected.body, injected.problem), ("mallory", None, Problem.NOT_A_MEMBER))
         self.assertEqual(bob_inbox.alarms()[0][:2], (Problem.NOT_A_MEMBER, "mallory"))
+
+    def push(self, client, conversation, sealed, sender, sender_device, message_id=900, seq=90):
+        """What a malicious server (or sender) pushes to `client`: a DeliverEncrypted of `sealed` for its device."""
+        return client._deliver_encrypted(
+            {
+                "conversation_id": conversation,
+                "message_id": message_id,
+                "seq": seq,
+                "sender": sender,
+                "sender_device": sender_device.hex(),
+                "sent_at": None,
+                "header": sealed.header,
+                "body": sealed.body,
+                "wrap": sealed.wraps.get(client.e2ee.state.device.id),
+            }
+        )
+
+    @inlineCallbacks
+    def test_a_sender_showing_recipients_different_keys_is_caught(self):
+        alice, _, bob, bob_inbox, conversation = yield self.conversation()
+        state, bob_device = alice.e2ee.state, bob.e2ee.state.device.id
+        session = Session.from_bytes(state.sessions[("bob", bob_device)])
+        sealed = envelope.seal(
+            b"two faces",
+            conversation,
+            alice.e2ee.membership(conversation).members_hash,
+            "alice",
+            state.device.id,
+            state.counter + 1,
+            0,
+            [bob_device],
+            lambda device, key, context: session.encrypt(os.urandom(32), context),  # not the key kc commits to
+        )
+        kept = dict(bob.e2ee.state.sessions)
+        yield self.push(bob, conversation, sealed, "alice", state.device.id)
+        [_, caught] = bob_inbox.items["deliver"]
+        self.assertEqual((caught.body, caught.problem), (None, Problem.KEY_COMMITMENT_MISMATCH))
+        self.assertEqual(bob_inbox.alarms()[0][:2], (Problem.KEY_COMMITMENT_MISMATCH, "alice"))
+        self.assertEqual(bob.e2ee.state.sessions, kept)
+        bob.seen = type(bob.seen)()  # (the forged push's seq 90 would hide what comes next as seen)
+        yield alice.send_message(conversation, "the session is as it was")  # (same ratchet step as the forgery)
+        [_, _, after] = yield bob_inbox.wait("deliver", 3)
+        self.assertEqual((after.body, after.problem), ("the session is as it was", None))
+
+    @inlineCallbacks
+    def test_a_device_not_in_the_senders_chain_is_reported(self):
+        alice, _, bob, bob_inbox, conversation = yield self.conversation()
+        stranger = Device.generate("alice")  # a device the server says is alice's; her chain does not list it
+        sealed = envelope.seal(
+            b"it's me, alice",
+            conversation,
+            alice.e2ee.membership(conversation).members_hash,
+            "alice",
+            stranger.id,
+            1,
+            0,
+            [bob.e2ee.state.device.id],
+            lambda device, key, context: bytes(89),
+        )
+        yield self.push(bob, conversation, sealed, "alice", stranger.id)
+        [_, caught] = bob_inbox.items["deliver"]
+        self.assertEqual((caught.body, caught.problem), (None, Problem.UNKNOWN_DEVICE))
+        self.assertEqual(bob_inbox.alarms()[0][:2], (Problem.UNKNOWN_DEVICE, "alice"))
+
+    @inlineCallbacks
+    def test_a_fork_of_the_membership_raises_the_alarm(self):
+        alice, alice_inbox = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        yield self.device("mallory", install="mallorys")
+        group, _ = yield alice.create_conversation(["bob"], title="us")
+        yield alice.send_message(group, "hello")
+        yield bob_inbox.wait("deliver", 1)
+        # another epoch 1, even one alice's device signed, is not the one bob saw
+        other = membership.create(group, "group", "us", ["bob", "mallory"], alice.e2ee.state.device)
+        yield self.write("UPDATE membership_states SET state = ?, hash = ? WHERE conversation_id = ? AND epoch = 1",
+                         other.to_bytes(), other.hash(), group)
+        self.assertEqual((yield bob.members(group)), ("alice", "bob"))
+        [(kind, _, detail)] = bob_inbox.alarms()
+        self.assertEqual(kind, Alarm.MEMBERSHIP_FORK)
+        self.assertIn("not the state seen before", detail)
 
     @inlineCallbacks
     def test_a_member_the_server_injects_is_never_encrypted_to(self):

@@ -11,6 +11,43 @@ latest verified state, never a list from the server.
 
 A message that cannot be opened is reported with the step that failed
 (`Problem`) and raises the matching alarm; nothing is dropped silently.
+
+Device lifecycle (the statuses of client/device_file.py):
+
+- *new*: the first login of a user on this installation makes a device (in
+  memory until the login succeeds) and logs in bound to it. If the user has
+  no chain yet, the device publishes link 1 (trusted on first use) and is
+  *active*. If the user has devices already, the server refuses the bound
+  login (NO_SUCH_DEVICE); the client logs in unbound and the device is
+  *pending*: it cannot encrypt (EncryptionUnavailable says why) and receives
+  nothing of encrypted conversations (the server sends them to bound
+  sessions only).
+- Adding a pending device takes one trip by hand between the devices:
+  on the new device `link_request(signer)` drafts the add link of itself
+  after the chain's current head, names the existing device `signer` that
+  will sign it (the only device, if there is one), countersigns it and
+  returns it as text (`securechatd-link:` and hex); the user carries it to
+  that device, whose `link_new_device(text)` checks it (this user, signed
+  by it, placed after its chain's head, every chain rule, the
+  countersignature) and signs and publishes it. Then `complete_link()` on
+  the new device (or simply its next login, which is bound at once) finds
+  itself in the chain, logs in again bound to its device (a reconnection)
+  and uploads its prekeys. A request is good until the chain moves on.
+- *active*: at every login the own chain is checked (a fork is an alarm),
+  the signed prekey rotated when a week old (the one before is kept a week
+  for first messages still on their way), and one-time prekeys refilled to
+  100 when fewer than 25 are left on the server (also counted shortly after
+  a first message used one).
+- *revoked*: a device its chain revoked (revoke_device() from another
+  device, or itself) is refused at its next login; the client logs in
+  unbound, raises the alarm, and the next login starts a new device in its
+  place (what it verified about others is kept; its keys and sessions are
+  not).
+
+Chains of other users are fetched when they are needed: before each message
+is sealed (`chain_max_age`, default 0: every time, so a revoked device gets
+nothing new), for a sender device not known yet, for safety numbers and
+trust. A change of devices is reported with on_devices_changed.
 """
 
 import inspect
@@ -167,14 +204,7 @@ class EndToEnd:
         self.state = state
         self.user = state.device.user
         self.lock = DeferredLock()
-        self.chains = Chains(
-            state,
-            client.call,
-            self.save,
-            self._alarm,
-            lambda *changed: client.on_devices_changed(*changed),
-            client.clock,
-        )
+        self.chains = Chains(state, client.call, self.save, self._alarm, self._devices_changed, client.clock)
         self._memberships = {}
         for conversation, states in state.memberships.items():
             parsed = [membership.State.from_bytes(data) for data in states]
@@ -195,7 +225,10 @@ class EndToEnd:
             raise DeviceFileError(f"the device file {path} is {state.device.user!r}'s, not {username!r}'s")
         if state is None or state.status == REVOKED:
             state = cls._fresh(path, username, state)
-        return cls(client, state)
+        try:
+            return cls(client, state)
+        except (chain.ChainError, membership.MembershipError, Malformed) as problem:
+            raise DeviceFileError(f"the device file {path} is damaged ({problem}); it was left as it is")
 
     def claim(self):
         """Hold the device file for this process and write it (after a login: no file for a name that failed)."""
@@ -226,6 +259,19 @@ class EndToEnd:
 
     def save(self):
         self.state.save()
+
+    def _devices_changed(self, user, added, removed):
+        """A verified chain lists other devices than before: forget the sessions with the removed ones, tell the app."""
+        for device in removed:
+            self.state.sessions.pop((user, bytes.fromhex(device)), None)
+        revoked = user == self.user and self.device_id in removed and self.state.status == ACTIVE
+        if revoked:
+            self.state.status = REVOKED
+        if removed:
+            self.save()
+        self.client.on_devices_changed(user, added, removed)
+        if revoked:
+            self._alarm(Alarm.DEVICE_REVOKED, self.user, f"this device ({self.device_id}) was revoked")
 
     def _alarm(self, kind, user, detail):
         log.warn("e2ee alarm {kind} about {user}: {detail}", kind=kind, user=user, detail=detail)
@@ -572,7 +618,10 @@ class EndToEnd:
             )
         members = self._memberships.get(conversation_id)
         if members is None or members.members_at(header.members) is None:
-            members = await self.refresh_membership(conversation_id)
+            try:
+                members = await self.refresh_membership(conversation_id)
+            except (commands.NoSuchConversation, commands.NotAllowed) as problem:  # (left it meanwhile, or not encrypted)
+                raise Undecryptable(Problem.UNKNOWN_MEMBERSHIP, f"its membership states cannot be fetched: {problem}")
         if members is None or members.members_at(header.members) is None:
             raise Undecryptable(Problem.UNKNOWN_MEMBERSHIP, "it names a membership state this device has not verified")
         if not members.is_member_at(header.members, header.sender):

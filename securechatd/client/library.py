@@ -359,7 +359,7 @@ class ChatClient:
         except (BadCredentials, NoSuchDevice, NotAllowed) as refused:
             if isinstance(refused, NotAllowed) and device is None:
                 raise
-            if not isinstance(refused, BadCredentials):
+            if device is not None and not isinstance(refused, BadCredentials):
                 self.e2ee.refused(refused)  # (the refused token is spent: only the password is left)
             if self._password is None:
                 self.username = self.resume_token = None
@@ -568,6 +568,9 @@ class ChatClient:
             rebind = await e2ee.start(self._bound)
         except ConnectionClosed:
             return  # done again after the reconnection
+        except commands.ChatError as problem:  # (e.g. RATE_LIMITED): logged in all the same; done again at the next login
+            log.warn("e2ee: setting up device {device} failed: {problem}", device=e2ee.device_id, problem=problem)
+            return
         if rebind and self.reconnect and self._protocol is not None:
             # the device was added since this session logged in unbound: log in again bound to it
             self._protocol.transport.loseConnection()
@@ -847,18 +850,21 @@ class ChatClient:
         while queue:
             client_msg_id = queue[0]
             outgoing = self._unanswered.get(client_msg_id)
-            protocol = self._protocol
             if outgoing is None:
                 queue.popleft()
                 continue
-            if protocol is None:
-                return  # the connection is down: _dial starts again
+            protocol = None
             try:
                 if outgoing.sealed is None:
                     outgoing.sealed = await self._e2ee().seal_message(conversation_id, outgoing.body)
+                protocol = self._protocol
+                if protocol is None:
+                    return  # the connection is down: _dial starts again
                 answer = await self._send_sealed(protocol, client_msg_id, outgoing)
             except ConnectionClosed:
                 if self.reconnect and not self._closed:
+                    if self._protocol is not None and self._protocol is not protocol:
+                        continue  # connected again meanwhile: send (the same envelope) now
                     return  # sent again, the same envelope, once the connection is back
                 self._failed(client_msg_id, Failure())
             except _SEAL_AGAIN as refused:
