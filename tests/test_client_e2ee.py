@@ -41,6 +41,10 @@ class E2EEInbox(Inbox):
         return [alarm for alarm in self.items["alarm"] if kind is None or alarm[0] == kind]
 
 
+async def _now(value):
+    return value
+
+
 def rows(txn, query, *args):
     txn.execute(query, args)
     return txn.fetchall()
@@ -496,6 +500,29 @@ class MessageTests(E2EETestCase):
         self.assertEqual(alice.e2ee.state.counter, counter + 3)
         delivered = yield bob_inbox.wait("deliver", 3)
         self.assertEqual([(m.body, m.problem) for m in delivered], [("m0", None), ("m1", None), ("m2", None)])
+
+    @inlineCallbacks
+    def test_a_message_sealed_under_an_old_membership_is_sealed_again(self):
+        alice, _ = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        carol, carol_inbox = yield self.device("carol", install="carols")
+        group, _ = yield alice.create_conversation(["bob"], title="growing")
+        yield bob.members(group)
+        stale = []
+        refresh = bob.e2ee.refresh_membership
+
+        def once_stale(conversation_id):
+            if not stale:  # as if carol's addition had come in just after bob looked
+                stale.append(bob.e2ee.membership(conversation_id))
+                return Deferred.fromCoroutine(_now(stale[0]))
+            return Deferred.fromCoroutine(refresh(conversation_id))
+
+        self.patch(bob.e2ee, "refresh_membership", once_stale)
+        yield alice.add_members(group, ["carol"])
+        sent = yield bob.send_message(group, "carol too")
+        self.assertEqual(len(stale), 1)
+        [message] = yield carol_inbox.wait("deliver", 1)
+        self.assertEqual((message.message_id, message.body), (sent.message_id, "carol too"))
 
     @inlineCallbacks
     def test_wraps_that_do_not_fit_one_box_are_staged_first(self):

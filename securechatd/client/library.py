@@ -220,9 +220,16 @@ class _Outgoing:
     reseals: int = 0
 
 
-# a refusal after which an encrypted message is sealed again (it was not stored): the membership or a device changed
-_SEAL_AGAIN = (NotAllowed, NoSuchDevice)
-MAX_RESEALS = 2
+MAX_RESEALS = 2  # times a message the server refused because the membership or a device changed is sealed again
+
+
+def _seal_again(error):
+    """True for a refusal of SendEncrypted after which the message is sealed again for the members and devices as they are now.
+
+    (It was not stored: the membership changed since the header was made, or
+    a device it was wrapped for is not a current device of a member.)
+    """
+    return isinstance(error, NoSuchDevice) or (isinstance(error, NotAllowed) and "membership" in str(error))
 BOX_BUDGET = 60_000  # bytes of an AMP box we fill with wraps (a value holds 65,535; the server takes boxes to 66 KiB)
 
 
@@ -745,15 +752,16 @@ class ChatClient:
             return True
         if conversation_id not in self._encrypted:
             if self._listing is None:
-                self._listing = self.list_conversations()
+                self._listing = []  # the callers waiting for the one ListConversations under way
 
                 def listed(result):
-                    self._listing = None
-                    return result
+                    waiting, self._listing = self._listing, None
+                    for waiter in waiting:
+                        waiter.errback(result) if isinstance(result, Failure) else waiter.callback(None)
 
-                self._listing.addBoth(listed)
+                self.list_conversations().addBoth(listed)
             listing = Deferred()
-            self._listing.addBoth(lambda result: listing.callback(None) or result)
+            self._listing.append(listing)
             await listing
         return bool(self._encrypted.get(conversation_id))
 
@@ -867,18 +875,17 @@ class ChatClient:
                         continue  # connected again meanwhile: send (the same envelope) now
                     return  # sent again, the same envelope, once the connection is back
                 self._failed(client_msg_id, Failure())
-            except _SEAL_AGAIN as refused:
-                if outgoing.reseals >= MAX_RESEALS:
+            except Exception as refused:
+                if not _seal_again(refused) or outgoing.reseals >= MAX_RESEALS:
                     self._failed(client_msg_id, Failure())
-                else:  # not stored: the membership or a device changed; encrypt for them as they are now
+                else:  # not stored: encrypt it for the members and devices as they are now
                     log.info("sealing {id} again: {why}", id=client_msg_id, why=refused)
                     outgoing.reseals += 1
                     outgoing.sealed = None
                     continue
-            except Exception:
-                self._failed(client_msg_id, Failure())
             else:
-                self.e2ee.sent(answer["message_id"], outgoing.sealed.key)
+                if self.e2ee is not None:
+                    self.e2ee.sent(answer["message_id"], outgoing.sealed.key)
                 self._answered(answer, client_msg_id, outgoing.sealed.unreached)
             if queue and queue[0] == client_msg_id:
                 queue.popleft()
