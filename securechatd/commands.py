@@ -476,7 +476,7 @@ class SendEncrypted(ChatCommand):
         (b"header", amp.String()),
         (b"body", amp.String()),
         (b"wraps", amp.AmpList(WRAP_ITEM)),
-        (b"staged", Integer(optional=True)),  # how many wraps were staged for it: refused if the server holds another number
+        (b"staged", Integer(optional=True)),  # (added) how many wraps were staged for it; another number is refused
     ]
     response = [(b"message_id", Integer()), (b"seq", Integer()), (b"sent_at", amp.DateTime())]
 

@@ -14,7 +14,9 @@ Conversation = namedtuple(
 Message = namedtuple("Message", "id conversation_id seq sender body sent_at")
 # A message of an encrypted conversation: header and body as sent, and wraps {device_id: wrap}
 # (every recipient device's when just stored; only the reading device's when read back). Never hashed.
-EncryptedMessage = namedtuple("EncryptedMessage", "id conversation_id seq sender sender_device sent_at header body wraps")
+EncryptedMessage = namedtuple(
+    "EncryptedMessage", "id conversation_id seq sender sender_device sent_at header body wraps"
+)
 Receipt = namedtuple("Receipt", "conversation_id reader state seq at")
 # first_wrap: the lowest seq of a wrap waiting for the device asked about (None: none, or not asked)
 Membership = namedtuple(

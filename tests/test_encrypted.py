@@ -200,7 +200,9 @@ class EncryptedTestCase(unittest.TestCase):
         ).signed(actor_device)
 
     def publish(self, conn, state):
-        answer = self.ok(conn, commands.PublishMembership, conversation_id=state.conversation, membership=state.to_bytes())
+        answer = self.ok(
+            conn, commands.PublishMembership, conversation_id=state.conversation, membership=state.to_bytes()
+        )
         self.assertEqual(answer, {"epoch": state.epoch})
         self.latest[state.conversation] = state
         return state
@@ -340,7 +342,9 @@ class PlaintextSettingTests(EncryptedTestCase):
         self.ok(alice, commands.ListConversations)
         self.settle(alice, bob)
         self.assertTrue(any(box.get(b"_command") == b"ConversationUpdated" for box in boxes))
-        self.assertFalse([box for box in boxes if b"encrypted" in box or b"encrypted" in box.get(b"conversations", b"")])
+        self.assertFalse(
+            [box for box in boxes if b"encrypted" in box or b"encrypted" in box.get(b"conversations", b"")]
+        )
         sent = self.ok(alice, commands.SendMessage, conversation_id=1, client_msg_id="m1", body="hi")
         self.assertEqual(sent["seq"], 1)
 
@@ -449,7 +453,9 @@ class MembershipTests(EncryptedTestCase):
         state = self.epoch1(direct, self.laptop, ["alice", "bob"], kind="direct")
         self.publish(self.alice, state)
         wrong = self.epoch1(direct, self.laptop, ["alice", "bob"], kind="group")
-        self.refused(self.alice, NotAllowed, commands.PublishMembership, conversation_id=direct, membership=wrong.to_bytes())
+        self.refused(
+            self.alice, NotAllowed, commands.PublishMembership, conversation_id=direct, membership=wrong.to_bytes()
+        )
 
     def test_malformed_states(self):
         data = self.good.to_bytes()
@@ -505,14 +511,20 @@ class MembershipTests(EncryptedTestCase):
     def test_the_actor_must_be_a_bound_current_device(self):
         unbound = self.connect("alice")
         text = self.refused(
-            unbound, NotAllowed, commands.PublishMembership, conversation_id=self.group_id, membership=self.good.to_bytes()
+            unbound,
+            NotAllowed,
+            commands.PublishMembership,
+            conversation_id=self.group_id,
+            membership=self.good.to_bytes(),
         )
         self.assertIn("log in with your device_id", text)
         stranger = keys.Device.generate("carol")  # carol has no chain yet: any device may log in
         carol = self.connect("carol", stranger)
         group = self.create(carol, ["alice"], "hers")["conversation_id"]
         state = self.epoch1(group, stranger, ["alice", "carol"], title="hers")
-        self.refused(carol, NoSuchDevice, commands.PublishMembership, conversation_id=group, membership=state.to_bytes())
+        self.refused(
+            carol, NoSuchDevice, commands.PublishMembership, conversation_id=group, membership=state.to_bytes()
+        )
 
     def test_not_for_plaintext_conversations(self):
         hub = make_hub(self, clock=self.clock, plaintext="allowed")
@@ -535,7 +547,9 @@ class MembershipTests(EncryptedTestCase):
 
     def test_add_and_leave_need_the_signed_state(self):
         self.publish(self.alice, self.good)
-        text = self.refused(self.alice, NotAllowed, commands.AddMembers, conversation_id=self.group_id, members=["carol"])
+        text = self.refused(
+            self.alice, NotAllowed, commands.AddMembers, conversation_id=self.group_id, members=["carol"]
+        )
         self.assertIn("end-to-end encrypted", text)
         self.refused(self.bob, NotAllowed, commands.LeaveConversation, conversation_id=self.group_id)
         carol = self.connect("carol")
@@ -546,9 +560,7 @@ class MembershipTests(EncryptedTestCase):
         leave = self.next_state(self.group_id, "leave", ["alice", "carol"], self.bob_phone)
         self.ok(self.bob, commands.LeaveConversation, conversation_id=self.group_id, membership=leave.to_bytes())
         self.latest[self.group_id] = leave
-        self.assertEqual(
-            self.states(self.alice)["states"], [self.good.to_bytes(), added.to_bytes(), leave.to_bytes()]
-        )
+        self.assertEqual(self.states(self.alice)["states"], [self.good.to_bytes(), added.to_bytes(), leave.to_bytes()])
         listing = self.ok(self.alice, commands.ListConversations)["conversations"]
         self.assertEqual([c["members"] for c in listing if c["conversation_id"] == self.group_id], [["alice", "carol"]])
 
@@ -563,22 +575,36 @@ class MembershipTests(EncryptedTestCase):
         for what, members, names, error in cases:
             state = self.next_state(self.group_id, "add", members, self.laptop)
             self.refused(
-                self.alice, error, commands.AddMembers, conversation_id=self.group_id, members=names,
+                self.alice,
+                error,
+                commands.AddMembers,
+                conversation_id=self.group_id,
+                members=names,
                 membership=state.to_bytes(),
             )
         stale = self.next_state(self.group_id, "add", ["alice", "bob", "carol"], self.laptop).changed(prev=b"\x02" * 32)
         text = self.refused(
-            self.alice, NotAllowed, commands.AddMembers, conversation_id=self.group_id, members=["carol"],
+            self.alice,
+            NotAllowed,
+            commands.AddMembers,
+            conversation_id=self.group_id,
+            members=["carol"],
             membership=stale.signed(self.laptop).to_bytes(),
         )
         self.assertIn("changed; fetch it", text)
         leave_as_add = self.next_state(self.group_id, "leave", ["alice", "bob", "carol"], self.laptop)
         self.refused(
-            self.alice, NotAllowed, commands.AddMembers, conversation_id=self.group_id, members=["carol"],
+            self.alice,
+            NotAllowed,
+            commands.AddMembers,
+            conversation_id=self.group_id,
+            members=["carol"],
             membership=leave_as_add.to_bytes(),
         )
         self.assertEqual(len(self.states()["states"]), 1)
-        self.assertEqual(self.ok(self.alice, commands.ListConversations)["conversations"][0]["members"], ["alice", "bob"])
+        self.assertEqual(
+            self.ok(self.alice, commands.ListConversations)["conversations"][0]["members"], ["alice", "bob"]
+        )
 
     def test_a_leave_must_remove_the_caller_only(self):
         self.publish(self.alice, self.good)
@@ -586,7 +612,10 @@ class MembershipTests(EncryptedTestCase):
         for members in (["alice", "bob", "carol"], ["alice"], ["bob"], ["bob", "carol", "dave"]):
             state = self.next_state(self.group_id, "leave", members, self.laptop)
             self.refused(
-                self.alice, NotAllowed, commands.LeaveConversation, conversation_id=self.group_id,
+                self.alice,
+                NotAllowed,
+                commands.LeaveConversation,
+                conversation_id=self.group_id,
                 membership=state.to_bytes(),
             )
         self.assertEqual(len(self.states()["states"]), 2)
@@ -598,7 +627,9 @@ class MembershipTests(EncryptedTestCase):
         second = self.next_state(self.group_id, "add", ["alice", "bob", "dave"], self.laptop)
         store = self.hub.store
         won = store.add_members(self.group_id, ["carol"], NOW, NewState(2, first.prev, first.hash(), first.to_bytes()))
-        lost = store.add_members(self.group_id, ["dave"], NOW, NewState(2, second.prev, second.hash(), second.to_bytes()))
+        lost = store.add_members(
+            self.group_id, ["dave"], NOW, NewState(2, second.prev, second.hash(), second.to_bytes())
+        )
         self.assertEqual(self.successResultOf(won).members, ("alice", "bob", "carol"))
         self.assertIsNone(self.successResultOf(lost))
         self.assertEqual(self.successResultOf(store.conversation(self.group_id)).members, ("alice", "bob", "carol"))
@@ -679,9 +710,13 @@ class SendTests(Scene):
         old = self.latest[self.group_id]
         dave_laptop = self.device("dave")
         self.add(self.alice, self.group_id, ["dave"], self.alice_laptop)
-        text = self.send_refused(NotAllowed, self.seal(self.alice_laptop, self.group_id, self.everyone, members=old.hash()))
+        text = self.send_refused(
+            NotAllowed, self.seal(self.alice_laptop, self.group_id, self.everyone, members=old.hash())
+        )
         self.assertIn("the membership changed; fetch it", text)
-        text = self.send_refused(NotAllowed, self.seal(self.alice_laptop, self.group_id, self.everyone, members=bytes(32)))
+        text = self.send_refused(
+            NotAllowed, self.seal(self.alice_laptop, self.group_id, self.everyone, members=bytes(32))
+        )
         self.assertIn("the membership changed; fetch it", text)
         self.sent(self.alice, self.group_id, self.seal(self.alice_laptop, self.group_id, [*self.everyone, dave_laptop]))
 
@@ -698,7 +733,9 @@ class SendTests(Scene):
                 InvalidArgument, self.seal(self.alice_laptop, self.group_id, self.everyone, counter=counter)
             )
             self.assertIn("replayed or out of order", text)
-        self.sent(self.alice, self.group_id, self.seal(self.alice_laptop, self.group_id, self.everyone, counter=2**64 - 1))
+        self.sent(
+            self.alice, self.group_id, self.seal(self.alice_laptop, self.group_id, self.everyone, counter=2**64 - 1)
+        )
         self.send_refused(InvalidArgument, self.seal(self.alice_laptop, self.group_id, self.everyone, counter=2**63))
         # another conversation, and another device of the same user, count on their own
         other = self.group(self.alice, self.alice_laptop, ["bob"], "other")
@@ -755,9 +792,14 @@ class SendTests(Scene):
         dave = self.connect("dave", stranger)
         conversation_id = self.create(dave, ["alice"], "daves")["conversation_id"]
         carol = self.connect("carol", self.carol_laptop)
-        self.add_state_directly(conversation_id, self.epoch1(conversation_id, stranger, ["alice", "dave"], title="daves"))
+        self.add_state_directly(
+            conversation_id, self.epoch1(conversation_id, stranger, ["alice", "dave"], title="daves")
+        )
         text = self.send_refused(
-            NoSuchDevice, self.seal(stranger, conversation_id, [self.alice_laptop]), conn=dave, conversation_id=conversation_id
+            NoSuchDevice,
+            self.seal(stranger, conversation_id, [self.alice_laptop]),
+            conn=dave,
+            conversation_id=conversation_id,
         )
         self.assertIn("publish its link first", text)
         self.ok(carol, commands.Ping)
@@ -775,7 +817,9 @@ class SendTests(Scene):
         self.ok(alice, commands.Login, username="alice", password=PASSWORD, device_id=self.alice_laptop.id.hex())
         plain = self.ok(alice, commands.CreateConversation, members=["bob"], encrypted=False)["conversation_id"]
         sealed = self.seal(self.alice_laptop, plain, self.everyone[:2], members=bytes(32))
-        failure = self.failureResultOf(alice.call(commands.SendEncrypted, **self.send(alice, plain, sealed)), NotAllowed)
+        failure = self.failureResultOf(
+            alice.call(commands.SendEncrypted, **self.send(alice, plain, sealed)), NotAllowed
+        )
         self.assertIn("not end-to-end encrypted", str(failure.value))
         self.failureResultOf(alice.call(commands.HistoryEncrypted, conversation_id=plain), NotAllowed)
 
@@ -797,7 +841,9 @@ class BodyLimitTests(Scene):
         self.assertEqual(len(largest.body), 528)
         self.sent(self.alice, self.group_id, largest)
         too_large = self.seal(self.alice_laptop, self.group_id, self.everyone, plaintext=b"x" * 600)
-        text = self.refused(self.alice, MessageTooLarge, commands.SendEncrypted, **self.send(self.alice, self.group_id, too_large))
+        text = self.refused(
+            self.alice, MessageTooLarge, commands.SendEncrypted, **self.send(self.alice, self.group_id, too_large)
+        )
         self.assertIn("528 bytes", text)
 
 
@@ -807,14 +853,20 @@ class RecipientLimitTests(Scene):
     def test_at_most_max_recipient_devices_in_all(self):
         sealed = self.seal(self.alice_laptop, self.group_id, self.everyone)
         wraps = self.wraps(sealed)
-        text = self.refused(self.alice, InvalidArgument, commands.SendEncrypted, **self.send(self.alice, self.group_id, sealed))
+        text = self.refused(
+            self.alice, InvalidArgument, commands.SendEncrypted, **self.send(self.alice, self.group_id, sealed)
+        )
         self.assertIn("at most 2 devices", text)
         self.ok(self.alice, commands.StageWraps, conversation_id=self.group_id, client_msg_id="big", wraps=wraps[:2])
         arguments = self.send(self.alice, self.group_id, sealed, client_msg_id="big", wraps=wraps[2:])
         text = self.refused(self.alice, InvalidArgument, commands.SendEncrypted, **arguments)
         self.assertIn("at most 2 devices", text)
         text = self.refused(
-            self.alice, InvalidArgument, commands.StageWraps, conversation_id=self.group_id, client_msg_id="big",
+            self.alice,
+            InvalidArgument,
+            commands.StageWraps,
+            conversation_id=self.group_id,
+            client_msg_id="big",
             wraps=wraps[2:],
         )
         self.assertIn("at most 2 devices", text)
@@ -831,7 +883,8 @@ class MailboxTests(EncryptedTestCase):
         for _ in range(2):
             self.sent(alice, direct, self.seal(laptop, direct, [phone]))
         failure = self.failureResultOf(
-            alice.call(commands.SendEncrypted, **self.send(alice, direct, self.seal(laptop, direct, [phone]))), MailboxFull
+            alice.call(commands.SendEncrypted, **self.send(alice, direct, self.seal(laptop, direct, [phone]))),
+            MailboxFull,
         )
         self.assertIn("2 messages are waiting", str(failure.value))
         bob = self.connect("bob", phone)
@@ -865,7 +918,9 @@ class StageTests(Scene):
         self.assertEqual(self.staged_rows(), [])
 
     def staged_rows(self):
-        return self.successResultOf(self.hub.store._read("test", lambda txn: txn.execute("SELECT * FROM staged_wraps").fetchall()))
+        return self.successResultOf(
+            self.hub.store._read("test", lambda txn: txn.execute("SELECT * FROM staged_wraps").fetchall())
+        )
 
     def test_the_staged_count_tells_lost_wraps(self):
         sealed = self.seal(self.alice_laptop, self.group_id, self.everyone)
@@ -907,17 +962,29 @@ class StageTests(Scene):
         self.refused(self.alice, InvalidArgument, commands.SendEncrypted, **arguments)
         self.sent(self.alice, self.group_id, sealed, client_msg_id="m", wraps=wraps[1:])
         text = self.refused(
-            self.alice, InvalidArgument, commands.StageWraps, conversation_id=self.group_id, client_msg_id="m",
+            self.alice,
+            InvalidArgument,
+            commands.StageWraps,
+            conversation_id=self.group_id,
+            client_msg_id="m",
             wraps=wraps[:1],
         )
         self.assertIn("sent already", text)
         for bad in ([], [{**wraps[0], "wrap": bytes(90)}], wraps[:1] * 2):
             self.refused(
-                self.alice, InvalidArgument, commands.StageWraps, conversation_id=self.group_id, client_msg_id="n",
+                self.alice,
+                InvalidArgument,
+                commands.StageWraps,
+                conversation_id=self.group_id,
+                client_msg_id="n",
                 wraps=bad,
             )
         self.refused(
-            self.alice, InvalidArgument, commands.StageWraps, conversation_id=self.group_id, client_msg_id="",
+            self.alice,
+            InvalidArgument,
+            commands.StageWraps,
+            conversation_id=self.group_id,
+            client_msg_id="",
             wraps=wraps[:1],
         )
 
@@ -1187,7 +1254,9 @@ class DaemonTests(unittest.TestCase):
             yield alice.callRemote(commands.SendMessage, conversation_id=conversation_id, client_msg_id="m", body="hi")
         state = State(conversation_id, 1, ZERO, "create", "direct", "", ["alice", "bob"], "alice", laptop.id, bytes(64))
         with self.assertRaises(BadSignature):
-            yield alice.callRemote(commands.PublishMembership, conversation_id=conversation_id, membership=state.to_bytes())
+            yield alice.callRemote(
+                commands.PublishMembership, conversation_id=conversation_id, membership=state.to_bytes()
+            )
         state.signed(laptop)
         yield alice.callRemote(commands.PublishMembership, conversation_id=conversation_id, membership=state.to_bytes())
         sealed = envelope.seal(

@@ -116,7 +116,9 @@ class ConversationService:
             if not 0 < len(title) <= commands.MAX_TITLE:
                 raise InvalidArgument(f"A title is 1 to {commands.MAX_TITLE} characters.")
             if encrypted and len(title.encode("utf-8")) > MAX_TITLE_BYTES:  # (a membership state's limit)
-                raise InvalidArgument(f"The title of an encrypted conversation is at most {MAX_TITLE_BYTES} bytes of UTF-8.")
+                raise InvalidArgument(
+                    f"The title of an encrypted conversation is at most {MAX_TITLE_BYTES} bytes of UTF-8."
+                )
         take_action(self.actions, session)
         await self._existing(others)
         now = self.clock.seconds()

@@ -49,7 +49,7 @@ class Outbox:
         self.clock = clock
         self.store = store
         self.marks = marks  # .delivered(username, conversation_id, seq): moves the mark (server/receipts.py)
-        self.acks = acks  # .acknowledged(username, device_id, conversation_id, seq): deletes wraps (server/encrypted.py)
+        self.acks = acks  # .acknowledged(username, device_id, conversation_id, seq): server/encrypted.py
         self.device = session.device_id  # None: a session bound to no device
         self.window = window
         self.max_pending = max_pending

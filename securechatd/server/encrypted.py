@@ -245,7 +245,9 @@ class EncryptedService:
             raise InvalidArgument("before_seq must be a positive number.")
         conversation = await self._conversation(session, conversation_id)
         device = self._device(session, "read it")
-        newest_first = await self.store.envelopes_before(conversation.id, session.username, device, before_seq, limit + 1)
+        newest_first = await self.store.envelopes_before(
+            conversation.id, session.username, device, before_seq, limit + 1
+        )
         return newest_first[:limit], len(newest_first) > limit
 
     # -- acknowledgements ----------------------------------------------------------------------

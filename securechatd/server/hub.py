@@ -16,7 +16,9 @@ security = Logger(namespace="securechatd.security")
 
 
 class Hub:
-    def __init__(self, accounts, conversations, messages, receipts, presence, clock, window, max_pending, encrypted=None):
+    def __init__(
+        self, accounts, conversations, messages, receipts, presence, clock, window, max_pending, encrypted=None
+    ):
         self.accounts = accounts
         self.conversations = conversations
         self.messages = messages

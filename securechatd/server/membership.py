@@ -167,7 +167,9 @@ class MembershipChecker:
             )
         state = parse_state(data)
         if state.conversation != conversation.id:
-            raise InvalidArgument(f"This membership state is of conversation {state.conversation}, not {conversation.id}.")
+            raise InvalidArgument(
+                f"This membership state is of conversation {state.conversation}, not {conversation.id}."
+            )
         if state.actor != session.username:
             raise NotAllowed("The actor of a membership state you send must be you.")
         if state.actor_device.hex() != session.device_id:

@@ -19,7 +19,9 @@ from securechatd.server.policy import check_limit, deferred
 from securechatd.server.throttle import retry_text
 
 
-ENCRYPTED = "This conversation is end-to-end encrypted; {what} it with {command}, from a session bound to one of your devices."
+ENCRYPTED = (
+    "This conversation is end-to-end encrypted; {what} it with {command}, from a session bound to one of your devices."
+)
 PLAINTEXT_REFUSED = "This server no longer accepts plaintext messages; start an end-to-end encrypted conversation."
 
 

@@ -179,7 +179,7 @@ def fit(items, spec):
 
 
 def strings_page(items, has_more, name):
-    """{name: the longest prefix of the byte strings `items` whose ListOf(String) fits one AMP value, "has_more": ...}."""
+    """{name: the longest prefix of the byte strings `items` whose ListOf(String) fits one AMP value, "has_more"}."""
     encoder = amp.ListOf(amp.String())
     size, fitting = 0, items
     for count, item in enumerate(items):

@@ -36,7 +36,7 @@ def _envelope(row, wraps):
 
 
 def _sent(txn, uid, client_msg_id):
-    """The EncryptedMessage already stored for (sender, client_msg_id) (header and body None for a plaintext one), or None."""
+    """The EncryptedMessage stored for (sender, client_msg_id) (no header or body if plaintext), or None."""
     txn.execute(
         "SELECT m.id, m.conversation_id, m.seq, m.sender, e.sender_device, m.sent_at FROM messages m"
         " LEFT JOIN envelopes e ON e.message_id = m.id WHERE m.sender_id = ? AND m.client_msg_id = ?",
@@ -141,7 +141,9 @@ class EncryptedStore(StoreBase):
         )
 
     @staticmethod
-    def _stage_wraps_txn(txn, username, client_msg_id, conversation_id, wraps, now, fresh_after, max_wraps, max_messages):
+    def _stage_wraps_txn(
+        txn, username, client_msg_id, conversation_id, wraps, now, fresh_after, max_wraps, max_messages
+    ):
         uid = user_id(txn, username)
         txn.execute("DELETE FROM staged_wraps WHERE staged_at < ?", (fresh_after,))
         if _sent(txn, uid, client_msg_id) is not None:
@@ -161,7 +163,9 @@ class EncryptedStore(StoreBase):
             staged_for = [row[0] for row in txn.fetchall()]
             for oldest in staged_for[: max(0, len(staged_for) - max_messages + 1)]:
                 txn.execute("DELETE FROM staged_wraps WHERE user_id = ? AND client_msg_id = ?", (uid, oldest))
-        txn.execute("UPDATE staged_wraps SET staged_at = ? WHERE user_id = ? AND client_msg_id = ?", (now, uid, client_msg_id))
+        txn.execute(
+            "UPDATE staged_wraps SET staged_at = ? WHERE user_id = ? AND client_msg_id = ?", (now, uid, client_msg_id)
+        )
         txn.executemany(
             "INSERT INTO staged_wraps (user_id, client_msg_id, conversation_id, device_id, wrap, staged_at)"
             " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id, client_msg_id, device_id)"
@@ -215,7 +219,8 @@ class EncryptedStore(StoreBase):
             return "no sender device", None
         device_key = (e.conversation_id, uid, e.sender_device)
         txn.execute(
-            "SELECT counter FROM sender_counters WHERE conversation_id = ? AND user_id = ? AND device_id = ?", device_key
+            "SELECT counter FROM sender_counters WHERE conversation_id = ? AND user_id = ? AND device_id = ?",
+            device_key,
         )
         row = txn.fetchone()
         if row is not None and bytes(row[0]) >= e.counter:
@@ -283,7 +288,13 @@ class EncryptedStore(StoreBase):
         """Deferred: up to `limit` EncryptedMessages of the conversation with seq >= first_seq that
         have a wrap for `username`'s device `device_id`, in seq order, each with that wrap only."""
         return self._read(
-            "envelopes_for_device", self._envelopes_for_device_txn, conversation_id, username, device_id, first_seq, limit
+            "envelopes_for_device",
+            self._envelopes_for_device_txn,
+            conversation_id,
+            username,
+            device_id,
+            first_seq,
+            limit,
         )
 
     @staticmethod
@@ -314,14 +325,14 @@ class EncryptedStore(StoreBase):
             " WHERE m.conversation_id = ? AND m.seq < ? ORDER BY m.seq DESC LIMIT ?",
             (uid, device_id, conversation_id, before_seq if before_seq is not None else 2**62, limit),
         )
-        return [
-            _envelope(row[:-1], {} if row[-1] is None else {device_id: bytes(row[-1])}) for row in txn.fetchall()
-        ]
+        return [_envelope(row[:-1], {} if row[-1] is None else {device_id: bytes(row[-1])}) for row in txn.fetchall()]
 
     def delete_wraps(self, username, device_id, conversation_id, up_to_seq):
         """Deferred: forget the wraps of the device's messages of the conversation up to `up_to_seq`:
         it has them (an acknowledgement, so in the store's first lane)."""
-        return self._write_first("delete_wraps", self._delete_wraps_txn, username, device_id, conversation_id, up_to_seq)
+        return self._write_first(
+            "delete_wraps", self._delete_wraps_txn, username, device_id, conversation_id, up_to_seq
+        )
 
     @staticmethod
     def _delete_wraps_txn(txn, username, device_id, conversation_id, up_to_seq):
