@@ -41,10 +41,6 @@ class E2EEInbox(Inbox):
         return [alarm for alarm in self.items["alarm"] if kind is None or alarm[0] == kind]
 
 
-async def _now(value):
-    return value
-
-
 def rows(txn, query, *args):
     txn.execute(query, args)
     return txn.fetchall()
@@ -511,11 +507,11 @@ class MessageTests(E2EETestCase):
         stale = []
         refresh = bob.e2ee.refresh_membership
 
-        def once_stale(conversation_id):
+        async def once_stale(conversation_id):
             if not stale:  # as if carol's addition had come in just after bob looked
                 stale.append(bob.e2ee.membership(conversation_id))
-                return Deferred.fromCoroutine(_now(stale[0]))
-            return Deferred.fromCoroutine(refresh(conversation_id))
+                return stale[0]
+            return await refresh(conversation_id)
 
         self.patch(bob.e2ee, "refresh_membership", once_stale)
         yield alice.add_members(group, ["carol"])
