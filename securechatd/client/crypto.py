@@ -52,9 +52,7 @@ trust. A change of devices is reported with on_devices_changed.
 
 import inspect
 import os
-from dataclasses import dataclass
-
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from twisted.internet.defer import Deferred, DeferredList, DeferredLock, FirstError, gatherResults
 from twisted.internet.error import ConnectionClosed
@@ -157,11 +155,11 @@ class Undecryptable(Exception):
 class Sealed:
     """A message ready to send: what SendEncrypted carries, its key K, and the devices it could not be wrapped for."""
 
-    header: bytes
-    body: bytes
-    wraps: tuple  # ((device id hex, wrap bytes), ...)
-    key: bytes
-    unreached: tuple  # device ids (hex) of members' devices left out, e.g. without prekeys
+    header: bytes = field(repr=False)
+    body: bytes = field(repr=False)
+    wraps: tuple = field(repr=False)  # ((device id hex, wrap bytes), ...)
+    key: bytes = field(repr=False)  # K: never in a log
+    unreached: tuple = ()  # device ids (hex) of members' devices left out, e.g. without prekeys
 
 
 @dataclass(frozen=True)

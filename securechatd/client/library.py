@@ -29,7 +29,7 @@ import os
 import random
 import uuid
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -44,7 +44,7 @@ from zope.interface import implementer
 
 from securechatd import commands
 from securechatd.commands import BadCredentials, NoSuchDevice, NotAllowed
-from securechatd.client.crypto import Alarm, DeviceInfo, EncryptionUnavailable, EndToEnd, LinkError, Problem
+from securechatd.client.crypto import Alarm, DeviceInfo, EncryptionUnavailable, EndToEnd, LinkError, Problem  # noqa: F401 (for apps)
 from securechatd.client.device_file import DeviceFileError
 from securechatd.client.seen import SeenMessages
 from securechatd.e2ee.membership import is_user_name
@@ -213,10 +213,10 @@ class _Outgoing:
     """A message on its way: resent with the same client_msg_id (and, encrypted, the same envelope) until answered."""
 
     conversation_id: int
-    body: str
-    answer: Deferred
+    body: str = field(repr=False)
+    answer: Deferred = field(repr=False)
     encrypted: bool | None = None  # None: not known yet
-    sealed: object = None  # crypto.Sealed, once encrypted: never encrypted again unless the server refused it
+    sealed: object = field(default=None, repr=False)  # crypto.Sealed: never encrypted again unless the server refused it
     reseals: int = 0
 
 
