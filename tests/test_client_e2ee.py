@@ -370,7 +370,9 @@ class MessageTests(E2EETestCase):
         self.assertEqual((receipt.username, receipt.state), ("bob", "delivered"))
         for client in (alice, bob):
             page = yield client.history(conversation)
-            self.assertEqual([(m.sender, m.body) for m in page.messages], [("alice", "hello bob ✓"), ("bob", "hi alice")])
+            self.assertEqual(
+                [(m.sender, m.body) for m in page.messages], [("alice", "hello bob ✓"), ("bob", "hi alice")]
+            )
         self.assertEqual((yield bob.members(conversation)), ("alice", "bob"))
         self.assertEqual(alice_inbox.alarms() + bob_inbox.alarms(), [])
         self.assertEqual((yield self.wrapped_for(sent.message_id)), [])  # acknowledged: the server let the wrap go

@@ -57,7 +57,7 @@ class Chains:
         return self.device(user, device_id)
 
     def refresh(self, user, max_age=0.0):
-        """Deferred ChainState of `user`, verified against what was seen; fetched unless fetched within `max_age` seconds.
+        """Deferred ChainState of `user`, verified against what was seen; fetched unless fetched `max_age` seconds ago.
 
         A chain that breaks a rule raises the alarm and the state seen before
         is the answer (None if there was none): the caller goes on with what
@@ -123,7 +123,7 @@ class Chains:
 
     @staticmethod
     def _verify(user, known, links):
-        """The state after `links`: from link 1 for a user not seen, else from the last link seen, which must come first."""
+        """The state after `links`: from link 1 for a user not seen, else from the last link seen (it comes first)."""
         parsed = [Link.from_bytes(link) for link in links]
         if known is None or not known.seq:
             return ChainState(user).extend(parsed)

@@ -170,7 +170,7 @@ class DeviceInfo:
 
 
 async def _gather(deferreds):
-    """The results of `deferreds` (or coroutines), in order; the first failure's own exception (not FirstError) if one fails."""
+    """The results of `deferreds` (or coroutines), in order; the first failure's own exception if one fails."""
     started = [Deferred.fromCoroutine(d) if inspect.iscoroutine(d) else d for d in deferreds]
     try:
         return await gatherResults(started, consumeErrors=True)
@@ -207,7 +207,8 @@ class EndToEnd:
         for conversation, states in state.memberships.items():
             parsed = [membership.State.from_bytes(data) for data in states]
             seen = (len(parsed), parsed[-1].hash()) if parsed else None
-            self._memberships[conversation] = membership.verify_membership(conversation, parsed, self.chains.lookup, seen)
+            verified = membership.verify_membership(conversation, parsed, self.chains.lookup, seen)
+            self._memberships[conversation] = verified
         self._timers = {}
         self._running = []  # Deferreds of scheduled work under way
         self._closed = False
@@ -321,7 +322,7 @@ class EndToEnd:
             self.save()
 
     async def start(self, bound):
-        """After a login (bound to this device or not): check the own chain, start it or find this device in it, keep prekeys.
+        """After a login (bound or not): check the own chain, start it or find this device in it, keep prekeys.
 
         Answers True if the session should be bound to the device now (it was
         not, and the device is active): the client then logs in again bound.
@@ -329,7 +330,7 @@ class EndToEnd:
         return await self._locked(self._start, bound)
 
     async def _locked(self, work, *args):
-        """The coroutine function `work`, run while holding the device's lock (one change of the device file at a time)."""
+        """The coroutine function `work`, run holding the device's lock (one change of the device file at a time)."""
         return await self.lock.run(lambda: Deferred.fromCoroutine(work(*args)))
 
     async def _start(self, bound):
@@ -357,7 +358,7 @@ class EndToEnd:
         return False
 
     async def _start_chain(self):
-        """Publish link 1: this device, trusted on first use. Another installation may win the race: then we are pending."""
+        """Publish link 1: this device, trusted on first use (another installation may win the race: then pending)."""
         link = chain.first(self.state.device, _name_bytes(self.client.client_name or "device"))
         try:
             await self.client.call(commands.PublishChainLink, link=link.to_bytes())
@@ -407,7 +408,8 @@ class EndToEnd:
             state.spk_uploaded = True
             state.opks_to_upload.difference_update(batch)
             self.save()
-        self._schedule("rotate", state.spk_made_at / 1000 + WEEK - self.client.clock.seconds(), self._keep_prekeys_locked)
+        rotate_in = state.spk_made_at / 1000 + WEEK - self.client.clock.seconds()
+        self._schedule("rotate", rotate_in, self._keep_prekeys_locked)
 
     def _schedule(self, name, delay, work):
         """Run `work` (a coroutine function) in `delay` seconds while logged in; one timer per name."""
@@ -475,7 +477,9 @@ class EndToEnd:
         if members is None or members.latest is None:
             raise EncryptionUnavailable(f"Conversation {conversation_id} has no verified membership state yet.")
         if self.user not in members.members:
-            raise EncryptionUnavailable(f"You are not a member of conversation {conversation_id} by its latest signed state.")
+            raise EncryptionUnavailable(
+                f"You are not a member of conversation {conversation_id} by its latest signed state."
+            )
         names = sorted(members.members)
         chains = await _gather([self.chains.refresh(name, self.chain_max_age) for name in names])
         recipients = {}
@@ -539,7 +543,8 @@ class EndToEnd:
             self._alarm(
                 Alarm.KEY_MISMATCH,
                 keys.user,
-                f"the server's bundle for device {keys.device.hex()} lists other keys than {keys.user}'s verified chain",
+                f"the server's bundle for device {keys.device.hex()} lists other keys"
+                f" than {keys.user}'s verified chain",
             )
             return None
         session = Session()
@@ -563,7 +568,7 @@ class EndToEnd:
     # -- receiving --------------------------------------------------------------------------
 
     async def open_message(self, conversation_id, item):
-        """(plaintext, None) or (None, Undecryptable) for an encrypted message (DeliverEncrypted's or HistoryEncrypted's item).
+        """(plaintext, None) or (None, Undecryptable) for an encrypted message (a DeliverEncrypted or history item).
 
         Whatever it changed (session, replay window, used one-time prekey,
         the message's key) is saved before this returns. A failure raises
@@ -618,7 +623,7 @@ class EndToEnd:
         if members is None or members.members_at(header.members) is None:
             try:
                 members = await self.refresh_membership(conversation_id)
-            except (commands.NoSuchConversation, commands.NotAllowed) as problem:  # (left it meanwhile, or not encrypted)
+            except (commands.NoSuchConversation, commands.NotAllowed) as problem:  # (left meanwhile; not encrypted)
                 raise Undecryptable(Problem.UNKNOWN_MEMBERSHIP, f"its membership states cannot be fetched: {problem}")
         if members is None or members.members_at(header.members) is None:
             raise Undecryptable(Problem.UNKNOWN_MEMBERSHIP, "it names a membership state this device has not verified")
@@ -795,14 +800,16 @@ class EndToEnd:
             self._alarm(
                 Alarm.INJECTED_MEMBER,
                 None,
-                f"the server lists {', '.join(injected)} in conversation {conversation_id}, which no signed state added:"
+                f"the server lists {', '.join(injected)} in conversation {conversation_id},"
+                " which no signed state added:"
                 " nothing is encrypted to them",
             )
         if missing:
             self._alarm(
                 Alarm.MISSING_MEMBER,
                 None,
-                f"the server leaves {', '.join(missing)} out of conversation {conversation_id}, whose signed state has them",
+                f"the server leaves {', '.join(missing)} out of conversation {conversation_id},"
+                " whose signed state has them",
             )
 
     # -- devices, safety numbers, trust -----------------------------------------------------
@@ -831,7 +838,7 @@ class EndToEnd:
         self.save()
 
     async def link_request(self, signer=None):
-        """The text a new device shows, for one of the user's devices (`signer`, hex; the only one if None) to add it."""
+        """The text a new device shows, for one of the user's devices (`signer`, hex; the only one if None) to add."""
         if self.state.status == ACTIVE:
             raise LinkError("This device is already one of your devices.")
         own = await self.chains.refresh(self.user)
@@ -886,7 +893,8 @@ class EndToEnd:
     async def safety_number(self, user):
         own, theirs = await _gather([self.chains.refresh(self.user), self.chains.refresh(user)])
         if own is None or theirs is None or not own.devices or not theirs.devices:
-            raise EncryptionUnavailable(f"No verified devices of {user if theirs is None or not theirs.devices else self.user}.")
+            whose = user if theirs is None or not theirs.devices else self.user
+            raise EncryptionUnavailable(f"No verified devices of {whose}.")
         return safety.safety_number(own, theirs)
 
     async def trust(self, user):

@@ -167,8 +167,8 @@ class DeviceFile:
         fields = dec(data, 15)
         if fields[0] != LABEL:
             raise Malformed("not a device file of version securechatd/device-file/v1")
-        (_, device, status, counter, spk_made_at, uploaded, to_upload, spks, opks, sessions, chains, memberships, replay,
-         trusted, message_keys) = fields
+        (_, device, status, counter, spk_made_at, uploaded, to_upload, spks, opks) = fields[:9]
+        (sessions, chains, memberships, replay, trusted, message_keys) = fields[9:]
         status = _text(status)
         if status not in STATUSES or uploaded not in (b"", b"\x01"):
             raise Malformed("a device file's status is unknown")

@@ -44,7 +44,14 @@ from zope.interface import implementer
 
 from securechatd import commands
 from securechatd.commands import BadCredentials, NoSuchDevice, NotAllowed
-from securechatd.client.crypto import Alarm, DeviceInfo, EncryptionUnavailable, EndToEnd, LinkError, Problem  # noqa: F401 (for apps)
+from securechatd.client.crypto import (  # noqa: F401 (DeviceInfo, LinkError: for apps)
+    Alarm,
+    DeviceInfo,
+    EncryptionUnavailable,
+    EndToEnd,
+    LinkError,
+    Problem,
+)
 from securechatd.client.device_file import DeviceFileError
 from securechatd.client.seen import SeenMessages
 from securechatd.e2ee.membership import is_user_name
@@ -216,7 +223,7 @@ class _Outgoing:
     body: str = field(repr=False)
     answer: Deferred = field(repr=False)
     encrypted: bool | None = None  # None: not known yet
-    sealed: object = field(default=None, repr=False)  # crypto.Sealed: never encrypted again unless the server refused it
+    sealed: object = field(default=None, repr=False)  # crypto.Sealed: not encrypted again unless refused
     reseals: int = 0
 
 
@@ -224,7 +231,7 @@ MAX_RESEALS = 2  # times a message the server refused because the membership or 
 
 
 def _seal_again(error):
-    """True for a refusal of SendEncrypted after which the message is sealed again for the members and devices as they are now.
+    """True for a refusal of SendEncrypted after which the message is sealed again, for the members and devices now.
 
     (It was not stored: the membership changed since the header was made, or
     a device it was wrapped for is not a current device of a member.)
@@ -362,7 +369,8 @@ class ChatClient:
         device = self.e2ee.login_device(resume=True) if self.e2ee is not None else None
         arguments = self._login_arguments(self.username, resume_token=self.resume_token)
         try:
-            answer, bound = await protocol.callRemote(commands.Resume, device_id=device, **arguments), device is not None
+            answer = await protocol.callRemote(commands.Resume, device_id=device, **arguments)
+            bound = device is not None
         except (BadCredentials, NoSuchDevice, NotAllowed) as refused:
             if isinstance(refused, NotAllowed) and device is None:
                 raise
@@ -434,7 +442,7 @@ class ChatClient:
         return self._connected().addCallback(lambda protocol: protocol.callRemote(command, **arguments))
 
     def _background(self, work, what):
-        """Run the coroutine `work`; a failure is logged (a lost connection only noted: it is redone after reconnecting)."""
+        """Run the coroutine `work`; a failure is logged (a lost connection only noted: redone after reconnecting)."""
 
         def failed(failure):
             if failure.check(ConnectionClosed):
@@ -575,7 +583,7 @@ class ChatClient:
             rebind = await e2ee.start(self._bound)
         except ConnectionClosed:
             return  # done again after the reconnection
-        except commands.ChatError as problem:  # (e.g. RATE_LIMITED): logged in all the same; done again at the next login
+        except commands.ChatError as problem:  # (e.g. RATE_LIMITED): logged in all the same; again at the next login
             log.warn("e2ee: setting up device {device} failed: {problem}", device=e2ee.device_id, problem=problem)
             return
         if rebind and self.reconnect and self._protocol is not None:
@@ -627,11 +635,11 @@ class ChatClient:
         return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().link_request(signer)))
 
     def link_new_device(self, request):
-        """Deferred (device id, name): add the new device whose link_request() text this is (run on an active device)."""
+        """Deferred (device id, name): add the new device whose link_request() text this is (on an active device)."""
         return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().link_new_device(request)))
 
     def complete_link(self):
-        """Deferred True once this installation is an active device and the session is bound to it (False: not added yet).
+        """Deferred True once this installation is an active device and the session bound to it (False: not added).
 
         Binding logs in again: on_disconnected and on_reconnected are called.
         """
@@ -776,7 +784,9 @@ class ChatClient:
 
         def send(membership=None):
             if op == "add":
-                return self.call(commands.AddMembers, conversation_id=conversation_id, members=members, membership=membership)
+                return self.call(
+                    commands.AddMembers, conversation_id=conversation_id, members=members, membership=membership
+                )
             return self.call(commands.LeaveConversation, conversation_id=conversation_id, membership=membership)
 
         if self.e2ee is not None and await self._is_encrypted(conversation_id):
@@ -1013,8 +1023,9 @@ class ChatClient:
 
 
 def _item_size(item):
-    """Bytes of one wrap item in an AmpList: per key a 2-byte length, the key, a 2-byte length, the value; then 2 zero bytes."""
-    return sum(4 + len(key) + len(value if isinstance(value, bytes) else value.encode()) for key, value in item.items()) + 2
+    """Bytes of one wrap item in an AmpList: per key its 2-byte length and itself, the value's; then 2 zero bytes."""
+    values = [value if isinstance(value, bytes) else value.encode() for value in item.values()]
+    return sum(4 + len(key) for key in item) + sum(len(value) for value in values) + 2
 
 
 def split_wraps(items, inline_budget):
