@@ -622,7 +622,6 @@ class MembershipTests(EncryptedTestCase):
 
     def test_two_changes_at_one_epoch_one_wins(self):
         self.publish(self.alice, self.good)
-        conversation = self.successResultOf(self.hub.conversations.get(self.group_id))
         first = self.next_state(self.group_id, "add", ["alice", "bob", "carol"], self.laptop)
         second = self.next_state(self.group_id, "add", ["alice", "bob", "dave"], self.laptop)
         store = self.hub.store
@@ -632,8 +631,30 @@ class MembershipTests(EncryptedTestCase):
         )
         self.assertEqual(self.successResultOf(won).members, ("alice", "bob", "carol"))
         self.assertIsNone(self.successResultOf(lost))
-        self.assertEqual(self.successResultOf(store.conversation(self.group_id)).members, ("alice", "bob", "carol"))
-        self.assertEqual(conversation.epoch, 1)
+        stored = self.successResultOf(store.conversation(self.group_id))
+        self.assertEqual((stored.members, stored.epoch, stored.members_hash), (("alice", "bob", "carol"), 2, first.hash()))
+
+    def test_states_made_by_the_clients_own_builders(self):
+        """e2ee.membership's create, add and leave make states the server takes, the same as this file's."""
+        from securechatd.e2ee import membership
+
+        carol = self.connect("carol", self.device("carol"))
+        created = membership.create(self.group_id, "group", "team", ["bob"], self.laptop)
+        self.assertEqual(created.to_bytes(), self.good.to_bytes())
+        self.ok(self.alice, commands.PublishMembership, conversation_id=self.group_id, membership=created.to_bytes())
+        added = membership.add(created, ["carol"], self.bob_phone)
+        arguments = {"conversation_id": self.group_id, "membership": added.to_bytes()}
+        self.ok(self.bob, commands.AddMembers, members=["carol"], **arguments)
+        left = membership.leave(added, self.laptop)
+        self.ok(self.alice, commands.LeaveConversation, conversation_id=self.group_id, membership=left.to_bytes())
+        states = self.ok(carol, commands.GetMembership, conversation_id=self.group_id)["states"]
+        self.assertEqual(states, [state.to_bytes() for state in (created, added, left)])
+        membership.verify_membership(self.group_id, map(membership.State.from_bytes, states), self.lookup)
+
+    def lookup(self, user, device_id):
+        """The DeviceKeys of a current device of `user`'s chain, as their clients verified it."""
+        device = self.chains[user].devices.get(device_id)
+        return device.keys if device is not None else None
 
     def test_get_membership_pages(self):
         self.patch(conversations_module, "MEMBERSHIP_PAGE", 2)

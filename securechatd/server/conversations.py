@@ -17,8 +17,9 @@ from twisted.internet.defer import Deferred, succeed
 
 from securechatd import commands
 from securechatd.commands import InvalidArgument, NoSuchConversation, NoSuchUser, NotAllowed
+from securechatd.e2ee.membership import MAX_TITLE_BYTES
 from securechatd.server.accounts import existing_name
-from securechatd.server.membership import MAX_TITLE_BYTES, MOVED_ON
+from securechatd.server.membership import MOVED_ON
 from securechatd.server.policy import check_id, deferred, take_action
 
 LISTING_PAGE = 100  # conversations per ListConversations page (cut further to fit one AMP value)

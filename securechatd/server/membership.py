@@ -14,115 +14,20 @@ A state that passes is recorded in the transaction that makes the member
 change (server/conversations.py), which checks its place again.
 """
 
-from dataclasses import dataclass
-
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from securechatd.commands import BadSignature, InvalidArgument, NoSuchDevice, NotAllowed, NoSuchUser
-from securechatd.e2ee.chain import HASH_BYTES, ZERO_HASH
-from securechatd.e2ee.encoding import Malformed, dec, digest, enc, field, verify
-from securechatd.e2ee.keys import DEVICE_ID_BYTES, SIGNATURE_BYTES
-from securechatd.server.accounts import normalize_username
+from securechatd.e2ee.chain import ZERO_HASH
+from securechatd.e2ee.encoding import Malformed, verify
+from securechatd.e2ee.membership import SIGN_LABEL, State
 from securechatd.store.messaging import NewState
 
-SIGN_LABEL = "securechatd/membership/v1"
-HASH_LABEL = "securechatd/membership-hash/v1"
-OPS = ("create", "add", "leave")
-KINDS = ("direct", "group")
-MAX_TITLE_BYTES = 200
 MOVED_ON = "The membership of this conversation changed; fetch it (GetMembership) and sign the change again."
 NO_MEMBERSHIP = "This conversation has no membership state yet: its creator publishes epoch 1 (PublishMembership)."
 
 
-# -- the format (docs/E2EE.md, "Membership") ---------------------------------------------------
-#
-# (securechatd/e2ee/membership.py, the client's side, is being written; this
-# parser follows the same page and gives the same names, so the server can
-# take e2ee's State as soon as it is there.)
-
-
-@dataclass(frozen=True)
-class State:
-    """One membership state: the fields of docs/E2EE.md in order, `members` a sorted tuple, and the signature."""
-
-    conversation: int
-    epoch: int
-    prev: bytes
-    op: str
-    kind: str
-    title: str
-    members: tuple
-    actor: str
-    actor_device: bytes
-    signature: bytes = b""
-
-    def fields(self):
-        """The signed fields; the members are one field, enc(names)."""
-        return [
-            self.conversation,
-            self.epoch,
-            self.prev,
-            self.op,
-            self.kind,
-            self.title,
-            enc(self.members),
-            self.actor,
-            self.actor_device,
-        ]
-
-    def to_bytes(self):
-        return enc(self.fields() + [self.signature])
-
-    def hash(self):
-        return digest(HASH_LABEL, self.fields() + [self.signature])
-
-    @classmethod
-    def from_bytes(cls, data):
-        """The state `data` encodes; Malformed if its shape is wrong (the signature is not checked here)."""
-        conversation, epoch, prev, op, kind, title, members, actor, actor_device, signature = dec(data, 10)
-        if len(conversation) != 8 or len(epoch) != 8:
-            raise Malformed("a membership state number is not 8 bytes")
-        if (len(prev), len(actor_device), len(signature)) != (HASH_BYTES, DEVICE_ID_BYTES, SIGNATURE_BYTES):
-            raise Malformed("a membership state field has the wrong length")
-        try:
-            op, kind = op.decode("ascii"), kind.decode("ascii")
-            names = tuple(name.decode("ascii") for name in dec(members))
-            title, actor = title.decode("utf-8"), actor.decode("utf-8")
-        except UnicodeDecodeError:
-            raise Malformed("a text field is not UTF-8 (or a name, op or kind not ASCII)")
-        if op not in OPS or kind not in KINDS:
-            raise Malformed("unknown op or kind")
-        if len(field(title)) > MAX_TITLE_BYTES:
-            raise Malformed(f"a title is longer than {MAX_TITLE_BYTES} bytes")
-        if not all(_is_user_name(name) for name in names + (actor,)):
-            raise Malformed("a member or the actor is not a user name")
-        if list(names) != sorted(set(names)):
-            raise Malformed("the members are not sorted or not unique")
-        if kind == "direct" and (len(names) != 2 or title):
-            raise Malformed("a direct conversation has exactly two members and no title")
-        return cls(
-            int.from_bytes(conversation, "big"),
-            int.from_bytes(epoch, "big"),
-            prev,
-            op,
-            kind,
-            title,
-            names,
-            actor,
-            actor_device,
-            signature,
-        )
-
-
-def _is_user_name(name):
-    try:
-        return normalize_username(name) == name
-    except Exception:
-        return False
-
-
 def parse_state(data):
-    """The State `data` encodes, or INVALID_ARGUMENT saying why not."""
+    """The e2ee.membership.State `data` encodes (its shape checked), or INVALID_ARGUMENT saying why not."""
     try:
         return State.from_bytes(data)
     except Malformed as problem:
