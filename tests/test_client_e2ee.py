@@ -378,6 +378,30 @@ class MessageTests(E2EETestCase):
         self.assertEqual((yield self.wrapped_for(sent.message_id)), [])  # acknowledged: the server let the wrap go
 
     @inlineCallbacks
+    def test_history_reads_with_kept_keys_after_a_restart_and_with_wraps_not_yet_pushed(self):
+        alice, _ = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        conversation, _ = yield alice.create_conversation(["bob"])
+        yield alice.send_message(conversation, "one")
+        yield bob_inbox.wait("deliver", 1)
+        yield alice.ping()
+        yield bob.close()
+        bob, bob_inbox = yield self.device("bob", install="bobs")  # the keys of what it read are in its device file
+        page = yield bob.history(conversation)
+        self.assertEqual([(m.body, m.problem) for m in page.messages], [("one", None)])
+        held = Deferred()
+        bob.on_deliver = lambda message: bob_inbox._add("deliver", message) and None or held
+        yield alice.send_message(conversation, "two")
+        yield alice.send_message(conversation, "three")
+        yield bob_inbox.wait("deliver", 1)  # "two" is shown and held; "three" waits its turn, unopened
+        page = yield bob.history(conversation)  # reads "three" from its wrap, which the server still holds
+        self.assertEqual([m.body for m in page.messages], ["one", "two", "three"])
+        held.callback(None)
+        [_, three] = yield bob_inbox.wait("deliver", 2)
+        self.assertEqual((three.body, three.problem), ("three", None))  # read with the key kept by history
+        self.assertEqual(bob_inbox.alarms(), [])
+
+    @inlineCallbacks
     def test_a_first_message_uses_a_one_time_prekey_which_is_deleted_and_refilled(self):
         alice, _ = yield self.device("alice")
         bob, bob_inbox = yield self.device("bob", install="bobs")
