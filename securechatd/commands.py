@@ -62,6 +62,8 @@ ERRORS = {
 ERRORS_BY_CODE = {code: cls for cls, code in ERRORS.items()}
 
 BAD_CREDENTIALS_TEXT = "Wrong username or password."
+# the same for an id that does not exist and one the caller is not in; it names no id (clients show it as is)
+NO_SUCH_CONVERSATION_TEXT = "You are not in that conversation, or it does not exist."
 
 # -- limits both sides need (the server enforces them, clients stay within them) --------
 

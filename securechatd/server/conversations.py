@@ -16,7 +16,7 @@ server/membership.py and recorded in the transaction that changes the members.
 from twisted.internet.defer import Deferred, succeed
 
 from securechatd import commands
-from securechatd.commands import InvalidArgument, NoSuchConversation, NoSuchUser, NotAllowed
+from securechatd.commands import InvalidArgument, NO_SUCH_CONVERSATION_TEXT, NoSuchConversation, NoSuchUser, NotAllowed
 from securechatd.e2ee.membership import MAX_TITLE_BYTES
 from securechatd.server.accounts import existing_name
 from securechatd.server.membership import MOVED_ON
@@ -71,7 +71,7 @@ class ConversationService:
     @staticmethod
     def _only_member(conversation, conversation_id, username):
         if conversation is None or username not in conversation.members:
-            raise NoSuchConversation(f"There is no conversation {conversation_id} of yours.")
+            raise NoSuchConversation(NO_SUCH_CONVERSATION_TEXT)
         return conversation
 
     def cached(self, conversation_id):

@@ -25,6 +25,7 @@ from securechatd.commands import (
     InvalidArgument,
     MailboxFull,
     MessageTooLarge,
+    NO_SUCH_CONVERSATION_TEXT,
     NoSuchConversation,
     NoSuchDevice,
     NotAllowed,
@@ -204,7 +205,7 @@ class EncryptedService:
 
     def _refusal(self, outcome, value, conversation_id, staged):
         if outcome == "not member":  # left while this was on its way
-            return NoSuchConversation(f"There is no conversation {conversation_id} of yours.")
+            return NoSuchConversation(NO_SUCH_CONVERSATION_TEXT)
         if outcome == "stale":
             return NotAllowed(STALE)
         if outcome == "no sender device":

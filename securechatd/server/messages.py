@@ -11,6 +11,7 @@ from securechatd.commands import (
     InvalidArgument,
     MailboxFull,
     MessageTooLarge,
+    NO_SUCH_CONVERSATION_TEXT,
     NoSuchConversation,
     NotAllowed,
     RateLimited,
@@ -87,7 +88,7 @@ class MessageService:
 
     def _stored(self, stored, session, conversation_id):
         if stored is None:  # left the conversation while this was on its way
-            raise NoSuchConversation(f"There is no conversation {conversation_id} of yours.")
+            raise NoSuchConversation(NO_SUCH_CONVERSATION_TEXT)
         if stored.message is None:
             self.rate.refund(session.username)
             raise MailboxFull(
