@@ -94,6 +94,8 @@ class Chat:
         client.on_reconnected = self._push(self._reconnected)
         client.on_disconnected = self._disconnected
         client.on_logged_out = self._logged_out
+        client.on_alarm = self._alarm
+        client.on_devices_changed = self._devices_changed
 
     # -- running -------------------------------------------------------------
 
@@ -233,16 +235,20 @@ class Chat:
             self.conversations[conversation_id] = replace(conversation, last_seq=message.seq, unread=unread)
 
     def _message(self, conversation_id, message):
-        self._remember(conversation_id, message.message_id, message.sender, message.body)
-        return {
+        body = message.body if message.body is not None else ""
+        self._remember(conversation_id, message.message_id, message.sender, body)
+        record = {
             "conversation_id": conversation_id,
             "conversation": self._name(conversation_id),
             "message_id": message.message_id,
             "seq": message.seq,
             "sender": message.sender,
-            "body": message.body,
+            "body": body,
             "sent_at": message.sent_at,
         }
+        if message.problem is not None:  # never dropped: shown as a message that could not be read, and why
+            record.update(problem=message.problem, problem_detail=message.problem_detail)
+        return record
 
     # -- accounts ------------------------------------------------------------------
 
@@ -661,6 +667,62 @@ class Chat:
             }
         )
         self._arrive("conversation")
+
+    def _alarm(self, kind, user, detail):
+        """Something about the keys the user must know (a fork, an injected member, ...): always shown."""
+        self.emit({"event": "alarm", "kind": kind, "user": user, "detail": detail, "at": self._now()})
+
+    def _devices_changed(self, user, added, removed):
+        self.emit(
+            {
+                "event": "devices",
+                "user": user,
+                "added": list(added),
+                "removed": list(removed),
+                "verified": False,
+                "at": self._now(),
+            }
+        )
+
+    # -- devices and verification ----------------------------------------------------
+
+    async def _do_devices(self):
+        self._logged_in()
+        devices = await self.client.list_devices()
+        rows = [{"device_id": d.device_id, "name": d.name, "this_device": d.this_device} for d in devices]
+        self._answer("devices", devices=rows)
+
+    async def _do_revoke(self, device):
+        self._logged_in()
+        matches = [d for d in await self.client.list_devices() if d.device_id.startswith(device.lower())]
+        if len(matches) != 1:
+            raise LocalError(
+                "NO_SUCH_DEVICE", f"{len(matches) or 'None'} of your devices start with {device}; /devices lists them."
+            )
+        await self.client.revoke_device(matches[0].device_id)
+        self._answer("revoke", device_id=matches[0].device_id, name=matches[0].name)
+
+    async def _do_verify(self, user):
+        self._logged_in()
+        user = user.lower()
+        number = await self.client.safety_number(user)
+        self._answer("verify", user=user, safety_number=number, verified=self.client.is_verified(user))
+
+    async def _do_trust(self, user):
+        self._logged_in()
+        user = user.lower()
+        await self.client.trust(user)
+        self._answer("trust", user=user)
+
+    async def _do_link(self):
+        self._logged_in()
+        request = await self.client.link_request()
+        self._answer("link", request=request)
+
+    async def _do_approve(self, request):
+        self._logged_in()
+        device_id, name = await self.client.link_new_device(request)
+        self._answer("approve", device_id=device_id, name=name)
 
     async def _reconnected(self, login):
         self.offline = False

@@ -181,6 +181,24 @@ COMMANDS = {
             "as #N (in the full-screen client at the end of each message).",
             rest=True,
         ),
+        Command("/devices", "your devices (end-to-end encryption keys)"),
+        Command(
+            "/revoke DEVICE",
+            "revoke one of your devices (its id from /devices, or the start of it)",
+            "The revoked device can read nothing sent after its revocation is seen.",
+        ),
+        Command(
+            "/verify USER",
+            "show the safety number to compare with USER",
+            "The same 60 digits on both sides when nobody sits in the middle; read them aloud or compare in person.",
+        ),
+        Command("/trust USER", "mark USER verified after comparing safety numbers"),
+        Command(
+            "/link",
+            "on a new device: the request to approve on a device already in use",
+            "Prints a line to type on another of your devices; then log in again here.",
+        ),
+        Command("/approve REQUEST", "add a new device of yours (the line /link printed there)", rest=True),
         Command("/history [N]", "the last N messages here (default 20)"),
         Command(
             "/read",
@@ -307,6 +325,9 @@ def mentions(body, names):
 
 def _message(record, at, suffix=""):
     body, head = record["body"], f"{at(record['sent_at'])} [{clean(record['conversation'])}] "
+    if record.get("problem"):
+        detail = f": {clean(record['problem_detail'])}" if record.get("problem_detail") else ""
+        return head + f"<{record['sender']}> !! this message could not be decrypted ({record['problem']}{detail})"
     if is_action(body):
         return head + f"* {record['sender']} " + clean(body[len(ACTION) :], " " * 6) + suffix
     return head + f"<{record['sender']}> " + clean(body, " " * 6) + suffix
@@ -423,6 +444,16 @@ def _receipts(record, at):
 
 
 # Each takes the record and `at`, which writes a moment as stamp() does for this render.
+def _verify(record, at):
+    digits = record["safety_number"]
+    state = "verified" if record["verified"] else "not verified yet"
+    return [
+        f"safety number with {record['user']} ({state}):",
+        f"  {digits}",
+        f"Compare it with {record['user']} in person or by voice; if it matches, /trust {record['user']}.",
+    ]
+
+
 _ANSWERS = {
     "register": lambda r, at: [f"registered {r['username']}"],
     "login": _login,
@@ -443,6 +474,18 @@ _ANSWERS = {
     "receipts": _receipts,
     "wait": lambda r, at: [f"{r['count']} {r['awaited']} event(s) arrived"],
     "help": lambda r, at: r["lines"],
+    "devices": lambda r, at: [
+        f"  {d['device_id'][:8]}  {clean(d['name'])}" + ("  (this device)" if d["this_device"] else "") for d in r["devices"]
+    ],
+    "revoke": lambda r, at: [f"revoked {r['device_id'][:8]} ({clean(r['name'])}): it reads nothing sent from now on"],
+    "verify": _verify,
+    "trust": lambda r, at: [f"{r['user']} is verified; you will be told if their devices change"],
+    "link": lambda r, at: [
+        "On one of your devices already in use, type:",
+        f"  /approve {r['request']}",
+        "then /login again here.",
+    ],
+    "approve": lambda r, at: [f"added the device {r['device_id'][:8]} ({clean(r['name'])})"],
     "quit": lambda r, at: [],
 }
 
@@ -457,6 +500,13 @@ _EVENTS = {
     "pending": lambda r, at: [_message(r, at, "  (pending: sent once reconnected)")],
     "reconnected": lambda r, at: [f"{at(r['at'])} * reconnected as {r['username']}"],
     "logged_out": lambda r, at: [f"{at(r['at'])} * logged out: {r['message']}"],
+    "alarm": lambda r, at: [
+        f"{at(r['at'])} !! SECURITY: {r['kind']}" + (f" ({r['user']})" if r["user"] else "") + f": {clean(r['detail'] or '')}"
+    ],
+    "devices": lambda r, at: [
+        f"{at(r['at'])} !! {r['user']}'s devices changed: {len(r['added'])} added, {len(r['removed'])} removed;"
+        f" compare safety numbers with /verify {r['user']}"
+    ],
 }
 
 
