@@ -653,7 +653,8 @@ class ChatClient:
         self._rebinding.append(rebinding)
         await self._start_device()
         if not e2ee.active or not self.reconnect:
-            self._rebinding.remove(rebinding)
+            if rebinding in self._rebinding:  # (a setup that finished may have taken it already)
+                self._rebinding.remove(rebinding)
             return False
         return await rebinding
 

@@ -715,9 +715,13 @@ class Chat:
         self._answer("trust", user=user)
 
     async def _do_link(self):
+        """On a new installation: the request to approve elsewhere; once approved, the device starts work."""
         self._logged_in()
+        if await self.client.complete_link():
+            self._answer("link", linked=True, device_id=self.client.device_id)
+            return
         request = await self.client.link_request()
-        self._answer("link", request=request)
+        self._answer("link", linked=False, request=request)
 
     async def _do_approve(self, request):
         self._logged_in()

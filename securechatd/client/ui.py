@@ -196,7 +196,8 @@ COMMANDS = {
         Command(
             "/link",
             "on a new device: the request to approve on a device already in use",
-            "Prints a line to type on another of your devices; then log in again here.",
+            "Prints a line to type on another of your devices; once it is approved there, /link again here"
+            " (a --batch run does not reconnect: start it again).",
         ),
         Command("/approve REQUEST", "add a new device of yours (the line /link printed there)", rest=True),
         Command("/history [N]", "the last N messages here (default 20)"),
@@ -480,11 +481,11 @@ _ANSWERS = {
     "revoke": lambda r, at: [f"revoked {r['device_id'][:8]} ({clean(r['name'])}): it reads nothing sent from now on"],
     "verify": _verify,
     "trust": lambda r, at: [f"{r['user']} is verified; you will be told if their devices change"],
-    "link": lambda r, at: [
-        "On one of your devices already in use, type:",
-        f"  /approve {r['request']}",
-        "then /login again here.",
-    ],
+    "link": lambda r, at: (
+        [f"this device ({r['device_id'][:8]}) is linked: it reads and sends encrypted messages from now on"]
+        if r["linked"]
+        else ["On one of your devices already in use, type:", f"  /approve {r['request']}", "then /link again here."]
+    ),
     "approve": lambda r, at: [f"added the device {r['device_id'][:8]} ({clean(r['name'])})"],
     "quit": lambda r, at: [],
 }
