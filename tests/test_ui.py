@@ -253,10 +253,16 @@ class RenderTests(unittest.TestCase):
             answer("login", username="alice", conversations=0, unread=0),
             ["logged in as alice; /users lists people, /dm USER starts a conversation"],
         )
-        row = dict(conversation_id=3, conversation="bob", unread=2, current=True)
+        row = dict(conversation_id=3, conversation="bob", unread=2, current=True, encrypted=True, verified=True)
+        team = dict(row, conversation_id=12, conversation="Team", unread=0, current=False, verified=False)
+        old = dict(row, conversation_id=14, conversation="Old", unread=0, current=False, encrypted=False, verified=False)
         self.assertEqual(
-            answer("convs", conversations=[row, dict(row, conversation_id=12, conversation="Team", unread=0, current=False)]),
-            ["> #3     bob                      2 unread", "  #12    Team"],
+            answer("convs", conversations=[row, team, old]),
+            [
+                "> #3     bob                      encrypted, all verified  2 unread",
+                "  #12    Team                     encrypted",
+                "  #14    Old                      plaintext",
+            ],
         )
         self.assertEqual(
             answer("receipts", conversation="bob", message_id=7, receipts=[

@@ -379,6 +379,9 @@ class Chat:
                 "last_seq": c.last_seq,
                 "unread": c.unread,
                 "current": c.conversation_id == self.current,
+                "encrypted": bool(c.encrypted),
+                "verified": bool(c.encrypted)
+                and all(self.client.is_verified(m) for m in c.members if m != self.client.username),
             }
             for c in self.conversations.values()
         ]

@@ -326,6 +326,8 @@ def mentions(body, names):
 
 def _message(record, at, suffix=""):
     body, head = record["body"], f"{at(record['sent_at'])} [{clean(record['conversation'])}] "
+    if record.get("problem") == "no_key":
+        return head + f"<{record['sender']}> (sent before this device was added: it cannot be read here)"
     if record.get("problem"):
         detail = f": {clean(record['problem_detail'])}" if record.get("problem_detail") else ""
         return head + f"<{record['sender']}> !! this message could not be decrypted ({record['problem']}{detail})"
@@ -410,7 +412,9 @@ def _convs(record, at):
     for row in rows:
         marker = ">" if row["current"] else " "
         unread = f"{row['unread']} unread" if row["unread"] else ""
-        lines.append(f"{marker} #{row['conversation_id']:<5} {clean(row['conversation']):<24} {unread}".rstrip())
+        security = ("encrypted, all verified" if row["verified"] else "encrypted") if row.get("encrypted") else "plaintext"
+        line = f"{marker} #{row['conversation_id']:<5} {clean(row['conversation']):<24} {security:<24} {unread}"
+        lines.append(line.rstrip())
     return lines
 
 
