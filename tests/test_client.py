@@ -133,6 +133,21 @@ class ClientTests(unittest.TestCase):
         self.assertEqual(len(bob_inbox.items["deliver"]), 1)
 
     @inlineCallbacks
+    def test_register_with_an_invitation_where_registration_is_closed(self):
+        from securechatd.commands import NotAllowed
+        from securechatd.server.passwords import token_hash
+
+        port, ca, hub = start_daemon(self, reactor, registration="closed")
+        now = reactor.seconds()
+        yield hub.store.add_invite(token_hash("an-invitation"), now, now + 3600)
+        client = ChatClient("127.0.0.1", port, ca, hostname="localhost", reactor=reactor)
+        self.addCleanup(client.close)
+        yield client.connect()
+        with self.assertRaises(NotAllowed):
+            yield client.register("carol", PASSWORD)
+        self.assertEqual((yield client.register("carol", PASSWORD, "an-invitation")), "carol")
+
+    @inlineCallbacks
     def test_reconnect_resends_without_duplicates(self):
         alice, _ = yield self.client("alice")
         bob, bob_inbox = yield self.client("bob")

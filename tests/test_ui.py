@@ -56,6 +56,7 @@ class ParserTests(unittest.TestCase):
         cases = {
             "/register": ("register", []),
             "/register Alice": ("register", ["alice"]),
+            "/register Alice Zx-9_inv": ("register", ["alice", "Zx-9_inv"]),
             "/login alice": ("login", ["alice"]),
             "/logout": ("logout", []),
             "/passwd": ("passwd", []),
@@ -427,8 +428,8 @@ class FakeClient:
         self.username = username
         return answer.addCallback(lambda _: LoggedIn(username, "s1", NOW, "token"))
 
-    def register(self, username, password):
-        return self._answer("register", username, password, result=username)
+    def register(self, username, password, invite=None):
+        return self._answer("register", username, password, invite, result=username)
 
     def logout(self):
         self.username = None
@@ -544,7 +545,7 @@ class BatchTests(ChatTestCase):
                 {"event": "answer", "command": "login", "username": "alice", "conversations": 0, "unread": 0},
             ],
         )
-        self.assertEqual(self.client.calls[:2], [("register", "alice", PASSWORD), ("login", "alice", PASSWORD)])
+        self.assertEqual(self.client.calls[:2], [("register", "alice", PASSWORD, None), ("login", "alice", PASSWORD)])
 
     def test_dm_and_say(self):
         self.logged_in()

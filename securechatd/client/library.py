@@ -454,10 +454,10 @@ class ChatClient:
 
     # -- accounts --------------------------------------------------------------
 
-    def register(self, username, password):
-        return self.call(commands.Register, username=username, password=password).addCallback(
-            lambda answer: answer["username"]
-        )
+    def register(self, username, password, invite=None):
+        """Deferred user name; `invite` is an invitation token (securechatd-admin invite) where registration is closed."""
+        registered = self.call(commands.Register, username=username, password=password, invite=invite)
+        return registered.addCallback(lambda answer: answer["username"])
 
     def _logged_in(self, answer, bound=False):
         login = _record(LoggedIn, answer)

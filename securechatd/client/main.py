@@ -270,10 +270,10 @@ class Chat:
             raise LocalError("PASSWORD_MISMATCH", "The two passwords differ.")
         return password
 
-    async def _do_register(self, user=None):
+    async def _do_register(self, user=None, invite=None):
         user = self._user(user, "register")
         password = self.password or await self._new_password(f"New password for {user}: ")
-        username = await self.client.register(user, password)
+        username = await self.client.register(user, password, invite)
         self._answer("register", username=username)
         await self._log_in(username, password)
 

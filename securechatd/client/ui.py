@@ -124,10 +124,11 @@ COMMANDS = {
     command.name: command
     for command in (
         Command(
-            "/register [USER]",
+            "/register [USER] [INVITE]",
             "create an account and log in",
             "Asks for a new password twice (8 to 1024 characters) unless --password-file or "
-            "SECURECHAT_PASSWORD gives one. USER defaults to --user.",
+            "SECURECHAT_PASSWORD gives one. USER defaults to --user. Where registration is closed, "
+            "INVITE is the invitation an administrator gave you (securechatd-admin invite).",
         ),
         Command(
             "/login [USER]",
