@@ -83,6 +83,7 @@ class Settings:
     hash_threads: int = 2
     hash_nice: int = 10
     max_sessions: int = 10
+    session_check: float = 2.0
     resume_token_lifetime: float = 30 * 86400
     login_failures_before_delay: int = 5
     login_max_delay: float = 900.0
@@ -140,6 +141,7 @@ SCHEMA = {
     "hash_threads": ("accounts", "hash_threads", _integer(1, 64)),
     "hash_nice": ("accounts", "hash_nice", _integer(0, 19)),
     "max_sessions": ("accounts", "max_sessions", _integer(1)),
+    "session_check": ("accounts", "session_check", _seconds),
     "resume_token_lifetime": ("accounts", "resume_token_lifetime", _seconds),
     "login_failures_before_delay": ("limits", "login_failures_before_delay", _integer(1)),
     "login_max_delay": ("limits", "login_max_delay", _seconds),

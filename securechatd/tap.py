@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import sys
 from functools import partial
 
+from twisted.application.internet import TimerService
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.threads import deferToThreadPool
@@ -202,12 +203,20 @@ def build(settings, reactor):
         AuditLogService(settings.audit_log).setServiceParent(daemon)
     ThreadPoolService(hash_pool).setServiceParent(daemon)
     StoreService(store, reactor).setServiceParent(daemon)
+    checks = TimerService(settings.session_check, _check_sessions, hub)
+    checks.clock = reactor
+    checks.setServiceParent(daemon)
     listener = ListenerService(
         endpoint, AdmittingTLSFactory(server_tls, False, factory), where, settings.shutdown_grace
     )
     listener.setName("listener")
     listener.setServiceParent(daemon)
     return daemon
+
+
+def _check_sessions(hub):
+    """One round of Hub.check_sessions; a failure is logged and the next round tries again."""
+    hub.check_sessions().addErrback(lambda failure: log.failure("checking sessions", failure))
 
 
 def _stop_on_sigterm(reactor):

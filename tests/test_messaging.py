@@ -726,3 +726,37 @@ class PendingLimitTests(MessagingTestCase):
         self.assertEqual([seq for _, seq, _ in self.delivered(bob)], [4, 5, 6, 7, 8])
         history = self.ok(bob, commands.History, conversation_id=group)["messages"]
         self.assertEqual(len(history), 8)  # the older ones are in History
+
+
+class AdministratorChangesTests(MessagingTestCase):
+    """securechatd-admin writes the database from another process; the daemon's session check catches up."""
+
+    def ended(self, conn):
+        return conn.server.transport.disconnecting or conn.server.lost
+
+    def test_a_deleted_account_loses_its_sessions_and_its_direct_conversation_closes(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        direct = self.dm(alice, "bob")
+        self.settle(alice, bob)
+        self.successResultOf(self.hub.store.delete_user("bob", self.clock.seconds()))
+        self.assertFalse(self.ended(bob))
+        self.successResultOf(self.hub.check_sessions())
+        self.assertTrue(self.ended(bob))
+        self.settle(alice)
+        [update] = [p for p in self.pushed(alice, "ConversationUpdated") if p["conversation_id"] == direct][-1:]
+        self.assertEqual(update["members"], ["alice"])
+        refused = self.error(
+            alice, NotAllowed, commands.SendMessage, conversation_id=direct, client_msg_id="gone", body="hello?"
+        )
+        self.assertIn("account was deleted", str(refused.value))
+        self.assertFalse(self.ended(alice))
+
+    def test_a_password_changed_by_the_administrator_ends_the_sessions_but_not_its_own_change(self):
+        alice, bob = self.connect("alice"), self.connect("bob")
+        self.ok(alice, commands.ChangePassword, old_password=PASSWORD, new_password="a new one, long enough")
+        self.successResultOf(self.hub.check_sessions())
+        self.assertFalse(self.ended(alice))  # its own change moved its generation with it
+        self.successResultOf(self.hub.store.set_password("bob", "$2b$04$" + "x" * 53, self.clock.seconds()))
+        self.successResultOf(self.hub.check_sessions())
+        self.assertTrue(self.ended(bob))
+        self.assertFalse(self.ended(alice))

@@ -99,6 +99,14 @@ class DaemonTests(unittest.TestCase):
         ca = ca or os.path.join(self.certs, "ca.pem")
         return connected_client(self, reactor, port, ca, hostname)
 
+    def test_sessions_are_checked_against_the_database_on_the_settings_period(self):
+        from twisted.application.internet import TimerService
+
+        self.settings = dataclasses.replace(self.settings, session_check=7.5)
+        self.start()
+        [checks] = [s for s in self.daemon if isinstance(s, TimerService)]
+        self.assertEqual((checks.step, checks.clock), (7.5, reactor))
+
     def test_first_run_creates_dev_certificates(self):
         self.start()
         for name in ("ca.key", "server.key"):

@@ -252,6 +252,7 @@ class AccountService:
 
     async def _portal_login(self, credentials, client_name, connection):
         _, session, _ = await self.portal.login(credentials, (connection, client_name), IChatSession)
+        session.generation = credentials.generation  # (what check_sessions compares with the database)
         return session
 
     async def _attempt(self, username, address, method, verify, count_pending=True):
@@ -356,6 +357,39 @@ class AccountService:
         )
 
     @deferred
+    async def check_sessions(self):
+        """End the sessions of accounts deleted, or whose password changed, behind the daemon's back.
+
+        securechatd-admin deluser and passwd write the database from another
+        process; this compares every logged-in user with it (one statement per
+        1,000 users). Returns the names of the deleted users found.
+        """
+        names = self.registry.logged_in_users()
+        if not names:
+            return []
+        live = await self.store.generations(sorted(names))
+        deleted = []
+        for name in names:
+            generation = live.get(name)
+            if generation is None:
+                deleted.append(name)
+                why = "Your account was deleted by an administrator."
+            else:
+                why = "Your password was changed by an administrator; log in again."
+            for session in self.registry.all_sessions_of(name):
+                if generation is None or session.generation not in (None, generation):
+                    session.end()
+                    session.client.session_ended(why)
+                    security.info(
+                        "session of {username} ended: {reason}",
+                        username=name,
+                        session_id=session.session_id,
+                        reason="account deleted" if generation is None else "password changed",
+                        security_event="session_end",
+                    )
+        return deleted
+
+    @deferred
     async def change_password(self, session, old_password, new_password, address):
         """Replace the password, then end the user's other sessions and their tokens."""
         passwords.check_rule(new_password)
@@ -372,6 +406,9 @@ class AccountService:
         await self.store.set_password(
             session.username, hashed, self.clock.seconds(), keep_session=session.session_id
         )
+        changed = await self.store.get_credentials(session.username)
+        if changed is not None:
+            session.generation = changed.generation
         ended = [s for s in self.registry.all_sessions_of(session.username) if s is not session]
         for other in ended:
             other.end()

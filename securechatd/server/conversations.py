@@ -200,6 +200,20 @@ class ConversationService:
                 own.outbox.left(conversation.id)
         self.announce(updated, (*updated.members, session.username), origin=session, joined=())
 
+    @staticmethod
+    def check_writable(conversation):
+        """NOT_ALLOWED for a direct conversation whose other account was deleted: no one would read it."""
+        if conversation.kind == "direct" and len(conversation.members) < 2:
+            raise NotAllowed("The other person's account was deleted; this conversation takes no more messages.")
+
+    def member_deleted(self, username):
+        """The account of `username` was deleted (its memberships with it): tell the others in loaded conversations."""
+        for conversation in list(self._cache.values()):
+            if username in conversation.members:
+                members = tuple(name for name in conversation.members if name != username)
+                updated = self._update(conversation._replace(members=members))
+                self.announce(updated, members, joined=())
+
     def announce(self, conversation, usernames, origin=None, joined=None):
         """Tell every session of `usernames` but `origin` of the conversation's new state.
 

@@ -169,6 +169,7 @@ class EncryptedService:
         if staged is not None and staged < 0:
             raise InvalidArgument("staged must be 0 or more.")
         conversation = await self._conversation(session, conversation_id)
+        self.conversations.check_writable(conversation)
         device = self._device(session, "send to it")
         if parsed.conversation != conversation.id:
             raise InvalidArgument(f"The header is of conversation {parsed.conversation}, not {conversation.id}.")

@@ -10,6 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from securechatd.server.delivery import Outbox
+from securechatd.server.policy import deferred
 
 log = Logger()
 security = Logger(namespace="securechatd.security")
@@ -30,6 +31,12 @@ class Hub:
         self.clock = clock
         self.window = window  # unanswered Delivers per session
         self.max_pending = max_pending  # messages per conversation pushed to a returning session
+
+    @deferred
+    async def check_sessions(self):
+        """Sessions of accounts deleted or re-passworded by securechatd-admin end; their contacts hear of a deletion."""
+        for username in await self.accounts.check_sessions():
+            self.conversations.member_deleted(username)
 
     def session_started(self, session):
         """Call as the login is answered: the session goes online; pending messages follow next turn."""

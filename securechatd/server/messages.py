@@ -72,6 +72,7 @@ class MessageService:
     def _store(self, conversation, session, client_msg_id, body):
         if conversation.encrypted or not self.plaintext_allowed:
             self._refuse_plaintext(conversation)
+        self.conversations.check_writable(conversation)
         wait = self.rate.take(session.username)
         if wait:
             raise RateLimited(f"Too many messages; {retry_text(wait)}.")

@@ -67,6 +67,7 @@ class Session:
         self.outbox = None  # set by the hub when the session starts
         self.address = None  # the client's IP address, and the device the session is bound to
         self.device_id = None  # (32 hex digits; None: a session of version 1, bound to no device)
+        self.generation = None  # the account's credential generation when it logged in
 
     def __repr__(self):
         return f"<Session {self.username} {self.session_id[:8]}>"
@@ -115,6 +116,10 @@ class SessionRegistry:
 
     def online_users(self):
         return set(self._online)
+
+    def logged_in_users(self):
+        """Users with a session, online or still logging in."""
+        return set(self._by_user)
 
     def tell(self, usernames, push, exclude=None):
         """Call `push(session.client)` for every online session of `usernames` but `exclude`.

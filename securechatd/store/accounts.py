@@ -3,7 +3,7 @@
 from collections import namedtuple
 
 from securechatd.store import dialect
-from securechatd.store.base import LIVE, USER_ID, StoreBase, limited
+from securechatd.store.base import LIVE, MAX_NAMES, USER_ID, StoreBase, limited, placeholders
 
 # generation: 1 for a new account, +1 at every password change (a login checked
 # against one generation cannot be given a token after the next)
@@ -61,6 +61,25 @@ class AccountStore(StoreBase):
             (token_hash, now),
         )
         return txn.fetchone() is not None
+
+    def generations(self, usernames):
+        """Deferred {username: credential generation} of those of `usernames` that are live accounts.
+
+        For the session check: a name missing from the answer was deleted, a
+        generation that moved on had its password changed (securechatd-admin too).
+        """
+        return self._read("generations", self._generations_txn, list(usernames))
+
+    @staticmethod
+    def _generations_txn(txn, usernames):
+        found = {}
+        for start in range(0, len(usernames), MAX_NAMES):
+            chunk = usernames[start : start + MAX_NAMES]
+            txn.execute(
+                f"SELECT username, generation FROM users WHERE username IN {placeholders(chunk)} AND {LIVE}", chunk
+            )
+            found.update(txn.fetchall())
+        return found
 
     def get_credentials(self, username):
         """Deferred: Credentials, or None for an unknown user."""
