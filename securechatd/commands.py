@@ -189,7 +189,11 @@ _LOGGED_IN = [
     (b"session_id", amp.Unicode()),
     (b"server_time", amp.DateTime()),
     (b"resume_token", amp.Unicode()),
+    (b"max_message_bytes", Integer(optional=True)),  # (addition) the server's limit on a body, so clients check first
 ]
+
+# (addition) the presence a session starts with, so a reconnecting client is never shown online for a moment
+_INITIAL_PRESENCE = [(b"status", amp.Unicode(optional=True)), (b"note", amp.Unicode(optional=True))]
 
 
 class Login(ChatCommand):
@@ -198,6 +202,7 @@ class Login(ChatCommand):
         (b"password", amp.Unicode()),
         (b"client_name", amp.Unicode(optional=True)),
         (b"device_id", amp.Unicode(optional=True)),  # version 2: binds the session to this device
+        *_INITIAL_PRESENCE,
     ]
     response = _LOGGED_IN
 
@@ -208,6 +213,7 @@ class Resume(ChatCommand):
         (b"resume_token", amp.Unicode()),
         (b"client_name", amp.Unicode(optional=True)),
         (b"device_id", amp.Unicode(optional=True)),
+        *_INITIAL_PRESENCE,
     ]
     response = _LOGGED_IN
 

@@ -564,6 +564,25 @@ class PresenceTests(MessagingTestCase):
     def changes(self):
         return [(p["username"], p["status"], p.get("note")) for p in self.pushed(self.bob, "PresenceChanged")]
 
+    def test_a_session_can_start_away_or_invisible_and_is_never_shown_online(self):
+        away = Connection(self.hub)
+        answer = self.successResultOf(
+            away.call(commands.Login, username="alice", password=PASSWORD, status="away", note="back at 3")
+        )
+        self.assertEqual(answer["max_message_bytes"], 16 * 1024)  # (so a client can check a body first)
+        hidden = Connection(self.hub)
+        self.successResultOf(hidden.call(commands.Login, username="carol", password=PASSWORD, status="invisible"))
+        self.settle(self.bob, away, hidden)
+        self.assertEqual(self.changes(), [("alice", "away", "back at 3")])
+
+    def test_a_bad_initial_presence_is_refused_before_the_password_is_checked(self):
+        conn = Connection(self.hub)
+        for bad in (dict(status="sleepy"), dict(status="away", note="x" * 201), dict(note="a note alone")):
+            self.failureResultOf(
+                conn.call(commands.Login, username="alice", password="wrong password", **bad), InvalidArgument
+            )
+        self.successResultOf(conn.call(commands.Login, username="alice", password=PASSWORD))  # no failures counted
+
     def test_sessions_combine(self):
         phone, laptop = self.connect("alice"), self.connect("alice")
         self.ok(phone, commands.SetPresence, status="away", note="lunch")

@@ -48,12 +48,17 @@ class PresenceService:
         before = combined([*remaining, session])
         self._changed(session.username, before)
 
-    @deferred
-    async def set_status(self, session, status, note):
+    @staticmethod
+    def check(status, note):
+        """INVALID_ARGUMENT for a status word or note a session cannot have."""
         if status not in commands.STATUSES:
             raise InvalidArgument(f"status must be one of {', '.join(commands.STATUSES)}.")
         if note is not None and len(note.encode("utf-8")) > commands.MAX_NOTE_BYTES:
             raise InvalidArgument(f"A note is at most {commands.MAX_NOTE_BYTES} bytes of UTF-8.")
+
+    @deferred
+    async def set_status(self, session, status, note):
+        self.check(status, note)
         take_action(self.actions, session)
         before = self.status_of(session.username)
         session.status, session.note = status, note

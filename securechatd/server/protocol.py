@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from securechatd import commands
-from securechatd.commands import AlreadyAuthenticated, AuthRequired, ChatError, ServiceUnavailable
+from securechatd.commands import AlreadyAuthenticated, AuthRequired, ChatError, InvalidArgument, ServiceUnavailable
 from securechatd.server import wire
 from securechatd.server.framing import command_and_responder
 from securechatd.store.base import StoreError
@@ -75,7 +75,16 @@ class ChatLocator(amp.CommandLocator):
     def _address(self):
         return self.connection.address
 
-    async def _logged_in(self, login):
+    def _initial_presence(self, status, note):
+        """The presence a session starts with (checked before any login work); (None, None): online."""
+        if status is None:
+            if note is not None:
+                raise InvalidArgument("A note goes with a status.")
+            return None, None
+        self.hub.presence.check(status, note)
+        return status, note
+
+    async def _logged_in(self, login, presence=(None, None)):
         self._logging_in = True
         try:
             session, token = await login
@@ -84,6 +93,8 @@ class ChatLocator(amp.CommandLocator):
         if self.connection.lost:
             session.end()
             raise AuthRequired("The connection closed during login.")
+        if presence[0] is not None:  # before anyone can see it: a reconnect does not flash online
+            session.status, session.note = presence
         self.session = session
         self.connection.logged_in()
         self.hub.session_started(session)
@@ -92,6 +103,7 @@ class ChatLocator(amp.CommandLocator):
             "session_id": session.session_id,
             "server_time": wire.utc(self.clock.seconds()),
             "resume_token": token,
+            "max_message_bytes": self.hub.messages.max_body,
         }
 
     def end_session(self):
@@ -110,18 +122,20 @@ class ChatLocator(amp.CommandLocator):
         return registered.addCallback(lambda name: {"username": name})
 
     @commands.Login.responder
-    def login(self, username, password, client_name=None, device_id=None):
+    def login(self, username, password, client_name=None, device_id=None, status=None, note=None):
         self._not_logged_in()
+        presence = self._initial_presence(status, note)
         login = self.accounts.login(username, password, client_name, self._address(), self.connection, device_id)
-        return Deferred.fromCoroutine(self._logged_in(login))
+        return Deferred.fromCoroutine(self._logged_in(login, presence))
 
     @commands.Resume.responder
-    def resume(self, username, resume_token, client_name=None, device_id=None):
+    def resume(self, username, resume_token, client_name=None, device_id=None, status=None, note=None):
         self._not_logged_in()
+        presence = self._initial_presence(status, note)
         login = self.accounts.resume(
             username, resume_token, client_name, self._address(), self.connection, device_id
         )
-        return Deferred.fromCoroutine(self._logged_in(login))
+        return Deferred.fromCoroutine(self._logged_in(login, presence))
 
     @commands.Logout.responder
     def logout(self):
