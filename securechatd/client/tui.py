@@ -198,7 +198,7 @@ class ChatWidget(urwid.WidgetWrap):
             return None
 
 
-class Tui:
+class Tui(ui.Typed):
     """The full-screen console: windows per conversation, fed records by main.Chat.
 
     `reactor` runs notify-send and the screen; `tz` is the time zone shown (None:
@@ -212,6 +212,7 @@ class Tui:
     def __init__(
         self, reactor, *, color=True, notify="auto", highlight=(), tz=None, environ=None, which=shutil.which, bell=None
     ):
+        super().__init__()
         self.reactor = reactor
         self.color = color
         self.notify = notify
@@ -228,7 +229,6 @@ class Tui:
         self.focused = True  # whether the terminal has the focus, when it reports it
         self.offline = False
         self.loop = None
-        self._lines, self._waiting, self._ended = [], None, False
         self._secret = None  # (Deferred, the input put aside) while a password is typed
         self._search = None  # (the input put aside, the Line found) while searching
         self._paste = False
@@ -307,22 +307,6 @@ class Tui:
     def attach(self, chat):
         self.chat = chat
         self.refresh()
-
-    def next_line(self):
-        """Deferred: the next line sent with Enter, or None after Ctrl-D on an empty line."""
-        if self._lines:
-            return succeed(self._lines.pop(0))
-        if self._ended:
-            return succeed(None)
-        self._waiting = Deferred()
-        return self._waiting
-
-    def _put(self, line):
-        if self._waiting is not None:
-            waiting, self._waiting = self._waiting, None
-            waiting.callback(line)
-        else:
-            self._lines.append(line)
 
     def read_secret(self, prompt):
         """Deferred: a line typed without echo; the input being typed comes back after it."""
@@ -711,8 +695,7 @@ class Tui:
             self._enter(window)
             return None
         if key == "ctrl d" and not self.edit.edit_text:
-            self._ended = True
-            self._put(None)
+            self._end()
             return None
         if key == "ctrl l":
             if self.loop is not None:

@@ -533,30 +533,13 @@ def to_json(record):
 # -- the console ------------------------------------------------------------------
 
 
-@implementer(IHalfCloseableProtocol)
-class Console(Protocol):
-    """Standard input and output as lines: for pipes, scripts and --batch.
+class Typed:
+    """Lines typed and not yet taken by Chat, and Chat waiting for the next one (every face of the client)."""
 
-    Half-closeable, so the end of the input leaves output open for the answers
-    still to come. `tz` is the time zone its reader's times are shown in (None:
-    this machine's local zone).
-    """
-
-    interactive = False
-
-    def __init__(self, tz=None):
-        self.tz = tz
-        self._buffer = b""
+    def __init__(self):
         self._lines = []
         self._waiting = None
         self._ended = False
-        self.closed = Deferred()
-        self.output_lost = Deferred()  # fires if the reader of our output goes away (`| head -1`)
-
-    def dataReceived(self, data):
-        *lines, self._buffer = (self._buffer + data).split(b"\n")
-        for line in lines:
-            self._put(line.rstrip(b"\r").decode("utf-8", "replace"))
 
     def _put(self, line):
         if self._waiting is not None:
@@ -571,6 +554,39 @@ class Console(Protocol):
             waiting, self._waiting = self._waiting, None
             waiting.callback(None)
 
+    def next_line(self):
+        """Deferred: the next line, or None once there are no more (end of input, Ctrl-D)."""
+        if self._lines:
+            return succeed(self._lines.pop(0))
+        if self._ended:
+            return succeed(None)
+        self._waiting = Deferred()
+        return self._waiting
+
+
+@implementer(IHalfCloseableProtocol)
+class Console(Typed, Protocol):
+    """Standard input and output as lines: for pipes, scripts and --batch.
+
+    Half-closeable, so the end of the input leaves output open for the answers
+    still to come. `tz` is the time zone its reader's times are shown in (None:
+    this machine's local zone).
+    """
+
+    interactive = False
+
+    def __init__(self, tz=None):
+        super().__init__()
+        self.tz = tz
+        self._buffer = b""
+        self.closed = Deferred()
+        self.output_lost = Deferred()  # fires if the reader of our output goes away (`| head -1`)
+
+    def dataReceived(self, data):
+        *lines, self._buffer = (self._buffer + data).split(b"\n")
+        for line in lines:
+            self._put(line.rstrip(b"\r").decode("utf-8", "replace"))
+
     def readConnectionLost(self):
         if self._buffer:
             self.dataReceived(b"\n")
@@ -584,15 +600,6 @@ class Console(Protocol):
     def connectionLost(self, reason):
         self._end()
         self.closed.callback(None)
-
-    def next_line(self):
-        """Deferred: the next input line, or None at the end of the input."""
-        if self._lines:
-            return succeed(self._lines.pop(0))
-        if self._ended:
-            return succeed(None)
-        self._waiting = Deferred()
-        return self._waiting
 
     def read_secret(self, prompt):
         return self.next_line()
