@@ -126,6 +126,7 @@ class Alarm:
     DEVICE_REVOKED = "device_revoked"  # this installation's device was revoked
     DEVICE_MISSING = "device_missing"  # this installation's device is not in its user's chain any more
     DEVICE_FILE = "device_file"  # the device file cannot be used (damaged, another user's, in use by another program)
+    GAP = "gap"  # seqs of a conversation this device was never pushed and the server's history does not have
 
 
 _UNSEAL_PROBLEMS = (  # most specific first: several are ValueErrors

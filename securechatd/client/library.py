@@ -25,6 +25,7 @@ handed to on_deliver, with body None and `problem` saying why, and raises
 on_alarm. See ChatClient's docstring for the callbacks and methods.
 """
 
+import hashlib
 import os
 import random
 import uuid
@@ -51,6 +52,7 @@ from securechatd.client.crypto import (  # noqa: F401 (DeviceInfo, LinkError: fo
     EndToEnd,
     LinkError,
     Problem,
+    Undecryptable,
 )
 from securechatd.client.device_file import DeviceFileError
 from securechatd.client.seen import SeenMessages
@@ -227,6 +229,52 @@ class _Outgoing:
     reseals: int = 0
 
 
+class _Sequence:
+    """What this device was pushed of one encrypted conversation, beyond SeenMessages' highest seq handed over.
+
+    Gap detection (docs/E2EE.md, "Gaps in seq"): the server numbers each
+    conversation's messages 1, 2, 3, … and pushes a device every one that
+    has a wrap for it, in seq order. A push whose seq jumps past the highest
+    handed over leaves seqs this device has not seen; those are checked
+    (ChatClient._check_gap). Kept in memory only: after a restart the
+    highest seq handed over (SeenMessages' file) is where checking resumes.
+    """
+
+    def __init__(self):
+        self.missing = set()  # seqs below the highest handed over that were never pushed: shown if they still come
+        self.own = set()  # seqs of this device's own messages (it is pushed none of them), above the highest
+        self.failed = {}  # seq -> digests of pushes at that seq that could not be opened (not shown twice)
+
+    def forget_below(self, highest):
+        self.own = {seq for seq in self.own if seq > highest}
+        kept = sorted(seq for seq in self.failed if seq > highest or seq in self.missing)[-MAX_FAILED_KEPT:]
+        self.failed = {seq: self.failed[seq] for seq in kept}
+        if len(self.missing) > MAX_GAP_CHECKED:
+            self.missing = set(sorted(self.missing)[-MAX_GAP_CHECKED:])
+
+
+MAX_GAP_CHECKED = 1000  # skipped seqs looked up in history at most (more: the gap alarm says so, unchecked)
+MAX_FAILED_KEPT = 1000
+MAX_SHOWN_KEPT = 10_000  # message ids remembered with their seq
+
+
+def _push_digest(item):
+    """What identifies one push of an encrypted message (a later push of the same seq with other bytes is new)."""
+    parts = [str(item["message_id"]).encode(), item["header"], item["body"], item.get("wrap") or b""]
+    return hashlib.sha256(b"".join(len(part).to_bytes(4, "big") + part for part in parts)).digest()
+
+
+def _seq_ranges(seqs):
+    """Sorted seqs as text: `4`, `4-6, 9`."""
+    ranges = []
+    for seq in seqs:
+        if ranges and ranges[-1][1] == seq - 1:
+            ranges[-1][1] = seq
+        else:
+            ranges.append([seq, seq])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
+
+
 MAX_RESEALS = 2  # times a message the server refused because the membership or a device changed is sealed again
 
 
@@ -299,6 +347,8 @@ class ChatClient:
         self._encrypted = {}  # conversation_id -> the server's encrypted flag
         self._listing = None  # a ListConversations under way to learn those flags
         self._deliveries = succeed(None)  # DeliverEncrypted pushes are opened and handed over one after the other
+        self._sequences = {}  # conversation_id -> _Sequence: what this device was and was not pushed (memory only)
+        self._shown_at = {}  # message_id -> (conversation_id, seq) of encrypted messages read (memory only; bounded)
         self._rebinding = []  # Deferreds of complete_link() waiting for the session to be bound again
         self._current = None  # the latest connection, ready or not
         self._protocol = None  # the current connection, once verified (and logged in again)
@@ -466,6 +516,7 @@ class ChatClient:
             if self.state_directory is not None:
                 path = os.path.join(self.state_directory, f"{login.username}.seen.json")
             self.seen = SeenMessages(path)
+            self._sequences, self._shown_at = {}, {}
         self.username, self.resume_token = login.username, login.resume_token
         self._bound = bound
         return login
@@ -897,6 +948,7 @@ class ChatClient:
             else:
                 if self.e2ee is not None:
                     self.e2ee.sent(answer["message_id"], outgoing.sealed.key)
+                self._sequences.setdefault(conversation_id, _Sequence()).own.add(answer["seq"])
                 self._answered(answer, client_msg_id, outgoing.sealed.unreached)
             if queue and queue[0] == client_msg_id:
                 queue.popleft()
@@ -943,24 +995,128 @@ class ChatClient:
         return handled
 
     async def _open_and_deliver(self, item):
-        conversation_id = item["conversation_id"]
-        if not self.seen.is_new(conversation_id, item["seq"]):
-            return
+        conversation_id, seq = item["conversation_id"], item["seq"]
         if self.e2ee is None:
+            if not self.seen.is_new(conversation_id, seq):
+                return
             reason = self.device_problem or "This client keeps no device."
             self.on_alarm(Problem.NO_DEVICE, item["sender"], reason)
             message = self._encrypted_message(conversation_id, item, None, Problem.NO_DEVICE, reason)
+            await maybeDeferred(self.on_deliver, message)
+            self._handed_over(None, message)
+            return
+        sequence = self._sequences.setdefault(conversation_id, _Sequence())
+        highest = self._highest_seen(conversation_id)
+        digest = _push_digest(item)
+        if (seq <= highest and seq not in sequence.missing) or digest in sequence.failed.get(seq, ()):
+            return  # handed over already (or this very push failed already)
+        shown = self._shown_at.get(item["message_id"])
+        if shown is not None and shown != (conversation_id, seq):
+            # a message read before (its key is kept, so it would open again) pushed as another seq: a replay
+            problem = Undecryptable(
+                Problem.REPLAY, f"it was shown before as seq {shown[1]} of conversation {shown[0]}; now pushed as {seq}"
+            )
+            self.e2ee._alarm(
+                Problem.REPLAY,
+                item["sender"],
+                f"message {item['message_id']} of conversation {conversation_id} cannot be read: {problem.detail}",
+            )
+            text = None
         else:
             text, problem = await self.e2ee.open_message(conversation_id, item)
-            message = self._encrypted_message(
-                conversation_id,
-                item,
-                text,
-                problem.problem if problem is not None else None,
-                problem.detail if problem is not None else None,
-            )
+        message = self._opened_message(conversation_id, item, text, problem)
+        if problem is not None:
+            # Not handed over: the seq is the server's word, and a push that cannot be opened proves nothing
+            # about it; the message that really has this seq is still shown when it comes.
+            sequence.failed.setdefault(seq, set()).add(digest)
+            await maybeDeferred(self.on_deliver, message)
+            return
+        if seq > highest + 1 and highest > 0:
+            await self._check_gap(conversation_id, sequence, highest, seq)
         await maybeDeferred(self.on_deliver, message)
+        sequence.missing.discard(seq)
+        self._shown(conversation_id, item)
         self._handed_over(None, message)
+        sequence.forget_below(self._highest_seen(conversation_id))
+
+    def _shown(self, conversation_id, item):
+        """Remember which seq a message read was (a message id pushed again as another seq is a replay)."""
+        self._shown_at[item["message_id"]] = (conversation_id, item["seq"])
+        if len(self._shown_at) > MAX_SHOWN_KEPT:
+            del self._shown_at[next(iter(self._shown_at))]
+
+    def _highest_seen(self, conversation_id):
+        """The highest seq of the conversation handed to the app (SeenMessages keeps it; 0: none)."""
+        return self.seen._highest.get(conversation_id, 0)  # (seen.py has no accessor; read, never written, here)
+
+    async def _check_gap(self, conversation_id, sequence, highest, seq):
+        """The seqs between the highest handed over and `seq` that this device was not pushed: check, alarm if lost.
+
+        They are asked of HistoryEncrypted. One the server still holds a wrap
+        of for this device was due to it (held back, or dropped on the way):
+        it is opened and handed over now, before `seq`. One history has with
+        no wrap for this device was not encrypted for it (or its wrap was
+        withheld: the two look the same). One history does not have at all
+        is an alarm `gap` naming it. All of them stay awaited (`missing`): if
+        a push of one still comes, it is shown, late.
+        """
+        skipped = set(range(highest + 1, seq)) - sequence.own - set(sequence.failed)
+        if not skipped:
+            return
+        lowest, found, problem = min(skipped), {}, None
+        if len(skipped) > MAX_GAP_CHECKED:
+            problem = f"{len(skipped)} are too many to look up"
+        else:
+            before = seq
+            try:
+                while before > lowest:
+                    page = await self.call(
+                        commands.HistoryEncrypted,
+                        conversation_id=conversation_id,
+                        before_seq=before,
+                        limit=min(before - lowest, 500),
+                    )
+                    seqs = [item["seq"] for item in page["messages"]]
+                    found.update((item["seq"], item) for item in page["messages"] if item["seq"] in skipped)
+                    if not seqs or not page["has_more"]:
+                        break
+                    before = min(seqs)
+            except commands.ChatError as refused:
+                problem = f"the conversation's history could not be fetched to check ({refused})"
+        for missing_seq in sorted(found):
+            item = dict(found[missing_seq], conversation_id=conversation_id)
+            if item.get("wrap") is None:
+                continue
+            text, opened = await self.e2ee.open_message(conversation_id, item)
+            await maybeDeferred(self.on_deliver, self._opened_message(conversation_id, item, text, opened))
+            skipped.discard(missing_seq)
+            if opened is not None:
+                sequence.failed.setdefault(missing_seq, set()).add(_push_digest(item))
+            else:
+                self._shown(conversation_id, item)
+        sequence.missing |= skipped
+        lost = sorted(skipped - set(found))
+        if lost:
+            why = (
+                f"{problem}: they may have been dropped"
+                if problem is not None
+                else "the server's history of the conversation does not have them either: they were dropped"
+            )
+            self.e2ee._alarm(
+                Alarm.GAP,
+                None,
+                f"conversation {conversation_id}: seq {_seq_ranges(lost)} never reached this device"
+                f" (it was pushed seq {seq} after seq {highest}); {why}",
+            )
+
+    def _opened_message(self, conversation_id, item, text, problem):
+        return self._encrypted_message(
+            conversation_id,
+            item,
+            text,
+            problem.problem if problem is not None else None,
+            problem.detail if problem is not None else None,
+        )
 
     @staticmethod
     def _encrypted_message(conversation_id, item, text, problem, detail):
@@ -992,6 +1148,8 @@ class ChatClient:
         messages = []
         for item in page["messages"]:
             text, problem = await self.e2ee.open_message(conversation_id, dict(item, history=True))
+            if problem is None:
+                self._shown(conversation_id, item)
             messages.append(
                 self._encrypted_message(
                     conversation_id,
