@@ -26,7 +26,8 @@ from securechatd.client.crypto import Alarm, EncryptionUnavailable, Problem
 from securechatd.e2ee import chain, envelope, membership
 from securechatd.e2ee.envelope import Header
 from securechatd.e2ee.keys import Device
-from tests.malicious import DROP, HOLD, MaliciousServer
+from securechatd.e2ee.session import Session
+from tests.malicious import DROP, HOLD, MaliciousServer, command_box, parse_arguments
 from tests.test_client import PASSWORD
 from tests.test_client_e2ee import E2EETestCase
 
@@ -363,6 +364,26 @@ class ReplayTests(MaliciousServerTestCase):
         self.assertEqual(self.bodies(bob_inbox), [(2, "hello", None)])  # the real one was not shown
         self.assertEqual(bob_inbox.alarms(), [])
 
+    @inlineCallbacks
+    def test_not_caught_after_a_restart_another_envelope_under_a_read_id_blames_the_sender(self):
+        """The kept key is looked up by the server's message id: after a restart, another envelope of the same
+        sender under the id of a message read opens with the wrong key, and the alarm names the sender."""
+        alice, alice_inbox, bob, bob_inbox, conversation = yield self.conversation()
+        hello = self.proxy.delivered(bob, conversation)[0].arguments
+        yield bob.close()
+        self.proxy.on_push(lambda push: HOLD if deliveries(bob, conversation, seq=2)(push) else None)
+        yield alice.send_message(conversation, "two")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        yield until(lambda: self.proxy.held)
+        [held] = self.proxy.held
+        two = held.arguments
+        yield self.proxy.deliver(bob, **dict(two, message_id=hello["message_id"]))
+        [(kind, user, _)] = bob_inbox.alarms()
+        self.assertEqual((kind, user), (Problem.KEY_COMMITMENT_MISMATCH, "alice"))  # not what alice did
+        self.proxy.release(held)
+        [_, real] = yield bob_inbox.wait("deliver", 2)
+        self.assertEqual((real.seq, real.body), (2, "two"))  # the real one still opens
+
 
 class OrderTests(MaliciousServerTestCase):
     @inlineCallbacks
@@ -463,14 +484,21 @@ class DropTests(MaliciousServerTestCase):
         group, _ = yield alice.create_conversation(["bob", "carol"], title="three")
         for sender, text in ((alice, "a1"), (bob, "b1"), (bob, "b2"), (alice, "a2"), (carol, "c1")):
             yield sender.send_message(group, text)
-        laptop, laptop_inbox = yield self.linked(bob, "bob")  # added after b2: seqs 1-5 were not for it
+        laptop, laptop_inbox = yield self.linked(bob, "bob")  # added after c1: seqs 1-5 were not for it
         yield carol.send_message(group, "c2")
-        yield alice.send_message(group, "a3")
+        yield laptop_inbox.wait("deliver", 1)
+        yield laptop.e2ee.settled()  # (its refill after the first message, which would upload again)
+        for table in ("signed_prekeys", "one_time_prekeys"):  # alice cannot start a session with the laptop
+            yield self.write(f"DELETE FROM {table} WHERE device_id = ?", laptop.device_id)
+        sent = yield alice.send_message(group, "a3")
+        self.assertEqual(sent.unreached, (laptop.device_id,))
+        yield carol.send_message(group, "c3")
         yield laptop_inbox.wait("deliver", 2)
-        yield bob_inbox.wait("deliver", 1 + 5)
+        yield bob_inbox.wait("deliver", 1 + 6)
+        # the laptop was pushed seq 6 and 8: seq 7 is in the history, with no wrap for it
+        self.assertEqual([(m.seq, m.body) for m in laptop_inbox.items["deliver"]], [(6, "c2"), (8, "c3")])
         for inbox in (alice_inbox, bob_inbox, carol_inbox, laptop_inbox):
             self.assertEqual(inbox.alarms(), [])
-        self.assertEqual([m.body for m in laptop_inbox.items["deliver"]], ["c2", "a3"])
 
     @inlineCallbacks
     def test_not_caught_a_withheld_wrap_looks_like_a_message_not_for_this_device(self):
@@ -505,6 +533,64 @@ class DropTests(MaliciousServerTestCase):
         self.assertEqual([(m.seq, m.body) for m in bob_inbox.items["deliver"]],
                          [(1, "hello"), (2, "three"), (3, "four")])
         self.assertEqual(bob_inbox.alarms(), [])  # seq is the server's number: nothing signs it
+
+
+class FirstContactTests(MaliciousServerTestCase):
+    @inlineCallbacks
+    def test_not_caught_a_fake_chain_at_first_contact_reads_the_messages(self):
+        """A chain seen for the first time is trusted (TOFU): only comparing safety numbers shows the server's."""
+        alice, alice_inbox = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        fake = Device.generate("bob")  # the server's own device, shown to alice as bob's only one
+        spk = fake.new_signed_prekey()
+        self.proxy.rewrite(
+            commands.GetDeviceChain,
+            lambda tap, request, answer: dict(answer, links=[chain.first(fake, "phone").to_bytes()], has_more=False)
+            if request["username"] == "bob" and tap.username == "alice" else None,
+        )
+        stolen = []
+
+        def intercept(tap, command, box):
+            if tap.username != "alice":
+                return box
+            if command is commands.ClaimPrekeyBundle and parse_arguments(command, box)["device_id"] == fake.id.hex():
+                answer = command.makeResponse(
+                    dict(spk_id=spk.id, spk_pub=spk.public, spk_signature=spk.signature,
+                         sig_pub=fake.keys.sig_pub, dh_pub=fake.keys.dh_pub), None)
+                answer[b"_answer"] = box[b"_ask"]
+                tap.to_client(answer)  # answered by the server itself
+                return None
+            if command is commands.SendEncrypted:
+                arguments = parse_arguments(command, box)
+                [mine] = [w for w in arguments["wraps"] if w["device_id"] == fake.id.hex()]
+                stolen.append((arguments["header"], arguments["body"], mine["wrap"]))
+                others = [w for w in arguments["wraps"] if w is not mine]
+                return command_box(command, dict(arguments, wraps=others), box[b"_ask"])  # the daemon takes it
+            return box
+
+        self.proxy.on_request(intercept)
+        conversation, _ = yield alice.create_conversation(["bob"])
+        yield alice.send_message(conversation, "for bob's eyes only")
+        [(header, body, wrap)] = stolen
+        session = Session()
+
+        def unwrap(wrapped, context, check):
+            return session.accept(fake.keys, fake.dh_private, alice.e2ee.state.device.keys, wrapped, context,
+                                  lambda spk_id: spk.private if spk_id == spk.id else None, lambda opk_id: None,
+                                  check).plaintext
+
+        self.assertEqual(envelope.unseal(Header.from_bytes(header), body, wrap, fake.id, unwrap),
+                         "for bob's eyes only".encode())  # the server read it
+        self.assertEqual(alice_inbox.alarms(), [])
+        yield bob.ping()
+        self.assertEqual(bob_inbox.items["deliver"], [])
+        # what shows it: the safety numbers differ ...
+        self.assertNotEqual((yield alice.safety_number("bob")), (yield bob.safety_number("alice")))
+        # ... and the fake chain must be shown to alice for ever: bob's real one is a fork
+        self.proxy.honest()
+        yield alice.safety_number("bob")
+        [(kind, user, _)] = alice_inbox.alarms()
+        self.assertEqual((kind, user), (Alarm.FORK, "bob"))
 
 
 class KeyCommitmentTests(MaliciousServerTestCase):

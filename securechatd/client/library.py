@@ -22,7 +22,10 @@ and for encrypted conversations sends and receives plain text as for any
 other: keys, sessions, chains and signed membership states are checked and
 kept by client/crypto.py. A message that cannot be decrypted is still
 handed to on_deliver, with body None and `problem` saying why, and raises
-on_alarm. See ChatClient's docstring for the callbacks and methods.
+on_alarm. Seqs of an encrypted conversation this device was not pushed are
+looked up in its history; messages the server dropped raise the alarm
+`gap` (docs/E2EE.md, "Gaps in seq"). See ChatClient's docstring for the
+callbacks and methods.
 """
 
 import hashlib
@@ -297,7 +300,8 @@ class ChatClient:
     on_disconnected(reason), on_reconnected(LoggedIn), on_logged_out(reason),
     and for end-to-end encryption on_alarm(kind, user, detail) (something the
     user must know: a fork of a device chain, a member the server added on
-    its own, a message that cannot be decrypted, ...; kinds are the values
+    its own, a message that cannot be decrypted, messages the server
+    dropped (`gap`), ...; kinds are the values
     of crypto.Alarm and crypto.Problem; `user` may be None) and
     on_devices_changed(user, added, removed) (hex device ids of a user whose
     devices changed since last seen).
