@@ -133,6 +133,7 @@ class Tap:
         self.username = None
         self.device_id = None
         self.closed = False
+        self.connecting = None  # the Deferred of the connection to the daemon
 
     def __repr__(self):
         return f"<Tap {self.username} {self.device_id}>"
@@ -146,7 +147,8 @@ class Tap:
             TCP4ClientEndpoint(self.proxy.reactor, "127.0.0.1", self.proxy.daemon_port, timeout=10),
         )
         factory = Factory.forProtocol(lambda: _Leg(self, "server"))
-        endpoint.connect(factory).addCallbacks(self._server_connected, self._server_failed)
+        self.connecting = endpoint.connect(factory)
+        self.connecting.addCallbacks(self._server_connected, self._server_failed)
 
     def _server_connected(self, leg):
         self.server = leg
@@ -283,6 +285,8 @@ class MaliciousServer:
         """Stop listening and close every relayed connection; fires when all are closed."""
         waiting = [self._listening.stopListening()] if self._listening is not None else []
         for tap in self.taps:
+            if tap.connecting is not None and not tap.connecting.called:
+                tap.connecting.cancel()
             for leg in (tap.client, tap.server):
                 if leg is not None:
                     if leg.transport is not None and not leg.lost.called:

@@ -1085,7 +1085,9 @@ class ChatClient:
                     if not seqs or not page["has_more"]:
                         break
                     before = min(seqs)
-            except commands.ChatError as refused:
+            except ConnectionClosed:
+                raise  # (the push is not answered: it comes again)
+            except Exception as refused:  # a refusal, or an answer that does not parse
                 problem = f"the conversation's history could not be fetched to check ({refused})"
         for missing_seq in sorted(found):
             item = dict(found[missing_seq], conversation_id=conversation_id)
