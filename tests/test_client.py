@@ -193,6 +193,38 @@ class ClientTests(unittest.TestCase):
         self.assertIsNone(alice.username)
 
     @inlineCallbacks
+    def test_a_reconnect_keeps_the_presence_and_is_never_seen_online(self):
+        alice, _ = yield self.client("alice")
+        bob, bob_inbox = yield self.client("bob")
+        yield alice.create_conversation(["bob"])
+        yield alice.set_presence("invisible")
+        yield bob_inbox.wait("presence", 1)
+        reconnected = Deferred()
+        alice.on_reconnected = reconnected.callback
+        self.hub.registry.sessions_of("alice")[0].client.transport.abortConnection()
+        yield reconnected.addTimeout(10, reactor)
+        yield alice.ping()
+        yield bob.ping()
+        self.assertEqual([p.status for p in bob_inbox.items["presence"] if p.username == "alice"], ["offline"])
+        [seen] = yield bob.get_presence(["alice"])
+        self.assertEqual(seen.status, "offline")  # invisible still
+
+    @inlineCallbacks
+    def test_a_body_over_the_servers_limit_gets_its_error_however_large(self):
+        from securechatd.commands import MessageTooLarge
+
+        alice, _ = yield self.client("alice")
+        yield self.client("bob")
+        conversation, _ = yield alice.create_conversation(["bob"])
+        self.assertEqual(alice.max_message_bytes, 16 * 1024)
+        for size in (17_000, 70_000):  # (70,000 bytes cannot even be one AMP value)
+            with self.assertRaises(MessageTooLarge) as raised:
+                yield alice.send_message(conversation, "x" * size)
+            self.assertEqual(str(raised.exception), "A message body is at most 16384 bytes of UTF-8.")
+        sent = yield alice.send_message(conversation, "still connected")
+        self.assertEqual(sent.seq, 1)
+
+    @inlineCallbacks
     def test_remembered_password_logs_in_again(self):
         client = ChatClient("127.0.0.1", self.port, self.ca, hostname="localhost", reactor=reactor)
         self.addCleanup(client.close)

@@ -80,6 +80,16 @@ class TuiTestCase(unittest.TestCase):
 
 
 class EditingTests(TuiTestCase):
+    def test_a_message_too_long_comes_back_to_the_input_with_its_error(self):
+        self.type("/open bob")
+        long = "é" * 9000  # 18,000 bytes of UTF-8
+        self.tui.edit.set_edit_text(long)
+        self.keys("enter")
+        self.assertEqual(self.input(), long)
+        self.assertTrue(self.chat.failed)  # (the error line is there, above the long input)
+        self.tui.edit.set_edit_text("")
+        self.assertIn("at most 16384 bytes", self.screen())
+
     def test_readline_keys(self):
         self.type("one two three", enter=False)
         self.keys("ctrl w")

@@ -39,7 +39,7 @@ from securechatd.client.main import (
     describe,
     full_screen,
 )
-from securechatd.commands import BadCredentials, NoSuchUser
+from securechatd.commands import BadCredentials, MessageTooLarge, NoSuchUser
 
 NOW = datetime(2026, 11, 22, 10, 0, tzinfo=timezone.utc)
 ZONE = timezone(timedelta(hours=-3))  # the reader's time zone: NOW reads 07:00 there, whatever the machine's
@@ -462,6 +462,8 @@ class FakeClient:
         return self._answer("leave_conversation", conversation_id)
 
     def send_message(self, conversation_id, body):
+        if len(body.encode("utf-8")) > 16384:  # (as ChatClient answers it, from the server's limit)
+            return fail(MessageTooLarge("A message body is at most 16384 bytes of UTF-8."))
         c = self.conversations[conversation_id]
         self.conversations[conversation_id] = Conversation(c.conversation_id, c.kind, c.members, c.title, c.last_seq + 1)
         sent = Sent(next(self._ids), c.last_seq + 1, NOW)

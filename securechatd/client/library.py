@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securechatd import commands
-from securechatd.commands import BadCredentials, NoSuchDevice, NotAllowed
+from securechatd.commands import BadCredentials, MessageTooLarge, NoSuchDevice, NotAllowed
 from securechatd.client.crypto import (  # noqa: F401 (DeviceInfo, LinkError: for apps)
     Alarm,
     DeviceInfo,
@@ -77,6 +77,7 @@ class LoggedIn:
     session_id: str
     server_time: datetime
     resume_token: str
+    max_message_bytes: int | None = None  # the server's limit on a body (None: an older server did not say)
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,8 @@ class ChatClient:
         self.username = None
         self.resume_token = None
         self._password = None
+        self._presence = None  # (status, note) last set, if not plain online: restored at every reconnect
+        self.max_message_bytes = None  # the server's limit on a body, from its Login answer
         self._bound = False  # the session is bound to this installation's device
         self._unanswered = {}  # client_msg_id -> _Outgoing
         self._in_flight = set()  # client_msg_ids of plaintext messages sent on the current connection
@@ -422,6 +425,8 @@ class ChatClient:
     async def _log_in_again(self, protocol):
         device = self.e2ee.login_device(resume=True) if self.e2ee is not None else None
         arguments = self._login_arguments(self.username, resume_token=self.resume_token)
+        if self._presence is not None:  # set before anyone can see the session: no flash of "online"
+            arguments["status"], arguments["note"] = self._presence
         try:
             answer = await protocol.callRemote(commands.Resume, device_id=device, **arguments)
             bound = device is not None
@@ -521,7 +526,10 @@ class ChatClient:
                 path = os.path.join(self.state_directory, f"{login.username}.seen.json")
             self.seen = SeenMessages(path)
             self._sequences, self._shown_at = {}, {}
+        if login.username != self.username:
+            self._presence = None  # (another user's presence is not restored for this one)
         self.username, self.resume_token = login.username, login.resume_token
+        self.max_message_bytes = login.max_message_bytes
         self._bound = bound
         return login
 
@@ -736,7 +744,12 @@ class ChatClient:
     # -- presence and users ----------------------------------------------------
 
     def set_presence(self, status, note=None):
-        return self.call(commands.SetPresence, status=status, note=note).addCallback(lambda _: None)
+        """Deferred; the presence is restored by every reconnect of this client (Resume's status and note)."""
+
+        def remember(_):
+            self._presence = (status, note) if status != "online" or note is not None else None
+
+        return self.call(commands.SetPresence, status=status, note=note).addCallback(remember)
 
     def get_presence(self, usernames):
         return self.call(commands.GetPresence, usernames=list(usernames)).addCallback(
@@ -859,6 +872,9 @@ class ChatClient:
         comes (messages of one conversation go one after the other), and the
         same envelope is resent; EncryptionUnavailable says why it cannot be.
         """
+        if self.max_message_bytes is not None and len(body.encode("utf-8")) > self.max_message_bytes:
+            # (the server's own answer, without sending: a body over 64 KiB cannot even be sent)
+            return fail(MessageTooLarge(f"A message body is at most {self.max_message_bytes} bytes of UTF-8."))
         client_msg_id = client_msg_id or uuid.uuid4().hex
         answer = Deferred()
         outgoing = self._unanswered[client_msg_id] = _Outgoing(conversation_id, body, answer)

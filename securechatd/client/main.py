@@ -28,7 +28,7 @@ from securechatd import commands, config
 from securechatd.certs import CA_CERT, CertError
 from securechatd.client import ui
 from securechatd.client.library import ChatClient, TLSHandshakeFailed
-from securechatd.commands import ChatError
+from securechatd.commands import ChatError, MessageTooLarge
 
 log = Logger()
 
@@ -449,7 +449,11 @@ class Chat:
                     "sent_at": self._now(),
                 }
             )
-        sent = await self._send(conversation_id, text)
+        try:
+            sent = await self._send(conversation_id, text)
+        except MessageTooLarge:
+            self.console.give_back(text)  # the text is not lost: it is back in the input line to shorten
+            raise
         self._answer("say", conversation_id=conversation_id, conversation=self._name(conversation_id), **sent)
 
     async def _do_me(self, text):

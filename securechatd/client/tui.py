@@ -308,6 +308,12 @@ class Tui(ui.Typed):
         self.chat = chat
         self.refresh()
 
+    def give_back(self, text):
+        """Put a message that could not be sent (too long) back in the input line, unless it holds something new."""
+        if not self.edit.edit_text:
+            self.edit.set_edit_text(text)
+            self.edit.set_edit_pos(len(text))
+
     def read_secret(self, prompt):
         """Deferred: a line typed without echo; the input being typed comes back after it."""
         self._secret = (Deferred(), self.edit.edit_text)

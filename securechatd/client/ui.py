@@ -604,6 +604,9 @@ class Console(Typed, Protocol):
     def read_secret(self, prompt):
         return self.next_line()
 
+    def give_back(self, text):
+        """A line that could not be sent (too long): a pipe has nowhere to put it back."""
+
     def set_prompt(self, prompt):
         pass
 
@@ -637,6 +640,13 @@ class Terminal(Console):
     """
 
     interactive = True
+
+    def give_back(self, text):
+        """Put a line that could not be sent back where it is typed, unless something else is typed there now."""
+        if not self.typed:
+            self._clear()
+            self.typed = text
+            self._draw()
 
     def __init__(self, width=lambda: shutil.get_terminal_size().columns, tz=None):
         super().__init__(tz)
