@@ -457,6 +457,17 @@ class MessageTests(E2EETestCase):
         self.assertEqual(phone_inbox.alarms() + laptop_inbox.alarms() + bob_inbox.alarms(), [])
 
     @inlineCallbacks
+    def test_naming_a_device_from_another(self):
+        phone, _ = yield self.device("alice")
+        laptop, _ = yield self.linked(phone, "alice")
+        yield phone.rename_device(laptop.device_id, "Work laptop")
+        names = {d.device_id: d.name for d in (yield laptop.list_devices())}
+        self.assertEqual(names[laptop.device_id], "Work laptop")  # from the signed chain, as anyone sees it
+        with self.assertRaises(ValueError):  # (Malformed: longer than a chain link may carry; nothing published)
+            yield phone.rename_device(laptop.device_id, "x" * 65)
+        self.assertIn("Work laptop", {d.name for d in (yield phone.list_devices())})
+
+    @inlineCallbacks
     def test_a_group_of_three_with_an_add_and_a_leave(self):
         alice, alice_inbox = yield self.device("alice")
         bob, bob_inbox = yield self.device("bob", install="bobs")

@@ -87,6 +87,7 @@ class ParserTests(unittest.TestCase):
             "/revoke 3fa9": ("revoke", ["3fa9"]),
             "/verify Bob": ("verify", ["bob"]),
             "/trust bob": ("trust", ["bob"]),
+            "/name 3fa9 Work laptop": ("name", ["3fa9", "Work laptop"]),
             "/link": ("link", []),
             "/approve securechat-link:AAAA BBBB": ("approve", ["securechat-link:AAAA BBBB"]),
             "/help": ("help", []),

@@ -838,6 +838,22 @@ class EndToEnd:
             self.state.status = REVOKED
         self.save()
 
+    async def rename(self, device_id, name):
+        """Publish a new name for our device `device_id` (hex), signed by this device: every contact sees it."""
+        return await self._locked(self._rename, device_id, name)
+
+    async def _rename(self, device_id, name):
+        self._require_active()
+        target = bytes.fromhex(device_id)
+        own = await self.chains.refresh(self.user)
+        if own is None or target not in own.devices:
+            raise LinkError(f"{device_id} is not a current device of yours")
+        link = chain.rename(own, self.state.device, target, name)
+        own.extend([link])  # (a name too long for a link is refused here, before the server sees it)
+        await self.client.call(commands.PublishChainLink, link=link.to_bytes())
+        self.chains.accept_own(self.user, link)
+        self.save()
+
     async def link_request(self, signer=None):
         """The text a new device shows, for one of the user's devices (`signer`, hex; the only one if None) to add."""
         if self.state.status == ACTIVE:

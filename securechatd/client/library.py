@@ -688,6 +688,10 @@ class ChatClient:
         """Deferred: publish the revoke of one of the user's devices (hex id); it gets nothing new from then on."""
         return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().revoke(device_id)))
 
+    def rename_device(self, device_id, name):
+        """Deferred: give one of the user's devices (hex id) a new name, in the signed device chain."""
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().rename(device_id, name)))
+
     def link_request(self, signer=None):
         """Deferred text for a new device to show; the device `signer` (hex; the only one if None) adds it.
 

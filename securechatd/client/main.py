@@ -699,15 +699,26 @@ class Chat:
         rows = [{"device_id": d.device_id, "name": d.name, "this_device": d.this_device} for d in devices]
         self._answer("devices", devices=rows)
 
-    async def _do_revoke(self, device):
-        self._logged_in()
+    async def _own_device(self, device):
+        """The one device of the user whose id starts with `device`."""
         matches = [d for d in await self.client.list_devices() if d.device_id.startswith(device.lower())]
         if len(matches) != 1:
             raise LocalError(
                 "NO_SUCH_DEVICE", f"{len(matches) or 'None'} of your devices start with {device}; /devices lists them."
             )
-        await self.client.revoke_device(matches[0].device_id)
-        self._answer("revoke", device_id=matches[0].device_id, name=matches[0].name)
+        return matches[0]
+
+    async def _do_revoke(self, device):
+        self._logged_in()
+        found = await self._own_device(device)
+        await self.client.revoke_device(found.device_id)
+        self._answer("revoke", device_id=found.device_id, name=found.name)
+
+    async def _do_name(self, device, name):
+        self._logged_in()
+        found = await self._own_device(device)
+        await self.client.rename_device(found.device_id, name)
+        self._answer("name", device_id=found.device_id, name=name)
 
     async def _do_verify(self, user):
         self._logged_in()

@@ -193,6 +193,7 @@ COMMANDS = {
             "show the safety number to compare with USER",
             "The same 60 digits on both sides when nobody sits in the middle; read them aloud or compare in person.",
         ),
+        Command("/name DEVICE NAME", "name one of your devices (shown to your contacts)", rest=True),
         Command("/trust USER", "mark USER verified after comparing safety numbers"),
         Command(
             "/link",
@@ -485,6 +486,7 @@ _ANSWERS = {
     ],
     "revoke": lambda r, at: [f"revoked {r['device_id'][:8]} ({clean(r['name'])}): it reads nothing sent from now on"],
     "verify": _verify,
+    "name": lambda r, at: [f"your device {r['device_id'][:8]} is now called {clean(r['name'])}"],
     "trust": lambda r, at: [f"{r['user']} is verified; you will be told if their devices change"],
     "link": lambda r, at: (
         [f"this device ({r['device_id'][:8]}) is linked: it reads and sends encrypted messages from now on"]
