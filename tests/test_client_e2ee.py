@@ -138,7 +138,7 @@ class DeviceFileTests(unittest.TestCase):
         window.record(3)
         state.replay[("bob", bytes(16))] = window
         state.trusted["bob"] = frozenset([b"k" * 32])
-        state.message_keys[12] = b"K" * 32
+        state.message_keys[12] = (b"K" * 32, 5, 3)  # (the key, and where it was read: conversation 5, seq 3)
         return state
 
     def test_every_section_survives_the_round_trip(self):

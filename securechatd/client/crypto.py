@@ -561,9 +561,9 @@ class EndToEnd:
             return None
         return session
 
-    def sent(self, message_id, key):
-        """Our message was stored as `message_id`: keep its key, to read it in history."""
-        self.state.message_keys[message_id] = key
+    def sent(self, message_id, key, conversation_id, seq):
+        """Our message was stored as `message_id` at `seq`: keep its key and place, to read it in history."""
+        self.state.message_keys[message_id] = (key, conversation_id, seq)
         self.save()
 
     # -- receiving --------------------------------------------------------------------------
@@ -603,8 +603,15 @@ class EndToEnd:
             item["sender_device"],
         ):
             raise Undecryptable(Problem.MISMATCHED_HEADER, "its header names another conversation, sender or device")
-        key = state.message_keys.get(item["message_id"])
-        if key is not None:  # read before (pushed again, or in history): its key, checked against the header
+        kept = state.message_keys.get(item["message_id"])
+        if kept is not None:  # read before (pushed again, or in history): its key, checked against the header
+            key, place = kept[0], kept[1:]
+            if place != (conversation_id, item["seq"]):
+                raise Undecryptable(
+                    Problem.REPLAY,
+                    f"message {item['message_id']} was read as seq {place[1]} of conversation {place[0]},"
+                    f" and comes again as seq {item['seq']} of conversation {conversation_id}",
+                )
             return self._checked(lambda: open_body(header, item["body"], key).decode("utf-8"))
         wrap = item.get("wrap")
         if wrap is None:
@@ -664,7 +671,7 @@ class EndToEnd:
         window.record(header.counter)
         state.replay[peer] = window
         state.sessions[peer] = session.to_bytes()
-        state.message_keys[item["message_id"]] = opened["key"]
+        state.message_keys[item["message_id"]] = (opened["key"], conversation_id, item["seq"])
         if opened.get("opk"):
             state.one_time_prekeys.pop(opened["opk"], None)
         self.save()

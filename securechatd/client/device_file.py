@@ -106,7 +106,8 @@ class DeviceFile:
     - `memberships`: {conversation_id: [state bytes, ...]}: every verified state, in order
     - `counter`: the last counter this device sent; `replay`: {(user, device id bytes): ReplayWindow}
     - `trusted`: {user: frozenset of sig_pub}: the devices the user compared safety numbers for
-    - `message_keys`: {message_id: K} of messages read or sent, for reading history again
+    - `message_keys`: {message_id: (K, conversation, seq)} of messages read or sent, for reading history
+      again; the place is kept with the key, so a message pushed again at another place is a replay
     """
 
     def __init__(self, path, device, status=NEW):
@@ -157,7 +158,7 @@ class DeviceFile:
                 enc([enc([conversation, enc(states)]) for conversation, states in self.memberships.items()]),
                 enc([enc([user, device, window.to_bytes()]) for (user, device), window in self.replay.items()]),
                 enc([enc([user, enc(sorted(keys))]) for user, keys in self.trusted.items()]),
-                enc([enc([message_id, key]) for message_id, key in self.message_keys.items()]),
+                enc([enc([message_id, *kept]) for message_id, kept in self.message_keys.items()]),
             ]
         )
 
@@ -192,8 +193,8 @@ class DeviceFile:
             state.replay[_text(user), device_id] = ReplayWindow.from_bytes(window)
         for user, keys in _records(trusted, 2):
             state.trusted[_text(user)] = frozenset(dec(keys))
-        for message_id, key in _records(message_keys, 2):
-            state.message_keys[_number(message_id)] = key
+        for message_id, key, conversation, seq in _records(message_keys, 4):
+            state.message_keys[_number(message_id)] = (key, _number(conversation), _number(seq))
         return state
 
     # -- the file ---------------------------------------------------------------------

@@ -971,7 +971,7 @@ class ChatClient:
                     continue
             else:
                 if self.e2ee is not None:
-                    self.e2ee.sent(answer["message_id"], outgoing.sealed.key)
+                    self.e2ee.sent(answer["message_id"], outgoing.sealed.key, conversation_id, answer["seq"])
                 self._sequences.setdefault(conversation_id, _Sequence()).own.add(answer["seq"])
                 self._answered(answer, client_msg_id, outgoing.sealed.unreached)
             if queue and queue[0] == client_msg_id:
