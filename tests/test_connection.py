@@ -244,15 +244,28 @@ class SlowReaderTests(unittest.TestCase):
         self.assertFalse(conn.dropped)
 
     def test_reads_pause_with_too_many_commands_in_flight(self):
+        from twisted.internet.defer import Deferred
+
         limits = ConnectionLimits.from_settings(Settings(), commands_in_flight=4)
         conn = RawConnection(self.hub, ChatFactory(self.hub, self.clock, limits))
-        hashing = []
-        self.hub.accounts.hasher._run = lambda f, *a: hashing.append((f, a)) or __import__(
-            "twisted.internet.defer", fromlist=["Deferred"]
-        ).Deferred()
-        for i in range(4):
+        held = []  # password hashes that have not finished
+        self.hub.accounts.hasher._run = lambda f, *a: held.append((Deferred(), f, a)) or held[-1][0]
+
+        def register(i):
             conn.send(box(_command=b"Register", _ask=b"%d" % i, username=b"user%d" % i, password=b"p" * 10))
-        self.assertEqual(conn.transport.producerState, "paused")
+
+        for i in range(4):
+            register(i)
+        # four in flight: reading goes on (the client's acknowledgements must still be read) ...
+        self.assertEqual((conn.transport.producerState, conn.protocol.in_flight), ("producing", 4))
+        for i in range(4, 8):
+            register(i)
+        # ... until as many wait behind them
+        self.assertEqual((conn.transport.producerState, len(conn.protocol._waiting_commands)), ("paused", 4))
+        done, f, a = held.pop(0)
+        done.callback(f(*a))  # one finishes: a waiting command starts, and reading resumes
+        self.assertEqual(conn.protocol.in_flight, 4)
+        self.assertEqual((conn.transport.producerState, len(conn.protocol._waiting_commands)), ("producing", 3))
 
 
 class FloodTests(unittest.TestCase):

@@ -9,6 +9,7 @@ dropped. Everything it sent and was acknowledged stays stored.
 """
 
 import ipaddress
+from collections import deque
 from dataclasses import dataclass, replace
 
 from twisted.internet.defer import Deferred, succeed
@@ -123,6 +124,7 @@ class ChatProtocol(BoundedBoxProtocol):
         self.unread_output = 0
         self.unanswered = 0  # pushes sent and not answered yet
         self.refusals = 0  # RATE_LIMITED answers in a row
+        self._waiting_commands = deque()  # commands read while commands_in_flight were running
         self._read_pauses = set()  # why reads are paused: "in flight", "refused", "draining"
         super().__init__(locator=self.locator)
 
@@ -158,6 +160,20 @@ class ChatProtocol(BoundedBoxProtocol):
         super().dataReceived(data)
 
     def _commandReceived(self, box):
+        """Run a command now, or once one in flight is done; answers to our pushes are read meanwhile.
+
+        With `commands_in_flight` running, as many more wait here, so the
+        client's acknowledgements behind its own commands are still read (and
+        written ahead of new messages); only then is the connection not read.
+        """
+        if self.in_flight >= self.limits.commands_in_flight:
+            self._waiting_commands.append(box)
+            if len(self._waiting_commands) >= self.limits.commands_in_flight:
+                self._pause_reads("in flight")
+            return
+        self._run(box)
+
+    def _run(self, box):
         """Run a command (server/protocol.py) and answer it once it is done, in order of completion."""
         ask, name = box.get(amp.ASK), box[amp.COMMAND]
         self.command_started()
@@ -211,15 +227,16 @@ class ChatProtocol(BoundedBoxProtocol):
 
     def command_started(self):
         self.in_flight += 1
-        if self.in_flight >= self.limits.commands_in_flight:
-            self._pause_reads("in flight")
 
     def command_finished(self):
         self.in_flight -= 1
         if self.draining:
             if not self.in_flight:
                 self.clock.callLater(0, self.close)  # once this answer is written
-        elif self.in_flight < self.limits.commands_in_flight:
+            return
+        while self._waiting_commands and self.in_flight < self.limits.commands_in_flight and not self.lost:
+            self._run(self._waiting_commands.popleft())
+        if len(self._waiting_commands) < self.limits.commands_in_flight:
             self._resume_reads("in flight")
 
     def _refused(self):
