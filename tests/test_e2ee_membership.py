@@ -487,3 +487,26 @@ class FlippedByteTests(unittest.TestCase):
         index = data.draw(st.integers(0, len(GOLDEN_STATES) - 1))
         position = data.draw(st.integers(0, len(GOLDEN_STATES[index].to_bytes()) - 1))
         self.assertRefused(index, position, data.draw(st.integers(1, 255)))
+
+
+class HistoryTests(Conversation):
+    """A device revoked after it signed a state: a member added later still verifies that state."""
+
+    def test_a_later_member_verifies_a_state_signed_by_a_device_revoked_since(self):
+        two = membership.add(self.one, ["carol"], self.phone)  # alice's phone adds carol
+        self.revoke(self.phone)  # then the phone is lost and revoked
+        three = membership.add(two, ["mallory"], self.bob)  # bob, on a current device, adds mallory
+        current, history = chain_lookup(self.chains), chain_lookup(self.chains, former=True)
+        with self.assertRaises(UnknownActorDevice):  # with current devices only: the phone's state cannot be checked
+            verify_membership(1, [self.one, two, three], current)
+        verified = verify_membership(1, [self.one, two, three], current, history_lookup=history)
+        self.assertEqual(verified.members, {"alice", "bob", "carol", "mallory"})
+
+    def test_the_newest_state_must_still_be_signed_by_a_current_device(self):
+        self.revoke(self.phone)
+        history = chain_lookup(self.chains, former=True)
+        by_lost_phone = membership.add(self.one, ["mallory"], self.phone)
+        raised = self.assertRaises(
+            UnknownActorDevice, self.state.extend, [by_lost_phone], chain_lookup(self.chains), history
+        )
+        self.assertIn("not a current device", str(raised))

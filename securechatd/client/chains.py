@@ -56,6 +56,14 @@ class Chains:
         """device(), in the shape membership.MembershipState.extend asks for."""
         return self.device(user, device_id)
 
+    def history_lookup(self, user, device_id):
+        """As lookup(), also finding devices revoked since: for membership states a later one vouches for."""
+        chain_state = self._chains.get(user)
+        if chain_state is None:
+            return None
+        device = chain_state.devices.get(device_id) or chain_state.former.get(device_id)
+        return device.keys if device is not None else None
+
     def refresh(self, user, max_age=0.0):
         """Deferred ChainState of `user`, verified against what was seen; fetched unless fetched `max_age` seconds ago.
 

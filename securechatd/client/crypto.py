@@ -208,7 +208,9 @@ class EndToEnd:
         for conversation, states in state.memberships.items():
             parsed = [membership.State.from_bytes(data) for data in states]
             seen = (len(parsed), parsed[-1].hash()) if parsed else None
-            verified = membership.verify_membership(conversation, parsed, self.chains.lookup, seen)
+            verified = membership.verify_membership(
+                conversation, parsed, self.chains.lookup, seen, history_lookup=self.chains.history_lookup
+            )
             self._memberships[conversation] = verified
         self._timers = {}
         self._running = []  # Deferreds of scheduled work under way
@@ -736,7 +738,7 @@ class EndToEnd:
                 return self._memberships.get(conversation_id)
             actors = sorted({s.actor for s in states})
             await _gather([self.chains.refresh(actor, self.chain_max_age) for actor in actors])
-            new = known.extend(states, self.chains.lookup)
+            new = known.extend(states, self.chains.lookup, self.chains.history_lookup)
         except (membership.MembershipError, Malformed) as problem:
             kind = Alarm.MEMBERSHIP_FORK if isinstance(problem, membership.Fork) else Alarm.BAD_MEMBERSHIP
             self._alarm(kind, None, f"conversation {conversation_id}'s membership: {problem}")

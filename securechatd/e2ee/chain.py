@@ -162,12 +162,14 @@ class ChainState:
     verified (the state is rebuilt with verify_chain) and feed new ones to extend().
     """
 
-    def __init__(self, user, seq=0, head=ZERO_HASH, devices=None, revoked=frozenset()):
+    def __init__(self, user, seq=0, head=ZERO_HASH, devices=None, revoked=frozenset(), former=None):
         self.user = user
         self.seq = seq
         self.head = head
         self.devices = MappingProxyType(dict(devices or {}))
         self.revoked = frozenset(revoked)
+        # revoked devices' keys: what they signed before their revocation is still theirs (membership history)
+        self.former = MappingProxyType(dict(former or {}))
 
     def __repr__(self):
         return f"<ChainState {self.user} seq={self.seq} devices={len(self.devices)}>"
@@ -180,6 +182,7 @@ class ChainState:
     def extend(self, links):
         """The state after `links`, which must follow on from this one; the ChainError of the first link that breaks a rule."""
         seq, head, devices, revoked = self.seq, self.head, dict(self.devices), set(self.revoked)
+        former = dict(self.former)
         for link in links:
             self._check(link, seq, head, devices, revoked)
             if link.op == "add":
@@ -187,10 +190,10 @@ class ChainState:
             elif link.op == "name":
                 devices[link.device] = replace(devices[link.device], name=link.name)
             else:
-                del devices[link.device]
+                former[link.device] = devices.pop(link.device)
                 revoked.add(link.device)
             seq, head = link.seq, link.hash()
-        return ChainState(self.user, seq, head, devices, revoked)
+        return ChainState(self.user, seq, head, devices, revoked, former)
 
     def _check(self, link, seq, head, devices, revoked):
         """Raise the error of the first rule `link` breaks as link seq + 1 after a chain at (seq, head)."""

@@ -205,19 +205,26 @@ class MembershipState:
         """True if `user` is a member of the verified state `state_hash`: only then is a message naming it accepted."""
         return user in (self.members_at(state_hash) or ())
 
-    def extend(self, states, device_lookup):
+    def extend(self, states, device_lookup, history_lookup=None):
         """The membership after `states`, which follow on from this one; else the error of the first that fails.
 
         device_lookup(user, device_id) gives the DeviceKeys of a current device
-        of the user's verified chain, or None (see chain_lookup).
+        of the user's verified chain, or None (see chain_lookup). The last of
+        `states` must be signed by a current device; the ones before it may be
+        checked with `history_lookup`, which also knows devices revoked since
+        (chain_lookup(..., former=True)): a later state signed by a current
+        device, hash-linked to them, vouches for them. So a member added after
+        a device was revoked can still verify what it signed before.
         """
-        return self._extend(states, device_lookup, 0)
+        return self._extend(states, device_lookup, 0, history_lookup)
 
-    def _extend(self, states, device_lookup, seen_epoch):
+    def _extend(self, states, device_lookup, seen_epoch, history_lookup=None):
         """extend(), taking states up to `seen_epoch` (checked when first seen) without their device and signature."""
         latest, verified = self.latest, dict(self.verified)
-        for state in states:
-            self._check(state, latest, device_lookup if state.epoch > seen_epoch else None)
+        states = list(states)
+        for index, state in enumerate(states):
+            lookup = device_lookup if history_lookup is None or index == len(states) - 1 else history_lookup
+            self._check(state, latest, lookup if state.epoch > seen_epoch else None)
             latest = state
             verified[state.hash()] = frozenset(state.members)
         return MembershipState(self.conversation, latest, verified)
@@ -257,7 +264,7 @@ class MembershipState:
                 raise BadSignature(at, f"the signature is not {state.actor_device.hex()}'s")
 
 
-def verify_membership(conversation, states, device_lookup, seen=None):
+def verify_membership(conversation, states, device_lookup, seen=None, history_lookup=None):
     """The membership of `conversation` from all its states, in order, from epoch 1.
 
     `seen` is the (epoch, hash) this client verified last: Fork if `states`
@@ -272,15 +279,20 @@ def verify_membership(conversation, states, device_lookup, seen=None):
         raise Fork(len(states) + 1, f"the states end before state {seen_epoch}, which was seen")
     if seen_epoch and states[seen_epoch - 1].hash() != seen_hash:  # _extend checks that states[i] is state i + 1
         raise Fork(seen_epoch, "it is not the state seen before with this epoch")
-    return MembershipState(conversation)._extend(states, device_lookup, seen_epoch)
+    return MembershipState(conversation)._extend(states, device_lookup, seen_epoch, history_lookup)
 
 
-def chain_lookup(chains):
-    """A device_lookup over verified chains ({user: chain.ChainState}): a current device's DeviceKeys, else None."""
+def chain_lookup(chains, former=False):
+    """A device_lookup over verified chains ({user: chain.ChainState}): a current device's DeviceKeys, else None.
+
+    With `former`, a device revoked since is found too (a history_lookup).
+    """
 
     def lookup(user, device_id):
         chain_state = chains.get(user)
-        device = chain_state.devices.get(device_id) if chain_state is not None else None
+        if chain_state is None:
+            return None
+        device = chain_state.devices.get(device_id) or (chain_state.former.get(device_id) if former else None)
         return device.keys if device is not None else None
 
     return lookup
