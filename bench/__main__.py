@@ -3,7 +3,10 @@
 Workloads: logins, direct, fanout, idle, storm, offline, or all (each once,
 with the parameters of the peer baseline); attacks, flood and killloop
 (hostile clients, flooders beside a canary, kill -9 rounds) run only when
-named. By default each measurement
+named. direct and fanout take --encrypted (end-to-end encrypted
+conversations). client-crypto is the client's own cost of sealing and opening
+messages, with no daemon and no network (its own options: client-crypto
+--help). By default each measurement
 starts its own fresh daemon and stops it afterwards; `--server HOST:PORT
 --ca FILE --pid PID` measures a running one instead.
 """
@@ -29,8 +32,8 @@ from bench.workloads import WORKLOADS  # noqa: E402
 # Per workload: the defaults of the options it uses.
 DEFAULTS = {
     "logins": dict(n=100, concurrency=0),
-    "direct": dict(n=100, m=100, window=8),
-    "fanout": dict(k=20, senders=0, m=100, window=8),
+    "direct": dict(n=100, m=100, window=8, encrypted=False),
+    "fanout": dict(k=20, senders=0, m=100, window=8, encrypted=False),
     "idle": dict(c=1000, concurrency=100, hold=3.0),
     "storm": dict(n=20, logins=100, concurrency=0, rate=10.0, duration=5.0),
     "offline": dict(p=100_000, pipeline=32, timeout=600.0),
@@ -65,7 +68,7 @@ REGISTERED = "accounts registered over the wire; set-up logins use resume tokens
 def parser():
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workload", choices=[*WORKLOADS, "all"])
+    p.add_argument("workload", choices=[*WORKLOADS, "all", "client-crypto"])
     p.add_argument("-n", type=int, help="users (logins 100, direct 100, storm: load users 20, killloop 300)")
     p.add_argument("-m", type=int, help="messages per sender (direct, fanout: 100)")
     p.add_argument("-k", type=int, help="fanout: group members (20)")
@@ -76,6 +79,9 @@ def parser():
     p.add_argument("--concurrency", type=int,
                    help="logins in flight (logins, storm: 0 = all at once; idle: 100)")
     p.add_argument("--resume", action="store_true", default=None, help="logins: Resume tokens, not passwords")
+    p.add_argument("--encrypted", action="store_true", default=None,
+                   help="direct, fanout: end-to-end encrypted conversations (devices, SendEncrypted of envelopes"
+                   " sealed in set-up, DeliverEncrypted)")
     p.add_argument("--hold", type=float, help="idle: seconds before the second RSS reading (3)")
     p.add_argument("--logins", type=int, help="storm: password logins during traffic (100)")
     p.add_argument("--rate", type=float, help="storm, flood: messages per second per sender (10)")
@@ -169,7 +175,8 @@ def summary(workload, results):
         for key in sorted(numeric)
         if any(r.get(key) is not None for r in results)
     }
-    return {"workload": workload, "summary": f"median of {len(results)} runs", "runs": len(results), **medians}
+    mode = {"encrypted": results[0]["encrypted"]} if "encrypted" in results[0] else {}
+    return {"workload": workload, **mode, "summary": f"median of {len(results)} runs", "runs": len(results), **medians}
 
 
 async def run_all(reactor, args, emit):
@@ -195,7 +202,14 @@ def emit(result):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["client-crypto"]:
+        from bench.client_crypto import main as client_crypto
+
+        return client_crypto(argv[1:])
     args = parser().parse_args(argv)
+    if args.encrypted and args.workload not in ("direct", "fanout"):
+        sys.exit("bench: --encrypted is an option of direct and fanout")
     if args.server:
         host = args.server.rpartition(":")[0]
         if host not in ("127.0.0.1", "localhost"):

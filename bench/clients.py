@@ -35,7 +35,7 @@ def error_code(failure):
 
 
 class BenchClient(amp.AMP):
-    """One connection. Answers every push at once; `on_deliver(client, box)` sees Delivers."""
+    """One connection. Answers every push at once; `on_deliver(client, box)` sees Delivers and DeliverEncrypteds."""
 
     def __init__(self):
         super().__init__()
@@ -46,6 +46,7 @@ class BenchClient(amp.AMP):
         self.closed = defer.Deferred()
         self._responders = {
             b"Deliver": self._deliver,
+            b"DeliverEncrypted": self._deliver_encrypted,
             b"Receipt": self._acknowledge,
             b"PresenceChanged": self._acknowledge,
             b"ConversationUpdated": self._acknowledge,
@@ -57,6 +58,12 @@ class BenchClient(amp.AMP):
 
     def _deliver(self, box):
         self.pushes[b"Deliver"] += 1
+        if self.on_deliver is not None:
+            self.on_deliver(self, box)
+        return amp.AmpBox()
+
+    def _deliver_encrypted(self, box):
+        self.pushes[b"DeliverEncrypted"] += 1
         if self.on_deliver is not None:
             self.on_deliver(self, box)
         return amp.AmpBox()
@@ -92,20 +99,24 @@ def connect(reactor, target, protocol=BenchClient):
     return connectProtocol(endpoint, protocol())
 
 
-async def login(reactor, client, user, password, tokens):
-    """Log `client` in as `user`: Resume if tokens holds one (and keep the new one), else Login."""
+async def login(reactor, client, user, password, tokens, device_id=None):
+    """Log `client` in as `user`: Resume if tokens holds one (and keep the new one), else Login.
+
+    With `device_id` (32 hex digits) the session is bound to that device.
+    """
+    bound = {} if device_id is None else {"device_id": device_id}
     if tokens.get(user):
-        call = client.callRemote(commands.Resume, username=user, resume_token=tokens[user])
+        call = client.callRemote(commands.Resume, username=user, resume_token=tokens[user], **bound)
     else:
-        call = client.callRemote(commands.Login, username=user, password=password)
+        call = client.callRemote(commands.Login, username=user, password=password, **bound)
     answer = await call.addTimeout(CALL_TIMEOUT, reactor)
     tokens[user] = answer["resume_token"]
     client.user = user
     return answer
 
 
-async def login_many(reactor, target, users, concurrency, password, tokens, protocol=BenchClient):
-    """Log users in with at most `concurrency` in flight.
+async def login_many(reactor, target, users, concurrency, password, tokens, protocol=BenchClient, devices=None):
+    """Log users in with at most `concurrency` in flight (`devices`: {user: device id} to bind sessions to).
 
     Returns ({user: client}, latencies in s from connect start to the
     login answer, Counter of error codes). Failed connections are closed.
@@ -118,7 +129,7 @@ async def login_many(reactor, target, users, concurrency, password, tokens, prot
         client = None
         try:
             client = await connect(reactor, target, protocol)
-            await login(reactor, client, user, password, tokens)
+            await login(reactor, client, user, password, tokens, (devices or {}).get(user))
         except Exception:
             errors[error_code(Failure())] += 1
             if client is not None:

@@ -4,8 +4,10 @@ They mirror xmpp_load.py's login (A), pairs (B), muc (C) and idle (D), plus
 some the peer had no counterpart for: logins during message traffic
 (storm), a large offline backlog flushed at login (offline), and hostile or
 unlucky conditions in their own modules: attacks (attacks.py), flooders
-beside a canary (flood.py), kill -9 rounds (killloop.py). Set-up
-(accounts, set-up logins, conversations) is never timed.
+beside a canary (flood.py), kill -9 rounds (killloop.py). `direct` and
+`fanout` also run in end-to-end encrypted conversations (`--encrypted`,
+encrypted.py). Set-up (accounts, set-up logins, devices, conversations,
+sealing) is never timed.
 """
 
 import os
@@ -24,6 +26,13 @@ from bench.traffic import Traffic
 from securechatd import commands
 
 SETUP_CONCURRENCY = 100
+
+
+def e2ee():
+    """bench.encrypted, imported only by encrypted runs: older trees measured as a "before" have no e2ee package."""
+    from bench import encrypted
+
+    return encrypted
 
 
 def names(prefix, count):
@@ -51,21 +60,25 @@ async def prepare(reactor, target, users, tokens):
     return seeded
 
 
-async def setup_logins(reactor, target, users, tokens):
-    """Log every user in (not timed); any failure aborts the run."""
-    clients, _, errors = await login_many(reactor, target, users, SETUP_CONCURRENCY, PASSWORD, tokens)
+async def setup_logins(reactor, target, users, tokens, devices=None):
+    """Log every user in (not timed), bound to their device if `devices` ({user: keys.Device}); failures abort."""
+    ids = {user: device.id.hex() for user, device in devices.items()} if devices else None
+    clients, _, errors = await login_many(
+        reactor, target, users, SETUP_CONCURRENCY, PASSWORD, tokens, devices=ids
+    )
     if errors:
         await close_all(reactor, list(clients.values()))
         raise RuntimeError(f"set-up logins failed: {dict(errors)}")
     return clients
 
 
-async def pair_up(clients, users):
+async def pair_up(clients, users, encrypt=False):
     """Pairs 0-1, 2-3, ... and their direct conversations: ({user: partner}, {user: id})."""
     partner = {user: users[i ^ 1] for i, user in enumerate(users)}
+    flag = {"encrypted": True} if encrypt else {}
     created = await defer.gatherResults(
         [
-            clients[users[i]].callRemote(commands.CreateConversation, members=[users[i + 1]])
+            clients[users[i]].callRemote(commands.CreateConversation, members=[users[i + 1]], **flag)
             for i in range(0, len(users), 2)
         ]
     )
@@ -122,15 +135,37 @@ async def logins(reactor, target, p):
 
 
 async def direct(reactor, target, p):
-    """B: N users in pairs 0-1, 2-3, ..., each sends M to its partner, window W."""
+    """B: N users in pairs 0-1, 2-3, ..., each sends M to its partner, window W (--encrypted: see encrypted.py)."""
     n = p.n - p.n % 2
-    users = names("direct", n)
+    users = names("edirect" if p.encrypted else "direct", n)
     tokens = await prepare(reactor, target, users, True)
-    clients = await setup_logins(reactor, target, users, tokens)
+    encrypted = e2ee() if p.encrypted else None
+    devices = encrypted.make_devices(users) if p.encrypted else None
+    clients = await setup_logins(reactor, target, users, tokens, devices)
+    extra = {}
     try:
-        partner, conversation = await pair_up(clients, users)
+        if p.encrypted:
+            await encrypted.publish_chains(clients, devices)
+        partner, conversation = await pair_up(clients, users, p.encrypted)
+        if p.encrypted:
+            members = {}
+            for creator in users[::2]:
+                members[conversation[creator]] = await encrypted.publish_epoch1(
+                    clients[creator], conversation[creator], "direct", "", [partner[creator]], devices[creator]
+                )
+            run_id = os.urandom(4).hex()
+            prepared = {
+                user: encrypted.preseal(
+                    devices[user], conversation[user], members[conversation[user]],
+                    [devices[partner[user]].id], p.m, run_id,
+                )
+                for user in users
+            }
+            extra = encrypted.envelope_figures(prepared, 1)
+            traffic = encrypted.EncryptedTraffic(clients, conversation, partner, 1, p.m, p.window, prepared)
+        else:
+            traffic = Traffic(clients, conversation, partner, 1, p.m, p.window)
         await sleep(reactor, 1.0)
-        traffic = Traffic(clients, conversation, partner, 1, p.m, p.window)
         meter = Meter(target.pid)
         meter.start()
         timed_out = await run_traffic(reactor, traffic, p.timeout)
@@ -141,11 +176,24 @@ async def direct(reactor, target, p):
         n=n,
         m=p.m,
         window=p.window,
+        encrypted=p.encrypted,
         persisted=True,
         timed_out=timed_out,
         msgs_per_s=round(traffic.delivered / figures["wall_s"], 1),
         receipts_received=sum(c.pushes[b"Receipt"] for c in clients.values()),
+        **pushes(clients, p.encrypted),
+        **extra,
         **traffic_figures(traffic, figures),
+    )
+
+
+def pushes(clients, encrypt):
+    """How many messages came as DeliverEncrypted (encrypted runs) and as plaintext Deliver (which must be none)."""
+    if not encrypt:
+        return {}
+    return dict(
+        deliver_encrypted_received=sum(c.pushes[b"DeliverEncrypted"] for c in clients.values()),
+        plaintext_deliver_received=sum(c.pushes[b"Deliver"] for c in clients.values()),
     )
 
 
@@ -153,13 +201,19 @@ async def fanout(reactor, target, p):
     """C: a group of K members; S of them send M each, window W; K-1 copies per message."""
     if p.k < 2:
         raise ValueError("fanout needs k >= 2")
-    users = names("fanout", p.k)
+    users = names("efanout" if p.encrypted else "fanout", p.k)
     senders = users[: p.senders or p.k]
     tokens = await prepare(reactor, target, users, True)
-    clients = await setup_logins(reactor, target, users, tokens)
+    encrypted = e2ee() if p.encrypted else None
+    devices = encrypted.make_devices(users) if p.encrypted else None
+    clients = await setup_logins(reactor, target, users, tokens, devices)
+    extra = {}
     try:
+        if p.encrypted:
+            await encrypted.publish_chains(clients, devices)
+        flag = {"encrypted": True} if p.encrypted else {}
         answer = await clients[users[0]].callRemote(
-            commands.CreateConversation, members=users[1:], title="bench"
+            commands.CreateConversation, members=users[1:], title="bench", **flag
         )
         await wait_until(
             reactor,
@@ -167,10 +221,25 @@ async def fanout(reactor, target, p):
             30,
             "every member to see the group",
         )
-        await sleep(reactor, 0.5)
         conversation = {s: answer["conversation_id"] for s in senders}
         observer = {s: users[(i + 1) % p.k] for i, s in enumerate(senders)}
-        traffic = Traffic(clients, conversation, observer, p.k - 1, p.m, p.window)
+        if p.encrypted:
+            group = answer["conversation_id"]
+            members = await encrypted.publish_epoch1(
+                clients[users[0]], group, "group", "bench", users[1:], devices[users[0]]
+            )
+            run_id = os.urandom(4).hex()
+            prepared = {
+                s: encrypted.preseal(
+                    devices[s], group, members, [devices[u].id for u in users if u != s], p.m, run_id
+                )
+                for s in senders
+            }
+            extra = encrypted.envelope_figures(prepared, p.k - 1)
+            traffic = encrypted.EncryptedTraffic(clients, conversation, observer, p.k - 1, p.m, p.window, prepared)
+        else:
+            traffic = Traffic(clients, conversation, observer, p.k - 1, p.m, p.window)
+        await sleep(reactor, 0.5)
         meter = Meter(target.pid)
         meter.start()
         timed_out = await run_traffic(reactor, traffic, p.timeout)
@@ -183,17 +252,20 @@ async def fanout(reactor, target, p):
         senders=len(senders),
         m=p.m,
         window=p.window,
+        encrypted=p.encrypted,
         persisted=True,
         pacing=(
             "each sender keeps W messages outstanding; one is released when the next member"
             " (sender i -> member i+1) receives it; the server sends no echo to the sending"
-            " session, so per_server_cpu_s counts deliveries + SendMessage answers"
+            " session, so per_server_cpu_s counts deliveries + SendMessage (SendEncrypted) answers"
             " (where Prosody counts deliveries + echoes)"
         ),
         timed_out=timed_out,
         room_msgs_per_s=round(room_messages / figures["wall_s"], 1),
         deliveries_per_s=round(traffic.delivered / figures["wall_s"], 1),
         receipts_received=sum(c.pushes[b"Receipt"] for c in clients.values()),
+        **pushes(clients, p.encrypted),
+        **extra,
         **traffic_figures(traffic, figures),
     )
     if figures.get("server_cpu_s"):

@@ -24,18 +24,20 @@ COMMON = {
     "started_at",
 }
 TRAFFIC = {"sent", "delivered", "expected", "p50_ms", "p99_ms", "answer_p50_ms", "answer_p99_ms"}
+ENVELOPE = {"header_bytes", "body_bytes", "wrap_bytes", "wraps_per_message", "sealing", "deliver_encrypted_received"}
 CPU = {"wall_s", "server_cpu_s", "server_cpu_util", "per_server_cpu_s", "client_cpu_s", "server_rss_kb"}
 
 
-def bench(*arguments):
-    """Run the bench with bcrypt's lowest allowed cost; its one line of JSON."""
-    ran = subprocess.run(
-        [sys.executable, "-m", "bench", *arguments, "--bcrypt-cost", "10", "--timeout", "60"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
+def run_bench(*arguments):
+    """`python -m bench ARGUMENTS` in the repository: the finished process."""
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *arguments], cwd=REPO, capture_output=True, text=True, timeout=120
     )
+
+
+def bench(*arguments, daemon=True):
+    """Run the bench (against a daemon: with bcrypt's lowest allowed cost); its one line of JSON."""
+    ran = run_bench(*arguments, *(("--bcrypt-cost", "10", "--timeout", "60") if daemon else ()))
     lines = ran.stdout.splitlines()
     if ran.returncode or len(lines) != 1:
         raise AssertionError(f"bench {arguments} exited {ran.returncode}:\n{ran.stdout}\n{ran.stderr[-3000:]}")
@@ -65,11 +67,46 @@ class BenchSmokeTests(unittest.TestCase):
         self.check(result, "direct", CPU | TRAFFIC | {"msgs_per_s", "persisted", "window"})
         self.assertEqual((result["sent"], result["delivered"], result["expected"]), (20, 20, 20))
         self.assertFalse(result["timed_out"])
+        self.assertFalse(result["encrypted"])
 
     def test_fanout(self):
         result = bench("fanout", "-k", "3", "-m", "3", "-w", "2")
         self.check(result, "fanout", CPU | TRAFFIC | {"deliveries_per_s", "pacing", "room_msgs_per_s"})
         self.assertEqual((result["sent"], result["delivered"]), (9, 18))
+
+    def test_direct_encrypted(self):
+        result = bench("direct", "--encrypted", "-n", "4", "-m", "5", "-w", "2")
+        self.check(result, "direct", CPU | TRAFFIC | ENVELOPE | {"msgs_per_s", "persisted", "window"})
+        self.assertTrue(result["encrypted"])
+        self.assertEqual((result["sent"], result["delivered"], result["expected"]), (20, 20, 20))
+        self.assertEqual((result["deliver_encrypted_received"], result["plaintext_deliver_received"]), (20, 0))
+        self.assertEqual((result["send_errors"], result["timed_out"]), ({}, False))
+        self.assertEqual((result["wraps_per_message"], result["wrap_bytes"], result["body_bytes"]), (1, 89, 272))
+        self.assertEqual(result["raised_limits"]["messages"], {"plaintext": "allowed"})  # as the plaintext runs
+
+    def test_fanout_encrypted(self):
+        result = bench("fanout", "--encrypted", "-k", "3", "-m", "3", "-w", "2")
+        self.check(result, "fanout", CPU | TRAFFIC | ENVELOPE | {"deliveries_per_s", "room_msgs_per_s"})
+        self.assertTrue(result["encrypted"])
+        self.assertEqual((result["sent"], result["delivered"], result["send_errors"]), (9, 18, {}))
+        self.assertEqual((result["deliver_encrypted_received"], result["plaintext_deliver_received"]), (18, 0))
+        self.assertEqual(result["wraps_per_message"], 2)
+
+    def test_encrypted_is_for_direct_and_fanout(self):
+        ran = run_bench("idle", "--encrypted")
+        self.assertNotEqual(ran.returncode, 0)
+        self.assertIn("--encrypted is an option of direct and fanout", ran.stderr)
+        self.assertEqual(ran.stdout, "")
+
+    def test_client_crypto(self):
+        arguments = ("--devices", "1,3", "--iterations", "3", "--history", "0,5", "--saves", "1", "--repeat", "1")
+        result = bench("client-crypto", *arguments, daemon=False)
+        self.assertEqual((result["workload"], result["run"], result["wrap_bytes"]), ("client-crypto", 1, 89))
+        figures = {"seal_1_us", "seal_3_us", "seal_1_sessions_us", "seal_3_sessions_us", "open_us", "open_sessions_us",
+                   "open_after_reply_us", "save_0_cpu_us", "save_5_wall_us", "save_5_file_bytes"}
+        self.assertLessEqual(figures, set(result), sorted(figures - set(result)))
+        self.assertTrue(all(result[name] > 0 for name in figures))
+        self.assertGreater(result["save_5_file_bytes"], result["save_0_file_bytes"])
 
     def test_idle(self):
         result = bench("idle", "-c", "5", "--hold", "0.1")

@@ -1,0 +1,265 @@
+"""`python -m bench client-crypto`: what sealing and opening a message costs the client, in process CPU.
+
+No daemon and no network: the e2ee modules alone, called as
+securechatd/client/crypto.py calls them. One sender device (alice) has an
+established Session (session.Session: X3DH with a one-time prekey, then a
+message each way, so its wraps are type 1, 89 bytes) with each of the
+recipient devices. Figures are microseconds of this process's CPU
+(time.process_time) per message, averaged over --iterations messages;
+each run builds new devices and sessions; the last line holds the medians
+and ranges of the runs.
+
+- `seal_<N>_us`: e2ee.envelope.seal of one message (the plaintext bench's
+  ~28-byte body) for N recipient devices: a fresh key K, header, padded
+  body, and N wraps, each one Session.encrypt.
+- `seal_<N>_sessions_us`: the same plus what ChatClient does around it for
+  every recipient: Session.from_bytes before and to_bytes after (the device
+  file keeps sessions as bytes).
+- `open_us`: Header.from_bytes, then envelope.unseal with the recipient's
+  Session.decrypt (wrap, key commitment, body, padding), for a message in
+  the same sending chain as the one before it (a symmetric ratchet step).
+- `open_after_reply_us`: the first message after the recipient replied,
+  which takes the Double Ratchet's DH step (a new X25519 key, two DH).
+- `open_sessions_us`: `open_us` plus Session.from_bytes and to_bytes.
+- `save_<H>_cpu_us` / `save_<H>_wall_us`: one DeviceFile.save (encode, write,
+  fsync, rename, fsync of the directory) of a device file holding 20
+  sessions and H message keys; ChatClient saves it after sealing, again when
+  the send is answered (the message's key kept) and after opening each
+  message, so a sent message costs two saves and a received one one.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import cryptography
+from cryptography.hazmat.backends.openssl.backend import backend as openssl_backend
+
+from bench.measure import cpu_ticks
+from securechatd.client.device_file import ACTIVE, DeviceFile
+from securechatd.e2ee import envelope, keys, x3dh
+from securechatd.e2ee.session import NewSession, Session
+
+CONVERSATION = 7
+MEMBERS = bytes(range(32))  # a membership state's hash; its value does not change the work
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="python -m bench client-crypto", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--devices", type=counts, default=(1, 20), help="recipient device counts to seal for (1,20)")
+    p.add_argument("--iterations", type=int, default=300, help="messages per figure per run (300)")
+    p.add_argument("--history", type=counts, default=(0, 10000),
+                   help="message keys held by the device file whose save is timed (0,10000); empty: no save figures")
+    p.add_argument("--saves", type=int, default=20, help="device file saves per history size per run (20)")
+    p.add_argument("--repeat", type=int, default=5, help="runs (5), each with new devices and sessions")
+    p.add_argument("--directory", default=None, help="where the device files are written (a temporary directory)")
+    return p
+
+
+def counts(text):
+    try:
+        values = tuple(int(part) for part in text.split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of counts: {text!r}")
+    if any(value < 0 for value in values):
+        raise argparse.ArgumentTypeError(f"a negative count: {text!r}")
+    return values
+
+
+def plaintext(seq):
+    """The plaintext bench's body: "<sender> <seq> <time>"."""
+    return f"alice {seq} {time.perf_counter():.9f}".encode()
+
+
+class Peer:
+    """A recipient device with its prekeys, and the established sessions between it and the sender."""
+
+    def __init__(self, sender, user):
+        self.device = keys.Device.generate(user)
+        spk = self.device.new_signed_prekey()
+        [opk] = self.device.new_one_time_prekeys(1)
+        bundle = x3dh.Bundle(self.device.keys, spk.id, spk.public, spk.signature, opk.id, opk.public)
+        self.outgoing = Session()  # the sender's session with this device
+        self.outgoing.initiate(sender.keys, sender.dh_private, bundle)
+        self.incoming = Session()  # this device's session with the sender
+        context = b"first"
+        first = self.outgoing.encrypt(b"\x00" * 32, context)
+        try:
+            self.incoming.decrypt(first, context)
+        except NewSession:
+            self.incoming.accept(
+                self.device.keys, self.device.dh_private, sender.keys, first, context,
+                lambda spk_id: spk.private if spk_id == spk.id else None,
+                lambda opk_id: opk.private if opk_id == opk.id else None,
+            )
+        reply = self.incoming.encrypt(b"\x00" * 32, b"reply")
+        self.outgoing.decrypt(reply, b"reply")  # established: the sender's wraps are type 1 from now on
+
+
+class Run:
+    def __init__(self, recipients):
+        self.sender = keys.Device.generate("alice")
+        self.peers = [Peer(self.sender, f"user{i}") for i in range(recipients)]  # sealed for, never open
+        self.reader = Peer(self.sender, "reader")  # opens what is sealed for it alone, in order
+        self.by_id = {peer.device.id: peer for peer in self.peers + [self.reader]}
+        self.counter = 0
+
+    def seal(self, devices, wrap):
+        self.counter += 1
+        return envelope.seal(
+            plaintext(self.counter), CONVERSATION, MEMBERS, "alice", self.sender.id, self.counter,
+            int(time.time() * 1000), devices, wrap,
+        )
+
+    def seal_live(self, count=None):
+        """Sealed for the first `count` peers (None: for the reader alone) with the live sessions."""
+        devices = [self.reader.device.id] if count is None else [peer.device.id for peer in self.peers[:count]]
+        return self.seal(devices, lambda device, key, context: self.by_id[device].outgoing.encrypt(key, context))
+
+    def seal_saved(self, count, saved):
+        """As ChatClient: each recipient's session from bytes, then back to bytes."""
+        devices = [peer.device.id for peer in self.peers[:count]]
+        sessions = {device: Session.from_bytes(saved[device]) for device in devices}
+        sealed = self.seal(devices, lambda device, key, context: sessions[device].encrypt(key, context))
+        for device, session in sessions.items():
+            saved[device] = session.to_bytes()
+        return sealed
+
+    def open(self, peer, sealed, session=None):
+        """The plaintext of `sealed` for `peer`, as ChatClient opens it (the header parsed first)."""
+        session = session or peer.incoming
+        header = envelope.Header.from_bytes(sealed.header)
+        return envelope.unseal(
+            header, sealed.body, sealed.wraps[peer.device.id], peer.device.id,
+            lambda wrap, context, check: session.decrypt(wrap, context, check),
+        )
+
+    def reply(self, peer):
+        """The peer answers the sender (untimed): the sender's next message starts a new ratchet chain."""
+        context = b"reply-%d" % self.counter
+        peer.outgoing.decrypt(peer.incoming.encrypt(b"\x00" * 32, context), context)
+
+
+def per_message(work, iterations):
+    """Process CPU per call of work(i) in microseconds."""
+    started = time.process_time()
+    for i in range(iterations):
+        work(i)
+    return (time.process_time() - started) / iterations * 1e6
+
+
+def measure_run(args, directory):
+    run = Run(max(args.devices + (20,)))
+    first = run.seal_live(max(args.devices + (1,)))
+    wrap_sizes = sorted({len(wrap) for wrap in first.wraps.values()})
+    if wrap_sizes != [89]:
+        raise RuntimeError(f"the sessions are not established: wraps of {wrap_sizes} bytes")
+    result = {"wrap_bytes": 89, "header_bytes": len(first.header), "body_bytes": len(first.body)}
+    for count in args.devices:
+        result[f"seal_{count}_us"] = round(per_message(lambda _: run.seal_live(count), args.iterations), 1)
+        saved = {peer.device.id: peer.outgoing.to_bytes() for peer in run.peers[:count]}
+        result[f"seal_{count}_sessions_us"] = round(
+            per_message(lambda _: run.seal_saved(count, saved), args.iterations), 1
+        )
+        for peer in run.peers[:count]:
+            peer.outgoing = Session.from_bytes(saved[peer.device.id])  # carry on from where the saved ones are
+
+    peer = run.reader
+    run.reply(peer)
+    run.open(peer, run.seal_live())  # the DH step of the new chain, untimed
+    batch = [run.seal_live() for _ in range(args.iterations)]
+    result["open_us"] = round(per_message(lambda i: run.open(peer, batch[i]), args.iterations), 1)
+
+    saved = peer.incoming.to_bytes()
+    batch = [run.seal_live() for _ in range(args.iterations)]
+
+    def open_saved(i):
+        nonlocal saved
+        session = Session.from_bytes(saved)
+        run.open(peer, batch[i], session)
+        saved = session.to_bytes()
+
+    result["open_sessions_us"] = round(per_message(open_saved, args.iterations), 1)
+    peer.incoming = Session.from_bytes(saved)
+
+    spent = 0.0
+    for _ in range(args.iterations):
+        run.reply(peer)
+        sealed = run.seal_live()
+        started = time.process_time()
+        run.open(peer, sealed)
+        spent += time.process_time() - started
+    result["open_after_reply_us"] = round(spent / args.iterations * 1e6, 1)
+
+    for history in args.history:
+        state = DeviceFile(os.path.join(directory, f"alice-{history}.device"), run.sender, ACTIVE)
+        for other in run.peers[:20]:
+            state.sessions[other.device.user, other.device.id] = other.outgoing.to_bytes()
+        state.message_keys = {message_id: os.urandom(32) for message_id in range(1, history + 1)}
+        cpu = wall = 0.0
+        for _ in range(args.saves):
+            started_cpu, started_wall = time.process_time(), time.perf_counter()
+            state.save()
+            cpu += time.process_time() - started_cpu
+            wall += time.perf_counter() - started_wall
+        result[f"save_{history}_cpu_us"] = round(cpu / args.saves * 1e6, 1)
+        result[f"save_{history}_wall_us"] = round(wall / args.saves * 1e6, 1)
+        result[f"save_{history}_file_bytes"] = os.path.getsize(state.path)
+    return result
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.iterations < 1 or args.repeat < 1 or args.saves < 1:
+        sys.exit("bench client-crypto: --iterations, --repeat and --saves must be at least 1")
+    directory = tempfile.mkdtemp(prefix="bench-client-crypto-", dir=args.directory)
+    environment = dict(
+        started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        load_average_1m_at_start=round(os.getloadavg()[0], 2),
+        cpus=os.cpu_count(),
+        cpu_model=cpu_model(),
+        python=platform.python_version(),
+        cryptography=cryptography.__version__,
+        openssl=openssl_backend.openssl_version_text(),
+        iterations=args.iterations,
+        saves=args.saves,
+    )
+    runs = []
+    try:
+        for number in range(args.repeat):
+            ticks = cpu_ticks()
+            figures = measure_run(args, directory)
+            steal, total = (now - then for now, then in zip(cpu_ticks(), ticks))
+            figures["host_steal_pct"] = round(100 * steal / total, 1) if total else None
+            runs.append(figures)
+            print(json.dumps({"workload": "client-crypto", "run": number + 1, **figures, **environment}), flush=True)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    numeric = [key for key, value in runs[0].items() if isinstance(value, (int, float)) and value is not None]
+    summary = {
+        "workload": "client-crypto",
+        "summary": f"median of {len(runs)} runs",
+        "runs": len(runs),
+        **{key: round(statistics.median(r[key] for r in runs), 1) for key in numeric},
+        "ranges": {key: [min(r[key] for r in runs), max(r[key] for r in runs)] for key in numeric},
+        **environment,
+    }
+    if len(runs) > 1:
+        print(json.dumps(summary), flush=True)
+    return 0
