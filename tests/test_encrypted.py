@@ -1297,3 +1297,36 @@ class DaemonTests(unittest.TestCase):
         page = yield bob.callRemote(commands.HistoryEncrypted, conversation_id=conversation_id)
         [message] = page["messages"]
         self.assertEqual((message["header"], message["body"]), (sealed.header, sealed.body))
+
+
+class LiveDeliveryAfterOwnMessagesTests(EncryptedTestCase):
+    """A device behind in a conversation, whose user then writes there: its next message still comes live.
+
+    (Its own messages carry no wrap for it, so only the pump can move it past
+    them; once nothing was in flight, nothing started the pump and the
+    message waited in the database until the next login.)
+    """
+
+    settings = {"message_burst": 1000}
+
+    def test_a_message_after_ones_own_while_behind_is_pushed_live(self):
+        laptop, phone = self.device("alice"), self.device("bob", "phone")
+        alice = self.connect("alice", laptop, answering=False)
+        bob = self.connect("bob", phone)
+        cid = self.create(alice, ["bob"])["conversation_id"]
+        self.publish(alice, self.epoch1(cid, laptop, ["alice", "bob"], kind="direct"))
+
+        def bob_sends(count):
+            for _ in range(count):
+                self.sent(bob, cid, self.seal(phone, cid, [laptop]))
+            self.settle(alice, bob)
+
+        bob_sends(33)  # the window (32) is pushed; seq 33 waits: behind
+        self.assertEqual(len(self.pushed(alice)), 32)
+        self.sent(alice, cid, self.seal(laptop, cid, [phone]))  # seq 34, her own: no wrap for the laptop
+        while alice.unanswered:
+            alice.unanswered.pop(0).callback({})
+            self.settle(alice, bob)
+        self.assertEqual(self.pushed(alice)[-1]["seq"], 33)
+        bob_sends(1)  # seq 35
+        self.assertEqual(self.pushed(alice)[-1]["seq"], 35)

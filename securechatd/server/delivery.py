@@ -152,6 +152,8 @@ class Outbox:
             self._push(message)
             return
         self.behind[conversation] = None
+        if self.in_flight < self.window:  # (no answer may come to start the pump: own messages have no wrap here)
+            self._start_pump()
 
     def _owed(self, message):
         if self.sent_here.pop(message.id, None) is not None:
