@@ -478,10 +478,10 @@ class EndToEnd:
         state = self.state
         members = await self.refresh_membership(conversation_id)
         if members is None or members.latest is None:
-            raise EncryptionUnavailable(f"Conversation {conversation_id} has no verified membership state yet.")
+            raise EncryptionUnavailable("This conversation has no verified membership state yet.")
         if self.user not in members.members:
             raise EncryptionUnavailable(
-                f"You are not a member of conversation {conversation_id} by its latest signed state."
+                "You are not a member of this conversation by its latest signed state."
             )
         names = sorted(members.members)
         chains = await _gather([self.chains.refresh(name, self.chain_max_age) for name in names])
@@ -611,8 +611,9 @@ class EndToEnd:
             if place != (conversation_id, item["seq"]):
                 raise Undecryptable(
                     Problem.REPLAY,
-                    f"message {item['message_id']} was read as seq {place[1]} of conversation {place[0]},"
-                    f" and comes again as seq {item['seq']} of conversation {conversation_id}",
+                    f"this message was read before as no. {place[1]}"
+                    + (" of another conversation" if place[0] != conversation_id else "")
+                    + f", and comes again as no. {item['seq']}",
                 )
             return self._checked(lambda: open_body(header, item["body"], key).decode("utf-8"))
         wrap = item.get("wrap")
@@ -784,7 +785,7 @@ class EndToEnd:
         self._require_active()
         current = await self.refresh_membership(conversation_id)
         if current is None or current.latest is None:
-            raise EncryptionUnavailable(f"Conversation {conversation_id} has no verified membership state yet.")
+            raise EncryptionUnavailable("This conversation has no verified membership state yet.")
         if op == "add":
             new = membership.add(current.latest, [name.lower() for name in names], self.state.device)
         else:

@@ -172,7 +172,7 @@ class EncryptedService:
         self.conversations.check_writable(conversation)
         device = self._device(session, "send to it")
         if parsed.conversation != conversation.id:
-            raise InvalidArgument(f"The header is of conversation {parsed.conversation}, not {conversation.id}.")
+            raise InvalidArgument("The header names another conversation than the one it is sent to.")
         if parsed.sender != session.username:
             raise NotAllowed("The sender of a header you send must be you.")
         if parsed.sender_device.hex() != device:

@@ -73,7 +73,7 @@ class MembershipChecker:
         state = parse_state(data)
         if state.conversation != conversation.id:
             raise InvalidArgument(
-                f"This membership state is of conversation {state.conversation}, not {conversation.id}."
+                "This membership state is another conversation's than the one it is sent to."
             )
         if state.actor != session.username:
             raise NotAllowed("The actor of a membership state you send must be you.")
