@@ -99,10 +99,15 @@ def _fields(command, schema):
 
     An argument of any other type (one that spans several keys, like
     amp.Descriptor or a custom toBox/fromBox) would be mis-encoded by the
-    fast path, so it is refused here rather than silently.
+    fast path, so it is refused here rather than silently. An amp.AmpList
+    is converted by _AmpListPath, whose item arguments obey the same rule.
     """
+    return _checked_fields(command.__name__, getattr(command, schema))
+
+
+def _checked_fields(owner, arguments):
     fields = []
-    for wire, argument in getattr(command, schema):
+    for wire, argument in arguments:
         name = wire.decode("ascii")
         kind = type(argument)
         if not (
@@ -110,11 +115,85 @@ def _fields(command, schema):
             and kind.toBox is amp.Argument.toBox
             and kind.fromBox is amp.Argument.fromBox
         ):
-            raise TypeError(f"{command.__name__}.{name}: {type(argument).__name__} is not a one-key argument type")
-        if not name.isidentifier() or keyword.iskeyword(name):
-            raise TypeError(f"{command.__name__}: {wire!r} is not a plain argument name")
+            raise TypeError(f"{owner}.{name}: {type(argument).__name__} is not a one-key argument type")
+        if not name.isidentifier() or keyword.iskeyword(name) or len(wire) > _KEY_LIMIT:
+            raise TypeError(f"{owner}: {wire!r} is not a plain argument name")
+        if (
+            isinstance(argument, amp.AmpList)
+            and kind.fromStringProto is amp.AmpList.fromStringProto
+            and kind.toStringProto is amp.AmpList.toStringProto
+        ):
+            argument = _AmpListPath(argument, _checked_fields(f"{owner}.{name}", argument.subargs))
         fields.append((wire, name, argument))
     return tuple(fields)
+
+
+_KEY_LIMIT = 255  # bytes of an AMP key
+_VALUE_LIMIT = 0xFFFF  # bytes of an AMP value
+
+
+class _AmpListPath:
+    """An amp.AmpList's conversion in one loop: its value is a run of AMP boxes
+    (2-byte length-prefixed keys and values, each box ended by an empty key),
+    read straight into dicts and written in AMP's own byte order (sorted keys).
+
+    Unlike amp.parseString, which silently drops an unfinished box at the
+    end, a value that does not end exactly with a box's end is refused.
+    """
+
+    def __init__(self, argument, fields):
+        self.optional = argument.optional
+        self.subargs = argument.subargs
+        self.fields = fields
+        self.sorted_fields = tuple(sorted(fields))  # amp.AmpBox.serialize writes keys in order
+
+    def fromStringProto(self, string, proto):
+        fields = self.fields
+        items = []
+        box = {}
+        key = None
+        size = len(string)
+        at = 0
+        while at < size:
+            start = at + 2
+            if start > size:
+                raise ValueError("an AmpList value cut short in a length")
+            length = (string[at] << 8) | string[at + 1]
+            if key is None:
+                if length == 0:  # the end of a box
+                    items.append(_from_box(box, fields))
+                    box = {}
+                    at = start
+                    continue
+                if length > _KEY_LIMIT:
+                    raise ValueError("an AmpList key longer than 255 bytes")
+            at = start + length
+            if at > size:
+                raise ValueError("an AmpList value cut short in a key or value")
+            if key is None:
+                key = string[start:at]
+            else:
+                box[key] = string[start:at]
+                key = None
+        if box or key is not None:
+            raise ValueError("an AmpList value ending inside a box")
+        return items
+
+    def toStringProto(self, items, proto):
+        parts = []
+        for item in items:
+            for wire, name, argument in self.sorted_fields:
+                value = item.get(name) if argument.optional else item[name]
+                if value is None and argument.optional:
+                    continue
+                string = argument.toStringProto(value, proto)
+                if isinstance(string, str):  # (as amp.AmpBox.serialize)
+                    raise TypeError(f"Unicode value for key {wire!r} not allowed: {string!r}")
+                if len(string) > _VALUE_LIMIT:
+                    raise amp.TooLong(False, True, string, wire)
+                parts += (len(wire).to_bytes(2, "big"), wire, len(string).to_bytes(2, "big"), string)
+            parts.append(b"\x00\x00")
+        return b"".join(parts)
 
 
 def _to_box(box, fields, objects):
