@@ -34,6 +34,7 @@ from securechatd.e2ee import chain, envelope, keys
 from securechatd.e2ee.encoding import digest, enc
 from securechatd.server import conversations as conversations_module
 from securechatd.server.encrypted import MAX_STAGED_MESSAGES, body_limit
+from securechatd.store.encrypted import EncryptedStore
 from securechatd.store.messaging import NewState
 from tests.helpers import Connection, connected_client, make_hub, make_store, start_daemon, tls_connect, when_lost
 
@@ -684,6 +685,27 @@ class SendTests(Scene):
         sent = self.sent(self.alice, self.group_id, self.seal(self.alice_laptop, self.group_id, self.everyone))
         self.assertEqual((sent["seq"], sent["sent_at"].timestamp()), (1, NOW))
         self.assertEqual(len(self.wrap_rows()), 3)
+
+    def test_a_new_message_to_three_devices_costs_nine_statements(self):
+        """The store's common case: the recipients' devices, one statement for every other check
+        and the seq, the message, envelope, 3 wraps, the counter and the sender's marks."""
+        statements = []
+        add_envelope_txn = EncryptedStore._add_envelope_txn
+
+        def traced(txn, *args):
+            txn.connection.set_trace_callback(statements.append)
+            try:
+                return add_envelope_txn(txn, *args)
+            finally:
+                txn.connection.set_trace_callback(None)
+
+        # (not self.patch: it would put the function back without its staticmethod)
+        self.addCleanup(setattr, EncryptedStore, "_add_envelope_txn", EncryptedStore.__dict__["_add_envelope_txn"])
+        EncryptedStore._add_envelope_txn = staticmethod(traced)
+        sent = self.sent(self.alice, self.group_id, self.seal(self.alice_laptop, self.group_id, self.everyone))
+        self.assertEqual(sent["seq"], 1)
+        self.assertEqual(len(self.wrap_rows()), 3)
+        self.assertEqual(len(statements), 9, "\n".join(statements))
 
     def test_only_from_a_session_bound_to_a_device(self):
         unbound = self.connect("alice")

@@ -16,7 +16,7 @@ from collections import namedtuple
 from securechatd.records import EncryptedMessage
 from securechatd.store import dialect
 from securechatd.store.base import USER_ID, StoreBase, placeholders, user_id
-from securechatd.store.messaging import OWN_MESSAGE_MARKS, conversation_row, record_state
+from securechatd.store.messaging import _SENDER_ID, OWN_MESSAGE_MARKS, conversation_row, record_state
 
 # a message checked by the service, as the store keeps it: `counter` is the header's 8
 # bytes (compared bytewise), `wraps` {device_id: wrap} as sent, `staged` how many wraps
@@ -71,6 +71,125 @@ def _recipients(txn, conversation_id, device_ids):
         for device_id, uid in txn.fetchall():
             recipients.setdefault(device_id, []).append(uid)
     return recipients
+
+
+# Numbers an encrypted message (RETURNING its seq and the sender's id) only if every check of
+# EncryptedStore.add_envelope that the recipients' devices do not decide passes, and nothing is
+# staged for the message (nor was: stale staged wraps are deleted when it is stored): no message
+# of the sender with this client_msg_id, the sender a member of the encrypted conversation, its
+# latest membership hash the header's, the sending device current, the counter above the last
+# stored, a direct conversation's other member not `max_pending` behind.
+_NUMBER_IF_ALL_CHECKS_PASS = (
+    "UPDATE conversations SET last_seq = last_seq + 1"
+    " WHERE id = :c AND encrypted = 1 AND members_hash = :members_hash"
+    f" AND EXISTS (SELECT 1 FROM members WHERE conversation_id = :c AND user_id = ({_SENDER_ID}))"
+    f" AND NOT EXISTS (SELECT 1 FROM messages WHERE sender_id = ({_SENDER_ID}) AND client_msg_id = :client_msg_id)"
+    f" AND EXISTS (SELECT 1 FROM devices WHERE user_id = ({_SENDER_ID}) AND device_id = :device"
+    " AND revoked_seq IS NULL)"
+    " AND NOT EXISTS (SELECT 1 FROM sender_counters WHERE conversation_id = :c"
+    f" AND user_id = ({_SENDER_ID}) AND device_id = :device AND counter >= :counter)"
+    f" AND NOT EXISTS (SELECT 1 FROM staged_wraps WHERE user_id = ({_SENDER_ID}) AND client_msg_id = :client_msg_id)"
+    " AND (kind = 'group' OR NOT EXISTS (SELECT 1 FROM members WHERE conversation_id = :c"
+    f" AND user_id <> ({_SENDER_ID}) AND delivered_seq <= conversations.last_seq - :cap))"
+    f" RETURNING last_seq, ({_SENDER_ID})"
+)
+
+
+def _add_envelope_checked(txn, e, now, max_pending, max_wraps, fresh_after):
+    """EncryptedStore.add_envelope, one check at a time in the documented order."""
+    uid = user_id(txn, e.sender)
+    if uid is None:
+        return "not member", None
+    resent = _sent(txn, uid, e.client_msg_id)
+    if resent is not None:
+        return "resent", resent
+    txn.execute(
+        "SELECT c.kind, c.members_hash, c.last_seq FROM conversations c JOIN members m"
+        " ON m.conversation_id = c.id AND m.user_id = ? WHERE c.id = ? AND c.encrypted = 1",
+        (uid, e.conversation_id),
+    )
+    row = txn.fetchone()
+    if row is None:
+        return "not member", None
+    kind, members_hash, last_seq = row
+    if members_hash is None or bytes(members_hash) != e.members_hash:
+        return "stale", None
+    txn.execute(
+        "SELECT 1 FROM devices WHERE user_id = ? AND device_id = ? AND revoked_seq IS NULL", (uid, e.sender_device)
+    )
+    if txn.fetchone() is None:
+        return "no sender device", None
+    device_key = (e.conversation_id, uid, e.sender_device)
+    txn.execute(
+        "SELECT counter FROM sender_counters WHERE conversation_id = ? AND user_id = ? AND device_id = ?",
+        device_key,
+    )
+    row = txn.fetchone()
+    if row is not None and bytes(row[0]) >= e.counter:
+        return "replayed", None
+    staged = _staged(txn, uid, e.client_msg_id, fresh_after)
+    if any(conversation != e.conversation_id for _, _, conversation in staged):
+        return "staged elsewhere", None
+    if e.staged is not None and e.staged != len(staged):
+        return "staged", len(staged)
+    wraps = {device_id: wrap for device_id, wrap, _ in staged}
+    for device_id in e.wraps:
+        if device_id in wraps:
+            return "duplicate", device_id
+    wraps.update(e.wraps)
+    if len(wraps) > max_wraps:
+        return "too many", len(wraps)
+    recipients = _recipients(txn, e.conversation_id, wraps)
+    for device_id in wraps:
+        if device_id not in recipients:
+            return "no device", device_id
+    if kind == "direct":
+        txn.execute(
+            "SELECT 1 FROM members WHERE conversation_id = ? AND user_id <> ? AND delivered_seq <= ?",
+            (e.conversation_id, uid, last_seq - max_pending),
+        )
+        if txn.fetchone() is not None:
+            return "full", None
+    txn.execute(
+        "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq", (e.conversation_id,)
+    )
+    (seq,) = txn.fetchone()
+    return _store_envelope(txn, e, now, uid, seq, wraps, recipients, staged=True)
+
+
+def _store_envelope(txn, e, now, uid, seq, wraps, recipients, staged):
+    """Write the message numbered `seq` with its `wraps`, the counter and the sender's marks;
+    delete its staged wraps if `staged`: ("stored", the EncryptedMessage)."""
+    message_id = dialect.insert(
+        txn,
+        "INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at)"
+        " VALUES (?, ?, ?, ?, ?, '', ?)",
+        (e.conversation_id, seq, uid, e.sender, e.client_msg_id, now),
+    )
+    txn.execute(
+        "INSERT INTO envelopes (message_id, sender_device, header, body) VALUES (?, ?, ?, ?)",
+        (message_id, e.sender_device, e.header, e.body),
+    )
+    txn.executemany(
+        "INSERT INTO wraps (user_id, device_id, conversation_id, seq, message_id, wrap) VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (recipient, device_id, e.conversation_id, seq, message_id, wrap)
+            for device_id, wrap in wraps.items()
+            for recipient in recipients[device_id]
+        ],
+    )
+    txn.execute(
+        "INSERT INTO sender_counters (conversation_id, user_id, device_id, counter) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (conversation_id, user_id, device_id) DO UPDATE SET counter = excluded.counter",
+        (e.conversation_id, uid, e.sender_device, e.counter),
+    )
+    if staged:
+        txn.execute("DELETE FROM staged_wraps WHERE user_id = ? AND client_msg_id = ?", (uid, e.client_msg_id))
+    txn.execute(OWN_MESSAGE_MARKS, {"c": e.conversation_id, "sender": e.sender, "seq": seq, "before": seq - 1})
+    message = EncryptedMessage(
+        message_id, e.conversation_id, seq, e.sender, e.sender_device, now, e.header, e.body, wraps
+    )
+    return "stored", message
 
 
 class EncryptedStore(StoreBase):
@@ -195,92 +314,31 @@ class EncryptedStore(StoreBase):
 
     @staticmethod
     def _add_envelope_txn(txn, e, now, max_pending, max_wraps, fresh_after):
-        uid = user_id(txn, e.sender)
-        if uid is None:
-            return "not member", None
-        resent = _sent(txn, uid, e.client_msg_id)
-        if resent is not None:
-            return "resent", resent
-        txn.execute(
-            "SELECT c.kind, c.members_hash, c.last_seq FROM conversations c JOIN members m"
-            " ON m.conversation_id = c.id AND m.user_id = ? WHERE c.id = ? AND c.encrypted = 1",
-            (uid, e.conversation_id),
-        )
-        row = txn.fetchone()
-        if row is None:
-            return "not member", None
-        kind, members_hash, last_seq = row
-        if members_hash is None or bytes(members_hash) != e.members_hash:
-            return "stale", None
-        txn.execute(
-            "SELECT 1 FROM devices WHERE user_id = ? AND device_id = ? AND revoked_seq IS NULL", (uid, e.sender_device)
-        )
-        if txn.fetchone() is None:
-            return "no sender device", None
-        device_key = (e.conversation_id, uid, e.sender_device)
-        txn.execute(
-            "SELECT counter FROM sender_counters WHERE conversation_id = ? AND user_id = ? AND device_id = ?",
-            device_key,
-        )
-        row = txn.fetchone()
-        if row is not None and bytes(row[0]) >= e.counter:
-            return "replayed", None
-        staged = _staged(txn, uid, e.client_msg_id, fresh_after)
-        if any(conversation != e.conversation_id for _, _, conversation in staged):
-            return "staged elsewhere", None
-        if e.staged is not None and e.staged != len(staged):
-            return "staged", len(staged)
-        wraps = {device_id: wrap for device_id, wrap, _ in staged}
-        for device_id in e.wraps:
-            if device_id in wraps:
-                return "duplicate", device_id
-        wraps.update(e.wraps)
-        if len(wraps) > max_wraps:
-            return "too many", len(wraps)
-        recipients = _recipients(txn, e.conversation_id, wraps)
-        for device_id in wraps:
-            if device_id not in recipients:
-                return "no device", device_id
-        if kind == "direct":
-            txn.execute(
-                "SELECT 1 FROM members WHERE conversation_id = ? AND user_id <> ? AND delivered_seq <= ?",
-                (e.conversation_id, uid, last_seq - max_pending),
-            )
-            if txn.fetchone() is not None:
-                return "full", None
-        txn.execute(
-            "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq", (e.conversation_id,)
-        )
-        (seq,) = txn.fetchone()
-        message_id = dialect.insert(
-            txn,
-            "INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at)"
-            " VALUES (?, ?, ?, ?, ?, '', ?)",
-            (e.conversation_id, seq, uid, e.sender, e.client_msg_id, now),
-        )
-        txn.execute(
-            "INSERT INTO envelopes (message_id, sender_device, header, body) VALUES (?, ?, ?, ?)",
-            (message_id, e.sender_device, e.header, e.body),
-        )
-        txn.executemany(
-            "INSERT INTO wraps (user_id, device_id, conversation_id, seq, message_id, wrap) VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                (recipient, device_id, e.conversation_id, seq, message_id, wrap)
-                for device_id, wrap in wraps.items()
-                for recipient in recipients[device_id]
-            ],
-        )
-        txn.execute(
-            "INSERT INTO sender_counters (conversation_id, user_id, device_id, counter) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (conversation_id, user_id, device_id) DO UPDATE SET counter = excluded.counter",
-            (*device_key, e.counter),
-        )
-        txn.execute("DELETE FROM staged_wraps WHERE user_id = ? AND client_msg_id = ?", (uid, e.client_msg_id))
-        txn.execute(OWN_MESSAGE_MARKS, {"c": e.conversation_id, "sender": e.sender, "seq": seq, "before": seq - 1})
-        message = EncryptedMessage(
-            message_id, e.conversation_id, seq, e.sender, e.sender_device, now, e.header, e.body, wraps
-        )
-        return "stored", message
+        # This runs for every encrypted message, so the common case (a new message, nothing
+        # staged for it, every wrap to a current device of a current member, every check
+        # passing) costs the recipients' devices, one statement that makes every other check
+        # and numbers the message, and the rows written. Anything else goes the long way,
+        # which checks one thing at a time to answer the first failing check's outcome.
+        if e.staged in (None, 0) and len(e.wraps) <= max_wraps:
+            recipients = _recipients(txn, e.conversation_id, e.wraps)
+            if all(device_id in recipients for device_id in e.wraps):
+                txn.execute(
+                    _NUMBER_IF_ALL_CHECKS_PASS,
+                    {
+                        "c": e.conversation_id,
+                        "sender": e.sender,
+                        "client_msg_id": e.client_msg_id,
+                        "members_hash": e.members_hash,
+                        "device": e.sender_device,
+                        "counter": e.counter,
+                        "cap": max_pending,
+                    },
+                )
+                row = txn.fetchone()
+                if row is not None:
+                    seq, uid = row
+                    return _store_envelope(txn, e, now, uid, seq, dict(e.wraps), recipients, staged=False)
+        return _add_envelope_checked(txn, e, now, max_pending, max_wraps, fresh_after)
 
     # -- reading and acknowledging ---------------------------------------------------------------
 
