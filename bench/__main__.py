@@ -136,7 +136,7 @@ def target_for(args, workload, params):
 async def measure(reactor, args, workload, params, source):
     """One measurement on its own target; the result dict (with "error" if it failed)."""
     target = target_for(args, workload, params)
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.fromtimestamp(reactor.seconds(), timezone.utc).isoformat(timespec="seconds")
     load = round(os.getloadavg()[0], 2)  # the machine is shared: was it busy?
     try:
         result = {"workload": workload, **await WORKLOADS[workload](reactor, target, params)}

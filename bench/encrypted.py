@@ -69,13 +69,13 @@ def _stand_in_wrap(device, key, context):
     return b"\x01" + os.urandom(WRAP_BYTES - 1)
 
 
-def preseal(device, conversation_id, members_hash, recipients, count, run_id):
+def preseal(device, conversation_id, members_hash, recipients, count, run_id, now):
     """SendEncrypted arguments (bytes, as callRemoteString takes them) of `count` envelopes from `device`.
 
-    `recipients` are device ids (bytes); counters run 1..count.
+    `recipients` are device ids (bytes); counters run 1..count; `now` (seconds, the reactor's) is the client time.
     """
     conversation = b"%d" % conversation_id
-    client_time = int(time.time() * 1000)
+    client_time = int(now * 1000)
     prepared = []
     for seq in range(count):
         plaintext = f"{device.user} {seq} {time.perf_counter():.9f}".encode()  # as Traffic's plaintext bodies

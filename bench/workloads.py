@@ -157,7 +157,7 @@ async def direct(reactor, target, p):
             prepared = {
                 user: encrypted.preseal(
                     devices[user], conversation[user], members[conversation[user]],
-                    [devices[partner[user]].id], p.m, run_id,
+                    [devices[partner[user]].id], p.m, run_id, reactor.seconds(),
                 )
                 for user in users
             }
@@ -231,7 +231,8 @@ async def fanout(reactor, target, p):
             run_id = os.urandom(4).hex()
             prepared = {
                 s: encrypted.preseal(
-                    devices[s], group, members, [devices[u].id for u in users if u != s], p.m, run_id
+                    devices[s], group, members, [devices[u].id for u in users if u != s], p.m, run_id,
+                    reactor.seconds(),
                 )
                 for s in senders
             }
