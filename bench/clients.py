@@ -144,6 +144,22 @@ async def login_many(reactor, target, users, concurrency, password, tokens, prot
     return logged_in, latencies, errors
 
 
+def sleep(reactor, seconds):
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def wind_down(reactor, starts, timers, clients):
+    """The end of a paced workload: no more sends start, the last messages arrive, every client closes."""
+    for start in starts:
+        if start.active():
+            start.cancel()
+    for timer in timers:
+        if timer.running:
+            timer.stop()
+    await sleep(reactor, 0.5)
+    await close_all(reactor, clients)
+
+
 async def close_all(reactor, clients, timeout=10):
     """Close every connection and wait (at most `timeout` s) until they are gone.
 

@@ -17,9 +17,9 @@ import os
 import time
 from collections import Counter
 
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 
-from bench.clients import BenchClient, close_all, login_many
+from bench.clients import BenchClient, login_many, sleep, wind_down
 from bench.daemon import PASSWORD
 from bench.measure import Meter, latency_figures
 from bench.traffic import Traffic
@@ -99,10 +99,6 @@ def _pauses_logged(target):
         return sum("commands refused in a row" in line for line in f)
 
 
-async def _sleep(reactor, seconds):
-    await deferLater(reactor, seconds, lambda: None)
-
-
 async def flood(reactor, target, p):
     canary = ["canary0", "canary1"]
     phase_users = [[f"flood{phase}x{i}" for i in range(count)] for phase, count in enumerate(p.flooders)]
@@ -130,7 +126,7 @@ async def flood(reactor, target, p):
             timer.clock = reactor
             timers.append(timer)
             starts.append(reactor.callLater(i / (p.rate * len(canary)), timer.start, 1.0 / p.rate))
-        await _sleep(reactor, 1.0)  # the canary settles
+        await sleep(reactor, 1.0)  # the canary settles
         for users in phase_users:
             active = [flooders[user] for user in users]
             meter = Meter(target.pid)
@@ -138,7 +134,7 @@ async def flood(reactor, target, p):
             started = time.perf_counter()
             for user, client in zip(users, active):
                 client.start_flood(sink_conversation[user], p.outstanding)
-            await _sleep(reactor, p.duration)
+            await sleep(reactor, p.duration)
             for client in active:
                 client.stop_flood()
             ended = time.perf_counter()
@@ -147,16 +143,9 @@ async def flood(reactor, target, p):
                 if client.transport is not None:
                     client.transport.abortConnection()  # unanswered commands may wait in a paused socket
             phases.append((len(users), started, ended, figures, active))
-            await _sleep(reactor, 1.0)  # what the daemon still had to read is not the next phase's
+            await sleep(reactor, 1.0)  # what the daemon still had to read is not the next phase's
     finally:
-        for start in starts:
-            if start.active():
-                start.cancel()
-        for timer in timers:
-            if timer.running:
-                timer.stop()
-        await _sleep(reactor, 0.5)  # the last canary messages arrive
-        await close_all(reactor, list(clients.values()) + list(flooders.values()))
+        await wind_down(reactor, starts, timers, list(clients.values()) + list(flooders.values()))
 
     def phase(count, start, end, figures, active):
         latencies = [lat for sent, lat in zip(traffic.send_times, traffic.latencies) if start <= sent < end]

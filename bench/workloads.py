@@ -14,9 +14,9 @@ import os
 import time
 
 from twisted.internet import defer
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 
-from bench.clients import close_all, connect, error_code, login, login_many
+from bench.clients import close_all, connect, error_code, login, login_many, sleep, wind_down
 from bench.daemon import PASSWORD, memory_kb
 from bench.measure import Meter, RssSampler, latency_figures
 from bench.attacks import attacks
@@ -38,10 +38,6 @@ def e2ee():
 def names(prefix, count):
     """Account names; each workload has its own prefix, so runs on a reused server do not mix."""
     return [f"{prefix}{i}" for i in range(count)]
-
-
-def sleep(reactor, seconds):
-    return deferLater(reactor, seconds, lambda: None)
 
 
 async def wait_until(reactor, condition, timeout, what):
@@ -344,14 +340,7 @@ async def storm(reactor, target, p):
         storm_figures = storm_meter.stop(len(storm_clients))
         storm_end = time.perf_counter()
     finally:
-        for start in starts:
-            if start.active():
-                start.cancel()
-        for timer in timers:
-            if timer.running:
-                timer.stop()
-        await sleep(reactor, 0.5)  # let the last messages arrive
-        await close_all(reactor, list(clients.values()) + list(storm_clients.values()))
+        await wind_down(reactor, starts, timers, list(clients.values()) + list(storm_clients.values()))
 
     def phase(start, end, figures):
         latencies = [lat for sent, lat in zip(traffic.send_times, traffic.latencies) if start <= sent < end]
