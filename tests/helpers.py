@@ -145,6 +145,14 @@ PUSHES[commands.Ping.commandName] = commands.Ping
 LIMITS = ConnectionLimits.from_settings(Settings())
 
 
+def settle(clock, conns, turns=3):
+    """Let pushes scheduled for the next reactor turns go out and be answered, over in-memory connections."""
+    for _ in range(turns):
+        clock.advance(0)
+        for conn in conns:
+            conn.pump.flush()
+
+
 class Connection:
     """A client AMP connection to a server ChatProtocol, pumped in memory.
 

@@ -36,7 +36,16 @@ from securechatd.server import conversations as conversations_module
 from securechatd.server.encrypted import MAX_STAGED_MESSAGES, body_limit
 from securechatd.store.encrypted import EncryptedStore
 from securechatd.store.messaging import NewState
-from tests.helpers import Connection, connected_client, make_hub, make_store, start_daemon, tls_connect, when_lost
+from tests.helpers import (
+    Connection,
+    connected_client,
+    make_hub,
+    make_store,
+    settle,
+    start_daemon,
+    tls_connect,
+    when_lost,
+)
 
 PASSWORD = "correct horse battery"
 NOW = 1_700_000_000
@@ -157,11 +166,7 @@ class EncryptedTestCase(unittest.TestCase):
                 conn.pump.flush()
 
     def settle(self, *conns):
-        """Let pushes scheduled for the next reactor turns go out and be answered."""
-        for _ in range(3):
-            self.clock.advance(0)
-            for conn in conns:
-                conn.pump.flush()
+        settle(self.clock, conns)
 
     def ok(self, conn, command, **arguments):
         return self.successResultOf(conn.call(command, **arguments))

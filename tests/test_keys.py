@@ -46,6 +46,7 @@ from tests.helpers import (
     make_hub,
     make_store,
     run_now,
+    settle,
     start_daemon,
 )
 from tests.test_services import RecordingClient
@@ -189,9 +190,7 @@ class KeysTestCase(unittest.TestCase):
         return self.ok(conn, commands.UploadPrekeys, **arguments)["count"]
 
     def settle(self, *conns):
-        self.clock.advance(0)
-        for conn in conns:
-            conn.pump.flush()
+        settle(self.clock, conns, turns=1)
 
 
 # -- chains ------------------------------------------------------------------------------

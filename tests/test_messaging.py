@@ -15,7 +15,7 @@ from securechatd.commands import (
     AuthRequired,
 )
 from securechatd.store.base import StoreError
-from tests.helpers import LIMITS, Connection, make_hub
+from tests.helpers import LIMITS, Connection, make_hub, settle
 
 PASSWORD = "correct horse battery"
 
@@ -40,11 +40,7 @@ class MessagingTestCase(unittest.TestCase):
         return conn
 
     def settle(self, *conns):
-        """Let pushes scheduled for the next reactor turn go out and be answered."""
-        for _ in range(3):
-            self.clock.advance(0)
-            for conn in conns:
-                conn.pump.flush()
+        settle(self.clock, conns)
 
     def ok(self, conn, command, **arguments):
         return self.successResultOf(conn.call(command, **arguments))
