@@ -27,6 +27,7 @@ from securechatd.commands import (
     RateLimited,
     UsernameTaken,
 )
+from securechatd.e2ee.membership import is_user_name  # (the one user-name rule: states carry names too)
 from securechatd.server import passwords
 from securechatd.server.passwords import token_hash
 from securechatd.server.policy import deferred
@@ -36,14 +37,13 @@ from securechatd.server.throttle import address_key, retry_text
 log = Logger()
 security = Logger(namespace="securechatd.security")
 
-_USERNAME = re.compile(r"[a-z][a-z0-9_.-]{2,31}\Z")
 _DEVICE_ID = re.compile(r"[0-9a-f]{32}\Z")
 
 
 def normalize_username(username):
     """The stored, lower-case form of `username`, or InvalidUsername."""
     lowered = username.lower()
-    if not (username.isascii() and _USERNAME.match(lowered)):
+    if not (username.isascii() and is_user_name(lowered)):
         raise InvalidUsername(
             "Usernames are 3 to 32 characters of a-z, 0-9, '_', '.' and '-',"
             " starting with a letter."
