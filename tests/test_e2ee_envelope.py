@@ -4,22 +4,30 @@ import json
 import os
 from dataclasses import replace
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from twisted.trial import unittest
 
 from securechatd.e2ee.encoding import Malformed, digest, enc
 from securechatd.e2ee.envelope import (
+    ATTESTABLE,
+    DENIABLE,
     SUITE,
     BadBody,
+    BadMessageSignature,
     BadPadding,
     Header,
     KeyCommitmentMismatch,
+    Unsigned,
+    check_signature,
     commitment,
     pad,
     seal,
+    sign_message,
     unpad,
     unseal,
 )
 from securechatd.e2ee.keys import Prekey
+from securechatd.e2ee.transcript import genesis
 from securechatd.e2ee.ratchet import BadMessage
 from securechatd.e2ee.session import Session
 from tests.test_e2ee_ratchet import Party, flipped
@@ -72,6 +80,9 @@ def golden():
         [bob.id, carol.id],
         lambda device, key, context: sessions[device].encrypt(key, context),
         key,
+        mode=ATTESTABLE,
+        prev=(0, genesis(42)),
+        signer=alice,
     )
     named = {
         f"{device.user}/{kind}": private_hex(getattr(device, kind + "_private"))
@@ -86,7 +97,8 @@ def golden():
     return {
         "about": "docs/E2EE.md, Encrypted messages: Alice's first envelope to Bob (bundle: spk 7, opk 3) and Carol"
         " (spk 5, no opk), each wrap a first message made with EK envelope/ek/<user>"
-        " and ratchet key envelope/ratchet/<user>",
+        " and ratchet key envelope/ratchet/<user>; attestable, signed by alice's device, sent at chain head"
+        " (0, e_0 of conversation 42)",
         "private_keys": named,
         "key": key.hex(),
         "plaintext": "Hello, Bob and Carol",
@@ -94,8 +106,13 @@ def golden():
         "members": MEMBERS.hex(),
         "counter": 1,
         "client_time": TIME,
+        "mode": ATTESTABLE,
+        "prev_n": 0,
+        "prev_e": genesis(42).hex(),
         "header": envelope.header.hex(),
+        "header_hash": Header.from_bytes(envelope.header).digest().hex(),
         "body": envelope.body.hex(),
+        "signature": envelope.signature.hex(),
         "wraps": {device.hex(): wrap.hex() for device, wrap in envelope.wraps.items()},
     }
 
@@ -117,25 +134,30 @@ class HeaderTests(unittest.TestCase):
     def header(self, **fields):
         values = dict(
             conversation=7, members=MEMBERS, sender="alice", sender_device=bytes(16), counter=3, client_time=TIME,
-            kc=commitment(bytes(32)),
+            mode=ATTESTABLE, prev_n=4, prev_e=bytes(range(32)), kc=commitment(bytes(32)),
         )
         return Header(**{**values, **fields})
 
     def test_round_trip_is_canonical(self):
-        header = self.header(sender="zoë")
-        data = header.to_bytes()
-        self.assertEqual(Header.from_bytes(data), header)
-        self.assertEqual(Header.from_bytes(data).to_bytes(), data)
-        self.assertEqual(len(data), 8 * 4 + len(SUITE) + 8 + 32 + len("zoë".encode()) + 16 + 8 + 8 + 32)
+        for mode in (ATTESTABLE, DENIABLE):
+            header = self.header(sender="zoë", mode=mode)
+            data = header.to_bytes()
+            self.assertEqual(Header.from_bytes(data), header)
+            self.assertEqual(Header.from_bytes(data).to_bytes(), data)
+            sizes = (len(SUITE), 8, 32, len("zoë".encode()), 16, 8, 8, len(mode), 8, 32, 32)
+            self.assertEqual(len(data), 11 * 4 + sum(sizes))
 
     def test_a_header_of_another_shape_is_malformed(self):
         fields = self.header().fields()
         for at, value in ((0, "securechatd-e2ee-v2"), (1, b"1234567"), (2, bytes(31)), (3, b"\xff"), (4, bytes(15)),
-                          (5, bytes(9)), (6, b""), (7, bytes(33))):
+                          (5, bytes(9)), (6, b""), (7, "signed"), (7, b"\xff"), (8, bytes(7)), (9, bytes(31)),
+                          (10, bytes(33))):
             self.assertRaises(Malformed, Header.from_bytes, enc(fields[:at] + [value] + fields[at + 1 :]))
         self.assertRaises(Malformed, Header.from_bytes, enc(fields[:-1]))
         self.assertRaises(Malformed, self.header, counter=-1)
         self.assertRaises(Malformed, self.header, conversation=1 << 64)
+        self.assertRaises(Malformed, self.header, prev_n=1 << 64)
+        self.assertRaises(Malformed, self.header, mode="Attestable")
 
 
 class EnvelopeTests(unittest.TestCase):
@@ -162,7 +184,7 @@ class EnvelopeTests(unittest.TestCase):
 
     def test_sizes(self):
         envelope = send(self.alice, [self.bob], b"x" * 300)
-        self.assertEqual(len(envelope.header), 155 + len("alice"))
+        self.assertEqual(len(envelope.header), 217 + len("alice"))  # attestable; deniable is 2 bytes shorter
         self.assertEqual(len(envelope.body), 512 + 16)
 
     def test_a_fresh_key_every_time(self):
@@ -244,3 +266,65 @@ class EnvelopeTests(unittest.TestCase):
                 ),
             )
             self.assertEqual(accepted, (b"Hello, Bob and Carol", opk.id if opk else 0))
+
+
+class SignatureTests(unittest.TestCase):
+    """Attestable messages carry the sender device's signature over header and body; deniable ones carry none."""
+
+    def setUp(self):
+        self.alice, self.bob = Party("alice"), Party("bob")
+
+    def sealed(self, mode=ATTESTABLE, signer=True):
+        return seal(
+            b"we agree", 3, MEMBERS, "alice", self.alice.id, 1, TIME, [], None, mode=mode, prev=(2, bytes(32)),
+            signer=self.alice.device if signer else None,
+        )
+
+    def test_an_attestable_message_is_signed_and_checks(self):
+        envelope = self.sealed()
+        header = Header.from_bytes(envelope.header)
+        self.assertEqual((header.mode, header.prev_n, header.prev_e), (ATTESTABLE, 2, bytes(32)))
+        self.assertEqual(len(envelope.signature), 64)
+        self.assertEqual(envelope.signature, sign_message(self.alice.device, header, envelope.body))
+        check_signature(header, envelope.body, envelope.signature, self.alice.device.keys)
+
+    def test_a_changed_header_body_or_signature_or_another_device_fails(self):
+        envelope = self.sealed()
+        header = Header.from_bytes(envelope.header)
+        keys = self.alice.device.keys
+        for changed in (replace(header, counter=2), replace(header, prev_n=1), replace(header, mode=DENIABLE)):
+            self.assertRaises(BadMessageSignature, check_signature, changed, envelope.body, envelope.signature, keys)
+        for at in (0, 100, len(envelope.body) - 1):
+            body = flipped(envelope.body, at)
+            self.assertRaises(BadMessageSignature, check_signature, header, body, envelope.signature, keys)
+        for at in (0, 63):
+            signature = flipped(envelope.signature, at)
+            self.assertRaises(BadMessageSignature, check_signature, header, envelope.body, signature, keys)
+        bob = self.bob.device.keys
+        self.assertRaises(BadMessageSignature, check_signature, header, envelope.body, envelope.signature, bob)
+        self.assertRaises(ValueError, sign_message, self.bob.device, header, envelope.body)
+
+    def test_unsigned_attestable_and_signed_deniable_are_refused(self):
+        unsigned = self.sealed(signer=False)
+        header = Header.from_bytes(unsigned.header)
+        self.assertRaises(Unsigned, check_signature, header, unsigned.body, b"", self.alice.device.keys)
+        deniable = self.sealed(mode=DENIABLE)
+        self.assertEqual(deniable.signature, b"")  # a signer given in deniable mode signs nothing
+        header = Header.from_bytes(deniable.header)
+        check_signature(header, deniable.body, b"", self.alice.device.keys)
+        signature = sign_message(self.alice.device, header, deniable.body)
+        self.assertRaises(BadMessageSignature, check_signature, header, deniable.body, signature, self.alice.device.keys)
+
+    def test_the_golden_signature_by_hand(self):
+        """sign(alice, "securechatd/message-sig/v1", [conversation, sender, sender_device, H(header), H(body)])."""
+        with open(os.path.join(VECTORS, "golden_envelope.json")) as f:
+            frozen = json.load(f)
+        alice = fixed_device("alice")
+        header = Header.from_bytes(bytes.fromhex(frozen["header"]))
+        body = bytes.fromhex(frozen["body"])
+        self.assertEqual(header.digest().hex(), frozen["header_hash"])
+        fields = [header.conversation, "alice", alice.id, header.digest(), digest("securechatd/message-body/v1", [body])]
+        signed = b"securechatd/message-sig/v1" + enc(fields)
+        Ed25519PublicKey.from_public_bytes(alice.keys.sig_pub).verify(bytes.fromhex(frozen["signature"]), signed)
+        check_signature(header, body, bytes.fromhex(frozen["signature"]), alice.keys)
+

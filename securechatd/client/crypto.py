@@ -161,6 +161,7 @@ class Sealed:
     wraps: tuple = field(repr=False)  # ((device id hex, wrap bytes), ...)
     key: bytes = field(repr=False)  # K: never in a log
     unreached: tuple = ()  # device ids (hex) of members' devices left out, e.g. without prekeys
+    signature: bytes = field(default=b"", repr=False)  # this device's over header and body (attestable; not sent yet)
 
 
 @dataclass(frozen=True)
@@ -526,13 +527,14 @@ class EndToEnd:
             list(recipients),
             lambda device, wrapped, context: sessions[device].encrypt(wrapped, context),
             key=key,
-        )
+        )  # attestable, with the chain head (0, e_0): the client follows neither mode events nor the chain yet
+        signature = envelope.sign_message(state.device, Header.from_bytes(sealed.header), sealed.body)
         state.counter = counter
         for device, session in sessions.items():
             state.sessions[recipients[device].user, device] = session.to_bytes()
         self.save()
         wraps = tuple((device.hex(), wrap) for device, wrap in sealed.wraps.items())
-        return Sealed(sealed.header, sealed.body, wraps, key, tuple(sorted(unreached)))
+        return Sealed(sealed.header, sealed.body, wraps, key, tuple(sorted(unreached)), signature)
 
     async def _start_session(self, keys):
         """A new Session with the device `keys` (from its verified chain) from a claimed bundle; None if it has none."""

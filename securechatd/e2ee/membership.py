@@ -6,6 +6,10 @@ on its own has no state a member signed, so no client encrypts to them. A
 state's wire form is enc(fields + [signature]); `State` parses and
 re-encodes it. `MembershipState` is what a client has verified so far; every
 rule that fails raises its own MembershipError subclass, naming the epoch.
+
+A conversation's mode (attestable or deniable) is set by signed `ModeEvent`s,
+hash-linked among themselves and each made under a membership state its
+actor is a member of; before the first, a conversation is attestable.
 """
 
 import re
@@ -14,6 +18,7 @@ from types import MappingProxyType
 
 from securechatd.e2ee.chain import HASH_BYTES, ZERO_HASH
 from securechatd.e2ee.encoding import Malformed, dec, digest, enc, field
+from securechatd.e2ee.envelope import ATTESTABLE, MODES
 from securechatd.e2ee.keys import DEVICE_ID_BYTES, SIGNATURE_BYTES
 
 OPS = ("create", "add", "leave")
@@ -22,6 +27,9 @@ MAX_TITLE_BYTES = 200
 MAX_MEMBERS = 1000  # the most any server allows (max_members): a state always fits one AMP value
 SIGN_LABEL = "securechatd/membership/v1"
 HASH_LABEL = "securechatd/membership-hash/v1"
+MODE_SIGN_LABEL = "securechatd/mode/v1"
+MODE_HASH_LABEL = "securechatd/mode-hash/v1"
+DEFAULT_MODE = ATTESTABLE  # before a conversation's first mode event
 _USER_NAME = re.compile(r"[a-z][a-z0-9_.-]{2,31}\Z")  # the stored form of docs/PROTOCOL.md's user names
 
 
@@ -335,3 +343,114 @@ def _next(previous, op, members, actor_device):
     """The state after `previous` with `op` and `members`: same conversation, kind and title, linked by its hash."""
     state = replace(previous, epoch=previous.epoch + 1, prev=previous.hash(), op=op, members=members)
     return _signed(replace(state, actor=actor_device.user, actor_device=actor_device.id), actor_device)
+
+
+# -- modes --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModeEvent:
+    """A signed choice of mode: event `number` (1, 2, ...) of a conversation, made under membership state `members`."""
+
+    conversation: int
+    number: int
+    prev: bytes  # the hash of event number - 1; 32 zero bytes for event 1
+    mode: str
+    members: bytes  # the hash of the membership state the actor acts under
+    actor: str
+    actor_device: bytes
+    signature: bytes = b""
+
+    def fields(self):
+        return [self.conversation, self.number, self.prev, self.mode, self.members, self.actor, self.actor_device]
+
+    def to_bytes(self):
+        return enc(self.fields() + [self.signature])
+
+    def hash(self):
+        """What the next event's prev and its chain link name this event by."""
+        return digest(MODE_HASH_LABEL, self.fields() + [self.signature])
+
+    def check(self):
+        if not (0 <= self.conversation < 1 << 64 and 1 <= self.number < 1 << 64):
+            raise Malformed("a mode event's conversation or number does not fit 8 bytes")
+        lengths = (len(self.prev), len(self.members), len(self.actor_device), len(self.signature))
+        if lengths != (HASH_BYTES, HASH_BYTES, DEVICE_ID_BYTES, SIGNATURE_BYTES):
+            raise Malformed("a mode event field has the wrong length")
+        if self.mode not in MODES or not is_user_name(self.actor):
+            raise Malformed(f"unknown mode {self.mode[:16]!r}, or an actor that is not a user name")
+
+    @classmethod
+    def from_bytes(cls, data):
+        conversation, number, prev, mode, members, actor, actor_device, signature = dec(data, 8)
+        if len(conversation) != 8 or len(number) != 8:
+            raise Malformed("a mode event number is not 8 bytes")
+        try:
+            mode, actor = mode.decode("ascii"), actor.decode("ascii")
+        except UnicodeDecodeError:
+            raise Malformed("a mode event's mode or actor is not ASCII")
+        conversation, number = int.from_bytes(conversation, "big"), int.from_bytes(number, "big")
+        event = cls(conversation, number, prev, mode, members, actor, actor_device, signature)
+        event.check()
+        return event
+
+
+class ModeError(ValueError):
+    """A mode event that breaks a rule of docs/E2EE.md "Modes"; `number` is its place, the message names the rule."""
+
+    def __init__(self, number, reason):
+        super().__init__(f"mode event {number}: {reason}")
+        self.number = number
+
+
+class ModeOutOfPlace(ModeError):
+    """Not the next event of this conversation: another conversation, a number not next, a prev not the last hash."""
+
+
+class ModeUnchanged(ModeError):
+    """An event after the first that sets the mode already in force."""
+
+
+class ModeActorNotMember(ModeError):
+    """The actor is not a member of the membership state the event names (or that state is not verified)."""
+
+
+class BadModeSignature(ModeError):
+    """The actor device is not a current device of the actor's chain, or did not sign the event."""
+
+
+def verify_modes(conversation, events, members, device_lookup):
+    """The mode each of `events` (from event 1, in order) sets, or the ModeError of the first that fails.
+
+    `members` is the verified MembershipState (the event's state must be
+    one it verified); device_lookup as for MembershipState.extend.
+    """
+    modes, prev = [], ZERO_HASH
+    for number, event in enumerate(events, 1):
+        event.check()
+        if (event.conversation, event.number, event.prev) != (conversation, number, prev):
+            raise ModeOutOfPlace(number, f"it is not event {number} of conversation {conversation} after the last one")
+        if modes and event.mode == modes[-1]:
+            raise ModeUnchanged(number, f"the conversation is {event.mode} already")
+        if not members.is_member_at(event.members, event.actor):
+            raise ModeActorNotMember(number, f"{event.actor!r} is not a member of the state it names")
+        keys = device_lookup(event.actor, event.actor_device)
+        if keys is None or (keys.user, keys.device) != (event.actor, event.actor_device):
+            raise BadModeSignature(number, f"{event.actor_device.hex()} is not a current device of {event.actor!r}")
+        if not keys.verify(event.signature, MODE_SIGN_LABEL, event.fields()):
+            raise BadModeSignature(number, f"the signature is not {event.actor_device.hex()}'s")
+        modes.append(event.mode)
+        prev = event.hash()
+    return modes
+
+
+def set_mode(previous, conversation, mode, members, actor_device):
+    """The mode event after `previous` (a ModeEvent, or None for the first) setting `mode`, signed by `actor_device`.
+
+    `members` is the hash of the latest membership state the actor verified.
+    """
+    number, prev = (previous.number + 1, previous.hash()) if previous is not None else (1, ZERO_HASH)
+    event = ModeEvent(conversation, number, prev, mode, members, actor_device.user, actor_device.id)
+    event = replace(event, signature=actor_device.sign(MODE_SIGN_LABEL, event.fields()))
+    event.check()
+    return event
