@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.twofactor.totp import TOTP
 from securechatd.e2ee.encoding import digest
 
 ISSUER = "securechatd"
-SECRET_BYTES = 20  # 160 bits (RFC 4226 §4), and base32 without '=' padding, which some apps mishandle
-DIGITS = 6  # with SHA-1 and 30 s: the only setting every authenticator app accepts
+SECRET_BYTES = 20  # 160 bits, RFC 4226 §4's recommendation; and base32 without the '=' padding some apps mishandle
+DIGITS = 6  # with SHA-1 and 30 s: what every authenticator app supports (some ignore other settings)
 TIME_STEP = 30
 WINDOW = 1  # steps accepted either side of the current one
 
@@ -70,11 +70,11 @@ def check(secret, typed, now, last_step):
     typed = _SPACES.sub("", typed)
     if not _CODE.match(typed):
         return None
-    hotp, floor = _hotp(secret), -1 if last_step is None else last_step
-    current = time_step(now)
-    for step in range(max(current - WINDOW, floor + 1, 0), current + WINDOW + 1):
+    hotp, current, typed = _hotp(secret), time_step(now), typed.encode("ascii")
+    lowest = max(current - WINDOW, 0 if last_step is None else last_step + 1, 0)
+    for step in range(lowest, current + WINDOW + 1):
         try:
-            hotp.verify(typed.encode("ascii"), step)
+            hotp.verify(typed, step)
         except InvalidToken:
             continue
         return step
@@ -97,11 +97,11 @@ def normalise_recovery_code(typed):
 def recovery_code_hash(user, typed):
     """What is stored for a recovery code and looked up when one is typed; None if `typed` cannot be a code.
 
-    A fast hash is enough because a code carries 60 random bits: a stolen
-    database still costs about 2**56 hashes per user to search (ten codes
-    each), and hashing the user name in leaves no table or search across
-    users. A slow hash (bcrypt) buys nothing against that much entropy and
-    would make a login try cost ten bcrypt runs, where this is one indexed
+    A fast hash is enough because a code carries 60 random bits: finding any
+    one of a user's ten codes from a stolen database still takes about 2**56
+    SHA-256 runs, and hashing the user name in leaves no table or search
+    across users. A slow hash (bcrypt) adds little against that much entropy
+    and would make each try cost ten bcrypt runs, where this is one indexed
     lookup.
     """
     code = normalise_recovery_code(typed)
