@@ -12,6 +12,7 @@ as it saw it. Pure functions over bytes: every time is a parameter.
 
 import json
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -147,7 +148,7 @@ class Position:
         self.conversation = conversation
         self.n = n
         self.e = genesis(conversation) if e is None else e
-        self.numbers = dict.fromkeys(KINDS, 0) | dict(numbers or {})
+        self.numbers = MappingProxyType(dict.fromkeys(KINDS, 0) | dict(numbers or {}))
 
     def __repr__(self):
         return f"<Position {self.conversation} n={self.n}>"
@@ -162,7 +163,7 @@ class Position:
         expected = self.numbers[link.kind] + 1
         if link.number != expected:
             raise Gap(link.n, f"{link.kind} {link.number} came where {link.kind} {expected} belongs")
-        return Position(self.conversation, link.n, next_hash(self.e, link), self.numbers | {link.kind: link.number})
+        return Position(self.conversation, link.n, next_hash(self.e, link), {**self.numbers, link.kind: link.number})
 
     def extend(self, links):
         """The positions after each of `links`, in order (the last is the new head)."""
