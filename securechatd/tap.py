@@ -202,7 +202,7 @@ def build(settings, reactor):
     if settings.audit_log:
         AuditLogService(settings.audit_log).setServiceParent(daemon)
     ThreadPoolService(hash_pool).setServiceParent(daemon)
-    StoreService(store, reactor).setServiceParent(daemon)
+    StoreService(store, reactor, before_close=[hub.encrypted.flush_acknowledged]).setServiceParent(daemon)
     checks = TimerService(settings.session_check, _check_sessions, hub)
     checks.clock = reactor
     checks.setServiceParent(daemon)

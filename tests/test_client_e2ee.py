@@ -114,6 +114,7 @@ class E2EETestCase(unittest.TestCase):
     @inlineCallbacks
     def wrapped_for(self, message_id):
         """The device ids the server holds a wrap of message `message_id` for (until they acknowledge it)."""
+        self.hub.encrypted.flush_acknowledged()  # (acknowledged wraps are otherwise deleted within ACK_FLUSH)
         found = yield self.query("SELECT device_id FROM wraps WHERE message_id = ?", message_id)
         return sorted(device for (device,) in found)
 
@@ -692,10 +693,10 @@ class AlarmTests(E2EETestCase):
         alice, _, bob, bob_inbox, conversation = yield self.conversation()
         yield bob.close()
         sent = yield alice.send_message(conversation, "altered on the way")
-        [(body,)] = yield self.query("SELECT body FROM envelopes WHERE message_id = ?", sent.message_id)
+        [(body,)] = yield self.query("SELECT sealed FROM messages WHERE id = ?", sent.message_id)
         body = bytearray(body)
         body[0] ^= 1
-        yield self.write("UPDATE envelopes SET body = ? WHERE message_id = ?", bytes(body), sent.message_id)
+        yield self.write("UPDATE messages SET sealed = ? WHERE id = ?", bytes(body), sent.message_id)
         yield alice.send_message(conversation, "and this one intact")
         bob, bob_inbox = yield self.device("bob", install="bobs")
         altered, intact = yield bob_inbox.wait("deliver", 2)

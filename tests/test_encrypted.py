@@ -33,7 +33,7 @@ from securechatd.config import Settings
 from securechatd.e2ee import chain, envelope, keys
 from securechatd.e2ee.encoding import digest, enc
 from securechatd.server import conversations as conversations_module
-from securechatd.server.encrypted import MAX_STAGED_MESSAGES, body_limit
+from securechatd.server.encrypted import ACK_FLUSH, MAX_STAGED_MESSAGES, body_limit
 from securechatd.store.encrypted import EncryptedStore
 from securechatd.store.messaging import NewState
 from tests.helpers import (
@@ -272,7 +272,8 @@ class EncryptedTestCase(unittest.TestCase):
         return [p for name, p in conn.pushes if name == kind]
 
     def wrap_rows(self):
-        """(user, device_id, seq) of every wrap the database holds."""
+        """(user, device_id, seq) of every wrap the database holds once acknowledged ones are deleted."""
+        self.hub.encrypted.flush_acknowledged()  # (otherwise within ACK_FLUSH)
         rows = self.successResultOf(self.hub.store._read("test", _wrap_rows))
         return sorted(rows)
 
@@ -691,9 +692,9 @@ class SendTests(Scene):
         self.assertEqual((sent["seq"], sent["sent_at"].timestamp()), (1, NOW))
         self.assertEqual(len(self.wrap_rows()), 3)
 
-    def test_a_new_message_to_three_devices_costs_nine_statements(self):
+    def test_a_new_message_to_three_devices_costs_seven_statements(self):
         """The store's common case: the recipients' devices, one statement for every other check
-        and the seq, the message, envelope, 3 wraps, the counter and the sender's marks."""
+        and the seq, the message (with its envelope and counter), 3 wraps and the sender's marks."""
         statements = []
         add_envelope_txn = EncryptedStore._add_envelope_txn
 
@@ -710,7 +711,7 @@ class SendTests(Scene):
         sent = self.sent(self.alice, self.group_id, self.seal(self.alice_laptop, self.group_id, self.everyone))
         self.assertEqual(sent["seq"], 1)
         self.assertEqual(len(self.wrap_rows()), 3)
-        self.assertEqual(len(statements), 9, "\n".join(statements))
+        self.assertEqual(len(statements), 7, "\n".join(statements))
 
     def test_only_from_a_session_bound_to_a_device(self):
         unbound = self.connect("alice")
@@ -1080,6 +1081,24 @@ class DeliveryTests(Scene):
         receipts = [(r["username"], r["state"], r["seq"]) for r in self.pushed(self.alice, "Receipt")]
         self.assertEqual(sorted(receipts), [("bob", "delivered", 1), ("carol", "delivered", 1)])
 
+    def test_acknowledged_wraps_are_deleted_within_ack_flush(self):
+        """An answer marks the device's wraps for deletion; they are deleted, all devices' at once, ACK_FLUSH later."""
+        phone = self.connect("bob", self.bob_phone)
+        carol = self.connect("carol", self.carol_laptop)
+        for n in range(3):
+            sealed = self.seal(self.alice_laptop, self.group_id, self.everyone, plaintext=b"%d" % n)
+            self.sent(self.alice, self.group_id, sealed)
+        self.settle(phone, carol, self.alice)
+        answered = {self.bob_phone.id.hex(), self.carol_laptop.id.hex()}
+
+        def answered_rows():
+            rows = self.successResultOf(self.hub.store._read("test", _wrap_rows))
+            return sorted((device, seq) for _, device, seq in rows if device in answered)
+
+        self.assertEqual(len(answered_rows()), 6)  # answered, still held
+        self.clock.advance(ACK_FLUSH)
+        self.assertEqual(answered_rows(), [])
+
     def test_an_offline_device_gets_its_wraps_at_its_next_login(self):
         phone = self.connect("bob", self.bob_phone)
         envelopes = [self.seal(self.alice_laptop, self.group_id, self.everyone, plaintext=b"%d" % n) for n in range(3)]
@@ -1207,6 +1226,7 @@ class HistoryTests(Scene):
         older = self.ok(laptop, commands.HistoryEncrypted, conversation_id=self.group_id, before_seq=4)
         self.assertEqual(([m["seq"] for m in older["messages"]], older["has_more"]), ([1, 2, 3], False))
         self.settle(phone)
+        self.clock.advance(ACK_FLUSH)  # the answered wraps are deleted
         answered = self.ok(phone, commands.HistoryEncrypted, conversation_id=self.group_id)
         self.assertEqual([m["wrap"] for m in answered["messages"]], [None] * 5)
         own = self.ok(self.alice, commands.HistoryEncrypted, conversation_id=self.group_id)

@@ -114,11 +114,11 @@ def _check_v3(testcase, db):
     testcase.assertEqual(
         db.execute(
             "SELECT c.kind, m.seq, m.sender, m.body, c.last_seq FROM messages m"
-            " JOIN conversations c ON c.id = m.conversation_id"
+            " JOIN conversations c ON c.id = m.conversation_id WHERE c.id = 1"
         ).fetchall(),
         [("direct", 1, "alice", "hi bob", 1)],
     )
-    testcase.assertEqual(db.execute("SELECT COUNT(*) FROM members").fetchone(), (2,))
+    testcase.assertEqual(db.execute("SELECT COUNT(*) FROM members WHERE conversation_id = 1").fetchone(), (2,))
     testcase.assertEqual(db.execute("SELECT seq, at FROM mark_events").fetchall(), [(1, 9.0)])
     testcase.assertEqual(db.execute("SELECT COUNT(*) FROM pending_receipts").fetchone(), (1,))
     testcase.assertEqual(
@@ -202,8 +202,54 @@ def _check_v6(testcase, db):
     columns = {row[1] for row in db.execute("PRAGMA table_info(conversations)")}
     if "encrypted" in columns:
         testcase.assertEqual(
-            db.execute("SELECT encrypted, epoch, members_hash FROM conversations").fetchall(), [(0, 0, None)]
+            db.execute("SELECT encrypted, epoch, members_hash FROM conversations WHERE id = 1").fetchall(),
+            [(0, 0, None)],
         )
+
+
+def _insert_v7(db):
+    _insert_v6(db)
+    db.executescript(
+        """
+        INSERT INTO devices (user_id, device_id, sig_pub, dh_pub, name, added_seq)
+            SELECT id, 'bb', x'09', x'0a', 'phone', 1 FROM users WHERE username = 'bob';
+        INSERT INTO conversations (id, kind, title, created_at, last_seq, encrypted, epoch, members_hash)
+            VALUES (2, 'group', 'ops', 20.0, 2, 1, 1, x'aa');
+        INSERT INTO members (conversation_id, user_id, joined_at, delivered_seq, read_seq)
+            SELECT 2, id, 20.0, 0, 0 FROM users WHERE username IN ('alice', 'bob');
+        INSERT INTO membership_states (conversation_id, epoch, hash, state, published_at) VALUES (2, 1, x'aa', x'ab', 20.0);
+        INSERT INTO messages (id, conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at)
+            SELECT 100 + n, 2, n, id, 'alice', 'e' || n, '', 21.0 FROM users, (SELECT 1 AS n UNION SELECT 2)
+            WHERE username = 'alice';
+        INSERT INTO envelopes (message_id, sender_device, header, body) VALUES (101, 'aa', x'11', x'12'), (102, 'aa', x'21', x'22');
+        INSERT INTO wraps (user_id, device_id, conversation_id, seq, message_id, wrap)
+            SELECT id, 'bb', 2, 2, 102, x'23' FROM users WHERE username = 'bob';
+        INSERT INTO sender_counters (conversation_id, user_id, device_id, counter)
+            SELECT 2, id, 'aa', x'0000000000000002' FROM users WHERE username = 'alice';
+        """
+    )
+
+
+def _check_v7(testcase, db):
+    _check_v6(testcase, db)
+    columns = {row[1] for row in db.execute("PRAGMA table_info(messages)")}
+    if "sealed" in columns:  # after version 8 an envelope is its messages row ...
+        envelopes = "SELECT seq, sender, body, sender_device, header, sealed FROM messages WHERE conversation_id = 2"
+        counters = "SELECT counter FROM messages WHERE counter IS NOT NULL"  # ... the highest counter on the newest
+    else:  # (the backup, as version 7 kept it)
+        envelopes = (
+            "SELECT m.seq, m.sender, m.body, e.sender_device, e.header, e.body"
+            " FROM messages m JOIN envelopes e ON e.message_id = m.id"
+        )
+        counters = "SELECT counter FROM sender_counters"
+    testcase.assertEqual(
+        db.execute(envelopes + " ORDER BY seq").fetchall(),
+        [(1, "alice", "", "aa", b"\x11", b"\x12"), (2, "alice", "", "aa", b"\x21", b"\x22")],
+    )
+    testcase.assertEqual(db.execute(counters).fetchall(), [(b"\0" * 7 + b"\x02",)])
+    testcase.assertEqual(
+        db.execute("SELECT device_id, seq, message_id, wrap FROM wraps").fetchall(), [("bb", 2, 102, b"\x23")]
+    )
 
 
 SAMPLES = {
@@ -213,6 +259,7 @@ SAMPLES = {
     4: (_insert_v4, _check_v4),
     5: (_insert_v5, _check_v5),
     6: (_insert_v6, _check_v6),
+    7: (_insert_v7, _check_v7),
 }
 
 

@@ -42,8 +42,10 @@ log = Logger()
 
 WRAP_BYTES = (89, 129)  # a ratchet message's wrap, and a first message's (with X3DH)
 TAG_BYTES = 16  # ChaCha20-Poly1305's tag, after the padded body
+ACK_FLUSH = 1.0  # seconds: acknowledged wraps are deleted this often
 MAX_STAGED_MESSAGES = 4  # messages one user stages wraps for at once; staging a fifth forgets the oldest
 NOT_BOUND = "This conversation is end-to-end encrypted: log in with your device_id to {what}."
+PLAINTEXT = "This conversation is not end-to-end encrypted: use SendMessage and History."
 STALE = (
     "This message was encrypted under an earlier membership state: the membership changed; fetch it"
     " (GetMembership) and send again."
@@ -114,7 +116,7 @@ class EncryptedService:
         """The caller's encrypted Conversation (NOT_ALLOWED for a plaintext one)."""
         conversation = await self.conversations.member_of(conversation_id, session.username)
         if not conversation.encrypted:
-            raise NotAllowed("This conversation is not end-to-end encrypted: use SendMessage and History.")
+            raise NotAllowed(PLAINTEXT)
         return conversation
 
     def _take(self, session):
@@ -153,9 +155,11 @@ class EncryptedService:
             raise InvalidArgument(f"A message is wrapped for at most {self.max_devices} devices, not {value}.")
         return value
 
-    @deferred
-    async def send(self, session, conversation_id, client_msg_id, header, body, wraps, staged=None):
-        """The stored EncryptedMessage (a resend: the first one, stored and delivered once), once committed."""
+    def send(self, session, conversation_id, client_msg_id, header, body, wraps, staged=None):
+        """Deferred: the stored EncryptedMessage (a resend: the first one, stored and delivered once), once committed.
+
+        (Callbacks, not a coroutine, as MessageService.send: this runs for every message.)
+        """
         self._check_client_msg_id(client_msg_id)
         try:
             parsed = Header.from_bytes(header)
@@ -168,7 +172,15 @@ class EncryptedService:
         wraps = self._wraps(session, wraps)
         if staged is not None and staged < 0:
             raise InvalidArgument("staged must be 0 or more.")
-        conversation = await self._conversation(session, conversation_id)
+        arguments = (session, client_msg_id, parsed, header, body, wraps, staged)
+        conversation = self.conversations.loaded_member(conversation_id, session.username)
+        if conversation is None:  # not loaded yet
+            return self.conversations.member_of(conversation_id, session.username).addCallback(self._store, *arguments)
+        return self._store(conversation, *arguments)
+
+    def _store(self, conversation, session, client_msg_id, parsed, header, body, wraps, staged):
+        if not conversation.encrypted:
+            raise NotAllowed(PLAINTEXT)
         self.conversations.check_writable(conversation)
         device = self._device(session, "send to it")
         if parsed.conversation != conversation.id:
@@ -191,20 +203,22 @@ class EncryptedService:
             staged,
         )
         now = self.clock.seconds()
-        outcome, value = await self.store.add_envelope(
-            envelope, now, self.max_pending, self.max_devices, now - self.staging_timeout
-        )
+        stored = self.store.add_envelope(envelope, now, self.max_pending, self.max_devices, now - self.staging_timeout)
+        return stored.addCallback(self._stored, session, staged)
+
+    def _stored(self, result, session, staged):
+        outcome, value = result
         if outcome == "stored":
-            self.conversations.committed(conversation.id, value.seq)
+            self.conversations.committed(value.conversation_id, value.seq)
             self._fan_out(value, session)
             return value
         if outcome in ("resent", "full"):
             self.rate.refund(session.username)  # stored nothing: cost nothing (as SendMessage)
         if outcome == "resent":
             return value
-        raise self._refusal(outcome, value, conversation_id, staged)
+        raise self._refusal(outcome, value, staged)
 
-    def _refusal(self, outcome, value, conversation_id, staged):
+    def _refusal(self, outcome, value, staged):
         if outcome == "not member":  # left while this was on its way
             return NoSuchConversation(NO_SUCH_CONVERSATION_TEXT)
         if outcome == "stale":
@@ -256,18 +270,23 @@ class EncryptedService:
 
     def acknowledged(self, username, device_id, conversation_id, seq):
         """A session bound to `device_id` answered every DeliverEncrypted of the conversation up to `seq`
-        (called by Outboxes): the device's wraps up to there are deleted, once per reactor turn."""
+        (called by Outboxes): the device's wraps up to there are deleted, all devices' in one store
+        call every ACK_FLUSH seconds. (A wrap outliving its acknowledgement costs nothing but a
+        repeated push after a crash, which the client recognises as the same message.)"""
         key = (username, device_id, conversation_id)
         if seq > self._acknowledged.get(key, 0):
             self._acknowledged[key] = seq
         if self._flush is None:
-            self._flush = self.clock.callLater(0, self._delete_acknowledged)
+            self._flush = self.clock.callLater(ACK_FLUSH, self._delete_acknowledged)
+
+    def flush_acknowledged(self):
+        """Queue the deletion of every acknowledged wrap now (as the daemon stops)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._delete_acknowledged()
 
     def _delete_acknowledged(self):
         self._flush = None
         acknowledged, self._acknowledged = self._acknowledged, {}
-        for (username, device_id, conversation_id), seq in acknowledged.items():
-            deleted = self.store.delete_wraps(username, device_id, conversation_id, seq)
-            deleted.addErrback(
-                lambda failure, device=device_id: log.failure("wraps of device {device}", failure, device=device)
-            )
+        deleted = self.store.delete_wraps([(*key, seq) for key, seq in acknowledged.items()])
+        deleted.addErrback(lambda failure: log.failure("deleting acknowledged wraps", failure))

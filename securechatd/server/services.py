@@ -60,19 +60,26 @@ class ThreadPoolService(Service):
 
 
 class StoreService(Service):
-    """Closes the database pool when the daemon stops, after every queued write."""
+    """Closes the database pool when the daemon stops, after every queued write.
 
-    def __init__(self, store, clock):
+    `before_close` are called first: services that gather writes for a while
+    (EncryptedService's acknowledged wraps) queue what they hold.
+    """
+
+    def __init__(self, store, clock, before_close=()):
         self.store = store
         self.clock = clock
+        self.before_close = before_close
 
     def stopService(self):
         super().stopService()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self):
-        # writes queued for the next turn (delivered marks, last-seen times) first
+        # writes queued for the next turn (delivered marks, last-seen times) or held for later first
         await deferLater(self.clock, 0, lambda: None)
+        for queue_what_is_held in self.before_close:
+            queue_what_is_held()
         await self.store.flush()
         self.store.close()
 

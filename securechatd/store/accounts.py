@@ -150,7 +150,6 @@ class AccountStore(StoreBase):
             ("pending_receipts", "recipient_id"),
             ("wraps", "user_id"),  # encrypted messages for their devices, and what they staged or sent
             ("staged_wraps", "user_id"),
-            ("sender_counters", "user_id"),
             ("one_time_prekeys", "user_id"),  # the key directory: nobody can fetch a deleted user's keys
             ("signed_prekeys", "user_id"),
             ("devices", "user_id"),

@@ -1,9 +1,10 @@
 """SQL for encrypted conversations: membership states, envelopes, wraps per device, staged wraps.
 
 The server keeps what it cannot read as opaque bytes: each signed
-membership state as published, each message's header and body once (its
-`messages` row holds its seq, sender, client_msg_id and time, with an empty
-body), and one wrap per recipient device until that device acknowledges it.
+membership state as published, each message's header and body once (in its
+`messages` row, beside its seq, sender, sending device, client_msg_id, time
+and header counter, with an empty plaintext body), and one wrap per
+recipient device until that device acknowledges it.
 A message is stored with every check that depends on the database made in
 its own transaction, so what the service checked cannot change before the
 commit: the sender is a member and the membership is the one its header
@@ -25,7 +26,7 @@ NewEnvelope = namedtuple(
     "NewEnvelope", "conversation_id sender sender_device client_msg_id header body counter members_hash wraps staged"
 )
 
-_ENVELOPE_COLUMNS = "m.id, m.conversation_id, m.seq, m.sender, e.sender_device, m.sent_at, e.header, e.body"
+_ENVELOPE_COLUMNS = "m.id, m.conversation_id, m.seq, m.sender, m.sender_device, m.sent_at, m.header, m.sealed"
 
 
 def _envelope(row, wraps):
@@ -38,8 +39,8 @@ def _envelope(row, wraps):
 def _sent(txn, uid, client_msg_id):
     """The EncryptedMessage stored for (sender, client_msg_id) (no header or body if plaintext), or None."""
     txn.execute(
-        "SELECT m.id, m.conversation_id, m.seq, m.sender, e.sender_device, m.sent_at FROM messages m"
-        " LEFT JOIN envelopes e ON e.message_id = m.id WHERE m.sender_id = ? AND m.client_msg_id = ?",
+        "SELECT id, conversation_id, seq, sender, sender_device, sent_at FROM messages"
+        " WHERE sender_id = ? AND client_msg_id = ?",
         (uid, client_msg_id),
     )
     row = txn.fetchone()
@@ -86,8 +87,8 @@ _NUMBER_IF_ALL_CHECKS_PASS = (
     f" AND NOT EXISTS (SELECT 1 FROM messages WHERE sender_id = ({_SENDER_ID}) AND client_msg_id = :client_msg_id)"
     f" AND EXISTS (SELECT 1 FROM devices WHERE user_id = ({_SENDER_ID}) AND device_id = :device"
     " AND revoked_seq IS NULL)"
-    " AND NOT EXISTS (SELECT 1 FROM sender_counters WHERE conversation_id = :c"
-    f" AND user_id = ({_SENDER_ID}) AND device_id = :device AND counter >= :counter)"
+    " AND NOT EXISTS (SELECT 1 FROM messages WHERE conversation_id = :c"
+    f" AND sender_id = ({_SENDER_ID}) AND sender_device = :device AND counter >= :counter)"
     f" AND NOT EXISTS (SELECT 1 FROM staged_wraps WHERE user_id = ({_SENDER_ID}) AND client_msg_id = :client_msg_id)"
     " AND (kind = 'group' OR NOT EXISTS (SELECT 1 FROM members WHERE conversation_id = :c"
     f" AND user_id <> ({_SENDER_ID}) AND delivered_seq <= conversations.last_seq - :cap))"
@@ -119,13 +120,12 @@ def _add_envelope_checked(txn, e, now, max_pending, max_wraps, fresh_after):
     )
     if txn.fetchone() is None:
         return "no sender device", None
-    device_key = (e.conversation_id, uid, e.sender_device)
     txn.execute(
-        "SELECT counter FROM sender_counters WHERE conversation_id = ? AND user_id = ? AND device_id = ?",
-        device_key,
+        "SELECT MAX(counter) FROM messages WHERE conversation_id = ? AND sender_id = ? AND sender_device = ?",
+        (e.conversation_id, uid, e.sender_device),
     )
-    row = txn.fetchone()
-    if row is not None and bytes(row[0]) >= e.counter:
+    (highest,) = txn.fetchone()
+    if highest is not None and bytes(highest) >= e.counter:
         return "replayed", None
     staged = _staged(txn, uid, e.client_msg_id, fresh_after)
     if any(conversation != e.conversation_id for _, _, conversation in staged):
@@ -158,17 +158,13 @@ def _add_envelope_checked(txn, e, now, max_pending, max_wraps, fresh_after):
 
 
 def _store_envelope(txn, e, now, uid, seq, wraps, recipients, staged):
-    """Write the message numbered `seq` with its `wraps`, the counter and the sender's marks;
+    """Write the message numbered `seq` (with its counter) and its `wraps`, and the sender's marks;
     delete its staged wraps if `staged`: ("stored", the EncryptedMessage)."""
     message_id = dialect.insert(
         txn,
-        "INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at)"
-        " VALUES (?, ?, ?, ?, ?, '', ?)",
-        (e.conversation_id, seq, uid, e.sender, e.client_msg_id, now),
-    )
-    txn.execute(
-        "INSERT INTO envelopes (message_id, sender_device, header, body) VALUES (?, ?, ?, ?)",
-        (message_id, e.sender_device, e.header, e.body),
+        "INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at,"
+        " sender_device, header, sealed, counter) VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?)",
+        (e.conversation_id, seq, uid, e.sender, e.client_msg_id, now, e.sender_device, e.header, e.body, e.counter),
     )
     txn.executemany(
         "INSERT INTO wraps (user_id, device_id, conversation_id, seq, message_id, wrap) VALUES (?, ?, ?, ?, ?, ?)",
@@ -177,11 +173,6 @@ def _store_envelope(txn, e, now, uid, seq, wraps, recipients, staged):
             for device_id, wrap in wraps.items()
             for recipient in recipients[device_id]
         ],
-    )
-    txn.execute(
-        "INSERT INTO sender_counters (conversation_id, user_id, device_id, counter) VALUES (?, ?, ?, ?)"
-        " ON CONFLICT (conversation_id, user_id, device_id) DO UPDATE SET counter = excluded.counter",
-        (e.conversation_id, uid, e.sender_device, e.counter),
     )
     if staged:
         txn.execute("DELETE FROM staged_wraps WHERE user_id = ? AND client_msg_id = ?", (uid, e.client_msg_id))
@@ -359,7 +350,6 @@ class EncryptedStore(StoreBase):
     def _envelopes_for_device_txn(txn, conversation_id, username, device_id, first_seq, limit):
         txn.execute(
             f"SELECT {_ENVELOPE_COLUMNS}, w.wrap FROM wraps w JOIN messages m ON m.id = w.message_id"
-            " JOIN envelopes e ON e.message_id = w.message_id"
             f" WHERE w.user_id = ({USER_ID}) AND w.device_id = ? AND w.conversation_id = ? AND w.seq >= ?"
             " ORDER BY w.seq LIMIT ?",
             (username, device_id, conversation_id, first_seq, limit),
@@ -377,24 +367,23 @@ class EncryptedStore(StoreBase):
     def _envelopes_before_txn(txn, conversation_id, username, device_id, before_seq, limit):
         uid = user_id(txn, username)
         txn.execute(
-            f"SELECT {_ENVELOPE_COLUMNS}, w.wrap FROM messages m JOIN envelopes e ON e.message_id = m.id"
+            f"SELECT {_ENVELOPE_COLUMNS}, w.wrap FROM messages m"
             " LEFT JOIN wraps w ON w.user_id = ? AND w.device_id = ? AND w.conversation_id = m.conversation_id"
             " AND w.seq = m.seq"
-            " WHERE m.conversation_id = ? AND m.seq < ? ORDER BY m.seq DESC LIMIT ?",
+            " WHERE m.conversation_id = ? AND m.seq < ? AND m.sealed IS NOT NULL ORDER BY m.seq DESC LIMIT ?",
             (uid, device_id, conversation_id, before_seq if before_seq is not None else 2**62, limit),
         )
         return [_envelope(row[:-1], {} if row[-1] is None else {device_id: bytes(row[-1])}) for row in txn.fetchall()]
 
-    def delete_wraps(self, username, device_id, conversation_id, up_to_seq):
-        """Deferred: forget the wraps of the device's messages of the conversation up to `up_to_seq`:
-        it has them (an acknowledgement, so in the store's first lane)."""
-        return self._write_first(
-            "delete_wraps", self._delete_wraps_txn, username, device_id, conversation_id, up_to_seq
-        )
+    def delete_wraps(self, acknowledged):
+        """Deferred: forget each device's wraps of a conversation up to a seq, for every
+        (username, device_id, conversation_id, up_to_seq) in `acknowledged`: the devices
+        have them (acknowledgements, so in the store's first lane)."""
+        return self._write_first("delete_wraps", self._delete_wraps_txn, acknowledged)
 
     @staticmethod
-    def _delete_wraps_txn(txn, username, device_id, conversation_id, up_to_seq):
-        txn.execute(
+    def _delete_wraps_txn(txn, acknowledged):
+        txn.executemany(
             f"DELETE FROM wraps WHERE user_id = ({USER_ID}) AND device_id = ? AND conversation_id = ? AND seq <= ?",
-            (username, device_id, conversation_id, up_to_seq),
+            acknowledged,
         )
