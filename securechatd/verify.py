@@ -20,6 +20,7 @@ import json
 import re
 import struct
 import sys
+import textwrap
 from datetime import datetime, timedelta, timezone
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
@@ -137,6 +138,11 @@ def fields_of(raw, sizes, where, step, what):
 
 def num(raw):
     return int.from_bytes(raw, "big")
+
+
+def shown(text):
+    """`text` with anything not printable escaped: names, titles and plaintexts come from the bundle, not us."""
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
 
 
 def when(ms):
@@ -756,69 +762,92 @@ def verify(data, server_key=None, trust=()):
 
 def report(v, given_key):
     """The readable account of a verified bundle, as lines."""
-    out = []
     b, first = v.b, v.states[0]
-    kind = first["kind"].decode()
-    title = f' "{utf8(first["title"])}"' if first["title"] else ""
-    out.append(
-        f"Conversation {b['conversation']} ({kind}{title}): {len(v.links) - 1} chain links, "
-        f"{len(v.messages)} messages, {len(v.states)} membership states, {len(v.modes)} mode events."
-    )
-    if given_key:
-        source = f"it matches the {'key' if given_key[0] == 'key' else 'key id'} you gave with --server-key"
-    else:
-        source = (
-            "taken from the bundle: nothing was given to compare it with. Check this id against the one the "
-            "server's operator publishes (securechatd-admin prints it), or run again with --server-key"
-        )
-    out.append(f"Server key: {b['server_key'].hex()}")
-    out.append(f"  id {readable_id(v.key_id)} ({source}).")
-    out.append(f"  Server heads (signed chain positions): n={', n='.join(map(str, v.heads))}.")
+    out = []
+    say = out.append
+
+    def para(text):
+        out.extend(textwrap.wrap(text, 100, subsequent_indent="  "))
 
     def dev(user, device):
+        """A device as the report names it: its name, the start of its id, and whether it is revoked now."""
         d = v.devices[user][device]
-        name = f"{d['name']} " if d["name"] else ""
-        return f"{name}{device.hex()[:8]}" + (" (revoked since)" if d["revoked"] else "")
+        name = f"{shown(d['name'])} " if d["name"] else ""
+        return f"{name}{device.hex()[:8]}" + (", now revoked" if d["revoked"] else "")
 
-    out.append("Device chains:")
-    for user in sorted(v.devices):
-        listed = ", ".join(dev(user, d) for d in v.devices[user])
-        trusted = " (fingerprint matches --trust)" if user in dict(v.trust) else ""
-        out.append(f"  {user}: {listed}{trusted}")
-    out.append("Members over time:")
-    for epoch, s in enumerate(v.states, 1):
-        who = f"{s['actor']} ({dev(s['actor'], s['device'])})"
-        out.append(f"  epoch {epoch} at n={v.at['membership'][epoch]}: {s['op']} by {who}: {', '.join(sorted(s['members'])) or 'nobody'}")
-    out.append("Modes:")
-    if not v.modes:
-        out.append("  no mode event: attestable throughout")
-    for number, m in enumerate(v.modes, 1):
-        out.append(f"  event {number} at n={v.at['mode'][number]}: {m['mode']}, set by {m['actor']} ({dev(m['actor'], m['device'])})")
-    out.append("Messages:")
-    for m in v.messages:
-        signed_ = "signed by the device" if m["mode"] == "attestable" else "deniable, NOT signed"
-        shown = f"disclosed: {json.dumps(v.disclosed[m['seq']], ensure_ascii=False)}" if m["seq"] in v.disclosed else "not disclosed"
-        out.append(f"  seq {m['seq']} (n={m['n']}): {m['sender']} ({dev(m['sender'], m['device'])}), {signed_}; {shown}")
-    out.append("Transcript heads (who attested the transcript):")
-    if not v.ths:
-        out.append("  none")
-    for t in v.ths:
-        out.append(
-            f"  {t['user']} ({dev(t['user'], t['device'])}) attested up to n={t['n']} (seq {t['seq']}), at {when(t['time'])} by its clock"
+    def plural(count, word):
+        return f"{count} {word}{'' if count == 1 else 's'}"
+
+    title = f' "{shown(utf8(first["title"]))}"' if first["title"] else ""
+    say(
+        f"Conversation {b['conversation']} ({first['kind'].decode()}{title}): {plural(len(v.links) - 1, 'chain link')}, "
+        f"{plural(len(v.messages), 'message')}, {plural(len(v.states), 'membership state')}, "
+        f"{plural(len(v.modes), 'mode event')}."
+    )
+    say(f"Server key: {b['server_key'].hex()}")
+    if given_key:
+        say(f"  id {readable_id(v.key_id)}: matches the {'key' if given_key[0] == 'key' else 'key id'} you gave with --server-key.")
+    else:
+        say(f"  id {readable_id(v.key_id)}: taken from the bundle, as nothing was given to compare it with.")
+        para(
+            "  Compare this id with the one the server's operator publishes (securechatd-admin prints it), "
+            "or run again with --server-key: until then the bundle only shows it is consistent with itself."
         )
+    say(f"  Heads signed by this key at n={', n='.join(map(str, v.heads))} (the last link is n={v.heads[-1]}).")
+    say("Device chains:")
+    for user in sorted(v.devices):
+        trusted = "; fingerprint matches --trust" if user in dict(v.trust) else ""
+        say(f"  {user}: {plural(len(b['device_chains'][user]), 'link')}{trusted}")
+        for device, d in v.devices[user].items():
+            say(f"    {device.hex()} {shown(d['name']) or '(no name)'}: {'revoked' if d['revoked'] else 'current'}")
+    say("Members over time:")
+    for epoch, s in enumerate(v.states, 1):
+        members = ", ".join(sorted(s["members"])) or "nobody"
+        say(f"  epoch {epoch} at n={v.at['membership'][epoch]}: {s['op']} by {s['actor']} ({dev(s['actor'], s['device'])}): {members}")
+    say("Modes:")
+    if not v.modes:
+        say("  no mode event: attestable throughout")
+    for number, m in enumerate(v.modes, 1):
+        say(f"  event {number} at n={v.at['mode'][number]}: {m['mode']}, set by {m['actor']} ({dev(m['actor'], m['device'])})")
+    say("Messages:")
+    for m in v.messages:
+        how = "attestable, signed by its device" if m["mode"] == "attestable" else "deniable, NOT signed"
+        text = v.disclosed.get(m["seq"])
+        text = "not disclosed" if text is None else "disclosed: " + shown(json.dumps(text, ensure_ascii=False))
+        say(f"  seq {m['seq']} (n={m['n']}): {m['sender']} ({dev(m['sender'], m['device'])}), {how}; {text}")
+    say("Transcript heads (who attested the transcript, and up to where):")
+    if not v.ths:
+        say("  none")
+    for t in v.ths:
+        say(f"  {t['user']} ({dev(t['user'], t['device'])}) attested up to n={t['n']} (seq {t['seq']}), at {when(t['time'])} by its clock")
     e = b["export"]
-    out.append(f"Exported by {e['user']} ({dev(e['user'], e['device'])}) at {when(e['time'])} by its clock; the seal verifies.")
+    say(f"Exported by {e['user']} ({dev(e['user'], e['device'])}) at {when(e['time'])} by its clock; the seal verifies.")
+    signed_ = [str(m["seq"]) for m in v.messages if m["mode"] == "attestable"]
     deniable = [str(m["seq"]) for m in v.messages if m["mode"] == "deniable"]
+    if signed_:
+        para(
+            f"Signed: seq {', '.join(signed_)}. Each was signed by the device its sender's chain lists: its sender "
+            "cannot deny having sent it (unless that device was stolen)."
+        )
     if deniable:
-        out.append(
-            f"Deniable: message seq {', '.join(deniable)} carry no signature. Nothing in this bundle proves "
-            "who wrote them: only the server's word (its signed chain) says which account sent them. "
-            "The chain still proves their order and that none was changed, dropped or inserted; "
-            "a disclosed text is the one that was sent."
+        one = len(deniable) == 1
+        it, its = ("it", "its") if one else ("them", "their")
+        para(
+            f"Deniable: seq {', '.join(deniable)} {'carries' if one else 'carry'} no signature. This bundle does "
+            f"not prove who wrote {it}: the sender it shows is the server's word only, and a disclosed text proves "
+            f"what was sent, not by whom. The server's signed chain still proves {its} place in the order, and that "
+            f"nothing around {it} was changed, dropped or inserted."
+        )
+    untrusted = sorted(set(v.devices) - set(dict(v.trust)))
+    if untrusted:
+        para(
+            f"Not compared with a fingerprint: {', '.join(untrusted)}. Their devices are the ones their chains in "
+            "this bundle list; to know those are really theirs, compare fingerprints with them and pass "
+            "--trust USER:FINGERPRINT."
         )
     for w in v.warnings:
-        out.append(f"Warning: {w}")
-    out.append("OK: every check passed.")
+        say(f"Warning: {w}")
+    say("OK: every check passed.")
     return out
 
 
@@ -850,6 +879,9 @@ def parse_trust(text):
 def main(argv=None, stdout=None, stderr=None):
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
+    for stream in (stdout, stderr):  # a terminal that cannot show a name gets it escaped, not a traceback
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     parser = _Parser(prog="securechatd-verify", description="Check an exported securechatd conversation bundle offline.")
     parser.add_argument("bundle", help="the bundle file written by securechat /export")
     parser.add_argument("--server-key", help="the server's public key or key id, as its operator publishes it")
