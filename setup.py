@@ -27,6 +27,7 @@ setup(
         "console_scripts": [
             "securechatd-admin = securechatd.admin:main",
             "securechat = securechatd.client.main:main",
+            "securechatd-verify = securechatd.verify:main",
         ],
     },
 )

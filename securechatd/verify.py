@@ -196,7 +196,7 @@ def _members(obj, names, where):
         raise Broken("form", f"{where}: not an object")
     if set(obj) != set(names):
         missing, extra = sorted(set(names) - set(obj)), sorted(set(obj) - set(names))
-        what = f"missing {', '.join(missing)}" if missing else f"unexpected {', '.join(extra)}"
+        what = f"missing {', '.join(missing)}" if missing else f"unexpected {shown(', '.join(extra)[:80])}"
         raise Broken("form", f"{where}: {what}")
 
 
@@ -405,7 +405,7 @@ class Verifier:
     def device_of(self, user, device, where, step):
         """The sig key of a device the user's chain adds (revoked since or not), or a Broken."""
         if user not in self.devices:
-            raise Broken(step, f"{where}: the bundle has no device chain of {user}")
+            raise Broken(step, f"{where}: the bundle has no device chain of {shown(user[:40])}")
         if device not in self.devices[user]:
             raise Broken(step, f"{where}: device {device.hex()} is not a device of {user}")
         return self.devices[user][device]["key"]
@@ -543,10 +543,10 @@ class Verifier:
                 mine = self.states[number - 1]["hash"]
             else:
                 mine = self.modes[number - 1]["hash"]
-                if self.modes[number - 1]["epoch"] not in self.at["membership"]:
-                    raise Broken(step, f"{where}: mode event {number} names a membership state not on the chain before it")
             if item != mine:
                 raise Broken(step, f"{where}: the item hash is not that of {what} {number}")
+            if kind == "mode" and self.modes[number - 1]["epoch"] not in self.at["membership"]:
+                raise Broken(step, f"{where}: mode event {number} names a membership state not on the chain before it")
             self.at[kind][number] = n
             self.links.append({"kind": kind, "number": number, "time": num(server_time)})
             self.e.append(H("securechatd/chain/v1", [conv, self.e[-1]] + f[1:]))
@@ -566,10 +566,10 @@ class Verifier:
             ok = signed(self.b["server_key"], signature, "securechatd/server-head/v1", [conv, n_raw, e])
             heads.append((num(n_raw), conv, e, ok))
         # Two heads the server key signed for one n with different e are proof it lied: say so, not just "out of order".
-        for i, (n, conv, e, ok) in enumerate(heads):
-            for n2, conv2, e2, ok2 in heads[i + 1 :]:
-                if ok and ok2 and (n, conv) == (n2, conv2) and e != e2:
-                    raise Broken(step, f"head n={n}: the server key signed two heads for n={n} with different e: the server equivocated")
+        seen = {}
+        for n, conv, e, ok in heads:
+            if ok and seen.setdefault((conv, n), e) != e:
+                raise Broken(step, f"head n={n}: the server key signed two heads for n={n} with different e: it equivocated")
         self.heads = [n for n, _, _, _ in heads]
         if any(b <= a for a, b in zip(self.heads, self.heads[1:])):
             raise Broken(step, "heads: n is not strictly increasing")
@@ -630,10 +630,10 @@ class Verifier:
                     raise Broken(step, f"{where}: signature does not verify")
             elif signature:
                 raise Broken(step, f"{where}: deniable but carries a signature")
-            c = num(counter)  # counters start at 1: a device's first message is above 0
-            if c <= counters.get(device, 0):
-                raise Broken(step, f"{where}: counter {c} is not above {counters.get(device, 0)} (a replay)")
-            counters[device] = c
+            c, last = num(counter), counters.get((sender, device), 0)  # counters start at 1: the first is above 0
+            if c <= last:
+                raise Broken(step, f"{where}: counter {c} is not above {last} (a replay)")
+            counters[(sender, device)] = c
             skew = num(client_time) - self.links[n]["time"]
             if abs(skew) > CLOCK_SKEW_MS:
                 self.warnings.append(
@@ -714,7 +714,7 @@ class Verifier:
         step = "seal"
         e = self.b["export"]
         user = e["user"]
-        where = f"seal ({user})"
+        where = f"seal ({shown(user[:40])})"
         if not any(user in s["members"] for s in self.states):
             raise Broken(step, f"{where}: the exporter is not a member of any state")
         self.device_of(user, e["device"], where, step)

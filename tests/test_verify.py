@@ -436,7 +436,7 @@ class FailureTests(unittest.TestCase):
         b = golden()
         fields = [u64(7), u64(4), bytes(32)]
         b["heads"].insert(1, enc(fields + [x(sign(SERVER, "securechatd/server-head/v1", fields))]).hex())
-        self.fails(b, "heads", "head n=4: the server key signed two heads for n=4 with different e: the server equivocated")
+        self.fails(b, "heads", "head n=4: the server key signed two heads for n=4 with different e: it equivocated")
 
     def test_messages(self):
         b = golden()
@@ -774,3 +774,11 @@ class AgreementTests(unittest.TestCase):
         self.assertEqual(status, 1)
         self.assertEqual(out, "FAILED (messages): message seq 2: prev_e is not e at prev_n=3: a fork "
                               "(its sender saw another history)\n")
+
+
+class DocTests(unittest.TestCase):
+    def test_verifying_md_shows_the_report_as_it_is(self):
+        """docs/VERIFYING.md's example report is the verifier's output for the golden bundle, line for line."""
+        with open(os.path.join(ROOT, "docs", "VERIFYING.md"), encoding="utf-8") as f:
+            doc = f.read()
+        self.assertIn("".join(f"    {line}\n" for line in REPORT.splitlines()), doc)
