@@ -142,7 +142,7 @@ def num(raw):
 
 def shown(text):
     """`text` with anything not printable escaped: names, titles and plaintexts come from the bundle, not us."""
-    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def when(ms):
@@ -518,6 +518,7 @@ class Verifier:
         self.at = {"message": {}, "membership": {}, "mode": {}}  # kind -> number -> n
         self.mode_at = ["attestable"]  # per n: the mode in force
         self.epoch_at = [0]  # per n: the membership epoch in force (0: none)
+        self.seq_at = [0]  # per n: the last message seq at or before n
         last = {"message": 0, "membership": 0, "mode": 0}
         for n, raw in enumerate(self.b["links"], 1):
             where = f"link n={n}"
@@ -552,6 +553,7 @@ class Verifier:
             self.e.append(H("securechatd/chain/v1", [conv, self.e[-1]] + f[1:]))
             self.mode_at.append(self.modes[number - 1]["mode"] if kind == "mode" else self.mode_at[-1])
             self.epoch_at.append(number if kind == "membership" else self.epoch_at[-1])
+            self.seq_at.append(number if kind == "message" else self.seq_at[-1])
         for kind, what, count in kinds.values():
             if last[kind] != count:
                 raise Broken(step, f"links: the chain has {last[kind]} {kind} links, the bundle {count} {what}s")
@@ -569,7 +571,8 @@ class Verifier:
         seen = {}
         for n, conv, e, ok in heads:
             if ok and seen.setdefault((conv, n), e) != e:
-                raise Broken(step, f"head n={n}: the server key signed two heads for n={n} with different e: it equivocated")
+                why = f"the server key signed two heads for n={n} with different e: it equivocated"
+                raise Broken(step, f"head n={n}: {why}")
         self.heads = [n for n, _, _, _ in heads]
         if any(b <= a for a, b in zip(self.heads, self.heads[1:])):
             raise Broken(step, "heads: n is not strictly increasing")
@@ -609,7 +612,8 @@ class Verifier:
             if view >= n:
                 raise Broken(step, f"{where}: its sender's view prev_n={view} is not before its link n={n}")
             if prev_e != self.e[view]:
-                raise Broken(step, f"{where}: prev_e is not e at prev_n={view}: a fork (its sender saw another history)")
+                why = f"prev_e is not e at prev_n={view}: a fork (its sender saw another history)"
+                raise Broken(step, f"{where}: {why}")
             if mode.decode() != self.mode_at[view]:
                 raise Broken(step, f"{where}: mode {mode.decode()} is not the mode in force at prev_n={view}")
             epoch = self.state_by_hash.get(members)
@@ -674,8 +678,7 @@ class Verifier:
                 raise Broken(step, f"{where}: members is not the membership state in force at n={n}")
             if name not in state["members"]:
                 raise Broken(step, f"{where}: {name} is not a member at n={n}")
-            seqs = [m["seq"] for m in self.messages if m["n"] <= n]
-            self.ths.append({"user": name, "device": device, "n": n, "seq": max(seqs, default=0), "time": num(time)})
+            self.ths.append({"user": name, "device": device, "n": n, "seq": self.seq_at[n], "time": num(time)})
 
     # 10
     def check_disclosures(self):
@@ -780,13 +783,15 @@ def report(v, given_key):
 
     title = f' "{shown(utf8(first["title"]))}"' if first["title"] else ""
     say(
-        f"Conversation {b['conversation']} ({first['kind'].decode()}{title}): {plural(len(v.links) - 1, 'chain link')}, "
+        f"Conversation {b['conversation']} ({first['kind'].decode()}{title}): "
+        f"{plural(len(v.links) - 1, 'chain link')}, "
         f"{plural(len(v.messages), 'message')}, {plural(len(v.states), 'membership state')}, "
         f"{plural(len(v.modes), 'mode event')}."
     )
     say(f"Server key: {b['server_key'].hex()}")
     if given_key:
-        say(f"  id {readable_id(v.key_id)}: matches the {'key' if given_key[0] == 'key' else 'key id'} you gave with --server-key.")
+        what = "key" if given_key[0] == "key" else "key id"
+        say(f"  id {readable_id(v.key_id)}: matches the {what} you gave with --server-key.")
     else:
         say(f"  id {readable_id(v.key_id)}: taken from the bundle, as nothing was given to compare it with.")
         para(
@@ -803,12 +808,14 @@ def report(v, given_key):
     say("Members over time:")
     for epoch, s in enumerate(v.states, 1):
         members = ", ".join(sorted(s["members"])) or "nobody"
-        say(f"  epoch {epoch} at n={v.at['membership'][epoch]}: {s['op']} by {s['actor']} ({dev(s['actor'], s['device'])}): {members}")
+        by = f"{s['actor']} ({dev(s['actor'], s['device'])})"
+        say(f"  epoch {epoch} at n={v.at['membership'][epoch]}: {s['op']} by {by}: {members}")
     say("Modes:")
     if not v.modes:
         say("  no mode event: attestable throughout")
     for number, m in enumerate(v.modes, 1):
-        say(f"  event {number} at n={v.at['mode'][number]}: {m['mode']}, set by {m['actor']} ({dev(m['actor'], m['device'])})")
+        by = f"{m['actor']} ({dev(m['actor'], m['device'])})"
+        say(f"  event {number} at n={v.at['mode'][number]}: {m['mode']}, set by {by}")
     say("Messages:")
     for m in v.messages:
         how = "attestable, signed by its device" if m["mode"] == "attestable" else "deniable, NOT signed"
@@ -819,9 +826,11 @@ def report(v, given_key):
     if not v.ths:
         say("  none")
     for t in v.ths:
-        say(f"  {t['user']} ({dev(t['user'], t['device'])}) attested up to n={t['n']} (seq {t['seq']}), at {when(t['time'])} by its clock")
+        by = f"{t['user']} ({dev(t['user'], t['device'])})"
+        say(f"  {by} attested up to n={t['n']} (seq {t['seq']}), at {when(t['time'])} by its clock")
     e = b["export"]
-    say(f"Exported by {e['user']} ({dev(e['user'], e['device'])}) at {when(e['time'])} by its clock; the seal verifies.")
+    by = f"{e['user']} ({dev(e['user'], e['device'])})"
+    say(f"Exported by {by} at {when(e['time'])} by its clock; the seal verifies.")
     signed_ = [str(m["seq"]) for m in v.messages if m["mode"] == "attestable"]
     deniable = [str(m["seq"]) for m in v.messages if m["mode"] == "deniable"]
     if signed_:
@@ -882,7 +891,7 @@ def main(argv=None, stdout=None, stderr=None):
     for stream in (stdout, stderr):  # a terminal that cannot show a name gets it escaped, not a traceback
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    parser = _Parser(prog="securechatd-verify", description="Check an exported securechatd conversation bundle offline.")
+    parser = _Parser(prog="securechatd-verify", description="Check an exported securechatd conversation offline.")
     parser.add_argument("bundle", help="the bundle file written by securechat /export")
     parser.add_argument("--server-key", help="the server's public key or key id, as its operator publishes it")
     parser.add_argument(
