@@ -11,7 +11,6 @@ import copy
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -196,7 +195,7 @@ class GoldenTests(unittest.TestCase):
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         self.assertEqual((done.returncode, done.stderr), (0, ""))
-        self.assertIn(verify.__file__.replace(".pyc", ".py"), self._which(env))
+        self.assertEqual(self._which(env), os.path.join(ROOT, "securechatd", "verify.py"))
         self.assertIn("9edf: matches the key you gave with --server-key", done.stdout)
         self.assertIn("alice: 3 links; fingerprint matches --trust", done.stdout)
         broken = subprocess.run(
@@ -212,7 +211,7 @@ class GoldenTests(unittest.TestCase):
             [sys.executable, "-c", "import securechatd.verify as v; print(v.__file__)"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
-        return done.stdout
+        return done.stdout.strip()
 
     def test_verify_imports_nothing_of_securechatd(self):
         """stdlib + cryptography only (DESIGN.md): it shares no code with e2ee/ on purpose."""
