@@ -38,15 +38,21 @@ def enc(fields):
     return b"".join(parts)
 
 
+_LENGTH = struct.Struct(">I").unpack_from
+
+
 def dec(data, count=None):
-    """The fields of enc(...) output; Malformed if it does not parse (or has not `count` fields)."""
-    fields, at = [], 0
-    while at < len(data):
-        if at + 4 > len(data):
+    """The fields of enc(...) output; Malformed if it does not parse (or has not `count` fields).
+
+    (The daemon parses every message header with it: it is kept to a few operations a field.)
+    """
+    fields, at, end = [], 0, len(data)
+    while at < end:
+        if at + 4 > end:
             raise Malformed("a field length is cut short")
-        (length,) = struct.unpack_from(">I", data, at)
+        (length,) = _LENGTH(data, at)
         at += 4
-        if length > MAX_FIELD or at + length > len(data):
+        if length > MAX_FIELD or at + length > end:
             raise Malformed("a field is longer than what is left")
         fields.append(data[at : at + length])
         at += length

@@ -95,7 +95,9 @@ class Header:
         lengths = (len(self.members), len(self.sender_device), len(self.prev_e), len(self.kc))
         if lengths != (HASH_BYTES, DEVICE_ID_BYTES, HASH_BYTES, HASH_BYTES):
             raise Malformed("a header field has the wrong length")
-        if not all(0 <= value < U64 for value in (self.conversation, self.counter, self.client_time, self.prev_n)):
+        if not (0 <= self.conversation < U64 and 0 <= self.counter < U64) or not (
+            0 <= self.client_time < U64 and 0 <= self.prev_n < U64
+        ):
             raise Malformed("a header number does not fit 8 bytes")
         if self.mode not in MODES:
             raise Malformed(f"unknown message mode {self.mode[:16]!r}")
@@ -128,14 +130,16 @@ class Header:
         suite, conversation, members, sender, sender_device, counter, client_time, mode, prev_n, prev_e, kc = dec(data, 11)
         if suite != SUITE.encode("ascii"):
             raise Malformed("not a header of suite " + SUITE)
-        if any(len(value) != 8 for value in (conversation, counter, client_time, prev_n)):
+        if (len(conversation), len(counter), len(client_time), len(prev_n)) != (8, 8, 8, 8):
             raise Malformed("a header number is not 8 bytes")
         try:
             sender, mode = sender.decode("utf-8"), mode.decode("ascii")
         except UnicodeDecodeError:
             raise Malformed("a header's sender is not UTF-8 (or its mode not ASCII)")
-        conversation, counter, client_time, prev_n = map(_number, (conversation, counter, client_time, prev_n))
-        return cls(conversation, members, sender, sender_device, counter, client_time, mode, prev_n, prev_e, kc)
+        return cls(
+            _number(conversation), members, sender, sender_device, _number(counter), _number(client_time), mode,
+            _number(prev_n), prev_e, kc,
+        )
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from collections import namedtuple
 
 from securechatd.records import EncryptedMessage
 from securechatd.store import dialect
-from securechatd.store.base import USER_ID, StoreBase, placeholders, user_id
-from securechatd.store.messaging import _SENDER_ID, OWN_MESSAGE_MARKS, conversation_row, record_state
+from securechatd.store.base import LIVE, MAX_NAMES, USER_ID, StoreBase, placeholders, user_id
+from securechatd.store.messaging import OWN_MESSAGE_MARKS, conversation_row, record_state
 
 # a message checked by the service, as the store keeps it: `counter` is the header's 8
 # bytes (compared bytewise), `wraps` {device_id: wrap} as sent, `staged` how many wraps
@@ -58,41 +58,38 @@ def _staged(txn, uid, client_msg_id, fresh_after):
 
 
 def _recipients(txn, conversation_id, device_ids):
-    """{device_id: [user ids]}: which of `device_ids` are current devices of current members."""
+    """{device_id: {user id: user name}}: which of `device_ids` are current devices of current members."""
     recipients = {}
     device_ids = list(device_ids)
-    for start in range(0, len(device_ids), 500):
-        chunk = device_ids[start : start + 500]
+    for start in range(0, len(device_ids), MAX_NAMES):
+        chunk = device_ids[start : start + MAX_NAMES]
         txn.execute(
-            "SELECT d.device_id, d.user_id FROM devices d JOIN members m"
-            " ON m.user_id = d.user_id AND m.conversation_id = ?"
-            f" WHERE d.revoked_seq IS NULL AND d.device_id IN {placeholders(chunk)}",
+            "SELECT d.device_id, d.user_id, u.username FROM devices d"
+            " JOIN members m ON m.user_id = d.user_id AND m.conversation_id = ? JOIN users u ON u.id = d.user_id"
+            f" WHERE d.revoked_seq IS NULL AND d.device_id IN {placeholders(chunk)} AND {LIVE}",
             (conversation_id, *chunk),
         )
-        for device_id, uid in txn.fetchall():
-            recipients.setdefault(device_id, []).append(uid)
+        for device_id, uid, username in txn.fetchall():
+            recipients.setdefault(device_id, {})[uid] = username
     return recipients
 
 
-# Numbers an encrypted message (RETURNING its seq and the sender's id) only if every check of
-# EncryptedStore.add_envelope that the recipients' devices do not decide passes, and nothing is
-# staged for the message (nor was: stale staged wraps are deleted when it is stored): no message
-# of the sender with this client_msg_id, the sender a member of the encrypted conversation, its
-# latest membership hash the header's, the sending device current, the counter above the last
-# stored, a direct conversation's other member not `max_pending` behind.
+# Numbers an encrypted message (RETURNING its seq) only if every check of EncryptedStore.add_envelope
+# that the devices (the sender's, and the recipients') do not decide passes, and nothing is staged
+# for the message (nor was: stale staged wraps are deleted when it is stored): no message of the
+# sender (:uid) with this client_msg_id, the conversation encrypted and its latest membership hash
+# the header's, the counter above the last stored, a direct conversation's other member not
+# `max_pending` behind.
 _NUMBER_IF_ALL_CHECKS_PASS = (
     "UPDATE conversations SET last_seq = last_seq + 1"
     " WHERE id = :c AND encrypted = 1 AND members_hash = :members_hash"
-    f" AND EXISTS (SELECT 1 FROM members WHERE conversation_id = :c AND user_id = ({_SENDER_ID}))"
-    f" AND NOT EXISTS (SELECT 1 FROM messages WHERE sender_id = ({_SENDER_ID}) AND client_msg_id = :client_msg_id)"
-    f" AND EXISTS (SELECT 1 FROM devices WHERE user_id = ({_SENDER_ID}) AND device_id = :device"
-    " AND revoked_seq IS NULL)"
+    " AND NOT EXISTS (SELECT 1 FROM messages WHERE sender_id = :uid AND client_msg_id = :client_msg_id)"
     " AND NOT EXISTS (SELECT 1 FROM messages WHERE conversation_id = :c"
-    f" AND sender_id = ({_SENDER_ID}) AND sender_device = :device AND counter >= :counter)"
-    f" AND NOT EXISTS (SELECT 1 FROM staged_wraps WHERE user_id = ({_SENDER_ID}) AND client_msg_id = :client_msg_id)"
+    " AND sender_id = :uid AND sender_device = :device AND counter >= :counter)"
+    " AND NOT EXISTS (SELECT 1 FROM staged_wraps WHERE user_id = :uid AND client_msg_id = :client_msg_id)"
     " AND (kind = 'group' OR NOT EXISTS (SELECT 1 FROM members WHERE conversation_id = :c"
-    f" AND user_id <> ({_SENDER_ID}) AND delivered_seq <= conversations.last_seq - :cap))"
-    f" RETURNING last_seq, ({_SENDER_ID})"
+    " AND user_id <> :uid AND delivered_seq <= conversations.last_seq - :cap))"
+    " RETURNING last_seq"
 )
 
 
@@ -306,18 +303,20 @@ class EncryptedStore(StoreBase):
     @staticmethod
     def _add_envelope_txn(txn, e, now, max_pending, max_wraps, fresh_after):
         # This runs for every encrypted message, so the common case (a new message, nothing
-        # staged for it, every wrap to a current device of a current member, every check
-        # passing) costs the recipients' devices, one statement that makes every other check
-        # and numbers the message, and the rows written. Anything else goes the long way,
-        # which checks one thing at a time to answer the first failing check's outcome.
+        # staged for it, the sending device and every wrap's device a current device of a
+        # current member, every check passing) costs one statement for the devices, one that
+        # makes every other check and numbers the message, and the rows written. Anything else
+        # goes the long way, which checks one thing at a time to answer the first failing
+        # check's outcome.
         if e.staged in (None, 0) and len(e.wraps) <= max_wraps:
-            recipients = _recipients(txn, e.conversation_id, e.wraps)
-            if all(device_id in recipients for device_id in e.wraps):
+            devices = _recipients(txn, e.conversation_id, [e.sender_device, *e.wraps])
+            senders = [uid for uid, name in devices.get(e.sender_device, {}).items() if name == e.sender]
+            if senders and all(device_id in devices for device_id in e.wraps):
                 txn.execute(
                     _NUMBER_IF_ALL_CHECKS_PASS,
                     {
                         "c": e.conversation_id,
-                        "sender": e.sender,
+                        "uid": senders[0],
                         "client_msg_id": e.client_msg_id,
                         "members_hash": e.members_hash,
                         "device": e.sender_device,
@@ -327,8 +326,7 @@ class EncryptedStore(StoreBase):
                 )
                 row = txn.fetchone()
                 if row is not None:
-                    seq, uid = row
-                    return _store_envelope(txn, e, now, uid, seq, dict(e.wraps), recipients, staged=False)
+                    return _store_envelope(txn, e, now, senders[0], row[0], dict(e.wraps), devices, staged=False)
         return _add_envelope_checked(txn, e, now, max_pending, max_wraps, fresh_after)
 
     # -- reading and acknowledging ---------------------------------------------------------------
