@@ -704,7 +704,8 @@ class AlarmTests(E2EETestCase):
         self.assertIn("does not decrypt", altered.problem_detail)
         [(kind, user, detail)] = bob_inbox.alarms()
         self.assertEqual((kind, user), (Problem.BAD_BODY, "alice"))
-        self.assertEqual((intact.body, intact.problem), ("and this one intact", None))
+        self.assertEqual(altered.chain, "unchecked")  # (its link was taken: a message that does not open holds nothing)
+        self.assertEqual((intact.body, intact.problem, intact.chain), ("and this one intact", None, "verified"))
 
     @inlineCallbacks
     def test_a_replayed_first_message_is_reported_and_starts_no_session(self):

@@ -513,7 +513,7 @@ class DropTests(MaliciousServerTestCase):
         self.assertEqual([(m.seq, m.problem) for m in page.messages], [(1, None), (2, Problem.NO_KEY), (3, None)])
 
     @inlineCallbacks
-    def test_not_caught_a_message_dropped_and_the_seqs_renumbered(self):
+    def test_a_message_dropped_and_the_seqs_renumbered_is_caught_by_the_chain(self):
         alice, _, bob, bob_inbox, conversation = yield self.conversation()
 
         def renumber(push):
@@ -530,7 +530,10 @@ class DropTests(MaliciousServerTestCase):
         yield bob_inbox.wait("deliver", 3)
         self.assertEqual([(m.seq, m.body) for m in bob_inbox.items["deliver"]],
                          [(1, "hello"), (2, "three"), (3, "four")])
-        self.assertEqual(bob_inbox.alarms(), [])  # seq is the server's number: nothing signs it
+        # the chain's links number the messages too, and the server signed them: each renumbered one is caught
+        self.assertEqual(self.kinds(bob_inbox), [Alarm.LINK_MISMATCH, Alarm.LINK_MISMATCH])
+        self.assertEqual([m.chain for m in bob_inbox.items["deliver"]], ["verified", "broken", "broken"])
+        self.assertIn("its chain link is message 3", bob_inbox.alarms()[0][2])
 
 
 class FirstContactTests(MaliciousServerTestCase):
@@ -612,13 +615,13 @@ class KeyCommitmentTests(MaliciousServerTestCase):
         alice, _, bob, bob_inbox, carol, carol_inbox, group = yield self.group_of_three()
         original, bob_device = envelope.seal, bob.e2ee.state.device.id
 
-        def two_faced(plaintext, *arguments, key=None):
+        def two_faced(plaintext, *arguments, key=None, **options):
             *fields, wrap = arguments
 
             def wrap_other(device, message_key, context):
                 return wrap(device, os.urandom(32) if device == bob_device else message_key, context)
 
-            return original(plaintext, *fields, wrap_other, key=key)
+            return original(plaintext, *fields, wrap_other, key=key, **options)
 
         self.patch(envelope, "seal", two_faced)  # alice's client, compromised or malicious
         yield alice.send_message(group, "what carol reads")

@@ -59,9 +59,10 @@ from twisted.internet.error import ConnectionClosed
 from twisted.logger import Logger
 
 from securechatd import commands
+from securechatd.client import transcripts
 from securechatd.client.chains import Chains
 from securechatd.client.device_file import ACTIVE, NEW, PENDING, REVOKED, DeviceFile, DeviceFileError, ReplayWindow
-from securechatd.e2ee import chain, envelope, membership, safety
+from securechatd.e2ee import chain, envelope, membership, safety, transcript
 from securechatd.e2ee.encoding import Malformed, dec, enc
 from securechatd.e2ee.envelope import BadBody, BadPadding, Header, KeyCommitmentMismatch, open_body, unseal
 from securechatd.e2ee.keys import BadPrekeySignature, Device, LowOrderKey
@@ -127,6 +128,24 @@ class Alarm:
     DEVICE_MISSING = "device_missing"  # this installation's device is not in its user's chain any more
     DEVICE_FILE = "device_file"  # the device file cannot be used (damaged, another user's, in use by another program)
     GAP = "gap"  # seqs of a conversation this device was never pushed and the server's history does not have
+    # the conversation chains (client/transcripts.py; docs/CLIENT.md, "Verifiable conversations")
+    SERVER_KEY_CHANGED = transcripts.SERVER_KEY_CHANGED  # the server's chain key is not the one pinned
+    BAD_HEAD_SIGNATURE = transcripts.BAD_HEAD_SIGNATURE  # a chain head not signed by the pinned server key
+    HEAD_MISMATCH = transcripts.HEAD_MISMATCH  # links that recompute to another e than the server signed
+    EQUIVOCATION = transcripts.EQUIVOCATION  # two signed heads of two histories: the proof is kept
+    CHAIN_GAP = transcripts.CHAIN_GAP  # links of the chain that never came
+    CHAIN_FORK = transcripts.CHAIN_FORK  # a sender saw another history (or a link differs from the one verified)
+    LINK_MISMATCH = transcripts.LINK_MISMATCH  # a chain link that is not its message's, state's or mode event's
+    UNCHAINED = transcripts.UNCHAINED  # a message without its chain link
+    MODE_MISMATCH = transcripts.MODE_MISMATCH  # a header's mode is not the one in force at its sender's view
+    BAD_MODE = transcripts.BAD_MODE  # a mode event that breaks a rule
+    UNSIGNED = transcripts.UNSIGNED  # an attestable message without its signature
+    BAD_SIGNATURE = transcripts.BAD_SIGNATURE  # a message signature that is not its sender device's
+    SENDER_NOT_MEMBER = transcripts.SENDER_NOT_MEMBER  # the sender is not a member where the chain placed it
+    REORDERED = transcripts.REORDERED  # a counter not above its device's last in chain order
+    CLOCK_SKEW = transcripts.CLOCK_SKEW  # the sender's clock far from the server's (a warning)
+    TRANSCRIPT_FORK = transcripts.TRANSCRIPT_FORK  # a member signed another history
+    BAD_TRANSCRIPT_HEAD = transcripts.BAD_TRANSCRIPT_HEAD  # a transcript head that does not check
 
 
 _UNSEAL_PROBLEMS = (  # most specific first: several are ValueErrors
@@ -161,7 +180,8 @@ class Sealed:
     wraps: tuple = field(repr=False)  # ((device id hex, wrap bytes), ...)
     key: bytes = field(repr=False)  # K: never in a log
     unreached: tuple = ()  # device ids (hex) of members' devices left out, e.g. without prekeys
-    signature: bytes = field(default=b"", repr=False)  # this device's over header and body (attestable; not sent yet)
+    signature: bytes = field(default=b"", repr=False)  # this device's over header and body (attestable; b"": deniable)
+    mode: str = envelope.ATTESTABLE
 
 
 @dataclass(frozen=True)
@@ -213,6 +233,7 @@ class EndToEnd:
                 conversation, parsed, self.chains.lookup, seen, history_lookup=self.chains.history_lookup
             )
             self._memberships[conversation] = verified
+        self.transcripts = transcripts.Transcripts(self)
         self._timers = {}
         self._running = []  # Deferreds of scheduled work under way
         self._closed = False
@@ -249,6 +270,7 @@ class EndToEnd:
         if revoked is not None:
             state.chains, state.memberships = revoked.chains, revoked.memberships
             state.trusted, state.message_keys = revoked.trusted, revoked.message_keys
+            state.server_key, state.transcripts = revoked.server_key, revoked.transcripts
         return state
 
     def close(self):
@@ -359,6 +381,7 @@ class EndToEnd:
         if not bound:
             return True
         await self.keep_prekeys()
+        await self.transcripts.check_server_key()
         return False
 
     async def _start_chain(self):
@@ -514,6 +537,8 @@ class EndToEnd:
         for device, keys in recipients.items():
             if device not in sessions:
                 sessions[device] = Session.from_bytes(state.sessions[keys.user, device])
+        chain, _ = await self.transcripts.sync(conversation_id)
+        mode = chain.mode  # the mode in force at the view the header names: (n, e_n) verified
         key = os.urandom(KEY_BYTES)
         counter = state.counter + 1
         sealed = envelope.seal(
@@ -527,14 +552,16 @@ class EndToEnd:
             list(recipients),
             lambda device, wrapped, context: sessions[device].encrypt(wrapped, context),
             key=key,
-        )  # attestable, with the chain head (0, e_0): the client follows neither mode events nor the chain yet
-        signature = envelope.sign_message(state.device, Header.from_bytes(sealed.header), sealed.body)
+            mode=mode,
+            prev=(chain.position.n, chain.position.e),
+            signer=state.device,
+        )  # signed if attestable
         state.counter = counter
         for device, session in sessions.items():
             state.sessions[recipients[device].user, device] = session.to_bytes()
         self.save()
         wraps = tuple((device.hex(), wrap) for device, wrap in sealed.wraps.items())
-        return Sealed(sealed.header, sealed.body, wraps, key, tuple(sorted(unreached)), signature)
+        return Sealed(sealed.header, sealed.body, wraps, key, tuple(sorted(unreached)), sealed.signature, mode)
 
     async def _start_session(self, keys):
         """A new Session with the device `keys` (from its verified chain) from a claimed bundle; None if it has none."""
@@ -570,6 +597,16 @@ class EndToEnd:
         self.state.message_keys[message_id] = (key, conversation_id, seq)
         self.save()
 
+    async def sent_checked(self, answer, sealed, conversation_id):
+        """sent(), then the chain: our message's link and receipt (SendEncrypted's answer); its transcripts.Verdict."""
+        self.sent(answer["message_id"], sealed.key, conversation_id, answer["seq"])
+        return await self._locked(self._sent_checked, answer, sealed, conversation_id)
+
+    async def _sent_checked(self, answer, sealed, conversation_id):
+        return await self.transcripts.sent(
+            conversation_id, answer["seq"], sealed.header, sealed.body, sealed.signature, answer.get("receipt")
+        )
+
     # -- receiving --------------------------------------------------------------------------
 
     async def open_message(self, conversation_id, item):
@@ -580,6 +617,27 @@ class EndToEnd:
         its alarm; errors talking to the server propagate (try again later).
         """
         return await self._locked(self._open_reporting, conversation_id, item)
+
+    async def open_checked(self, conversation_id, item):
+        """(plaintext, Undecryptable or None, transcripts.Verdict or None): open_message(), then the chain checks.
+
+        The message's link (and receipt) are taken into the conversation's
+        chain whether or not it could be decrypted; the Verdict is None for a
+        header that does not parse or names another conversation.
+        """
+        return await self._locked(self._open_checked, conversation_id, item)
+
+    async def _open_checked(self, conversation_id, item):
+        text, problem = await self._open_reporting(conversation_id, item)
+        try:
+            header = Header.from_bytes(item["header"])
+        except Malformed:
+            return text, problem, None
+        if header.conversation != conversation_id or self.state.status != ACTIVE:
+            return text, problem, None
+        if problem is not None and problem.problem in (Problem.MISMATCHED_HEADER, Problem.REPLAY, Problem.DUPLICATE):
+            return text, problem, None  # not this conversation's message at this place: its link is not taken
+        return text, problem, await self.transcripts.check(conversation_id, item, header, opened=problem is None)
 
     async def _open_reporting(self, conversation_id, item):
         try:
@@ -772,8 +830,24 @@ class EndToEnd:
             return current
         names = [name.lower() for name in others]
         first = membership.create(conversation_id, kind, title or "", names, self.state.device)
-        await self.client.call(commands.PublishMembership, conversation_id=conversation_id, membership=first.to_bytes())
-        return self._published(conversation_id, first)
+        answer = await self.client.call(
+            commands.PublishMembership, conversation_id=conversation_id, membership=first.to_bytes()
+        )
+        published = self._published(conversation_id, first)
+        await self._receipt_taken(conversation_id, answer.get("receipt"))
+        return published
+
+    async def _receipt_taken(self, conversation_id, receipt):
+        """Take the links of a receipt (PublishMembership's, PublishMode's) into the conversation's chain."""
+        try:
+            parsed = transcript.Receipt.from_bytes(receipt) if receipt else None
+        except Malformed as problem:
+            self._alarm(Alarm.HEAD_MISMATCH, None, f"conversation {conversation_id}: a malformed receipt ({problem})")
+            parsed = None
+        if parsed is None:
+            await self.transcripts.sync(conversation_id)
+        else:
+            await self.transcripts.sync(conversation_id, parsed.links, [parsed.head])
 
     async def change_membership(self, conversation_id, op, names, send):
         """Sign the state after the latest verified one (`op` "add" of `names`, or "leave"), `send` it, keep it.
@@ -824,6 +898,67 @@ class EndToEnd:
                 f"the server leaves {', '.join(missing)} out of conversation {conversation_id},"
                 " whose signed state has them",
             )
+
+    # -- verifiable conversations (client/transcripts.py) -----------------------------------
+
+    def mode(self, conversation_id):
+        """The mode in force at the head of the conversation's chain verified so far (no fetch)."""
+        chain = self.transcripts.chain(conversation_id)
+        return chain.mode if chain is not None else membership.DEFAULT_MODE
+
+    async def current_mode(self, conversation_id):
+        """The mode in force, after fetching what is new of the conversation's chain."""
+        return await self._locked(self._current_mode, conversation_id)
+
+    async def _current_mode(self, conversation_id):
+        chain, _ = await self.transcripts.sync(conversation_id)
+        return chain.mode
+
+    async def set_mode(self, conversation_id, mode):
+        """Sign and publish a mode event: the conversation is `mode` (attestable or deniable) from its link on."""
+        return await self._locked(self._set_mode, conversation_id, mode)
+
+    async def _set_mode(self, conversation_id, mode):
+        self._require_active()
+        if mode not in envelope.MODES:
+            raise ValueError(f"a mode is attestable or deniable, not {mode!r}")
+        members = await self.refresh_membership(conversation_id)
+        if members is None or members.latest is None or self.user not in members.members:
+            raise EncryptionUnavailable("You are not a member of this conversation by its latest signed state.")
+        if not self.transcripts.available:
+            raise EncryptionUnavailable("This server keeps no conversation chains: a conversation has no mode here.")
+        chain, _ = await self.transcripts.sync(conversation_id)
+        if chain.modes and chain.mode == mode:
+            raise membership.ModeUnchanged(len(chain.modes) + 1, f"the conversation is {mode} already")
+        previous = membership.ModeEvent.from_bytes(chain.modes[-1]) if chain.modes else None
+        event = membership.set_mode(previous, conversation_id, mode, members.members_hash, self.state.device)
+        answer = await self.client.call(commands.PublishMode, conversation_id=conversation_id, event=event.to_bytes())
+        await self._receipt_taken(conversation_id, answer.get("receipt"))
+        return self.transcripts.get(conversation_id).mode
+
+    async def sign_transcript(self, conversation_id, again=False):
+        """A transcript head over the conversation's chain as verified now, signed and sent; transcripts.Signed or None.
+
+        None in a deniable conversation (and, unless `again`, if this n was signed already).
+        """
+        return await self._locked(self._sign_transcript, conversation_id, again)
+
+    async def _sign_transcript(self, conversation_id, again):
+        if not self.active or conversation_id not in self._memberships:
+            return None
+        return await self.transcripts.sign(conversation_id, _ms(self.client.clock.seconds()), again)
+
+    async def transcript_signed(self, conversation_id, username, head):
+        """A member's transcript head pushed (TranscriptSigned), checked: a transcripts.TranscriptSigned."""
+        return await self._locked(self.transcripts.received_head, conversation_id, username, head)
+
+    async def export(self, conversation_id, disclose=None):
+        """transcripts.Export of the conversation, sealed by this device now (ExportError if it cannot be made)."""
+        return await self._locked(self._export, conversation_id, disclose)
+
+    async def _export(self, conversation_id, disclose):
+        self._require_active()
+        return await self.transcripts.export(conversation_id, _ms(self.client.clock.seconds()), disclose)
 
     # -- devices, safety numbers, trust -----------------------------------------------------
 

@@ -7,8 +7,10 @@ one, never half of one. It holds private keys: losing it loses this device
 (its keys, sessions and the keys of the messages it read), nothing else.
 
 Versioned, in the e2ee layer's own encoding: `enc` of the label
-`securechatd/device-file/v1` and the sections below, each an `enc` of its
-records. The client changes a DeviceFile in memory and calls save() once
+`securechatd/device-file/v2` and the sections below, each an `enc` of its
+records. (Version 2 added the server's pinned key and the conversation chains
+verified, client/transcripts.py; a version 1 file is read as one with
+neither, and written back as version 2.) The client changes a DeviceFile in memory and calls save() once
 per step, so what one message changed (its session, the replay window of
 its sender, a one-time prekey it used, its key) lands in one write.
 """
@@ -20,7 +22,8 @@ import os
 from securechatd.e2ee.encoding import Malformed, dec, enc
 from securechatd.e2ee.keys import Device, Prekey
 
-LABEL = b"securechatd/device-file/v1"
+LABEL = b"securechatd/device-file/v2"
+LABEL_V1 = b"securechatd/device-file/v1"  # read, never written: no server key, no conversation chains
 
 # status of this installation's device
 NEW = "new"  # keys made; not yet in the user's chain, and the chain was not looked at yet
@@ -107,7 +110,12 @@ class DeviceFile:
     - `counter`: the last counter this device sent; `replay`: {(user, device id bytes): ReplayWindow}
     - `trusted`: {user: frozenset of sig_pub}: the devices the user compared safety numbers for
     - `message_keys`: {message_id: (K, conversation, seq)} of messages read or sent, for reading history
-      again; the place is kept with the key, so a message pushed again at another place is a replay
+      again (and disclosing in an export); the place is kept with the key, so a message pushed again at
+      another place is a replay
+    - `server_key`: the server's Ed25519 public key (32 bytes), pinned the first time it was asked for
+      (trusted on first use), or b"" before; it signs the conversation chains' heads
+    - `transcripts`: {conversation_id: bytes of a client/transcripts.ConversationChain}: how far each
+      conversation's chain is verified
     """
 
     def __init__(self, path, device, status=NEW):
@@ -126,6 +134,8 @@ class DeviceFile:
         self.replay = {}
         self.trusted = {}
         self.message_keys = {}
+        self.server_key = b""
+        self.transcripts = {}
         self._lock = None
 
     def __repr__(self):
@@ -159,17 +169,21 @@ class DeviceFile:
                 enc([enc([user, device, window.to_bytes()]) for (user, device), window in self.replay.items()]),
                 enc([enc([user, enc(sorted(keys))]) for user, keys in self.trusted.items()]),
                 enc([enc([message_id, *kept]) for message_id, kept in self.message_keys.items()]),
+                self.server_key,
+                enc([enc([conversation, data]) for conversation, data in self.transcripts.items()]),
             ]
         )
 
     @classmethod
     def from_bytes(cls, path, data):
         """The DeviceFile `data` holds; Malformed if it is not one of this version."""
-        fields = dec(data, 15)
-        if fields[0] != LABEL:
-            raise Malformed("not a device file of version securechatd/device-file/v1")
+        fields = dec(data)
+        if fields[:1] == [LABEL_V1] and len(fields) == 15:
+            fields += [b"", b""]
+        elif fields[:1] != [LABEL] or len(fields) != 17:
+            raise Malformed("not a device file of version securechatd/device-file/v2 (or v1)")
         (_, device, status, counter, spk_made_at, uploaded, to_upload, spks, opks) = fields[:9]
-        (sessions, chains, memberships, replay, trusted, message_keys) = fields[9:]
+        (sessions, chains, memberships, replay, trusted, message_keys, server_key, transcripts) = fields[9:]
         status = _text(status)
         if status not in STATUSES or uploaded not in (b"", b"\x01"):
             raise Malformed("a device file's status is unknown")
@@ -195,6 +209,11 @@ class DeviceFile:
             state.trusted[_text(user)] = frozenset(dec(keys))
         for message_id, key, conversation, seq in _records(message_keys, 4):
             state.message_keys[_number(message_id)] = (key, _number(conversation), _number(seq))
+        if len(server_key) not in (0, 32):
+            raise Malformed("a pinned server key is not 32 bytes")
+        state.server_key = server_key
+        for conversation, chain_data in _records(transcripts, 2):
+            state.transcripts[_number(conversation)] = chain_data
         return state
 
     # -- the file ---------------------------------------------------------------------

@@ -87,6 +87,9 @@ class Sent:
     sent_at: datetime
     client_msg_id: str = ""
     unreached: tuple = ()  # (encrypted) device ids of members' devices it could not be encrypted for (no prekeys)
+    mode: str | None = None  # (encrypted) attestable (signed) or deniable
+    n: int | None = None  # (encrypted) its link in the conversation's chain, from the server's receipt
+    chain: str | None = None  # (encrypted) "verified", "unchecked" or "broken": see Message
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,14 @@ class Message:
     An encrypted message that could not be decrypted has body None and
     `problem` naming the step that failed (a crypto.Problem value), with
     `problem_detail` saying more; it was reported to on_alarm too.
+
+    An encrypted message also says what the conversation's chain says of
+    it (client/transcripts.py): `mode` (attestable: its sender's device
+    signed it; deniable: not), `n` its link in the chain, and `chain`:
+    "verified" (every check passed), "unchecked" (nothing failed, but not
+    all could be checked: no link came, or the server keeps no chains) or
+    "broken" (`chain_problems` names the alarms raised: the message is shown
+    all the same).
     """
 
     message_id: int
@@ -108,6 +119,10 @@ class Message:
     sender_device: str | None = None
     problem: str | None = None
     problem_detail: str | None = None
+    mode: str | None = None
+    n: int | None = None
+    chain: str | None = None
+    chain_problems: tuple = ()  # alarm kinds
 
 
 @dataclass(frozen=True)
@@ -190,6 +205,10 @@ class ClientProtocol(amp.AMP):
         if failure.check(ConnectionClosed):
             return Deferred()
         return failure
+
+    @commands.TranscriptSigned.responder
+    def transcript_signed(self, conversation_id, username, head):
+        return self.client._transcript_signed(conversation_id, username, head).addCallback(lambda _: {})
 
     @commands.Receipt.responder
     def receipt(self, **receipt):
@@ -305,7 +324,11 @@ class ChatClient:
     dropped (`gap`), ...; kinds are the values
     of crypto.Alarm and crypto.Problem; `user` may be None) and
     on_devices_changed(user, added, removed) (hex device ids of a user whose
-    devices changed since last seen).
+    devices changed since last seen). For verifiable conversations (docs/CLIENT.md):
+    on_mode(conversation_id, mode, actor) when a member's signed mode event
+    takes effect, and on_transcript_signed(transcripts.TranscriptSigned) when
+    a member signs the transcript (reads: "read by bob, transcript verified
+    up to #n").
 
     With a `state_directory` (and `encryption` left on) the client is one
     device of the user it logs in as; `clock` (default: the reactor) dates
@@ -372,6 +395,8 @@ class ChatClient:
         self.on_logged_out = lambda reason: None
         self.on_alarm = lambda kind, user, detail: None
         self.on_devices_changed = lambda user, added, removed: None
+        self.on_mode = lambda conversation_id, mode, actor: None
+        self.on_transcript_signed = lambda signed: None
 
     INITIAL_DELAY = 0.5
     MAX_DELAY = 30.0
@@ -863,6 +888,8 @@ class ChatClient:
             return self.call(commands.LeaveConversation, conversation_id=conversation_id, membership=membership)
 
         if self.e2ee is not None and await self._is_encrypted(conversation_id):
+            if op == "leave":  # a signed head over the whole transcript, while still a member
+                await self._sign_quietly(conversation_id, again=True)
             await self.e2ee.change_membership(conversation_id, op, members, send)
         else:
             await send()
@@ -970,14 +997,25 @@ class ChatClient:
                     outgoing.sealed = None
                     continue
             else:
+                chained = {}
                 if self.e2ee is not None:
-                    self.e2ee.sent(answer["message_id"], outgoing.sealed.key, conversation_id, answer["seq"])
+                    verdict = await self._sent_checked(answer, outgoing, conversation_id)
+                    if verdict is not None:
+                        chained = dict(mode=verdict.mode, n=verdict.n, chain=verdict.state)
                 self._sequences.setdefault(conversation_id, _Sequence()).own.add(answer["seq"])
-                self._answered(answer, client_msg_id, outgoing.sealed.unreached)
+                self._answered(dict(answer, **chained), client_msg_id, outgoing.sealed.unreached)
             if queue and queue[0] == client_msg_id:
                 queue.popleft()
         if self._queues.get(conversation_id) is queue and not queue:
             del self._queues[conversation_id]
+
+    async def _sent_checked(self, answer, outgoing, conversation_id):
+        """Keep our message's key, and take its link and receipt into the chain: its Verdict (None if that failed)."""
+        try:
+            return await self.e2ee.sent_checked(answer, outgoing.sealed, conversation_id)
+        except Exception:  # (the message is sent: a chain that cannot be followed now is followed at the next one)
+            log.failure("following the chain of conversation {id}", Failure(), id=conversation_id)
+            return None
 
     async def _send_sealed(self, protocol, client_msg_id, outgoing):
         """StageWraps for the wraps beyond one box, then SendEncrypted; its answer."""
@@ -1004,6 +1042,7 @@ class ChatClient:
             body=sealed.body,
             wraps=inline,
             staged=staged,
+            signature=sealed.signature or None,
         )
 
     def _deliver_encrypted(self, item):
@@ -1046,9 +1085,10 @@ class ChatClient:
                 f"message {item['message_id']} of conversation {conversation_id} cannot be read: {problem.detail}",
             )
             text = None
+            verdict = None
         else:
-            text, problem = await self.e2ee.open_message(conversation_id, item)
-        message = self._opened_message(conversation_id, item, text, problem)
+            text, problem, verdict = await self.e2ee.open_checked(conversation_id, item)
+        message = self._opened_message(conversation_id, item, text, problem, verdict)
         if problem is not None:
             # Not handed over: the seq is the server's word, and a push that cannot be opened proves nothing
             # about it; the message that really has this seq is still shown when it comes.
@@ -1113,8 +1153,8 @@ class ChatClient:
             item = dict(found[missing_seq], conversation_id=conversation_id)
             if item.get("wrap") is None:
                 continue
-            text, opened = await self.e2ee.open_message(conversation_id, item)
-            await maybeDeferred(self.on_deliver, self._opened_message(conversation_id, item, text, opened))
+            text, opened, verdict = await self.e2ee.open_checked(conversation_id, item)
+            await maybeDeferred(self.on_deliver, self._opened_message(conversation_id, item, text, opened, verdict))
             skipped.discard(missing_seq)
             if opened is not None:
                 sequence.failed.setdefault(missing_seq, set()).add(_push_digest(item))
@@ -1135,17 +1175,26 @@ class ChatClient:
                 f" (it was pushed seq {seq} after seq {highest}); {why}",
             )
 
-    def _opened_message(self, conversation_id, item, text, problem):
+    def _opened_message(self, conversation_id, item, text, problem, verdict=None):
         return self._encrypted_message(
             conversation_id,
             item,
             text,
             problem.problem if problem is not None else None,
             problem.detail if problem is not None else None,
+            verdict,
         )
 
     @staticmethod
-    def _encrypted_message(conversation_id, item, text, problem, detail):
+    def _encrypted_message(conversation_id, item, text, problem, detail, verdict=None):
+        chained = {}
+        if verdict is not None:
+            chained = dict(
+                mode=verdict.mode,
+                n=verdict.n,
+                chain=verdict.state,
+                chain_problems=tuple(dict.fromkeys(p.kind for p in verdict.problems)),
+            )
         return Message(
             item["message_id"],
             item["seq"],
@@ -1157,6 +1206,7 @@ class ChatClient:
             sender_device=item["sender_device"],
             problem=problem,
             problem_detail=detail,
+            **chained,
         )
 
     def history(self, conversation_id, before_seq=None, limit=None):
@@ -1173,18 +1223,10 @@ class ChatClient:
         )
         messages = []
         for item in page["messages"]:
-            text, problem = await self.e2ee.open_message(conversation_id, dict(item, history=True))
+            text, problem, verdict = await self.e2ee.open_checked(conversation_id, dict(item, history=True))
             if problem is None:
                 self._shown(conversation_id, item)
-            messages.append(
-                self._encrypted_message(
-                    conversation_id,
-                    item,
-                    text,
-                    problem.problem if problem is not None else None,
-                    problem.detail if problem is not None else None,
-                )
-            )
+            messages.append(self._opened_message(conversation_id, item, text, problem, verdict))
         return HistoryPage(tuple(messages), page["has_more"])
 
     def _plain_history(self, conversation_id, before_seq, limit):
@@ -1197,9 +1239,78 @@ class ChatClient:
         )
 
     def mark_read(self, conversation_id, seq, private=False):
-        return self.call(commands.MarkRead, conversation_id=conversation_id, seq=seq, private=private).addCallback(
-            lambda _: None
-        )
+        """Deferred: the conversation is read up to `seq`; in an attestable encrypted one (unless `private`)
+        this device also signs a transcript head over the chain it verified (SignTranscript), once per link."""
+        marked = self.call(commands.MarkRead, conversation_id=conversation_id, seq=seq, private=private)
+        if private:
+            return marked.addCallback(lambda _: None)
+        return marked.addCallback(lambda _: Deferred.fromCoroutine(self._sign_quietly(conversation_id)))
+
+    async def _sign_quietly(self, conversation_id, again=False):
+        """sign_transcript(), a failure logged but not raised: a read receipt is sent all the same."""
+        e2ee = self.e2ee
+        if e2ee is None or not e2ee.active or not await self._is_encrypted(conversation_id):
+            return None
+        try:
+            return await e2ee.sign_transcript(conversation_id, again)
+        except ConnectionClosed:
+            return None
+        except Exception:
+            log.failure("signing the transcript of conversation {id}", Failure(), id=conversation_id)
+            return None
+
+    # -- verifiable conversations (docs/CLIENT.md) ---------------------------------------------
+
+    def mode(self, conversation_id):
+        """Deferred: "attestable" or "deniable" for an encrypted conversation (its chain fetched first), else None."""
+        return Deferred.fromCoroutine(self._mode(conversation_id))
+
+    async def _mode(self, conversation_id):
+        e2ee = self.e2ee
+        if e2ee is None or not e2ee.active or not await self._is_encrypted(conversation_id):
+            return None
+        return await e2ee.current_mode(conversation_id)
+
+    def known_mode(self, conversation_id):
+        """The mode of an encrypted conversation as last verified (no fetch), or None (not encrypted, no device)."""
+        if self.e2ee is None or not self.e2ee.is_encrypted(conversation_id):
+            return None
+        return self.e2ee.mode(conversation_id)
+
+    def set_mode(self, conversation_id, mode):
+        """Deferred mode: sign and publish a mode event (every member sees it; signatures made are not withdrawn)."""
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().set_mode(conversation_id, mode)))
+
+    def sign_transcript(self, conversation_id):
+        """Deferred transcripts.Signed: a transcript head over the whole chain verified so far (None: deniable)."""
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().sign_transcript(conversation_id, True)))
+
+    def export(self, conversation_id, disclose=None):
+        """Deferred transcripts.Export: the conversation's bundle (docs/E2EE.md), sealed by this device.
+
+        `disclose`: the seqs whose keys and plaintexts go in (None: every
+        message this device can read). securechatd-verify checks the bytes.
+        """
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().export(conversation_id, disclose)))
+
+    def server_key_ids(self):
+        """(the pinned server key's id, the id of another key the server gives now or None), readable; or (None, None)."""
+        if self.e2ee is None:
+            return None, None
+        return self.e2ee.transcripts.key_ids()
+
+    def accept_server_key(self):
+        """Pin the key the server gives now in place of the pinned one (after comparing it out of band); True if so."""
+        return self.e2ee is not None and self.e2ee.transcripts.accept_server_key()
+
+    def _transcript_signed(self, conversation_id, username, head):
+        e2ee = self.e2ee
+        if e2ee is None or not e2ee.active:
+            return succeed(None)
+        checked = Deferred.fromCoroutine(e2ee.transcript_signed(conversation_id, username, head))
+        checked.addCallback(self.on_transcript_signed)
+        checked.addErrback(lambda failure: log.failure("checking a transcript head", failure))
+        return checked
 
     def get_receipts(self, conversation_id, message_id):
         return self.call(commands.GetReceipts, conversation_id=conversation_id, message_id=message_id).addCallback(
