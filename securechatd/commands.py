@@ -564,8 +564,14 @@ class SendEncrypted(ChatCommand):
         (b"body", amp.String()),
         (b"wraps", amp.AmpList(WRAP_ITEM)),
         (b"staged", Integer(optional=True)),  # (added) how many wraps were staged for it; another number is refused
+        (b"signature", amp.String(optional=True)),  # (added) the sender device's signature: attestable mode
     ]
-    response = [(b"message_id", Integer()), (b"seq", Integer()), (b"sent_at", amp.DateTime())]
+    response = [
+        (b"message_id", Integer()),
+        (b"seq", Integer()),
+        (b"sent_at", amp.DateTime()),
+        (b"receipt", amp.String(optional=True)),  # (added) the server's signed receipt for the message's chain link
+    ]
 
 
 ENCRYPTED_MESSAGE = [
@@ -577,6 +583,8 @@ ENCRYPTED_MESSAGE = [
     (b"header", amp.String()),
     (b"body", amp.String()),
     (b"wrap", amp.String(optional=True)),  # this device's, while it has not acknowledged it
+    (b"signature", amp.String(optional=True)),  # (added) the sender device's signature: attestable mode
+    (b"link", amp.String(optional=True)),  # (added) the message's chain link
 ]
 
 
@@ -589,13 +597,75 @@ class HistoryEncrypted(ChatCommand):
     response = [(b"messages", amp.AmpList(ENCRYPTED_MESSAGE)), (b"has_more", amp.Boolean())]
 
 
+# -- verifiable conversations (version 2) ---------------------------------------------
+#
+# Each encrypted conversation has a hash chain kept by the server: every
+# message, membership state and mode event is a link; the server signs chain
+# heads with its own Ed25519 key (docs/E2EE.md, "Verifiable conversations").
+
+
+class GetServerKey(ChatCommand):
+    """The server's Ed25519 public key (it signs chain heads) and its key id, to compare out of band."""
+
+    arguments = []
+    response = [(b"key", amp.String()), (b"key_id", amp.Unicode())]
+
+
+class GetChain(ChatCommand):
+    """Links after `after_n` in order, and the signed heads at or after the first of them that cover them."""
+
+    arguments = [
+        (b"conversation_id", Integer()),
+        (b"after_n", Integer(optional=True)),
+        (b"limit", Integer(optional=True)),
+    ]
+    response = [(b"links", amp.ListOf(amp.String())), (b"heads", amp.ListOf(amp.String())), (b"has_more", amp.Boolean())]
+
+
+class PublishMode(ChatCommand):
+    """A signed mode event (attestable or deniable) of an encrypted conversation, by a member's device."""
+
+    arguments = [(b"conversation_id", Integer()), (b"event", amp.String())]
+    response = [(b"number", Integer()), (b"receipt", amp.String())]
+
+
+class GetModes(ChatCommand):
+    arguments = [(b"conversation_id", Integer()), (b"after_number", Integer(optional=True))]
+    response = [(b"events", amp.ListOf(amp.String())), (b"has_more", amp.Boolean())]
+
+
+class SignTranscript(ChatCommand):
+    """A transcript head signed by this session's device: kept (the newest per device) and passed to the members."""
+
+    arguments = [(b"conversation_id", Integer()), (b"head", amp.String())]
+    response = []
+
+
+class GetTranscriptHeads(ChatCommand):
+    """The newest transcript head of each member device that signed one."""
+
+    arguments = [(b"conversation_id", Integer())]
+    response = [(b"heads", amp.ListOf(amp.String()))]
+
+
 # -- server to client ---------------------------------------------------------------
 
 
 class DeliverEncrypted(ChatCommand):
     """A new message of an encrypted conversation, to a session bound to a device that has a wrap of it."""
 
-    arguments = [(b"conversation_id", Integer()), *ENCRYPTED_MESSAGE]
+    arguments = [
+        (b"conversation_id", Integer()),
+        *ENCRYPTED_MESSAGE,
+        (b"receipt", amp.String(optional=True)),  # (added) the server's signed receipt for its chain link
+    ]
+    response = []
+
+
+class TranscriptSigned(ChatCommand):
+    """A member's device signed a transcript head (SignTranscript): to the conversation's other members."""
+
+    arguments = [(b"conversation_id", Integer()), (b"username", amp.Unicode()), (b"head", amp.String())]
     response = []
 
 

@@ -76,6 +76,7 @@ class Settings:
     port: int = 5599
     listen: str | None = None
     certs: str = "certs"
+    signing_key: str | None = None  # None: <certs>/signing.key
     database: str = "securechatd.sqlite"
     durability: str = "normal"
     busy_timeout: float = 5.0
@@ -134,6 +135,7 @@ SCHEMA = {
     "port": ("server", "port", _integer(0, 65535)),
     "listen": ("server", "listen", _optional_text),
     "certs": ("server", "certs", _text),
+    "signing_key": ("server", "signing_key", _optional_text),
     "database": ("database", "path", _text),
     "durability": ("database", "durability", _choice("normal", "full")),
     "busy_timeout": ("database", "busy_timeout", _seconds),

@@ -13,10 +13,16 @@ Conversation = namedtuple(
 )
 Message = namedtuple("Message", "id conversation_id seq sender body sent_at")
 # A message of an encrypted conversation: header and body as sent, and wraps {device_id: wrap}
-# (every recipient device's when just stored; only the reading device's when read back). Never hashed.
+# (every recipient device's when just stored; only the reading device's when read back); its
+# sender device's signature (b"": none), its ChainLink, and its receipt (None: no signed head
+# covers it yet). Never hashed.
 EncryptedMessage = namedtuple(
-    "EncryptedMessage", "id conversation_id seq sender sender_device sent_at header body wraps"
+    "EncryptedMessage",
+    "id conversation_id seq sender sender_device sent_at header body wraps signature link receipt",
+    defaults=(b"", None, None),
 )
+# Link n of an encrypted conversation's hash chain: e_n, and the link's bytes (docs/E2EE.md)
+ChainLink = namedtuple("ChainLink", "conversation_id n e data")
 Receipt = namedtuple("Receipt", "conversation_id reader state seq at")
 # first_wrap: the lowest seq of a wrap waiting for the device asked about (None: none, or not asked)
 Membership = namedtuple(

@@ -5,6 +5,7 @@ development certificates, upgrades the database schema, and builds the
 services. Any problem there stops start-up with one line and exit status 1.
 """
 
+import os
 import signal
 from datetime import datetime, timezone
 import sys
@@ -19,6 +20,7 @@ from twisted.python import usage
 
 from securechatd import certs, config, tls
 from securechatd.server.accounts import AccountService
+from securechatd.server.chain import ChainService, HeadSigner, load_server_key
 from securechatd.server.conversations import ConversationService
 from securechatd.server.hub import Hub
 from securechatd.server.encrypted import EncryptedService
@@ -96,11 +98,12 @@ def _prepare_database(settings, reactor):
         )
 
 
-def make_hub(settings, store, hasher, clock, run_in_thread=maybeDeferred):
+def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDeferred):
     """Every service of the daemon, wired together, for `settings` (also used by the tests).
 
+    `server_key` (Ed25519) signs the conversations' chain heads.
     `run_in_thread` checks signatures of chain links and membership states
-    (build: a thread pool; the default, for tests, runs them at once).
+    and signs heads (build: a thread pool; the default, for tests, runs them at once).
     """
     accounts = AccountService(
         store,
@@ -141,6 +144,7 @@ def make_hub(settings, store, hasher, clock, run_in_thread=maybeDeferred):
         settings.max_pending,
         plaintext_allowed,
     )
+    heads = HeadSigner(store, server_key, run_in_thread)
     encrypted = EncryptedService(
         store,
         conversations,
@@ -151,6 +155,7 @@ def make_hub(settings, store, hasher, clock, run_in_thread=maybeDeferred):
         settings.max_pending,
         settings.max_recipient_devices,
         settings.staging_timeout,
+        heads,
     )
     receipts = ReceiptService(store, conversations, accounts.registry, clock)
     presence = PresenceService(store, accounts.registry, clock, actions)
@@ -175,6 +180,7 @@ def make_hub(settings, store, hasher, clock, run_in_thread=maybeDeferred):
         settings.max_devices,
         settings.max_one_time_prekeys,
     )
+    hub.chain = ChainService(store, conversations, accounts.registry, clock, heads, run_in_thread, actions)
     return hub
 
 
@@ -195,7 +201,10 @@ def build(settings, reactor):
         settings.hash_nice, minthreads=0, maxthreads=settings.hash_threads, name="securechatd-bcrypt"
     )
     hasher = PasswordHasher(settings.bcrypt_cost, partial(deferToThreadPool, reactor, hash_pool))
-    hub = make_hub(settings, store, hasher, reactor, partial(deferToThreadPool, reactor, reactor.getThreadPool()))
+    server_key = load_server_key(settings.signing_key or os.path.join(settings.certs, "signing.key"))
+    hub = make_hub(
+        settings, store, hasher, reactor, server_key, partial(deferToThreadPool, reactor, reactor.getThreadPool())
+    )
     factory = ChatFactory(hub, reactor, ConnectionLimits.from_settings(settings))
     endpoint, where = _endpoint(settings, reactor)
     daemon = SequentialMultiService()

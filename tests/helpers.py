@@ -6,6 +6,7 @@ import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.enterprise import adbapi
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -96,7 +97,11 @@ def make_hub(testcase, clock=None, store=None, **changes):
         Settings(), **{"registrations_per_address": 100, "registration_exempt": (), **V1, **changes}
     )
     return tap.make_hub(
-        settings, store or make_store(testcase), PasswordHasher(TEST_COST, run_now), clock or task.Clock()
+        settings,
+        store or make_store(testcase),
+        PasswordHasher(TEST_COST, run_now),
+        clock or task.Clock(),
+        Ed25519PrivateKey.from_private_bytes(bytes(range(32))),  # (a fixed server key: tests are repeatable)
     )
 
 
@@ -137,6 +142,7 @@ PUSHES = {
         commands.Receipt,
         commands.PresenceChanged,
         commands.ConversationUpdated,
+        commands.TranscriptSigned,
     )
 }
 PUSHES[commands.Ping.commandName] = commands.Ping

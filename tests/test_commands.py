@@ -7,7 +7,7 @@ from twisted.protocols import amp
 from twisted.trial import unittest
 
 from securechatd import commands
-from securechatd.records import EncryptedMessage
+from securechatd.records import ChainLink, EncryptedMessage
 from securechatd.server import wire
 from securechatd.server.framing import END, encode
 
@@ -197,7 +197,8 @@ class DeliverEncryptedBoxTests(unittest.TestCase):
 
     def test_two_devices_share_the_message_and_get_their_own_wraps(self):
         message = EncryptedMessage(
-            41, 7, 12, "alice", "ab" * 16, 1_790_000_000.25, b"header\x00", b"body" * 70, {"d1": b"w1", "d2": b"w2"}
+            41, 7, 12, "alice", "ab" * 16, 1_790_000_000.25, b"header\x00", b"body" * 70, {"d1": b"w1", "d2": b"w2"},
+            b"s" * 64, ChainLink(7, 30, b"e" * 32, b"link"), b"receipt",
         )
         first = self.decode(wire.deliver_encrypted_box(message, message.wraps["d1"]))
         second = self.decode(wire.deliver_encrypted_box(message, message.wraps["d2"]))
@@ -215,6 +216,9 @@ class DeliverEncryptedBoxTests(unittest.TestCase):
                 "sent_at": wire.utc(1_790_000_000.25),
                 "header": b"header\x00",
                 "body": b"body" * 70,
+                "signature": b"s" * 64,
+                "link": b"link",
+                "receipt": b"receipt",
             },
         )
         self.assertIsNone(self.decode(wire.deliver_encrypted_box(message, None))["wrap"])

@@ -30,7 +30,7 @@ from securechatd.commands import (
     RateLimited,
 )
 from securechatd.config import Settings
-from securechatd.e2ee import chain, envelope, keys
+from securechatd.e2ee import chain, envelope, keys, transcript
 from securechatd.e2ee.encoding import digest, enc
 from securechatd.server import conversations as conversations_module
 from securechatd.server.encrypted import ACK_FLUSH, MAX_STAGED_MESSAGES, body_limit
@@ -692,9 +692,10 @@ class SendTests(Scene):
         self.assertEqual((sent["seq"], sent["sent_at"].timestamp()), (1, NOW))
         self.assertEqual(len(self.wrap_rows()), 3)
 
-    def test_a_new_message_to_three_devices_costs_seven_statements(self):
+    def test_a_new_message_to_three_devices_costs_eight_statements(self):
         """The store's common case: the recipients' devices, one statement for every other check
-        and the seq, the message (with its envelope and counter), 3 wraps and the sender's marks."""
+        and the seq (and its chain link), the link, the message (with its envelope and counter), 3 wraps
+        and the sender's marks."""
         statements = []
         add_envelope_txn = EncryptedStore._add_envelope_txn
 
@@ -711,7 +712,7 @@ class SendTests(Scene):
         sent = self.sent(self.alice, self.group_id, self.seal(self.alice_laptop, self.group_id, self.everyone))
         self.assertEqual(sent["seq"], 1)
         self.assertEqual(len(self.wrap_rows()), 3)
-        self.assertEqual(len(statements), 7, "\n".join(statements))
+        self.assertEqual(len(statements), 8, "\n".join(statements))
 
     def test_only_from_a_session_bound_to_a_device(self):
         unbound = self.connect("alice")
@@ -1072,6 +1073,9 @@ class DeliveryTests(Scene):
                     "header": sealed.header,
                     "body": sealed.body,
                     "wrap": sealed.wraps[device.id],
+                    "signature": None,
+                    "link": transcript.Receipt.from_bytes(sent["receipt"]).links[0].to_bytes(),
+                    "receipt": sent["receipt"],  # (the same signed head covers it for everyone)
                 },
             )
         self.assertEqual(self.pushed(self.alice), [])  # the sending session has its answer
@@ -1219,6 +1223,8 @@ class HistoryTests(Scene):
                     "header": envelopes[n].header,
                     "body": envelopes[n].body,
                     "wrap": envelopes[n].wraps[self.bob_laptop.id],
+                    "signature": None,
+                    "link": transcript.Receipt.from_bytes(sent[n]["receipt"]).links[0].to_bytes(),
                 }
                 for n in (3, 4)
             ],

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -452,7 +453,9 @@ class RaceTests(unittest.TestCase):
             self.signatures.append((waiting, function, args))
             return waiting
 
-        self.hub = tap.make_hub(Settings(), make_store(self), PasswordHasher(TEST_COST, run_now), self.clock, held)
+        self.hub = tap.make_hub(
+            Settings(), make_store(self), PasswordHasher(TEST_COST, run_now), self.clock, Ed25519PrivateKey.generate(), held
+        )
         self.successResultOf(self.hub.accounts.register("alice", PASSWORD, "127.0.0.1"))
 
     def release(self):

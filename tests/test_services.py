@@ -60,6 +60,9 @@ class RecordingClient:
     def receipt(self, receipt):
         return self._told("receipt", receipt)
 
+    def transcript_signed(self, conversation_id, username, head):
+        return self._told("transcript_signed", (conversation_id, username, head))
+
     def presence_changed(self, presence):
         return self._told("presence", presence)
 

@@ -252,6 +252,34 @@ def _check_v7(testcase, db):
     )
 
 
+def _insert_v8(db):
+    _insert_v6(db)
+    db.executescript(
+        """
+        INSERT INTO conversations (id, kind, title, created_at, last_seq, encrypted, epoch, members_hash)
+            VALUES (3, 'group', 'chat', 30.0, 1, 1, 1, x'cc');
+        INSERT INTO members (conversation_id, user_id, joined_at, delivered_seq, read_seq)
+            SELECT 3, id, 30.0, 0, 0 FROM users WHERE username = 'alice';
+        INSERT INTO messages (id, conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at,
+                              sender_device, header, sealed, counter)
+            SELECT 200, 3, 1, id, 'alice', 'x1', '', 31.0, 'aa', x'31', x'32', x'0000000000000001'
+            FROM users WHERE username = 'alice';
+        """
+    )
+
+
+def _check_v8(testcase, db):
+    _check_v6(testcase, db)
+    testcase.assertEqual(
+        db.execute("SELECT seq, sender_device, header, sealed, counter FROM messages WHERE conversation_id = 3").fetchall(),
+        [(1, "aa", b"\x31", b"\x32", b"\0" * 7 + b"\x01")],
+    )
+    columns = {row[1] for row in db.execute("PRAGMA table_info(conversations)")}
+    if "chain_n" in columns:  # (after version 9: the chain starts with the next link)
+        testcase.assertEqual(db.execute("SELECT chain_n FROM conversations WHERE id = 3").fetchone(), (0,))
+        testcase.assertEqual(db.execute("SELECT link_n, signature FROM messages WHERE id = 200").fetchone(), (None, None))
+
+
 SAMPLES = {
     1: (_insert_v1, _check_v1),
     2: (_insert_v2, _check_v2),
@@ -260,6 +288,7 @@ SAMPLES = {
     5: (_insert_v5, _check_v5),
     6: (_insert_v6, _check_v6),
     7: (_insert_v7, _check_v7),
+    8: (_insert_v8, _check_v8),
 }
 
 

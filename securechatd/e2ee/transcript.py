@@ -257,6 +257,11 @@ class Receipt:
         return cls([Link.from_bytes(link) for link in fields[1:]], Head.from_bytes(fields[0]))
 
 
+def receipt_bytes(head, links):
+    """Receipt(...).to_bytes() from the bytes of a signed head and of links m..h, as a server stores them."""
+    return enc([head, *links])
+
+
 def check_receipt(receipt, before, server_key):
     """The Positions after each of the receipt's links, once its head is checked against them.
 

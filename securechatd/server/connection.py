@@ -301,6 +301,9 @@ class ChatProtocol(BoundedBoxProtocol):
     def receipt(self, receipt):
         return self._push(commands.Receipt, wire.receipt_box(receipt))
 
+    def transcript_signed(self, conversation_id, username, head):
+        return self._push(commands.TranscriptSigned, wire.transcript_signed_box(conversation_id, username, head))
+
     def presence_changed(self, presence):
         return self._push(commands.PresenceChanged, wire.presence_box(presence))
 

@@ -33,6 +33,7 @@ from securechatd.commands import (
 )
 from securechatd.e2ee.encoding import Malformed
 from securechatd.e2ee.envelope import FIRST_BUCKET, Header
+from securechatd.e2ee.keys import SIGNATURE_BYTES
 from securechatd.server.accounts import check_device_id
 from securechatd.server.policy import check_limit, deferred
 from securechatd.server.throttle import retry_text
@@ -68,9 +69,20 @@ def _is_padded_size(length):
 
 class EncryptedService:
     def __init__(
-        self, store, conversations, registry, clock, rate, max_message_bytes, max_pending, max_devices, staging_timeout
+        self,
+        store,
+        conversations,
+        registry,
+        clock,
+        rate,
+        max_message_bytes,
+        max_pending,
+        max_devices,
+        staging_timeout,
+        heads,
     ):
         self.store = store
+        self.heads = heads  # server/chain.py's HeadSigner: a receipt for each new message's chain link
         self.conversations = conversations
         self.registry = registry
         self.clock = clock
@@ -155,7 +167,7 @@ class EncryptedService:
             raise InvalidArgument(f"A message is wrapped for at most {self.max_devices} devices, not {value}.")
         return value
 
-    def send(self, session, conversation_id, client_msg_id, header, body, wraps, staged=None):
+    def send(self, session, conversation_id, client_msg_id, header, body, wraps, staged=None, signature=None):
         """Deferred: the stored EncryptedMessage (a resend: the first one, stored and delivered once), once committed.
 
         (Callbacks, not a coroutine, as MessageService.send: this runs for every message.)
@@ -172,13 +184,15 @@ class EncryptedService:
         wraps = self._wraps(session, wraps)
         if staged is not None and staged < 0:
             raise InvalidArgument("staged must be 0 or more.")
-        arguments = (session, client_msg_id, parsed, header, body, wraps, staged)
+        if signature and len(signature) != SIGNATURE_BYTES:
+            raise InvalidArgument(f"A message signature is {SIGNATURE_BYTES} bytes.")
+        arguments = (session, client_msg_id, parsed, header, body, wraps, staged, signature or b"")
         conversation = self.conversations.loaded_member(conversation_id, session.username)
         if conversation is None:  # not loaded yet
             return self.conversations.member_of(conversation_id, session.username).addCallback(self._store, *arguments)
         return self._store(conversation, *arguments)
 
-    def _store(self, conversation, session, client_msg_id, parsed, header, body, wraps, staged):
+    def _store(self, conversation, session, client_msg_id, parsed, header, body, wraps, staged, signature):
         if not conversation.encrypted:
             raise NotAllowed(PLAINTEXT)
         self.conversations.check_writable(conversation)
@@ -201,6 +215,7 @@ class EncryptedService:
             parsed.members,
             wraps,
             staged,
+            signature,
         )
         now = self.clock.seconds()
         stored = self.store.add_envelope(envelope, now, self.max_pending, self.max_devices, now - self.staging_timeout)
@@ -210,13 +225,18 @@ class EncryptedService:
         outcome, value = result
         if outcome == "stored":
             self.conversations.committed(value.conversation_id, value.seq)
-            self._fan_out(value, session)
-            return value
+            return self.heads.receipt(value.link).addCallback(self._received, value, session)
         if outcome in ("resent", "full"):
             self.rate.refund(session.username)  # stored nothing: cost nothing (as SendMessage)
         if outcome == "resent":
             return value
         raise self._refusal(outcome, value, staged)
+
+    def _received(self, receipt, message, session):
+        """The new message with its receipt goes to every device, and back to its sender."""
+        message = message._replace(receipt=receipt)
+        self._fan_out(message, session)
+        return message
 
     def _refusal(self, outcome, value, staged):
         if outcome == "not member":  # left while this was on its way

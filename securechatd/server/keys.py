@@ -33,16 +33,17 @@ PREKEY_IDS = 1 << 32  # prekey ids are 4 bytes; one-time prekey id 0 means "none
 MOVED_ON = "This link does not follow the last link of your chain: the chain moved on; fetch it."
 
 
-def _signed_by(public_key, signature, label, fields):
+def signed_by(public_key, signature, label, fields):
+    """True if `signature` is the Ed25519 key `public_key`'s (raw bytes) over label and fields: run off the reactor."""
     return verify(Ed25519PublicKey.from_public_bytes(public_key), signature, label, fields)
 
 
 def link_signature_problem(link, signer_pub):
     """None if the link's signature (and an add's countersignature) check; else which does not."""
     fields = link.fields()
-    if not _signed_by(signer_pub, link.signature, LINK_LABEL, fields):
+    if not signed_by(signer_pub, link.signature, LINK_LABEL, fields):
         return "The link's signature does not check with its signer's key."
-    if link.op == "add" and not _signed_by(link.sig_pub, link.countersignature, COUNTERSIGN_LABEL, fields):
+    if link.op == "add" and not signed_by(link.sig_pub, link.countersignature, COUNTERSIGN_LABEL, fields):
         return "The link's countersignature does not check with the added device's key."
     return None
 
@@ -197,7 +198,7 @@ class KeyService:
         if not _current(device):
             raise NoSuchDevice("This device is not a current device of your chain: publish its link first.")
         fields = spk_fields(session.username, bytes.fromhex(device_id), spk_id, spk_pub)
-        if not await self._run(_signed_by, device.sig_pub, spk_signature, SPK_LABEL, fields):
+        if not await self._run(signed_by, device.sig_pub, spk_signature, SPK_LABEL, fields):
             raise BadSignature("spk_signature does not check with this device's key.")
         outcome, value = await self.store.store_prekeys(
             session.username,

@@ -14,12 +14,11 @@ A state that passes is recorded in the transaction that makes the member
 change (server/conversations.py), which checks its place again.
 """
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from securechatd.commands import BadSignature, InvalidArgument, NoSuchDevice, NotAllowed, NoSuchUser
 from securechatd.e2ee.chain import ZERO_HASH
-from securechatd.e2ee.encoding import Malformed, verify
+from securechatd.e2ee.encoding import Malformed
 from securechatd.e2ee.membership import SIGN_LABEL, State
+from securechatd.server.keys import signed_by
 from securechatd.store.messaging import NewState
 
 MOVED_ON = "The membership of this conversation changed; fetch it (GetMembership) and sign the change again."
@@ -32,11 +31,6 @@ def parse_state(data):
         return State.from_bytes(data)
     except Malformed as problem:
         raise InvalidArgument(f"Not a membership state: {problem}.")
-
-
-def signed_by(sig_pub, state):
-    """True if `state` carries the signature of the Ed25519 key `sig_pub` (run off the reactor thread)."""
-    return verify(Ed25519PublicKey.from_public_bytes(sig_pub), state.signature, SIGN_LABEL, state.fields())
 
 
 def _current(device):
@@ -96,6 +90,6 @@ class MembershipChecker:
         device = chain.devices.get(session.device_id)
         if not _current(device):
             raise NoSuchDevice(f"Device {session.device_id} is not a current device of your chain.")
-        if not await self._run(signed_by, device.sig_pub, state):
+        if not await self._run(signed_by, device.sig_pub, state.signature, SIGN_LABEL, state.fields()):
             raise BadSignature("The membership state's signature does not check with its actor device's key.")
         return NewState(state.epoch, state.prev, state.hash(), data)

@@ -266,13 +266,11 @@ class ChatLocator(amp.CommandLocator):
         return staged.addCallback(lambda count: {"staged": count})
 
     @commands.SendEncrypted.responder
-    def send_encrypted(self, conversation_id, client_msg_id, header, body, wraps, staged=None):
+    def send_encrypted(self, conversation_id, client_msg_id, header, body, wraps, staged=None, signature=None):
         sent = self.hub.encrypted.send(
-            self._session(), conversation_id, client_msg_id, header, body, self._wraps(wraps), staged
+            self._session(), conversation_id, client_msg_id, header, body, self._wraps(wraps), staged, signature
         )
-        return sent.addCallback(
-            lambda message: {"message_id": message.id, "seq": message.seq, "sent_at": wire.utc(message.sent_at)}
-        )
+        return sent.addCallback(wire.sent_encrypted_answer)
 
     @commands.HistoryEncrypted.responder
     def history_encrypted(self, conversation_id, before_seq=None, limit=None):
@@ -300,6 +298,37 @@ class ChatLocator(amp.CommandLocator):
                 commands.GetReceipts, "receipts", [wire.receipt_item(*row) for row in result[0]], result[1]
             )
         )
+
+    # -- verifiable conversations ------------------------------------------------------
+
+    @commands.GetServerKey.responder
+    def get_server_key(self):
+        self._session()
+        return self.hub.chain.server_key().addCallback(lambda result: {"key": result[0], "key_id": result[1]})
+
+    @commands.GetChain.responder
+    def get_chain(self, conversation_id, after_n=None, limit=None):
+        page = self.hub.chain.chain(self._session(), conversation_id, after_n, limit)
+        return page.addCallback(lambda result: {"links": result[0], "heads": result[1], "has_more": result[2]})
+
+    @commands.PublishMode.responder
+    def publish_mode(self, conversation_id, event):
+        published = self.hub.chain.publish_mode(self._session(), conversation_id, event)
+        return published.addCallback(lambda result: {"number": result[0], "receipt": result[1]})
+
+    @commands.GetModes.responder
+    def get_modes(self, conversation_id, after_number=None):
+        page = self.hub.chain.modes(self._session(), conversation_id, after_number)
+        return page.addCallback(lambda result: {"events": result[0], "has_more": result[1]})
+
+    @commands.SignTranscript.responder
+    def sign_transcript(self, conversation_id, head):
+        return self.hub.chain.sign_transcript(self._session(), conversation_id, head).addCallback(_nothing)
+
+    @commands.GetTranscriptHeads.responder
+    def get_transcript_heads(self, conversation_id):
+        heads = self.hub.chain.transcript_heads(self._session(), conversation_id)
+        return heads.addCallback(lambda found: {"heads": found})
 
     # -- devices and keys ------------------------------------------------------------
 

@@ -31,12 +31,26 @@ def deliver_box(message):
 
 def deliver_encrypted_box(message, wrap):
     """DeliverEncrypted of `message` with one device's `wrap`: what all devices share is encoded once."""
-    shared = _envelope_box(*message[:-1])
+    shared = _envelope_box(
+        message.id,
+        message.conversation_id,
+        message.seq,
+        message.sender,
+        message.sender_device,
+        message.sent_at,
+        message.header,
+        message.body,
+        message.signature,
+        message.link and message.link.data,
+        message.receipt,
+    )
     return shared if wrap is None else shared + encode([(b"wrap", wrap)])
 
 
 @lru_cache(maxsize=256)
-def _envelope_box(message_id, conversation_id, seq, sender, sender_device, sent_at, header, body):
+def _envelope_box(
+    message_id, conversation_id, seq, sender, sender_device, sent_at, header, body, signature, link, receipt
+):
     item = {
         "message_id": message_id,
         "conversation_id": conversation_id,
@@ -46,6 +60,9 @@ def _envelope_box(message_id, conversation_id, seq, sender, sender_device, sent_
         "sent_at": utc(sent_at),
         "header": header,
         "body": body,
+        "signature": signature or None,
+        "link": link,
+        "receipt": receipt,
     }
     return encode_arguments(commands.DeliverEncrypted, item)
 
@@ -115,7 +132,26 @@ def envelope_item(message):
         "header": message.header,
         "body": message.body,
         "wrap": wrap,
+        "signature": message.signature or None,
+        "link": message.link and message.link.data,
     }
+
+
+def sent_encrypted_answer(message):
+    """SendEncrypted's answer: the message's place, and its receipt (none for a resend)."""
+    return {
+        "message_id": message.id,
+        "seq": message.seq,
+        "sent_at": utc(message.sent_at),
+        "receipt": message.receipt,
+    }
+
+
+@lru_cache(maxsize=256)
+def transcript_signed_box(conversation_id, username, head):
+    return encode_arguments(
+        commands.TranscriptSigned, {"conversation_id": conversation_id, "username": username, "head": head}
+    )
 
 
 def receipt_item(username, delivered_at, read_at):

@@ -11,11 +11,12 @@ from securechatd.store.base import StoreError
 from securechatd.store.dialect import open_pool
 from securechatd.store.encrypted import EncryptedStore
 from securechatd.store.keys import KeyStore
+from securechatd.store.links import LinkStore
 from securechatd.store.messaging import MessagingStore
 from securechatd.store.migrations import MigrationError, prepare_database
 
 __all__ = ["MigrationError", "Store", "StoreError", "open_pool", "prepare_database"]
 
 
-class Store(AccountStore, MessagingStore, KeyStore, EncryptedStore):
+class Store(AccountStore, MessagingStore, KeyStore, EncryptedStore, LinkStore):
     """The daemon's database: one adbapi pool, methods returning Deferreds."""

@@ -104,6 +104,8 @@ class StoreBase:
         self._retry = []  # the calls of a failed batch, to run one by one before anything else
         self._running = False
         self._closed = False
+        self._after_batch = []  # called once each batch's callers have their results
+        self.finishing_batch = False  # True while a batch's callers get their results
 
     def _write(self, name, function, *args):
         """Deferred result of `function(txn, *args)` in a transaction holding the write lock."""
@@ -154,9 +156,23 @@ class StoreBase:
                 outcome = Failure(_failed(name, outcome.value))
             result.errback(outcome)
         else:
-            for (_, _, _, _, result), value in zip(batch, outcome):
-                result.callback(value)
+            self.finishing_batch = True
+            try:
+                for (_, _, _, _, result), value in zip(batch, outcome):
+                    result.callback(value)
+            finally:
+                self.finishing_batch = False
+        for function in self._after_batch:
+            function()
         self._run_next()
+
+    def after_each_batch(self, function):
+        """Call `function()` once the callers of each batch have their results (and acted on them).
+
+        (A caller that gets a result later, from a Deferred that fired
+        before it was given one, finds `finishing_batch` False.)
+        """
+        self._after_batch.append(function)
 
     def flush(self):
         """Deferred firing once the queue is empty, including calls queued by earlier results."""

@@ -14,37 +14,62 @@ of a current member.
 
 from collections import namedtuple
 
-from securechatd.records import EncryptedMessage
+from securechatd.e2ee.transcript import message_item
+from securechatd.records import ChainLink, EncryptedMessage
 from securechatd.store import dialect
 from securechatd.store.base import LIVE, MAX_NAMES, USER_ID, StoreBase, placeholders, user_id
+from securechatd.store.links import NEXT_LINK_RETURNING, NEXT_LINK_SET, append_link, receipts
 from securechatd.store.messaging import OWN_MESSAGE_MARKS, conversation_row, record_state
 
 # a message checked by the service, as the store keeps it: `counter` is the header's 8
 # bytes (compared bytewise), `wraps` {device_id: wrap} as sent, `staged` how many wraps
-# the sender says it staged (None: not said)
+# the sender says it staged (None: not said), `signature` the sender device's (b"": none)
 NewEnvelope = namedtuple(
-    "NewEnvelope", "conversation_id sender sender_device client_msg_id header body counter members_hash wraps staged"
+    "NewEnvelope",
+    "conversation_id sender sender_device client_msg_id header body counter members_hash wraps staged signature",
 )
 
-_ENVELOPE_COLUMNS = "m.id, m.conversation_id, m.seq, m.sender, m.sender_device, m.sent_at, m.header, m.sealed"
+_ENVELOPE_COLUMNS = (
+    "m.id, m.conversation_id, m.seq, m.sender, m.sender_device, m.sent_at, m.header, m.sealed, m.signature,"
+    " m.link_n, l.e, l.link"
+)
+_LINK = "LEFT JOIN links l ON l.conversation_id = m.conversation_id AND l.n = m.link_n"
 
 
-def _envelope(row, wraps):
-    message_id, conversation_id, seq, sender, sender_device, sent_at, header, body = row
+def _envelope(row, wraps, receipt=None):
+    message_id, conversation_id, seq, sender, sender_device, sent_at, header, body, signature, n, e, link = row
     return EncryptedMessage(
-        message_id, conversation_id, seq, sender, sender_device, sent_at, bytes(header), bytes(body), wraps
+        message_id,
+        conversation_id,
+        seq,
+        sender,
+        sender_device,
+        sent_at,
+        bytes(header),
+        bytes(body),
+        wraps,
+        bytes(signature or b""),
+        None if n is None else ChainLink(conversation_id, n, bytes(e), bytes(link)),
+        receipt,
     )
 
 
 def _sent(txn, uid, client_msg_id):
-    """The EncryptedMessage stored for (sender, client_msg_id) (no header or body if plaintext), or None."""
+    """The EncryptedMessage stored for (sender, client_msg_id), with its link and receipt (no header, body,
+    wraps or signature; nothing of them if plaintext), or None."""
     txn.execute(
-        "SELECT id, conversation_id, seq, sender, sender_device, sent_at FROM messages"
-        " WHERE sender_id = ? AND client_msg_id = ?",
+        "SELECT m.id, m.conversation_id, m.seq, m.sender, m.sender_device, m.sent_at, m.link_n, l.e, l.link"
+        f" FROM messages m {_LINK} WHERE m.sender_id = ? AND m.client_msg_id = ?",
         (uid, client_msg_id),
     )
     row = txn.fetchone()
-    return EncryptedMessage(*row, None, None, {}) if row else None
+    if row is None:
+        return None
+    *fields, n, e, link = row
+    if n is None:
+        return EncryptedMessage(*fields, None, None, {})
+    found = receipts(txn, fields[1], [n])
+    return EncryptedMessage(*fields, None, None, {}, b"", ChainLink(fields[1], n, bytes(e), bytes(link)), found.get(n))
 
 
 def _staged(txn, uid, client_msg_id, fresh_after):
@@ -81,7 +106,7 @@ def _recipients(txn, conversation_id, device_ids):
 # the header's, the counter above the last stored, a direct conversation's other member not
 # `max_pending` behind.
 _NUMBER_IF_ALL_CHECKS_PASS = (
-    "UPDATE conversations SET last_seq = last_seq + 1"
+    f"UPDATE conversations SET last_seq = last_seq + 1, {NEXT_LINK_SET}"
     " WHERE id = :c AND encrypted = 1 AND members_hash = :members_hash"
     " AND NOT EXISTS (SELECT 1 FROM messages WHERE sender_id = :uid AND client_msg_id = :client_msg_id)"
     " AND NOT EXISTS (SELECT 1 FROM messages WHERE conversation_id = :c"
@@ -89,7 +114,7 @@ _NUMBER_IF_ALL_CHECKS_PASS = (
     " AND NOT EXISTS (SELECT 1 FROM staged_wraps WHERE user_id = :uid AND client_msg_id = :client_msg_id)"
     " AND (kind = 'group' OR NOT EXISTS (SELECT 1 FROM members WHERE conversation_id = :c"
     " AND user_id <> :uid AND delivered_seq <= conversations.last_seq - :cap))"
-    " RETURNING last_seq"
+    f" RETURNING last_seq, {NEXT_LINK_RETURNING}"
 )
 
 
@@ -148,20 +173,27 @@ def _add_envelope_checked(txn, e, now, max_pending, max_wraps, fresh_after):
         if txn.fetchone() is not None:
             return "full", None
     txn.execute(
-        "UPDATE conversations SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq", (e.conversation_id,)
+        f"UPDATE conversations SET last_seq = last_seq + 1, {NEXT_LINK_SET} WHERE id = ?"
+        f" RETURNING last_seq, {NEXT_LINK_RETURNING}",
+        (e.conversation_id,),
     )
-    (seq,) = txn.fetchone()
-    return _store_envelope(txn, e, now, uid, seq, wraps, recipients, staged=True)
+    return _store_envelope(txn, e, now, uid, txn.fetchone(), wraps, recipients, staged=True)
 
 
-def _store_envelope(txn, e, now, uid, seq, wraps, recipients, staged):
-    """Write the message numbered `seq` (with its counter) and its `wraps`, and the sender's marks;
-    delete its staged wraps if `staged`: ("stored", the EncryptedMessage)."""
+def _store_envelope(txn, e, now, uid, numbered, wraps, recipients, staged):
+    """Write the message numbered (seq, link n, e_{n-1}) = `numbered` (with its counter, signature and
+    chain link) and its `wraps`, and the sender's marks; delete its staged wraps if `staged`:
+    ("stored", the EncryptedMessage)."""
+    seq, n, prev_e = numbered
+    link = append_link(txn, e.conversation_id, n, prev_e, "message", seq, message_item(e.header, e.body, e.signature), now)
     message_id = dialect.insert(
         txn,
         "INSERT INTO messages (conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at,"
-        " sender_device, header, sealed, counter) VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?)",
-        (e.conversation_id, seq, uid, e.sender, e.client_msg_id, now, e.sender_device, e.header, e.body, e.counter),
+        " sender_device, header, sealed, counter, signature, link_n) VALUES (?, ?, ?, ?, ?, '', ?, ?, ?, ?, ?, ?, ?)",
+        (
+            e.conversation_id, seq, uid, e.sender, e.client_msg_id, now, e.sender_device, e.header, e.body,
+            e.counter, e.signature or None, n,
+        ),
     )
     txn.executemany(
         "INSERT INTO wraps (user_id, device_id, conversation_id, seq, message_id, wrap) VALUES (?, ?, ?, ?, ?, ?)",
@@ -175,7 +207,7 @@ def _store_envelope(txn, e, now, uid, seq, wraps, recipients, staged):
         txn.execute("DELETE FROM staged_wraps WHERE user_id = ? AND client_msg_id = ?", (uid, e.client_msg_id))
     txn.execute(OWN_MESSAGE_MARKS, {"c": e.conversation_id, "sender": e.sender, "seq": seq, "before": seq - 1})
     message = EncryptedMessage(
-        message_id, e.conversation_id, seq, e.sender, e.sender_device, now, e.header, e.body, wraps
+        message_id, e.conversation_id, seq, e.sender, e.sender_device, now, e.header, e.body, wraps, e.signature, link
     )
     return "stored", message
 
@@ -324,9 +356,9 @@ class EncryptedStore(StoreBase):
                         "cap": max_pending,
                     },
                 )
-                row = txn.fetchone()
-                if row is not None:
-                    return _store_envelope(txn, e, now, senders[0], row[0], dict(e.wraps), devices, staged=False)
+                numbered = txn.fetchone()
+                if numbered is not None:
+                    return _store_envelope(txn, e, now, senders[0], numbered, dict(e.wraps), devices, staged=False)
         return _add_envelope_checked(txn, e, now, max_pending, max_wraps, fresh_after)
 
     # -- reading and acknowledging ---------------------------------------------------------------
@@ -347,12 +379,14 @@ class EncryptedStore(StoreBase):
     @staticmethod
     def _envelopes_for_device_txn(txn, conversation_id, username, device_id, first_seq, limit):
         txn.execute(
-            f"SELECT {_ENVELOPE_COLUMNS}, w.wrap FROM wraps w JOIN messages m ON m.id = w.message_id"
+            f"SELECT {_ENVELOPE_COLUMNS}, w.wrap FROM wraps w JOIN messages m ON m.id = w.message_id {_LINK}"
             f" WHERE w.user_id = ({USER_ID}) AND w.device_id = ? AND w.conversation_id = ? AND w.seq >= ?"
             " ORDER BY w.seq LIMIT ?",
             (username, device_id, conversation_id, first_seq, limit),
         )
-        return [_envelope(row[:-1], {device_id: bytes(row[-1])}) for row in txn.fetchall()]
+        rows = txn.fetchall()
+        found = receipts(txn, conversation_id, [row[9] for row in rows if row[9] is not None])
+        return [_envelope(row[:-1], {device_id: bytes(row[-1])}, found.get(row[9])) for row in rows]
 
     def envelopes_before(self, conversation_id, username, device_id, before_seq, limit):
         """Deferred: the newest `limit` EncryptedMessages with seq < before_seq (None: all), newest
@@ -365,7 +399,7 @@ class EncryptedStore(StoreBase):
     def _envelopes_before_txn(txn, conversation_id, username, device_id, before_seq, limit):
         uid = user_id(txn, username)
         txn.execute(
-            f"SELECT {_ENVELOPE_COLUMNS}, w.wrap FROM messages m"
+            f"SELECT {_ENVELOPE_COLUMNS}, w.wrap FROM messages m {_LINK}"
             " LEFT JOIN wraps w ON w.user_id = ? AND w.device_id = ? AND w.conversation_id = m.conversation_id"
             " AND w.seq = m.seq"
             " WHERE m.conversation_id = ? AND m.seq < ? AND m.sealed IS NOT NULL ORDER BY m.seq DESC LIMIT ?",

@@ -13,6 +13,7 @@ from collections import namedtuple
 from securechatd.records import Conversation, MarkMove, Membership, Message, Receipt, Stored
 from securechatd.store import dialect
 from securechatd.store.base import LIVE, USER_ID, StoreBase, limited, placeholders, user_id
+from securechatd.store.links import next_link
 
 # a signed membership state checked by the service, as the store keeps it (`data`: its bytes)
 NewState = namedtuple("NewState", "epoch prev hash data")
@@ -105,6 +106,7 @@ def record_state(txn, conversation_id, state, now):
         "INSERT INTO membership_states (conversation_id, epoch, hash, state, published_at) VALUES (?, ?, ?, ?, ?)",
         (conversation_id, state.epoch, state.hash, state.data, now),
     )
+    next_link(txn, conversation_id, "membership", state.epoch, state.hash, now)
     return True
 
 

@@ -1,0 +1,202 @@
+"""Verifiable conversations on the server: signed chain heads, the chain, mode events, transcript heads.
+
+The store places every message, membership state and mode event of an
+encrypted conversation as the next link of its hash chain, in the
+transaction that stores it (store/links.py). The server then signs heads
+(conversation, n, e_n) with its own Ed25519 key: `HeadSigner` gathers the
+links committed in one store batch and signs one head per conversation for
+all of them, off the reactor thread, so a busy conversation costs one
+signature per batch, not one per message. Each link
+gets a receipt: the links from it to the head, and the signed head. Two
+heads signed for one n with different e are portable proof that the server
+lied, which is the point: the server cannot show members different
+histories without handing them that proof.
+
+Mode events and transcript heads are signed by members' devices; the server
+checks their shape, their place and who signs them (as for membership
+states), keeps them and passes them on; clients check everything again.
+"""
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from securechatd.commands import BadSignature, InvalidArgument, NoSuchDevice, NotAllowed
+from securechatd.e2ee.encoding import Malformed
+from securechatd.e2ee.membership import MODE_SIGN_LABEL, ModeEvent
+from securechatd.e2ee.transcript import TH_LABEL, TranscriptHead, receipt_bytes, server_key_id, sign_head
+from securechatd.secretbox import load_or_create_key
+from securechatd.server.keys import signed_by
+from securechatd.server.policy import check_limit, deferred, take_action
+
+log = Logger()
+
+HEAD_EVERY = 16  # links a receipt carries at most: a busy conversation gets a head at least this often
+CHAIN_PAGE = (100, 1000)  # GetChain's default and largest limit (links are about 120 bytes)
+MODES_PAGE = 100
+MOVED_ON = "The mode of this conversation changed, or its membership did; fetch them and sign again."
+
+
+def load_server_key(path):
+    """The server's Ed25519 signing key, from its 32-byte seed file (made 0600 at first start)."""
+    return Ed25519PrivateKey.from_private_bytes(load_or_create_key(path))
+
+
+def _sign_heads(key, heads):
+    """[head bytes] for [(conversation, n, e)]: run off the reactor thread."""
+    return [sign_head(key, *head).to_bytes() for head in heads]
+
+
+class HeadSigner:
+    """Signs chain heads for the links committed in each store batch, and gives each link its receipt."""
+
+    def __init__(self, store, key, run_in_thread):
+        self.store = store
+        self.key = key
+        self.public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.key_id = server_key_id(self.public)
+        self._run = run_in_thread
+        self._waiting = {}  # conversation_id -> [(ChainLink, Deferred of its receipt)]
+        self._signing = succeed(None)  # one signing job at a time, so receipts come in link order
+        store.after_each_batch(self._sign)
+
+    def receipt(self, link):
+        """Deferred receipt bytes for a ChainLink just committed (None if signing failed: it is logged),
+        once the batch that committed it is done."""
+        receipt = Deferred()
+        self._waiting.setdefault(link.conversation_id, []).append((link, receipt))
+        if not self.store.finishing_batch:  # its batch is done already
+            self._sign()
+        return receipt
+
+    def _sign(self):
+        if not self._waiting:
+            return
+        waiting, self._waiting = self._waiting, {}
+        groups = []  # ([(ChainLink, Deferred)], the last link of them: the head's)
+        for entries in waiting.values():
+            entries.sort(key=lambda entry: entry[0].n)
+            group = []
+            for entry in entries:
+                # a head covers a run of consecutive links, at most HEAD_EVERY of them
+                if group and (entry[0].n != group[-1][0].n + 1 or len(group) == HEAD_EVERY):
+                    groups.append(group)
+                    group = []
+                group.append(entry)
+            groups.append(group)
+        heads = [(group[-1][0].conversation_id, group[-1][0].n, group[-1][0].e) for group in groups]
+        self._signing.addCallback(lambda _: self._run(_sign_heads, self.key, heads))
+        self._signing.addCallbacks(self._signed, self._failed, callbackArgs=(heads, groups), errbackArgs=(groups,))
+        self._signing.addErrback(lambda failure: log.failure("giving receipts", failure))
+
+    def _signed(self, signed, heads, groups):
+        stored = self.store.add_heads([(c, n, head) for (c, n, _), head in zip(heads, signed)])
+        stored.addErrback(lambda failure: log.failure("storing signed heads", failure))
+        for group, head in zip(groups, signed):
+            datas = [link.data for link, _ in group]
+            for at, (_, receipt) in enumerate(group):
+                receipt.callback(receipt_bytes(head, datas[at:]))
+
+    def _failed(self, failure, groups):
+        log.failure("signing chain heads", failure)
+        for group in groups:
+            for _, receipt in group:
+                receipt.callback(None)
+
+
+class ChainService:
+    """GetServerKey, GetChain, PublishMode, GetModes, SignTranscript and GetTranscriptHeads."""
+
+    def __init__(self, store, conversations, registry, clock, heads, run_in_thread, actions):
+        self.store = store
+        self.conversations = conversations
+        self.registry = registry
+        self.clock = clock
+        self.heads = heads
+        self._run = run_in_thread
+        self.actions = actions  # the TokenBucket of membership changes: a mode change is one
+
+    def server_key(self):
+        return succeed((self.heads.public, self.heads.key_id))
+
+    async def _encrypted(self, session, conversation_id):
+        conversation = await self.conversations.member_of(conversation_id, session.username)
+        if not conversation.encrypted:
+            raise NotAllowed("This conversation is not end-to-end encrypted: it has no chain.")
+        return conversation
+
+    @deferred
+    async def chain(self, session, conversation_id, after_n, limit):
+        """([link bytes] after `after_n`, [head bytes] covering them, has_more)."""
+        limit = check_limit(limit, CHAIN_PAGE)
+        if after_n is not None and after_n < 0:
+            raise InvalidArgument("after_n must be 0 or more.")
+        conversation = await self._encrypted(session, conversation_id)
+        return await self.store.chain(conversation.id, after_n or 0, limit)
+
+    @deferred
+    async def modes(self, session, conversation_id, after_number):
+        if after_number is not None and after_number < 0:
+            raise InvalidArgument("after_number must be 0 or more.")
+        conversation = await self._encrypted(session, conversation_id)
+        return await self.store.mode_events(conversation.id, after_number or 0, MODES_PAGE)
+
+    async def _device_key(self, session, what):
+        """The Ed25519 public key of the session's device (NOT_ALLOWED unbound, NO_SUCH_DEVICE revoked)."""
+        if session.device_id is None:
+            raise NotAllowed(f"Log in with your device_id to {what}.")
+        chain = await self.store.chain_state(session.username, [session.device_id])
+        device = chain and chain.devices.get(session.device_id)
+        if device is None or device.revoked_seq is not None:
+            raise NoSuchDevice(f"Device {session.device_id} is not a current device of your chain.")
+        return device.sig_pub
+
+    @deferred
+    async def publish_mode(self, session, conversation_id, data):
+        """(the event's number, its receipt): a signed mode event placed as the conversation's next link."""
+        try:
+            event = ModeEvent.from_bytes(data)
+        except Malformed as problem:
+            raise InvalidArgument(f"Not a mode event: {problem}.")
+        conversation = await self._encrypted(session, conversation_id)
+        if event.conversation != conversation.id:
+            raise InvalidArgument("This mode event is another conversation's than the one it is sent to.")
+        if event.actor != session.username or event.actor_device.hex() != session.device_id:
+            raise NotAllowed("The actor of a mode event must be you, on the device this session is bound to.")
+        take_action(self.actions, session)
+        sig_pub = await self._device_key(session, "change the mode")
+        if not await self._run(signed_by, sig_pub, event.signature, MODE_SIGN_LABEL, event.fields()):
+            raise BadSignature("The mode event's signature does not check with its actor device's key.")
+        link = await self.store.publish_mode(
+            conversation.id, event.number, event.prev, event.hash(), data, event.members, self.clock.seconds()
+        )
+        if link is None:
+            raise NotAllowed(MOVED_ON)
+        return event.number, await self.heads.receipt(link)
+
+    @deferred
+    async def sign_transcript(self, session, conversation_id, data):
+        """Keep a transcript head the session's device signed, and pass it to the other members."""
+        try:
+            head = TranscriptHead.from_bytes(data)
+        except Malformed as problem:
+            raise InvalidArgument(f"Not a transcript head: {problem}.")
+        conversation = await self._encrypted(session, conversation_id)
+        if head.conversation != conversation.id:
+            raise InvalidArgument("This transcript head is another conversation's than the one it is sent to.")
+        if head.user != session.username or head.device.hex() != session.device_id:
+            raise NotAllowed("A transcript head you send must be yours, signed by the device this session is bound to.")
+        take_action(self.actions, session)
+        sig_pub = await self._device_key(session, "sign a transcript")
+        if not await self._run(signed_by, sig_pub, head.signature, TH_LABEL, head.fields()):
+            raise BadSignature("The transcript head's signature does not check with your device's key.")
+        kept = await self.store.keep_transcript_head(conversation.id, session.username, session.device_id, head.n, data)
+        if kept:
+            others = [name for name in conversation.members if name != session.username]
+            self.registry.tell(others, lambda client: client.transcript_signed(conversation.id, session.username, data))
+
+    @deferred
+    async def transcript_heads(self, session, conversation_id):
+        conversation = await self._encrypted(session, conversation_id)
+        return await self.store.transcript_heads(conversation.id)
