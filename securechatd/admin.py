@@ -1,15 +1,17 @@
-"""`securechatd-admin`: certificates and accounts, safe while the daemon runs.
+"""`securechatd-admin`: certificates, accounts and the server's signing key, safe while the daemon runs.
 
 Account commands open the same SQLite database as the daemon (WAL mode and a
 busy timeout let both write) and apply the same rules and bcrypt cost.
 """
 
 import getpass
-import secrets
 import ipaddress
+import os
+import secrets
 import sys
 from datetime import datetime, timezone
 
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
@@ -17,7 +19,9 @@ from twisted.python import usage
 
 from securechatd import audit, certs, config
 from securechatd.commands import ChatError
+from securechatd.e2ee.transcript import readable_key_id, server_key_id
 from securechatd.server.accounts import normalize_username
+from securechatd.server.chain import load_server_key
 from securechatd.server.passwords import token_hash
 from securechatd.server.passwords import PasswordHasher, check_rule
 from securechatd.store import MigrationError, Store, StoreError, open_pool, prepare_database
@@ -92,6 +96,13 @@ class UsersOptions(usage.Options):
     optParameters = [["prefix", None, "", "Only names starting with this."]]
 
 
+class ServerKeyOptions(usage.Options):
+    longdesc = (
+        "Print the server's signing key (it signs the chains of encrypted conversations) and its key id:"
+        " publish them so that users and securechatd-verify can check what the server signed."
+    )
+
+
 class Options(usage.Options):
     synopsis = "[--config FILE] [--database PATH] COMMAND [options]"
     optParameters = [
@@ -105,6 +116,7 @@ class Options(usage.Options):
         ["deluser", None, DelUserOptions, "Delete a user."],
         ["users", None, UsersOptions, "List users."],
         ["invite", None, InviteOptions, "Make a registration invitation."],
+        ["server-key", None, ServerKeyOptions, "Print the server's signing key and its id."],
     ]
 
     def postOptions(self):
@@ -126,6 +138,15 @@ def read_password(prompt, stdin=None):
     except ChatError as problem:
         raise AdminError(str(problem))
     return password
+
+
+def _print_server_key(settings, out):
+    path = settings.signing_key or os.path.join(settings.certs, "signing.key")
+    if not os.path.exists(path):
+        raise AdminError(f"no signing key at {path} yet: the daemon makes it when it first starts")
+    public = load_server_key(path).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    key_id = server_key_id(public)
+    out.write(f"key    {public.hex()}\nkey id {readable_key_id(key_id)}\n")
 
 
 def _username(name):
@@ -186,6 +207,9 @@ def run(argv, out=sys.stdout):
             now = datetime.fromtimestamp(reactor.seconds(), timezone.utc)
             for path in certs.write_certs(sub["dir"], sub["hostname"], sub["ip"], now=now):
                 out.write(f"wrote {path}\n")
+            return 0
+        if command == "server-key":
+            _print_server_key(settings, out)
             return 0
         task.react(lambda reactor: Deferred.fromCoroutine(_reported(reactor, settings, command, sub, out)))
     except SystemExit as exit:

@@ -20,6 +20,8 @@ from twisted.trial import unittest
 
 import securechatd
 from securechatd import admin
+from securechatd.e2ee import transcript
+from securechatd.server.chain import load_server_key
 from securechatd.server.passwords import PasswordHasher
 from securechatd.store.dialect import connect
 from securechatd.store.migrations import LATEST, upgrade
@@ -154,6 +156,34 @@ class CertsTests(unittest.TestCase):
     def test_missing_config_file(self):
         missing = os.path.join(self.mktemp(), "nope.ini")
         self.assertOneLineError(self.run_admin("--config", missing, "users"), "nope.ini")
+
+
+class ServerKeyTests(unittest.TestCase):
+    """`server-key` prints the key the daemon signs chain heads with, and its id (what GetServerKey answers)."""
+
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.config = os.path.join(self.dir, "securechatd.ini")
+        with open(self.config, "w") as f:
+            f.write(f"[server]\ncerts = {self.dir}\n")
+        self.stderr = io.StringIO()
+        self.patch(admin.sys, "stderr", self.stderr)
+
+    def test_prints_the_daemons_key_and_id(self):
+        key = load_server_key(os.path.join(self.dir, "signing.key"))  # as the daemon makes it at first start
+        public = key.public_key().public_bytes_raw()
+        out = io.StringIO()
+        self.assertEqual(admin.run(["--config", self.config, "server-key"], out), 0)
+        self.assertEqual(
+            out.getvalue(), f"key    {public.hex()}\nkey id {transcript.readable_key_id(transcript.server_key_id(public))}\n"
+        )
+
+    def test_before_the_daemon_made_one(self):
+        out = io.StringIO()
+        self.assertEqual(admin.run(["--config", self.config, "server-key"], out), 1)
+        self.assertIn("the daemon makes it when it first starts", self.stderr.getvalue())
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "signing.key")))
 
 
 class AccountCommandTests(unittest.TestCase):
