@@ -21,6 +21,13 @@ and ranges of the runs.
 - `open_after_reply_us`: the first message after the recipient replied,
   which takes the Double Ratchet's DH step (a new X25519 key, two DH).
 - `open_sessions_us`: `open_us` plus Session.from_bytes and to_bytes.
+- `sign_us`: envelope.sign_message, the sender device's Ed25519 signature of
+  an attestable message; `check_signature_us`: a receiver's check of it.
+- `link_us`: what the daemon does per message for the conversation's chain
+  (the item hash, the link's bytes and e_n); `head_sign_us`: one server
+  head signature (the daemon signs one per conversation per store batch).
+- `check_receipt_us`: a receiver's check of a message's receipt (one link
+  recomputed, the server's head signature verified).
 - `save_<H>_cpu_us` / `save_<H>_wall_us`: one DeviceFile.save (encode, write,
   fsync, rename, fsync of the directory) of a device file holding 20
   sessions and H message keys; ChatClient saves it after sealing, again when
@@ -41,10 +48,11 @@ from datetime import datetime, timezone
 
 import cryptography
 from cryptography.hazmat.backends.openssl.backend import backend as openssl_backend
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.measure import cpu_ticks
 from securechatd.client.device_file import ACTIVE, DeviceFile
-from securechatd.e2ee import envelope, keys, x3dh
+from securechatd.e2ee import envelope, keys, transcript, x3dh
 from securechatd.e2ee.session import NewSession, Session
 
 CONVERSATION = 7
@@ -200,6 +208,8 @@ def measure_run(args, directory, clock):
         spent += time.process_time() - started
     result["open_after_reply_us"] = round(spent / args.iterations * 1e6, 1)
 
+    result.update(verifiable_figures(run, args.iterations))
+
     for history in args.history:
         state = DeviceFile(os.path.join(directory, f"alice-{history}.device"), run.sender, ACTIVE)
         for other in run.peers[:20]:
@@ -215,6 +225,44 @@ def measure_run(args, directory, clock):
         result[f"save_{history}_wall_us"] = round(wall / args.saves * 1e6, 1)
         result[f"save_{history}_file_bytes"] = os.path.getsize(state.path)
     return result
+
+
+def verifiable_figures(run, iterations):
+    """Issue 12's costs per message: signing and checking a message, the daemon's chain link and head, a receipt."""
+    sealed = [run.seal_live() for _ in range(iterations)]
+    headers = [envelope.Header.from_bytes(one.header) for one in sealed]
+    signatures = []
+    figures = {
+        "sign_us": per_message(
+            lambda i: signatures.append(envelope.sign_message(run.sender, headers[i], sealed[i].body)), iterations
+        )
+    }
+    keys_of_sender = run.sender.keys
+    figures["check_signature_us"] = per_message(
+        lambda i: envelope.check_signature(headers[i], sealed[i].body, signatures[i], keys_of_sender), iterations
+    )
+    links, e = [], [transcript.genesis(CONVERSATION)]
+
+    def link(i):  # as store/links.py places a message's link
+        item = transcript.message_item(sealed[i].header, sealed[i].body, signatures[i])
+        links.append(transcript.Link(CONVERSATION, i + 1, 1000 + i, "message", i + 1, item))
+        e.append(transcript.next_hash(e[-1], links[-1]))
+        links[-1].to_bytes()
+
+    figures["link_us"] = per_message(link, iterations)
+    positions = [transcript.Position(CONVERSATION), *transcript.Position(CONVERSATION).extend(links)]
+    server = Ed25519PrivateKey.generate()
+    heads = []
+    figures["head_sign_us"] = per_message(
+        lambda i: heads.append(transcript.sign_head(server, CONVERSATION, i + 1, positions[i + 1].e)), iterations
+    )
+    receipts = [transcript.receipt_bytes(heads[i].to_bytes(), [links[i].to_bytes()]) for i in range(iterations)]
+    public = server.public_key().public_bytes_raw()
+    figures["check_receipt_us"] = per_message(
+        lambda i: transcript.check_receipt(transcript.Receipt.from_bytes(receipts[i]), positions[i], public),
+        iterations,
+    )
+    return {name: round(value, 1) for name, value in figures.items()}
 
 
 def cpu_model():

@@ -38,7 +38,8 @@ from securechatd.e2ee import chain, envelope, keys, membership
 WRAP_BYTES = 89  # a type 1 (ratchet) wrap: what an established session sends
 _WRAPS = amp.AmpList(commands.WRAP_ITEM)
 SEALING = (
-    "envelopes sealed in set-up with e2ee.envelope.seal (real header and body, counters 1..M per device);"
+    "envelopes sealed and signed (attestable) in set-up with e2ee.envelope.seal (real header, body and signature,"
+    " counters 1..M per device);"
     " wraps are random 89-byte stand-ins (the daemon checks sizes and recipients only)"
 )
 
@@ -81,7 +82,7 @@ def preseal(device, conversation_id, members_hash, recipients, count, run_id, no
         plaintext = f"{device.user} {seq} {time.perf_counter():.9f}".encode()  # as Traffic's plaintext bodies
         sealed = envelope.seal(
             plaintext, conversation_id, members_hash, device.user, device.id, seq + 1, client_time + seq,
-            recipients, _stand_in_wrap,
+            recipients, _stand_in_wrap, signer=device,  # attestable, as groups are by default: signed
         )
         wraps = [{"device_id": recipient.hex(), "wrap": wrap} for recipient, wrap in sealed.wraps.items()]
         prepared.append(
@@ -91,6 +92,7 @@ def preseal(device, conversation_id, members_hash, recipients, count, run_id, no
                 "header": sealed.header,
                 "body": sealed.body,
                 "wraps": _WRAPS.toStringProto(wraps, None),
+                "signature": sealed.signature,
             }
         )
     return prepared

@@ -103,7 +103,8 @@ class BenchSmokeTests(unittest.TestCase):
         result = bench("client-crypto", *arguments, daemon=False)
         self.assertEqual((result["workload"], result["run"], result["wrap_bytes"]), ("client-crypto", 1, 89))
         figures = {"seal_1_us", "seal_3_us", "seal_1_sessions_us", "seal_3_sessions_us", "open_us", "open_sessions_us",
-                   "open_after_reply_us", "save_0_cpu_us", "save_5_wall_us", "save_5_file_bytes"}
+                   "open_after_reply_us", "save_0_cpu_us", "save_5_wall_us", "save_5_file_bytes",
+                   "sign_us", "check_signature_us", "link_us", "head_sign_us", "check_receipt_us"}
         self.assertLessEqual(figures, set(result), sorted(figures - set(result)))
         self.assertTrue(all(result[name] > 0 for name in figures))
         self.assertGreater(result["save_5_file_bytes"], result["save_0_file_bytes"])
