@@ -36,6 +36,11 @@ HEAD_EVERY = 16  # links a receipt carries at most: a busy conversation gets a h
 CHAIN_PAGE = (100, 1000)  # GetChain's default and largest limit (links are about 120 bytes)
 MODES_PAGE = 100
 MOVED_ON = "The mode of this conversation changed, or its membership did; fetch them and sign again."
+# what members sign and the server checks: (its name, its signer's user and device fields, its label)
+_SIGNED = {
+    ModeEvent: ("mode event", "actor", "actor_device", MODE_SIGN_LABEL),
+    TranscriptHead: ("transcript head", "user", "device", TH_LABEL),
+}
 
 
 def load_server_key(path):
@@ -152,22 +157,29 @@ class ChainService:
             raise NoSuchDevice(f"Device {session.device_id} is not a current device of your chain.")
         return device.sig_pub
 
+    async def _signed_here(self, session, conversation_id, data, kind):
+        """(Conversation, the ModeEvent or TranscriptHead `data` encodes), once it is checked to be this
+        conversation's and signed by the session's own device; else the coded error of the first check."""
+        what, user, device, label = _SIGNED[kind]
+        try:
+            item = kind.from_bytes(data)
+        except Malformed as problem:
+            raise InvalidArgument(f"Not a {what}: {problem}.")
+        conversation = await self._encrypted(session, conversation_id)
+        if item.conversation != conversation.id:
+            raise InvalidArgument(f"This {what} is another conversation's than the one it is sent to.")
+        if getattr(item, user) != session.username or getattr(item, device).hex() != session.device_id:
+            raise NotAllowed(f"A {what} you send must be yours, signed by the device this session is bound to.")
+        take_action(self.actions, session)
+        sig_pub = await self._device_key(session, f"send a {what}")
+        if not await self._run(signed_by, sig_pub, item.signature, label, item.fields()):
+            raise BadSignature(f"The {what}'s signature does not check with your device's key.")
+        return conversation, item
+
     @deferred
     async def publish_mode(self, session, conversation_id, data):
         """(the event's number, its receipt): a signed mode event placed as the conversation's next link."""
-        try:
-            event = ModeEvent.from_bytes(data)
-        except Malformed as problem:
-            raise InvalidArgument(f"Not a mode event: {problem}.")
-        conversation = await self._encrypted(session, conversation_id)
-        if event.conversation != conversation.id:
-            raise InvalidArgument("This mode event is another conversation's than the one it is sent to.")
-        if event.actor != session.username or event.actor_device.hex() != session.device_id:
-            raise NotAllowed("The actor of a mode event must be you, on the device this session is bound to.")
-        take_action(self.actions, session)
-        sig_pub = await self._device_key(session, "change the mode")
-        if not await self._run(signed_by, sig_pub, event.signature, MODE_SIGN_LABEL, event.fields()):
-            raise BadSignature("The mode event's signature does not check with its actor device's key.")
+        conversation, event = await self._signed_here(session, conversation_id, data, ModeEvent)
         link = await self.store.publish_mode(
             conversation.id, event.number, event.prev, event.hash(), data, event.members, self.clock.seconds()
         )
@@ -178,19 +190,7 @@ class ChainService:
     @deferred
     async def sign_transcript(self, session, conversation_id, data):
         """Keep a transcript head the session's device signed, and pass it to the other members."""
-        try:
-            head = TranscriptHead.from_bytes(data)
-        except Malformed as problem:
-            raise InvalidArgument(f"Not a transcript head: {problem}.")
-        conversation = await self._encrypted(session, conversation_id)
-        if head.conversation != conversation.id:
-            raise InvalidArgument("This transcript head is another conversation's than the one it is sent to.")
-        if head.user != session.username or head.device.hex() != session.device_id:
-            raise NotAllowed("A transcript head you send must be yours, signed by the device this session is bound to.")
-        take_action(self.actions, session)
-        sig_pub = await self._device_key(session, "sign a transcript")
-        if not await self._run(signed_by, sig_pub, head.signature, TH_LABEL, head.fields()):
-            raise BadSignature("The transcript head's signature does not check with your device's key.")
+        conversation, head = await self._signed_here(session, conversation_id, data, TranscriptHead)
         kept = await self.store.keep_transcript_head(conversation.id, session.username, session.device_id, head.n, data)
         if kept:
             others = [name for name in conversation.members if name != session.username]

@@ -61,6 +61,14 @@ def placeholders(values):
     return "(" + ", ".join("?" * len(values)) + ")"
 
 
+def blobs_page(txn, statement, arguments, limit):
+    """([bytes of the first column] of at most `limit` rows, has_more) of `statement`, which ends in
+    "LIMIT ?" and takes `limit` + 1 as its last argument (one row more says whether there are more)."""
+    txn.execute(statement, (*arguments, limit + 1))
+    rows = [bytes(row[0]) for row in txn.fetchall()]
+    return rows[:limit], len(rows) > limit
+
+
 def limited(limit):
     """(clause, arguments) for an optional LIMIT: `LIMIT -1` means "all" in SQLite only."""
     return ("", ()) if limit is None else (" LIMIT ?", (limit,))

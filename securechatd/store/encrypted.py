@@ -17,7 +17,7 @@ from collections import namedtuple
 from securechatd.e2ee.transcript import message_item
 from securechatd.records import ChainLink, EncryptedMessage
 from securechatd.store import dialect
-from securechatd.store.base import LIVE, MAX_NAMES, USER_ID, StoreBase, placeholders, user_id
+from securechatd.store.base import LIVE, MAX_NAMES, USER_ID, StoreBase, blobs_page, placeholders, user_id
 from securechatd.store.links import NEXT_LINK_RETURNING, NEXT_LINK_SET, append_link, receipts
 from securechatd.store.messaging import OWN_MESSAGE_MARKS, conversation_row, record_state
 
@@ -232,12 +232,12 @@ class EncryptedStore(StoreBase):
 
     @staticmethod
     def _membership_states_txn(txn, conversation_id, after_epoch, limit):
-        txn.execute(
+        return blobs_page(
+            txn,
             "SELECT state FROM membership_states WHERE conversation_id = ? AND epoch > ? ORDER BY epoch LIMIT ?",
-            (conversation_id, after_epoch, limit + 1),
+            (conversation_id, after_epoch),
+            limit,
         )
-        states = [bytes(row[0]) for row in txn.fetchall()]
-        return states[:limit], len(states) > limit
 
     def latest_membership(self, conversation_id):
         """Deferred: the bytes of the conversation's latest membership state, or None."""

@@ -10,7 +10,7 @@ it, so two links racing for the same place cannot both be accepted.
 from collections import namedtuple
 
 from securechatd.store.accounts import AccountStore
-from securechatd.store.base import USER_ID, StoreBase, placeholders, user_id
+from securechatd.store.base import USER_ID, StoreBase, blobs_page, placeholders, user_id
 
 # device_id: 32 hex digits; revoked_seq: None while current
 Device = namedtuple("Device", "device_id sig_pub dh_pub name added_seq revoked_seq")
@@ -118,12 +118,9 @@ class KeyStore(StoreBase):
         uid = user_id(txn, username)
         if uid is None:
             return None
-        txn.execute(
-            "SELECT link FROM chain_links WHERE user_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (uid, after_seq, limit + 1),
+        return blobs_page(
+            txn, "SELECT link FROM chain_links WHERE user_id = ? AND seq > ? ORDER BY seq LIMIT ?", (uid, after_seq), limit
         )
-        links = [bytes(row[0]) for row in txn.fetchall()]
-        return links[:limit], len(links) > limit
 
     def current_devices(self, username):
         """Deferred: the Devices of `username`'s chain that are not revoked, in the order they were added."""

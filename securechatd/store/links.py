@@ -11,7 +11,7 @@ signs: heads are signed by the service (server/chain.py) and stored here.
 
 from securechatd.e2ee.transcript import Link, genesis, next_hash, receipt_bytes
 from securechatd.records import ChainLink
-from securechatd.store.base import USER_ID, StoreBase
+from securechatd.store.base import USER_ID, StoreBase, blobs_page
 
 
 def milliseconds(now):
@@ -144,12 +144,12 @@ class LinkStore(StoreBase):
 
     @staticmethod
     def _mode_events_txn(txn, conversation_id, after_number, limit):
-        txn.execute(
+        return blobs_page(
+            txn,
             "SELECT event FROM mode_events WHERE conversation_id = ? AND number > ? ORDER BY number LIMIT ?",
-            (conversation_id, after_number, limit + 1),
+            (conversation_id, after_number),
+            limit,
         )
-        events = [bytes(event) for (event,) in txn.fetchall()]
-        return events[:limit], len(events) > limit
 
     # -- transcript heads --------------------------------------------------------------------
 
