@@ -5,9 +5,17 @@ The chains are tests/test_transcript.py's History (the golden conversation
 gives, what it refuses, and the verdict on each message.
 """
 
+import os
 from dataclasses import replace
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
+
+from securechatd import commands, verify
+from securechatd.client.crypto import Alarm
+from securechatd.client.device_file import ACTIVE, LABEL_V1, DeviceFile
+from securechatd.client.library import ChatClient
 
 from securechatd.client import transcripts
 from securechatd.client.transcripts import (
@@ -18,10 +26,13 @@ from securechatd.client.transcripts import (
     check_message,
     find_equivocation,
 )
-from securechatd.e2ee import transcript
+from securechatd.e2ee import membership, transcript
+from securechatd.e2ee.encoding import dec, enc
+from securechatd.e2ee.keys import Device
 from securechatd.e2ee.envelope import Header
 from securechatd.e2ee.transcript import next_hash, sign_head
 from tests.test_e2ee_membership import BOB, PHONE
+from tests.test_client_e2ee import E2EETestCase
 from tests.test_transcript import CONVERSATION, SERVER, SERVER_KEY, History
 
 
@@ -247,12 +258,6 @@ class DeviceFileTests(unittest.TestCase):
     """The device file keeps the pinned server key and the conversation chains; a version 1 file still reads."""
 
     def test_version_2_round_trip_and_version_1_read(self):
-        import os
-
-        from securechatd.client.device_file import ACTIVE, LABEL_V1, DeviceFile
-        from securechatd.e2ee.encoding import dec, enc
-        from securechatd.e2ee.keys import Device
-
         path = os.path.join(os.path.abspath(self.mktemp()), "alice.device")
         state = DeviceFile(path, Device.generate("alice"), ACTIVE)
         chain = ConversationChain(CONVERSATION)
@@ -266,3 +271,311 @@ class DeviceFileTests(unittest.TestCase):
         read = DeviceFile.from_bytes(path, old)
         self.assertEqual((read.server_key, read.transcripts, read.device.id), (b"", {}, state.device.id))
         self.assertEqual(dec(read.to_bytes())[0], b"securechatd/device-file/v2")
+
+
+# -- against the real daemon -----------------------------------------------------------------------
+
+
+def chain_inbox(client, inbox):
+    """`inbox` (an E2EEInbox) also collects the transcript heads and mode changes `client` reports."""
+    inbox.items.update(signed=[], mode=[])
+    client.on_transcript_signed = lambda signed: inbox._add("signed", signed)
+    client.on_mode = lambda conversation, mode, actor: inbox._add("mode", (conversation, mode, actor))
+    return client, inbox
+
+
+class ChainTestCase(E2EETestCase):
+    """Real ChatClients against the real daemon over TLS (tests/test_client_e2ee.py's E2EETestCase)."""
+
+    @inlineCallbacks
+    def device(self, username, install="phone", **kw):
+        return chain_inbox(*(yield super().device(username, install, **kw)))
+
+    @inlineCallbacks
+    def three(self, title="plans"):
+        """alice, bob and carol in a group alice made, each having read alice's "hello": [(client, inbox)], id."""
+        people = []
+        for name in ("alice", "bob", "carol"):
+            people.append((yield self.device(name, install=name + "s")))
+        (alice, _), (bob, bob_inbox), (carol, carol_inbox) = people
+        group, _ = yield alice.create_conversation(["bob", "carol"], title=title)
+        yield alice.send_message(group, "hello")
+        yield bob_inbox.wait("deliver", 1)
+        yield carol_inbox.wait("deliver", 1)
+        return people, group
+
+    def kinds(self, inbox):
+        return [kind for kind, _, _ in inbox.alarms()]
+
+
+class HonestServerTests(ChainTestCase):
+    @inlineCallbacks
+    def test_messages_are_verified_against_the_signed_chain(self):
+        [(alice, alice_inbox), (bob, bob_inbox), (carol, carol_inbox)], group = yield self.three()
+        key = self.hub.chain.heads.public
+        for client in (alice, bob, carol):
+            self.assertEqual(client.e2ee.state.server_key, key)  # pinned at the first login
+        [hello] = bob_inbox.items["deliver"]
+        self.assertEqual((hello.mode, hello.n, hello.chain, hello.chain_problems), ("attestable", 2, "verified", ()))
+        sent = yield bob.send_message(group, "hi all")
+        self.assertEqual((sent.mode, sent.n, sent.chain), ("attestable", 3, "verified"))
+        [_, hi] = yield carol_inbox.wait("deliver", 2)
+        self.assertEqual((hi.body, hi.n, hi.chain), ("hi all", 3, "verified"))
+        # carol adds dave: a membership link none of them is pushed; the next message's link jumps over it
+        dave, _ = yield self.device("dave", install="daves")
+        yield carol.add_members(group, ["dave"])
+        yield alice.send_message(group, "welcome dave")
+        [*_, welcome] = yield bob_inbox.wait("deliver", 2)
+        self.assertEqual((welcome.n, welcome.chain), (5, "verified"))
+        chain = bob.e2ee.transcripts.chain(group)
+        self.assertEqual((chain.position.n, chain.epochs), (5, {1: 1, 2: 4}))
+        # the sender's view: each header names the head its sender had verified
+        header = Header.from_bytes(self.proxy_free_header(alice, group))
+        self.assertIn(header.prev_n, (3, 4))  # (4 once the server signed a head over carol's add)
+        self.assertEqual(header.prev_e, chain.e_at(header.prev_n))
+        for inbox in (alice_inbox, bob_inbox, carol_inbox):
+            self.assertEqual(inbox.alarms(), [])
+
+    def proxy_free_header(self, client, conversation):
+        """The header of `client`'s last message in `conversation`, from its history as the daemon keeps it."""
+        return self._headers[(client.username, conversation)]
+
+    @inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self._headers = {}
+        original = ChatClient._send_sealed
+
+        async def keeping(client, protocol, client_msg_id, outgoing):
+            self._headers[(client.username, outgoing.conversation_id)] = outgoing.sealed.header
+            return await original(client, protocol, client_msg_id, outgoing)
+
+        self.patch(ChatClient, "_send_sealed", keeping)
+
+    @inlineCallbacks
+    def test_read_receipts_are_signed_transcript_heads(self):
+        [(alice, alice_inbox), (bob, _), (carol, carol_inbox)], group = yield self.three()
+        yield bob.mark_read(group, 1)
+        [signed] = yield alice_inbox.wait("signed", 1)
+        self.assertEqual(
+            (signed.conversation_id, signed.username, signed.device_id, signed.n, signed.seq, signed.verified),
+            (group, "bob", bob.device_id, 2, 1, True),
+        )
+        yield bob.mark_read(group, 1)  # the same link again: nothing new to sign
+        mine = yield carol.sign_transcript(group)  # /sign: a head over all carol verified
+        self.assertEqual((mine.n, mine.seq), (2, 1))
+        yield alice_inbox.wait("signed", 2)
+        self.assertEqual([s.username for s in alice_inbox.items["signed"]], ["bob", "carol"])
+        self.assertEqual(alice_inbox.alarms(), [])
+        yield alice.send_message(group, "bye carol")
+        yield carol_inbox.wait("deliver", 2)
+        yield carol.leave_conversation(group)  # leaving signs the whole transcript first
+        [*_, last] = yield alice_inbox.wait("signed", 3)
+        self.assertEqual((last.username, last.n, last.verified), ("carol", 3, True))
+
+    @inlineCallbacks
+    def test_the_mode_is_a_signed_event_every_member_sees(self):
+        [(alice, alice_inbox), (bob, bob_inbox), (carol, carol_inbox)], group = yield self.three()
+        mode = yield bob.mode(group)
+        self.assertEqual(mode, "attestable")  # the default
+        self.assertEqual((yield alice.set_mode(group, "deniable")), "deniable")
+        with self.assertRaises(membership.ModeUnchanged):
+            yield alice.set_mode(group, "deniable")
+        yield bob.send_message(group, "off the record")  # bob's client fetches the chain before sealing
+        [_, off] = yield carol_inbox.wait("deliver", 2)
+        self.assertEqual((off.mode, off.chain), ("deniable", "verified"))
+        self.assertEqual(bob_inbox.items["mode"], [(group, "deniable", "alice")])
+        [(_, signature)] = yield self.query("SELECT id, signature FROM messages WHERE seq = 2")
+        self.assertIn(signature, (None, b""))  # deniable: nothing signed
+        self.assertIsNone((yield carol.sign_transcript(group)))  # no transcript heads in deniable mode
+        self.assertEqual(bob.known_mode(group), "deniable")
+        yield bob.set_mode(group, "attestable")
+        sent = yield alice.send_message(group, "on the record again")
+        self.assertEqual(sent.mode, "attestable")
+        for inbox in (alice_inbox, bob_inbox, carol_inbox):
+            self.assertEqual(inbox.alarms(), [])
+
+    @inlineCallbacks
+    def test_the_chain_survives_a_restart(self):
+        [(alice, _), (bob, bob_inbox), _], group = yield self.three()
+        before = bob.e2ee.transcripts.chain(group).to_bytes()
+        yield bob.close()
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        self.assertEqual(bob.e2ee.transcripts.chain(group).to_bytes(), before)
+        yield alice.send_message(group, "after the restart")
+        [message] = yield bob_inbox.wait("deliver", 1)
+        self.assertEqual((message.body, message.chain), ("after the restart", "verified"))
+
+    @inlineCallbacks
+    def test_a_changed_server_key_is_a_loud_alarm(self):
+        [(alice, alice_inbox), _, _], group = yield self.three()
+        yield alice.close()
+        other = Ed25519PrivateKey.generate()  # the operator swaps the key
+        self.hub.chain.heads.key, old = other, self.hub.chain.heads.public
+        self.hub.chain.heads.public = other.public_key().public_bytes_raw()
+        self.hub.chain.heads.key_id = transcript.server_key_id(self.hub.chain.heads.public)
+        alice, alice_inbox = yield self.device("alice", install="alices")
+        [(kind, user, detail)] = alice_inbox.alarms()
+        self.assertEqual((kind, user), (Alarm.SERVER_KEY_CHANGED, None))
+        self.assertEqual(alice.e2ee.state.server_key, old)  # the pinned key stays
+        pinned, now = alice.server_key_ids()
+        self.assertIn(pinned, detail)
+        self.assertIn(now, detail)
+        self.assertTrue(alice.accept_server_key())
+        self.assertEqual(alice.e2ee.state.server_key, self.hub.chain.heads.public)
+
+
+class ExportTests(ChainTestCase):
+    @inlineCallbacks
+    def conversation_with_history(self):
+        """Three people, messages of each, a read receipt of each, an add and a switch to deniable and back."""
+        [(alice, alice_inbox), (bob, bob_inbox), (carol, carol_inbox)], group = yield self.three()
+        yield bob.send_message(group, "bob here")
+        yield carol.send_message(group, "carol too: grüße ✓")
+        for client, inbox in ((alice, alice_inbox), (bob, bob_inbox), (carol, carol_inbox)):
+            yield inbox.wait("deliver", 2)
+            yield client.mark_read(group, 3)
+        yield alice.set_mode(group, "deniable")
+        yield bob.send_message(group, "off the record")
+        yield carol_inbox.wait("deliver", 3)
+        yield alice_inbox.wait("signed", 2)
+        return (alice, bob, carol), group
+
+    def verify(self, data):
+        return verify.verify(data)
+
+    @inlineCallbacks
+    def test_an_export_passes_the_offline_verifier_and_a_changed_byte_fails_it(self):
+        (alice, bob, carol), group = yield self.conversation_with_history()
+        exported = yield alice.export(group)
+        self.assertEqual(exported.messages, 4)
+        self.assertEqual(exported.disclosed, (1, 2, 3, 4))  # alice can read all four
+        self.assertEqual(exported.left_out, ())
+        checked = self.verify(exported.data)
+        self.assertEqual([m["mode"] for m in checked.messages], ["attestable"] * 3 + ["deniable"])
+        self.assertEqual([m["sender"] for m in checked.messages], ["alice", "bob", "carol", "bob"])
+        self.assertEqual(checked.disclosed, {1: "hello", 2: "bob here", 3: "carol too: grüße ✓", 4: "off the record"})
+        self.assertEqual(sorted(th["user"] for th in checked.ths), ["alice", "bob", "carol"])
+        lines = "\n".join(verify.report(checked, None))
+        self.assertIn("deniable", lines)
+        for at in (0, len(exported.data) // 3, len(exported.data) // 2, len(exported.data) - 2):
+            changed = bytearray(exported.data)
+            changed[at] = changed[at] ^ 1 if changed[at] not in b'"' else ord("x")
+            with self.assertRaises(verify.Broken):
+                self.verify(bytes(changed))
+        # bob discloses only his own messages
+        mine = yield bob.export(group, disclose=[2, 4])
+        self.assertEqual(self.verify(mine.data).disclosed, {2: "bob here", 4: "off the record"})
+
+    @inlineCallbacks
+    def test_the_command_line_verifier_accepts_it_with_the_server_key(self):
+        (alice, _, _), group = yield self.conversation_with_history()
+        exported = yield alice.export(group)
+        path = os.path.join(self.mktemp())
+        with open(path, "wb") as out:
+            out.write(exported.data)
+        key_id = transcript.server_key_id(self.hub.chain.heads.public)
+        output, errors = [], []
+        status = verify.main([path, "--server-key", key_id], stdout=_Lines(output), stderr=_Lines(errors))
+        self.assertEqual((status, errors), (0, []))
+        self.assertIn("alice", "".join(output))
+        wrong = transcript.server_key_id(Ed25519PrivateKey.generate().public_key().public_bytes_raw())
+        self.assertEqual(verify.main([path, "--server-key", wrong], stdout=_Lines([]), stderr=_Lines([])), 1)
+
+    @inlineCallbacks
+    def test_a_deniable_conversation_exports_without_signatures(self):
+        alice, _ = yield self.device("alice", install="alices")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        direct, _ = yield alice.create_conversation(["bob"])
+        yield alice.set_mode(direct, "deniable")  # "chosen at creation": mode event 1 right after epoch 1
+        yield alice.send_message(direct, "between us")
+        yield bob_inbox.wait("deliver", 1)
+        yield bob.mark_read(direct, 1)  # deniable: a plain read receipt, no transcript head
+        exported = yield bob.export(direct)
+        checked = self.verify(exported.data)
+        self.assertEqual([(m["mode"], m["sender"]) for m in checked.messages], [("deniable", "alice")])
+        self.assertEqual((checked.ths, exported.transcript_heads), ([], 0))
+        self.assertEqual(checked.disclosed, {1: "between us"})
+
+
+class _Lines:
+    """A file-like collecting what is written."""
+
+    def __init__(self, lines):
+        self.lines = lines
+
+    def write(self, text):
+        self.lines.append(text)
+
+    def flush(self):
+        pass
+
+
+class RenderTests(unittest.TestCase):
+    """What a person reads of the chain's answers and events (securechat; --batch gets the records as JSON)."""
+
+    def render(self, record):
+        from tests.test_ui import render
+
+        return render(record)
+
+    def test_messages_say_when_they_are_deniable_or_not_verified(self):
+        from tests.test_ui import message
+
+        self.assertEqual(self.render(message(mode="attestable", n=3, chain="verified", chain_problems=[])),
+                         self.render(message()))
+        self.assertEqual(self.render(message(mode="deniable", chain="verified")), ["07:00 [bob] <bob> hi  (deniable)"])
+        self.assertEqual(
+            self.render(message(mode="attestable", chain="broken", chain_problems=["chain_fork", "reordered"])),
+            ["07:00 [bob] <bob> hi  !! not verified: chain_fork, reordered"],
+        )
+
+    def test_answers_and_events(self):
+        from tests.test_ui import NOW
+
+        where = dict(conversation_id=3, conversation="Team")
+        self.assertEqual(
+            self.render(dict(event="answer", command="mode", mode="deniable", changed=True, **where)),
+            ["[Team] is now deniable: messages are not signed"],
+        )
+        self.assertEqual(
+            self.render(dict(event="answer", command="mode", mode="attestable", changed=False, **where)),
+            ["[Team] is attestable: every message is signed by its sender's device"],
+        )
+        self.assertEqual(
+            self.render(dict(event="answer", command="sign", n=9, seq=4, **where)),
+            ["[Team] you signed the transcript up to #9 (message no. 4)"],
+        )
+        self.assertEqual(
+            self.render(dict(event="answer", command="export", file="/tmp/t.bundle", links=9, messages=4,
+                             disclosed=[1, 2], transcript_heads=3, left_out=["carol has no device chain"], **where)),
+            [
+                "exported [Team] to /tmp/t.bundle: 9 chain links, 4 messages (2 with their text), 3 transcript heads",
+                "  anyone with the file can check it: securechatd-verify /tmp/t.bundle (and read the texts in it)",
+                "  left out: carol has no device chain",
+            ],
+        )
+        self.assertEqual(
+            self.render(dict(event="answer", command="serverkey", key_id="0e3f dbc7", other_key_id="9999 0000",
+                             accepted=False)),
+            ["the server's chain key: 0e3f dbc7",
+             "!! the server now signs with another key: 9999 0000; /serverkey accept pins it once the operator"
+             " confirmed it"],
+        )
+        signed = dict(event="transcript_signed", username="bob", device_id="ab", n=9, seq=4, verified=True,
+                      problem=None, at=NOW, **where)
+        self.assertEqual(self.render(signed), ["07:00 [Team] read by bob, transcript verified up to #9 (message no. 4)"])
+        self.assertEqual(
+            self.render(dict(signed, verified=False, problem="transcript_fork")),
+            ["07:00 [Team] !! read by bob: their transcript up to #9 (message no. 4) does NOT check (transcript_fork)"],
+        )
+        self.assertEqual(
+            self.render(dict(event="mode", mode="deniable", by="alice", at=NOW, **where)),
+            ["07:00 * [Team] alice made it deniable: messages are not signed"],
+        )
+        row = dict(conversation_id=3, conversation="Team", unread=0, current=False, encrypted=True, verified=False,
+                   mode="deniable")
+        self.assertEqual(self.render(dict(event="answer", command="convs", conversations=[row])),
+                         ["  #3     Team                     encrypted, deniable"])
+        self.assertEqual(self.render(dict(event="answer", command="open", unread=0, messages=[], mode="attestable",
+                                          **where)), ["now in [Team] (attestable)"])

@@ -90,6 +90,14 @@ class ParserTests(unittest.TestCase):
             "/name 3fa9 Work laptop": ("name", ["3fa9", "Work laptop"]),
             "/link": ("link", []),
             "/approve securechat-link:AAAA BBBB": ("approve", ["securechat-link:AAAA BBBB"]),
+            "/mode": ("mode", []),
+            "/mode Deniable": ("mode", ["deniable"]),
+            "/sign": ("sign", []),
+            "/export": ("export", []),
+            "/export ~/team minutes.bundle": ("export", ["~/team minutes.bundle"]),
+            "/serverkey": ("serverkey", []),
+            "/serverkey accept": ("serverkey", ["accept"]),
+            "/wait transcript_signed 2": ("wait", ["transcript_signed", 2]),
             "/help": ("help", []),
             "/help dm": ("help", ["dm"]),
             "/quit": ("quit", []),
@@ -118,7 +126,10 @@ class ParserTests(unittest.TestCase):
             "/history 0": "N must be a number above 0, not '0'.",
             "/receipts -3": "MSG must be a number above 0, not '-3'.",
             "/status asleep": "STATUS must be one of online, away, busy, invisible, not 'asleep'.",
-            "/wait lunch": "EVENT must be one of deliver, receipt, presence, conversation, not 'lunch'.",
+            "/wait lunch": "EVENT must be one of deliver, receipt, presence, conversation, transcript_signed, mode,"
+            " not 'lunch'.",
+            "/mode secret": "MODE must be one of attestable, deniable, not 'secret'.",
+            "/serverkey yes": "ACCEPT must be one of accept, not 'yes'.",
             "/wait deliver 1 soon": "TIMEOUT must be a number above 0, not 'soon'.",
             '/group "Team bob': "Unbalanced quotes; usage: /group TITLE USER...",
             "/open": "usage: /open ID|NAME",
@@ -137,7 +148,8 @@ class ParserTests(unittest.TestCase):
         self.assertTrue(lines[0].startswith("/register [USER]"))
         self.assertIn("/wait EVENT [COUNT] [TIMEOUT]", "\n".join(lines))
         wait = ui.help_lines("/wait")
-        self.assertIn("deliver, receipt, presence or conversation", wait[1])
+        details = " ".join(line.strip() for line in wait[1:])
+        self.assertIn("deliver, receipt, presence, conversation, transcript_signed or mode", details)
         self.assertEqual(ui.help_lines("who"), ["/who  presence of the people in your conversations"])
         with self.assertRaises(ui.UsageError):
             ui.help_lines("nope")

@@ -28,7 +28,9 @@ from securechatd import commands, config
 from securechatd.certs import CA_CERT, CertError
 from securechatd.client import ui
 from securechatd.client.library import ChatClient, TLSHandshakeFailed
+from securechatd.client.transcripts import ExportError
 from securechatd.commands import ChatError, MessageTooLarge
+from securechatd.e2ee.membership import ModeError
 
 log = Logger()
 
@@ -54,6 +56,10 @@ def describe(error):
         return error.code, str(error)
     if isinstance(error, ui.UsageError):
         return "USAGE", str(error)
+    if isinstance(error, ExportError):
+        return "EXPORT", str(error)
+    if isinstance(error, ModeError):
+        return "MODE", f"{str(error).split(': ', 1)[-1].capitalize()}."
     if isinstance(error, ConnectionClosed):
         return "DISCONNECTED", "Not connected to the server."
     return "INTERNAL", f"Unexpected problem: {type(error).__name__}: {error} (--debug logs the details)."
@@ -96,6 +102,9 @@ class Chat:
         client.on_logged_out = self._logged_out
         client.on_alarm = self._alarm
         client.on_devices_changed = self._devices_changed
+        client.on_transcript_signed = self._push(self._transcript_signed)
+        mode_changed = self._push(self._mode_changed)
+        client.on_mode = lambda conversation_id, mode, actor: mode_changed((conversation_id, mode, actor))
 
     # -- running -------------------------------------------------------------
 
@@ -248,6 +257,10 @@ class Chat:
         }
         if message.problem is not None:  # never dropped: shown as a message that could not be read, and why
             record.update(problem=message.problem, problem_detail=message.problem_detail)
+        if message.chain is not None:  # what the conversation's chain says of it (docs/CLIENT.md)
+            record.update(
+                mode=message.mode, n=message.n, chain=message.chain, chain_problems=list(message.chain_problems)
+            )
         return record
 
     # -- accounts ------------------------------------------------------------------
@@ -335,7 +348,14 @@ class Chat:
     async def _open(self, conversation_id):
         await self._know(conversation_id)
         self.current = conversation_id
-        return {"conversation_id": conversation_id, "conversation": self._name(conversation_id)}
+        conversation = self.conversations.get(conversation_id)
+        mode = None  # (plaintext, or no device here)
+        if conversation is not None and conversation.encrypted:
+            mode = await self.client.mode(conversation_id)
+        fields = {"conversation_id": conversation_id, "conversation": self._name(conversation_id)}
+        if mode is not None:
+            fields["mode"] = mode
+        return fields
 
     async def _do_dm(self, user, text=None):
         conversation_id, created = await self.client.create_conversation([user])
@@ -382,6 +402,7 @@ class Chat:
                 "encrypted": bool(c.encrypted),
                 "verified": bool(c.encrypted)
                 and all(self.client.is_verified(m) for m in c.members if m != self.client.username),
+                "mode": self.client.known_mode(c.conversation_id) if c.encrypted else None,
             }
             for c in self.conversations.values()
         ]
@@ -429,6 +450,8 @@ class Chat:
             "body": text,
             "sent_at": sent.sent_at,
         }
+        if sent.chain is not None:
+            fields.update(mode=sent.mode, n=sent.n, chain=sent.chain)
         self._mine.setdefault(conversation_id, {})[sent.seq] = sent.message_id
         self._remember(conversation_id, sent.message_id, self.client.username, text)
         conversation = self.conversations.get(conversation_id)
@@ -535,6 +558,107 @@ class Chat:
             message_id=message_id,
             receipts=[{"username": r.username, "delivered_at": r.delivered_at, "read_at": r.read_at} for r in rows],
         )
+
+    # -- verifiable conversations (docs/CLIENT.md) -------------------------------------------------
+
+    def _encrypted_here(self):
+        conversation_id = self._here()
+        conversation = self.conversations.get(conversation_id)
+        if conversation is not None and not conversation.encrypted:
+            raise LocalError("PLAINTEXT", "This conversation is not end-to-end encrypted: it has no signed chain.")
+        return conversation_id
+
+    async def _do_mode(self, mode=None):
+        conversation_id = self._encrypted_here()
+        if mode is None:
+            current, changed = await self.client.mode(conversation_id), False
+        else:
+            current, changed = await self.client.set_mode(conversation_id, mode), True
+        if current is None:
+            raise LocalError("NO_DEVICE", self.client.encryption_problem or "This conversation has no mode here.")
+        self._answer(
+            "mode",
+            conversation_id=conversation_id,
+            conversation=self._name(conversation_id),
+            mode=current,
+            changed=changed,
+        )
+
+    async def _do_sign(self):
+        conversation_id = self._encrypted_here()
+        signed = await self.client.sign_transcript(conversation_id)
+        if signed is None:
+            mode = await self.client.mode(conversation_id)
+            if mode == "deniable":
+                raise LocalError("DENIABLE", "This conversation is deniable: nobody signs its transcript.")
+            raise LocalError("NOTHING_TO_SIGN", "There is nothing here to sign yet.")
+        self._answer(
+            "sign", conversation_id=conversation_id, conversation=self._name(conversation_id), n=signed.n, seq=signed.seq
+        )
+
+    async def _do_export(self, path=None):
+        conversation_id = self._encrypted_here()
+        exported = await self.client.export(conversation_id)
+        if path is None:
+            moment = self._now().strftime("%Y%m%d-%H%M%S")
+            path = f"securechat-{conversation_id}-{moment}.bundle"
+        path = os.path.abspath(os.path.expanduser(path))
+        write_private(path, exported.data)
+        self._answer(
+            "export",
+            conversation_id=conversation_id,
+            conversation=self._name(conversation_id),
+            file=path,
+            links=exported.links,
+            messages=exported.messages,
+            disclosed=list(exported.disclosed),
+            transcript_heads=exported.transcript_heads,
+            left_out=list(exported.left_out),
+        )
+
+    async def _do_serverkey(self, accept=None):
+        self._logged_in()
+        accepted = accept == "accept" and self.client.accept_server_key()
+        if accept == "accept" and not accepted:
+            raise LocalError("NOTHING_TO_ACCEPT", "The server gives the key this device pinned: nothing to accept.")
+        pinned, other = self.client.server_key_ids()
+        if pinned is None:
+            raise LocalError("NO_SERVER_KEY", "No server key is pinned here (the server keeps no signed chains?).")
+        self._answer("serverkey", key_id=pinned, other_key_id=other, accepted=accepted)
+
+    async def _transcript_signed(self, signed):
+        conversation_id = signed.conversation_id
+        await self._know(conversation_id)
+        self.emit(
+            {
+                "event": "transcript_signed",
+                "conversation_id": conversation_id,
+                "conversation": self._name(conversation_id),
+                "username": signed.username,
+                "device_id": signed.device_id,
+                "n": signed.n,
+                "seq": signed.seq,
+                "verified": signed.verified,
+                "problem": signed.problem,
+                "at": self._now(),
+            }
+        )
+        self._arrive("transcript_signed")
+
+    async def _mode_changed(self, change):
+        conversation_id, mode, actor = change
+        await self._know(conversation_id)
+        self.emit(
+            {
+                "event": "mode",
+                "conversation_id": conversation_id,
+                "conversation": self._name(conversation_id),
+                "mode": mode,
+                "by": actor,
+                "at": self._now(),
+            }
+        )
+        self._arrive("mode")
 
     # -- the rest ------------------------------------------------------------------------
 
@@ -766,6 +890,24 @@ class Chat:
     def _logged_out(self, reason):
         self._forget()
         self.emit({"event": "logged_out", "message": reason, "at": self._now()})
+
+
+def write_private(path, data):
+    """Write `data` to `path`, mode 0600, atomically: a temporary file beside it, fsync, rename."""
+    directory = os.path.dirname(path) or "."
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except OSError as problem:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise LocalError("EXPORT", f"Cannot write {path}: {problem.strerror}.")
 
 
 # -- the program -----------------------------------------------------------------------

@@ -405,6 +405,9 @@ class Tui(ui.Typed):
         number = order.index(self.shown) if self.shown in order else "-"
         parts = [("bar", f" {me or 'not logged in'} │ {number}:{ui.clean(self._name(self.shown))}")]
         conversations = self._conversations()
+        mode = self._mode(self.shown)
+        if mode is not None:
+            parts.append(("bar" if mode == "attestable" else "bar alert", f" [{mode}]"))
         if self.shown in conversations and conversations[self.shown].unread:
             parts.append(("bar", f" ({conversations[self.shown].unread} unread)"))
         busy = []
@@ -424,6 +427,13 @@ class Tui(ui.Typed):
         if self._search is not None:
             parts.append(("bar alert", " │ search: Ctrl-R older, Enter stay, Esc back"))
         return parts
+
+    def _mode(self, conversation_id):
+        """The mode of an encrypted conversation as its chain was last verified (None: plaintext, or unknown)."""
+        conversation = self._conversations().get(conversation_id)
+        if self.chat is None or conversation is None or not conversation.encrypted:
+            return None
+        return self.chat.client.known_mode(conversation_id)
 
     # -- records --------------------------------------------------------------------------------------
 
@@ -463,6 +473,10 @@ class Tui(ui.Typed):
         self._lines_of(record, at, attr, record["conversation_id"])
 
     _answer_group = _answer_add = _answer_read = _answer_receipts = _conversation_lines
+    _answer_mode = _answer_sign = _answer_export = _on_mode = _conversation_lines
+
+    def _on_transcript_signed(self, record, at):
+        self._conversation_lines(record, at, "receipt" if record["verified"] else "error")
 
     def _answer_leave(self, record, at):
         self._lines_of(record, at, "system", None)
@@ -489,6 +503,9 @@ class Tui(ui.Typed):
             markup.append((attr, ui.clean(text)) if attr else ui.clean(text))
         if record.get("message_id") is not None:
             markup.append(("id", f"  #{record['message_id']}"))
+        note = ui.chain_note(record)
+        if note:
+            markup.append(("error" if record.get("chain") == "broken" else "id", note))
         if mark:
             markup.append(mark)
         return markup

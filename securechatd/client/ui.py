@@ -21,7 +21,8 @@ from zope.interface import implementer
 
 from securechatd.commands import STATUSES
 
-EVENTS = ("deliver", "receipt", "presence", "conversation")
+EVENTS = ("deliver", "receipt", "presence", "conversation", "transcript_signed", "mode")
+MODES = ("attestable", "deniable")
 
 
 class UsageError(Exception):
@@ -62,6 +63,8 @@ _ARGUMENTS = {
     "TIMEOUT": _positive(float),
     "STATUS": _one_of(STATUSES),
     "EVENT": _one_of(EVENTS),
+    "MODE": _one_of(MODES),
+    "ACCEPT": _one_of(("accept",)),
 }
 
 
@@ -202,6 +205,33 @@ COMMANDS = {
             " (a --batch run does not reconnect: start it again).",
         ),
         Command("/approve REQUEST", "add a new device of yours (the line /link printed there)", rest=True),
+        Command(
+            "/mode [MODE]",
+            "show or set how the current conversation is kept: attestable or deniable",
+            "Attestable (the default): each message is signed by its sender's device, so it can be shown later, "
+            "to someone who was not there, who said what (/export). Deniable: nothing is signed; only the members "
+            "can tell who wrote what. Every member sees the change; signatures already made stay.",
+        ),
+        Command(
+            "/sign",
+            "sign the transcript of the current conversation as you have it",
+            "Your device signs the conversation's chain up to its newest link you verified; the others see "
+            "\"transcript verified up to #N\". Reading (/read) does it too, and leaving does it first.",
+        ),
+        Command(
+            "/export [FILE]",
+            "write the current conversation to FILE for an offline check",
+            "A bundle (file mode 0600) of every message, the server's signed chain, the device chains, the "
+            "transcript heads and the key and text of each message this device can read: anyone can check it "
+            "with securechatd-verify FILE, and learns those texts. Default FILE: securechat-ID-TIME.bundle.",
+            rest=True,
+        ),
+        Command(
+            "/serverkey [ACCEPT]",
+            "the id of the key that signs the server's chains (compare it with the operator)",
+            "Pinned the first time. If the server ever signs with another key you are warned; /serverkey accept "
+            "pins the new one once you have checked it out of band.",
+        ),
         Command("/history [N]", "the last N messages here (default 20)"),
         Command(
             "/read",
@@ -215,7 +245,8 @@ COMMANDS = {
         Command(
             "/wait EVENT [COUNT] [TIMEOUT]",
             "for scripts: wait for COUNT more EVENTs",
-            "EVENT is deliver, receipt, presence or conversation; COUNT defaults to 1. Only events "
+            "EVENT is deliver, receipt, presence, conversation, transcript_signed or mode; COUNT defaults to 1. "
+            "Only events "
             "no earlier /wait claimed count, so /wait deliver returns at once if a message came in "
             "before it. Fails after TIMEOUT seconds (default 30). Later input waits meanwhile.",
         ),
@@ -326,7 +357,24 @@ def mentions(body, names):
     return bool(words) and re.search(rf"(?<![\w]){'|'.join(f'(?:{w})' for w in words)}(?![\w])", body, re.I) is not None
 
 
+def chain_note(record):
+    """What the chain says of a message, when it is worth a word: deniable, or a check that failed."""
+    notes = []
+    if record.get("mode") == "deniable":
+        notes.append("(deniable)")
+    if record.get("chain") == "broken":
+        notes.append(f"!! not verified: {', '.join(record.get('chain_problems') or ())}")
+    return "".join(f"  {note}" for note in notes)
+
+
+MODE_TEXTS = {
+    "attestable": "attestable: every message is signed by its sender's device",
+    "deniable": "deniable: messages are not signed",
+}
+
+
 def _message(record, at, suffix=""):
+    suffix = chain_note(record) + suffix
     body, head = record["body"], f"{at(record['sent_at'])} [{clean(record['conversation'])}] "
     if record.get("problem") == "no_key":
         return head + f"<{record['sender']}> (sent before this device was added: it cannot be read here)"
@@ -391,6 +439,7 @@ def _login(record, at):
 
 def _dm(record, at):
     opened = f"now in [{clean(record['conversation'])}]" + (" (new conversation)" if record["created"] else "")
+    opened += f" ({record['mode']})" if record.get("mode") else ""
     return [opened] + ([_sent(record, at)] if "message_id" in record else [])
 
 
@@ -415,13 +464,15 @@ def _convs(record, at):
         marker = ">" if row["current"] else " "
         unread = f"{row['unread']} unread" if row["unread"] else ""
         security = ("encrypted, all verified" if row["verified"] else "encrypted") if row.get("encrypted") else "plaintext"
+        if row.get("mode"):
+            security += f", {row['mode']}"
         line = f"{marker} #{row['conversation_id']:<5} {clean(row['conversation']):<24} {security:<24} {unread}"
         lines.append(line.rstrip())
     return lines
 
 
 def _open(record, at):
-    line = f"now in [{clean(record['conversation'])}]"
+    line = f"now in [{clean(record['conversation'])}]" + (f" ({record['mode']})" if record.get("mode") else "")
     if not record["unread"]:
         return [line]
     missed = [_message(message, at) for message in record["messages"]]
@@ -450,6 +501,37 @@ def _receipts(record, at):
     return lines
 
 
+def _transcript_signed(record, at):
+    where = f"{at(record['at'])} [{clean(record['conversation'])}]"
+    upto = f"#{record['n']}" + (f" (message no. {record['seq']})" if record.get("seq") else "")
+    if record["verified"]:
+        return [f"{where} read by {record['username']}, transcript verified up to {upto}"]
+    if record.get("problem"):
+        return [f"{where} !! read by {record['username']}: their transcript up to {upto} does NOT check"
+                f" ({record['problem']})"]
+    return [f"{where} read by {record['username']} up to {upto} (not checked here: beyond what this device holds)"]
+
+
+def _export(record, at):
+    shown = len(record["disclosed"])
+    lines = [
+        f"exported [{clean(record['conversation'])}] to {clean(record['file'])}: {record['links']} chain links,"
+        f" {record['messages']} messages ({shown} with their text), {record['transcript_heads']} transcript heads",
+        f"  anyone with the file can check it: securechatd-verify {clean(record['file'])}"
+        + (" (and read the texts in it)" if shown else ""),
+    ]
+    lines += [f"  left out: {clean(reason)}" for reason in record["left_out"]]
+    return lines
+
+
+def _serverkey(record, at):
+    lines = [f"the server's chain key: {record['key_id']}" + (" (newly accepted)" if record["accepted"] else "")]
+    if record.get("other_key_id"):
+        lines.append(f"!! the server now signs with another key: {record['other_key_id']};"
+                     " /serverkey accept pins it once the operator confirmed it")
+    return lines
+
+
 # Each takes the record and `at`, which writes a moment as stamp() does for this render.
 def _verify(record, at):
     digits = record["safety_number"]
@@ -471,7 +553,10 @@ _ANSWERS = {
     "status": lambda r, at: [f"you are {r['status']}" + (f": {clean(r['note'])}" if r["note"] else "")],
     "say": lambda r, at: [_sent(r, at)],
     "dm": _dm,
-    "group": lambda r, at: [f"now in the new group [{clean(r['conversation'])}] with {', '.join(r['members'])}"],
+    "group": lambda r, at: [
+        f"now in the new group [{clean(r['conversation'])}] with {', '.join(r['members'])}"
+        + (f" ({r['mode']})" if r.get("mode") else "")
+    ],
     "add": lambda r, at: [f"[{clean(r['conversation'])}] members: {', '.join(r['members'])}"],
     "leave": lambda r, at: [f"you left [{clean(r['conversation'])}]"],
     "convs": _convs,
@@ -494,6 +579,13 @@ _ANSWERS = {
         else ["On one of your devices already in use, type:", f"  /approve {r['request']}", "then /link again here."]
     ),
     "approve": lambda r, at: [f"added the device {r['device_id'][:8]} ({clean(r['name'])})"],
+    "mode": lambda r, at: [f"[{clean(r['conversation'])}] is " + ("now " if r["changed"] else "") + MODE_TEXTS[r["mode"]]],
+    "sign": lambda r, at: [
+        f"[{clean(r['conversation'])}] you signed the transcript up to #{r['n']}"
+        + (f" (message no. {r['seq']})" if r["seq"] else "")
+    ],
+    "export": _export,
+    "serverkey": _serverkey,
     "quit": lambda r, at: [],
 }
 
@@ -511,6 +603,8 @@ _EVENTS = {
     "alarm": lambda r, at: [
         f"{at(r['at'])} !! SECURITY: {r['kind']}" + (f" ({r['user']})" if r["user"] else "") + f": {clean(r['detail'] or '')}"
     ],
+    "transcript_signed": _transcript_signed,
+    "mode": lambda r, at: [f"{at(r['at'])} * [{clean(r['conversation'])}] {r['by']} made it {MODE_TEXTS[r['mode']]}"],
     "devices": lambda r, at: [
         f"{at(r['at'])} !! {r['user']}'s devices changed: {len(r['added'])} added, {len(r['removed'])} removed;"
         f" compare safety numbers with /verify {r['user']}"
