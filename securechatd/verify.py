@@ -76,6 +76,24 @@ def H(label, fields):
     return hashlib.sha256(label.encode("ascii") + enc(fields)).digest()
 
 
+def in_batch(leaf, index, size, path, root):
+    """Whether `path` leads from the leaf hash at `index` of a batch of `size` heads to `root` (RFC 9162 §2.1.3.2)."""
+    if not 0 <= index < size or any(len(p) != 32 for p in path):
+        return False
+    fn, sn, r = index, size - 1, leaf
+    for p in path:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            r = hashlib.sha256(b"\x01" + p + r).digest()
+            while fn and not fn & 1:
+                fn, sn = fn >> 1, sn >> 1
+        else:
+            r = hashlib.sha256(b"\x01" + r + p).digest()
+        fn, sn = fn >> 1, sn >> 1
+    return sn == 0 and r == root
+
+
 def u64(n):
     return struct.pack(">Q", n)
 
@@ -564,8 +582,16 @@ class Verifier:
         last_n = len(self.links) - 1
         heads = []
         for i, raw in enumerate(self.b["heads"], 1):
-            conv, n_raw, e, signature = fields_of(raw, [8, 8, 32, 64], f"head {i}", step, "head")
-            ok = signed(self.b["server_key"], signature, "securechatd/server-head/v1", [conv, n_raw, e])
+            conv, n_raw, e, index, size, root, path, signature = fields_of(
+                raw, [8, 8, 32, 8, 8, 32, None, 64], f"head {i}", step, "head"
+            )
+            path = dec(path)
+            leaf = hashlib.sha256(b"\x00" + enc([conv, n_raw, e])).digest()
+            ok = (
+                path is not None
+                and in_batch(leaf, num(index), num(size), path, root)
+                and signed(self.b["server_key"], signature, "securechatd/server-heads/v1", [size, root])
+            )
             heads.append((num(n_raw), conv, e, ok))
         # Two heads the server key signed for one n with different e are proof it lied: say so, not just "out of order".
         seen = {}

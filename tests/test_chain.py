@@ -223,6 +223,33 @@ class HeadSignerTests(unittest.TestCase):
             transcript.check_receipt(receipt, before, public)
 
 
+    def test_one_signature_covers_every_conversation_of_a_batch(self):
+        store = make_store(self)
+        self.successResultOf(
+            store._write(
+                "test",
+                lambda txn: txn.executemany(
+                    "INSERT INTO conversations (id, kind, created_at) VALUES (?, 'group', 0)", [(c,) for c in range(1, 6)]
+                ),
+            )
+        )
+        signer = HeadSigner(store, SERVER_KEY, lambda function, *args: succeed(function(*args)))
+        store.finishing_batch = True
+        receipts = {}
+        for conversation in range(1, 6):
+            link = transcript.Link(conversation, 1, 1000, "message", 1, bytes(32))
+            [position] = transcript.Position(conversation).extend([link])
+            receipts[conversation] = signer.receipt(ChainLink(conversation, 1, position.e, link.to_bytes()))
+        store.finishing_batch = False
+        signer._sign()
+        receipts = {c: transcript.Receipt.from_bytes(self.successResultOf(r)) for c, r in receipts.items()}
+        heads = [receipt.head for receipt in receipts.values()]
+        self.assertEqual({(head.size, head.root, head.signature) for head in heads}, {(5, heads[0].root, heads[0].signature)})
+        public = SERVER_KEY.public_key().public_bytes_raw()
+        for conversation, receipt in receipts.items():
+            transcript.check_receipt(receipt, transcript.Position(conversation), public)
+
+
 def _ran(signed, function, *args):
     """Run `function` now, keeping the heads it was asked to sign."""
     signed.append(args[1])

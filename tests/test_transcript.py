@@ -56,6 +56,7 @@ from securechatd.e2ee.transcript import (
     next_hash,
     read_bundle,
     sign_head,
+    sign_heads,
     sign_transcript_head,
 )
 from tests.test_e2ee_membership import BOB, GOLDEN as GOLDEN_MEMBERSHIP, GOLDEN_CHAIN, PHONE, x
@@ -194,6 +195,10 @@ def golden():
             "item": message_item(*seq1[1:]).hex(),
         },
         "heads": [head.to_bytes().hex() for head in history.heads],
+        "batch": [  # two conversations' heads signed together: one root, one signature
+            head.to_bytes().hex()
+            for head in sign_heads(SERVER, [(CONVERSATION, 7, history.positions[7].e), (CONVERSATION + 1, 1, bytes(32))])
+        ],
         "receipt_3": history.receipt(3, history.heads[0]).to_bytes().hex(),
         "equivocation": equivocation(history.heads[0], lie, SERVER_KEY).to_bytes().hex(),
         "transcript_heads": [head.to_bytes().hex() for head in history.transcript_heads],
@@ -340,10 +345,22 @@ class GoldenTests(unittest.TestCase):
         self.assertEqual(frozen["server"]["key_id"], key_id)
         self.assertEqual(frozen["server"]["readable"].replace(" ", ""), key_id)
         self.assertEqual(len(frozen["server"]["readable"].split()), 8)
-        for raw, n in zip(frozen["heads"], (4, 7)):
-            conversation, number, e, signature = encoding.dec(x(raw), 4)
+        for raw, n in zip(frozen["heads"], (4, 7)):  # each signed alone: a batch of one, whose root is its leaf
+            conversation, number, e, index, size, root, path, signature = encoding.dec(x(raw), 8)
             self.assertEqual((conversation, number, e.hex()), (struct.pack(">Q", 7), struct.pack(">Q", n), frozen["links"][n - 1]["e"]))
-            Ed25519PublicKey.from_public_bytes(public).verify(signature, b"securechatd/server-head/v1" + x(raw)[: -(4 + 64)])
+            self.assertEqual((index, size, path), (struct.pack(">Q", 0), struct.pack(">Q", 1), b""))
+            self.assertEqual(root, hashlib.sha256(b"\x00" + b"".join(map(length, (conversation, number, e)))).digest())
+            Ed25519PublicKey.from_public_bytes(public).verify(signature, b"securechatd/server-heads/v1" + length(size) + length(root))
+        first, second = (encoding.dec(x(raw), 8) for raw in frozen["batch"])
+        leaves = [hashlib.sha256(b"\x00" + b"".join(map(length, fields[:3]))).digest() for fields in (first, second)]
+        root = hashlib.sha256(b"\x01" + leaves[0] + leaves[1]).digest()
+        index, size = (struct.pack(">Q", 0), struct.pack(">Q", 1)), struct.pack(">Q", 2)
+        self.assertEqual(
+            [fields[3:7] for fields in (first, second)],
+            [[index[0], size, root, length(leaves[1])], [index[1], size, root, length(leaves[0])]],
+        )
+        self.assertEqual(first[7], second[7])  # one signature for the batch
+        Ed25519PublicKey.from_public_bytes(public).verify(first[7], b"securechatd/server-heads/v1" + length(size) + length(root))
         receipt = encoding.dec(x(frozen["receipt_3"]))
         self.assertEqual(receipt, [x(frozen["heads"][0]), x(frozen["links"][2]["bytes"]), x(frozen["links"][3]["bytes"])])
 

@@ -8,6 +8,7 @@ seal), so each failure class is reached on its own.
 
 import ast
 import copy
+import hashlib
 import io
 import json
 import os
@@ -112,6 +113,13 @@ def reseal(b):
     return b
 
 
+def signed_head(fields):
+    """A head (conversation, n, e) signed by the server as a batch of one: its leaf hash is the root."""
+    root = hashlib.sha256(b"\x00" + enc(fields)).digest()
+    signature = x(sign(SERVER, "securechatd/server-heads/v1", [u64(1), root]))
+    return enc(fields + [u64(0), u64(1), root, b"", signature]).hex()
+
+
 def rechain(b):
     """Recompute the message links' item hashes and every e_n, sign the heads again, then reseal."""
     conv = u64(b["conversation"])
@@ -125,9 +133,8 @@ def rechain(b):
         e = H("securechatd/chain/v1", [f[0], e] + f[1:])
         es.append(e)
     for i, raw in enumerate(b["heads"]):
-        conv_, n, _, _ = verify.dec(x(raw))
-        fields = [conv_, n, es[verify.num(n) - 1]]
-        b["heads"][i] = enc(fields + [x(sign(SERVER, "securechatd/server-head/v1", fields))]).hex()
+        conv_, n = verify.dec(x(raw))[:2]
+        b["heads"][i] = signed_head([conv_, n, es[verify.num(n) - 1]])
     return reseal(b)
 
 
@@ -433,8 +440,7 @@ class FailureTests(unittest.TestCase):
     def test_equivocation(self):
         """Two heads the server key signed for one n with different e: named as the server lying."""
         b = golden()
-        fields = [u64(7), u64(4), bytes(32)]
-        b["heads"].insert(1, enc(fields + [x(sign(SERVER, "securechatd/server-head/v1", fields))]).hex())
+        b["heads"].insert(1, signed_head([u64(7), u64(4), bytes(32)]))
         self.fails(b, "heads", "head n=4: the server key signed two heads for n=4 with different e: it equivocated")
 
     def test_messages(self):

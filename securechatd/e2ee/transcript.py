@@ -19,11 +19,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from securechatd.e2ee.chain import HASH_BYTES
 from securechatd.e2ee.encoding import Malformed, dec, digest, enc, sign, verify
 from securechatd.e2ee.keys import DEVICE_ID_BYTES, KEY_BYTES, SIGNATURE_BYTES
+from securechatd.merkle import Tree, leaf_hash, verify_inclusion
 
 GENESIS_LABEL = "securechatd/chain-genesis/v1"
 CHAIN_LABEL = "securechatd/chain/v1"
 ITEM_LABEL = "securechatd/envelope-item/v1"
-HEAD_LABEL = "securechatd/server-head/v1"
+HEAD_LABEL = "securechatd/server-heads/v1"
 KEY_ID_LABEL = "securechatd/server-key-id/v1"
 TH_LABEL = "securechatd/transcript-head/v1"
 EXPORT_LABEL = "securechatd/export/v1"
@@ -34,6 +35,7 @@ MESSAGE, MEMBERSHIP, MODE = "message", "membership", "mode"
 KINDS = (MESSAGE, MEMBERSHIP, MODE)  # each kind numbers its links 1, 2, 3, ...: seq, epoch, mode event number
 KEY_ID_BYTES = 16
 U64 = 1 << 64
+MAX_PATH = 64  # a batch of heads has fewer than 2**64 leaves
 MAX_JSON_INT = (1 << 53) - 1  # I-JSON (RFC 7493): what every JSON parser reads exactly
 
 
@@ -199,40 +201,74 @@ def _public(server_key):
 
 @dataclass(frozen=True)
 class Head:
-    """The server's signature over (conversation, n, e_n): sign(server key, "securechatd/server-head/v1", fields)."""
+    """The server's signed word that a conversation's chain is at (n, e_n).
+
+    The server signs each batch of heads once: the RFC 9162 Merkle root of
+    their leaves enc([conversation, n, e]), as sign(server key,
+    "securechatd/server-heads/v1", [size, root]). A Head carries its leaf's
+    index in the batch, the batch's size and root, the inclusion path, and
+    that signature; one signature covers every conversation a batch touched.
+    """
 
     conversation: int
     n: int
     e: bytes
+    index: int = 0
+    size: int = 1
+    root: bytes = b""
+    path: tuple = ()
     signature: bytes = b""
+
+    def __post_init__(self):
+        object.__setattr__(self, "path", tuple(self.path))
 
     def fields(self):
         return [self.conversation, self.n, self.e]
 
+    def leaf(self):
+        return leaf_hash(enc(self.fields()))
+
     def to_bytes(self):
-        return enc(self.fields() + [self.signature])
+        return enc(self.fields() + [self.index, self.size, self.root, enc(list(self.path)), self.signature])
 
     def check(self):
-        _u64(self.conversation, self.n)
-        if len(self.e) != HASH_BYTES or len(self.signature) != SIGNATURE_BYTES:
-            raise Malformed("a signed head's e or signature has the wrong length")
+        _u64(self.conversation, self.n, self.index, self.size)
+        if not self.index < self.size or len(self.path) > MAX_PATH:
+            raise Malformed("a signed head's place in its batch is impossible")
+        hashes = (self.e, self.root, *self.path)
+        if any(len(value) != HASH_BYTES for value in hashes) or len(self.signature) != SIGNATURE_BYTES:
+            raise Malformed("a signed head's e, root, path or signature has the wrong length")
 
     def verify(self, server_key):
-        """BadHeadSignature unless the server key `server_key` (raw 32 bytes) signed this head."""
-        if not verify(_public(server_key), self.signature, HEAD_LABEL, self.fields()):
+        """BadHeadSignature unless this head is in a batch the server key `server_key` (raw 32 bytes) signed."""
+        if not verify_inclusion(self.leaf(), self.index, self.size, list(self.path), self.root):
+            raise BadHeadSignature(self.n, "the head is not in the batch of heads its signature covers")
+        if not verify(_public(server_key), self.signature, HEAD_LABEL, [self.size, self.root]):
             raise BadHeadSignature(self.n, "the head's signature is not the server key's")
 
     @classmethod
     def from_bytes(cls, data):
-        conversation, n, e, signature = dec(data, 4)
-        head = cls(*_numbers(conversation, n), e, signature)
+        conversation, n, e, index, size, root, path, signature = dec(data, 8)
+        head = cls(*_numbers(conversation, n), e, *_numbers(index, size), root, dec(path), signature)
         head.check()
         return head
 
 
+def sign_heads(server_private, heads):
+    """[Head] for the batch [(conversation, n, e)], all under one signature of the server's Ed25519 key."""
+    tree = Tree(leaf_hash(enc([conversation, n, e])) for conversation, n, e in heads)
+    size, root = tree.size, tree.root()
+    signature = sign(server_private, HEAD_LABEL, [size, root])
+    return [
+        Head(conversation, n, e, index, size, root, tree.inclusion_proof(index), signature)
+        for index, (conversation, n, e) in enumerate(heads)
+    ]
+
+
 def sign_head(server_private, conversation, n, e):
-    """The head (conversation, n, e) signed with the server's Ed25519 private key."""
-    return Head(conversation, n, e, sign(server_private, HEAD_LABEL, [conversation, n, e]))
+    """The head (conversation, n, e) signed alone (a batch of one)."""
+    [head] = sign_heads(server_private, [(conversation, n, e)])
+    return head
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ The store places every message, membership state and mode event of an
 encrypted conversation as the next link of its hash chain, in the
 transaction that stores it (store/links.py). The server then signs heads
 (conversation, n, e_n) with its own Ed25519 key: `HeadSigner` gathers the
-links committed in one store batch and signs one head per conversation for
-all of them, off the reactor thread, so a busy conversation costs one
-signature per batch, not one per message. Each link
+links committed in one store batch, makes one head per conversation for
+them, and signs the Merkle root of all those heads once, off the reactor
+thread: a batch costs one signature, however many conversations and
+messages it holds (e2ee/transcript.py, `sign_heads`). Each link
 gets a receipt: the links from it to the head, and the signed head. Two
 heads signed for one n with different e are portable proof that the server
 lied, which is the point: the server cannot show members different
@@ -25,7 +26,7 @@ from twisted.logger import Logger
 from securechatd.commands import BadSignature, InvalidArgument, NoSuchDevice, NotAllowed
 from securechatd.e2ee.encoding import Malformed
 from securechatd.e2ee.membership import MODE_SIGN_LABEL, ModeEvent
-from securechatd.e2ee.transcript import TH_LABEL, TranscriptHead, receipt_bytes, server_key_id, sign_head
+from securechatd.e2ee.transcript import TH_LABEL, TranscriptHead, receipt_bytes, server_key_id, sign_heads
 from securechatd.secretbox import load_or_create_key
 from securechatd.server.keys import signed_by
 from securechatd.server.policy import check_limit, deferred, take_action
@@ -49,8 +50,8 @@ def load_server_key(path):
 
 
 def _sign_heads(key, heads):
-    """[head bytes] for [(conversation, n, e)]: run off the reactor thread."""
-    return [sign_head(key, *head).to_bytes() for head in heads]
+    """[head bytes] for [(conversation, n, e)], under one signature: run off the reactor thread."""
+    return [head.to_bytes() for head in sign_heads(key, heads)]
 
 
 class HeadSigner:
