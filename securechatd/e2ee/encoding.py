@@ -29,12 +29,28 @@ def field(value):
     raise TypeError(f"cannot encode a {type(value).__name__} field")
 
 
+_U32 = struct.Struct(">I").pack
+_U64 = struct.Struct(">Q").pack
+
+
 def enc(fields):
-    """The canonical encoding of a list of fields."""
+    """The canonical encoding of a list of fields.
+
+    (The daemon encodes a chain link and hashes one per message: bytes, text
+    and ints take the short way; anything else, `field`.)
+    """
     parts = []
     for value in fields:
-        data = field(value)
-        parts += (struct.pack(">I", len(data)), data)
+        kind = type(value)
+        if kind is bytes:
+            data = value
+        elif kind is int and 0 <= value < 1 << 64:
+            data = _U64(value)
+        elif kind is str:
+            data = value.encode("utf-8")
+        else:
+            data = field(value)
+        parts += (_U32(len(data)), data)
     return b"".join(parts)
 
 
