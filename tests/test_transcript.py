@@ -312,6 +312,12 @@ def check_bundle(data, server_key=None):
     return {"messages": report, "read": read, "disclosed": disclosed, "exporter": export["user"]}
 
 
+class ReadBundleTests(unittest.TestCase):
+    def test_deeply_nested_json_is_malformed_not_a_crash(self):
+        with self.assertRaises(Malformed):
+            read_bundle(b"[" * 100_000)
+
+
 class GoldenTests(unittest.TestCase):
     def test_rebuilt_from_the_seeds(self):
         self.assertEqual(golden(), load("golden_transcript.json"))

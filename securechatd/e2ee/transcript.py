@@ -500,7 +500,7 @@ def read_bundle(data):
     """
     try:
         value = json.loads(data.decode("utf-8"), parse_constant=_refuse)
-    except (UnicodeDecodeError, ValueError) as problem:
+    except (UnicodeDecodeError, ValueError, RecursionError) as problem:  # (RecursionError: "[[[[..." nested deep)
         raise Malformed(f"not a JSON text in UTF-8 ({problem})")
     _shaped(value, _BUNDLE_KEYS, "the bundle")
     if value["format"] != BUNDLE_FORMAT:
