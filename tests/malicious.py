@@ -35,6 +35,8 @@ from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from securechatd import commands
+from securechatd.e2ee import transcript
+from securechatd.e2ee.encoding import enc
 from securechatd.tls import client_options, server_options
 
 COMMAND, ASK, ANSWER, ERROR = b"_command", b"_ask", b"_answer", b"_error"
@@ -367,3 +369,130 @@ class MaliciousServer:
     def transcript(self):
         """Every byte the double received, from the clients and from the daemon (inside TLS: AMP boxes)."""
         return b"".join(self.received["client"]) + b"".join(self.received["server"])
+
+
+class ChainForger:
+    """Shows some clients another history of one conversation, as a server whose operator holds its key can.
+
+    Each link the `victims` (ChatClients) are given goes through
+    `change(link)` (a transcript.Link; return it, or another one at the same
+    n), the chain's e is recomputed over the changed links, and every head
+    they are given is signed again with the server's own key `key` (an
+    Ed25519PrivateKey): in GetChain answers, DeliverEncrypted links and
+    receipts, the receipts of their SendEncrypted, PublishMembership and
+    PublishMode, and the links of HistoryEncrypted. To them the forged chain
+    is as well signed as the real one is to the others.
+
+    It learns the daemon's real links from everything that crosses the double
+    (install() it, and learn_from() a client, before the links it will need
+    pass), so a head at n can be made once links 1..n went by.
+    """
+
+    def __init__(self, proxy, key, conversation, victims, change=lambda link: link):
+        self.proxy = proxy
+        self.key = key
+        self.conversation = conversation
+        self.victims = {(client.username, client.device_id) for client in victims}
+        self.change = change
+        self.real = {}  # n -> transcript.Link, as the daemon gave it
+        self.forging = True
+
+    def install(self):
+        for command in (commands.SendEncrypted, commands.PublishMembership, commands.PublishMode):
+            self.proxy.rewrite(command, self._receipt_answer)
+        self.proxy.rewrite(commands.GetChain, self._chain_answer)
+        self.proxy.rewrite(commands.HistoryEncrypted, self._history_answer)
+        self.proxy.on_push(self._push)
+        return self
+
+    def learn_from(self, client):
+        """Deferred: the links so far, learned from a GetChain `client` asks through the double."""
+        return client.call(commands.GetChain, conversation_id=self.conversation, after_n=0)
+
+    def _victim(self, tap):
+        return self.forging and (tap.username, tap.device_id) in self.victims
+
+    # -- the forged chain --------------------------------------------------------------------
+
+    def learn(self, data):
+        link = transcript.Link.from_bytes(data)
+        if link.conversation == self.conversation:
+            self.real[link.n] = link
+        return link
+
+    def forged(self, n):
+        if n not in self.real:
+            raise LookupError(f"the forger has not seen link {n} of conversation {self.conversation}")
+        return self.change(self.real[n])
+
+    def e(self, n):
+        e = transcript.genesis(self.conversation)
+        for k in range(1, n + 1):
+            e = transcript.next_hash(e, self.forged(k))
+        return e
+
+    def head(self, n):
+        return transcript.sign_head(self.key, self.conversation, n, self.e(n)).to_bytes()
+
+    def receipt(self, m, h):
+        """A receipt for forged link m: the forged links m..h and a head at h signed over them."""
+        return enc([self.head(h)] + [self.forged(n).to_bytes() for n in range(m, h + 1)])
+
+    def _forge_receipt(self, data):
+        receipt = transcript.Receipt.from_bytes(data)
+        for link in receipt.links:
+            self.learn(link.to_bytes())
+        if receipt.head.conversation != self.conversation:
+            return data
+        return self.receipt(receipt.links[0].n, receipt.head.n)
+
+    # -- rules -------------------------------------------------------------------------------
+
+    def _receipt_answer(self, tap, request, answer):
+        if not answer.get("receipt") or request.get("conversation_id") != self.conversation:
+            if answer.get("receipt"):
+                self._forge_receipt(answer["receipt"])  # (learn the links)
+            return None
+        forged = self._forge_receipt(answer["receipt"])
+        return dict(answer, receipt=forged) if self._victim(tap) else None
+
+    def _chain_answer(self, tap, request, answer):
+        for data in answer["links"]:
+            self.learn(data)
+        if request["conversation_id"] != self.conversation or not self._victim(tap):
+            return None
+        links = [transcript.Link.from_bytes(data) for data in answer["links"]]
+        heads = [transcript.Head.from_bytes(data).n for data in answer["heads"]]
+        top = max(self.real)
+        return dict(
+            answer,
+            links=[self.forged(link.n).to_bytes() for link in links],
+            heads=[self.head(n) for n in heads if n <= top],
+        )
+
+    def _history_answer(self, tap, request, answer):
+        for item in answer["messages"]:
+            if item.get("link"):
+                self.learn(item["link"])
+        if request["conversation_id"] != self.conversation or not self._victim(tap):
+            return None
+        return dict(
+            answer,
+            messages=[
+                dict(item, link=self.forged(transcript.Link.from_bytes(item["link"]).n).to_bytes())
+                if item.get("link") else item
+                for item in answer["messages"]
+            ],
+        )
+
+    def _push(self, push):
+        if push.command is not commands.DeliverEncrypted:
+            return None
+        arguments = push.arguments
+        if arguments.get("link"):
+            self.learn(arguments["link"])
+        receipt = self._forge_receipt(arguments["receipt"]) if arguments.get("receipt") else None
+        if arguments["conversation_id"] != self.conversation or not self._victim(push.tap):
+            return None
+        link = transcript.Link.from_bytes(arguments["link"])
+        return dict(arguments, link=self.forged(link.n).to_bytes(), receipt=receipt)

@@ -23,13 +23,14 @@ from twisted.trial import unittest
 from securechatd import commands
 from securechatd.client import library
 from securechatd.client.crypto import Alarm, EncryptionUnavailable, Problem
-from securechatd.e2ee import chain, envelope, membership
+from securechatd.e2ee import chain, envelope, membership, transcript
 from securechatd.e2ee.envelope import Header
 from securechatd.e2ee.keys import Device
 from securechatd.e2ee.session import Session
-from tests.malicious import DROP, HOLD, MaliciousServer, command_box, parse_arguments
+from tests.malicious import DROP, HOLD, ChainForger, MaliciousServer, command_box, parse_arguments
 from tests.test_client import PASSWORD
 from tests.test_client_e2ee import E2EETestCase
+from tests.test_client_transcript import chain_inbox
 
 
 def deliveries(client, conversation, seq=None):
@@ -69,6 +70,11 @@ def history_to(client, rewrite):
 
 
 class MaliciousServerTestCase(E2EETestCase):
+    @inlineCallbacks
+    def device(self, username, install="phone", **kw):
+        """E2EETestCase.device, the inbox also collecting transcript heads and mode changes."""
+        return chain_inbox(*(yield super().device(username, install, **kw)))
+
     @inlineCallbacks
     def setUp(self):
         super().setUp()  # the daemon; self.port is its port
@@ -763,3 +769,219 @@ class GapHelpersTests(unittest.TestCase):
     def test_seq_ranges(self):
         self.assertEqual(library._seq_ranges([2]), "2")
         self.assertEqual(library._seq_ranges([2, 3, 4, 7, 9, 10]), "2-4, 7, 9-10")
+
+
+class ChainTestCase(MaliciousServerTestCase):
+    """Attacks on the conversation chain (issue 12): a server showing members different histories, dropping,
+    reordering or replaying messages in its signed chain, rewriting receipts, forging membership states."""
+
+    @inlineCallbacks
+    def forger(self, conversation, victims, change, learner):
+        """A ChainForger with the daemon's own key (the operator holds it), installed in the double; it learns the
+        links so far from a GetChain of `learner` (a client who is not a victim)."""
+        forger = ChainForger(self.proxy, self.hub.chain.heads.key, conversation, victims, change).install()
+        yield forger.learn_from(learner)
+        return forger
+
+    def alarms_of(self, inbox, kind):
+        return [detail for alarm, _, detail in inbox.alarms() if alarm == kind]
+
+
+class ChainForkTests(ChainTestCase):
+    @inlineCallbacks
+    def test_two_members_shown_different_histories_catch_the_fork_and_prove_it(self):
+        alice, alice_inbox, bob, bob_inbox, conversation = yield self.conversation()
+        self.assertEqual(bob.e2ee.transcripts.chain(conversation).position.n, 2)
+        # bob is shown link 3 (alice's next message) placed a millisecond later: another e from link 3 on
+        forger = yield self.forger(
+            conversation, [bob], lambda link: replace(link, server_time=link.server_time + 1) if link.n == 3 else link,
+            alice,
+        )
+        yield alice.send_message(conversation, "two")
+        [_, two] = yield bob_inbox.wait("deliver", 2)
+        self.assertEqual((two.body, two.n, two.chain), ("two", 3, "verified"))  # consistent in itself
+        yield alice.send_message(conversation, "three")  # alice's header names her e at link 3
+        [*_, three] = yield bob_inbox.wait("deliver", 3)
+        self.assertEqual((three.body, three.chain, three.chain_problems), ("three", "broken", (Alarm.CHAIN_FORK,)))
+        [fork] = self.alarms_of(bob_inbox, Alarm.CHAIN_FORK)
+        self.assertIn("alice had seen another history at link 3 than this device", fork)
+        # bob's read receipt signs what bob was shown: alice sees he read another history
+        yield bob.mark_read(conversation, 3)
+        [signed] = yield alice_inbox.wait("signed", 1)
+        self.assertEqual((signed.username, signed.verified, signed.problem), ("bob", False, Alarm.TRANSCRIPT_FORK))
+        # and the first message of bob's crosses the fork the other way
+        yield bob.send_message(conversation, "did you get my read receipt?")
+        [*_, reply] = yield alice_inbox.wait("deliver", 1)
+        self.assertEqual((reply.chain, reply.chain_problems), ("broken", (Alarm.CHAIN_FORK,)))
+        self.assertEqual(self.kinds(alice_inbox), [Alarm.TRANSCRIPT_FORK, Alarm.CHAIN_FORK])
+        # once bob is given the real chain, the two heads the server signed for one link are proof it lied
+        forger.forging = False
+        yield alice.send_message(conversation, "four")
+        yield bob_inbox.wait("deliver", 4)
+        self.assertIn(Alarm.EQUIVOCATION, self.kinds(bob_inbox))
+        [proof] = bob.e2ee.transcripts.chain(conversation).proofs
+        self.assertTrue(transcript.Equivocation.from_bytes(proof).proves(self.hub.chain.heads.public))
+        self.assertEqual(self.kinds(bob_inbox)[0], Alarm.CHAIN_FORK)
+
+
+class ChainDropTests(ChainTestCase):
+    @inlineCallbacks
+    def test_a_message_dropped_from_the_chain_answers_is_a_chain_gap(self):
+        alice, _, bob, bob_inbox, conversation = yield self.conversation()
+        hidden = set()
+
+        def drop(push):
+            if deliveries(bob, conversation, seq=2)(push):
+                hidden.add(transcript.Link.from_bytes(push.arguments["link"]).n)
+                return DROP
+            return None
+
+        def chain(tap, request, answer):
+            if (tap.username, tap.device_id) != (bob.username, bob.device_id):
+                return None
+            return dict(answer, links=[d for d in answer["links"] if transcript.Link.from_bytes(d).n not in hidden])
+
+        self.proxy.on_push(drop)
+        self.proxy.rewrite(commands.HistoryEncrypted, history_to(bob, lambda ms: [m for m in ms if m["seq"] != 2]))
+        self.proxy.rewrite(commands.GetChain, chain)
+        yield alice.send_message(conversation, "two")
+        yield alice.send_message(conversation, "three")
+        [_, three] = yield bob_inbox.wait("deliver", 2)
+        self.assertEqual((three.body, three.chain), ("three", "broken"))
+        self.assertIn(Alarm.CHAIN_GAP, three.chain_problems)
+        [gap] = self.alarms_of(bob_inbox, Alarm.CHAIN_GAP)
+        self.assertIn("link 3 of the chain never came", gap)
+        self.assertEqual(sorted(set(self.kinds(bob_inbox))), sorted({Alarm.GAP, Alarm.CHAIN_GAP}))
+        yield self.still_honest(alice, bob, bob_inbox, conversation, "honest again")
+        self.assertEqual(bob.e2ee.transcripts.chain(conversation).position.n, 5)
+
+
+class ChainOrderTests(ChainTestCase):
+    @inlineCallbacks
+    def test_a_reordered_pair_is_caught_by_the_counters(self):
+        alice, _, bob, bob_inbox, conversation = yield self.conversation()
+        items, pushes = {}, {}
+
+        def swapped(link):  # links 3 and 4 (seqs 2 and 3) hold each other's envelope
+            if link.n in (3, 4) and len(items) == 2:
+                return replace(link, item=items[7 - link.n])
+            return link
+
+        forger = yield self.forger(conversation, [bob], swapped, alice)
+
+        def hold(push):
+            if deliveries(bob, conversation)(push) and push.arguments["seq"] in (2, 3):
+                arguments = push.arguments
+                link = transcript.Link.from_bytes(arguments["link"])
+                items[link.n] = link.item
+                pushes[arguments["seq"]] = arguments
+                return HOLD
+            return None
+
+        self.proxy.push_rules.insert(0, hold)
+        yield alice.send_message(conversation, "first")
+        yield alice.send_message(conversation, "second")
+        yield until(lambda: len(pushes) == 2)
+        first, second = pushes[2], pushes[3]
+        # bob is told "second" came first, at seq 2, and "first" after it, at seq 3: a chain signed that way
+        yield self.proxy.deliver(bob, **dict(second, seq=2, link=forger.forged(3).to_bytes(), receipt=forger.receipt(3, 3)))
+        yield self.proxy.deliver(bob, **dict(first, seq=3, link=forger.forged(4).to_bytes(), receipt=forger.receipt(4, 4)))
+        [_, late, early] = bob_inbox.items["deliver"]
+        self.assertEqual((late.body, early.body), ("second", "first"))
+        self.assertIn(Alarm.REORDERED, early.chain_problems)
+        [reordered] = self.alarms_of(bob_inbox, Alarm.REORDERED)
+        self.assertIn("the server reordered or replayed its messages", reordered)
+        self.assertEqual(late.chain_problems, (Alarm.CHAIN_FORK,))  # it names link 3 as seen: it cannot stand there
+
+    @inlineCallbacks
+    def test_an_old_envelope_placed_again_in_the_signed_chain_is_a_replay(self):
+        alice, _, bob, bob_inbox, conversation = yield self.conversation()
+        [hello] = self.proxy.delivered(bob, conversation)
+        old = hello.arguments
+        old_item = transcript.Link.from_bytes(old["link"]).item
+        forger = yield self.forger(
+            conversation, [bob], lambda link: replace(link, item=old_item) if link.n == 3 else link, alice
+        )
+        self.proxy.on_push(lambda push: HOLD if deliveries(bob, conversation, seq=2)(push) else None)
+        yield alice.send_message(conversation, "two")
+        yield until(lambda: self.proxy.held)
+        yield self.proxy.deliver(
+            bob, **dict(old, seq=2, message_id=old["message_id"] + 50, link=forger.forged(3).to_bytes(),
+                        receipt=forger.receipt(3, 3))
+        )
+        [_, replayed] = bob_inbox.items["deliver"]
+        self.assertEqual((replayed.body, replayed.problem), (None, Problem.REPLAY))
+        self.assertEqual(self.kinds(bob_inbox), [Problem.REPLAY])
+
+
+class ReceiptTests(ChainTestCase):
+    @inlineCallbacks
+    def test_a_rewritten_receipt_is_caught(self):
+        alice, _, bob, bob_inbox, conversation = yield self.conversation()
+
+        def bad_signature(push):
+            if not deliveries(bob, conversation, seq=2)(push):
+                return None
+            receipt = transcript.Receipt.from_bytes(push.arguments["receipt"])
+            head = replace(receipt.head, signature=bytes(64))
+            return dict(push.arguments, receipt=transcript.Receipt(receipt.links, head).to_bytes())
+
+        self.proxy.on_push(bad_signature)
+        yield alice.send_message(conversation, "two")
+        [_, two] = yield bob_inbox.wait("deliver", 2)
+        self.assertEqual((two.body, two.chain, two.chain_problems), ("two", "broken", (Alarm.BAD_HEAD_SIGNATURE,)))
+        self.proxy.honest()
+        key = self.hub.chain.heads.key
+
+        def another_e(push):  # signed with the server's key, over an e its links do not give
+            if not deliveries(bob, conversation, seq=3)(push):
+                return None
+            receipt = transcript.Receipt.from_bytes(push.arguments["receipt"])
+            head = transcript.sign_head(key, conversation, receipt.head.n, bytes(32))
+            return dict(push.arguments, receipt=transcript.Receipt(receipt.links, head).to_bytes())
+
+        self.proxy.on_push(another_e)
+        yield alice.send_message(conversation, "three")
+        [*_, three] = yield bob_inbox.wait("deliver", 3)
+        self.assertEqual(three.chain, "broken")
+        self.assertIn(Alarm.HEAD_MISMATCH, three.chain_problems)
+        # the lie is signed: with the real head at that link, bob holds proof
+        self.assertEqual(self.kinds(bob_inbox)[0], Alarm.BAD_HEAD_SIGNATURE)
+        self.assertEqual(sorted(set(self.kinds(bob_inbox)[1:])), [Alarm.EQUIVOCATION, Alarm.HEAD_MISMATCH])
+        self.assertEqual(len(bob.e2ee.transcripts.chain(conversation).proofs), 1)
+        yield self.still_honest(alice, bob, bob_inbox, conversation, "four")
+        self.assertEqual(bob_inbox.items["deliver"][-1].chain, "verified")
+
+
+class ForgedMembershipLinkTests(ChainTestCase):
+    @inlineCallbacks
+    def test_a_membership_state_the_server_forged_into_the_chain_is_caught(self):
+        alice, _, bob, bob_inbox, group = yield self.conversation(title="plans")
+        carol, _ = yield self.device("carol", install="carols")
+        first = membership.State.from_bytes(bob.e2ee.state.memberships[group][0])
+        stranger = Device.generate("alice")  # keys of the server's own, named alice's
+        forged = membership.sign_state(
+            replace(first, epoch=2, prev=first.hash(), op="add", members=("alice", "bob", "carol"),
+                    actor_device=stranger.id), stranger,
+        )
+        yield self.forger(group, [bob], lambda link: replace(link, item=forged.hash()) if link.kind == "membership"
+                          and link.number == 2 else link, alice)
+
+        def states(tap, request, answer):
+            if (tap.username, tap.device_id) != (bob.username, bob.device_id) or request["conversation_id"] != group:
+                return None
+            return dict(answer, states=[forged.to_bytes() if membership.State.from_bytes(s).epoch == 2 else s
+                                        for s in answer["states"]])
+
+        self.proxy.rewrite(commands.GetMembership, states)
+        yield alice.add_members(group, ["carol"])
+        yield alice.send_message(group, "welcome carol")
+        [_, welcome] = yield bob_inbox.wait("deliver", 2)
+        # alice's message names the real state 2, which bob cannot verify: it is not read, and says why
+        self.assertEqual((welcome.body, welcome.problem), (None, Problem.UNKNOWN_MEMBERSHIP))
+        kinds = self.kinds(bob_inbox)
+        self.assertIn(Alarm.BAD_MEMBERSHIP, kinds)
+        self.assertIn(Alarm.LINK_MISMATCH, kinds)
+        [mismatch] = self.alarms_of(bob_inbox, Alarm.LINK_MISMATCH)
+        self.assertIn("names membership state 2", mismatch)
+        self.assertEqual(bob.e2ee.membership(group).members, {"alice", "bob"})  # the forged state is refused

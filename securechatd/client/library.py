@@ -974,7 +974,7 @@ class ChatClient:
             if outgoing is None:
                 queue.popleft()
                 continue
-            protocol = None
+            protocol = self._protocol  # (the connection this try began on: a failure is about it, or one before)
             try:
                 if outgoing.sealed is None:
                     outgoing.sealed = await self._e2ee().seal_message(conversation_id, outgoing.body)

@@ -235,14 +235,13 @@ class ConversationChain:
             candidates.append((link, position))
         e_new = {p.n: p.e for _, p in candidates}
         taken = 0  # how many candidates a signed head covers
-        for head in sorted(signed, key=lambda head: head.n):
-            if head.n in e_new:
-                ours = e_new[head.n]
-            elif head.n <= self.position.n:
-                ours = self.e_at(head.n)  # (None: older than the window)
-            else:
+        ours_at = lambda n: e_new.get(n, self.e_at(n) if n <= self.position.n else None)  # noqa: E731
+        # (at one n, a head over our e first: a second one over another e is then the server's lie, not our gap)
+        for head in sorted(signed, key=lambda head: (head.n, ours_at(head.n) != head.e)):
+            if head.n > self.position.n and head.n not in e_new:
                 continue  # above the links given: checked when they come
-            self._keep_head(head, server_key, problems)
+            ours = ours_at(head.n)  # (None: older than the window)
+            self._keep_head(head, ours, server_key, problems)
             if ours is None:
                 continue
             if ours != head.e:
@@ -253,7 +252,7 @@ class ConversationChain:
                         " than the server signed (a rewritten receipt, or links changed or left out)",
                     )
                 )
-                if head.n > self.position.n:
+                if head.n > self.position.n + taken:
                     break  # nothing from here on
                 continue
             if head.n > self.position.n:
@@ -273,22 +272,26 @@ class ConversationChain:
                 del self.window[n]
         return Absorbed([link for link, _ in accepted], problems, missing_after, unsigned)
 
-    def _keep_head(self, head, server_key, problems):
-        """Keep a signed head; a kept one for the same n with another e is proof the server lied."""
+    def _keep_head(self, head, ours, server_key, problems):
+        """Keep a signed head; a kept one for the same n with another e is proof the server lied (reported once).
+
+        Of two heads for one n, the one over our e (`ours`) is the one kept.
+        """
         kept = self.heads.get(head.n)
         if kept is not None and kept.e != head.e:
             proof = transcript.equivocation(kept, head, server_key)
             data = proof.to_bytes() if proof is not None else enc([kept.to_bytes(), head.to_bytes()])
-            if data not in self.proofs:
+            if data not in self.proofs and enc([head.to_bytes(), kept.to_bytes()]) not in self.proofs:
                 self.proofs.append(data)
-            problems.append(
-                ChainProblem(
-                    EQUIVOCATION,
-                    f"conversation {self.conversation}: the server signed two different heads at link {head.n}"
-                    " (the proof is kept)",
+                problems.append(
+                    ChainProblem(
+                        EQUIVOCATION,
+                        f"conversation {self.conversation}: the server signed two different heads at link"
+                        f" {head.n} (the proof is kept)",
+                    )
                 )
-            )
-            return
+            if kept.e == ours or head.e != ours:
+                return
         self.heads[head.n] = head
         for n in sorted(self.heads)[: max(len(self.heads) - HEADS_KEPT, 0)]:
             del self.heads[n]
