@@ -925,7 +925,7 @@ class EndToEnd:
         members = await self.refresh_membership(conversation_id)
         if members is None or members.latest is None or self.user not in members.members:
             raise EncryptionUnavailable("You are not a member of this conversation by its latest signed state.")
-        if not self.transcripts.available:
+        if not await self.transcripts.ready():
             raise EncryptionUnavailable("This server keeps no conversation chains: a conversation has no mode here.")
         chain, _ = await self.transcripts.sync(conversation_id)
         if chain.modes and chain.mode == mode:

@@ -179,7 +179,9 @@ class Chat:
         name = self._name(self.current) if self.current is not None else None
         here = self.conversations[self.current].unread if self.current in self.conversations else 0
         total = sum(c.unread for c in self.conversations.values())
-        self.console.set_prompt(ui.prompt(name, here, total - here))
+        conversation = self.conversations.get(self.current)
+        mode = self.client.known_mode(self.current) if conversation is not None and conversation.encrypted else None
+        self.console.set_prompt(ui.prompt(name, here, total - here, mode))
 
     def _now(self):
         return datetime.fromtimestamp(self.clock.seconds(), timezone.utc)

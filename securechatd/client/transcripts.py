@@ -547,8 +547,10 @@ class Transcripts:
     `e2ee` is the crypto.EndToEnd (its client's call, clock, alarm and
     callbacks; its memberships and device chains). Every method runs under
     the EndToEnd's lock (the caller holds it). `available` is False for a
-    server that keeps no chains (then nothing is checked, and messages are
-    UNCHECKED) and None before the server was asked.
+    server that says it keeps no chains (then nothing is checked, and
+    messages are UNCHECKED; with a key pinned that is an alarm), None before
+    the server was asked. With a key pinned, chains are checked with it
+    whatever the server answers, so refusing GetServerKey turns nothing off.
     """
 
     FETCH_LIMIT = 1000  # links asked for in one GetChain
@@ -556,7 +558,7 @@ class Transcripts:
     def __init__(self, e2ee):
         self.e2ee = e2ee
         self.state = e2ee.state
-        self.available = None
+        self.available = True if self.state.server_key else None
         self.changed_key = None  # the key the server gives now, if it is not the one pinned
         self._chains = {
             conversation: ConversationChain.from_bytes(data) for conversation, data in self.state.transcripts.items()
@@ -594,7 +596,7 @@ class Transcripts:
         try:
             answer = await self._call(commands.GetServerKey)
         except (amp.UnhandledCommand, amp.UnknownRemoteError):
-            self.available = False
+            self.available = self.key is not None  # (pinned: still checked, so each message without a link is told)
             if self.key is not None:
                 self.e2ee._alarm(
                     SERVER_KEY_CHANGED,
@@ -606,7 +608,7 @@ class Transcripts:
             return
         key = answer["key"]
         if len(key) != 32:
-            self.available = False
+            self.available = self.key is not None
             self.e2ee._alarm(SERVER_KEY_CHANGED, None, "the server's chain key is not an Ed25519 key")
             return
         self.available = True
@@ -672,16 +674,17 @@ class Transcripts:
                 )
         return links, heads, problems
 
-    async def sync(self, conversation, links=(), heads=(), fetch=False):
+    async def sync(self, conversation, links=(), heads=(), fetch=False, save=True):
         """(ConversationChain, problems): take `links` and `heads` (from a push or receipt), fetching what is missing.
 
         Without links (or links that do not follow on from the verified head),
         the links after it are fetched (GetChain). The membership states and
         mode events of new links are fetched and checked against them. Each
-        problem raises its alarm here.
+        problem raises its alarm here. The device file is written unless
+        `save` is False (the caller writes it with what else it changed).
         """
         chain = self.get(conversation)
-        if not self.available or self.key is None:
+        if not await self.ready():
             return chain, []
         links, heads, problems = list(links), list(heads), []
         fetched = False
@@ -708,9 +711,19 @@ class Transcripts:
         if any(problem.kind in (HEAD_MISMATCH, CHAIN_FORK) for problem in problems):
             problems += await self._look_for_proof(chain)
         self._keep(chain)
-        self.e2ee.save()
+        if save:
+            self.e2ee.save()
         self._alarm(problems)
         return chain, problems
+
+    async def ready(self):
+        """True if chains are followed: a key is pinned (asked for now if the server was not asked yet)."""
+        if self.available is None:
+            try:
+                await self.check_server_key()
+            except commands.ChatError as problem:  # (RATE_LIMITED, say): asked again next time
+                log.info("the server's chain key could not be asked for: {problem}", problem=problem)
+        return bool(self.available) and self.key is not None
 
     async def _look_for_proof(self, chain):
         """After a mismatch: the whole chain as the server shows it now, to find two heads it signed that disagree."""
@@ -839,7 +852,7 @@ class Transcripts:
         message that could not be opened (`opened` False: its own problem was
         reported) only gives its link and receipt: what it holds is not checked.
         """
-        if not self.available or self.key is None:
+        if not await self.ready():
             return Verdict(None, header.mode, UNCHECKED, ())
         problems, link, receipt = [], None, None
         where = f"message {item['message_id']} of conversation {conversation}: "
@@ -860,13 +873,17 @@ class Transcripts:
         chain, synced = self.get(conversation), []
         if link is not None and (receipt is not None or link.n > chain.position.n):
             given = list(receipt.links) if receipt is not None else [link]
-            chain, synced = await self.sync(conversation, given, [receipt.head] if receipt is not None else [])
+            heads = [receipt.head] if receipt is not None else []
+            chain, synced = await self.sync(conversation, given, heads, save=False)
         if not opened:  # (what is wrong with it was reported: it may be no message of this conversation at all)
+            self._keep(chain)
+            self.e2ee.save()
             problems = tuple(p for p in synced if p.kind not in WARNINGS)
             return Verdict(link.n if link is not None else None, header.mode, BROKEN if problems else UNCHECKED,
                            problems)
         if link is None and problems:
             self._alarm(problems, header.sender, where)
+            self.e2ee.save()
             return Verdict(None, header.mode, BROKEN, tuple(problems))
         keys = self.e2ee.chains.history_lookup(header.sender, header.sender_device)
         state_of_epoch, epoch_of = self._lookups(conversation)
@@ -884,7 +901,7 @@ class Transcripts:
     async def sent(self, conversation, seq, header, body, signature, receipt):
         """The Verdict on our own message the server took at `seq` (its receipt bytes, or None)."""
         parsed = Header.from_bytes(header)
-        if not self.available or self.key is None:
+        if not await self.ready():
             return Verdict(None, parsed.mode, UNCHECKED, ())
         problems, link = [], None
         try:
@@ -896,7 +913,7 @@ class Transcripts:
             await self.sync(conversation)
             return Verdict(None, parsed.mode, UNCHECKED, tuple(problems))
         link = parsed_receipt.links[0]
-        chain, synced = await self.sync(conversation, parsed_receipt.links, [parsed_receipt.head])
+        chain, synced = await self.sync(conversation, parsed_receipt.links, [parsed_receipt.head], save=False)
         if (link.kind, link.number, link.item) != (MESSAGE, seq, message_item(header, body, signature)):
             problems.append(
                 ChainProblem(LINK_MISMATCH, f"the server's receipt is not for this message at seq {seq}: it placed"
@@ -921,7 +938,7 @@ class Transcripts:
         """
         chain, _ = await self.sync(conversation)
         n = chain.position.n
-        if not self.available or self.key is None or n == 0 or chain.mode_at(n) != ATTESTABLE:
+        if not await self.ready() or n == 0 or chain.mode_at(n) != ATTESTABLE:
             return None
         if chain.signed >= n and not again:
             return None
@@ -969,7 +986,7 @@ class Transcripts:
         if head.conversation != conversation or head.user != username:
             return ChainProblem(BAD_TRANSCRIPT_HEAD, f"{where} is another conversation's or another user's")
         chain = self.get(conversation)
-        if self.available and self.key is not None and head.n > chain.position.n:
+        if head.n > chain.position.n:
             chain, _ = await self.sync(conversation)
         await self.e2ee.chains.refresh(username, self.e2ee.chain_max_age)
         keys = self.e2ee.chains.device(username, head.device)
@@ -1010,7 +1027,7 @@ class Transcripts:
         read). ExportError if the server's answers do not make a bundle that
         checks (a fork, a missing envelope, ...).
         """
-        if not self.available or self.key is None:
+        if not await self.ready():
             raise ExportError("This server keeps no conversation chains: there is nothing to export.")
         chain, _ = await self.sync(conversation)
         links, heads, problems = await self._fetch(conversation, 0)

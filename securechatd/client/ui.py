@@ -300,9 +300,9 @@ def conversation_name(conversation, me):
     return conversation.title or ", ".join(others)
 
 
-def prompt(conversation, unread, elsewhere=0):
-    """The input prompt: where a line without a slash goes, its unread count, and the other conversations'."""
-    parts = [conversation or "-"]
+def prompt(conversation, unread, elsewhere=0, mode=None):
+    """The input prompt: where a line without a slash goes, its mode (encrypted), its unread count, and the others'."""
+    parts = [conversation or "-"] + ([mode] if mode else [])
     if unread:
         parts.append(f"{unread} unread")
     if elsewhere:
