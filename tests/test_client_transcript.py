@@ -468,6 +468,21 @@ class ExportTests(ChainTestCase):
         self.assertEqual(self.verify(mine.data).disclosed, {2: "bob here", 4: "off the record"})
 
     @inlineCallbacks
+    def test_the_transcript_head_of_a_member_who_left_is_exported(self):
+        [(alice, alice_inbox), (bob, _), (carol, _)], group = yield self.three()
+        yield carol.leave_conversation(group)  # (the server keeps the heads of members only: alice kept carol's)
+        [signed] = yield alice_inbox.wait("signed", 1)
+        self.assertEqual((signed.username, signed.verified), ("carol", True))
+        heads = yield alice.call(commands.GetTranscriptHeads, conversation_id=group)
+        self.assertEqual(heads["heads"], [])
+        yield bob.send_message(group, "carol left")
+        yield alice_inbox.wait("deliver", 1)
+        exported = yield alice.export(group)
+        checked = self.verify(exported.data)
+        self.assertEqual([(th["user"], th["n"]) for th in checked.ths], [("carol", 2)])
+        self.assertEqual([s["op"] for s in checked.states], ["create", "leave"])
+
+    @inlineCallbacks
     def test_the_command_line_verifier_accepts_it_with_the_server_key(self):
         (alice, _, _), group = yield self.conversation_with_history()
         exported = yield alice.export(group)

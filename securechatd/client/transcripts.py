@@ -127,7 +127,9 @@ class ConversationChain:
     `counters` {(user, device): (n, counter)} of each sender device's last
     message in chain order; `heads` {n: Head} signed heads seen; `proofs`
     equivocation proofs (bytes); `signed` the n of the newest transcript
-    head this device signed.
+    head this device signed; `ths` {(user, device): TH bytes} the newest
+    transcript head of each device that checked here (this device's own
+    among them), for exports: the server keeps only its members' newest.
     """
 
     def __init__(self, conversation):
@@ -141,6 +143,7 @@ class ConversationChain:
         self.heads = {}
         self.proofs = []
         self.signed = 0
+        self.ths = {}
 
     def __repr__(self):
         return f"<ConversationChain {self.conversation} n={self.position.n}>"
@@ -325,15 +328,18 @@ class ConversationChain:
                 enc([self.heads[n].to_bytes() for n in sorted(self.heads)]),
                 enc(self.proofs),
                 self.signed,
+                enc([self.ths[key] for key in sorted(self.ths)]),
             ]
         )
 
     @classmethod
     def from_bytes(cls, data):
-        fields = dec(data, 14)
-        if fields[0] != LABEL:
+        fields = dec(data)
+        if fields[:1] != [LABEL] or len(fields) not in (14, 15):
             raise Malformed("not a conversation chain of version securechatd/client-chain/v1")
-        (_, conversation, n, e, numbers, low, window, epochs, modes, mode_links, counters, heads, proofs, signed) = fields
+        fields += [enc([])] * (15 - len(fields))  # (kept transcript heads came later)
+        (_, conversation, n, e, numbers, low, window, epochs, modes, mode_links, counters, heads, proofs, signed,
+         ths) = fields
         chain = cls(_u64(conversation))
         numbers = [_u64(number) for number in dec(numbers, len(transcript.KINDS))]
         if len(e) != 32 or len(window) % 40:
@@ -354,7 +360,16 @@ class ConversationChain:
             chain.heads[head.n] = head
         chain.proofs = dec(proofs)
         chain.signed = _u64(signed)
+        for data in dec(ths):
+            head = transcript.TranscriptHead.from_bytes(data)
+            chain.ths[head.user, head.device] = data
         return chain
+
+    def keep_th(self, head, data):
+        """Keep a transcript head that checked, if it is its device's newest."""
+        kept = self.ths.get((head.user, head.device))
+        if kept is None or transcript.TranscriptHead.from_bytes(kept).n <= head.n:
+            self.ths[head.user, head.device] = data
 
 
 def find_equivocation(chain, links, heads, server_key):
@@ -950,6 +965,7 @@ class Transcripts:
         head = transcript.sign_transcript_head(device, conversation, n, chain.position.e, state.hash(), time)
         await self._call(commands.SignTranscript, conversation_id=conversation, head=head.to_bytes())
         chain.signed = max(chain.signed, n)
+        chain.keep_th(head, head.to_bytes())
         self._keep(chain)
         self.e2ee.save()
         return Signed(conversation, n, chain.seq_at(n) or 0)
@@ -978,6 +994,10 @@ class Transcripts:
         )
         if problem is not None:
             self._alarm([problem], username)
+        elif record.verified:
+            chain.keep_th(head, data)
+            self._keep(chain)
+            self.e2ee.save()
         return record
 
     async def _check_head(self, conversation, username, head):
@@ -1088,13 +1108,26 @@ class Transcripts:
         users |= {membership.ModeEvent.from_bytes(event).actor for event in modes}
         users |= {Header.from_bytes(header).sender for _, header, _, _ in envelopes}
         left_out, heads_kept = [], []
-        for data in (await self._call(commands.GetTranscriptHeads, conversation_id=conversation))["heads"]:
-            reason = await self._exportable_head(data, chain, links, es, states, modes)
-            if reason is None:
-                heads_kept.append(data)
-                users.add(transcript.TranscriptHead.from_bytes(data).user)
+        given = (await self._call(commands.GetTranscriptHeads, conversation_id=conversation))["heads"]
+        candidates = {}  # (user, device) -> [(n, bytes)]: the server's, and those kept here (of members who left)
+        for data in dict.fromkeys(list(given) + list(chain.ths.values())):
+            try:
+                head = transcript.TranscriptHead.from_bytes(data)
+            except Malformed:
+                left_out.append("a malformed transcript head")
+                continue
+            candidates.setdefault((head.user, head.device), []).append((head.n, data))
+        for key in sorted(candidates):  # each device's newest that checks
+            reasons = []
+            for _, data in sorted(candidates[key], reverse=True):
+                reason = await self._exportable_head(data, chain, links, es, states, modes)
+                if reason is None:
+                    heads_kept.append(data)
+                    users.add(key[0])
+                    break
+                reasons.append(reason)
             else:
-                left_out.append(reason)
+                left_out += reasons[:1]
         device_chains = {}
         for user in sorted(users):
             await self.e2ee.chains.refresh(user, self.e2ee.chain_max_age)
