@@ -637,7 +637,18 @@ class EndToEnd:
             return text, problem, None
         if problem is not None and problem.problem in (Problem.MISMATCHED_HEADER, Problem.REPLAY, Problem.DUPLICATE):
             return text, problem, None  # not this conversation's message at this place: its link is not taken
-        return text, problem, await self.transcripts.check(conversation_id, item, header, opened=problem is None)
+        try:
+            verdict = await self.transcripts.check(conversation_id, item, header, opened=problem is None)
+        except ConnectionClosed:
+            raise  # (the push is not answered: it comes again)
+        except Exception as failed:  # never a reason not to hand the message over: it is shown, unchecked
+            if isinstance(failed, commands.ChatError):
+                log.info("e2ee: the chain of conversation {id} could not be followed now: {why}", id=conversation_id,
+                         why=failed)
+            else:
+                log.failure("e2ee: following the chain of conversation {id}", id=conversation_id)
+            verdict = transcripts.Verdict(None, header.mode, transcripts.UNCHECKED, ())
+        return text, problem, verdict
 
     async def _open_reporting(self, conversation_id, item):
         try:

@@ -1013,7 +1013,10 @@ class ChatClient:
         """Keep our message's key, and take its link and receipt into the chain: its Verdict (None if that failed)."""
         try:
             return await self.e2ee.sent_checked(answer, outgoing.sealed, conversation_id)
-        except Exception:  # (the message is sent: a chain that cannot be followed now is followed at the next one)
+        except (ConnectionClosed, commands.ChatError) as problem:  # (the message is sent: followed at the next one)
+            log.info("the chain of conversation {id} is followed later: {why}", id=conversation_id, why=problem)
+            return None
+        except Exception:
             log.failure("following the chain of conversation {id}", Failure(), id=conversation_id)
             return None
 
@@ -1255,6 +1258,9 @@ class ChatClient:
             return await e2ee.sign_transcript(conversation_id, again)
         except ConnectionClosed:
             return None
+        except commands.ChatError as refused:  # (RATE_LIMITED, say): the next read signs again
+            log.info("the transcript of conversation {id} was not signed: {why}", id=conversation_id, why=refused)
+            return None
         except Exception:
             log.failure("signing the transcript of conversation {id}", Failure(), id=conversation_id)
             return None
@@ -1307,10 +1313,14 @@ class ChatClient:
         e2ee = self.e2ee
         if e2ee is None or not e2ee.active:
             return succeed(None)
+        def failed(failure):
+            if failure.check(ConnectionClosed, commands.ChatError):
+                log.info("a transcript head could not be checked now: {why}", why=failure.value)
+            else:
+                log.failure("checking a transcript head", failure)
+
         checked = Deferred.fromCoroutine(e2ee.transcript_signed(conversation_id, username, head))
-        checked.addCallback(self.on_transcript_signed)
-        checked.addErrback(lambda failure: log.failure("checking a transcript head", failure))
-        return checked
+        return checked.addCallback(self.on_transcript_signed).addErrback(failed)
 
     def get_receipts(self, conversation_id, message_id):
         return self.call(commands.GetReceipts, conversation_id=conversation_id, message_id=message_id).addCallback(
