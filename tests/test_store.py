@@ -280,6 +280,43 @@ def _check_v8(testcase, db):
         testcase.assertEqual(db.execute("SELECT link_n, signature FROM messages WHERE id = 200").fetchone(), (None, None))
 
 
+def _insert_v9(db):
+    _insert_v8(db)
+    db.executescript(
+        """
+        INSERT INTO conversations (id, kind, title, created_at, last_seq, encrypted, epoch, members_hash, chain_n)
+            VALUES (4, 'group', 'log', 40.0, 1, 1, 1, x'dd', 1);
+        INSERT INTO members (conversation_id, user_id, joined_at, delivered_seq, read_seq)
+            SELECT 4, id, 40.0, 0, 0 FROM users WHERE username = 'alice';
+        INSERT INTO messages (id, conversation_id, seq, sender_id, sender, client_msg_id, body, sent_at,
+                              sender_device, header, sealed, counter, link_n, signature)
+            SELECT 300, 4, 1, id, 'alice', 'y1', '', 41.0, 'aa', x'45', x'46', x'0000000000000001', 1, x'43'
+            FROM users WHERE username = 'alice';
+        INSERT INTO links (conversation_id, n, e, link) VALUES (4, 1, x'41', x'42');
+        INSERT INTO heads (conversation_id, n, head) VALUES (4, 1, x'44');
+        """
+    )
+
+
+def _check_v9(testcase, db):
+    _check_v8(testcase, db)
+    testcase.assertEqual(
+        db.execute("SELECT l.e, l.link, h.head, m.signature FROM links l JOIN heads h USING (conversation_id, n)"
+                   " JOIN messages m ON m.link_n = l.n AND m.conversation_id = l.conversation_id").fetchall(),
+        [(b"\x41", b"\x42", b"\x44", b"\x43")],
+    )
+    columns = {row[1] for row in db.execute("PRAGMA table_info(users)")}
+    if "appear_offline" in columns:  # (after version 10: no one hides anything, no one has a second factor yet)
+        testcase.assertEqual(
+            db.execute("SELECT DISTINCT hide_last_seen, appear_offline FROM users").fetchall(), [(0, 0)]
+        )
+        testcase.assertEqual(
+            db.execute("SELECT client_name, address, last_active FROM resume_tokens").fetchall(), [(None, None, None)]
+        )
+        for table in ("two_factor", "recovery_codes", "account_events", "invitations"):
+            testcase.assertEqual(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone(), (0,), table)
+
+
 SAMPLES = {
     1: (_insert_v1, _check_v1),
     2: (_insert_v2, _check_v2),
@@ -289,6 +326,7 @@ SAMPLES = {
     6: (_insert_v6, _check_v6),
     7: (_insert_v7, _check_v7),
     8: (_insert_v8, _check_v8),
+    9: (_insert_v9, _check_v9),
 }
 
 

@@ -1,13 +1,25 @@
-"""SQL for accounts and resume tokens."""
+"""SQL for accounts, resume tokens and the sessions they stand for."""
 
 from collections import namedtuple
 
 from securechatd.store import dialect
-from securechatd.store.base import LIVE, MAX_NAMES, USER_ID, StoreBase, limited, placeholders
+from securechatd.store.account_log import append_event, nonce_used
+from securechatd.store.base import LIVE, MAX_NAMES, USER_ID, StoreBase, limited, placeholders, user_id
 
-# generation: 1 for a new account, +1 at every password change (a login checked
-# against one generation cannot be given a token after the next)
-Credentials = namedtuple("Credentials", "user_id username password_hash generation")
+# generation: 1 for a new account, +1 at every password change and when two-factor
+# login is switched on (a login checked against one generation cannot be given a
+# token after the next); two_factor: two-factor login is on
+Credentials = namedtuple("Credentials", "user_id username password_hash generation two_factor", defaults=(False,))
+# A session that may come back (it holds a resume token): what the user sees of it in ListSessions.
+Resumable = namedtuple("Resumable", "session_id device_id client_name address started last_active")
+
+
+def revoke_tokens(txn, uid, keep_session=None):
+    """Delete the resume tokens of user `uid`, but the one of session `keep_session` (None: all)."""
+    txn.execute(
+        "DELETE FROM resume_tokens WHERE user_id = ? AND (? IS NULL OR session_id <> ?)",
+        (uid, keep_session, keep_session),
+    )
 
 
 class AccountStore(StoreBase):
@@ -88,11 +100,13 @@ class AccountStore(StoreBase):
     @staticmethod
     def _get_credentials_txn(txn, username):
         txn.execute(
-            f"SELECT id, username, password_hash, generation FROM users WHERE username = ? AND {LIVE}",
+            "SELECT id, username, password_hash, generation,"
+            " EXISTS (SELECT 1 FROM two_factor t WHERE t.user_id = users.id AND t.enabled = 1)"
+            f" FROM users WHERE username = ? AND {LIVE}",
             (username,),
         )
         row = txn.fetchone()
-        return Credentials(*row) if row else None
+        return Credentials(*row[:4], bool(row[4])) if row else None
 
     def set_password(self, username, password_hash, now, keep_session=None):
         """Deferred: True if the user exists (and is not deleted): then their credential
@@ -109,10 +123,7 @@ class AccountStore(StoreBase):
         row = txn.fetchone()
         if row is None:
             return False
-        txn.execute(
-            "DELETE FROM resume_tokens WHERE user_id = ? AND (? IS NULL OR session_id <> ?)",
-            (row[0], keep_session, keep_session),
-        )
+        revoke_tokens(txn, row[0], keep_session)
         return True
 
     def rehash_password(self, username, old_hash, new_hash):
@@ -154,6 +165,9 @@ class AccountStore(StoreBase):
             ("signed_prekeys", "user_id"),
             ("devices", "user_id"),
             ("chain_links", "user_id"),
+            ("two_factor", "user_id"),  # (the account log stays: it is append-only)
+            ("recovery_codes", "user_id"),
+            ("invitations", "user_id"),
         ):
             txn.execute(f"DELETE FROM {table} WHERE {column} = ?", row)
         return True
@@ -239,3 +253,101 @@ class AccountStore(StoreBase):
             f" AND user_id = ({USER_ID})",
             (session_id, username),
         )
+
+    # -- sessions under the user's control ---------------------------------------------
+
+    def session_started(self, username, session_id, client_name, address, event, now):
+        """Deferred: note what the session's client said it was and where it is (its resume token's
+        row, for ListSessions once it is gone) and log `event` (its login): (its Logged leaf, the
+        user's appear_offline); None if there is no such user."""
+        return self._write(
+            "session_started", self._session_started_txn, username, session_id, client_name, address, event, now
+        )
+
+    @staticmethod
+    def _session_started_txn(txn, username, session_id, client_name, address, event, now):
+        uid = user_id(txn, username)
+        if uid is None:
+            return None
+        txn.execute(
+            "UPDATE resume_tokens SET client_name = ?, address = ?, last_active = ?"
+            " WHERE user_id = ? AND session_id = ?",
+            (client_name, address, now, uid, session_id),
+        )
+        txn.execute("SELECT appear_offline FROM users WHERE id = ?", (uid,))
+        (appear_offline,) = txn.fetchone()
+        return append_event(txn, uid, username, event, now), bool(appear_offline)
+
+    def session_left(self, username, session_id, last_active):
+        """Deferred: the session's connection went at `last_active`; its resume token (if any) remembers it."""
+        return self._write("session_left", self._session_left_txn, username, session_id, last_active)
+
+    @staticmethod
+    def _session_left_txn(txn, username, session_id, last_active):
+        txn.execute(
+            f"UPDATE resume_tokens SET last_active = ? WHERE session_id = ? AND user_id = ({USER_ID})",
+            (last_active, session_id, username),
+        )
+
+    def resumable_sessions(self, username, now):
+        """Deferred: [Resumable] of the user's unexpired resume tokens, oldest first."""
+        return self._read("resumable_sessions", self._resumable_txn, username, now)
+
+    @staticmethod
+    def _resumable_txn(txn, username, now):
+        txn.execute(
+            "SELECT session_id, device_id, client_name, address, created_at, COALESCE(last_active, created_at)"
+            f" FROM resume_tokens WHERE user_id = ({USER_ID}) AND expires_at > ? ORDER BY created_at, session_id",
+            (username, now),
+        )
+        return [Resumable(*row) for row in txn.fetchall()]
+
+    def end_sessions(self, username, session_ids, keep_session, event, now, must_find=False):
+        """Deferred: revoke the resume tokens of `session_ids` (None: of every session but
+        `keep_session`) and log `event`: ([session ids whose tokens were revoked], Logged); None if
+        there is no such user, or (with `must_find`) no such token; "replayed" for a signed action
+        seen before."""
+        return self._write(
+            "end_sessions", self._end_sessions_txn, username, session_ids, keep_session, event, now, must_find
+        )
+
+    @staticmethod
+    def _end_sessions_txn(txn, username, session_ids, keep_session, event, now, must_find):
+        uid = user_id(txn, username)
+        if uid is None:
+            return None
+        if nonce_used(txn, uid, event.action):
+            return "replayed"
+        if session_ids is None:
+            txn.execute(
+                "DELETE FROM resume_tokens WHERE user_id = ? AND (? IS NULL OR session_id <> ?) RETURNING session_id",
+                (uid, keep_session, keep_session),
+            )
+        else:
+            txn.execute(
+                f"DELETE FROM resume_tokens WHERE user_id = ? AND session_id IN {placeholders(session_ids)}"
+                " RETURNING session_id",
+                (uid, *session_ids),
+            )
+        ended = [session_id for (session_id,) in txn.fetchall()]
+        if must_find and not ended:
+            return None
+        return ended, append_event(txn, uid, username, event, now)
+
+    def change_password(self, username, password_hash, now, keep_session, event):
+        """Deferred: as set_password, and log `event` in the same transaction: its Logged leaf;
+        None if there is no such user; "replayed" (nothing changed) for a signed action seen before."""
+        return self._write(
+            "change_password", self._change_password_txn, username, password_hash, now, keep_session, event
+        )
+
+    @classmethod
+    def _change_password_txn(cls, txn, username, password_hash, now, keep_session, event):
+        uid = user_id(txn, username)
+        if uid is None:
+            return None
+        if nonce_used(txn, uid, event.action):
+            return "replayed"
+        if not cls._set_password_txn(txn, username, password_hash, now, keep_session):
+            return None
+        return append_event(txn, uid, username, event, now)
