@@ -1,4 +1,4 @@
-"""`securechatd-admin`: certificates, accounts and the server's signing key, safe while the daemon runs.
+"""`securechatd-admin`: certificates, accounts, two-factor login, the server's signing key; safe while the daemon runs.
 
 Account commands open the same SQLite database as the daemon (WAL mode and a
 busy timeout let both write) and apply the same rules and bcrypt cost.
@@ -25,6 +25,7 @@ from securechatd.server.chain import load_server_key
 from securechatd.server.passwords import token_hash
 from securechatd.server.passwords import PasswordHasher, check_rule
 from securechatd.store import MigrationError, Store, StoreError, open_pool, prepare_database
+from securechatd.store.account_log import Logged, NewEvent
 
 
 class AdminError(Exception):
@@ -32,9 +33,15 @@ class AdminError(Exception):
 
 
 class CertsOptions(usage.Options):
-    synopsis = "--dir DIR --hostname NAME [--hostname NAME ...] [--ip ADDR ...]"
-    longdesc = "Make a new CA and a server certificate signed by it; never overwrites files."
-    optParameters = [["dir", None, "certs", "Directory to write ca.pem, ca.key, server.pem, server.key."]]
+    synopsis = "--dir DIR --hostname NAME [--hostname NAME ...] [--ip ADDR ...] | --dir DIR --client USER"
+    longdesc = (
+        "Make a new CA and a server certificate signed by it; or, with --client, a client certificate"
+        " for an account (mutual TLS), signed by the CA in DIR. Never overwrites files."
+    )
+    optParameters = [
+        ["dir", None, "certs", "Directory to write ca.pem, ca.key, server.pem, server.key (or USER.pem, USER.key)."],
+        ["client", None, None, "Make a client certificate for this account instead (key mode 0600)."],
+    ]
 
     def __init__(self):
         super().__init__()
@@ -58,7 +65,11 @@ class CertsOptions(usage.Options):
             raise usage.UsageError(f"--ip: {address!r} is not an IP address")
 
     def postOptions(self):
-        if not self["hostname"]:
+        if self["client"] is not None:
+            if self["hostname"] or self["ip"]:
+                raise usage.UsageError("--client makes a client certificate: it takes no --hostname or --ip")
+            self["client"] = _username(self["client"])
+        elif not self["hostname"]:
             raise usage.UsageError("--hostname is required")
 
 
@@ -96,6 +107,23 @@ class UsersOptions(usage.Options):
     optParameters = [["prefix", None, "", "Only names starting with this."]]
 
 
+class TwoFactorOptions(UserOptions):
+    synopsis = "NAME [--disable]"
+    longdesc = (
+        "Show whether a user's two-factor login is on; with --disable, switch it off (for a user who lost"
+        " their authenticator and their recovery codes). The user's account log records it."
+    )
+    optFlags = [["disable", None, "Switch the user's two-factor login off."]]
+
+    def parseArgs(self, username, *rest):
+        """NAME, and --disable before or after it (`2fa USER --disable`, as the docs spell it)."""
+        for argument in rest:
+            if argument != "--disable":
+                raise usage.UsageError(f"unexpected argument {argument!r}")
+            self["disable"] = True
+        self["username"] = username
+
+
 class ServerKeyOptions(usage.Options):
     longdesc = (
         "Print the server's signing key (it signs the chains of encrypted conversations) and its key id:"
@@ -117,6 +145,7 @@ class Options(usage.Options):
         ["users", None, UsersOptions, "List users."],
         ["invite", None, InviteOptions, "Make a registration invitation."],
         ["server-key", None, ServerKeyOptions, "Print the server's signing key and its id."],
+        ["2fa", None, TwoFactorOptions, "Show or switch off a user's two-factor login."],
     ]
 
     def postOptions(self):
@@ -141,7 +170,7 @@ def read_password(prompt, stdin=None):
 
 
 def _print_server_key(settings, out):
-    path = settings.signing_key or os.path.join(settings.certs, "signing.key")
+    path = config.signing_key_path(settings)
     if not os.path.exists(path):
         raise AdminError(f"no signing key at {path} yet: the daemon makes it when it first starts")
     public = load_server_key(path).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
@@ -172,6 +201,9 @@ async def _accounts(reactor, settings, command, options, out):
             out.write(invite + "\n")
             return
         username = _username(options["username"])
+        if command == "2fa":
+            await _two_factor(reactor, settings, store, username, options["disable"], out)
+            return
         if command == "deluser":
             if not await store.delete_user(username, reactor.seconds()):
                 raise AdminError(f"no such user: {username}")
@@ -186,13 +218,35 @@ async def _accounts(reactor, settings, command, options, out):
                 raise AdminError(f"the username {username} is taken")
             audit.record(settings.audit_log, "admin_adduser", reactor.seconds(), target=username, method="admin")
             out.write(f"created {username}\n")
-        elif await store.set_password(username, hashed, reactor.seconds()):
+        elif isinstance(
+            await store.change_password(
+                username, hashed, reactor.seconds(), None, NewEvent("password_change", target="admin")
+            ),
+            Logged,
+        ):
             audit.record(settings.audit_log, "admin_passwd", reactor.seconds(), target=username, method="admin")
             out.write(f"password changed for {username}; their resume tokens are revoked\n")
         else:
             raise AdminError(f"no such user: {username}")
     finally:
         store.close()
+
+
+async def _two_factor(reactor, settings, store, username, disable, out):
+    """`2fa USER [--disable]`: the user's two-factor login, switched off and logged if asked."""
+    if await store.get_credentials(username) is None:
+        raise AdminError(f"no such user: {username}")
+    state = await store.two_factor(username)
+    if not disable:
+        on = state is not None and state.enabled
+        out.write(f"two-factor login {'on' if on else 'off'} for {username}")
+        out.write(f", {state.recovery_left} recovery codes left\n" if on else "\n")
+        return
+    event = NewEvent("second_factor_off", target="admin")
+    if await store.disable_two_factor(username, event, reactor.seconds()) is None:
+        raise AdminError(f"two-factor login is not on for {username}")
+    audit.record(settings.audit_log, "admin_2fa_disable", reactor.seconds(), target=username, method="admin")
+    out.write(f"two-factor login switched off for {username}; they log in with their password alone\n")
 
 
 def run(argv, out=sys.stdout):
@@ -205,7 +259,11 @@ def run(argv, out=sys.stdout):
         command, sub = options.subCommand, options.subOptions
         if command == "certs":
             now = datetime.fromtimestamp(reactor.seconds(), timezone.utc)
-            for path in certs.write_certs(sub["dir"], sub["hostname"], sub["ip"], now=now):
+            if sub["client"] is not None:
+                written = certs.write_client_cert(sub["dir"], sub["client"], now=now)
+            else:
+                written = certs.write_certs(sub["dir"], sub["hostname"], sub["ip"], now=now)
+            for path in written:
                 out.write(f"wrote {path}\n")
             return 0
         if command == "server-key":

@@ -196,6 +196,77 @@ def write_certs(directory, hostnames, ips=(), *, now, days=825):
     return written
 
 
+def write_client_cert(directory, username, *, now, days=825, ca_dir=None):
+    """
+    Make a client certificate for the account username (mutual TLS),
+    signed by the CA in ca_dir (ca.pem, ca.key; default: directory).
+
+    Its subject's common name is the account name, which the daemon
+    requires to be the account that logs in on the connection; its
+    extended key usage is client authentication only, so it can never
+    pass for a server.
+
+    @raise CertError: if the CA cannot be read, if USERNAME.pem or
+        USERNAME.key already exists (nothing is written then), or a file
+        cannot be written.
+    @return: the paths written: USERNAME.pem, USERNAME.key (0600).
+    """
+    ca_dir = ca_dir or directory
+    ca_cert_path, ca_key_path = os.path.join(ca_dir, CA_CERT), os.path.join(ca_dir, CA_KEY)
+    try:
+        with open(ca_cert_path, "rb") as f:
+            ca_cert = x509.load_pem_x509_certificate(f.read())
+        with open(ca_key_path, "rb") as f:
+            ca_key = serialization.load_pem_private_key(f.read(), password=None)
+    except OSError as e:
+        raise CertError(f"cannot read the CA ({e.filename}): {e.strerror}")
+    except (ValueError, TypeError):
+        raise CertError(f"{ca_cert_path} and {ca_key_path} are not a PEM certificate and its unencrypted key")
+    paths = [os.path.join(directory, f"{username}.pem"), os.path.join(directory, f"{username}.key")]
+    for path in paths:
+        if os.path.lexists(path):
+            raise CertError(f"{path} already exists; refusing to overwrite it")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, username)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise CertError(f"cannot create directory {directory}: {e.strerror}")
+    _write_new(paths[1], _key_pem(key), 0o600)
+    try:
+        _write_new(paths[0], _cert_pem(cert), 0o644)
+    except CertError:
+        os.unlink(paths[1])
+        raise
+    return paths
+
+
 def ensure_dev_certs(directory, now):
     """
     Make development certificates on first run; otherwise leave everything.

@@ -37,6 +37,9 @@ ServiceUnavailable = _error("ServiceUnavailable", b"SERVICE_UNAVAILABLE")
 MailboxFull = _error("MailboxFull", b"MAILBOX_FULL")
 NoSuchDevice = _error("NoSuchDevice", b"NO_SUCH_DEVICE")
 BadSignature = _error("BadSignature", b"BAD_SIGNATURE")
+SecondFactorRequired = _error("SecondFactorRequired", b"SECOND_FACTOR_REQUIRED")  # (issue 13) answer with SecondFactor
+EnrolmentRequired = _error("EnrolmentRequired", b"ENROLMENT_REQUIRED")  # (issue 13) enrol to finish logging in
+NoSuchSession = _error("NoSuchSession", b"NO_SUCH_SESSION")  # (issue 13)
 
 ERRORS = {
     cls: cls.code
@@ -57,11 +60,16 @@ ERRORS = {
         MailboxFull,
         NoSuchDevice,
         BadSignature,
+        SecondFactorRequired,
+        EnrolmentRequired,
+        NoSuchSession,
     )
 }
 ERRORS_BY_CODE = {code: cls for cls, code in ERRORS.items()}
 
 BAD_CREDENTIALS_TEXT = "Wrong username or password."
+# the answer to a wrong second step: it never says whether the password or the code was wrong
+SECOND_FACTOR_TEXT = "Wrong username, password or code; log in again."
 # the same for an id that does not exist and one the caller is not in; it names no id (clients show it as is)
 NO_SUCH_CONVERSATION_TEXT = "You are not in that conversation, or it does not exist."
 
@@ -302,8 +310,17 @@ class Logout(ChatCommand):
     response = []
 
 
+# (issue 13) A device's signature over an action it starts (docs/PROTOCOL.md, "Account log"):
+# required from a session bound to a device, refused from one bound to none.
+_SIGNED_ACTION = [
+    (b"action_time", Integer(optional=True)),  # ms since the epoch, the device's clock
+    (b"action_nonce", amp.String(optional=True)),  # 16 random bytes
+    (b"action_signature", amp.String(optional=True)),  # 64 bytes, Ed25519 under securechatd/account-action/v1
+]
+
+
 class ChangePassword(ChatCommand):
-    arguments = [(b"old_password", amp.Unicode()), (b"new_password", amp.Unicode())]
+    arguments = [(b"old_password", amp.Unicode()), (b"new_password", amp.Unicode()), *_SIGNED_ACTION]
     response = []
 
 
@@ -337,6 +354,13 @@ class GetPresence(ChatCommand):
             ),
         )
     ]
+
+
+class SetPrivacy(ChatCommand):
+    """(issue 13) Hide your last-seen time, appear offline to everyone; absent: unchanged. Answers both."""
+
+    arguments = [(b"hide_last_seen", amp.Boolean(optional=True)), (b"appear_offline", amp.Boolean(optional=True))]
+    response = [(b"hide_last_seen", amp.Boolean()), (b"appear_offline", amp.Boolean())]
 
 
 class ListUsers(ChatCommand):
@@ -710,4 +734,168 @@ class ConversationUpdated(ChatCommand):
         (b"members", amp.ListOf(amp.Unicode())),
         (b"encrypted", amp.Boolean(optional=True)),  # (v2)
     ]
+    response = []
+
+
+# -- account security (issue 13) ------------------------------------------------------
+#
+# Two-factor login (TOTP, recovery codes), sessions under the user's control,
+# the tamper-evident account log, invitations; docs/PROTOCOL.md, "Account security".
+
+_LOGGED_IN_OPTIONAL = [(name, type(argument)(optional=True)) for name, argument in _LOGGED_IN]
+
+
+class SecondFactor(ChatCommand):
+    """The second step of a Login answered SECOND_FACTOR_REQUIRED: a TOTP code or a recovery code."""
+
+    arguments = [(b"code", amp.Unicode())]
+    response = _LOGGED_IN
+
+
+class BeginTwoFactor(ChatCommand):
+    """A new TOTP secret to enrol (base32, and the otpauth:// URI an app scans); on only once confirmed."""
+
+    arguments = []
+    response = [(b"secret", amp.Unicode()), (b"uri", amp.Unicode())]
+
+
+class ConfirmTwoFactor(ChatCommand):
+    """A code of the secret BeginTwoFactor gave: two-factor login is on; the recovery codes, shown once.
+
+    After a Login answered ENROLMENT_REQUIRED, the answer also logs the connection in (the Login fields)."""
+
+    arguments = [(b"code", amp.Unicode()), *_SIGNED_ACTION]
+    response = [(b"recovery_codes", amp.ListOf(amp.Unicode())), *_LOGGED_IN_OPTIONAL]
+
+
+class DisableTwoFactor(ChatCommand):
+    arguments = [(b"code", amp.Unicode()), *_SIGNED_ACTION]  # a current code or a recovery code
+    response = []
+
+
+class NewRecoveryCodes(ChatCommand):
+    """Ten new recovery codes, shown once; the old ones stop working."""
+
+    arguments = [(b"code", amp.Unicode()), *_SIGNED_ACTION]  # a current code or a recovery code
+    response = [(b"recovery_codes", amp.ListOf(amp.Unicode()))]
+
+
+class TwoFactorStatus(ChatCommand):
+    arguments = []
+    response = [(b"enabled", amp.Boolean()), (b"required", amp.Boolean()), (b"recovery_codes_left", Integer())]
+
+
+class ListSessions(ChatCommand):
+    """The caller's sessions: those logged in now and those that may come back (a resume token)."""
+
+    arguments = []
+    response = [
+        (
+            b"sessions",
+            amp.AmpList(
+                [
+                    (b"session_id", amp.Unicode()),
+                    (b"device_id", amp.Unicode(optional=True)),
+                    (b"client_name", amp.Unicode(optional=True)),
+                    (b"address", amp.Unicode(optional=True)),
+                    (b"since", amp.DateTime()),
+                    (b"last_active", amp.DateTime()),
+                    (b"online", amp.Boolean()),
+                    (b"this_session", amp.Boolean()),
+                ]
+            ),
+        ),
+        (b"has_more", amp.Boolean()),
+    ]
+
+
+class EndSession(ChatCommand):
+    """End one of the caller's other sessions: its connection closes and its resume token is revoked."""
+
+    arguments = [(b"session_id", amp.Unicode()), *_SIGNED_ACTION]
+    response = []
+
+
+class EndOtherSessions(ChatCommand):
+    arguments = [*_SIGNED_ACTION]
+    response = [(b"ended", Integer())]  # sessions ended: logged in, or holding a resume token
+
+
+class GetAccountLog(ChatCommand):
+    """The caller's account events after `after_seq`, each with its inclusion proof in the signed tree
+    head, and the consistency proof from the tree of `tree_size` leaves (the head the client saw last)."""
+
+    arguments = [(b"after_seq", Integer(optional=True)), (b"tree_size", Integer(optional=True))]
+    response = [
+        (
+            b"events",
+            amp.AmpList([(b"event", amp.String()), (b"leaf_index", Integer()), (b"proof", amp.String())]),
+        ),
+        (b"tree_head", amp.String()),
+        (b"consistency", amp.String()),
+        (b"has_more", amp.Boolean()),
+    ]
+
+
+class InviteMembers(ChatCommand):
+    """Invite people to a group: each becomes a member only by accepting (AnswerInvitation)."""
+
+    arguments = [(b"conversation_id", Integer()), (b"members", amp.ListOf(amp.Unicode()))]
+    response = [(b"invited", amp.ListOf(amp.Unicode()))]
+
+
+INVITATION = [
+    (b"conversation_id", Integer()),
+    (b"kind", amp.Unicode()),
+    (b"title", amp.Unicode(optional=True)),
+    (b"inviter", amp.Unicode()),
+    (b"invited_at", amp.DateTime()),
+    (b"accepted", amp.Boolean()),  # accepted, waiting for a member's signed state (encrypted groups)
+    (b"encrypted", amp.Boolean(optional=True)),
+]
+
+
+class GetInvitations(ChatCommand):
+    """The invitations to a group the caller belongs to: who was invited, by whom, and who accepted
+    (an encrypted group's accepted invitations wait for a member's signed state)."""
+
+    arguments = [(b"conversation_id", Integer())]
+    response = [
+        (
+            b"invitations",
+            amp.AmpList(
+                [
+                    (b"username", amp.Unicode()),
+                    (b"inviter", amp.Unicode()),
+                    (b"invited_at", amp.DateTime()),
+                    (b"accepted", amp.Boolean()),
+                ]
+            ),
+        ),
+        (b"has_more", amp.Boolean()),
+    ]
+
+
+class ListInvitations(ChatCommand):
+    arguments = []
+    response = [(b"invitations", amp.AmpList(INVITATION)), (b"has_more", amp.Boolean())]
+
+
+class AnswerInvitation(ChatCommand):
+    arguments = [(b"conversation_id", Integer()), (b"accept", amp.Boolean())]
+    response = [(b"joined", amp.Boolean())]  # false: declined, or accepted and waiting for a member's signed state
+
+
+class Invited(ChatCommand):
+    """Server to client: the user was invited to a group (ListInvitations has it too)."""
+
+    arguments = [(b"conversation_id", Integer()), *INVITATION[1:4], (b"encrypted", amp.Boolean(optional=True))]
+    response = []
+
+
+class InvitationAccepted(ChatCommand):
+    """Server to client: someone accepted an invitation to an encrypted group; a member's device adds
+    them with the signed membership state (AddMembers)."""
+
+    arguments = [(b"conversation_id", Integer()), (b"username", amp.Unicode())]
     response = []

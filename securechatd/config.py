@@ -7,6 +7,7 @@ A problem is reported as one sentence naming the setting.
 
 import configparser
 import ipaddress
+import os
 from dataclasses import dataclass
 
 
@@ -127,6 +128,16 @@ class Settings:
     backlog: int = 1024
     registration: str = "open"
     audit_log: str | None = "securechatd-audit.jsonl"
+    # account security (issue 13)
+    two_factor: str = "optional"
+    second_factor_timeout: float = 60.0
+    enrolment_timeout: float = 600.0
+    totp_key: str | None = None  # None: <certs>/totp.key
+    presence_scope: str = "contacts"
+    invitations: str = "off"
+    directory_prefix: int = 0
+    client_certificates: str = "off"
+    client_ca: str | None = None  # None: <certs>/ca.pem
 
 
 # field name -> (INI section, INI key, parser of the INI/command-line text)
@@ -186,7 +197,31 @@ SCHEMA = {
     "backlog": ("server", "backlog", _integer(1, 65535)),
     "registration": ("accounts", "registration", _choice("open", "closed")),
     "audit_log": ("logging", "audit_log", _optional_text),
+    "two_factor": ("accounts", "two_factor", _choice("optional", "required")),
+    "second_factor_timeout": ("accounts", "second_factor_timeout", _seconds),
+    "enrolment_timeout": ("accounts", "enrolment_timeout", _seconds),
+    "totp_key": ("accounts", "totp_key", _optional_text),
+    "presence_scope": ("privacy", "presence", _choice("contacts", "everyone")),
+    "invitations": ("privacy", "invitations", _choice("off", "on")),
+    "directory_prefix": ("privacy", "directory_prefix", _integer(0, 32)),
+    "client_certificates": ("server", "client_certificates", _choice("off", "allowed", "required")),
+    "client_ca": ("server", "client_ca", _optional_text),
 }
+
+
+def signing_key_path(settings):
+    """The server's Ed25519 signing key file (chain heads, account log tree heads)."""
+    return settings.signing_key or os.path.join(settings.certs, "signing.key")
+
+
+def totp_key_path(settings):
+    """The key file that seals TOTP secrets: never the signing key (one key, one purpose)."""
+    return settings.totp_key or os.path.join(settings.certs, "totp.key")
+
+
+def client_ca_path(settings):
+    """The CA whose client certificates the daemon accepts (mutual TLS)."""
+    return settings.client_ca or os.path.join(settings.certs, "ca.pem")
 
 
 def describe(name):
@@ -225,4 +260,8 @@ def load(path=None, overrides=None):
     settings = Settings(**values)
     if settings.drop_after <= settings.ping_after:
         raise ConfigError(f"{describe('drop_after')} must be longer than {describe('ping_after')}")
+    if os.path.abspath(signing_key_path(settings)) == os.path.abspath(totp_key_path(settings)):
+        raise ConfigError(
+            f"{describe('totp_key')} must be another file than {describe('signing_key')}: one key, one purpose"
+        )
     return settings

@@ -18,18 +18,22 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python import usage
 
-from securechatd import certs, config, tls
+from securechatd import certs, config, secretbox, tls
+from securechatd.server.account_log import AccountLog, AccountLogService
 from securechatd.server.accounts import AccountService
+from securechatd.server.actions import ActionChecker
 from securechatd.server.chain import ChainService, HeadSigner, load_server_key
 from securechatd.server.conversations import ConversationService
 from securechatd.server.hub import Hub
 from securechatd.server.encrypted import EncryptedService
-from securechatd.server.keys import KeyService
+from securechatd.server.device_events import LoggingKeyService
 from securechatd.server.membership import MembershipChecker
 from securechatd.server.messages import MessageService
 from securechatd.server.passwords import HashThreadPool, PasswordHasher
 from securechatd.server.presence import PresenceService
 from securechatd.server.receipts import ReceiptService
+from securechatd.server.security import SecurityService
+from securechatd.server.twofactor import TwoFactor
 from securechatd.server.connection import AdmittingTLSFactory, ChatFactory, ConnectionLimits
 from securechatd.server.services import (
     AuditLogService,
@@ -98,13 +102,20 @@ def _prepare_database(settings, reactor):
         )
 
 
-def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDeferred):
+def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDeferred, totp_key=None):
     """Every service of the daemon, wired together, for `settings` (also used by the tests).
 
-    `server_key` (Ed25519) signs the conversations' chain heads.
+    `server_key` (Ed25519) signs the conversations' chain heads and the
+    account log's tree heads (each under its own label). `totp_key` (32
+    bytes, another key) seals TOTP secrets (None, for tests: a new random key).
     `run_in_thread` checks signatures of chain links and membership states
     and signs heads (build: a thread pool; the default, for tests, runs them at once).
     """
+    account_log = AccountLog(store, clock, server_key, run_in_thread)
+    two_factor = TwoFactor(
+        store, clock, totp_key or os.urandom(secretbox.KEY_BYTES), settings.two_factor == "required", account_log
+    )
+    signed_actions = ActionChecker(store, clock, run_in_thread)
     accounts = AccountService(
         store,
         hasher,
@@ -121,6 +132,11 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
         max_sessions=settings.max_sessions,
         token_lifetime=settings.resume_token_lifetime,
         registration_open=settings.registration == "open",
+        log=account_log,
+        two_factor=two_factor,
+        actions=signed_actions,
+        second_factor_timeout=settings.second_factor_timeout,
+        enrolment_timeout=settings.enrolment_timeout,
     )
     actions = TokenBucket(clock, settings.action_burst, settings.action_rate)
     plaintext_allowed = settings.plaintext == "allowed"
@@ -132,6 +148,7 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
         settings.max_members,
         MembershipChecker(store, run_in_thread),
         plaintext_allowed,
+        invitations=settings.invitations == "on",
     )
     message_rate = TokenBucket(clock, settings.message_burst, settings.message_rate)  # plaintext and encrypted
     messages = MessageService(
@@ -158,7 +175,9 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
         heads,
     )
     receipts = ReceiptService(store, conversations, accounts.registry, clock)
-    presence = PresenceService(store, accounts.registry, clock, actions)
+    presence = PresenceService(
+        store, accounts.registry, clock, actions, settings.presence_scope, settings.directory_prefix
+    )
     hub = Hub(
         accounts,
         conversations,
@@ -170,7 +189,8 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
         settings.max_pending,
         encrypted,
     )
-    hub.keys = KeyService(
+    hub.keys = LoggingKeyService(
+        account_log,
         store,
         accounts.registry,
         clock,
@@ -181,6 +201,8 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
         settings.max_one_time_prekeys,
     )
     hub.chain = ChainService(store, conversations, accounts.registry, clock, heads, run_in_thread, actions)
+    hub.account_log = account_log
+    hub.security = SecurityService(accounts, two_factor, signed_actions, account_log, clock)
     return hub
 
 
@@ -194,16 +216,23 @@ def build(settings, reactor):
             " server.key there.",
             directory=settings.certs,
         )
-    server_tls = tls.server_options(settings.certs)
+    server_tls = tls.server_options(settings.certs, settings.client_certificates, config.client_ca_path(settings))
     _prepare_database(settings, reactor)
     store = Store(open_pool(settings.database, settings.durability, settings.busy_timeout, reactor))
     hash_pool = HashThreadPool(
         settings.hash_nice, minthreads=0, maxthreads=settings.hash_threads, name="securechatd-bcrypt"
     )
     hasher = PasswordHasher(settings.bcrypt_cost, partial(deferToThreadPool, reactor, hash_pool))
-    server_key = load_server_key(settings.signing_key or os.path.join(settings.certs, "signing.key"))
+    server_key = load_server_key(config.signing_key_path(settings))
+    totp_key = secretbox.load_or_create_key(config.totp_key_path(settings))
     hub = make_hub(
-        settings, store, hasher, reactor, server_key, partial(deferToThreadPool, reactor, reactor.getThreadPool())
+        settings,
+        store,
+        hasher,
+        reactor,
+        server_key,
+        partial(deferToThreadPool, reactor, reactor.getThreadPool()),
+        totp_key,
     )
     factory = ChatFactory(hub, reactor, ConnectionLimits.from_settings(settings))
     endpoint, where = _endpoint(settings, reactor)
@@ -212,6 +241,7 @@ def build(settings, reactor):
         AuditLogService(settings.audit_log).setServiceParent(daemon)
     ThreadPoolService(hash_pool).setServiceParent(daemon)
     StoreService(store, reactor, before_close=[hub.encrypted.flush_acknowledged]).setServiceParent(daemon)
+    AccountLogService(hub.account_log).setServiceParent(daemon)
     checks = TimerService(settings.session_check, _check_sessions, hub)
     checks.clock = reactor
     checks.setServiceParent(daemon)
@@ -247,7 +277,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     try:
         daemon = build(options["settings"], reactor)
-    except (config.ConfigError, certs.CertError, MigrationError, OSError) as problem:
+    except (config.ConfigError, certs.CertError, MigrationError, OSError, secretbox.KeyFileError) as problem:
         _fail(problem)
     reactor.callWhenRunning(_stop_on_sigterm, reactor)
     return daemon

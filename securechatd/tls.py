@@ -14,6 +14,7 @@ import weakref
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from service_identity.cryptography import (
     verify_certificate_hostname,
@@ -24,6 +25,7 @@ from twisted.internet.ssl import (
     AcceptableCiphers,
     Certificate,
     CertificateOptions,
+    PrivateCertificate,
     TLSVersion,
     optionsForClientTLS,
 )
@@ -46,7 +48,7 @@ CIPHERS = (
 _ACCEPTABLE_CIPHERS = AcceptableCiphers.fromOpenSSLCipherString(CIPHERS)
 
 
-def server_options(certs_dir):
+def server_options(certs_dir, client_certificates="off", client_ca=None):
     """
     Build the server's TLS options from certs_dir/server.pem and server.key.
 
@@ -54,6 +56,11 @@ def server_options(certs_dir):
     intermediate certificates that complete its chain.  Everything is
     checked here, at start-up, so a bad file stops the daemon with one clear
     sentence instead of failing each handshake later.
+
+    client_certificates "allowed" or "required" asks clients for a
+    certificate issued by the CA in client_ca (mutual TLS): one that does
+    not verify fails the handshake, and with "required" so does none.
+    Which account a verified certificate may log in as is peer_account's.
 
     @raise CertError: if a file is missing, unreadable or not PEM, or the
         key does not belong to the certificate.
@@ -66,19 +73,47 @@ def server_options(certs_dir):
         raise CertError(
             f"{key_path} is not the private key of the certificate in {cert_path}"
         )
+    clients = {}
+    if client_certificates != "off":
+        clients = dict(
+            verify=True,
+            caCerts=[crypto.X509.from_cryptography(ca) for ca in _load_certificates(client_ca)],
+            requireCertificate=client_certificates == "required",
+        )
     return CertificateOptions(
         privateKey=crypto.PKey.from_cryptography_key(key),
         certificate=crypto.X509.from_cryptography(leaf),
         extraCertChain=[crypto.X509.from_cryptography(cert) for cert in chain],
         raiseMinimumTo=TLSVersion.TLSv1_2,
         acceptableCiphers=_ACCEPTABLE_CIPHERS,
+        **clients,
     )
 
 
-def client_options(ca_path, hostname):
+def peer_account(transport):
+    """
+    The account a TLS connection's client certificate names (its subject's
+    common name, lower case), or None without one.  The server verified it
+    against client_ca during the handshake (server_options), so only a
+    certificate that CA issued gets here; one without a common name names
+    "" (no account).
+    """
+    get_peer_certificate = getattr(transport, "getPeerCertificate", None)
+    if get_peer_certificate is None:
+        return None
+    certificate = get_peer_certificate()
+    if certificate is None:
+        return None
+    names = certificate.to_cryptography().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return names[0].value.lower() if names else ""
+
+
+def client_options(ca_path, hostname, client_cert=None, client_key=None):
     """
     Build client TLS options that trust only the CA certificate in ca_path
-    and check that the server's certificate names hostname.
+    and check that the server's certificate names hostname; with
+    client_cert and client_key (PEM files), present that certificate
+    (mutual TLS).
 
     hostname may be a DNS name or an IPv4/IPv6 address literal: it is
     matched against the certificate's DNS or IP subjectAltNames (via
@@ -94,9 +129,16 @@ def client_options(ca_path, hostname):
         trust_root = Certificate.loadPEM(data)
     except crypto.Error:
         raise CertError(f"{ca_path} does not contain a PEM certificate")
+    client = {}
+    if client_cert is not None:
+        try:
+            client["clientCertificate"] = PrivateCertificate.loadPEM(_read(client_cert) + b"\n" + _read(client_key))
+        except (crypto.Error, ValueError):
+            raise CertError(f"{client_cert} and {client_key} are not a PEM certificate and its key")
     options = optionsForClientTLS(
         hostname,
         trustRoot=trust_root,
+        **client,
         extraCertificateOptions={
             "raiseMinimumTo": TLSVersion.TLSv1_2,
             "acceptableCiphers": _ACCEPTABLE_CIPHERS,

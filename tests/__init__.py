@@ -2,9 +2,13 @@
 
 Importing this package (trial does, in each worker of `trial -j N`) starts a
 watch over every log event of the run: an event that carries one of the
-passwords or message bodies the tests use fails the test that was running
-(see SecretWatch), whatever order the tests run in.
+passwords or message bodies the tests use, or a secret a test made and
+watches while it runs (a TOTP secret, a recovery code, a code typed: see
+SecretWatch.watch), fails the test that was running, whatever order the
+tests run in.
 """
+
+import re
 
 from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
@@ -46,6 +50,18 @@ class SecretWatch:
         self.leaks = []
         self.checked = 0
         self._log = Logger(namespace=__name__ + ".SecretWatch")
+        self._dynamic = {}  # secrets a test made while it runs (a TOTP secret, codes) -> their pattern
+
+    def watch(self, *secrets):
+        """Watch for `secrets` too (made at run time: TOTP secrets, recovery codes, typed codes) until
+        `forget`; each matches only as a whole word, so a 6-digit code is not found inside a longer
+        number or a hex id."""
+        for secret in secrets:
+            self._dynamic[secret] = re.compile(r"(?<![0-9A-Za-z])" + re.escape(secret) + r"(?![0-9A-Za-z])")
+
+    def forget(self, *secrets):
+        for secret in secrets:
+            self._dynamic.pop(secret, None)
 
     def __call__(self, event):
         if event.get("log_namespace") == self._log.namespace:
@@ -53,7 +69,9 @@ class SecretWatch:
         self.checked += 1
         texts = list(_texts(event))
         found = [i for i, secret in enumerate(self.secrets) if any(secret in text for text in texts)]
+        found += [secret for secret, pattern in list(self._dynamic.items()) if any(map(pattern.search, texts))]
         if found:
+            found = [f if isinstance(f, int) else "watched" for f in found]  # (never the secret itself)
             leak = (
                 f"tests.SECRETS{found} in a log event of {event.get('log_namespace', '?')}: "
                 f"{self.blank(formatEvent(event))!r}"
@@ -64,6 +82,8 @@ class SecretWatch:
     def blank(self, text):
         for i, secret in enumerate(self.secrets):
             text = text.replace(secret, f"<SECRETS[{i}]>")
+        for secret, pattern in list(self._dynamic.items()):
+            text = pattern.sub("<a secret watched>", text)
         return text
 
 

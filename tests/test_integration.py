@@ -228,7 +228,9 @@ class ServiceTestCase(unittest.TestCase):
     timeout = 60
     # The per-user message rate limit is not what these tests are about: they
     # send hundreds of messages in a moment.
-    overrides = dict(message_burst=100_000, message_rate=100_000.0, plaintext="allowed")  # (version 1's tests)
+    overrides = dict(  # (version 1's tests: plaintext, and everyone's presence to see)
+        message_burst=100_000, message_rate=100_000.0, plaintext="allowed", presence_scope="everyone"
+    )
 
     def setUp(self):
         base = os.path.abspath(self.mktemp())

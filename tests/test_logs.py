@@ -82,3 +82,64 @@ class SecretWatchTests(unittest.TestCase):
             conn.call(commands.SendMessage, conversation_id=created["conversation_id"], client_msg_id="1", body=BODY)
         )
         self.assertGreater(WATCH.checked, checked)  # the log did get this test's events
+
+
+class TwoFactorLogTests(unittest.TestCase):
+    """(issue 13) No TOTP secret, recovery code or code a user typed reaches any log: each is watched while
+    enrolment, logins with a code, a wrong code, a recovery code and new recovery codes run."""
+
+    def watch(self, *secrets):
+        WATCH.watch(*secrets)
+        self.addCleanup(WATCH.forget, *secrets)
+
+    @staticmethod
+    def later(clock, conn):
+        """A minute on, `conn` kept alive (it answers the server's pings)."""
+        for _ in range(6):
+            clock.advance(10)
+            conn.pump.flush()
+
+    def test_a_watched_secret_is_caught(self):
+        self.watch("k7qm-2xfa-ve4n", "123456")
+        log = Logger(namespace="securechatd.example")
+        result = run_alone(lambda test: log.info("recovery code {code} used", code="k7qm-2xfa-ve4n"))
+        self.assertIn("recovery code <a secret watched> used", SecretWatchTests.assertCaught(self, result, "securechatd.example"))
+        result = run_alone(lambda test: log.info("typed {code}", code="123456"))
+        SecretWatchTests.assertCaught(self, result, "securechatd.example")
+        self.assertTrue(run_alone(lambda test: log.info("port {port}", port="1234567")).wasSuccessful())  # (whole words only)
+
+    def test_two_factor_logs_no_secret_and_no_code(self):
+        import base64
+        from urllib.parse import parse_qs, urlparse
+
+        from securechatd import totp
+
+        checked = WATCH.checked
+        clock = task.Clock()
+        clock.advance(1_700_000_000)
+        hub = make_hub(self, clock=clock)
+        conn = Connection(hub)
+        self.successResultOf(conn.call(commands.Register, username="zed", password=PASSWORD))
+        self.successResultOf(conn.call(commands.Login, username="zed", password=PASSWORD))
+        begun = self.successResultOf(conn.call(commands.BeginTwoFactor))
+        secret = base64.b32decode(begun["secret"])
+        self.watch(begun["secret"], parse_qs(urlparse(begun["uri"]).query)["secret"][0], begun["uri"], secret.hex())
+        wrong = "000000" if totp.code(secret, clock.seconds()) != "000000" else "111111"
+        self.watch(wrong)
+        self.failureResultOf(conn.call(commands.ConfirmTwoFactor, code=wrong), commands.BadCredentials)
+        code = totp.code(secret, clock.seconds())
+        self.watch(code)
+        codes = self.successResultOf(conn.call(commands.ConfirmTwoFactor, code=code))["recovery_codes"]
+        self.watch(*codes, *(c.replace("-", "") for c in codes))
+        for typed in (totp.code(secret, clock.seconds() + 60), wrong, codes[0]):
+            self.later(clock, conn)
+            self.watch(typed)
+            other = Connection(hub)
+            self.failureResultOf(other.call(commands.Login, username="zed", password=PASSWORD), commands.SecondFactorRequired)
+            other.call(commands.SecondFactor, code=typed).addErrback(lambda failure: None)  # (right or wrong)
+        self.later(clock, conn)
+        code = totp.code(secret, clock.seconds())
+        self.watch(code)
+        new = self.successResultOf(conn.call(commands.NewRecoveryCodes, code=code))["recovery_codes"]
+        self.watch(*new)
+        self.assertGreater(WATCH.checked, checked + 10)  # (the log did get this test's events)

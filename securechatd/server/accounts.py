@@ -1,8 +1,22 @@
-"""Accounts: registration, password and token logins, logout, password changes.
+"""Accounts: registration, password and token logins and their second step, logout, password changes.
 
 Authentication goes through a twisted.cred Portal: a bcrypt/SQLite password
-checker and a resume-token checker feed the ChatRealm, so another checker
-can be plugged in without touching the protocol.
+checker, a resume-token checker and the checker of a login that passed its
+second factor feed the ChatRealm, so another checker can be plugged in
+without touching the protocol.
+
+Two-factor login (docs/PROTOCOL.md, "Account security"). For an account
+with it on, Login answers SECOND_FACTOR_REQUIRED whether the password was
+right or wrong: the connection then holds a PendingLogin, not a session,
+and the code decides. A wrong password gets exactly the same answer, the
+same wait and the same code check, spending nothing, and fails at the code
+(BAD_CREDENTIALS, the same text as a wrong code). The whole login (password
+and code) is one throttled attempt, still in flight while the code is
+awaited; one that never gets its code counts as failed whatever the
+password was, so not even the throttle tells. What an unauthenticated
+caller does learn is that a named account has two-factor login on (as
+Register's USERNAME_TAKEN tells that a name exists); unknown names and
+accounts without it answer BAD_CREDENTIALS alike, as before.
 """
 
 import re
@@ -12,12 +26,13 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials, IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from zope.interface import Attribute, implementer
 
 from securechatd.commands import (
     BAD_CREDENTIALS_TEXT,
+    AuthRequired,
     BadCredentials,
     InvalidArgument,
     InvalidUsername,
@@ -25,14 +40,18 @@ from securechatd.commands import (
     NoSuchUser,
     NotAllowed,
     RateLimited,
+    SECOND_FACTOR_TEXT,
     UsernameTaken,
 )
 from securechatd.e2ee.membership import is_user_name  # (the one user-name rule: states carry names too)
 from securechatd.server import passwords
+from securechatd.server.account_log import REPLAYED
 from securechatd.server.passwords import token_hash
 from securechatd.server.policy import deferred
 from securechatd.server.sessions import ChatRealm, IChatSession, SessionRegistry
 from securechatd.server.throttle import address_key, retry_text
+from securechatd.server.twofactor import WRONG_CODE, check_code_argument
+from securechatd.store.account_log import NewEvent
 
 log = Logger()
 security = Logger(namespace="securechatd.security")
@@ -83,40 +102,119 @@ class ResumeToken:
         return f"<ResumeToken for {self.username}>"
 
 
+class SecondFactorNeeded(Exception):
+    """Raised by a checker, through the Portal, for a login that must give its second factor (or enrol) first.
+
+    `right`: whether the password was right, which no answer tells before
+    the code is given; `enrol`: two-factor login is required and the
+    account has none yet.
+    """
+
+    def __init__(self, username, generation, right=True, enrol=False, rehash=None):
+        super().__init__(username)
+        self.username = username
+        self.generation = generation
+        self.right = right
+        self.enrol = enrol
+        self.rehash = rehash  # (stored hash, password) to re-cost once the login completes, or None
+
+    def __repr__(self):
+        return f"<SecondFactorNeeded {self.username}>"
+
+
+class IPendingLogin(ICredentials):
+    """A login that gave its password and then its second factor (or enrolled): `passed` says it did."""
+
+    username = Attribute("the user name")
+    passed = Attribute("True once the second step succeeded")
+
+
+@implementer(IPendingLogin)
+class PendingLogin:
+    """A login waiting for its second factor (`enrol` False) or, two-factor login being required, an enrolment.
+
+    The connection holds it in place of a session: only SecondFactor (or
+    BeginTwoFactor and ConfirmTwoFactor, to enrol), Logout and Ping work,
+    until `deadline`. It holds its Login's throttled attempt, still open,
+    and whether the password was right, which nothing tells before the code.
+    """
+
+    passed = False
+    over = False  # its second step was tried, or it was abandoned: the connection forgets it
+
+    def __init__(self, needed, attempt, client_name, address, device_id, deadline):
+        self.username = needed.username
+        self.generation = needed.generation
+        self.right = needed.right
+        self.enrol = needed.enrol
+        self.rehash = needed.rehash
+        self.attempt = attempt
+        self.client_name = client_name
+        self.address = address
+        self.device_id = device_id
+        self.deadline = deadline
+
+    def __repr__(self):
+        return f"<PendingLogin {self.username} {'enrolment' if self.enrol else 'second factor'}>"
+
+
 @implementer(ICredentialsChecker)
 class PasswordChecker:
-    """bcrypt hashes in SQLite; an unknown user costs the same as a wrong password."""
+    """bcrypt hashes in SQLite; an unknown user costs the same as a wrong password.
+
+    An account with two-factor login on (or, `required`, one that must
+    enrol) raises SecondFactorNeeded instead of logging in, right password
+    or wrong, after the same bcrypt check and before any other work.
+    """
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, store, hasher):
+    def __init__(self, store, hasher, required=False):
         self._store = store
         self._hasher = hasher
+        self._required = required
 
     async def _check(self, credentials):
         found = await self._store.get_credentials(credentials.username)
         stored = found.password_hash if found else None
-        if not await self._hasher.verify(credentials.password, stored):
+        right = await self._hasher.verify(credentials.password, stored)
+        rehash = (stored, credentials.password) if right and self._hasher.needs_rehash(stored) else None
+        if found is not None and found.two_factor:
+            raise SecondFactorNeeded(found.username, found.generation, right, rehash=rehash)  # (re-costed later)
+        if not right:
             raise UnauthorizedLogin()
         credentials.generation = found.generation
-        if self._hasher.needs_rehash(stored):
-            rehashed = await self._hasher.hash(credentials.password)
-            await self._store.rehash_password(found.username, stored, rehashed)
+        await rehashed(self._store, self._hasher, found.username, rehash)
+        if self._required:
+            raise SecondFactorNeeded(found.username, found.generation, enrol=True)
         return found.username
 
     def requestAvatarId(self, credentials):
         return Deferred.fromCoroutine(self._check(credentials))
 
 
+async def rehashed(store, hasher, username, rehash):
+    """Store the password of `rehash` (stored hash, password) at the hasher's cost, if asked to."""
+    if rehash is not None:
+        stored, password = rehash
+        await store.rehash_password(username, stored, await hasher.hash(password))
+
+
 @implementer(ICredentialsChecker)
 class ResumeTokenChecker:
-    """Spends a stored resume token: no bcrypt, so reconnect storms are cheap."""
+    """Spends a stored resume token: no bcrypt, so reconnect storms are cheap.
+
+    A token was only ever issued to a login that passed its second factor
+    (switching two-factor login on revokes the others), so it needs none;
+    with two-factor login `required`, an account that has none must enrol.
+    """
 
     credentialInterfaces = (IResumeToken,)
 
-    def __init__(self, store, clock):
+    def __init__(self, store, clock, required=False):
         self._store = store
         self._clock = clock
+        self._required = required
 
     async def _check(self, credentials):
         generation = await self._store.consume_resume_token(
@@ -125,10 +223,65 @@ class ResumeTokenChecker:
         if generation is None:
             raise UnauthorizedLogin()
         credentials.generation = generation
+        if self._required:
+            found = await self._store.get_credentials(credentials.username)
+            if found is not None and not found.two_factor:
+                raise SecondFactorNeeded(found.username, generation, enrol=True)
         return credentials.username
 
     def requestAvatarId(self, credentials):
         return Deferred.fromCoroutine(self._check(credentials))
+
+
+@implementer(ICredentialsChecker)
+class PendingLoginChecker:
+    """A PendingLogin is a user once its second step passed (AccountService checked the code)."""
+
+    credentialInterfaces = (IPendingLogin,)
+
+    def requestAvatarId(self, credentials):
+        return succeed(credentials.username) if credentials.passed else fail(UnauthorizedLogin())
+
+
+class Attempt:
+    """One throttled login attempt, from LoginThrottle.begin to its one end, however many steps it takes."""
+
+    done = False
+
+    def __init__(self, service, username, address, method, count_pending=True):
+        self.service = service
+        self.username = username
+        self.address = address
+        self.method = method
+        try:
+            service.throttle.begin(username, address_key(address), count_pending)
+        except RateLimited as limited:
+            security.warn(
+                "login refused for {username} from {address}: {reason}",
+                username=username,
+                address=address,
+                reason=str(limited),
+                security_event="login_throttled",
+            )
+            raise
+
+    def end(self, outcome, reason=None):
+        """True (right), False (wrong: a failure, logged; `reason` what was wrong) or None (neither); once."""
+        if self.done:
+            return
+        self.done = True
+        self.service.throttle.end(self.username, address_key(self.address), outcome)
+        if outcome is False:
+            security.warn(
+                "login failed for {username} from {address} by {method}",
+                username=self.username,
+                address=self.address,
+                method=self.method,
+                reason=reason,
+                security_event="login_failed",
+            )
+            event = NewEvent("login_failed", self.address, target=reason or self.method)
+            self.service.log.record_quietly(self.username, event)  # (the answer does not wait for it)
 
 
 class AccountService:
@@ -136,6 +289,8 @@ class AccountService:
 
     `address` is the client's IP address, for throttling and the security log.
     `connection` is the realm's mind: told when the server ends the session.
+    `certificate` is the account name of the connection's client certificate
+    (mutual TLS), or None.
     """
 
     def __init__(
@@ -149,6 +304,11 @@ class AccountService:
         max_sessions,
         token_lifetime,
         registration_open,
+        log,
+        two_factor,
+        actions,
+        second_factor_timeout=60.0,
+        enrolment_timeout=600.0,
     ):
         self.store = store
         self.hasher = hasher
@@ -158,11 +318,21 @@ class AccountService:
         self.registration_exempt = frozenset(registration_exempt)
         self.token_lifetime = token_lifetime
         self.registration_open = registration_open
+        self.log = log  # the AccountLog (server/account_log.py)
+        self.two_factor = two_factor  # server/twofactor.py
+        self.actions = actions  # device-signed actions (server/actions.py)
+        self.timeouts = {False: second_factor_timeout, True: enrolment_timeout}  # by PendingLogin.enrol
         self.registry = SessionRegistry()
+        self.registry.removed.append(self._session_left)
         self.realm = ChatRealm(self.registry, clock, max_sessions)
+        required = two_factor.required
         self.portal = Portal(
             self.realm,
-            [PasswordChecker(store, hasher), ResumeTokenChecker(store, clock)],
+            [
+                PasswordChecker(store, hasher, required),
+                ResumeTokenChecker(store, clock, required),
+                PendingLoginChecker(),
+            ],
         )
 
     @deferred
@@ -207,15 +377,16 @@ class AccountService:
         )
 
     @deferred
-    async def login(self, username, password, client_name, address, connection, device_id=None):
-        """(session, resume token) for a right password, else BadCredentials.
+    async def login(self, username, password, client_name, address, connection, device_id=None, certificate=None):
+        """(session, resume token) for a right password, else BadCredentials; or a PendingLogin
+        for an account that gives a second factor (or must enrol) first.
 
         With `device_id` the session is bound to that device (see _issue_token).
         """
         username = normalize_username(username)
         if device_id is not None:
             check_device_id(device_id)
-
+        check_certificate(certificate, username)
         self.realm.check_limit(username)
         credentials = UsernamePassword(username, password)
 
@@ -224,20 +395,27 @@ class AccountService:
                 raise UnauthorizedLogin()  # no hashing for what can never be right
             return await self._portal_login(credentials, client_name, connection)
 
-        session = await self._attempt(username, address, "password", verify)
-        return session, await self._logged_in(session, credentials, address, "password", device_id)
+        attempt = Attempt(self, username, address, "password")
+        try:
+            session = await self._attempt(attempt, verify)
+        except SecondFactorNeeded as needed:
+            return self._pending(needed, attempt, client_name, address, device_id)
+        return session, await self._logged_in(session, credentials.generation, address, "password", device_id)
 
     @deferred
-    async def resume(self, username, token, client_name, address, connection, device_id=None):
-        """(session, new resume token) for a valid token, else BadCredentials; `device_id` as for login."""
+    async def resume(self, username, token, client_name, address, connection, device_id=None, certificate=None):
+        """(session, new resume token) for a valid token, else BadCredentials; `device_id` as for login.
+
+        A PendingLogin (an enrolment) when two-factor login is required and the account has none.
+        """
         if device_id is not None:
             check_device_id(device_id)
         try:
             name = normalize_username(username)
         except InvalidUsername:
             name = None
-
         if name is not None:
+            check_certificate(certificate, name)
             self.realm.check_limit(name)  # before the token is spent
         credentials = ResumeToken(name, token)
 
@@ -247,56 +425,170 @@ class AccountService:
             return await self._portal_login(credentials, client_name, connection)
 
         # an unguessable token: concurrent resumes (a reconnect storm) are not guesses
-        session = await self._attempt(name or username[:64], address, "token", verify, count_pending=False)
-        return session, await self._logged_in(session, credentials, address, "token", device_id)
+        attempt = Attempt(self, name or username[:64], address, "token", count_pending=False)
+        try:
+            session = await self._attempt(attempt, verify)
+        except SecondFactorNeeded as needed:
+            return self._pending(needed, attempt, client_name, address, device_id)
+        return session, await self._logged_in(session, credentials.generation, address, "token", device_id)
 
     async def _portal_login(self, credentials, client_name, connection):
         _, session, _ = await self.portal.login(credentials, (connection, client_name), IChatSession)
         session.generation = credentials.generation  # (what check_sessions compares with the database)
         return session
 
-    async def _attempt(self, username, address, method, verify, count_pending=True):
-        """Run `verify()` as one throttled attempt: UnauthorizedLogin becomes BAD_CREDENTIALS."""
-        try:
-            self.throttle.begin(username, address_key(address), count_pending)
-        except RateLimited as limited:
-            security.warn(
-                "login refused for {username} from {address}: {reason}",
-                username=username,
-                address=address,
-                reason=str(limited),
-                security_event="login_throttled",
-            )
-            raise
-        outcome = None
+    @staticmethod
+    async def _attempt(attempt, verify, text=BAD_CREDENTIALS_TEXT):
+        """Run `verify()` as `attempt`: UnauthorizedLogin becomes BAD_CREDENTIALS (`text`).
+
+        SecondFactorNeeded leaves the attempt open: the caller decides how it ends.
+        """
         try:
             result = await verify()
-            outcome = True
-            return result
+        except SecondFactorNeeded:
+            raise
         except UnauthorizedLogin:
-            outcome = False
-            security.warn(
-                "login failed for {username} from {address} by {method}",
-                username=username,
-                address=address,
-                method=method,
-                security_event="login_failed",
-            )
-            raise BadCredentials(BAD_CREDENTIALS_TEXT)
-        finally:
-            self.throttle.end(username, address_key(address), outcome)
+            attempt.end(False)
+            raise BadCredentials(text)
+        except BaseException:
+            attempt.end(None)
+            raise
+        attempt.end(True)
+        return result
 
-    async def _logged_in(self, session, credentials, address, method, device_id):
+    # -- the second step of a login ----------------------------------------------------
+
+    def _pending(self, needed, attempt, client_name, address, device_id):
+        """The PendingLogin of a login that gives its second factor (or enrols) next.
+
+        A login waiting for its code keeps its attempt open: how it ends
+        (code right, wrong, never given) is how the attempt ends. One that
+        must enrol had the right password, and its answer says so (there is
+        no second factor to hide it behind): that attempt succeeded.
+        """
+        if needed.enrol:
+            attempt.end(True)
+        pending = PendingLogin(
+            needed, attempt, client_name, address, device_id, self.clock.seconds() + self.timeouts[needed.enrol]
+        )
+        security.info(
+            "login of {username} from {address} waits for {what}",
+            username=needed.username,
+            address=address,
+            what="an enrolment in two-factor login" if needed.enrol else "its second factor",
+            security_event="login_enrolment" if needed.enrol else "login_second_factor",
+        )
+        return pending
+
+    def timeout(self, pending):
+        """Seconds `pending` may wait for its second step."""
+        return self.timeouts[pending.enrol]
+
+    @deferred
+    async def second_factor(self, pending, code, connection):
+        """(session, resume token) for the right code of a PendingLogin whose password was right.
+
+        One code per login: a wrong code, a wrong password (the same answer)
+        or a code too late ends it with BAD_CREDENTIALS; log in again.
+        """
+        check_code_argument(code)  # (the login still waits)
+        if pending.enrol:
+            raise NotAllowed("This server requires two-factor login: enrol first (BeginTwoFactor, ConfirmTwoFactor).")
+        pending.over = True
+        if self.clock.seconds() >= pending.deadline:
+            pending.attempt.end(False, "second factor too late")
+            raise BadCredentials(SECOND_FACTOR_TEXT)
+        try:
+            # a wrong password does the same work and spends nothing
+            method = await self.two_factor.verify(pending.username, code, pending.address, commit=pending.right)
+        except BaseException:
+            pending.attempt.end(None)
+            raise
+        if method is None or not pending.right:
+            pending.attempt.end(False, "code" if pending.right else "password")
+            raise BadCredentials(SECOND_FACTOR_TEXT)
+        return await self._passed(pending, connection, method)
+
+    async def _passed(self, pending, connection, method):
+        """The PendingLogin passed its second step: its session and resume token."""
+        pending.passed = True
+        try:
+            session = await self._portal_login(pending, pending.client_name, connection)
+        except BaseException:
+            pending.attempt.end(None)
+            raise
+        pending.attempt.end(True)
+        await rehashed(self.store, self.hasher, pending.username, pending.rehash)
+        pending.rehash = None
+        return session, await self._logged_in(session, pending.generation, pending.address, method, pending.device_id)
+
+    @deferred
+    async def begin_enrolment(self, pending):
+        """BeginTwoFactor for a PendingLogin that must enrol: (secret, URI)."""
+        if not pending.enrol:
+            raise AuthRequired("Give your second factor first (SecondFactor), or Logout.")
+        return await self.two_factor.begin(pending.username)
+
+    @deferred
+    async def confirm_enrolment(self, pending, code, connection):
+        """ConfirmTwoFactor for a PendingLogin that must enrol: (recovery codes, session, resume token)."""
+        if not pending.enrol:
+            raise AuthRequired("Give your second factor first (SecondFactor), or Logout.")
+        if self.clock.seconds() >= pending.deadline:
+            raise NotAllowed("This login waited too long for its enrolment: log in again.")
+        event = NewEvent("second_factor_on", pending.address, target="at login")
+        def confirm():
+            return self.two_factor.confirm(pending.username, code, None, event)
+
+        codes, generation = await self.throttled_code(pending.username, pending.address, "enrolment code", confirm)
+        pending.over = True
+        pending.generation = generation
+        pending.attempt = _Done()
+        session, token = await self._passed(pending, connection, "password")
+        return codes, session, token
+
+    def abandon(self, pending, why):
+        """The connection gave up `pending` (logged out, went, too slow): a failed attempt, whatever the password."""
+        if not pending.over:
+            pending.over = True
+            pending.attempt.end(False, why if pending.right else "password")  # (the account log tells its owner)
+
+    @deferred
+    async def throttled(self, username, address, method, verify, text=None):
+        """Run `verify()` (UnauthorizedLogin: wrong) as one throttled attempt for a code or password
+        check of a logged-in user: a wrong one counts toward the login throttles."""
+        attempt = Attempt(self, username, address, method)
+        return await self._attempt(attempt, verify, text or BAD_CREDENTIALS_TEXT)
+
+    @deferred
+    async def throttled_code(self, username, address, method, run):
+        """As `throttled`, for `run()`, a code check that raises BAD_CREDENTIALS for a wrong code."""
+
+        async def verify():
+            try:
+                return await run()
+            except BadCredentials:
+                raise UnauthorizedLogin()
+
+        return await self.throttled(username, address, method, verify, WRONG_CODE)
+
+    async def _logged_in(self, session, generation, address, method, device_id):
         # (before any wait: a revoke of the device meanwhile finds the session and ends it)
         session.address, session.device_id = address, device_id
         try:
-            token = await self._issue_token(session, credentials.generation)
+            token = await self._issue_token(session, generation)
+            if token is None:  # the credentials changed while this login was being checked
+                raise BadCredentials(BAD_CREDENTIALS_TEXT)
+            event = NewEvent("login", address, session.session_id, bytes.fromhex(device_id or ""), method)
+            started = await self.store.session_started(
+                session.username, session.session_id, session.client_name, address, event, self.clock.seconds()
+            )
         except BaseException:
             session.end()  # never leave a session that will not be answered
             raise
-        if token is None:  # the password changed while this login was being checked
-            session.end()
-            raise BadCredentials(BAD_CREDENTIALS_TEXT)
+        if started is not None:
+            logged, session.appear_offline = started
+            self.log.added(logged)
         security.info(
             "login {username} from {address} by {method}",
             username=session.username,
@@ -390,9 +682,14 @@ class AccountService:
         return deleted
 
     @deferred
-    async def change_password(self, session, old_password, new_password, address):
-        """Replace the password, then end the user's other sessions and their tokens."""
+    async def change_password(self, session, old_password, new_password, address, action=(None, None, None)):
+        """Replace the password, then end the user's other sessions and their tokens.
+
+        `action`: (time, nonce, signature) of the session's device, optional
+        (version 1 clients do not sign); logged in the same transaction.
+        """
         passwords.check_rule(new_password)
+        event = await self.actions.event(session, "password_change", "", *action, required=False)
 
         async def verify():
             found = await self.store.get_credentials(session.username)
@@ -401,18 +698,18 @@ class AccountService:
             ):
                 raise UnauthorizedLogin()
 
-        await self._attempt(session.username, address, "password change", verify)
+        await self.throttled(session.username, address, "password change", verify)
         hashed = await self.hasher.hash(new_password)
-        await self.store.set_password(
-            session.username, hashed, self.clock.seconds(), keep_session=session.session_id
+        logged = await self.store.change_password(
+            session.username, hashed, self.clock.seconds(), session.session_id, event
         )
+        if logged == "replayed":
+            raise NotAllowed(REPLAYED)
+        self.log.added(logged)
         changed = await self.store.get_credentials(session.username)
         if changed is not None:
             session.generation = changed.generation
-        ended = [s for s in self.registry.all_sessions_of(session.username) if s is not session]
-        for other in ended:
-            other.end()
-            other.client.session_ended("Your password was changed in another session.")
+        ended = self.end_sessions(session.username, "Your password was changed in another session.", keep=session)
         security.info(
             "password changed for {username} from {address}; {count} other sessions ended",
             username=session.username,
@@ -420,3 +717,34 @@ class AccountService:
             count=len(ended),
             security_event="password_changed",
         )
+
+    def end_sessions(self, username, reason, keep=None, session_ids=None):
+        """End the live sessions of `username` (those of `session_ids`, else all) but `keep`: their connections
+        close with `reason`. Returns those ended."""
+        ended = [
+            other
+            for other in self.registry.all_sessions_of(username)
+            if other is not keep and (session_ids is None or other.session_id in session_ids)
+        ]
+        for other in ended:
+            other.end()
+            other.client.session_ended(reason)
+        return ended
+
+    def _session_left(self, session):
+        """A session left the registry: its resume token (if any) remembers when it was last active."""
+        left = self.store.session_left(session.username, session.session_id, session.last_active)
+        left.addErrback(lambda failure: log.failure("recording when {session} left", failure, session=session))
+
+
+class _Done:
+    """An attempt already over (an enrolment's: its codes were their own attempts)."""
+
+    def end(self, outcome, reason=None):
+        pass
+
+
+def check_certificate(certificate, username):
+    """NOT_ALLOWED if the connection's client certificate names another account than `username`."""
+    if certificate is not None and certificate != username:
+        raise NotAllowed("This connection's client certificate is for another account.")

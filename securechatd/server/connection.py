@@ -22,13 +22,13 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from securechatd import commands
+from securechatd import commands, tls
 from securechatd.commands import RateLimited
 from securechatd.server import wire
 from securechatd.server.framing import END, BoundedBoxProtocol, BoxLimits, encode
 from securechatd.server.keepalive import KeepAlive
 from securechatd.server.protocol import ChatLocator
-from securechatd.server.sessions import IChatClient
+from securechatd.server.sessions import IChatClient, IInvitationClient
 from securechatd.server.throttle import address_key
 
 log = Logger()
@@ -99,7 +99,7 @@ class _OutputWatch:
         pass
 
 
-@implementer(IChatClient, IHandshakeListener)
+@implementer(IChatClient, IInvitationClient, IHandshakeListener)
 class ChatProtocol(BoundedBoxProtocol):
     """One client connection: its commands, its limits, and the pushes services send its session."""
 
@@ -114,6 +114,7 @@ class ChatProtocol(BoundedBoxProtocol):
     _stall = None
     _writes_paused = False
     _refusal_pause = None
+    certificate_name = None  # the account named by the client's verified certificate (mutual TLS), or None
 
     def __init__(self, hub, clock, limits, factory=None):
         self.locator = ChatLocator(self, hub, clock)
@@ -152,6 +153,7 @@ class ChatProtocol(BoundedBoxProtocol):
 
     def handshakeCompleted(self):
         self.handshake_done = True
+        self.certificate_name = tls.peer_account(self.transport)  # (mutual TLS: the account it may log in as)
 
     # -- the client's side ---------------------------------------------------
 
@@ -177,6 +179,8 @@ class ChatProtocol(BoundedBoxProtocol):
         """Run a command (server/protocol.py) and answer it once it is done, in order of completion."""
         ask, name = box.get(amp.ASK), box[amp.COMMAND]
         self.command_started()
+        if self.locator.session is not None:
+            self.locator.session.last_active = self.clock.seconds()  # (ListSessions shows it)
         try:
             answer = self.locator.run(name, box)
         except Exception:
@@ -276,6 +280,22 @@ class ChatProtocol(BoundedBoxProtocol):
         if self.factory is not None:
             self.factory.unauthenticated_again(self)
 
+    def awaiting_second_factor(self, timeout):
+        """A login waits for its second step (or enrolment): it has `timeout` seconds, whatever was left."""
+        self._restart_deadline(timeout, f"the second step of a login was not taken within {timeout:.0f} s")
+
+    def second_step_over(self):
+        """That login's second step failed: the connection has the login deadline again to log in."""
+        self._restart_deadline(self.limits.login_deadline, None)
+
+    def _restart_deadline(self, seconds, reason):
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        if reason is None:
+            self._deadline = self.clock.callLater(seconds, self._too_slow)
+        else:
+            self._deadline = self.clock.callLater(seconds, self.refuse, reason)
+
     def _too_slow(self):
         self._deadline = None
         if not self.handshake_done:
@@ -309,6 +329,12 @@ class ChatProtocol(BoundedBoxProtocol):
 
     def conversation_changed(self, conversation):
         return self._push(commands.ConversationUpdated, wire.conversation_box(conversation))
+
+    def invited(self, invitation):
+        return self._push(commands.Invited, wire.invited_box(invitation))
+
+    def invitation_accepted(self, conversation_id, username):
+        return self._push(commands.InvitationAccepted, wire.invitation_accepted_box(conversation_id, username))
 
     def _push(self, command, encoded):
         """Send a push: a Deferred firing True once answered, else False; it never fails.

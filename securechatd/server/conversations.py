@@ -11,6 +11,19 @@ one changes members only with a signed membership state (docs/E2EE.md,
 "Membership"): its creator publishes epoch 1, and each AddMembers and
 LeaveConversation carries the state after the change, checked by
 server/membership.py and recorded in the transaction that changes the members.
+
+Invitations ([privacy] invitations = on). Adding someone to a group who is
+a stranger to the adder (not someone who shares a conversation with them of
+their own accord, store/privacy.py) invites them instead: they are told
+(Invited) and become a member only by accepting, so nobody is put in a
+group, or streams their presence to it, without consent. In a plaintext
+group acceptance is membership at once. In an encrypted group membership
+is a signed state by a member device, which the invitee (not a member of
+the state before) cannot make: an accepted invitation waits, the members
+are told (InvitationAccepted), and any member's device completes it with
+AddMembers and the signed state, as for anyone else it adds. Direct
+conversations are never invitations: opening one is how people first reach
+each other, and it shows a stranger's presence only once they write back.
 """
 
 from twisted.internet.defer import Deferred, succeed
@@ -21,9 +34,12 @@ from securechatd.e2ee.membership import MAX_TITLE_BYTES
 from securechatd.server.accounts import existing_name
 from securechatd.server.membership import MOVED_ON
 from securechatd.server.policy import check_id, deferred, take_action
+from securechatd.records import Conversation
+from securechatd.store.privacy import Invitation
 
 LISTING_PAGE = 100  # conversations per ListConversations page (cut further to fit one AMP value)
 MEMBERSHIP_PAGE = 100  # states per GetMembership page (cut further to fit one AMP value)
+INVITATIONS_PAGE = 100  # invitations per ListInvitations page (cut further to fit one AMP value)
 PLAINTEXT_REFUSED = "This server refuses plaintext conversations: create it end-to-end encrypted."
 
 
@@ -33,7 +49,10 @@ def _usernames(names):
 
 
 class ConversationService:
-    def __init__(self, store, registry, clock, actions, max_members, checker=None, plaintext_allowed=True):
+    def __init__(
+        self, store, registry, clock, actions, max_members, checker=None, plaintext_allowed=True, invitations=False
+    ):
+        self.invitations_on = invitations  # [privacy] invitations = on: strangers are invited, not added
         self.store = store
         self.registry = registry
         self.clock = clock
@@ -97,12 +116,21 @@ class ConversationService:
         if count > self.max_members:
             raise InvalidArgument(f"A conversation has at most {self.max_members} members.")
 
+    async def _strangers(self, session, names):
+        """Those of `names` a group adds by invitation: strangers to the caller (with invitations on)."""
+        if not (self.invitations_on and names):
+            return []
+        consenting = await self.store.consenting(session.username, names)
+        return [name for name in names if name not in consenting]
+
     @deferred
     async def create(self, session, members, title, encrypted=None):
         """(Conversation, created): the pair's direct conversation, or a new group.
 
         `encrypted` None: encrypted unless plaintext is allowed. A pair has one
-        direct conversation of each kind (plaintext, encrypted).
+        direct conversation of each kind (plaintext, encrypted). A group's
+        strangers are invited, not added (invitations on): GetInvitations
+        lists them, and the group's members are the others.
         """
         if encrypted is None:
             encrypted = not self.plaintext_allowed
@@ -126,8 +154,11 @@ class ConversationService:
         if len(others) == 1 and title is None:
             conversation, created = await self.store.direct_conversation(session.username, others[0], now, encrypted)
         else:
-            group = await self.store.create_group([session.username, *others], title, now, encrypted)
+            strangers = await self._strangers(session, others)
+            members = [session.username, *(name for name in others if name not in strangers)]
+            group = await self.store.create_group(members, title, now, encrypted)
             conversation, created = group, True
+            await self._invite(session, group, strangers)
         self._update(conversation)
         if created:
             self.announce(conversation, conversation.members, origin=session)
@@ -168,16 +199,30 @@ class ConversationService:
             if not names:
                 raise NotAllowed("Everyone named is a member already: there is no change to sign.")
         if not names:
-            return
+            return []
         await self._existing(names)
+        strangers = await self._strangers(session, names)
+        if strangers:
+            strangers = sorted(set(strangers) - await self.store.accepted_invitations(conversation.id, strangers))
+        if strangers and conversation.encrypted:
+            raise NotAllowed(
+                f"{strangers[0]} shares no conversation with you: invite them (InviteMembers); once they accept,"
+                " a member adds them with the signed state."
+            )
+        invited = await self._invite(session, conversation, strangers)
+        names = [name for name in names if name not in strangers]
+        if not names:
+            return invited
         if previous is not None:
             after = set(previous.members) | set(names)
             state = await self.checker.check(session, conversation, membership, "add", after, previous)
         updated = await self.store.add_members(conversation.id, names, self.clock.seconds(), state)
         if updated is None:
             raise NotAllowed(MOVED_ON)
+        await self.store.drop_invitations(conversation.id, names)
         self._update(updated)
         self.announce(updated, updated.members, origin=session, joined=names)
+        return invited
 
     @deferred
     async def leave(self, session, conversation_id, membership=None):
@@ -261,3 +306,75 @@ class ConversationService:
             raise InvalidArgument("after_epoch must be 0 or more.")
         conversation = await self._encrypted(session, conversation_id)
         return await self.store.membership_states(conversation.id, after_epoch, MEMBERSHIP_PAGE)
+
+    # -- invitations (issue 13) -----------------------------------------------------------
+
+    async def _invite(self, session, conversation, names):
+        """Invite `names` (existing users, not members) to the group: those newly invited, who are told."""
+        if not names:
+            return []
+        invited = await self.store.invite(conversation.id, session.username, names, self.clock.seconds())
+        invitation = Invitation(
+            conversation.id, conversation.kind, conversation.title, session.username, self.clock.seconds(), False,
+            conversation.encrypted,
+        )
+        self.registry.tell(invited, lambda client: client.invited(invitation))
+        return invited
+
+    @deferred
+    async def invite(self, session, conversation_id, members):
+        """InviteMembers: invite `members` to a group the caller belongs to; the names newly invited."""
+        conversation = await self.member_of(conversation_id, session.username)
+        if conversation.kind == "direct":
+            raise NotAllowed("Nobody can be invited to a direct conversation; create a group.")
+        if not members:
+            raise InvalidArgument("Name at least one person to invite.")
+        names = [name for name in _usernames(members) if name not in conversation.members]
+        self._check_size(len(conversation.members) + len(names))
+        take_action(self.actions, session)
+        await self._existing(names)
+        return await self._invite(session, conversation, names)
+
+    @deferred
+    async def group_invitations(self, session, conversation_id):
+        """([(username, inviter, invited_at, accepted)] to a group of the caller's, oldest first; has_more)."""
+        conversation = await self.member_of(conversation_id, session.username)
+        rows = await self.store.group_invitations(conversation.id, INVITATIONS_PAGE + 1)
+        return rows[:INVITATIONS_PAGE], len(rows) > INVITATIONS_PAGE
+
+    @deferred
+    async def invitations(self, session):
+        """([Invitation] of the caller, oldest first; has_more)."""
+        rows = await self.store.invitations_of(session.username, INVITATIONS_PAGE + 1)
+        return rows[:INVITATIONS_PAGE], len(rows) > INVITATIONS_PAGE
+
+    @deferred
+    async def answer_invitation(self, session, conversation_id, accept):
+        """Accept or decline an invitation: True if the caller is now a member.
+
+        Declining tells nobody. Accepting a plaintext group makes the caller a
+        member at once; accepting an encrypted one waits for a member's signed
+        state (the members are told, InvitationAccepted).
+        """
+        check_id(conversation_id)
+        take_action(self.actions, session)
+        conversation = await self.get(conversation_id)
+        if conversation is None:
+            raise NoSuchConversation(NO_SUCH_CONVERSATION_TEXT)
+        join = not conversation.encrypted
+        if accept and join:
+            self._check_size(len(conversation.members) + 1)
+        outcome = await self.store.answer_invitation(
+            conversation.id, session.username, accept, join, self.clock.seconds()
+        )
+        if outcome is None:
+            raise NoSuchConversation(NO_SUCH_CONVERSATION_TEXT)  # (no invitation: as if there were no group)
+        if outcome == "accepted":
+            self.registry.tell(
+                conversation.members, lambda client: client.invitation_accepted(conversation.id, session.username)
+            )
+        if not isinstance(outcome, Conversation):
+            return False
+        self._update(outcome)
+        self.announce(outcome, outcome.members, joined=[session.username])
+        return True

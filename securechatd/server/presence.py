@@ -1,9 +1,17 @@
-"""Presence: each session's status, the user's combined status, and who hears of changes.
+"""Presence: each session's status, the user's combined status, and who sees or hears of it.
 
 A user's status is the most available of their sessions that are not
-invisible (online, then busy, then away); with none, they are offline to
-everyone else. Changes are pushed to the sessions of every user who shares a
-conversation with them. `last_seen` is when they were last visible.
+invisible (online, then busy, then away); with none, or when they chose to
+appear offline to everyone (SetPrivacy), they are offline to everyone else.
+`last_seen` is when they were last visible, unless they hide it.
+
+Who sees it ([privacy] presence): `contacts` (the default), only the people
+the user shares a conversation with of their own accord (store/privacy.py);
+to anyone else they are offline with no note and no last seen, exactly as
+someone offline who hides it, so a stranger learns nothing, not even that
+anything is hidden. Changes are pushed to those same contacts. `everyone`:
+any logged-in user sees it, and changes go to everyone who shares a
+conversation with the user, as in version 1.
 """
 
 from twisted.logger import Logger
@@ -19,9 +27,10 @@ log = Logger()
 VISIBLE = ("online", "busy", "away")  # most available first
 
 
-def combined(sessions):
-    """(status, note) of a user with these sessions."""
-    visible = [s for s in sessions if s.status in VISIBLE]
+def combined(sessions, own=False):
+    """(status, note) of a user with these sessions: offline if the user appears offline, except to
+    themselves (`own`)."""
+    visible = [s for s in sessions if s.status in VISIBLE and (own or not s.appear_offline)]
     if not visible:
         return "offline", None
     best = min(visible, key=lambda s: (VISIBLE.index(s.status), -s.status_changed))
@@ -29,11 +38,13 @@ def combined(sessions):
 
 
 class PresenceService:
-    def __init__(self, store, registry, clock, actions):
+    def __init__(self, store, registry, clock, actions, scope="contacts", directory_prefix=0):
         self.store = store
         self.registry = registry
         self.clock = clock
         self.actions = actions  # the TokenBucket shared with membership changes
+        self.scope = scope  # [privacy] presence: "contacts" or "everyone"
+        self.directory_prefix = directory_prefix  # [privacy] directory_prefix: ListUsers' shortest prefix
 
     def status_of(self, username):
         return combined(self.registry.sessions_of(username))
@@ -79,8 +90,22 @@ class PresenceService:
 
     @deferred
     async def _notify(self, presence):
-        contacts = await self.store.contacts_of(presence.username)
-        self.registry.tell(contacts, lambda client: client.presence_changed(presence))
+        if self.scope == "contacts":
+            audience = await self.store.audience(presence.username)
+        else:
+            audience = await self.store.contacts_of(presence.username)
+        self.registry.tell(audience, lambda client: client.presence_changed(presence))
+
+    def _seen_by(self, viewer, name, view):
+        """(status, note, last_seen or None) of `name` as `viewer` may see them (`view`: a PresenceView)."""
+        if name == viewer:
+            status, note = combined(self.registry.sessions_of(name), own=True)
+        elif self.scope == "contacts" and not view.consents:
+            return "offline", None, None
+        else:
+            status, note = self.status_of(name)
+        hidden = view.hide_last_seen and name != viewer
+        return status, note, view.last_seen if status == "offline" and not hidden else None
 
     @deferred
     async def get(self, session, usernames):
@@ -88,18 +113,40 @@ class PresenceService:
         if not 1 <= len(usernames) <= commands.MAX_PRESENCE_NAMES:
             raise InvalidArgument(f"Ask for 1 to {commands.MAX_PRESENCE_NAMES} users at a time.")
         names = [existing_name(name) for name in usernames]
-        seen = await self.store.last_seen(names)
+        views = await self.store.presence_view(session.username, set(names))
         rows = []
         for name in names:
-            if name not in seen:
+            if name not in views:
                 raise NoSuchUser(f"There is no user {name}.")
-            status, note = self.status_of(name)
-            rows.append((name, status, note, seen[name] if status == "offline" else None))
+            rows.append((name, *self._seen_by(session.username, name, views[name])))
         return rows
 
     @deferred
     async def list_users(self, session, prefix, limit):
         """[(username, status)] of registered users whose names start with `prefix`, by name."""
         limit = check_limit(limit, commands.USERS_LIMIT)
-        names = await self.store.list_users((prefix or "").lower(), limit)
-        return [(name, self.status_of(name)[0]) for name in names]
+        prefix = (prefix or "").lower()
+        if len(prefix) < self.directory_prefix:
+            raise InvalidArgument(f"Give at least the first {self.directory_prefix} characters of a name (prefix).")
+        names = await self.store.list_users(prefix, limit)
+        views = await self.store.presence_view(session.username, names)
+        return [(name, self._seen_by(session.username, name, views[name])[0]) for name in names if name in views]
+
+    @deferred
+    async def set_privacy(self, session, hide_last_seen, appear_offline):
+        """Set the caller's choices (None: unchanged): (hide_last_seen, appear_offline) after.
+
+        Appearing offline (or no longer) is a presence change like any other:
+        the user's contacts hear "offline" (or their status) at once.
+        """
+        if appear_offline is not None:
+            take_action(self.actions, session)
+        flags = await self.store.set_privacy(session.username, hide_last_seen, appear_offline)
+        if flags is None:
+            raise NoSuchUser("Your account no longer exists.")
+        before = self.status_of(session.username)
+        for own in self.registry.all_sessions_of(session.username):
+            own.appear_offline = flags[1]
+        self._changed(session.username, before)
+        return flags
+

@@ -12,8 +12,17 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from securechatd import commands
-from securechatd.commands import AlreadyAuthenticated, AuthRequired, ChatError, InvalidArgument, ServiceUnavailable
+from securechatd.commands import (
+    AlreadyAuthenticated,
+    AuthRequired,
+    ChatError,
+    EnrolmentRequired,
+    InvalidArgument,
+    SecondFactorRequired,
+    ServiceUnavailable,
+)
 from securechatd.server import wire
+from securechatd.server.accounts import PendingLogin
 from securechatd.server.framing import command_and_responder
 from securechatd.store.base import StoreError
 
@@ -22,6 +31,13 @@ log = Logger()
 
 def _nothing(result):
     return {}
+
+
+# What a connection whose login waits for its second step may do (by PendingLogin.enrol).
+_WAITING = {
+    False: "This login waits for its second factor: send the code (SecondFactor), or Logout.",
+    True: "This login waits for an enrolment in two-factor login (BeginTwoFactor, ConfirmTwoFactor), or Logout.",
+}
 
 
 class ChatLocator(amp.CommandLocator):
@@ -34,6 +50,8 @@ class ChatLocator(amp.CommandLocator):
         self.clock = clock
         self.session = None
         self._logging_in = False
+        self.pending = None  # a server.accounts.PendingLogin: a login waiting for its second step
+        self._pending_presence = (None, None)
 
     def run(self, name, box):
         """Run command `name` with the arguments in `box`: its answer box, or a Deferred of it."""
@@ -65,12 +83,16 @@ class ChatLocator(amp.CommandLocator):
 
     def _session(self):
         if self.session is None:
+            if self.pending is not None:
+                raise AuthRequired(_WAITING[self.pending.enrol])
             raise AuthRequired("Log in first.")
         return self.session
 
     def _not_logged_in(self):
         if self.session is not None or self._logging_in:
             raise AlreadyAuthenticated("This connection is already logged in.")
+        if self.pending is not None:
+            raise AlreadyAuthenticated(_WAITING[self.pending.enrol])
 
     def _address(self):
         return self.connection.address
@@ -87,9 +109,16 @@ class ChatLocator(amp.CommandLocator):
     async def _logged_in(self, login, presence=(None, None)):
         self._logging_in = True
         try:
-            session, token = await login
+            outcome = await login
         finally:
             self._logging_in = False
+        if isinstance(outcome, PendingLogin):
+            self._wait_for_second_step(outcome, presence)
+        session, token = outcome
+        return self._online(session, token, presence)
+
+    def _online(self, session, token, presence):
+        """The login's answer: `session` goes online now."""
         if self.connection.lost:
             session.end()
             raise AuthRequired("The connection closed during login.")
@@ -107,11 +136,80 @@ class ChatLocator(amp.CommandLocator):
         }
 
     def end_session(self):
-        """This connection's session is over, however it ended."""
+        """This connection's session is over, however it ended (a login waiting for its second step too)."""
+        self._forget_pending("the connection closed")
         session, self.session = self.session, None
         if session is not None:
             self.hub.session_ended(session)
         return session
+
+    # -- the second step of a login (issue 13) --------------------------------------------
+
+    def _wait_for_second_step(self, pending, presence):
+        """Hold `pending` in place of a session, and say what the client does next (raises)."""
+        if self.connection.lost:
+            self.accounts.abandon(pending, "the connection closed")
+            raise AuthRequired("The connection closed during login.")
+        self.pending, self._pending_presence = pending, presence
+        self.connection.awaiting_second_factor(self.accounts.timeout(pending))
+        if pending.enrol:
+            raise EnrolmentRequired(
+                "This server requires two-factor login: enrol (BeginTwoFactor, then ConfirmTwoFactor with a code"
+                " from your authenticator app) to finish logging in."
+            )
+        raise SecondFactorRequired("Give the code from your authenticator app, or a recovery code (SecondFactor).")
+
+    def _forget_pending(self, why):
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            self.accounts.abandon(pending, why)
+
+    def _pending_login(self):
+        if self.pending is None or self.pending.over:
+            if self.session is not None:
+                raise AlreadyAuthenticated("This connection is already logged in.")
+            raise AuthRequired("No login waits for a second step here: log in first.")
+        return self.pending
+
+    async def _second_step(self, pending, step):
+        """Await `step` of `pending`: once it is over, the connection forgets it (and logs in if it passed)."""
+        try:
+            outcome = await step
+        except BaseException:
+            if pending.over and self.pending is pending:
+                self.pending = None
+                self.connection.second_step_over()
+            raise
+        self.pending = None
+        *extra, session, token = outcome
+        answer = self._online(session, token, self._pending_presence)
+        if extra:
+            answer["recovery_codes"] = extra[0]
+        return answer
+
+    @commands.SecondFactor.responder
+    def second_factor(self, code):
+        pending = self._pending_login()
+        step = self.accounts.second_factor(pending, code, self.connection)
+        return Deferred.fromCoroutine(self._second_step(pending, step))
+
+    @commands.BeginTwoFactor.responder
+    def begin_two_factor(self):
+        if self.pending is not None:
+            begun = self.accounts.begin_enrolment(self._pending_login())
+        else:
+            begun = self.hub.security.begin(self._session())
+        return begun.addCallback(lambda result: {"secret": result[0], "uri": result[1]})
+
+    @commands.ConfirmTwoFactor.responder
+    def confirm_two_factor(self, code, action_time=None, action_nonce=None, action_signature=None):
+        if self.pending is not None:  # (at login nothing is signed: the device is not logged in yet)
+            pending = self._pending_login()
+            step = self.accounts.confirm_enrolment(pending, code, self.connection)
+            return Deferred.fromCoroutine(self._second_step(pending, step))
+        action = (action_time, action_nonce, action_signature)
+        confirmed = self.hub.security.confirm(self._session(), code, action, self._address())
+        return confirmed.addCallback(lambda codes: {"recovery_codes": codes})
 
     # -- accounts --------------------------------------------------------------
 
@@ -125,7 +223,10 @@ class ChatLocator(amp.CommandLocator):
     def login(self, username, password, client_name=None, device_id=None, status=None, note=None):
         self._not_logged_in()
         presence = self._initial_presence(status, note)
-        login = self.accounts.login(username, password, client_name, self._address(), self.connection, device_id)
+        login = self.accounts.login(
+            username, password, client_name, self._address(), self.connection, device_id,
+            self.connection.certificate_name,
+        )
         return Deferred.fromCoroutine(self._logged_in(login, presence))
 
     @commands.Resume.responder
@@ -133,12 +234,17 @@ class ChatLocator(amp.CommandLocator):
         self._not_logged_in()
         presence = self._initial_presence(status, note)
         login = self.accounts.resume(
-            username, resume_token, client_name, self._address(), self.connection, device_id
+            username, resume_token, client_name, self._address(), self.connection, device_id,
+            self.connection.certificate_name,
         )
         return Deferred.fromCoroutine(self._logged_in(login, presence))
 
     @commands.Logout.responder
     def logout(self):
+        if self.session is None and self.pending is not None:  # gives up a login's second step
+            self._forget_pending("logged out")
+            self.connection.second_step_over()
+            return {}
         return self.accounts.logout(self._session()).addCallback(self._logged_out)
 
     def _logged_out(self, result):
@@ -147,8 +253,9 @@ class ChatLocator(amp.CommandLocator):
         return {}
 
     @commands.ChangePassword.responder
-    def change_password(self, old_password, new_password):
-        changed = self.accounts.change_password(self._session(), old_password, new_password, self._address())
+    def change_password(self, old_password, new_password, action_time=None, action_nonce=None, action_signature=None):
+        action = (action_time, action_nonce, action_signature)
+        changed = self.accounts.change_password(self._session(), old_password, new_password, self._address(), action)
         return changed.addCallback(_nothing)
 
     @commands.Ping.responder
@@ -361,3 +468,86 @@ class ChatLocator(amp.CommandLocator):
         session = self._session()
         listing = self.hub.keys.devices(session)
         return listing.addCallback(lambda result: wire.devices_answer(*result, this_session=session))
+
+    # -- account security (issue 13) ------------------------------------------------------
+
+    @staticmethod
+    def _action(action_time, action_nonce, action_signature):
+        return (action_time, action_nonce, action_signature)
+
+    @commands.TwoFactorStatus.responder
+    def two_factor_status(self):
+        status = self.hub.security.status(self._session())
+        return status.addCallback(
+            lambda result: {"enabled": result[0], "required": result[1], "recovery_codes_left": result[2]}
+        )
+
+    @commands.DisableTwoFactor.responder
+    def disable_two_factor(self, code, **action):
+        disabled = self.hub.security.disable(self._session(), code, self._action(**action), self._address())
+        return disabled.addCallback(_nothing)
+
+    @commands.NewRecoveryCodes.responder
+    def new_recovery_codes(self, code, **action):
+        made = self.hub.security.new_recovery_codes(self._session(), code, self._action(**action), self._address())
+        return made.addCallback(lambda codes: {"recovery_codes": codes})
+
+    @commands.ListSessions.responder
+    def list_sessions(self):
+        return self.hub.security.sessions(self._session()).addCallback(wire.sessions_answer)
+
+    @commands.EndSession.responder
+    def end_other_session(self, session_id, **action):
+        ended = self.hub.security.end_session(self._session(), session_id, self._action(**action), self._address())
+        return ended.addCallback(_nothing)
+
+    @commands.EndOtherSessions.responder
+    def end_other_sessions(self, **action):
+        ended = self.hub.security.end_others(self._session(), self._action(**action), self._address())
+        return ended.addCallback(lambda count: {"ended": count})
+
+    @commands.GetAccountLog.responder
+    def get_account_log(self, after_seq=None, tree_size=None):
+        page = self.hub.security.account_log(self._session(), after_seq, tree_size)
+        return page.addCallback(lambda result: wire.account_log_answer(*result))
+
+    # -- privacy (issue 13) ------------------------------------------------------------------
+
+    @commands.SetPrivacy.responder
+    def set_privacy(self, hide_last_seen=None, appear_offline=None):
+        changed = self.hub.presence.set_privacy(self._session(), hide_last_seen, appear_offline)
+        return changed.addCallback(lambda result: {"hide_last_seen": result[0], "appear_offline": result[1]})
+
+    @commands.InviteMembers.responder
+    def invite_members(self, conversation_id, members):
+        invited = self.hub.conversations.invite(self._session(), conversation_id, members)
+        return invited.addCallback(lambda names: {"invited": names})
+
+    @commands.GetInvitations.responder
+    def get_invitations(self, conversation_id):
+        listed = self.hub.conversations.group_invitations(self._session(), conversation_id)
+        return listed.addCallback(
+            lambda result: wire.page(
+                commands.GetInvitations,
+                "invitations",
+                [
+                    {"username": name, "inviter": inviter, "invited_at": wire.utc(at), "accepted": accepted}
+                    for name, inviter, at, accepted in result[0]
+                ],
+                result[1],
+            )
+        )
+
+    @commands.ListInvitations.responder
+    def list_invitations(self):
+        listed = self.hub.conversations.invitations(self._session())
+        return listed.addCallback(
+            lambda result: wire.page(
+                commands.ListInvitations, "invitations", [wire.invitation_item(row) for row in result[0]], result[1]
+            )
+        )
+
+    @commands.AnswerInvitation.responder
+    def answer_invitation(self, conversation_id, accept):
+        answered = self.hub.conversations.answer_invitation(self._session(), conversation_id, accept)
+        return answered.addCallback(lambda joined: {"joined": joined})

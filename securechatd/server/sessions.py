@@ -53,6 +53,16 @@ class IChatClient(Interface):
         """The server ended this session (e.g. a password change elsewhere); closes the connection."""
 
 
+class IInvitationClient(Interface):
+    """What services may tell a logged-in client of invitations (issue 13); the connection implements it too."""
+
+    def invited(invitation):
+        """The user was invited to a group: a store.privacy.Invitation."""
+
+    def invitation_accepted(conversation_id, username):
+        """`username` accepted an invitation to an encrypted group the user is a member of."""
+
+
 @implementer(IChatSession)
 class Session:
     """One user logged in on one connection; `client` is that connection's IChatClient."""
@@ -71,6 +81,8 @@ class Session:
         self.address = None  # the client's IP address, and the device the session is bound to
         self.device_id = None  # (32 hex digits; None: a session of version 1, bound to no device)
         self.generation = None  # the account's credential generation when it logged in
+        self.last_active = started  # when its client last sent a command (ListSessions)
+        self.appear_offline = False  # the user chose to appear offline to everyone (SetPrivacy)
 
     def __repr__(self):
         return f"<Session {self.username} {self.session_id[:8]}>"
@@ -91,6 +103,7 @@ class SessionRegistry:
     def __init__(self):
         self._by_user = {}  # username -> {session_id: Session}, online or not yet
         self._online = {}  # username -> {session_id: Session}
+        self.removed = []  # callables told of each session as it leaves (e.g. to note when it was last active)
 
     def add(self, session):
         self._by_user.setdefault(session.username, {})[session.session_id] = session
@@ -100,10 +113,14 @@ class SessionRegistry:
             self._online.setdefault(session.username, {})[session.session_id] = session
 
     def remove(self, session):
+        present = session.session_id in self._by_user.get(session.username, {})
         for table in (self._by_user, self._online):
             sessions = table.get(session.username, {})
             if sessions.pop(session.session_id, None) is not None and not sessions:
                 del table[session.username]
+        if present:
+            for told in self.removed:
+                told(session)
 
     def count(self, username):
         """Sessions of `username`, online or still logging in."""

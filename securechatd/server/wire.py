@@ -230,3 +230,56 @@ def page(command, name, items, has_more):
     """The answer {name: items that fit, "has_more": ...}: a page cut short says there is more."""
     fitting = fit(items, list_spec(command, name))
     return {name: fitting, "has_more": has_more or len(fitting) < len(items)}
+
+
+# -- account security (issue 13) ----------------------------------------------------------
+
+
+def sessions_answer(result):
+    """ListSessions' answer for SecurityService.sessions: the caller's sessions, cut to fit one AMP value."""
+    rows, has_more = result
+    items = [
+        {
+            "session_id": session_id,
+            "device_id": device_id,
+            "client_name": client_name,
+            "address": address,
+            "since": utc(since),
+            "last_active": utc(last_active),
+            "online": online,
+            "this_session": this_session,
+        }
+        for session_id, device_id, client_name, address, since, last_active, online, this_session in rows
+    ]
+    return page(commands.ListSessions, "sessions", items, has_more)
+
+
+def account_log_answer(entries, head, consistency, has_more):
+    """GetAccountLog's answer: the events with their proofs (cut to fit one AMP value), the head, the
+    consistency proof."""
+    items = [{"event": event, "leaf_index": index, "proof": proof} for event, index, proof in entries]
+    answer = page(commands.GetAccountLog, "events", items, has_more)
+    answer.update(tree_head=head, consistency=consistency)
+    return answer
+
+
+def invitation_item(invitation):
+    return {
+        "conversation_id": invitation.conversation_id,
+        "kind": invitation.kind,
+        "title": invitation.title,
+        "inviter": invitation.inviter,
+        "invited_at": utc(invitation.invited_at),
+        "accepted": invitation.accepted,
+        "encrypted": True if invitation.encrypted else None,
+    }
+
+
+def invited_box(invitation):
+    item = invitation_item(invitation)
+    names = ("conversation_id", "kind", "title", "inviter", "encrypted")
+    return encode_arguments(commands.Invited, {name: item[name] for name in names})
+
+
+def invitation_accepted_box(conversation_id, username):
+    return encode_arguments(commands.InvitationAccepted, {"conversation_id": conversation_id, "username": username})
