@@ -9,13 +9,14 @@ import os
 from dataclasses import replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import inlineCallbacks, succeed
 from twisted.trial import unittest
 
 from securechatd import commands, verify
 from securechatd.client.crypto import Alarm
 from securechatd.client.device_file import ACTIVE, LABEL_V1, DeviceFile
-from securechatd.client.library import ChatClient
+from securechatd.client.library import ChatClient, Conversation, Message
+from securechatd.client.transcripts import TranscriptSigned
 
 from securechatd.client import transcripts
 from securechatd.client.transcripts import (
@@ -32,7 +33,9 @@ from securechatd.e2ee.keys import Device
 from securechatd.e2ee.envelope import Header
 from securechatd.e2ee.transcript import next_hash, sign_head
 from tests.test_e2ee_membership import BOB, PHONE
+from tests import test_tui
 from tests.test_client_e2ee import E2EETestCase
+from tests.test_ui import NOW, FakeClient, message, render
 from tests.test_transcript import CONVERSATION, SERVER, SERVER_KEY, History
 
 
@@ -530,13 +533,9 @@ class RenderTests(unittest.TestCase):
     """What a person reads of the chain's answers and events (securechat; --batch gets the records as JSON)."""
 
     def render(self, record):
-        from tests.test_ui import render
-
         return render(record)
 
     def test_messages_say_when_they_are_deniable_or_not_verified(self):
-        from tests.test_ui import message
-
         self.assertEqual(self.render(message(mode="attestable", n=3, chain="verified", chain_problems=[])),
                          self.render(message()))
         self.assertEqual(self.render(message(mode="deniable", chain="verified")), ["07:00 [bob] <bob> hi  (deniable)"])
@@ -546,8 +545,6 @@ class RenderTests(unittest.TestCase):
         )
 
     def test_answers_and_events(self):
-        from tests.test_ui import NOW
-
         where = dict(conversation_id=3, conversation="Team")
         self.assertEqual(
             self.render(dict(event="answer", command="mode", mode="deniable", changed=True, **where)),
@@ -594,3 +591,44 @@ class RenderTests(unittest.TestCase):
                          ["  #3     Team                     encrypted, deniable"])
         self.assertEqual(self.render(dict(event="answer", command="open", unread=0, messages=[], mode="attestable",
                                           **where)), ["now in [Team] (attestable)"])
+
+
+class _ModeClient(FakeClient):
+    """test_ui's FakeClient, with the modes of its encrypted conversations."""
+
+    modes = {3: "attestable", 4: "deniable"}
+
+    def known_mode(self, conversation_id):
+        return self.modes.get(conversation_id)
+
+    def mode(self, conversation_id):
+        return succeed(self.modes.get(conversation_id))
+
+
+class FullScreenTests(test_tui.TuiTestCase):
+    """The full-screen client shows the mode in its status line and the chain's events in their windows."""
+
+    conversations = (
+        Conversation(3, "direct", ("alice", "bob"), encrypted=True),
+        Conversation(4, "group", ("alice", "bob", "carol"), "Team", encrypted=True),
+    )
+
+    def setUp(self):
+        self.patch(test_tui, "FakeClient", _ModeClient)
+        self.patch(_ModeClient, "modes", dict(_ModeClient.modes))
+        super().setUp()
+
+    def test_the_mode_and_the_chain_events(self):
+        self.type("/open Team")
+        self.assertIn("[deniable]", self.screen())
+        self.client.on_mode(4, "attestable", "bob")
+        self.client.modes[4] = "attestable"
+        self.client.on_transcript_signed(TranscriptSigned(4, "carol", "ab" * 16, 7, 3, 0, True))
+        self.client.on_deliver(Message(9, 4, "bob", "hm", NOW, 4, True, mode="attestable", n=8, chain="broken",
+                                       chain_problems=("chain_fork",)))
+        self.clock.advance(0)
+        screen = self.screen()
+        self.assertIn("bob made it attestable", screen)
+        self.assertIn("read by carol, transcript verified up to #7 (message no. 3)", screen)
+        self.assertIn("!! not verified: chain_fork", screen)
+        self.assertIn("[attestable]", screen)
