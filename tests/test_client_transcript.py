@@ -184,8 +184,10 @@ class MessageTests(unittest.TestCase):
 
     def test_the_golden_messages_verify(self):
         verdicts = [self.check(seq) for seq in (1, 2, 3)]
-        self.assertEqual([(v.n, v.mode, v.state, v.problems) for v in verdicts],
-                         [(3, "attestable", VERIFIED, ()), (4, "attestable", VERIFIED, ()), (7, "deniable", VERIFIED, ())])
+        self.assertEqual(
+            [(v.n, v.mode, v.state, v.problems) for v in verdicts],
+            [(3, "attestable", VERIFIED, ()), (4, "attestable", VERIFIED, ()), (7, "deniable", VERIFIED, ())],
+        )
         self.assertEqual(self.chain.counters, {("alice", PHONE.id): (3, 1), ("bob", BOB.id): (7, 2)})
 
     def test_a_message_sent_across_a_fork(self):
@@ -576,7 +578,9 @@ class RenderTests(unittest.TestCase):
         )
         signed = dict(event="transcript_signed", username="bob", device_id="ab", n=9, seq=4, verified=True,
                       problem=None, at=NOW, **where)
-        self.assertEqual(self.render(signed), ["07:00 [Team] read by bob, transcript verified up to #9 (message no. 4)"])
+        self.assertEqual(
+            self.render(signed), ["07:00 [Team] read by bob, transcript verified up to #9 (message no. 4)"]
+        )
         self.assertEqual(
             self.render(dict(signed, verified=False, problem="transcript_fork")),
             ["07:00 [Team] !! read by bob: their transcript up to #9 (message no. 4) does NOT check (transcript_fork)"],

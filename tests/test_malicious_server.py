@@ -884,8 +884,9 @@ class ChainOrderTests(ChainTestCase):
         yield until(lambda: len(pushes) == 2)
         first, second = pushes[2], pushes[3]
         # bob is told "second" came first, at seq 2, and "first" after it, at seq 3: a chain signed that way
-        yield self.proxy.deliver(bob, **dict(second, seq=2, link=forger.forged(3).to_bytes(), receipt=forger.receipt(3, 3)))
-        yield self.proxy.deliver(bob, **dict(first, seq=3, link=forger.forged(4).to_bytes(), receipt=forger.receipt(4, 4)))
+        for arguments, seq, n in ((second, 2, 3), (first, 3, 4)):
+            link = forger.forged(n).to_bytes()
+            yield self.proxy.deliver(bob, **dict(arguments, seq=seq, link=link, receipt=forger.receipt(n, n)))
         [_, late, early] = bob_inbox.items["deliver"]
         self.assertEqual((late.body, early.body), ("second", "first"))
         self.assertIn(Alarm.REORDERED, early.chain_problems)

@@ -1300,7 +1300,10 @@ class ChatClient:
         return maybeDeferred(lambda: Deferred.fromCoroutine(self._e2ee().export(conversation_id, disclose)))
 
     def server_key_ids(self):
-        """(the pinned server key's id, the id of another key the server gives now or None), readable; or (None, None)."""
+        """(the pinned server key's id, the id of another key the server gives now or None), readable.
+
+        (None, None) without a device or a pinned key.
+        """
         if self.e2ee is None:
             return None, None
         return self.e2ee.transcripts.key_ids()

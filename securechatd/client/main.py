@@ -594,9 +594,8 @@ class Chat:
             if mode == "deniable":
                 raise LocalError("DENIABLE", "This conversation is deniable: nobody signs its transcript.")
             raise LocalError("NOTHING_TO_SIGN", "There is nothing here to sign yet.")
-        self._answer(
-            "sign", conversation_id=conversation_id, conversation=self._name(conversation_id), n=signed.n, seq=signed.seq
-        )
+        name = self._name(conversation_id)
+        self._answer("sign", conversation_id=conversation_id, conversation=name, n=signed.n, seq=signed.seq)
 
     async def _do_export(self, path=None):
         conversation_id = self._encrypted_here()

@@ -679,7 +679,9 @@ class Transcripts:
             try:
                 links.append(Link.from_bytes(data))
             except Malformed as problem:
-                problems.append(ChainProblem(LINK_MISMATCH, f"conversation {conversation}: a malformed link ({problem})"))
+                problems.append(
+                    ChainProblem(LINK_MISMATCH, f"conversation {conversation}: a malformed link ({problem})")
+                )
         for data in raw_heads:
             try:
                 heads.append(Head.from_bytes(data))
@@ -1157,7 +1159,9 @@ class Transcripts:
         """[(seq, header, body, signature)] of seqs 1..count, from the conversation's history."""
         found, before = {}, None
         while True:
-            page = await self._call(commands.HistoryEncrypted, conversation_id=conversation, before_seq=before, limit=500)
+            page = await self._call(
+                commands.HistoryEncrypted, conversation_id=conversation, before_seq=before, limit=500
+            )
             for item in page["messages"]:
                 found[item["seq"]] = (item["seq"], item["header"], item["body"], item.get("signature") or b"")
             seqs = [item["seq"] for item in page["messages"]]

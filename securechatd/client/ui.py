@@ -579,7 +579,9 @@ _ANSWERS = {
         else ["On one of your devices already in use, type:", f"  /approve {r['request']}", "then /link again here."]
     ),
     "approve": lambda r, at: [f"added the device {r['device_id'][:8]} ({clean(r['name'])})"],
-    "mode": lambda r, at: [f"[{clean(r['conversation'])}] is " + ("now " if r["changed"] else "") + MODE_TEXTS[r["mode"]]],
+    "mode": lambda r, at: [
+        f"[{clean(r['conversation'])}] is " + ("now " if r["changed"] else "") + MODE_TEXTS[r["mode"]]
+    ],
     "sign": lambda r, at: [
         f"[{clean(r['conversation'])}] you signed the transcript up to #{r['n']}"
         + (f" (message no. {r['seq']})" if r["seq"] else "")
