@@ -432,3 +432,24 @@ class SettingsTests(unittest.TestCase):
             config.load(None, {"signing_key": "k", "totp_key": "k"})
         self.assertIn("one key, one purpose", str(raised.exception))
         self.assertNotEqual(re.sub(r"\W", "", config.totp_key_path(config.Settings())), "")
+
+
+class KeyFileTests(unittest.TestCase):
+    def test_the_daemon_makes_its_own_totp_key(self):
+        """At first start: certs/totp.key, 32 bytes, mode 0600, another key than the signing key."""
+        import os
+        import stat
+
+        from twisted.internet import reactor
+
+        from tests.helpers import start_daemon
+
+        _, ca, hub = start_daemon(self, reactor)
+        certs = os.path.dirname(ca)
+        path = os.path.join(certs, "totp.key")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        with open(path, "rb") as f:
+            key = f.read()
+        self.assertEqual(key, hub.accounts.two_factor.key)
+        with open(os.path.join(certs, "signing.key"), "rb") as f:
+            self.assertNotEqual(f.read(), key)
