@@ -177,11 +177,17 @@ class ChainTests(Scene):
                 self.pushed(conn, "TranscriptSigned"),
                 [{"conversation_id": self.group_id, "username": "bob", "head": head.to_bytes()}],
             )
-        self.assertEqual(self.pushed(phone, "TranscriptSigned"), [])
+        self.assertEqual(self.pushed(phone, "TranscriptSigned"), [])  # the signer has it
+        self.assertEqual(self.pushed(self.bob_watch, "TranscriptSigned"), [])  # a version 1 session gets no v2 push
+        laptop = self.connect("bob", self.bob_laptop)
+        again = self.head(self.bob_phone, position, time=round(self.clock.seconds() * 1000) + 1)
+        self.ok(phone, commands.SignTranscript, conversation_id=self.group_id, head=again.to_bytes())
+        self.settle(phone, laptop)
+        self.assertEqual([p["head"] for p in self.pushed(laptop, "TranscriptSigned")], [again.to_bytes()])  # bob's others
         older = self.head(self.bob_phone, transcript.Position(self.group_id))
         self.ok(phone, commands.SignTranscript, conversation_id=self.group_id, head=older.to_bytes())
         kept = self.ok(carol, commands.GetTranscriptHeads, conversation_id=self.group_id)
-        self.assertEqual(kept, {"heads": [head.to_bytes()]})  # an older head does not replace a newer one
+        self.assertEqual(kept, {"heads": [again.to_bytes()]})  # an older head does not replace a newer one
 
     def test_transcript_heads_bad_input(self):
         phone = self.connect("bob", self.bob_phone)

@@ -190,12 +190,16 @@ class ChainService:
 
     @deferred
     async def sign_transcript(self, session, conversation_id, data):
-        """Keep a transcript head the session's device signed, and pass it to the other members."""
+        """Keep a transcript head the session's device signed, and pass it to the members' other devices."""
         conversation, head = await self._signed_here(session, conversation_id, data, TranscriptHead)
         kept = await self.store.keep_transcript_head(conversation.id, session.username, session.device_id, head.n, data)
-        if kept:
-            others = [name for name in conversation.members if name != session.username]
-            self.registry.tell(others, lambda client: client.transcript_signed(conversation.id, session.username, data))
+        if kept:  # to every member's devices, the signer's others too
+            self.registry.tell(
+                conversation.members,
+                lambda client: client.transcript_signed(conversation.id, session.username, data),
+                exclude=session,
+                devices_only=True,
+            )
 
     @deferred
     async def transcript_heads(self, session, conversation_id):

@@ -141,8 +141,9 @@ class SessionRegistry:
         """Users with a session, online or still logging in."""
         return set(self._by_user)
 
-    def tell(self, usernames, push, exclude=None):
-        """Call `push(session.client)` for every online session of `usernames` but `exclude`.
+    def tell(self, usernames, push, exclude=None, devices_only=False):
+        """Call `push(session.client)` for every online session of `usernames` but `exclude`
+        (with `devices_only`, of those bound to a device: a push of encrypted conversations).
 
         The one fan-out of the daemon, with one error policy: a push that
         raises is logged and counts as unanswered, and the others go on, so
@@ -156,7 +157,7 @@ class SessionRegistry:
                 continue
             answers = told[name] = []
             for session in list(sessions.values()):
-                if session is exclude:
+                if session is exclude or (devices_only and session.device_id is None):
                     continue
                 try:
                     answers.append(push(session.client))
