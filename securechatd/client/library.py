@@ -47,7 +47,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from securechatd import commands
-from securechatd.commands import BadCredentials, MessageTooLarge, NoSuchDevice, NotAllowed
+from securechatd.accountlog import ACTION_LABEL, NONCE_BYTES, action_fields
+from securechatd.commands import BadCredentials, MessageTooLarge, NoSuchDevice, NotAllowed, SecondFactorRequired
 from securechatd.client.crypto import (  # noqa: F401 (DeviceInfo, LinkError: for apps)
     Alarm,
     DeviceInfo,
@@ -397,6 +398,9 @@ class ChatClient:
         self.on_devices_changed = lambda user, added, removed: None
         self.on_mode = lambda conversation_id, mode, actor: None
         self.on_transcript_signed = lambda signed: None
+        # Two-factor login: second_factor(username) gives the code (a TOTP code or a recovery code; may return
+        # a Deferred) when a login answers SECOND_FACTOR_REQUIRED and no code was given to login(); None: fail.
+        self.second_factor = None
 
     INITIAL_DELAY = 0.5
     MAX_DELAY = 30.0
@@ -464,19 +468,45 @@ class ChatClient:
                 self.username = self.resume_token = None
                 self.on_logged_out("The session could not be resumed; log in again.")
                 return None
-            answer, bound = await self._password_login(protocol.callRemote, self.username, self._password)
+            try:
+                answer, bound = await self._password_login(protocol.callRemote, self.username, self._password)
+            except (SecondFactorRequired, commands.EnrolmentRequired):  # (no code to give: a person logs in)
+                self.username = self.resume_token = None
+                self.on_logged_out("The session could not be resumed; log in again (with your second factor).")
+                return None
         return self._logged_in(answer, bound)
 
-    async def _password_login(self, call, username, password):
-        """(Login's answer, bound): bound to this installation's device if it may be, else (or if refused) not."""
+    async def _password_login(self, call, username, password, code=None):
+        """(Login's answer, bound): bound to this installation's device if it may be, else (or if refused) not.
+
+        `call` sends on one connection: a second factor goes on the connection of its Login.
+        """
         arguments = self._login_arguments(username, password=password)
         device = self.e2ee.login_device() if self.e2ee is not None else None
+        codes = [code]  # a code given up front is used once; then second_factor() is asked
         if device is not None:
             try:
-                return await call(commands.Login, device_id=device, **arguments), True
+                return await self._two_step_login(call, codes, device_id=device, **arguments), True
             except (NoSuchDevice, NotAllowed) as refused:
                 self.e2ee.refused(refused)  # a new device of a user with devices, or revoked: log in without it
-        return await call(commands.Login, **arguments), False
+        return await self._two_step_login(call, codes, **arguments), False
+
+    async def _two_step_login(self, call, codes, **arguments):
+        """Login; if it answers SECOND_FACTOR_REQUIRED, SecondFactor with a code on the same connection.
+
+        A wrong code (or password) fails with BAD_CREDENTIALS ("Wrong username, password or code ...").
+        """
+        try:
+            return await call(commands.Login, **arguments)
+        except SecondFactorRequired:
+            code = codes.pop() if codes else None
+            if code is None:
+                if self.second_factor is None:
+                    raise
+                code = await maybeDeferred(self.second_factor, arguments["username"])
+            if not code:
+                raise
+            return await call(commands.SecondFactor, code=code)
 
     def _connection_lost(self, protocol, reason):
         if protocol is self._protocol:
@@ -579,16 +609,19 @@ class ChatClient:
         self._save = None
         self.seen.save()
 
-    def login(self, username, password, remember_password=False):
+    def login(self, username, password, remember_password=False, code=None):
         """Deferred LoggedIn; `remember_password` keeps it in memory to log in again if a resume fails.
 
-        With encryption, the device is ready when it fires (see ChatClient).
+        For an account with two-factor login, `code` (a TOTP or recovery code) is the second factor;
+        without it the client asks `second_factor(username)`. With encryption, the device is ready when
+        it fires (see ChatClient).
         """
-        return Deferred.fromCoroutine(self._login(username, password, remember_password))
+        return Deferred.fromCoroutine(self._login(username, password, remember_password, code))
 
-    async def _login(self, username, password, remember_password):
+    async def _login(self, username, password, remember_password, code=None):
         self._open_device(username)
-        answer, bound = await self._password_login(self.call, username, password)
+        protocol = await self._connected()  # (both steps of a two-factor login on one connection)
+        answer, bound = await self._password_login(protocol.callRemote, username, password, code)
         self._password = password if remember_password else None
         login = self._logged_in(answer, bound)
         await self._start_device()
@@ -632,6 +665,62 @@ class ChatClient:
 
     def ping(self):
         return self.call(commands.Ping).addCallback(lambda answer: answer["server_time"])
+
+    # -- account security: two-factor login, sessions (docs/PROTOCOL.md, "Account security") --------
+
+    def _signed_action(self, kind, target=""):
+        """The action_* arguments of `kind` on `target`: signed by this installation's device when the
+        session is bound to it (the server then requires them), none for a session bound to no device."""
+        if not self._bound or self.e2ee is None:
+            return {}
+        device = self.e2ee.state.device
+        time_ms = int(self.clock.seconds() * 1000)
+        nonce = os.urandom(NONCE_BYTES)
+        fields = action_fields(self.username, device.id, kind, target, time_ms, nonce)
+        return {"action_time": time_ms, "action_nonce": nonce, "action_signature": device.sign(ACTION_LABEL, fields)}
+
+    def _signed_call(self, command, kind, target="", **arguments):
+        def send(protocol):
+            return protocol.callRemote(command, **arguments, **self._signed_action(kind, target))
+
+        return self._connected().addCallback(send)
+
+    def two_factor_status(self):
+        """Deferred TwoFactorStatus answer: {"enabled", "required", "recovery_codes_left"}."""
+        return self.call(commands.TwoFactorStatus)
+
+    def begin_two_factor(self):
+        """Deferred (secret in base32, otpauth:// URI): a new enrolment; on only once confirm_two_factor()."""
+        begun = self.call(commands.BeginTwoFactor)
+        return begun.addCallback(lambda answer: (answer["secret"], answer["uri"]))
+
+    def confirm_two_factor(self, code):
+        """Deferred list of the ten recovery codes (shown once): two-factor login is on."""
+        confirmed = self._signed_call(commands.ConfirmTwoFactor, "second_factor_on", code=code)
+        return confirmed.addCallback(lambda answer: list(answer["recovery_codes"]))
+
+    def disable_two_factor(self, code):
+        """Deferred: two-factor login off (`code`: a current code or a recovery code)."""
+        return self._signed_call(commands.DisableTwoFactor, "second_factor_off", code=code)
+
+    def new_recovery_codes(self, code):
+        """Deferred list of ten new recovery codes; the old ones stop working."""
+        renewed = self._signed_call(commands.NewRecoveryCodes, "recovery_codes_new", code=code)
+        return renewed.addCallback(lambda answer: list(answer["recovery_codes"]))
+
+    def list_sessions(self):
+        """Deferred list of dicts (session_id, device_id, client_name, address, since, last_active, online,
+        this_session), oldest first."""
+        return self.call(commands.ListSessions).addCallback(lambda answer: list(answer["sessions"]))
+
+    def end_session(self, session_id):
+        """Deferred: end another session of the user (its connection closes, its resume token is revoked)."""
+        return self._signed_call(commands.EndSession, "session_end", session_id, session_id=session_id)
+
+    def end_other_sessions(self):
+        """Deferred number of sessions ended: all of the user's but this one."""
+        ended = self._signed_call(commands.EndOtherSessions, "sessions_end_others")
+        return ended.addCallback(lambda answer: answer["ended"])
 
     # -- this installation's device ------------------------------------------------
 

@@ -1,0 +1,194 @@
+"""Two-factor login and sessions in the client library, against the real daemon over TLS on 127.0.0.1.
+
+The daemon's clock is the real one, so codes are computed with securechatd.totp from reactor.seconds().
+A code is accepted once per 30-second step (and only for a step above the last accepted), so each test
+uses the current step, the next one, and recovery codes.
+"""
+
+import base64
+import os
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial import unittest
+
+from securechatd import commands, totp
+from securechatd.client.library import ChatClient
+from tests.helpers import start_daemon
+from tests.test_client import PASSWORD
+
+
+def secret_bytes(secret):
+    """The raw TOTP secret of BeginTwoFactor's base32 text."""
+    return base64.b32decode(secret + "=" * (-len(secret) % 8))
+
+
+def code_at(secret, offset=0):
+    return totp.code(secret_bytes(secret), reactor.seconds() + offset)
+
+
+def wrong_code(secret):
+    """A code of the secret far from now: never accepted (its step is outside the window)."""
+    return code_at(secret, 3600 * 24)
+
+
+class TwoFactorClientTests(unittest.TestCase):
+    def setUp(self):
+        self.port, self.ca, self.hub = start_daemon(self, reactor, plaintext="refused")
+        self.base = os.path.abspath(self.mktemp())
+
+    def make_client(self, install=None):
+        client = ChatClient(
+            "127.0.0.1",
+            self.port,
+            self.ca,
+            hostname="localhost",
+            reactor=reactor,
+            client_name=install or "plain",
+            state_directory=os.path.join(self.base, install) if install else None,
+        )
+        self.addCleanup(client.close)
+        return client
+
+    @inlineCallbacks
+    def enrolled(self, username="alice", install="laptop"):
+        """A client of a new user logged in bound to its device, with two-factor login on: (client, secret, codes)."""
+        client = self.make_client(install)
+        yield client.connect()
+        yield client.register(username, PASSWORD)
+        yield client.login(username, PASSWORD)
+        self.assertTrue(client._bound)
+        status = yield client.two_factor_status()
+        self.assertFalse(status["enabled"])
+        secret, uri = yield client.begin_two_factor()
+        self.assertTrue(uri.startswith("otpauth://totp/"), uri)
+        self.assertIn(f"secret={secret}", uri)
+        codes = yield client.confirm_two_factor(code_at(secret))  # a signed action of the device
+        self.assertEqual(len(codes), 10)
+        status = yield client.two_factor_status()
+        self.assertEqual((status["enabled"], status["recovery_codes_left"]), (True, 10))
+        return client, secret, codes
+
+    @inlineCallbacks
+    def test_login_with_code_wrong_code_and_recovery_code(self):
+        laptop, secret, codes = yield self.enrolled()
+        yield laptop.close()
+
+        # the same installation again (its device), the second factor from the app's callable
+        again = self.make_client("laptop")
+        yield again.connect()
+        with self.assertRaises(commands.SecondFactorRequired):  # no code and nobody to ask
+            yield again.login("alice", PASSWORD)
+        yield again.close()
+
+        again = self.make_client("laptop")
+        yield again.connect()
+        with self.assertRaises(commands.BadCredentials) as wrong:
+            yield again.login("alice", PASSWORD, code=wrong_code(secret))
+        self.assertEqual(str(wrong.exception), commands.SECOND_FACTOR_TEXT)
+        asked = []
+        again.second_factor = lambda username: asked.append(username) or code_at(secret, 30)
+        login = yield again.login("alice", PASSWORD)
+        self.assertEqual((login.username, asked), ("alice", ["alice"]))
+        self.assertTrue(again._bound)
+        yield again.close()
+
+        # a recovery code, given up front, on a client of no device; it works once
+        plain = self.make_client()
+        yield plain.connect()
+        yield plain.login("alice", PASSWORD, code=codes[0].upper())
+        status = yield plain.two_factor_status()
+        self.assertEqual(status["recovery_codes_left"], 9)
+        yield plain.logout()
+        with self.assertRaises(commands.BadCredentials):
+            yield plain.login("alice", PASSWORD, code=codes[0])
+
+    @inlineCallbacks
+    def test_a_wrong_password_with_a_right_code_is_refused(self):
+        laptop, secret, codes = yield self.enrolled()
+        plain = self.make_client()
+        yield plain.connect()
+        with self.assertRaises(commands.BadCredentials):
+            yield plain.login("alice", "not the password at all", code=codes[1])
+        yield plain.login("alice", PASSWORD, code=codes[1])  # (the code was not spent)
+
+    @inlineCallbacks
+    def test_new_recovery_codes_and_disable(self):
+        laptop, secret, codes = yield self.enrolled()
+        with self.assertRaises(commands.BadCredentials):
+            yield laptop.new_recovery_codes(wrong_code(secret))
+        fresh = yield laptop.new_recovery_codes(codes[0])  # signed by the device
+        self.assertEqual(len(fresh), 10)
+        self.assertFalse(set(fresh) & set(codes))
+        yield laptop.disable_two_factor(fresh[0])
+        status = yield laptop.two_factor_status()
+        self.assertFalse(status["enabled"])
+        plain = self.make_client()
+        yield plain.connect()
+        yield plain.login("alice", PASSWORD)  # no second factor now
+
+    @inlineCallbacks
+    def test_enrolment_from_a_session_of_no_device(self):
+        plain = self.make_client()
+        yield plain.connect()
+        yield plain.register("bob", PASSWORD)
+        yield plain.login("bob", PASSWORD)
+        secret, _ = yield plain.begin_two_factor()
+        with self.assertRaises(commands.BadCredentials):
+            yield plain.confirm_two_factor(wrong_code(secret))
+        codes = yield plain.confirm_two_factor(code_at(secret))  # nothing to sign: no device
+        self.assertEqual(len(codes), 10)
+        other = self.make_client()
+        yield other.connect()
+        yield other.login("bob", PASSWORD, code=code_at(secret, 30))
+
+
+class SessionClientTests(unittest.TestCase):
+    def setUp(self):
+        self.port, self.ca, self.hub = start_daemon(self, reactor, plaintext="refused")
+        self.base = os.path.abspath(self.mktemp())
+
+    @inlineCallbacks
+    def logged_in(self, install, register=False):
+        client = ChatClient(
+            "127.0.0.1",
+            self.port,
+            self.ca,
+            hostname="localhost",
+            reactor=reactor,
+            client_name=install,
+            reconnect=False,
+            state_directory=os.path.join(self.base, install) if install != "plain" else None,
+        )
+        self.addCleanup(client.close)
+        yield client.connect()
+        if register:
+            yield client.register("alice", PASSWORD)
+        client.session = (yield client.login("alice", PASSWORD)).session_id
+        return client
+
+    @inlineCallbacks
+    def test_list_and_end_sessions(self):
+        laptop = yield self.logged_in("laptop", register=True)
+        phone = yield self.logged_in("plain")
+        tablet = yield self.logged_in("plain")
+        lost = Deferred()
+        phone.on_disconnected = lambda reason: lost.callback(None) if not lost.called else None
+        sessions = yield laptop.list_sessions()
+        self.assertEqual(len(sessions), 3)
+        [mine] = [s for s in sessions if s["this_session"]]
+        self.assertEqual(mine["device_id"], laptop.device_id)
+        self.assertEqual(mine["client_name"], "laptop")
+        self.assertTrue(all(s["online"] for s in sessions))
+        [phone_session] = [s for s in sessions if s["session_id"] == phone.session]
+        with self.assertRaises(commands.NoSuchSession):
+            yield laptop.end_session("0" * 32)
+        yield laptop.end_session(phone_session["session_id"])  # a signed action of the laptop's device
+        sessions = yield laptop.list_sessions()
+        self.assertEqual(len(sessions), 2)
+        self.assertNotIn(phone.session, [s["session_id"] for s in sessions])
+        yield lost
+        ended = yield tablet.end_other_sessions()  # from a session of no device: nothing to sign
+        self.assertGreaterEqual(ended, 1)
+        sessions = yield tablet.list_sessions()
+        self.assertEqual([s["session_id"] for s in sessions], [tablet.session])
