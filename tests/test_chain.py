@@ -16,7 +16,7 @@ from securechatd import commands
 from securechatd.commands import BadSignature, InvalidArgument, NoSuchConversation, NotAllowed
 from securechatd.e2ee import membership, transcript
 from securechatd.records import ChainLink
-from securechatd.server.chain import HEAD_EVERY, HeadSigner, load_server_key
+from securechatd.server.chain import HeadSigner, load_server_key
 from tests.helpers import Connection, make_store
 from tests.test_encrypted import Scene
 
@@ -205,29 +205,30 @@ class ChainTests(Scene):
 
 
 class HeadSignerTests(unittest.TestCase):
-    """One head per conversation for the links of a batch, at most HEAD_EVERY links a receipt."""
+    """One signature for every link of a batch; each receipt is its own head and link."""
 
-    def test_a_batch_of_links_costs_one_head_per_run_of_head_every(self):
+    def test_every_link_of_a_batch_is_a_head_and_its_receipt_is_that_head_and_link(self):
         store = make_store(self)
         self.successResultOf(
             store._write("test", lambda txn: txn.execute("INSERT INTO conversations (id, kind, created_at) VALUES (9, 'group', 0)"))
         )
         signed = []
         signer = HeadSigner(store, SERVER_KEY, lambda function, *args: _ran(signed, function, *args))
-        links = [transcript.Link(9, n, 1000 + n, "message", n, bytes(32)) for n in range(1, HEAD_EVERY + 5)]
+        links = [transcript.Link(9, n, 1000 + n, "message", n, bytes(32)) for n in range(1, 21)]
         positions = transcript.Position(9).extend(links)
         store.finishing_batch = True  # (as while a batch's callers get their results)
         receipts = [signer.receipt(ChainLink(9, p.n, p.e, link.to_bytes())) for link, p in zip(links, positions)]
         store.finishing_batch = False
         signer._sign()
-        [heads] = signed
-        self.assertEqual([n for _, n, _ in heads], [HEAD_EVERY, HEAD_EVERY + 4])
+        [heads] = signed  # one signing job, one signature
+        self.assertEqual([n for _, n, _ in heads], list(range(1, 21)))
         public = SERVER_KEY.public_key().public_bytes_raw()
         for before, receipt in zip([transcript.Position(9), *positions], receipts):
             receipt = transcript.Receipt.from_bytes(self.successResultOf(receipt))
-            self.assertLessEqual(len(receipt.links), HEAD_EVERY)
+            self.assertEqual(len(receipt.links), 1)
             transcript.check_receipt(receipt, before, public)
-
+        stored = self.successResultOf(store._read("test", lambda txn: txn.execute("SELECT n FROM heads").fetchall()))
+        self.assertEqual(stored, [(20,)])  # the newest per conversation: what later receipts are made from
 
     def test_one_signature_covers_every_conversation_of_a_batch(self):
         store = make_store(self)

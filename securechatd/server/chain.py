@@ -4,12 +4,13 @@ The store places every message, membership state and mode event of an
 encrypted conversation as the next link of its hash chain, in the
 transaction that stores it (store/links.py). The server then signs heads
 (conversation, n, e_n) with its own Ed25519 key: `HeadSigner` gathers the
-links committed in one store batch, makes one head per conversation for
-them, and signs the Merkle root of all those heads once, off the reactor
-thread: a batch costs one signature, however many conversations and
-messages it holds (e2ee/transcript.py, `sign_heads`). Each link
-gets a receipt: the links from it to the head, and the signed head. Two
-heads signed for one n with different e are portable proof that the server
+links committed in one store batch, makes every one of them a head, and
+signs the Merkle root of all those heads once, off the reactor thread: a
+batch costs one signature, however many conversations and messages it
+holds (e2ee/transcript.py, `sign_heads`), and each link's receipt is just
+its head and itself. The newest head of each conversation is stored, for the
+receipts of messages read back later (links up to that head). Two heads
+signed for one n with different e are portable proof that the server
 lied, which is the point: the server cannot show members different
 histories without handing them that proof.
 
@@ -33,7 +34,6 @@ from securechatd.server.policy import check_limit, deferred, take_action
 
 log = Logger()
 
-HEAD_EVERY = 16  # links a receipt carries at most: a busy conversation gets a head at least this often
 CHAIN_PAGE = (100, 1000)  # GetChain's default and largest limit (links are about 120 bytes)
 MODES_PAGE = 100
 MOVED_ON = "The mode of this conversation changed, or its membership did; fetch them and sign again."
@@ -63,7 +63,7 @@ class HeadSigner:
         self.public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.key_id = server_key_id(self.public)
         self._run = run_in_thread
-        self._waiting = {}  # conversation_id -> [(ChainLink, Deferred of its receipt)]
+        self._waiting = []  # [(ChainLink, Deferred of its receipt)] of the batch being finished
         self._signing = succeed(None)  # one signing job at a time, so receipts come in link order
         store.after_each_batch(self._sign)
 
@@ -71,44 +71,34 @@ class HeadSigner:
         """Deferred receipt bytes for a ChainLink just committed (None if signing failed: it is logged),
         once the batch that committed it is done."""
         receipt = Deferred()
-        self._waiting.setdefault(link.conversation_id, []).append((link, receipt))
+        self._waiting.append((link, receipt))
         if not self.store.finishing_batch:  # its batch is done already
             self._sign()
         return receipt
 
     def _sign(self):
+        """Every link waiting is a head of its own, all signed together: each receipt is its head and its link."""
         if not self._waiting:
             return
-        waiting, self._waiting = self._waiting, {}
-        groups = []  # ([(ChainLink, Deferred)], the last link of them: the head's)
-        for entries in waiting.values():
-            entries.sort(key=lambda entry: entry[0].n)
-            group = []
-            for entry in entries:
-                # a head covers a run of consecutive links, at most HEAD_EVERY of them
-                if group and (entry[0].n != group[-1][0].n + 1 or len(group) == HEAD_EVERY):
-                    groups.append(group)
-                    group = []
-                group.append(entry)
-            groups.append(group)
-        heads = [(group[-1][0].conversation_id, group[-1][0].n, group[-1][0].e) for group in groups]
+        waiting, self._waiting = self._waiting, []
+        heads = [(link.conversation_id, link.n, link.e) for link, _ in waiting]
         self._signing.addCallback(lambda _: self._run(_sign_heads, self.key, heads))
-        self._signing.addCallbacks(self._signed, self._failed, callbackArgs=(heads, groups), errbackArgs=(groups,))
+        self._signing.addCallbacks(self._signed, self._failed, callbackArgs=(waiting,), errbackArgs=(waiting,))
         self._signing.addErrback(lambda failure: log.failure("giving receipts", failure))
 
-    def _signed(self, signed, heads, groups):
-        stored = self.store.add_heads([(c, n, head) for (c, n, _), head in zip(heads, signed)])
+    def _signed(self, signed, waiting):
+        last = {}  # conversation -> its last link's head: kept for receipts of messages read back later
+        for (link, receipt), head in zip(waiting, signed):
+            receipt.callback(receipt_bytes(head, [link.data]))
+            if link.n > last.get(link.conversation_id, (0,))[0]:
+                last[link.conversation_id] = (link.n, head)
+        stored = self.store.add_heads([(c, n, head) for c, (n, head) in last.items()])
         stored.addErrback(lambda failure: log.failure("storing signed heads", failure))
-        for group, head in zip(groups, signed):
-            datas = [link.data for link, _ in group]
-            for at, (_, receipt) in enumerate(group):
-                receipt.callback(receipt_bytes(head, datas[at:]))
 
-    def _failed(self, failure, groups):
+    def _failed(self, failure, waiting):
         log.failure("signing chain heads", failure)
-        for group in groups:
-            for _, receipt in group:
-                receipt.callback(None)
+        for _, receipt in waiting:
+            receipt.callback(None)
 
 
 class ChainService:
