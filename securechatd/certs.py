@@ -119,35 +119,9 @@ def write_certs(directory, hostnames, ips=(), *, now, days=825):
     )
 
     server_key = ec.generate_private_key(ec.SECP256R1())
+    # (a common name is at most 64 characters; clients check the SANs anyway)
     server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(
-            # a common name is at most 64 characters; clients check the SANs anyway
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0][:64])])
-        )
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        _end_entity(ca_name, ca_key, server_key, hostnames[0][:64], ExtendedKeyUsageOID.SERVER_AUTH, now, days)
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.DNSName(name) for name in hostnames]
@@ -157,10 +131,6 @@ def write_certs(directory, hostnames, ips=(), *, now, days=825):
         )
         .add_extension(
             x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
         )
         .sign(ca_key, hashes.SHA256())
@@ -228,30 +198,7 @@ def write_client_cert(directory, username, *, now, days=825, ca_dir=None):
             raise CertError(f"{path} already exists; refusing to overwrite it")
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, username)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        _end_entity(ca_cert.subject, ca_key, key, username, ExtendedKeyUsageOID.CLIENT_AUTH, now, days)
         .sign(ca_key, hashes.SHA256())
     )
     try:
@@ -299,6 +246,36 @@ def ensure_dev_certs(directory, now):
             )
     write_certs(directory, ["localhost"], ["127.0.0.1", "::1"], now=now)
     return True
+
+
+def _end_entity(ca_name, ca_key, key, common_name, usage, now, days):
+    """A certificate builder for `key` under the CA: not a CA, signatures only, for one extended `usage`."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
 
 
 def _cert_pem(cert):
