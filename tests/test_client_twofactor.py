@@ -192,3 +192,43 @@ class SessionClientTests(unittest.TestCase):
         self.assertGreaterEqual(ended, 1)
         sessions = yield tablet.list_sessions()
         self.assertEqual([s["session_id"] for s in sessions], [tablet.session])
+
+
+class RenderTests(unittest.TestCase):
+    """What a person sees for the answers of /2fa, /sessions, /endsession and /endsessions, and how they parse."""
+
+    def test_parse(self):
+        from securechatd.client import ui
+
+        self.assertEqual(ui.parse("/2fa"), ("2fa", []))
+        self.assertEqual(ui.parse("/2fa confirm 123456"), ("2fa", ["confirm", "123456"]))
+        self.assertEqual(ui.parse("/login alice 123456"), ("login", ["alice", "123456"]))
+        self.assertEqual(ui.parse("/endsession 9b25"), ("endsession", ["9b25"]))
+        with self.assertRaises(ui.UsageError):
+            ui.parse("/2fa sideways")
+
+    def test_render(self):
+        from datetime import datetime, timezone
+
+        from securechatd.client import ui
+
+        now = datetime(2026, 11, 30, 10, 0, tzinfo=timezone.utc)
+        answer = {"event": "answer", "command": "2fa"}
+        status = ui.render({**answer, "action": "status", "enabled": True, "required": False,
+                            "recovery_codes_left": 7}, now, timezone.utc)
+        self.assertEqual(status, ["two-factor login is on; 7 recovery code(s) left"])
+        off = ui.render({**answer, "action": "status", "enabled": False, "required": True,
+                         "recovery_codes_left": 0}, now, timezone.utc)
+        self.assertIn("requires", off[0])
+        enrol = ui.render({**answer, "action": "enrol", "secret": "ABCD", "uri": "otpauth://totp/x"}, now, timezone.utc)
+        self.assertIn("  secret: ABCD", enrol)
+        codes = ui.render({**answer, "action": "confirm", "recovery_codes": ["aaaa-bbbb-cccc"]}, now, timezone.utc)
+        self.assertIn("  aaaa-bbbb-cccc", codes)
+        session = {"session_id": "9b2535c465b0486cb7e14526b5418ee4", "device_id": "7f9ff192" + "0" * 24,
+                   "client_name": "laptop", "address": "127.0.0.1", "since": now, "last_active": now,
+                   "online": True, "this_session": False}
+        [line] = ui.render({"event": "answer", "command": "sessions", "sessions": [session]}, now, timezone.utc)
+        self.assertIn("9b2535c4  laptop device 7f9ff192  from 127.0.0.1", line)
+        self.assertIn("(online)", line)
+        self.assertEqual(ui.render({"event": "answer", "command": "endsessions", "ended": 2}, now, timezone.utc),
+                         ["ended 2 other session(s)"])

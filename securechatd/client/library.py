@@ -371,6 +371,7 @@ class ChatClient:
         self._presence = None  # (status, note) last set, if not plain online: restored at every reconnect
         self.max_message_bytes = None  # the server's limit on a body, from its Login answer
         self._bound = False  # the session is bound to this installation's device
+        self._signer = None  # that device's keys (keys.Device), to sign account actions
         self._unanswered = {}  # client_msg_id -> _Outgoing
         self._in_flight = set()  # client_msg_ids of plaintext messages sent on the current connection
         self._queues = {}  # conversation_id -> deque of client_msg_ids of encrypted messages, sent one at a time
@@ -586,6 +587,9 @@ class ChatClient:
         self.username, self.resume_token = login.username, login.resume_token
         self.max_message_bytes = login.max_message_bytes
         self._bound = bound
+        # the device key that signs this session's account actions (kept even if the device file is then
+        # found unusable here, e.g. in use by another program: the server requires them of a bound session)
+        self._signer = self.e2ee.state.device if bound and self.e2ee is not None else None
         return login
 
     SAVE_AFTER = 1.0  # seconds: what was seen is written at most this often
@@ -647,7 +651,7 @@ class ChatClient:
     def logout(self):
         def logged_out(_):
             self.username = self.resume_token = self._password = None
-            self._bound = False
+            self._bound, self._signer = False, None
             if self.e2ee is not None:
                 self.e2ee.close()
                 self.e2ee = None
@@ -671,9 +675,9 @@ class ChatClient:
     def _signed_action(self, kind, target=""):
         """The action_* arguments of `kind` on `target`: signed by this installation's device when the
         session is bound to it (the server then requires them), none for a session bound to no device."""
-        if not self._bound or self.e2ee is None:
+        device = self._signer
+        if not self._bound or device is None:
             return {}
-        device = self.e2ee.state.device
         time_ms = int(self.clock.seconds() * 1000)
         nonce = os.urandom(NONCE_BYTES)
         fields = action_fields(self.username, device.id, kind, target, time_ms, nonce)

@@ -103,6 +103,7 @@ class Chat:
         client.on_alarm = self._alarm
         client.on_devices_changed = self._devices_changed
         client.on_transcript_signed = self._push(self._transcript_signed)
+        client.second_factor = self._ask_code
         mode_changed = self._push(self._mode_changed)
         client.on_mode = lambda conversation_id, mode, actor: mode_changed((conversation_id, mode, actor))
 
@@ -292,12 +293,24 @@ class Chat:
         self._answer("register", username=username)
         await self._log_in(username, password)
 
-    async def _do_login(self, user=None):
+    async def _do_login(self, user=None, code=None):
         user = self._user(user, "login")
-        await self._log_in(user, self.password or await self._secret(f"Password for {user}: "))
+        await self._log_in(user, self.password or await self._secret(f"Password for {user}: "), code)
 
-    async def _log_in(self, user, password):
-        login = await self.client.login(user, password)
+    def _ask_code(self, username):
+        """The second factor of a login (ChatClient.second_factor): asked without echo; in --batch the next line."""
+        return Deferred.fromCoroutine(self._code(f"Two-factor code for {username} (or a recovery code): "))
+
+    async def _code(self, prompt, code=None):
+        if code:
+            return code
+        code = (await self.console.read_secret(prompt) or "").strip()
+        if not code:
+            raise LocalError("CANCELLED", "No code was given.")
+        return code
+
+    async def _log_in(self, user, password, code=None):
+        login = await self.client.login(user, password, **({"code": code} if code else {}))
         # What the server pushes after its answer is shown after this answer.
         await self._pushes.acquire()
         try:
@@ -321,6 +334,55 @@ class Chat:
         if self.password is not None:
             self.password = new
         self._answer("passwd")
+
+    # -- account security --------------------------------------------------------------
+
+    async def _do_2fa(self, action="status", code=None):
+        self._logged_in()
+        if action == "status":
+            status = await self.client.two_factor_status()
+            self._answer("2fa", action=action, enabled=status["enabled"], required=status["required"],
+                         recovery_codes_left=status["recovery_codes_left"])
+        elif action == "enrol":
+            secret, uri = await self.client.begin_two_factor()
+            self._answer("2fa", action=action, secret=secret, uri=uri)
+        elif action == "disable":
+            await self.client.disable_two_factor(await self._code("Code (or a recovery code): ", code))
+            self._answer("2fa", action=action)
+        else:
+            ask = "Code from your authenticator app: " if action == "confirm" else "Code (or a recovery code): "
+            code = await self._code(ask, code)
+            if action == "confirm":
+                codes = await self.client.confirm_two_factor(code)
+            else:
+                codes = await self.client.new_recovery_codes(code)
+            self._answer("2fa", action=action, recovery_codes=codes)
+
+    async def _do_sessions(self):
+        self._logged_in()
+        sessions = await self.client.list_sessions()
+        self._answer("sessions", sessions=[dict(s) for s in sessions])
+
+    async def _do_endsession(self, session):
+        self._logged_in()
+        session = session.lower()
+        if len(session) != 32:  # the start of an id, as /sessions shows it
+            found = [s["session_id"] for s in await self.client.list_sessions() if s["session_id"].startswith(session)]
+            if len(found) != 1:
+                raise LocalError(
+                    "NO_SUCH_SESSION",
+                    f"No session id starts with {session!r}; /sessions lists them."
+                    if not found
+                    else f"More than one session id starts with {session!r}: give more of it.",
+                )
+            session = found[0]
+        await self.client.end_session(session)
+        self._answer("endsession", session_id=session)
+
+    async def _do_endsessions(self):
+        self._logged_in()
+        ended = await self.client.end_other_sessions()
+        self._answer("endsessions", ended=ended)
 
     # -- people --------------------------------------------------------------------
 

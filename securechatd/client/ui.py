@@ -65,6 +65,7 @@ _ARGUMENTS = {
     "EVENT": _one_of(EVENTS),
     "MODE": _one_of(MODES),
     "ACCEPT": _one_of(("accept",)),
+    "ACTION": _one_of(("status", "enrol", "confirm", "disable", "recovery")),
 }
 
 
@@ -134,10 +135,12 @@ COMMANDS = {
             "INVITE is the invitation an administrator gave you (securechatd-admin invite).",
         ),
         Command(
-            "/login [USER]",
+            "/login [USER] [CODE]",
             "log in",
             "Asks for the password unless --password-file or SECURECHAT_PASSWORD gives one "
-            "(in --batch without either, the next input line is the password).",
+            "(in --batch without either, the next input line is the password). With two-factor login on, "
+            "CODE is the code of your authenticator app or a recovery code; without it you are asked "
+            "(in --batch: the next input line).",
         ),
         Command("/logout", "log out; the connection stays open"),
         Command(
@@ -146,6 +149,26 @@ COMMANDS = {
             "Asks for the current password (unless given by --password-file or SECURECHAT_PASSWORD) "
             "and the new one twice; in --batch the next input line is the new password.",
         ),
+        Command(
+            "/2fa [ACTION] [CODE]",
+            "two-factor login: status, enrol, confirm CODE, disable CODE, recovery CODE",
+            "status (the default) says whether it is on and how many recovery codes are left. enrol shows a "
+            "secret and an otpauth:// URI for your authenticator app; confirm CODE with a code of the app "
+            "switches it on and shows ten recovery codes, once: keep them safe (it also ends your other "
+            "sessions). disable CODE switches it off; recovery CODE makes ten new recovery codes (the old stop "
+            "working). CODE may be a recovery code; without it you are asked.",
+            rest=True,
+        ),
+        Command(
+            "/sessions",
+            "your sessions: logged in now, or able to come back",
+        ),
+        Command(
+            "/endsession SESSION",
+            "end one of your other sessions (its id from /sessions, or the start of it)",
+            "Its connection closes and it cannot resume; it must log in again.",
+        ),
+        Command("/endsessions", "end all your sessions but this one"),
         Command("/users [PREFIX]", "registered users and their presence"),
         Command("/who", "presence of the people in your conversations"),
         Command(
@@ -532,6 +555,40 @@ def _serverkey(record, at):
     return lines
 
 
+def _two_factor(record, at):
+    action = record["action"]
+    if action == "status":
+        if not record["enabled"]:
+            return ["two-factor login is off" + (" (this server requires it)" if record["required"] else "")
+                    + "; /2fa enrol switches it on"]
+        return [f"two-factor login is on; {record['recovery_codes_left']} recovery code(s) left"]
+    if action == "enrol":
+        return [
+            "Add this account to your authenticator app: type in the secret, or open the URI",
+            f"  secret: {record['secret']}",
+            f"  URI:    {record['uri']}",
+            "then /2fa confirm CODE with the code it shows.",
+        ]
+    if action == "disable":
+        return ["two-factor login is off"]
+    lines = ["two-factor login is on; your other sessions were ended"] if action == "confirm" else []
+    lines.append("Your recovery codes, each good once, shown only now; keep them somewhere safe:")
+    lines += [f"  {code}" for code in record["recovery_codes"]]
+    return lines
+
+
+def _sessions(record, at):
+    lines = []
+    for s in record["sessions"]:
+        what = clean(s.get("client_name") or "?") + (f" device {s['device_id'][:8]}" if s.get("device_id") else "")
+        state = "this session" if s["this_session"] else ("online" if s["online"] else "away")
+        lines.append(
+            f"  {s['session_id'][:8]}  {what}  from {s.get('address') or '?'}  since {at(s['since'])}"
+            f"  last active {at(s['last_active'])}  ({state})"
+        )
+    return lines or ["no sessions"]
+
+
 # Each takes the record and `at`, which writes a moment as stamp() does for this render.
 def _verify(record, at):
     digits = record["safety_number"]
@@ -549,6 +606,10 @@ _ANSWERS = {
     "logout": lambda r, at: ["logged out"],
     "passwd": lambda r, at: ["password changed; your other sessions are logged out"],
     "users": _users,
+    "2fa": _two_factor,
+    "sessions": _sessions,
+    "endsession": lambda r, at: [f"ended the session {r['session_id'][:8]}"],
+    "endsessions": lambda r, at: [f"ended {r['ended']} other session(s)"],
     "who": _who,
     "status": lambda r, at: [f"you are {r['status']}" + (f": {clean(r['note'])}" if r["note"] else "")],
     "say": lambda r, at: [_sent(r, at)],
