@@ -143,6 +143,31 @@ class TwoFactorClientTests(unittest.TestCase):
         yield other.login("bob", PASSWORD, code=code_at(secret, 30))
 
 
+class SignedPasswordChangeTests(unittest.TestCase):
+    def setUp(self):
+        self.port, self.ca, self.hub = start_daemon(self, reactor, plaintext="refused")
+        self.base = os.path.abspath(self.mktemp())
+
+    @inlineCallbacks
+    def test_a_bound_session_signs_its_password_change(self):
+        from securechatd.accountlog import Event
+
+        client = ChatClient(
+            "127.0.0.1", self.port, self.ca, hostname="localhost", reactor=reactor,
+            state_directory=os.path.join(self.base, "laptop"),
+        )
+        self.addCleanup(client.close)
+        yield client.connect()
+        yield client.register("alice", PASSWORD)
+        yield client.login("alice", PASSWORD)
+        yield client.change_password(PASSWORD, PASSWORD + " again")
+        answer = yield client.call(commands.GetAccountLog)
+        events = [Event.from_bytes(entry["event"]) for entry in answer["events"]]
+        [change] = [event for event in events if event.kind == "password_change"]
+        self.assertEqual(change.device.hex(), client.device_id)
+        self.assertIsNotNone(change.action)
+
+
 class SessionClientTests(unittest.TestCase):
     def setUp(self):
         self.port, self.ca, self.hub = start_daemon(self, reactor, plaintext="refused")

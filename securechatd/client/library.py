@@ -659,7 +659,9 @@ class ChatClient:
         return self.call(commands.Logout).addCallback(logged_out)
 
     def change_password(self, old_password, new_password):
-        changed = self.call(commands.ChangePassword, old_password=old_password, new_password=new_password)
+        changed = self._signed_call(
+            commands.ChangePassword, "password_change", old_password=old_password, new_password=new_password
+        )  # (signed by the device of a bound session, so the account log names it)
 
         def remember(_):
             if self._password is not None:
