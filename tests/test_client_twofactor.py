@@ -79,10 +79,6 @@ class TwoFactorClientTests(unittest.TestCase):
         yield again.connect()
         with self.assertRaises(commands.SecondFactorRequired):  # no code and nobody to ask
             yield again.login("alice", PASSWORD)
-        yield again.close()
-
-        again = self.make_client("laptop")
-        yield again.connect()
         with self.assertRaises(commands.BadCredentials) as wrong:
             yield again.login("alice", PASSWORD, code=wrong_code(secret))
         self.assertEqual(str(wrong.exception), commands.SECOND_FACTOR_TEXT)
@@ -257,3 +253,46 @@ class RenderTests(unittest.TestCase):
         self.assertIn("(online)", line)
         self.assertEqual(ui.render({"event": "answer", "command": "endsessions", "ended": 2}, now, timezone.utc),
                          ["ended 2 other session(s)"])
+        enrol = ui.render({"event": "enrol", "username": "alice", "secret": "ABCD", "uri": "otpauth://totp/x",
+                           "at": now}, now, timezone.utc)
+        self.assertIn("requires two-factor login", enrol[0])
+        self.assertIn("  secret: ABCD", enrol)
+        self.assertEqual(enrol[-1], "then type the code it shows.")
+        codes = ui.render({"event": "recovery_codes", "recovery_codes": ["aaaa-bbbb-cccc"], "at": now}, now,
+                          timezone.utc)
+        self.assertEqual(codes[1:], ["  aaaa-bbbb-cccc"])
+        self.assertIn("recovery codes", codes[0])
+
+
+class RequiredTwoFactorTests(unittest.TestCase):
+    def setUp(self):
+        self.port, self.ca, self.hub = start_daemon(self, reactor, plaintext="refused", two_factor="required")
+        self.base = os.path.abspath(self.mktemp())
+
+    @inlineCallbacks
+    def test_a_login_enrols_when_the_server_requires_it(self):
+        client = ChatClient(
+            "127.0.0.1", self.port, self.ca, hostname="localhost", reactor=reactor,
+            state_directory=os.path.join(self.base, "laptop"),
+        )
+        self.addCleanup(client.close)
+        yield client.connect()
+        yield client.register("alice", PASSWORD)
+        with self.assertRaises(commands.EnrolmentRequired):  # nobody to enrol
+            yield client.login("alice", PASSWORD)
+        client.enrol = lambda username, secret, uri: wrong_code(secret)
+        with self.assertRaises(commands.BadCredentials):
+            yield client.login("alice", PASSWORD)
+        shown, codes = [], []
+        client.enrol = lambda username, secret, uri: shown.append((username, uri)) or code_at(secret)
+        client.on_recovery_codes = codes.extend
+        login = yield client.login("alice", PASSWORD)
+        self.assertEqual(login.username, "alice")
+        self.assertEqual(shown[0][0], "alice")
+        self.assertTrue(shown[0][1].startswith("otpauth://"))
+        self.assertEqual(len(codes), 10)
+        self.assertTrue(client._bound)
+        status = yield client.two_factor_status()
+        self.assertEqual((status["enabled"], status["required"]), (True, True))
+        yield client.logout()
+        yield client.login("alice", PASSWORD, code=codes[0])  # from now on a second factor

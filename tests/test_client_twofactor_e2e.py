@@ -19,14 +19,18 @@ from tests.test_securechat import TIMEOUT, ClientProcess
 PASSWORD = "correct horse battery"
 
 
-class TwoFactorSecurechatTests(unittest.TestCase):
+class SecurechatCase(unittest.TestCase):
+    """A daemon of its own (`accounts`: more of its [accounts] section) and `securechat --batch` processes."""
+
+    accounts = ""  # more of the daemon's [accounts] section
+
     @inlineCallbacks
     def setUp(self):
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
         config = os.path.join(self.directory, "securechatd.ini")
         with open(config, "w") as f:
-            f.write("[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n")
+            f.write(f"[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n{self.accounts}")
         write_certs(os.path.join(self.directory, "certs"), ["localhost"], now=wall_now())
         _, self.daemon = spawn_daemon(self, reactor, config, self.directory)
         self.port = yield self.daemon.listening
@@ -62,6 +66,9 @@ class TwoFactorSecurechatTests(unittest.TestCase):
         code = yield client.ended.addTimeout(TIMEOUT, reactor)
         self.assertEqual(code, status, (client.out, client.err))
 
+
+
+class TwoFactorSecurechatTests(SecurechatCase):
     @inlineCallbacks
     def test_enrol_then_log_in_with_a_code_a_wrong_code_and_a_recovery_code(self):
         alice = self.securechat("/register alice\n/2fa enrol\n")
@@ -115,3 +122,21 @@ class TwoFactorSecurechatTests(unittest.TestCase):
         self.assertNotIn(other["session_id"], [s["session_id"] for s in after])
         [ended] = self.events(second, "answer", command="endsessions")
         self.assertEqual(ended["ended"], 0)  # (the only other session was ended already)
+
+
+class RequiredTwoFactorSecurechatTests(SecurechatCase):
+    accounts = "two_factor = required\n"
+
+    @inlineCallbacks
+    def test_the_first_login_enrols(self):
+        alice = self.securechat("/register alice\n")
+        yield alice.when(lambda: self.events(alice, "enrol"))
+        [enrol] = self.events(alice, "enrol")
+        self.assertEqual(enrol["username"], "alice")
+        alice.transport.write(f"{code_at(enrol['secret'])}\n/2fa\n/quit\n".encode())
+        yield self.ended(alice)
+        [codes] = self.events(alice, "recovery_codes")
+        self.assertEqual(len(codes["recovery_codes"]), 10)
+        self.assertEqual(len(self.events(alice, "answer", command="login", username="alice")), 1)
+        [status] = self.events(alice, "answer", command="2fa", action="status")
+        self.assertEqual((status["enabled"], status["required"]), (True, True))

@@ -402,6 +402,11 @@ class ChatClient:
         # Two-factor login: second_factor(username) gives the code (a TOTP code or a recovery code; may return
         # a Deferred) when a login answers SECOND_FACTOR_REQUIRED and no code was given to login(); None: fail.
         self.second_factor = None
+        # A server that requires two-factor login (ENROLMENT_REQUIRED at login): enrol(username, secret, uri)
+        # gives a code of the new secret (may return a Deferred; None: fail); on_recovery_codes(codes) gets the
+        # ten recovery codes the enrolment made, to show once.
+        self.enrol = None
+        self.on_recovery_codes = lambda codes: None
 
     INITIAL_DELAY = 0.5
     MAX_DELAY = 30.0
@@ -499,15 +504,41 @@ class ChatClient:
         """
         try:
             return await call(commands.Login, **arguments)
+        except commands.EnrolmentRequired:
+            if self.enrol is None:
+                await self._give_up(call)
+                raise
+            begun = await call(commands.BeginTwoFactor)
+            code = await maybeDeferred(self.enrol, arguments["username"], begun["secret"], begun["uri"])
+            if not code:
+                await self._give_up(call)
+                raise
+            try:
+                answer = await call(commands.ConfirmTwoFactor, code=code)  # (nothing signed: not logged in yet)
+            except BadCredentials:
+                await self._give_up(call)  # (the server would wait for another code; this login is over)
+                raise
+            self.on_recovery_codes(list(answer["recovery_codes"]))
+            return answer  # (with the Login fields: the connection is logged in)
         except SecondFactorRequired:
             code = codes.pop() if codes else None
             if code is None:
                 if self.second_factor is None:
+                    await self._give_up(call)
                     raise
                 code = await maybeDeferred(self.second_factor, arguments["username"])
             if not code:
+                await self._give_up(call)
                 raise
             return await call(commands.SecondFactor, code=code)
+
+    @staticmethod
+    async def _give_up(call):
+        """Logout: the connection no longer holds a login waiting for its second step (so Login works again)."""
+        try:
+            await call(commands.Logout)
+        except (commands.ChatError, ConnectionClosed):
+            pass
 
     def _connection_lost(self, protocol, reason):
         if protocol is self._protocol:

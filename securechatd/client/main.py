@@ -104,6 +104,10 @@ class Chat:
         client.on_devices_changed = self._devices_changed
         client.on_transcript_signed = self._push(self._transcript_signed)
         client.second_factor = self._ask_code
+        client.enrol = self._enrol_at_login
+        client.on_recovery_codes = lambda codes: self.emit(
+            {"event": "recovery_codes", "recovery_codes": codes, "at": self._now()}
+        )
         mode_changed = self._push(self._mode_changed)
         client.on_mode = lambda conversation_id, mode, actor: mode_changed((conversation_id, mode, actor))
 
@@ -300,6 +304,11 @@ class Chat:
     def _ask_code(self, username):
         """The second factor of a login (ChatClient.second_factor): asked without echo; in --batch the next line."""
         return Deferred.fromCoroutine(self._code(f"Two-factor code for {username} (or a recovery code): "))
+
+    def _enrol_at_login(self, username, secret, uri):
+        """The server requires two-factor login (ChatClient.enrol): show the new secret, ask a code of it."""
+        self.emit({"event": "enrol", "username": username, "secret": secret, "uri": uri, "at": self._now()})
+        return Deferred.fromCoroutine(self._code(f"Code from your authenticator app for {username}: "))
 
     async def _code(self, prompt, code=None):
         if code:

@@ -667,6 +667,10 @@ _EVENTS = {
         f"{at(r['at'])} !! SECURITY: {r['kind']}" + (f" ({r['user']})" if r["user"] else "") + f": {clean(r['detail'] or '')}"
     ],
     "transcript_signed": _transcript_signed,
+    "enrol": lambda r, at: [f"{at(r['at'])} * this server requires two-factor login for {r['username']}"]
+    + _two_factor({**r, "action": "enrol"}, at)[:-1]
+    + ["then type the code it shows."],
+    "recovery_codes": lambda r, at: _two_factor({**r, "action": "confirm"}, at)[1:],
     "mode": lambda r, at: [f"{at(r['at'])} * [{clean(r['conversation'])}] {r['by']} made it {MODE_TEXTS[r['mode']]}"],
     "devices": lambda r, at: [
         f"{at(r['at'])} !! {r['user']}'s devices changed: {len(r['added'])} added, {len(r['removed'])} removed;"
