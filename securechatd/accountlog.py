@@ -20,9 +20,9 @@ tests verify with them.
 import os
 from dataclasses import dataclass, replace
 
-from securechatd import merkle
+from securechatd.e2ee import merkle
 from securechatd.e2ee.encoding import Malformed, dec, digest, enc, labelled, sign, verify
-from securechatd.merkle import HASH_SIZE, TreeHead
+from securechatd.e2ee.merkle import HASH_SIZE, TreeHead
 
 EVENT_LABEL = "securechatd/account-event/v1"
 LEAF_LABEL = "securechatd/account-leaf/v1"

@@ -16,7 +16,8 @@ from dataclasses import replace
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from twisted.trial import unittest
 
-from securechatd import accountlog, merkle
+from securechatd import accountlog
+from securechatd.e2ee import merkle
 from securechatd.accountlog import (
     BadAction,
     BadTreeHead,

@@ -15,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hypothesis import given, settings, strategies as st
 from twisted.trial import unittest
 
-from securechatd import merkle
+from securechatd.e2ee import merkle
 from securechatd.e2ee.encoding import sign
-from securechatd.merkle import Tree, TreeHead, verify_consistency, verify_inclusion
+from securechatd.e2ee.merkle import Tree, TreeHead, verify_consistency, verify_inclusion
 
 VECTORS = os.path.join(os.path.dirname(__file__), "vectors")
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from securechatd.e2ee.chain import HASH_BYTES
 from securechatd.e2ee.encoding import Malformed, dec, digest, enc, sign, verify
 from securechatd.e2ee.keys import DEVICE_ID_BYTES, KEY_BYTES, SIGNATURE_BYTES
-from securechatd.merkle import Tree, leaf_hash, verify_inclusion
+from securechatd.e2ee.merkle import Tree, leaf_hash, verify_inclusion
 
 GENESIS_LABEL = "securechatd/chain-genesis/v1"
 CHAIN_LABEL = "securechatd/chain/v1"

@@ -2,7 +2,7 @@
 
 The store places each event (store/account_log.py) in the transaction that
 does what it records and returns its leaf; this service keeps the tree of
-all leaves in memory (securechatd/merkle.py: O(log n) proofs for any past
+all leaves in memory (securechatd/e2ee/merkle.py: O(log n) proofs for any past
 size), built from the database at start-up and brought up to date whenever
 a leaf shows up that another process wrote (securechatd-admin), signs tree
 heads with the server's key off the reactor thread, and answers a user's
@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from securechatd.accountlog import head_bytes, proof_bytes
 from securechatd.commands import InvalidArgument, NotAllowed
-from securechatd.merkle import Tree, sign_tree_head
+from securechatd.e2ee.merkle import Tree, sign_tree_head
 from securechatd.server.policy import deferred
 from securechatd.store.account_log import Logged
 
