@@ -14,7 +14,9 @@ from twisted.internet import task
 from twisted.trial import unittest
 
 from securechatd import commands, secretbox, totp
+from securechatd.e2ee import chain, keys
 from securechatd.commands import (
+    NoSuchDevice,
     SECOND_FACTOR_TEXT,
     AlreadyAuthenticated,
     AuthRequired,
@@ -328,6 +330,23 @@ class LoginTests(TwoFactorTestCase):
         self.assertFalse(self.ok(self.conn, commands.TwoFactorStatus)["enabled"])
         self.ok(Connection(self.hub), commands.Login, username="alice", password=PASSWORD)  # no second step
         self.error(self.conn, NotAllowed, commands.DisableTwoFactor, code=self.codes[4])
+
+    def test_a_device_not_in_the_chain_does_not_spend_the_code(self):
+        """Logging in bound to a device the chain does not list is refused before the code is used,
+        so the same code then logs in without the device (a new installation not yet added)."""
+        laptop = keys.Device.generate("alice")
+        bound = Connection(self.hub)
+        self.failureResultOf(bound.call(commands.Login, username="alice", password=PASSWORD, device_id=laptop.id.hex()))
+        self.ok(bound, commands.SecondFactor, code=self.code(self.secret))
+        self.ok(bound, commands.PublishChainLink, link=chain.first(laptop, "laptop").to_bytes())
+        self.next_step()
+        phone = keys.Device.generate("alice")
+        code = self.code(self.secret)
+        self.failureResultOf(self.login(device_id=phone.id.hex()), SecondFactorRequired)
+        self.assertIn("not in your device chain", self.error(self.conn, NoSuchDevice, commands.SecondFactor, code=code))
+        again = Connection(self.hub)
+        self.failureResultOf(self.login(again), SecondFactorRequired)
+        self.assertEqual(self.ok(again, commands.SecondFactor, code=code)["username"], "alice")
 
     def test_an_unknown_user_is_still_a_wrong_password(self):
         conn = Connection(self.hub)

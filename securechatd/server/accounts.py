@@ -494,6 +494,12 @@ class AccountService:
         check_code_argument(code)  # (the login still waits)
         if pending.enrol:
             raise NotAllowed("This server requires two-factor login: enrol first (BeginTwoFactor, ConfirmTwoFactor).")
+        if pending.device_id is not None:  # a device the session could not bind to must not spend the code
+            refused = await self.store.device_binding(pending.username, pending.device_id)
+            if refused:
+                pending.over = True
+                pending.attempt.end(None)
+                self._refuse_device(pending, refused)
         pending.over = True
         if self.clock.seconds() >= pending.deadline:
             pending.attempt.end(False, "second factor too late")
@@ -615,16 +621,19 @@ class AccountService:
         if session.device_id is None:
             return token if await self.store.add_resume_token(*recording) else None
         outcome = await self.store.add_device_resume_token(*recording, session.device_id)
-        if outcome == "revoked":
-            self._device_refused(session, "revoked")
-            raise NotAllowed("This device was revoked: it cannot log in as one of your devices again.")
-        if outcome == "unknown":
-            self._device_refused(session, "not in the chain")
-            raise NoSuchDevice(
-                "This device is not in your device chain: add it from one of your devices first,"
-                " or log in without device_id."
-            )
+        if outcome in ("revoked", "unknown"):
+            self._refuse_device(session, outcome)
         return token if outcome == "recorded" else None
+
+    def _refuse_device(self, login, refused):
+        """Log and raise why the session (or login) `login` cannot bind to its device: "revoked" or "unknown"."""
+        self._device_refused(login, "revoked" if refused == "revoked" else "not in the chain")
+        if refused == "revoked":
+            raise NotAllowed("This device was revoked: it cannot log in as one of your devices again.")
+        raise NoSuchDevice(
+            "This device is not in your device chain: add it from one of your devices first,"
+            " or log in without device_id."
+        )
 
     def _device_refused(self, session, reason):
         security.warn(

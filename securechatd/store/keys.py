@@ -49,6 +49,17 @@ def _count_one_time(txn, uid, device_id):
     return txn.fetchone()[0]
 
 
+def _binding_refused(txn, uid, device_id):
+    """"revoked" / "unknown" if the user's chain lists `device_id` as revoked / does not list it, else None
+    (a user without a chain may bind any device: the one about to publish link 1)."""
+    device = _device(txn, uid, device_id)
+    if device is not None and device.revoked_seq is not None:
+        return "revoked"
+    if device is None and _head(txn, uid)[0]:
+        return "unknown"
+    return None
+
+
 class KeyStore(StoreBase):
     # -- chains ----------------------------------------------------------------------
 
@@ -228,6 +239,16 @@ class KeyStore(StoreBase):
 
     # -- sessions bound to a device ------------------------------------------------------
 
+    def device_binding(self, username, device_id):
+        """Deferred: None if a session of `username` may bind to `device_id` now, else "revoked" or
+        "unknown" (as add_device_resume_token would answer)."""
+        return self._read("device_binding", self._device_binding_txn, username, device_id)
+
+    @staticmethod
+    def _device_binding_txn(txn, username, device_id):
+        uid = user_id(txn, username)
+        return None if uid is None else _binding_refused(txn, uid, device_id)
+
     def add_device_resume_token(self, username, session_id, token_hash, now, expires_at, generation, device_id):
         """Deferred: record the resume token of a session bound to `device_id`, as add_resume_token does.
 
@@ -254,11 +275,9 @@ class KeyStore(StoreBase):
         uid = user_id(txn, username)
         if uid is None:
             return "stale"
-        device = _device(txn, uid, device_id)
-        if device is not None and device.revoked_seq is not None:
-            return "revoked"
-        if device is None and _head(txn, uid)[0]:
-            return "unknown"
+        refused = _binding_refused(txn, uid, device_id)
+        if refused:
+            return refused
         if not AccountStore._add_resume_token_txn(txn, username, session_id, token_hash, now, expires_at, generation):
             return "stale"
         txn.execute("UPDATE resume_tokens SET device_id = ? WHERE token_hash = ?", (device_id, token_hash))
