@@ -14,54 +14,17 @@ from datetime import datetime, timezone
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.trial import unittest
 
-from securechatd.certs import write_certs
 from securechatd.client import ui
-from tests.helpers import SECURECHAT, environment, spawn_daemon, wall_now
-from tests.test_securechat import TIMEOUT, ClientProcess
-
-PASSWORD = "correct horse battery"
+from tests.helpers import environment
+from tests.test_securechat import TIMEOUT, BatchDaemonCase
 
 
-class ExportedSessionTests(unittest.TestCase):
-    @inlineCallbacks
-    def setUp(self):
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        config = os.path.join(self.directory, "securechatd.ini")
-        with open(config, "w") as f:  # the defaults (plaintext refused)
-            f.write("[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n")
-        write_certs(os.path.join(self.directory, "certs"), ["localhost"], now=wall_now())
-        _, self.daemon = spawn_daemon(self, reactor, config, self.directory)
-        self.port = yield self.daemon.listening
 
-    def securechat(self, installation, keys):
-        """A `securechat --batch` of its own installation (its own XDG_DATA_HOME); input stays open."""
-        client = ClientProcess(keys, close_stdin=False)
-        home = os.path.join(self.directory, installation)
-        os.makedirs(home, exist_ok=True)
-        process = reactor.spawnProcess(
-            client,
-            SECURECHAT,
-            [SECURECHAT, "--host", "localhost", "--port", str(self.port), "--ca", "certs/ca.pem", "--batch"],
-            env=dict(environment(), XDG_DATA_HOME=home, SECURECHAT_PASSWORD=PASSWORD),
-            path=self.directory,
-        )
-
-        def stop():
-            if not client.ended.called:
-                process.signalProcess("KILL")
-            return client.ended
-
-        self.addCleanup(stop)
-        return client
-
-    def events(self, client, kind, **fields):
-        return [r for r in client.records() if r["event"] == kind and all(r.get(k) == v for k, v in fields.items())]
-
+class ExportedSessionTests(BatchDaemonCase):
     def answered(self, client, command):
         return client.when(lambda: self.events(client, "answer", command=command))
+
     @inlineCallbacks
     def verify(self, path):
         """(exit status, report) of `python -m securechatd.verify FILE` run on its own."""
@@ -74,7 +37,7 @@ class ExportedSessionTests(unittest.TestCase):
     def people(self, *names):
         clients = []
         for name in names:
-            client = self.securechat(name, f"/register {name}\n")
+            client = self.securechat(installation=name, keys=f"/register {name}\n")
             yield self.answered(client, "login")
             clients.append(client)
         return clients

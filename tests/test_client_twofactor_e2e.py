@@ -5,58 +5,22 @@ The daemon runs on the real clock, so codes are computed with securechatd.totp f
 next step's, and later logins recovery codes.
 """
 
-import os
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial import unittest
 
-from securechatd.certs import write_certs
-from tests.helpers import SECURECHAT, environment, spawn_daemon, wall_now
 from tests.test_client_twofactor import code_at, wrong_code
-from tests.test_securechat import TIMEOUT, ClientProcess
-
-PASSWORD = "correct horse battery"
+from tests.test_securechat import TIMEOUT, BatchDaemonCase
 
 
-class SecurechatCase(unittest.TestCase):
+
+class SecurechatCase(BatchDaemonCase):
     """A daemon of its own (`accounts`: more of its [accounts] section) and `securechat --batch` processes."""
 
     accounts = ""  # more of the daemon's [accounts] section
 
-    @inlineCallbacks
-    def setUp(self):
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        config = os.path.join(self.directory, "securechatd.ini")
-        with open(config, "w") as f:
-            f.write(f"[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n{self.accounts}")
-        write_certs(os.path.join(self.directory, "certs"), ["localhost"], now=wall_now())
-        _, self.daemon = spawn_daemon(self, reactor, config, self.directory)
-        self.port = yield self.daemon.listening
-
-    def securechat(self, keys, installation="alice", close_stdin=False):
-        client = ClientProcess(keys, close_stdin=close_stdin)
-        home = os.path.join(self.directory, installation)
-        os.makedirs(home, exist_ok=True)
-        process = reactor.spawnProcess(
-            client,
-            SECURECHAT,
-            [SECURECHAT, "--host", "localhost", "--port", str(self.port), "--ca", "certs/ca.pem", "--batch"],
-            env=dict(environment(), XDG_DATA_HOME=home, SECURECHAT_PASSWORD=PASSWORD),
-            path=self.directory,
-        )
-
-        def stop():
-            if not client.ended.called:
-                process.signalProcess("KILL")
-            return client.ended
-
-        self.addCleanup(stop)
-        return client
-
-    def events(self, client, kind, **fields):
-        return [r for r in client.records() if r["event"] == kind and all(r.get(k) == v for k, v in fields.items())]
+    def more_config(self):
+        return self.accounts
 
     def answered(self, client, command, **fields):
         return client.when(lambda: self.events(client, "answer", command=command, **fields))

@@ -12,71 +12,31 @@ import os
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial import unittest
 
-from securechatd.certs import write_certs
-from tests.helpers import SECURECHAT, environment, spawn_daemon, wall_now
-from tests.test_securechat import TIMEOUT, ClientProcess
+from tests.test_securechat import TIMEOUT, BatchDaemonCase
 
-PASSWORD = "correct horse battery"
 SECRETS = ("the-first-secret-4f1c", "the-second-secret-9a2e", "a-reply-from-the-phone-77d0")
 
 
-class EncryptedSessionTests(unittest.TestCase):
-    @inlineCallbacks
-    def setUp(self):
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
+class EncryptedSessionTests(BatchDaemonCase):
+    def more_config(self):
         self.audit = os.path.join(self.directory, "audit.jsonl")
-        config = os.path.join(self.directory, "securechatd.ini")
-        with open(config, "w") as f:  # the defaults, plaintext refused among them
-            f.write(f"[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n[logging]\naudit_log = {self.audit}\n")
-        write_certs(os.path.join(self.directory, "certs"), ["localhost"], now=wall_now())
-        _, self.daemon = spawn_daemon(self, reactor, config, self.directory)
-        self.port = yield self.daemon.listening
-
-    def securechat(self, installation, keys):
-        """A `securechat --batch` of its own installation (its own XDG_DATA_HOME); input stays open."""
-        client = ClientProcess(keys, close_stdin=False)
-        home = os.path.join(self.directory, installation)
-        os.makedirs(home, exist_ok=True)
-        process = reactor.spawnProcess(
-            client,
-            SECURECHAT,
-            [SECURECHAT, "--host", "localhost", "--port", str(self.port), "--ca", "certs/ca.pem", "--batch"],
-            env=dict(environment(), XDG_DATA_HOME=home, SECURECHAT_PASSWORD=PASSWORD),
-            path=self.directory,
-        )
-
-        def stop():
-            if not client.ended.called:
-                process.signalProcess("KILL")
-            return client.ended
-
-        self.addCleanup(stop)
-        return client
-
-    def events(self, client, kind, **fields):
-        return [
-            r
-            for r in client.records()
-            if r["event"] == kind and all(r.get(k) == v for k, v in fields.items())
-        ]
+        return f"[logging]\naudit_log = {self.audit}\n"
 
     def answered(self, client, command):
         return client.when(lambda: self.events(client, "answer", command=command))
 
     @inlineCallbacks
     def test_three_installations_talk_and_the_server_keeps_no_text(self):
-        laptop = self.securechat("bob-laptop", "/register bob\n")
+        laptop = self.securechat(installation="bob-laptop", keys="/register bob\n")
         yield self.answered(laptop, "login")
-        alice = self.securechat("alice", f"/register alice\n/dm bob {SECRETS[0]}\n")
+        alice = self.securechat(installation="alice", keys=f"/register alice\n/dm bob {SECRETS[0]}\n")
         yield alice.when(lambda: self.events(alice, "answer", command="dm"))
         yield laptop.when(lambda: self.events(laptop, "deliver", body=SECRETS[0]))
         yield alice.when(lambda: self.events(alice, "receipt", state="delivered"))
 
         # bob's second installation: a new device, added from the laptop
-        phone = self.securechat("bob-phone", "/login bob\n/link\n")
+        phone = self.securechat(installation="bob-phone", keys="/login bob\n/link\n")
         yield self.answered(phone, "link")
         [link] = self.events(phone, "answer", command="link")
         laptop.transport.write(f"/approve {link['request']}\n/devices\n".encode())
@@ -85,7 +45,7 @@ class EncryptedSessionTests(unittest.TestCase):
         self.assertEqual(len(devices["devices"]), 2)
         phone.transport.write(b"/quit\n")  # (--batch does not reconnect: its next start binds the new device)
         yield phone.ended.addTimeout(TIMEOUT, reactor)
-        phone = self.securechat("bob-phone", "/login bob\n/link\n")
+        phone = self.securechat(installation="bob-phone", keys="/login bob\n/link\n")
         yield phone.when(lambda: self.events(phone, "answer", command="link", linked=True))
 
         alice.transport.write(f"{SECRETS[1]}\n".encode())

@@ -65,6 +65,52 @@ def events(records, kind):
     return [r for r in records if r["event"] == kind]
 
 
+
+class BatchDaemonCase(unittest.TestCase):
+    """A daemon of its own with the defaults (plaintext refused), and `securechat --batch` processes,
+    each of its own installation. `more_config()` adds to the daemon's INI file."""
+
+    PASSWORD = "correct horse battery"
+
+    def more_config(self):
+        return ""
+
+    @inlineCallbacks
+    def setUp(self):
+        self.directory = os.path.abspath(self.mktemp())
+        os.makedirs(self.directory)
+        config = os.path.join(self.directory, "securechatd.ini")
+        with open(config, "w") as f:
+            f.write(f"[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n{self.more_config()}")
+        write_certs(os.path.join(self.directory, "certs"), ["localhost"], now=wall_now())
+        _, self.daemon = spawn_daemon(self, reactor, config, self.directory)
+        self.port = yield self.daemon.listening
+
+    def securechat(self, keys, installation="alice", close_stdin=False):
+        """A `securechat --batch` typing `keys`, with its own XDG_DATA_HOME; input stays open unless `close_stdin`."""
+        client = ClientProcess(keys, close_stdin=close_stdin)
+        home = os.path.join(self.directory, installation)
+        os.makedirs(home, exist_ok=True)
+        process = reactor.spawnProcess(
+            client,
+            SECURECHAT,
+            [SECURECHAT, "--host", "localhost", "--port", str(self.port), "--ca", "certs/ca.pem", "--batch"],
+            env=dict(environment(), XDG_DATA_HOME=home, SECURECHAT_PASSWORD=self.PASSWORD),
+            path=self.directory,
+        )
+
+        def stop():
+            if not client.ended.called:
+                process.signalProcess("KILL")
+            return client.ended
+
+        self.addCleanup(stop)
+        return client
+
+    def events(self, client, kind, **fields):
+        return [r for r in client.records() if r["event"] == kind and all(r.get(k) == v for k, v in fields.items())]
+
+
 class SecurechatTests(unittest.TestCase):
     @inlineCallbacks
     def setUp(self):
