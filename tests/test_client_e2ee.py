@@ -98,6 +98,21 @@ class E2EETestCase(unittest.TestCase):
     def write(self, sql, *args):
         return self.hub.store._write("test change", rows, sql, *args)
 
+    @inlineCallbacks
+    def operator_adds_member(self, group, name):
+        """What an operator can do: a members row for `name`, announced to the members as a join."""
+        yield self.write(
+            "INSERT INTO members (conversation_id, user_id, joined_at, delivered_seq, read_seq)"
+            " SELECT ?, id, 0, 0, 0 FROM users WHERE username = ?",
+            group,
+            name,
+        )
+        conversations = self.hub.conversations
+        cached = conversations.cached(group)
+        injected = cached._replace(members=tuple(sorted(cached.members + (name,))))
+        conversations._update(injected)
+        conversations.announce(injected, injected.members, joined=[name])
+
     def session_devices(self, username):
         return sorted(session.device_id or "" for session in self.hub.registry.sessions_of(username))
 
@@ -858,16 +873,7 @@ class AlarmTests(E2EETestCase):
         bob, _ = yield self.device("bob", install="bobs")
         mallory, mallory_inbox = yield self.device("mallory", install="mallorys")
         group, _ = yield alice.create_conversation(["bob"], title="two of us")
-        yield self.write(
-            "INSERT INTO members (conversation_id, user_id, joined_at, delivered_seq, read_seq)"
-            " SELECT ?, id, 0, 0, 0 FROM users WHERE username = 'mallory'",
-            group,
-        )
-        conversations = self.hub.conversations
-        cached = conversations.cached(group)
-        injected = cached._replace(members=tuple(sorted(cached.members + ("mallory",))))
-        conversations._update(injected)
-        conversations.announce(injected, injected.members, joined=["mallory"])
+        yield self.operator_adds_member(group, "mallory")
         yield alice_inbox.wait("alarm", 1)
         [(kind, _, detail)] = alice_inbox.alarms()
         self.assertEqual(kind, Alarm.INJECTED_MEMBER)

@@ -32,12 +32,17 @@ def wrong_code(secret):
     return code_at(secret, 3600 * 24)
 
 
-class TwoFactorClientTests(unittest.TestCase):
+class DaemonClientCase(unittest.TestCase):
+    """The real daemon in this process (`settings`: more of its settings) and ChatClients of it."""
+
+    settings = {}
+
     def setUp(self):
-        self.port, self.ca, self.hub = start_daemon(self, reactor, plaintext="refused")
+        self.port, self.ca, self.hub = start_daemon(self, reactor, plaintext="refused", **self.settings)
         self.base = os.path.abspath(self.mktemp())
 
-    def make_client(self, install=None):
+    def make_client(self, install=None, **options):
+        """A ChatClient; `install` names its installation (its own state directory), None: none kept."""
         client = ChatClient(
             "127.0.0.1",
             self.port,
@@ -46,9 +51,13 @@ class TwoFactorClientTests(unittest.TestCase):
             reactor=reactor,
             client_name=install or "plain",
             state_directory=os.path.join(self.base, install) if install else None,
+            **options,
         )
         self.addCleanup(client.close)
         return client
+
+
+class TwoFactorClientTests(DaemonClientCase):
 
     @inlineCallbacks
     def enrolled(self, username="alice", install="laptop"):
@@ -139,20 +148,12 @@ class TwoFactorClientTests(unittest.TestCase):
         yield other.login("bob", PASSWORD, code=code_at(secret, 30))
 
 
-class SignedPasswordChangeTests(unittest.TestCase):
-    def setUp(self):
-        self.port, self.ca, self.hub = start_daemon(self, reactor, plaintext="refused")
-        self.base = os.path.abspath(self.mktemp())
-
+class SignedPasswordChangeTests(DaemonClientCase):
     @inlineCallbacks
     def test_a_bound_session_signs_its_password_change(self):
         from securechatd.accountlog import Event
 
-        client = ChatClient(
-            "127.0.0.1", self.port, self.ca, hostname="localhost", reactor=reactor,
-            state_directory=os.path.join(self.base, "laptop"),
-        )
-        self.addCleanup(client.close)
+        client = self.make_client("laptop")
         yield client.connect()
         yield client.register("alice", PASSWORD)
         yield client.login("alice", PASSWORD)
@@ -164,24 +165,10 @@ class SignedPasswordChangeTests(unittest.TestCase):
         self.assertIsNotNone(change.action)
 
 
-class SessionClientTests(unittest.TestCase):
-    def setUp(self):
-        self.port, self.ca, self.hub = start_daemon(self, reactor, plaintext="refused")
-        self.base = os.path.abspath(self.mktemp())
-
+class SessionClientTests(DaemonClientCase):
     @inlineCallbacks
     def logged_in(self, install, register=False):
-        client = ChatClient(
-            "127.0.0.1",
-            self.port,
-            self.ca,
-            hostname="localhost",
-            reactor=reactor,
-            client_name=install,
-            reconnect=False,
-            state_directory=os.path.join(self.base, install) if install != "plain" else None,
-        )
-        self.addCleanup(client.close)
+        client = self.make_client(None if install == "plain" else install, reconnect=False)
         yield client.connect()
         if register:
             yield client.register("alice", PASSWORD)
@@ -264,18 +251,12 @@ class RenderTests(unittest.TestCase):
         self.assertIn("recovery codes", codes[0])
 
 
-class RequiredTwoFactorTests(unittest.TestCase):
-    def setUp(self):
-        self.port, self.ca, self.hub = start_daemon(self, reactor, plaintext="refused", two_factor="required")
-        self.base = os.path.abspath(self.mktemp())
+class RequiredTwoFactorTests(DaemonClientCase):
+    settings = {"two_factor": "required"}
 
     @inlineCallbacks
     def test_a_login_enrols_when_the_server_requires_it(self):
-        client = ChatClient(
-            "127.0.0.1", self.port, self.ca, hostname="localhost", reactor=reactor,
-            state_directory=os.path.join(self.base, "laptop"),
-        )
-        self.addCleanup(client.close)
+        client = self.make_client("laptop")
         yield client.connect()
         yield client.register("alice", PASSWORD)
         with self.assertRaises(commands.EnrolmentRequired):  # nobody to enrol

@@ -248,16 +248,7 @@ class InjectedMemberTests(MaliciousServerTestCase):
     def test_a_member_the_operator_adds_reads_nothing(self):
         alice, alice_inbox, bob, bob_inbox, group = yield self.conversation(title="two of us")
         mallory, mallory_inbox = yield self.device("mallory", install="mallorys")
-        yield self.write(
-            "INSERT INTO members (conversation_id, user_id, joined_at, delivered_seq, read_seq)"
-            " SELECT ?, id, 0, 0, 0 FROM users WHERE username = 'mallory'",
-            group,
-        )
-        conversations = self.hub.conversations
-        cached = conversations.cached(group)
-        injected = cached._replace(members=tuple(sorted(cached.members + ("mallory",))))
-        conversations._update(injected)
-        conversations.announce(injected, injected.members, joined=["mallory"])
+        yield self.operator_adds_member(group, "mallory")
         for inbox in (alice_inbox, bob_inbox):
             [(kind, _, detail)] = yield inbox.wait("alarm", 1)
             self.assertEqual(kind, Alarm.INJECTED_MEMBER)
