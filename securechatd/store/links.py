@@ -29,14 +29,11 @@ def append_link(txn, conversation_id, n, prev_e, kind, number, item, now):
     return ChainLink(conversation_id, n, e, data)
 
 
-# The end of `conversation_id`'s chain moves on by one: RETURNING the new n and e_{n-1} (NULL at n = 1).
-NEXT_LINK = (
-    "UPDATE conversations SET chain_n = chain_n + 1 WHERE id = ?"
-    " RETURNING chain_n, (SELECT e FROM links WHERE conversation_id = conversations.id AND n = chain_n - 1)"
-)
-# (as a clause of a statement that numbers something else in the same UPDATE)
+# The end of a conversation's chain moves on by one, in the UPDATE that numbers what the link is for
+# (or alone, NEXT_LINK): RETURNING the new n and e_{n-1} (NULL at n = 1).
 NEXT_LINK_SET = "chain_n = chain_n + 1"
 NEXT_LINK_RETURNING = "chain_n, (SELECT e FROM links WHERE conversation_id = conversations.id AND n = chain_n - 1)"
+NEXT_LINK = f"UPDATE conversations SET {NEXT_LINK_SET} WHERE id = ? RETURNING {NEXT_LINK_RETURNING}"
 
 
 def next_link(txn, conversation_id, kind, number, item, now):
