@@ -21,7 +21,7 @@ setup(
         "twisted.plugins",
     ],
     package_data={"securechatd.store": ["schema/*/*.sql"]},  # the migrations, one folder per engine
-    install_requires=["twisted[tls]>=24.7", "bcrypt>=4.1", "cryptography>=42", "urwid>=5.1"],
+    install_requires=["twisted[tls]>=24.7", "bcrypt>=4.1", "cryptography>=42", "urwid>=5.1", "segno>=1.6"],
     extras_require={"test": ["hypothesis>=6", "pyte>=0.8"]},
     entry_points={
         "console_scripts": [
