@@ -28,6 +28,7 @@ setup(
             "securechatd-admin = securechatd.admin:main",
             "securechat = securechatd.client.main:main",
             "securechatd-verify = securechatd.verify:main",
+            "securechatd-verify-log = securechatd.verify_log:main",
         ],
     },
 )
