@@ -12,7 +12,6 @@ being named until the log checks again.
 """
 
 import json
-import os
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -21,6 +20,7 @@ from twisted.internet.threads import deferToThread
 
 from securechatd import commands
 from securechatd.accountlog import Event, Known, parse_head
+from securechatd.client.device_file import write_private
 from securechatd.e2ee.encoding import Malformed
 from securechatd.verify_log import Page, dumps, known_from_json, known_to_json, replay
 
@@ -120,25 +120,3 @@ class AccountLogCheck:
         state = {"format": STATE_FORMAT, "user": self.username, "known": known_to_json(known)}
         write_private(self.state_path, json.dumps(state, sort_keys=True).encode("ascii"))
 
-
-def write_private(path, data):
-    """Replace `path` with `data`, mode 0600: a temporary file beside it, fsync, rename, fsync of the directory."""
-    directory = os.path.dirname(path) or "."
-    temporary = f"{path}.{os.getpid()}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as out:
-            os.fchmod(out.fileno(), 0o600)  # (a temporary file a crash left kept its mode)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    directory_descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_descriptor)
-    finally:
-        os.close(directory_descriptor)

@@ -78,6 +78,31 @@ class ReplayWindow:
         return cls(_number(highest), int.from_bytes(bitmap, "big"))
 
 
+def write_private(path, data):
+    """Replace `path` with `data`, mode 0600: a temporary file beside it, fsync, rename, fsync of the directory,
+    so a crash leaves the old file or the new one, never half of one."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            os.fchmod(out.fileno(), 0o600)  # (a temporary file a crash left kept its mode)
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    directory_descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(directory_descriptor)  # the rename itself survives a power loss
+    finally:
+        os.close(directory_descriptor)
+
+
 def _number(raw):
     if len(raw) != 8:
         raise Malformed("a number is not 8 bytes")
@@ -234,26 +259,8 @@ class DeviceFile:
             raise DeviceFileError(f"the device file {path} is damaged ({problem}); it was left as it is")
 
     def save(self):
-        """Replace the file with what this object holds now: a 0600 temporary file beside it, fsync, rename."""
-        directory = os.path.dirname(self.path) or "."
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        temporary = f"{self.path}.{os.getpid()}.tmp"
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(descriptor, "wb") as out:
-                out.write(self.to_bytes())
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-            raise
-        directory_descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_descriptor)  # the rename itself survives a power loss
-        finally:
-            os.close(directory_descriptor)
+        """Replace the file with what this object holds now (write_private)."""
+        write_private(self.path, self.to_bytes())
 
     def lock(self):
         """Hold `<path>.lock` for this process: two programs advancing the same ratchets would break them.
