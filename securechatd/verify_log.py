@@ -106,15 +106,16 @@ def replay(server_key, user, known, pages, refused=False, device_key=None):
     head, chain, rows = known.head, Known(), []
     parsed = [_parse(entry) for page in pages for entry in page.entries]
     try:
-        if not pages and not refused:
+        if not pages and (not refused or head is None):
             raise _Break("the server answered with no tree head")
         for page in pages:
             head = _tree_head(server_key, page, head)
             for entry in page.entries:
-                chain = _entry(user, entry, head, chain, parsed[len(rows) + 1 :], device_key)
+                checked = _entry(user, entry, head, chain, parsed[len(rows) + 1 :], device_key)
+                if checked.seq == known.seq and checked.hash != known.hash:
+                    raise _Break(f"event #{checked.seq} was rewritten since it was seen in {_seen(known.head)}")
+                chain = checked
                 rows.append(row(parsed[len(rows)]))
-                if chain.seq == known.seq and chain.hash != known.hash:
-                    raise _Break(f"event #{chain.seq} was rewritten since it was seen in {_seen(known.head)}")
         if refused:
             raise _Break(f"the server's log was cut: it no longer holds {_seen(head)}")
         if chain.seq < known.seq:
@@ -202,8 +203,10 @@ def known_to_json(known):
 def known_from_json(data):
     """The Known of known_to_json(); ValueError if `data` is not one."""
     try:
-        head = data["tree_head"]
-        return Known(_count(data["seq"]), _hash(data["hash"]), parse_head(bytes.fromhex(head)) if head else None)
+        head, seq = data["tree_head"], _count(data["seq"])
+        if seq and not head:
+            raise TypeError("an event seen is seen in a tree head")
+        return Known(seq, _hash(data["hash"]), parse_head(bytes.fromhex(head)) if head else None)
     except (KeyError, TypeError, AttributeError) as problem:
         raise ValueError(f"not a remembered log state ({type(problem).__name__}: {problem})") from None
 

@@ -204,6 +204,21 @@ class TamperTests(LogCase):
             self.sql(("UPDATE account_events SET user_id = (SELECT id FROM users WHERE username = 'carol') WHERE rowid = ?", (rowid,)))
         self.assertCaught(f"events #3 to #4 are missing (seen in the tree head of size 7 signed {SEEN})", [1, 2])
 
+    def test_a_rewritten_copy_appended(self):
+        """The old event 4 moved to carol (its leaf stays) and a rewritten event 4 appended as a new leaf:
+        the tree grows consistently, the chain and the inclusion check, but it is not the event 4 seen before."""
+        rowid, data = self.alice(4)
+        forged = replace(Event.from_bytes(data), address="203.0.113.66")
+        self.sql(
+            ("UPDATE account_events SET user_id = (SELECT id FROM users WHERE username = 'carol') WHERE rowid = ?", (rowid,)),
+            (
+                "INSERT INTO account_events (user_id, seq, hash, event, leaf_index, leaf)"
+                " SELECT id, 4, ?, ?, 7, ? FROM users WHERE username = 'alice'",
+                (forged.hash(), forged.to_bytes(), forged.leaf()),
+            ),
+        )
+        self.assertCaught(f"event #4 was rewritten since it was seen in the tree head of size 7 signed {SEEN}", [1, 2, 3])
+
     def test_reordered_events(self):
         (two_id, two), (three_id, three) = self.alice(2), self.alice(3)
         self.sql(

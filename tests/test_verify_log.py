@@ -132,3 +132,14 @@ class VerifyLogTests(LogCase):
         broken = run()
         self.assertEqual(broken.returncode, 1)
         self.assertTrue(broken.stdout.endswith("BROKEN: event #2 is missing\n"), broken.stdout)
+
+    def test_an_export_without_a_tree_head(self):
+        document = json.loads(self.data)
+        document["pages"] = []
+        for refused in (False, True):
+            document["refused"] = refused
+            status, out, _ = self.run_on(json.dumps(document).encode())
+            self.assertEqual(status, 1)
+            self.assertTrue(out.endswith("\nBROKEN: the server answered with no tree head\n"), out)
+        document["known"]["seq"] = 3
+        self.assertEqual(self.run_on(json.dumps(document).encode())[0], 2)  # (an event seen outside any tree head)
