@@ -47,6 +47,7 @@ RAISED_LIMITS = {
     },
     "connections": {"unauthenticated_per_address": 100000, "max_connections": 100000},
     "messages": {"plaintext": "allowed"},  # the bench is a version 1 client (SendMessage)
+    "privacy": {"invitations": "off"},  # (and adds people to groups without invitations)
 }
 
 

@@ -134,7 +134,7 @@ class Settings:
     enrolment_timeout: float = 600.0
     totp_key: str | None = None  # None: <certs>/totp.key
     presence_scope: str = "contacts"
-    invitations: str = "off"
+    invitations: str = "on"
     directory_prefix: int = 0
     client_certificates: str = "off"
     client_ca: str | None = None  # None: <certs>/ca.pem

@@ -85,7 +85,7 @@ def run_now(f, *args):
 # The version 1 tests run with plaintext conversations allowed, as docs/PROTOCOL.md's
 # "Version 2" promises them byte for byte; the daemon's default (refused) is tested on its own.
 # So is presence: version 1 showed everyone's (issue 13 shows it to contacts by default).
-V1 = {"plaintext": "allowed", "presence_scope": "everyone"}
+V1 = {"plaintext": "allowed", "presence_scope": "everyone", "invitations": "off"}
 
 
 def make_hub(testcase, clock=None, store=None, **changes):
@@ -291,7 +291,7 @@ _TWISTD = (
 
 
 # What a config file of a subprocess test adds so that its version 1 client works (see V1).
-V1_CONFIG = "[messages]\nplaintext = allowed\n[privacy]\npresence = everyone\n"
+V1_CONFIG = "[messages]\nplaintext = allowed\n[privacy]\npresence = everyone\ninvitations = off\n"
 
 
 def twistd(*arguments, root=SOURCE_ROOT):

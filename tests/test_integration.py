@@ -228,8 +228,9 @@ class ServiceTestCase(unittest.TestCase):
     timeout = 60
     # The per-user message rate limit is not what these tests are about: they
     # send hundreds of messages in a moment.
-    overrides = dict(  # (version 1's tests: plaintext, and everyone's presence to see)
-        message_burst=100_000, message_rate=100_000.0, plaintext="allowed", presence_scope="everyone"
+    overrides = dict(  # (version 1's tests: plaintext, everyone's presence to see, no invitations)
+        message_burst=100_000, message_rate=100_000.0, plaintext="allowed", presence_scope="everyone",
+        invitations="off",
     )
 
     def setUp(self):

@@ -106,6 +106,14 @@ class ParserTests(unittest.TestCase):
             "/serverkey": ("serverkey", []),
             "/serverkey accept": ("serverkey", ["accept"]),
             "/wait transcript_signed 2": ("wait", ["transcript_signed", 2]),
+            "/wait invited": ("wait", ["invited"]),
+            "/privacy": ("privacy", []),
+            "/privacy Hide-Last-Seen ON": ("privacy", ["hide-last-seen", "on"]),
+            "/privacy appear-offline off": ("privacy", ["appear-offline", "off"]),
+            "/invite carol Dave": ("invite", [["carol", "dave"]]),
+            "/invitations": ("invitations", []),
+            "/accept #12": ("accept", [12]),
+            "/decline 12": ("decline", [12]),
             "/help": ("help", []),
             "/help dm": ("help", ["dm"]),
             "/quit": ("quit", []),
@@ -135,7 +143,13 @@ class ParserTests(unittest.TestCase):
             "/receipts -3": "MSG must be a number above 0, not '-3'.",
             "/status asleep": "STATUS must be one of online, away, busy, invisible, not 'asleep'.",
             "/wait lunch": "EVENT must be one of deliver, receipt, presence, conversation, transcript_signed, mode,"
-            " not 'lunch'.",
+            " invited, invitation_accepted, not 'lunch'.",
+            "/privacy lastseen on": "SETTING must be one of hide-last-seen, appear-offline, not 'lastseen'.",
+            "/privacy appear-offline maybe": "ON|OFF must be one of on, off, not 'maybe'.",
+            "/accept": "usage: /accept ID",
+            "/accept soon": "ID must be a number above 0, not 'soon'.",
+            "/decline #0": "ID must be a number above 0, not '0'.",
+            "/invite": "usage: /invite USER...",
             "/mode secret": "MODE must be one of attestable, deniable, not 'secret'.",
             "/serverkey yes": "ACCEPT must be one of accept, not 'yes'.",
             "/wait deliver 1 soon": "TIMEOUT must be a number above 0, not 'soon'.",
@@ -476,7 +490,10 @@ class FakeClient:
         return self._answer("create_conversation", members, title, result=(conversation_id, True))
 
     def add_members(self, conversation_id, members):
-        return self._answer("add_members", conversation_id, members)
+        return self._answer("add_members", conversation_id, members, result=[])
+
+    def group_invitations(self, conversation_id):
+        return self._answer("group_invitations", conversation_id, result=[])
 
     def leave_conversation(self, conversation_id):
         del self.conversations[conversation_id]

@@ -36,6 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionClosed
@@ -153,6 +154,38 @@ class Presence:
 
 
 @dataclass(frozen=True)
+class Invitation:
+    """An invitation of the user to a group (ListInvitations, the Invited push), answered with
+    answer_invitation(); `accepted`: accepted, waiting for a member's signed state (encrypted groups)."""
+
+    conversation_id: int
+    kind: str
+    inviter: str
+    title: str | None = None
+    invited_at: datetime | None = None  # (the Invited push does not say: it is now)
+    accepted: bool = False
+    encrypted: bool | None = None
+
+
+@dataclass(frozen=True)
+class GroupInvitation:
+    """Someone invited to a group the user belongs to (GetInvitations)."""
+
+    username: str
+    inviter: str
+    invited_at: datetime
+    accepted: bool  # accepted, waiting for a member's signed state (encrypted groups)
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """The user's own privacy settings (SetPrivacy); who sees presence at all is the operator's setting."""
+
+    hide_last_seen: bool
+    appear_offline: bool
+
+
+@dataclass(frozen=True)
 class Receipt:
     conversation_id: int
     username: str
@@ -172,6 +205,24 @@ class TLSHandshakeFailed(Exception):
     """The server could not be verified (wrong CA, host name or an expired certificate)."""
 
 
+class RefusedAtTLS(ConnectionClosed):
+    """The server ended the connection with a TLS alert after the handshake: it refused this client's
+    certificate (none given where one is required, another CA's, expired). `alert` is OpenSSL's text."""
+
+    def __init__(self, alert):
+        super().__init__(f"The server refused the connection at TLS ({alert}).")
+        self.alert = alert
+
+
+def _refused_at_tls(reason):
+    """A connection lost to a TLS alert (the failure of every call on it) as RefusedAtTLS; others as they are."""
+    if not reason.check(SSL.Error):
+        return reason
+    args = reason.value.args
+    errors = args[0] if args and isinstance(args[0], list) else []  # OpenSSL's (library, function, reason)
+    return Failure(RefusedAtTLS("; ".join(str(entry[-1]) for entry in errors if entry) or str(reason.value)))
+
+
 @implementer(IHandshakeListener)
 class ClientProtocol(amp.AMP):
     """One connection: answers the server's pushes by calling the client's callbacks."""
@@ -188,6 +239,8 @@ class ClientProtocol(amp.AMP):
     def connectionLost(self, reason):
         if not self.handshake.called:
             self.handshake.errback(TLSHandshakeFailed(reason.getErrorMessage()))
+        else:  # (with TLS 1.3 the server checks a client certificate after the client's handshake is done)
+            reason = _refused_at_tls(reason)
         super().connectionLost(reason)
         self.client._connection_lost(self, reason)
         self.closed.callback(None)
@@ -224,6 +277,16 @@ class ClientProtocol(amp.AMP):
     @commands.ConversationUpdated.responder
     def conversation_updated(self, members, **conversation):
         self.client._conversation_updated(_record(Conversation, dict(conversation, members=tuple(members))))
+        return {}
+
+    @commands.Invited.responder
+    def invited(self, **invitation):
+        self.client.on_invited(_record(Invitation, invitation))
+        return {}
+
+    @commands.InvitationAccepted.responder
+    def invitation_accepted(self, conversation_id, username):
+        self.client._invitation_accepted(conversation_id, username)
         return {}
 
     @commands.Ping.responder
@@ -299,6 +362,14 @@ def _seq_ranges(seqs):
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
+def _stranger(refused, names):
+    """The one of `names` a refusal of AddMembers says must be invited instead (an encrypted group, invitations
+    on: "NAME shares no conversation with you: invite them (InviteMembers) ..."), or None for another refusal."""
+    text = str(refused)
+    name = text.split(" ", 1)[0]
+    return name if "(InviteMembers)" in text and name in names else None
+
+
 MAX_RESEALS = 2  # times a message the server refused because the membership or a device changed is sealed again
 
 
@@ -333,7 +404,10 @@ class ChatClient:
 
     With a `state_directory` (and `encryption` left on) the client is one
     device of the user it logs in as; `clock` (default: the reactor) dates
-    prekey rotation and message headers.
+    prekey rotation and message headers. `client_cert` and `client_key`
+    (PEM files) present a client certificate (mutual TLS), for a server
+    that requires or allows them: it names the only account this connection
+    may log in as.
     """
 
     def __init__(
@@ -349,6 +423,8 @@ class ChatClient:
         state_directory=None,
         clock=None,
         encryption=True,
+        client_cert=None,
+        client_key=None,
     ):
         if reactor is None:
             from twisted.internet import reactor
@@ -357,7 +433,8 @@ class ChatClient:
         self.client_name = client_name
         self.reconnect = reconnect
         self._endpoint = wrapClientTLS(
-            client_options(ca_path, hostname or host), HostnameEndpoint(reactor, host, port, timeout=10)
+            client_options(ca_path, hostname or host, client_cert=client_cert, client_key=client_key),
+            HostnameEndpoint(reactor, host, port, timeout=10),
         )
         self.state_directory = state_directory  # where this installation keeps what it has seen, per user
         self.encryption = encryption and state_directory is not None
@@ -399,6 +476,11 @@ class ChatClient:
         self.on_devices_changed = lambda user, added, removed: None
         self.on_mode = lambda conversation_id, mode, actor: None
         self.on_transcript_signed = lambda signed: None
+        # Invitations: on_invited(Invitation) when someone invites the user to a group;
+        # on_invitation_accepted(conversation_id, username, added) when someone accepted one to an encrypted
+        # group of the user's (`added`: this device added them with the signed state; else another member does).
+        self.on_invited = lambda invitation: None
+        self.on_invitation_accepted = lambda conversation_id, username, added: None
         # Two-factor login: second_factor(username) gives the code (a TOTP code or a recovery code; may return
         # a Deferred) when a login answers SECOND_FACTOR_REQUIRED and no code was given to login(); None: fail.
         self.second_factor = None
@@ -911,6 +993,11 @@ class ChatClient:
             lambda answer: [_record(Presence, row) for row in answer["presence"]]
         )
 
+    def set_privacy(self, hide_last_seen=None, appear_offline=None):
+        """Deferred Privacy as it now is; None leaves a setting unchanged (both None: only read them)."""
+        changed = self.call(commands.SetPrivacy, hide_last_seen=hide_last_seen, appear_offline=appear_offline)
+        return changed.addCallback(lambda answer: _record(Privacy, answer))
+
     def list_users(self, prefix=None, limit=None):
         """Deferred [(username, status)]."""
         return self.call(commands.ListUsers, prefix=prefix, limit=limit).addCallback(
@@ -935,6 +1022,8 @@ class ChatClient:
         if answer.get("encrypted"):
             others = {name.lower() for name in members} - {self.username}
             kind = "direct" if len(others) == 1 and title is None else "group"
+            if kind == "group":  # strangers were invited, not added: the first state holds the members only
+                others -= {row.username for row in await self.group_invitations(conversation_id)}
             title = title.strip() if title is not None else ""
             await self._e2ee().publish_first(conversation_id, kind, title, sorted(others))
         return conversation_id, answer["created"]
@@ -998,7 +1087,30 @@ class ChatClient:
         return bool(self._encrypted.get(conversation_id))
 
     def add_members(self, conversation_id, members):
-        return Deferred.fromCoroutine(self._change_members(conversation_id, "add", list(members)))
+        """Deferred sorted list of those of `members` invited instead of added: people who share no conversation
+        with the user, on a server with invitations on (they join once they accept)."""
+        return Deferred.fromCoroutine(self._add_members(conversation_id, [name.lower() for name in members]))
+
+    async def _add_members(self, conversation_id, names):
+        if self.e2ee is None or not await self._is_encrypted(conversation_id):
+            await self._change_members(conversation_id, "add", names)  # (the server invites the strangers itself)
+            pending = {row.username for row in await self.group_invitations(conversation_id) if not row.accepted}
+            return sorted(pending & set(names))
+        # A signed state cannot hold a stranger: the server names one at a time; they are invited instead.
+        strangers, names = [], list(names)
+        while names:
+            try:
+                await self._change_members(conversation_id, "add", names)
+                break
+            except NotAllowed as refused:
+                stranger = _stranger(refused, names)
+                if stranger is None:
+                    raise
+                names.remove(stranger)
+                strangers.append(stranger)
+        if strangers:
+            await self.invite_members(conversation_id, strangers)
+        return sorted(strangers)
 
     def leave_conversation(self, conversation_id):
         return Deferred.fromCoroutine(self._change_members(conversation_id, "leave", []))
@@ -1019,6 +1131,51 @@ class ChatClient:
             await self.e2ee.change_membership(conversation_id, op, members, send)
         else:
             await send()
+
+    # -- invitations (docs/PROTOCOL.md, "Invitations") -------------------------------
+
+    def invite_members(self, conversation_id, members):
+        """Deferred list of those newly invited to the group (members and those invited already are left out)."""
+        invited = self.call(commands.InviteMembers, conversation_id=conversation_id, members=list(members))
+        return invited.addCallback(lambda answer: list(answer["invited"]))
+
+    def group_invitations(self, conversation_id):
+        """Deferred [GroupInvitation]: who is invited to a group of the user's, oldest first."""
+        listed = self.call(commands.GetInvitations, conversation_id=conversation_id)
+        return listed.addCallback(lambda answer: [_record(GroupInvitation, row) for row in answer["invitations"]])
+
+    def list_invitations(self):
+        """Deferred [Invitation]: the user's invitations, oldest first."""
+        listed = self.call(commands.ListInvitations)
+        return listed.addCallback(lambda answer: [_record(Invitation, row) for row in answer["invitations"]])
+
+    def answer_invitation(self, conversation_id, accept):
+        """Deferred True if the user is now a member (a plaintext group accepted); False: declined, or an
+        encrypted group accepted, which a member's device completes (a ConversationUpdated then comes)."""
+        answered = self.call(commands.AnswerInvitation, conversation_id=conversation_id, accept=accept)
+        return answered.addCallback(lambda answer: answer["joined"])
+
+    def _invitation_accepted(self, conversation_id, username):
+        self._background(
+            self._complete_invitation(conversation_id, username),
+            f"adding {username} to conversation {conversation_id}",
+        )
+
+    async def _complete_invitation(self, conversation_id, username):
+        """Someone accepted an invitation to an encrypted group: the inviter's device adds them with the signed
+        state (or, if the inviter is no longer a member, the device of the member first by name: one, not all)."""
+        added = False
+        e2ee = self.e2ee
+        if e2ee is not None and e2ee.active:
+            invitations = await self.group_invitations(conversation_id)
+            inviters = [row.inviter for row in invitations if row.username == username and row.accepted]
+            members = await self.members(conversation_id)
+            if inviters and self.username in members:
+                inviter = inviters[0]
+                if inviter == self.username or (inviter not in members and self.username == min(members)):
+                    await self._change_members(conversation_id, "add", [username])
+                    added = True
+        self.on_invitation_accepted(conversation_id, username, added)
 
     # -- messages --------------------------------------------------------------
 

@@ -27,9 +27,9 @@ import securechatd
 from securechatd import commands, config
 from securechatd.certs import CA_CERT, CertError
 from securechatd.client import ui
-from securechatd.client.library import ChatClient, TLSHandshakeFailed
+from securechatd.client.library import ChatClient, RefusedAtTLS, TLSHandshakeFailed
 from securechatd.client.transcripts import ExportError
-from securechatd.commands import ChatError, MessageTooLarge
+from securechatd.commands import ChatError, MessageTooLarge, NoSuchConversation
 from securechatd.e2ee.membership import ModeError
 
 log = Logger()
@@ -60,9 +60,24 @@ def describe(error):
         return "EXPORT", str(error)
     if isinstance(error, ModeError):
         return "MODE", f"{str(error).split(': ', 1)[-1].capitalize()}."
+    if isinstance(error, RefusedAtTLS):
+        return "TLS_REFUSED", _tls_refusal(error.alert)
     if isinstance(error, ConnectionClosed):
         return "DISCONNECTED", "Not connected to the server."
     return "INTERNAL", f"Unexpected problem: {type(error).__name__}: {error} (--debug logs the details)."
+
+
+def _tls_refusal(alert):
+    """What to do about a server that ended the connection with a TLS alert: it refused our client certificate."""
+    if "certificate required" in alert:
+        return (
+            "The server requires a client certificate: give yours with --cert FILE --key FILE"
+            " (the operator makes one with securechatd-admin certs --client USER)."
+        )
+    return (
+        f"The server refused your client certificate ({alert}): it must be issued by the CA the server"
+        " trusts for client certificates, and not expired."
+    )
 
 
 class Chat:
@@ -110,6 +125,9 @@ class Chat:
         )
         mode_changed = self._push(self._mode_changed)
         client.on_mode = lambda conversation_id, mode, actor: mode_changed((conversation_id, mode, actor))
+        client.on_invited = self._push(self._invited)
+        accepted = self._push(self._invitation_accepted)
+        client.on_invitation_accepted = lambda conversation_id, user, added: accepted((conversation_id, user, added))
 
     # -- running -------------------------------------------------------------
 
@@ -412,6 +430,15 @@ class Chat:
         ]
         self._answer("who", presence=presence)
 
+    async def _do_privacy(self, setting=None, switch=None):
+        self._logged_in()
+        if setting is not None and switch is None:
+            raise ui.UsageError(f"Say on or off: /privacy {setting} on, or /privacy {setting} off.")
+        privacy = await self.client.set_privacy(**({ui.PRIVACY[setting]: switch == "on"} if setting else {}))
+        self._answer(
+            "privacy", hide_last_seen=privacy.hide_last_seen, appear_offline=privacy.appear_offline, changed=setting
+        )
+
     async def _do_status(self, status, note=None):
         await self.client.set_presence(status, note)
         self._answer("status", status=status, note=note)
@@ -440,17 +467,71 @@ class Chat:
     async def _do_group(self, title, users):
         conversation_id, _ = await self.client.create_conversation(users, title=title)
         fields = await self._open(conversation_id)
-        self._answer("group", **fields, members=list(self.conversations[conversation_id].members))
+        invited = sorted(row.username for row in await self.client.group_invitations(conversation_id))
+        members = list(self.conversations[conversation_id].members)
+        self._answer("group", **fields, members=members, invited=invited)
 
     async def _do_add(self, users):
         conversation_id = self._here()
-        await self.client.add_members(conversation_id, users)
+        invited = await self.client.add_members(conversation_id, users)
         conversation = self.conversations[conversation_id]
-        members = tuple(sorted(set(conversation.members) | set(users)))
+        members = tuple(sorted(set(conversation.members) | (set(users) - set(invited))))
         self.conversations[conversation_id] = replace(conversation, members=members)
         self._answer(
-            "add", conversation_id=conversation_id, conversation=self._name(conversation_id), members=list(members)
+            "add",
+            conversation_id=conversation_id,
+            conversation=self._name(conversation_id),
+            members=list(members),
+            invited=invited,
         )
+
+    # -- invitations ----------------------------------------------------------------------
+
+    def _group_here(self):
+        """The current conversation's id if it is a group, or why invitations do not apply."""
+        conversation_id = self._here()
+        conversation = self.conversations.get(conversation_id)
+        if conversation is not None and conversation.kind != "group":
+            raise LocalError("NOT_A_GROUP", "Nobody is invited to a direct conversation: /group TITLE USER... starts one.")
+        return conversation_id
+
+    async def _do_invite(self, users):
+        conversation_id = self._group_here()
+        invited = await self.client.invite_members(conversation_id, users)
+        self._answer("invite", conversation_id=conversation_id, conversation=self._name(conversation_id), invited=invited)
+
+    async def _do_invitations(self):
+        self._logged_in()
+        fields = {"invitations": [invitation_fields(i) for i in await self.client.list_invitations()]}
+        conversation = self.conversations.get(self.current)
+        if conversation is not None and conversation.kind == "group":
+            rows = await self.client.group_invitations(self.current)
+            fields.update(
+                conversation_id=self.current, conversation=self._name(self.current), group=[vars(r) for r in rows]
+            )
+        self._answer("invitations", **fields)
+
+    async def _answer_invitation(self, command, conversation_id, accept):
+        """/accept or /decline: the group's title is taken from the invitation before it is gone."""
+        self._logged_in()
+        invitations = {i.conversation_id: i for i in await self.client.list_invitations()}
+        try:
+            joined = await self.client.answer_invitation(conversation_id, accept)
+        except NoSuchConversation:
+            raise LocalError(
+                "NO_SUCH_INVITATION", f"You have no invitation to #{conversation_id}; /invitations lists yours."
+            )
+        if joined:
+            await self._refresh()
+        invitation = invitations.get(conversation_id)
+        name = self._name(conversation_id) if joined or invitation is None else ui.invitation_name(vars(invitation))
+        self._answer(command, conversation_id=conversation_id, conversation=name, joined=joined)
+
+    async def _do_accept(self, conversation_id):
+        await self._answer_invitation("accept", conversation_id, True)
+
+    async def _do_decline(self, conversation_id):
+        await self._answer_invitation("decline", conversation_id, False)
 
     async def _do_leave(self):
         conversation_id = self._here()
@@ -717,6 +798,25 @@ class Chat:
         )
         self._arrive("transcript_signed")
 
+    async def _invited(self, invitation):
+        self.emit({"event": "invited", **invitation_fields(invitation), "at": self._now()})
+        self._arrive("invited")
+
+    async def _invitation_accepted(self, accepted):
+        conversation_id, username, added = accepted
+        await self._know(conversation_id)
+        self.emit(
+            {
+                "event": "invitation_accepted",
+                "conversation_id": conversation_id,
+                "conversation": self._name(conversation_id),
+                "username": username,
+                "added": added,
+                "at": self._now(),
+            }
+        )
+        self._arrive("invitation_accepted")
+
     async def _mode_changed(self, change):
         conversation_id, mode, actor = change
         await self._know(conversation_id)
@@ -949,7 +1049,9 @@ class Chat:
 
     def _disconnected(self, reason):
         if self.batch:  # no reconnecting in --batch: a script should know at once
-            self._error("connection", Failure(LocalError("DISCONNECTED", "The connection to the server was lost.")))
+            refused = reason.check(RefusedAtTLS)
+            lost = reason if refused else Failure(LocalError("DISCONNECTED", "The connection to the server was lost."))
+            self._error("connection", lost)
             self.finish(1)
         else:
             self.offline = True
@@ -962,6 +1064,11 @@ class Chat:
     def _logged_out(self, reason):
         self._forget()
         self.emit({"event": "logged_out", "message": reason, "at": self._now()})
+
+
+def invitation_fields(invitation):
+    """A library Invitation as a record's fields (`encrypted` a plain yes or no)."""
+    return dict(vars(invitation), encrypted=bool(invitation.encrypted))
 
 
 def write_private(path, data):
@@ -1017,6 +1124,8 @@ CONFIG = {
     ("server", "port"): ("port", _port),
     ("server", "ca"): ("ca", lambda text: os.path.expanduser(text.strip())),
     ("account", "user"): ("user", str.strip),
+    ("account", "cert"): ("cert", lambda text: os.path.expanduser(text.strip())),
+    ("account", "key"): ("key", lambda text: os.path.expanduser(text.strip())),
     ("ui", "color"): ("color", _yes_no),
     ("ui", "plain"): ("plain", _yes_no),
     ("ui", "notify"): ("notify", _notify),
@@ -1065,6 +1174,8 @@ DEFAULTS = {
     "port": config.Settings.port,
     "ca": os.path.join(config.Settings.certs, CA_CERT),
     "user": None,
+    "cert": None,
+    "key": None,
     "color": True,
     "plain": False,
     "notify": "auto",
@@ -1075,7 +1186,7 @@ DEFAULTS = {
 class Options(usage.Options):
     synopsis = (
         "Usage: securechat [--host H] [--port P] [--ca FILE] [--user NAME] [--password-file FILE] "
-        "[--plain] [--no-color] [--config FILE] [--batch [--keep-going]]"
+        "[--cert FILE --key FILE] [--plain] [--no-color] [--config FILE] [--batch [--keep-going]]"
     )
     longdesc = (
         "Chat on a securechatd server; type /help once connected. A password is asked without echo, "
@@ -1091,6 +1202,8 @@ class Options(usage.Options):
         ["ca", None, None, f"The CA certificate that signed the server's. [default: {DEFAULTS['ca']}]"],
         ["user", None, None, "Log in as NAME at start."],
         ["password-file", None, None, "Take the password from the first line of FILE."],
+        ["cert", None, None, "Present the client certificate in FILE (PEM), for a server that asks for one."],
+        ["key", None, None, "The private key (PEM) of the --cert certificate."],
         ["config", None, None, "Read settings from FILE instead of $XDG_CONFIG_HOME/securechat/config.ini."],
     ]
     optFlags = [
@@ -1113,7 +1226,7 @@ class Options(usage.Options):
     def postOptions(self):
         # The command line wins over the config file, which wins over the defaults.
         configured = read_config(self["config"] or config_path(self.environ), required=self["config"] is not None)
-        for name in ("host", "port", "ca", "user"):
+        for name in ("host", "port", "ca", "user", "cert", "key"):
             if self[name] is None:
                 self[name] = configured.get(name, DEFAULTS[name])
         colour = configured.get("color", DEFAULTS["color"])
@@ -1123,6 +1236,8 @@ class Options(usage.Options):
         self["highlight"] = configured.get("highlight", DEFAULTS["highlight"])
         if not 0 < self["port"] < 65536:
             raise usage.UsageError("--port must be from 1 to 65535")
+        if (self["cert"] is None) != (self["key"] is None):
+            raise usage.UsageError("--cert and --key go together: a client certificate and its private key")
         if self["keep-going"] and not self["batch"]:
             raise usage.UsageError("--keep-going goes with --batch")
         if self["user"] is not None:
@@ -1163,8 +1278,9 @@ def state_directory(host, port, environ):
     return os.path.join(data, "securechat", f"{host}-{port}")
 
 
-async def connect(reactor, host, port, ca, reconnect):
-    """A ChatClient connected to a verified server, or a LocalError saying why not."""
+async def connect(reactor, host, port, ca, reconnect, cert=None, key=None):
+    """A ChatClient connected to a verified server (presenting the client certificate `cert` with its `key`,
+    if given), or a LocalError saying why not."""
     try:
         client = ChatClient(
             host,
@@ -1174,10 +1290,14 @@ async def connect(reactor, host, port, ca, reconnect):
             reactor=reactor,
             reconnect=reconnect,
             state_directory=state_directory(host, port, os.environ),
+            client_cert=cert,
+            client_key=key,
         )
         await client.connect()
     except CertError as problem:
-        raise LocalError("CERTIFICATE", f"Certificate problem: {problem} (--ca FILE names the server's CA).")
+        mine = cert is not None and (cert in str(problem) or key in str(problem))
+        hint = "--cert and --key name your client certificate and its key" if mine else "--ca FILE names the server's CA"
+        raise LocalError("CERTIFICATE", f"Certificate problem: {problem} ({hint}).")
     except TLSHandshakeFailed as problem:
         raise _handshake_problem(host, port, ca, str(problem))
     except ConnectionRefusedError:
@@ -1203,7 +1323,9 @@ CLOSED_PIPE = 128 + 13  # the status a shell shows for a program killed by SIGPI
 async def _session(reactor, options, interactive):
     try:
         password = configured_password(options["password-file"], os.environ)
-        client = await connect(reactor, options["host"], options["port"], options["ca"], not options["batch"])
+        client = await connect(
+            reactor, options["host"], options["port"], options["ca"], not options["batch"], options["cert"], options["key"]
+        )
     except Exception as problem:
         if not isinstance(problem, LocalError):
             log.failure("starting", Failure())

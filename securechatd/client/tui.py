@@ -474,6 +474,7 @@ class Tui(ui.Typed):
 
     _answer_group = _answer_add = _answer_read = _answer_receipts = _conversation_lines
     _answer_mode = _answer_sign = _answer_export = _on_mode = _conversation_lines
+    _answer_invite = _on_invitation_accepted = _conversation_lines
 
     def _on_transcript_signed(self, record, at):
         self._conversation_lines(record, at, "receipt" if record["verified"] else "error")

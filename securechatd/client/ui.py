@@ -6,6 +6,7 @@ StringTransport; securechatd.client.main connects it to a ChatClient.
 """
 
 import codecs
+import io
 import json
 import re
 import shlex
@@ -14,6 +15,7 @@ import textwrap
 import unicodedata
 from dataclasses import dataclass, replace
 
+import segno
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
@@ -21,8 +23,11 @@ from zope.interface import implementer
 
 from securechatd.commands import STATUSES
 
-EVENTS = ("deliver", "receipt", "presence", "conversation", "transcript_signed", "mode")
+EVENTS = (
+    "deliver", "receipt", "presence", "conversation", "transcript_signed", "mode", "invited", "invitation_accepted"
+)
 MODES = ("attestable", "deniable")
+PRIVACY = {"hide-last-seen": "hide_last_seen", "appear-offline": "appear_offline"}  # /privacy SETTING: SetPrivacy's
 
 
 class UsageError(Exception):
@@ -43,6 +48,11 @@ def _positive(kind):
         return value
 
     return convert
+
+
+def _conversation_id(name, word):
+    """A conversation id as /convs and /invitations show it: 12 or #12."""
+    return _positive(int)(name, word.removeprefix("#"))
 
 
 def _one_of(choices):
@@ -66,6 +76,9 @@ _ARGUMENTS = {
     "MODE": _one_of(MODES),
     "ACCEPT": _one_of(("accept",)),
     "ACTION": _one_of(("status", "enrol", "confirm", "disable", "recovery")),
+    "SETTING": _one_of(tuple(PRIVACY)),
+    "ON|OFF": _one_of(("on", "off")),
+    "ID": _conversation_id,
 }
 
 
@@ -169,6 +182,14 @@ COMMANDS = {
             "Its connection closes and it cannot resume; it must log in again.",
         ),
         Command("/endsessions", "end all your sessions but this one"),
+        Command(
+            "/privacy [SETTING] [ON|OFF]",
+            "your privacy: hide-last-seen on|off, appear-offline on|off",
+            "Without SETTING, shows both. hide-last-seen on: nobody else sees when you were last online. "
+            "appear-offline on: everyone else sees you offline, in every session, until you switch it off. "
+            "Who sees your presence at all (the people you share a conversation with, or everyone) is the "
+            "server's setting.",
+        ),
         Command("/users [PREFIX]", "registered users and their presence"),
         Command("/who", "presence of the people in your conversations"),
         Command(
@@ -187,7 +208,26 @@ COMMANDS = {
             "start a group with these people",
             'Quote a title with spaces: /group "Team lunch" bob carol',
         ),
-        Command("/add USER...", "add people to the current group"),
+        Command(
+            "/add USER...",
+            "add people to the current group",
+            "Someone who shares no conversation with you is invited instead (on a server with invitations on): "
+            "they join once they accept.",
+        ),
+        Command(
+            "/invite USER...",
+            "invite people to the current group: they join once they accept",
+            "In an end-to-end encrypted group, once they accept, your device adds them with a signed "
+            "membership state by itself.",
+        ),
+        Command(
+            "/invitations",
+            "your invitations to groups (and, in a group, who is invited to it)",
+        ),
+        Command("/accept ID", "accept the invitation to group ID (from /invitations) and join it",
+                "An encrypted group is joined once a member's device adds you with a signed membership state: "
+                "the group then shows up by itself."),
+        Command("/decline ID", "decline the invitation to group ID (nobody is told)"),
         Command("/leave", "leave the current group"),
         Command("/convs", "your conversations with their unread counts"),
         Command(
@@ -564,7 +604,8 @@ def _two_factor(record, at):
         return [f"two-factor login is on; {record['recovery_codes_left']} recovery code(s) left"]
     if action == "enrol":
         return [
-            "Add this account to your authenticator app: type in the secret, or open the URI",
+            "Add this account to your authenticator app: scan the code, type in the secret, or open the URI",
+            *qr_code(record["uri"]),
             f"  secret: {record['secret']}",
             f"  URI:    {record['uri']}",
             "then /2fa confirm CODE with the code it shows.",
@@ -577,6 +618,17 @@ def _two_factor(record, at):
     return lines
 
 
+def qr_code(text):
+    """`text` as a QR code of half blocks, two modules a character row (segno's compact terminal form).
+
+    Light modules are drawn, as on a terminal with light text on a dark background; apps read the
+    inverse too. No escape sequences, so the full-screen client shows it as any other text.
+    """
+    out = io.StringIO()
+    segno.make(text).terminal(out=out, compact=True)
+    return out.getvalue().splitlines()
+
+
 def _sessions(record, at):
     lines = []
     for s in record["sessions"]:
@@ -587,6 +639,62 @@ def _sessions(record, at):
             f"  last active {at(s['last_active'])}  ({state})"
         )
     return lines or ["no sessions"]
+
+
+def _privacy(record, at):
+    last_seen = "hidden from everyone" if record["hide_last_seen"] else "shown to those who see your presence"
+    offline = "on: everyone else sees you offline" if record["appear_offline"] else "off"
+    return [f"last seen: {last_seen}", f"appear offline: {offline}"]
+
+
+def _invited_names(record):
+    """The end of an /add or /group answer naming those invited instead of added."""
+    invited = record.get("invited")
+    return f"; invited {', '.join(invited)} (they join once they accept)" if invited else ""
+
+
+def invitation_name(invitation):
+    """What an invitation calls its group: the title, else its id."""
+    return invitation.get("title") or f"group #{invitation['conversation_id']}"
+
+
+def _invitation(row, at):
+    """One of the user's invitations, as /invitations lists it."""
+    line = f"  #{row['conversation_id']:<5} [{clean(invitation_name(row))}] from {row['inviter']}, {at(row['invited_at'])}"
+    if row["accepted"]:
+        return line + " (accepted: a member adds you with a signed state)"
+    return line + f"  /accept {row['conversation_id']} or /decline {row['conversation_id']}"
+
+
+def _invitations(record, at):
+    lines = [_invitation(row, at) for row in record["invitations"]] or ["no invitations to you"]
+    if "group" in record:
+        lines.append(f"invited to [{clean(record['conversation'])}]:")
+        for row in record["group"]:
+            state = "accepted, waiting for a member's signed state" if row["accepted"] else "not answered yet"
+            lines.append(f"  {row['username']} by {row['inviter']}, {at(row['invited_at'])}: {state}")
+        if not record["group"]:
+            lines.append("  nobody")
+    return lines
+
+
+def _invite(record, at):
+    if not record["invited"]:
+        return [f"[{clean(record['conversation'])}] nobody newly invited: they are members or invited already"]
+    return [f"[{clean(record['conversation'])}] invited {', '.join(record['invited'])}: they join once they accept"]
+
+
+def _accept(record, at):
+    if record["joined"]:
+        return [f"you joined [{clean(record['conversation'])}]; /open {clean(record['conversation'])} to talk there"]
+    return [f"accepted the invitation to [{clean(record['conversation'])}]; it is end-to-end encrypted: you join"
+            " when a member's device adds you with a signed state"]
+
+
+def _invitation_accepted(record, at):
+    done = "you added them with a signed state" if record["added"] else "a member's device adds them"
+    return [f"{at(record['at'])} * [{clean(record['conversation'])}] {record['username']} accepted the invitation;"
+            f" {done}"]
 
 
 # Each takes the record and `at`, which writes a moment as stamp() does for this render.
@@ -611,14 +719,20 @@ _ANSWERS = {
     "endsession": lambda r, at: [f"ended the session {r['session_id'][:8]}"],
     "endsessions": lambda r, at: [f"ended {r['ended']} other session(s)"],
     "who": _who,
+    "privacy": _privacy,
+    "invite": _invite,
+    "invitations": _invitations,
+    "accept": _accept,
+    "decline": lambda r, at: [f"declined the invitation to [{clean(r['conversation'])}]"],
     "status": lambda r, at: [f"you are {r['status']}" + (f": {clean(r['note'])}" if r["note"] else "")],
     "say": lambda r, at: [_sent(r, at)],
     "dm": _dm,
     "group": lambda r, at: [
         f"now in the new group [{clean(r['conversation'])}] with {', '.join(r['members'])}"
         + (f" ({r['mode']})" if r.get("mode") else "")
+        + _invited_names(r)
     ],
-    "add": lambda r, at: [f"[{clean(r['conversation'])}] members: {', '.join(r['members'])}"],
+    "add": lambda r, at: [f"[{clean(r['conversation'])}] members: {', '.join(r['members'])}" + _invited_names(r)],
     "leave": lambda r, at: [f"you left [{clean(r['conversation'])}]"],
     "convs": _convs,
     "open": _open,
@@ -667,6 +781,12 @@ _EVENTS = {
         f"{at(r['at'])} !! SECURITY: {r['kind']}" + (f" ({r['user']})" if r["user"] else "") + f": {clean(r['detail'] or '')}"
     ],
     "transcript_signed": _transcript_signed,
+    "invited": lambda r, at: [
+        f"{at(r['at'])} * {r['inviter']} invites you to [{clean(invitation_name(r))}]"
+        + (" (end-to-end encrypted)" if r["encrypted"] else "")
+        + f": /accept {r['conversation_id']} or /decline {r['conversation_id']}"
+    ],
+    "invitation_accepted": _invitation_accepted,
     "enrol": lambda r, at: [f"{at(r['at'])} * this server requires two-factor login for {r['username']}"]
     + _two_factor({**r, "action": "enrol"}, at)[:-1]
     + ["then type the code it shows."],
