@@ -3,13 +3,21 @@ privacy settings, invitations (a plaintext group, and an encrypted one completed
 device on its own), and client certificates (mutual TLS)."""
 
 import os
+import sqlite3
+import stat
+from datetime import datetime, timezone
 
+import segno
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.trial import unittest
 
 from securechatd.certs import write_certs, write_client_cert
-from securechatd.client.library import ChatClient, RefusedAtTLS
+from securechatd.client import ui
+from securechatd.client.crypto import EncryptionUnavailable
+from securechatd.client.library import RefusedAtTLS
 from securechatd.commands import NoSuchConversation, NotAllowed
+from securechatd.server.account_log import AccountLog
 from tests.helpers import start_daemon, wall_now
 from tests.test_client import PASSWORD, Inbox
 from tests.test_client_twofactor import DaemonClientCase
@@ -166,3 +174,108 @@ class ClientCertificateTests(DaemonClientCase):
             with self.assertRaises(RefusedAtTLS) as refused:
                 yield client.register("alice", PASSWORD)
             self.assertIn(alert, refused.exception.alert)
+
+
+class AccountLogTests(AccountSecurityCase):
+    @inlineCallbacks
+    def test_checked_against_the_pinned_key_and_a_dropped_event_is_named(self):
+        alice, _ = yield self.user("alice", "alice-laptop")
+        yield alice.end_other_sessions()  # (an action signed by the device: checked with its key from the chain)
+        report = yield alice.check_account_log()
+        self.assertEqual((report.verified, report.problem), (True, None))
+        self.assertEqual([row.kind for row in report.events], ["login", "device_add", "sessions_end_others"])
+        self.assertEqual(report.events[-1].signed, "yes")
+        state = os.path.join(self.base, "alice-laptop", "alice.account-log.json")
+        self.assertEqual(stat.S_IMODE(os.stat(state).st_mode), 0o600)
+
+        db = sqlite3.connect(self.hub.store._pool.connargs[0], isolation_level=None)
+        try:  # the server drops alice's second event and rebuilds its tree without it
+            db.execute("DELETE FROM account_events WHERE seq = 2 AND user_id = (SELECT id FROM users WHERE username = 'alice')")
+        finally:
+            db.close()
+        log = self.hub.account_log
+        self.hub.account_log = self.hub.security.log = AccountLog(self.hub.store, reactor, log.key, log._run)
+        broken = yield alice.check_account_log()
+        self.assertFalse(broken.verified)
+        self.assertIn("the server's log was cut: it no longer holds the tree head of size 3", broken.problem)
+        again = yield alice.check_account_log()
+        self.assertEqual((again.verified, again.problem), (False, broken.problem))  # (named until it checks again)
+
+    @inlineCallbacks
+    def test_without_a_device_it_says_why(self):
+        plain, _ = yield self.user("alice")
+        with self.assertRaises(EncryptionUnavailable) as why:
+            yield plain.check_account_log()
+        self.assertIn("give it a state_directory", str(why.exception))
+
+
+NOW = datetime(2026, 11, 30, 10, 0, tzinfo=timezone.utc)
+URI = "otpauth://totp/securechatd:alice?secret=JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP&issuer=securechatd"
+
+
+def render(record):
+    return ui.render(record, NOW, timezone.utc)
+
+
+def modules(lines):
+    """The dark (True) and light modules of a QR code drawn in half blocks, light ones drawn, two rows a line."""
+    top = {" ": True, "▄": True, "▀": False, "█": False}
+    bottom = {" ": True, "▀": True, "▄": False, "█": False}
+    rows = []
+    for line in lines:
+        rows += [[top[c] for c in line], [bottom[c] for c in line]]
+    return rows
+
+
+class RenderTests(unittest.TestCase):
+    def test_the_enrolment_shows_the_uri_as_a_qr_code(self):
+        lines = render({"event": "answer", "command": "2fa", "action": "enrol", "secret": "JBSW", "uri": URI})
+        code = [line for line in lines if set(line) <= set(" ▀▄█")]
+        expected = [[bool(m) for m in row] for row in segno.make(URI).matrix_iter(border=4)]
+        self.assertEqual(modules(code)[: len(expected)], expected)  # (the last half row is the quiet zone's)
+        self.assertIn(f"  URI:    {URI}", lines)
+        self.assertNotIn("\x1b", "".join(lines))  # (no escape sequences: the full-screen client shows it as text)
+        at_login = render({"event": "enrol", "username": "alice", "secret": "JBSW", "uri": URI, "at": NOW})
+        self.assertEqual([line for line in at_login if set(line) <= set(" ▀▄█")], code)
+
+    def test_privacy(self):
+        record = {"event": "answer", "command": "privacy", "hide_last_seen": True, "appear_offline": False}
+        self.assertEqual(render(record), ["last seen: hidden from everyone", "appear offline: off"])
+
+    def test_invitations(self):
+        invitation = {"conversation_id": 12, "kind": "group", "title": "Team\x1b[2J", "inviter": "alice",
+                      "invited_at": NOW, "accepted": False, "encrypted": True}
+        [pushed] = render({"event": "invited", **invitation, "invited_at": None, "at": NOW})
+        self.assertEqual(pushed, "10:00 * alice invites you to [Team�[2J] (end-to-end encrypted): /accept 12 or /decline 12")
+        group = {"username": "carol", "inviter": "alice", "invited_at": NOW, "accepted": True}
+        listed = render({"event": "answer", "command": "invitations", "invitations": [invitation, dict(invitation, title=None, accepted=True)],
+                         "conversation_id": 3, "conversation": "Lunch", "group": [group]})
+        self.assertEqual(listed, [
+            "  #12    [Team�[2J] from alice, 10:00  /accept 12 or /decline 12",
+            "  #12    [group #12] from alice, 10:00 (accepted: a member adds you with a signed state)",
+            "invited to [Lunch]:",
+            "  carol by alice, 10:00: accepted, waiting for a member's signed state",
+        ])
+        self.assertEqual(render({"event": "answer", "command": "invitations", "invitations": []}), ["no invitations to you"])
+        accept = {"event": "answer", "command": "accept", "conversation_id": 12, "conversation": "Team"}
+        self.assertIn("when a member's device adds you", render(dict(accept, joined=False))[0])
+        self.assertEqual(render(dict(accept, joined=True)), ["you joined [Team]; /open Team to talk there"])
+        accepted = {"event": "invitation_accepted", "conversation_id": 12, "conversation": "Team", "username": "carol", "at": NOW}
+        self.assertEqual(render(dict(accepted, added=True)),
+                         ["10:00 * [Team] carol accepted the invitation; you added them with a signed state"])
+        add = {"event": "answer", "command": "add", "conversation": "Team", "members": ["alice", "bob"], "invited": ["carol"]}
+        self.assertEqual(render(add), ["[Team] members: alice, bob; invited carol (they join once they accept)"])
+
+    def test_security(self):
+        row = {"seq": 4, "time": "2026-11-30 10:00:00 UTC", "kind": "session_end", "address": "127.0.0.1",
+               "device": "7f9ff192" + "0" * 24, "target": "9b2535c4", "signed": "yes"}
+        record = {"event": "answer", "command": "security", "username": "alice", "verified": True, "problem": None,
+                  "tree_size": 9, "events": [row], "file": None}
+        self.assertEqual(render(record), [
+            "account log of alice: verified (1 events, tree of 9)",
+            "  #4    2026-11-30 10:00:00 UTC  session_end 9b2535c4 from 127.0.0.1 device 7f9ff192  signed by its device",
+        ])
+        broken = render(dict(record, verified=False, problem="event #5 was rewritten", file="/tmp/log.json"))
+        self.assertEqual(broken[0], "!! account log of alice does NOT check: event #5 was rewritten")
+        self.assertEqual(broken[-2:], ["  (verified up to #4)",
+                                       "  written to /tmp/log.json: securechatd-verify-log /tmp/log.json checks it"])

@@ -22,6 +22,9 @@ from tests.test_securechat import TIMEOUT, BatchDaemonCase
 
 
 class ExportedSessionTests(BatchDaemonCase):
+    def more_config(self):
+        return "[privacy]\ninvitations = off\n"  # (strangers put in a group at once, as before invitations)
+
     def answered(self, client, command):
         return client.when(lambda: self.events(client, "answer", command=command))
 

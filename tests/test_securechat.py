@@ -68,9 +68,11 @@ def events(records, kind):
 
 class BatchDaemonCase(unittest.TestCase):
     """A daemon of its own with the defaults (plaintext refused), and `securechat --batch` processes,
-    each of its own installation. `more_config()` adds to the daemon's INI file."""
+    each of its own installation. `more_config()` adds to the daemon's INI file, `server_config` to its
+    [server] section."""
 
     PASSWORD = "correct horse battery"
+    server_config = ""
 
     def more_config(self):
         return ""
@@ -81,20 +83,21 @@ class BatchDaemonCase(unittest.TestCase):
         os.makedirs(self.directory)
         config = os.path.join(self.directory, "securechatd.ini")
         with open(config, "w") as f:
-            f.write(f"[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n{self.more_config()}")
+            f.write(f"[server]\nport = 0\n{self.server_config}[accounts]\nbcrypt_cost = 10\n{self.more_config()}")
         write_certs(os.path.join(self.directory, "certs"), ["localhost"], now=wall_now())
         _, self.daemon = spawn_daemon(self, reactor, config, self.directory)
         self.port = yield self.daemon.listening
 
-    def securechat(self, keys, installation="alice", close_stdin=False):
-        """A `securechat --batch` typing `keys`, with its own XDG_DATA_HOME; input stays open unless `close_stdin`."""
+    def securechat(self, keys, installation="alice", close_stdin=False, arguments=()):
+        """A `securechat --batch` typing `keys`, with its own XDG_DATA_HOME; input stays open unless `close_stdin`;
+        `arguments`: more of its command line."""
         client = ClientProcess(keys, close_stdin=close_stdin)
         home = os.path.join(self.directory, installation)
         os.makedirs(home, exist_ok=True)
         process = reactor.spawnProcess(
             client,
             SECURECHAT,
-            [SECURECHAT, "--host", "localhost", "--port", str(self.port), "--ca", "certs/ca.pem", "--batch"],
+            [SECURECHAT, "--host", "localhost", "--port", str(self.port), "--ca", "certs/ca.pem", "--batch", *arguments],
             env=dict(environment(), XDG_DATA_HOME=home, SECURECHAT_PASSWORD=self.PASSWORD),
             path=self.directory,
         )

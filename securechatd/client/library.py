@@ -36,6 +36,7 @@ from collections import deque
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -50,6 +51,7 @@ from zope.interface import implementer
 from securechatd import commands
 from securechatd.accountlog import ACTION_LABEL, NONCE_BYTES, action_fields
 from securechatd.commands import BadCredentials, MessageTooLarge, NoSuchDevice, NotAllowed, SecondFactorRequired
+from securechatd.client.account_log import AccountLogCheck
 from securechatd.client.crypto import (  # noqa: F401 (DeviceInfo, LinkError: for apps)
     Alarm,
     DeviceInfo,
@@ -840,6 +842,32 @@ class ChatClient:
         """Deferred number of sessions ended: all of the user's but this one."""
         ended = self._signed_call(commands.EndOtherSessions, "sessions_end_others")
         return ended.addCallback(lambda answer: answer["ended"])
+
+    def check_account_log(self, export_to=None):
+        """Deferred account_log.Report: the user's account log checked against the server key this device
+        pinned and the tree head it saw last (kept in `<user>.account-log.json` beside the device file), the
+        signed actions against the user's device chain; with `export_to`, what it read is also written there
+        (0600) for securechatd-verify-log."""
+        return maybeDeferred(lambda: Deferred.fromCoroutine(self._check_account_log(export_to)))
+
+    async def _check_account_log(self, export_to):
+        e2ee = self._e2ee()
+        if e2ee.transcripts.key is None:
+            await e2ee.transcripts.check_server_key()
+        if e2ee.transcripts.key is None:
+            raise EncryptionUnavailable("No server key is pinned here: this server signs no tree heads.")
+        await e2ee.chains.refresh(e2ee.user)  # (the devices whose signatures the log's actions carry)
+
+        def device_key(device_id):
+            keys = e2ee.chains.history_lookup(e2ee.user, device_id)  # (revoked since: its earlier actions count)
+            return Ed25519PublicKey.from_public_bytes(keys.sig_pub) if keys is not None else None
+
+        path = os.path.join(self.state_directory, f"{e2ee.user}.account-log.json")
+        checker = AccountLogCheck(path, e2ee.transcripts.key, e2ee.user, device_key)
+        report = await checker.check(self.call)
+        if export_to is not None:
+            checker.export(export_to)
+        return report
 
     # -- this installation's device ------------------------------------------------
 

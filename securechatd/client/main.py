@@ -11,6 +11,7 @@ import os
 import sys
 import termios
 import tty
+from contextlib import contextmanager
 from collections import Counter, OrderedDict
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -27,6 +28,8 @@ import securechatd
 from securechatd import commands, config
 from securechatd.certs import CA_CERT, CertError
 from securechatd.client import ui
+from securechatd.client.crypto import EncryptionUnavailable
+from securechatd.client.device_file import write_private
 from securechatd.client.library import ChatClient, RefusedAtTLS, TLSHandshakeFailed
 from securechatd.client.transcripts import ExportError
 from securechatd.commands import ChatError, MessageTooLarge, NoSuchConversation
@@ -60,6 +63,8 @@ def describe(error):
         return "EXPORT", str(error)
     if isinstance(error, ModeError):
         return "MODE", f"{str(error).split(': ', 1)[-1].capitalize()}."
+    if isinstance(error, EncryptionUnavailable):
+        return "NO_DEVICE", str(error)
     if isinstance(error, RefusedAtTLS):
         return "TLS_REFUSED", _tls_refusal(error.alert)
     if isinstance(error, ConnectionClosed):
@@ -405,6 +410,22 @@ class Chat:
             session = found[0]
         await self.client.end_session(session)
         self._answer("endsession", session_id=session)
+
+    async def _do_security(self, export=None, path=None):
+        self._logged_in()
+        if export is not None:
+            path = self._output_path(path, f"securechat-account-log-{self.client.username}", "json")
+        with writing(path):
+            report = await self.client.check_account_log(export_to=path)
+        self._answer(
+            "security",
+            username=self.client.username,
+            verified=report.verified,
+            problem=report.problem,
+            tree_size=report.tree_size,
+            events=[row._asdict() for row in report.events],
+            file=path,
+        )
 
     async def _do_endsessions(self):
         self._logged_in()
@@ -752,11 +773,9 @@ class Chat:
     async def _do_export(self, path=None):
         conversation_id = self._encrypted_here()
         exported = await self.client.export(conversation_id)
-        if path is None:
-            moment = self._now().strftime("%Y%m%d-%H%M%S")
-            path = f"securechat-{conversation_id}-{moment}.bundle"
-        path = os.path.abspath(os.path.expanduser(path))
-        write_private(path, exported.data)
+        path = self._output_path(path, f"securechat-{conversation_id}", "bundle")
+        with writing(path):
+            write_private(path, exported.data)
         self._answer(
             "export",
             conversation_id=conversation_id,
@@ -768,6 +787,12 @@ class Chat:
             transcript_heads=exported.transcript_heads,
             left_out=list(exported.left_out),
         )
+
+    def _output_path(self, path, stem, suffix):
+        """Where an export goes: `path` (~ expanded), else STEM-TIME.SUFFIX in the current directory."""
+        if path is None:
+            path = f"{stem}-{self._now().strftime('%Y%m%d-%H%M%S')}.{suffix}"
+        return os.path.abspath(os.path.expanduser(path))
 
     async def _do_serverkey(self, accept=None):
         self._logged_in()
@@ -1071,22 +1096,13 @@ def invitation_fields(invitation):
     return dict(vars(invitation), encrypted=bool(invitation.encrypted))
 
 
-def write_private(path, data):
-    """Write `data` to `path`, mode 0600, atomically: a temporary file beside it, fsync, rename."""
-    directory = os.path.dirname(path) or "."
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+@contextmanager
+def writing(path):
+    """An OSError while writing `path` (or a file it needs) as the EXPORT error a person reads."""
     try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(descriptor, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temporary, 0o600)
-        os.replace(temporary, path)
+        yield
     except OSError as problem:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise LocalError("EXPORT", f"Cannot write {path}: {problem.strerror}.")
+        raise LocalError("EXPORT", f"Cannot write {problem.filename or path}: {problem.strerror}.")
 
 
 # -- the program -----------------------------------------------------------------------

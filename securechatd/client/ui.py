@@ -75,6 +75,7 @@ _ARGUMENTS = {
     "EVENT": _one_of(EVENTS),
     "MODE": _one_of(MODES),
     "ACCEPT": _one_of(("accept",)),
+    "EXPORT": _one_of(("export",)),
     "ACTION": _one_of(("status", "enrol", "confirm", "disable", "recovery")),
     "SETTING": _one_of(tuple(PRIVACY)),
     "ON|OFF": _one_of(("on", "off")),
@@ -182,6 +183,16 @@ COMMANDS = {
             "Its connection closes and it cannot resume; it must log in again.",
         ),
         Command("/endsessions", "end all your sessions but this one"),
+        Command(
+            "/security [EXPORT] [FILE]",
+            "your account log (logins, second factor, password, devices, sessions), checked",
+            "Each event is checked against the server's signed, append-only log: it says \"verified\", or names "
+            "the break (an event rewritten, dropped or reordered, a forked or cut log, a device action not "
+            "signed by that device). The newest tree head checked is kept beside this device's file, so any later "
+            "rewrite of what you saw is caught. export FILE also writes what was read (file mode 0600) for "
+            "securechatd-verify-log FILE; default FILE: securechat-account-log-USER-TIME.json.",
+            rest=True,
+        ),
         Command(
             "/privacy [SETTING] [ON|OFF]",
             "your privacy: hide-last-seen on|off, appear-offline on|off",
@@ -629,6 +640,25 @@ def qr_code(text):
     return out.getvalue().splitlines()
 
 
+def _security(record, at):
+    user = record["username"]
+    if record["verified"]:
+        lines = [f"account log of {user}: verified ({len(record['events'])} events, tree of {record['tree_size']})"]
+    else:
+        lines = [f"!! account log of {user} does NOT check: {clean(record['problem'] or '')}"]
+    for e in record["events"]:
+        signed = "  signed by its device" if e["signed"] == "yes" else ""
+        where = f" from {e['address']}" if e["address"] else ""
+        device = f" device {e['device'][:8]}" if e["device"] else ""
+        target = f" {clean(e['target'])}" if e["target"] else ""
+        lines.append(f"  #{e['seq']:<4} {e['time']}  {e['kind']}{target}{where}{device}{signed}")
+    if not record["verified"] and record["events"]:
+        lines.append(f"  (verified up to #{record['events'][-1]['seq']})")
+    if record.get("file"):
+        lines.append(f"  written to {clean(record['file'])}: securechatd-verify-log {clean(record['file'])} checks it")
+    return lines
+
+
 def _sessions(record, at):
     lines = []
     for s in record["sessions"]:
@@ -716,6 +746,7 @@ _ANSWERS = {
     "users": _users,
     "2fa": _two_factor,
     "sessions": _sessions,
+    "security": _security,
     "endsession": lambda r, at: [f"ended the session {r['session_id'][:8]}"],
     "endsessions": lambda r, at: [f"ended {r['ended']} other session(s)"],
     "who": _who,
