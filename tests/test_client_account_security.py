@@ -115,6 +115,24 @@ class EncryptedInvitationTests(AccountSecurityCase):
         self.assertEqual((yield alice.invite_members(group, ["bob", "carol"])), ["carol"])
 
 
+    @inlineCallbacks
+    def test_only_the_inviters_device_adds_who_accepted(self):
+        alice, alice_inbox = yield self.user("alice", "alice-laptop")
+        bob, bob_inbox = yield self.user("bob", "bob-laptop")
+        carol, carol_inbox = yield self.user("carol", "carol-laptop")
+        direct, _ = yield bob.create_conversation(["alice"])
+        yield bob.send_message(direct, "hello alice")
+        group, _ = yield alice.create_conversation(["bob"], title="Team")
+        yield bob_inbox.wait("conversation", 1)  # (the group: bob made the direct conversation himself)
+        self.assertEqual((yield bob.invite_members(group, ["carol"])), ["carol"])  # bob invites
+        yield carol_inbox.wait("invited", 1)
+        yield carol.answer_invitation(group, True)
+        [by_bob] = yield bob_inbox.wait("invitation_accepted", 1)
+        [by_alice] = yield alice_inbox.wait("invitation_accepted", 1)
+        self.assertEqual((by_bob, by_alice), ((group, "carol", True), (group, "carol", False)))
+        self.assertEqual((yield alice.members(group)), ("alice", "bob", "carol"))
+
+
 class PlaintextInvitationTests(AccountSecurityCase):
     def setUp(self):
         self.port, self.ca, self.hub = start_daemon(self, reactor, **self.settings)

@@ -19,7 +19,17 @@ from tests.helpers import BIN, environment, wall_now
 from tests.test_client_twofactor_e2e import SecurechatCase
 
 
-class InvitationSecurechatTests(SecurechatCase):
+class AccountSecurityCase(SecurechatCase):
+    @inlineCallbacks
+    def refused(self, client, command, code, text):
+        """`client` stops at its one error: `command` answered `code`, and its message says `text`."""
+        yield self.ended(client, 1)
+        [error] = self.events(client, "error")
+        self.assertEqual((error["command"], error["code"]), (command, code))
+        self.assertIn(text, error["message"])
+
+
+class InvitationSecurechatTests(AccountSecurityCase):
     @inlineCallbacks
     def test_a_stranger_is_invited_accepts_and_is_added_by_the_inviters_device(self):
         carol = self.securechat("/register carol\n", installation="carol")
@@ -47,10 +57,7 @@ class InvitationSecurechatTests(SecurechatCase):
 
         carol.transport.write(b"/open #%d\nthanks alice\n/accept 999\n" % number)
         yield alice.when(lambda: self.events(alice, "deliver", body="thanks alice"))
-        yield self.ended(carol, 1)
-        [error] = self.events(carol, "error")
-        self.assertEqual((error["command"], error["code"]), ("accept", "NO_SUCH_INVITATION"))
-        self.assertIn("no invitation to #999", error["message"])
+        yield self.refused(carol, "accept", "NO_SUCH_INVITATION", "You have no invitation to #999")
 
     @inlineCallbacks
     def test_privacy_settings(self):
@@ -59,15 +66,12 @@ class InvitationSecurechatTests(SecurechatCase):
             "/privacy appear-offline off\n/privacy hide-last-seen\n",
             close_stdin=True,
         )
-        yield self.ended(alice, 1)
+        yield self.refused(alice, "privacy", "USAGE", "/privacy hide-last-seen on")
         answers = [(a["hide_last_seen"], a["appear_offline"]) for a in self.events(alice, "answer", command="privacy")]
         self.assertEqual(answers, [(False, False), (False, True), (True, True), (True, False)])
-        [error] = self.events(alice, "error")
-        self.assertEqual((error["command"], error["code"]), ("privacy", "USAGE"))
-        self.assertIn("/privacy hide-last-seen on", error["message"])
 
 
-class ClientCertificateSecurechatTests(SecurechatCase):
+class ClientCertificateSecurechatTests(AccountSecurityCase):
     server_config = "client_certificates = required\n"
 
     @inlineCallbacks
@@ -95,10 +99,7 @@ class ClientCertificateSecurechatTests(SecurechatCase):
     def test_another_accounts_certificate_is_refused(self):
         yield self.ended(self.securechat("/register alice\n/quit\n", arguments=self.as_user("alice")))
         bob = self.securechat("/login alice\n", arguments=self.as_user("bob"))
-        yield self.ended(bob, 1)
-        [error] = self.events(bob, "error")
-        self.assertEqual((error["command"], error["code"]), ("login", "NOT_ALLOWED"))
-        self.assertIn("client certificate is for another account", error["message"])
+        yield self.refused(bob, "login", "NOT_ALLOWED", "client certificate is for another account")
 
     @inlineCallbacks
     def test_no_certificate_or_another_cas_is_refused_clearly(self):
@@ -118,17 +119,18 @@ class ClientCertificateSecurechatTests(SecurechatCase):
     @inlineCallbacks
     def test_a_missing_certificate_file_or_key(self):
         missing = self.securechat("/login alice\n", arguments=("--cert", "certs/carol.pem", "--key", "certs/carol.key"))
-        yield self.ended(missing, 1)
-        [error] = self.events(missing, "error")
-        self.assertEqual((error["command"], error["code"]), ("connect", "CERTIFICATE"))
-        self.assertIn("cannot read certs/carol.pem", error["message"])
-        self.assertIn("--cert and --key name your client certificate and its key", error["message"])
+        yield self.refused(
+            missing,
+            "connect",
+            "CERTIFICATE",
+            "cannot read certs/carol.pem: No such file or directory (--cert and --key name your client certificate",
+        )
         alone = self.securechat("/login alice\n", arguments=("--cert", "certs/alice.pem"))
         yield self.ended(alone, 1)
         self.assertIn(b"--cert and --key go together", alone.err)
 
 
-class SecuritySecurechatTests(SecurechatCase):
+class SecuritySecurechatTests(AccountSecurityCase):
     @inlineCallbacks
     def test_the_account_log_is_verified_and_exported_for_the_verifier(self):
         first = self.securechat("/register alice\n/quit\n")
@@ -156,8 +158,6 @@ class SecuritySecurechatTests(SecurechatCase):
         self.assertIn(b"verified: 4 events of alice", out)
 
     @inlineCallbacks
-    def test_security_without_a_device_or_login_says_why(self):
+    def test_security_before_logging_in_says_why(self):
         alice = self.securechat("/security\n", close_stdin=True)
-        yield self.ended(alice, 1)
-        [error] = self.events(alice, "error")
-        self.assertEqual((error["command"], error["code"]), ("security", "AUTH_REQUIRED"))
+        yield self.refused(alice, "security", "AUTH_REQUIRED", "Log in first")

@@ -63,7 +63,7 @@ from securechatd.client.crypto import (  # noqa: F401 (DeviceInfo, LinkError: fo
 )
 from securechatd.client.device_file import DeviceFileError
 from securechatd.client.seen import SeenMessages
-from securechatd.e2ee.membership import is_user_name
+from securechatd.e2ee.membership import MembershipError, is_user_name
 from securechatd.tls import client_options
 
 log = Logger()
@@ -1201,9 +1201,17 @@ class ChatClient:
             if inviters and self.username in members:
                 inviter = inviters[0]
                 if inviter == self.username or (inviter not in members and self.username == min(members)):
-                    await self._change_members(conversation_id, "add", [username])
-                    added = True
+                    added = await self._add_accepted(conversation_id, username)
         self.on_invitation_accepted(conversation_id, username, added)
+
+    async def _add_accepted(self, conversation_id, username):
+        """Add someone who accepted with the signed state: True if done, False if refused (added meanwhile)."""
+        try:
+            await self._change_members(conversation_id, "add", [username])
+        except (commands.ChatError, MembershipError) as refused:
+            log.info("{user} was not added to conversation {id}: {why}", user=username, id=conversation_id, why=refused)
+            return False
+        return True
 
     # -- messages --------------------------------------------------------------
 

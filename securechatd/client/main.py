@@ -805,23 +805,16 @@ class Chat:
         self._answer("serverkey", key_id=pinned, other_key_id=other, accepted=accepted)
 
     async def _transcript_signed(self, signed):
-        conversation_id = signed.conversation_id
-        await self._know(conversation_id)
-        self.emit(
-            {
-                "event": "transcript_signed",
-                "conversation_id": conversation_id,
-                "conversation": self._name(conversation_id),
-                "username": signed.username,
-                "device_id": signed.device_id,
-                "n": signed.n,
-                "seq": signed.seq,
-                "verified": signed.verified,
-                "problem": signed.problem,
-                "at": self._now(),
-            }
+        await self._conversation_event(
+            "transcript_signed",
+            signed.conversation_id,
+            username=signed.username,
+            device_id=signed.device_id,
+            n=signed.n,
+            seq=signed.seq,
+            verified=signed.verified,
+            problem=signed.problem,
         )
-        self._arrive("transcript_signed")
 
     async def _invited(self, invitation):
         self.emit({"event": "invited", **invitation_fields(invitation), "at": self._now()})
@@ -829,33 +822,25 @@ class Chat:
 
     async def _invitation_accepted(self, accepted):
         conversation_id, username, added = accepted
-        await self._know(conversation_id)
-        self.emit(
-            {
-                "event": "invitation_accepted",
-                "conversation_id": conversation_id,
-                "conversation": self._name(conversation_id),
-                "username": username,
-                "added": added,
-                "at": self._now(),
-            }
-        )
-        self._arrive("invitation_accepted")
+        await self._conversation_event("invitation_accepted", conversation_id, username=username, added=added)
 
     async def _mode_changed(self, change):
         conversation_id, mode, actor = change
+        await self._conversation_event("mode", conversation_id, mode=mode, by=actor)
+
+    async def _conversation_event(self, event, conversation_id, **fields):
+        """Show a push about a conversation (named as the user knows it) and count it for /wait."""
         await self._know(conversation_id)
         self.emit(
             {
-                "event": "mode",
+                "event": event,
                 "conversation_id": conversation_id,
                 "conversation": self._name(conversation_id),
-                "mode": mode,
-                "by": actor,
+                **fields,
                 "at": self._now(),
             }
         )
-        self._arrive("mode")
+        self._arrive(event)
 
     # -- the rest ------------------------------------------------------------------------
 
