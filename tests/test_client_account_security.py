@@ -162,7 +162,8 @@ class ClientCertificateTests(DaemonClientCase):
 
     def certificate(self, name, directory=None):
         directory = directory or self.certs
-        return {"client_cert": os.path.join(directory, f"{name}.pem"), "client_key": os.path.join(directory, f"{name}.key")}
+        path = os.path.join(directory, name)
+        return {"client_cert": f"{path}.pem", "client_key": f"{path}.key"}
 
     @inlineCallbacks
     def test_the_right_certificate_logs_in(self):
@@ -208,7 +209,10 @@ class AccountLogTests(AccountSecurityCase):
 
         db = sqlite3.connect(self.hub.store._pool.connargs[0], isolation_level=None)
         try:  # the server drops alice's second event and rebuilds its tree without it
-            db.execute("DELETE FROM account_events WHERE seq = 2 AND user_id = (SELECT id FROM users WHERE username = 'alice')")
+            db.execute(
+                "DELETE FROM account_events WHERE seq = 2"
+                " AND user_id = (SELECT id FROM users WHERE username = 'alice')"
+            )
         finally:
             db.close()
         log = self.hub.account_log
@@ -264,9 +268,12 @@ class RenderTests(unittest.TestCase):
         invitation = {"conversation_id": 12, "kind": "group", "title": "Team\x1b[2J", "inviter": "alice",
                       "invited_at": NOW, "accepted": False, "encrypted": True}
         [pushed] = render({"event": "invited", **invitation, "invited_at": None, "at": NOW})
-        self.assertEqual(pushed, "10:00 * alice invites you to [Team�[2J] (end-to-end encrypted): /accept 12 or /decline 12")
+        self.assertEqual(
+            pushed, "10:00 * alice invites you to [Team�[2J] (end-to-end encrypted): /accept 12 or /decline 12"
+        )
         group = {"username": "carol", "inviter": "alice", "invited_at": NOW, "accepted": True}
-        listed = render({"event": "answer", "command": "invitations", "invitations": [invitation, dict(invitation, title=None, accepted=True)],
+        mine = [invitation, dict(invitation, title=None, accepted=True)]
+        listed = render({"event": "answer", "command": "invitations", "invitations": mine,
                          "conversation_id": 3, "conversation": "Lunch", "group": [group]})
         self.assertEqual(listed, [
             "  #12    [Team�[2J] from alice, 10:00  /accept 12 or /decline 12",
@@ -274,14 +281,17 @@ class RenderTests(unittest.TestCase):
             "invited to [Lunch]:",
             "  carol by alice, 10:00: accepted, waiting for a member's signed state",
         ])
-        self.assertEqual(render({"event": "answer", "command": "invitations", "invitations": []}), ["no invitations to you"])
+        none = {"event": "answer", "command": "invitations", "invitations": []}
+        self.assertEqual(render(none), ["no invitations to you"])
         accept = {"event": "answer", "command": "accept", "conversation_id": 12, "conversation": "Team"}
         self.assertIn("when a member's device adds you", render(dict(accept, joined=False))[0])
         self.assertEqual(render(dict(accept, joined=True)), ["you joined [Team]; /open Team to talk there"])
-        accepted = {"event": "invitation_accepted", "conversation_id": 12, "conversation": "Team", "username": "carol", "at": NOW}
+        accepted = {"event": "invitation_accepted", "conversation_id": 12, "conversation": "Team",
+                    "username": "carol", "at": NOW}
         self.assertEqual(render(dict(accepted, added=True)),
                          ["10:00 * [Team] carol accepted the invitation; you added them with a signed state"])
-        add = {"event": "answer", "command": "add", "conversation": "Team", "members": ["alice", "bob"], "invited": ["carol"]}
+        add = {"event": "answer", "command": "add", "conversation": "Team", "members": ["alice", "bob"],
+               "invited": ["carol"]}
         self.assertEqual(render(add), ["[Team] members: alice, bob; invited carol (they join once they accept)"])
 
     def test_security(self):
@@ -291,7 +301,8 @@ class RenderTests(unittest.TestCase):
                   "tree_size": 9, "events": [row], "file": None}
         self.assertEqual(render(record), [
             "account log of alice: verified (1 events, tree of 9)",
-            "  #4    2026-11-30 10:00:00 UTC  session_end 9b2535c4 from 127.0.0.1 device 7f9ff192  signed by its device",
+            "  #4    2026-11-30 10:00:00 UTC  session_end 9b2535c4 from 127.0.0.1 device 7f9ff192"
+            "  signed by its device",
         ])
         broken = render(dict(record, verified=False, problem="event #5 was rewritten", file="/tmp/log.json"))
         self.assertEqual(broken[0], "!! account log of alice does NOT check: event #5 was rewritten")

@@ -5,14 +5,14 @@ The session is the real main.Chat over test_ui's FakeClient, so what is tested i
 """
 
 from twisted.internet import task
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from urwid.testing import press, render_runs, render_text, resolve_runs
 
-from securechatd.client import tui
-from securechatd.client.library import Conversation, HistoryPage, Message, Receipt
+from securechatd.client import tui, ui
+from securechatd.client.library import Conversation, HistoryPage, Invitation, Message, Receipt
 from securechatd.client.main import Chat
 from tests.test_ui import NOW, PASSWORD, ZONE, FakeClient
 
@@ -395,3 +395,26 @@ class HighlightTests(TuiTestCase):
         self.deliver(301, 1, "carol", "Pizza at noon", conversation_id=4)
         self.assertEqual(len(self.bells), 1)
         self.assertIn("@1", self.screen())
+
+
+class AccountSecurityTests(TuiTestCase):
+    def test_the_enrolment_shows_its_qr_code_whole(self):
+        uri = "otpauth://totp/securechatd:alice?secret=JBSWY3DPEHPK3PXP&issuer=securechatd"
+        self.client.begin_two_factor = lambda: succeed(("JBSWY3DPEHPK3PXP", uri))
+        self.type("/2fa enrol")
+        screen = self.screen((100, 60)).split("\n")
+        code = ui.qr_code(uri)
+        at = [i for i, line in enumerate(screen) if code[0] in line][0]
+        self.assertEqual([line.split("│")[-1].strip() for line in screen[at : at + len(code)]],
+                         [line.strip() for line in code])  # (each row on a line of its own, none wrapped)
+
+    def test_an_invitation_and_an_accepted_one(self):
+        self.client.on_invited(Invitation(12, "group", "bob", "Plans", encrypted=True))
+        self.clock.advance(0)
+        invited = "bob invites you to [Plans] (end-to-end encrypted): /accept 12 or /decline 12"
+        self.assertIn(invited, self.screen((140, 20)))
+        self.keys("meta 2")  # the Team lunch window
+        self.client.on_invitation_accepted(4, "dave", True)
+        self.clock.advance(0)
+        accepted = "[Team lunch] dave accepted the invitation; you added them with a signed state"
+        self.assertIn(accepted, self.screen((140, 20)))  # (in the group's window)

@@ -1028,6 +1028,23 @@ class OptionsTests(unittest.TestCase):
         options.parseOptions(["--host", "localhost", "--port", "5599", "--user", "bob", "--plain"])
         self.assertEqual([options[k] for k in ("host", "port", "user", "plain")], ["localhost", 5599, "bob", True])
 
+    def test_a_client_certificate_from_the_config_file_or_the_command_line(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("[account]\ncert = ~/certs/alice.pem\nkey = ~/certs/alice.key\n")
+        options = Options(environ={})
+        options.parseOptions(["--config", path])
+        self.assertEqual([options[k].endswith(f"/certs/alice.{e}") for k, e in (("cert", "pem"), ("key", "key"))],
+                         [True, True])
+        self.assertNotIn("~", options["cert"])
+        options = Options(environ={})
+        options.parseOptions(["--config", path, "--cert", "bob.pem", "--key", "bob.key"])
+        self.assertEqual((options["cert"], options["key"]), ("bob.pem", "bob.key"))
+        for argv in (["--cert", "bob.pem"], ["--key", "bob.key"]):
+            with self.assertRaises(UsageError) as raised:
+                Options(environ={"XDG_CONFIG_HOME": self.mktemp()}).parseOptions(argv)
+            self.assertIn("--cert and --key go together", str(raised.exception))
+
     def test_colour_is_off_with_no_color_or_the_flag(self):
         for environ, argv, color in (({}, [], True), ({"NO_COLOR": "1"}, [], False), ({"NO_COLOR": ""}, [], True),
                                      ({}, ["--no-color"], False)):

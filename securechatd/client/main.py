@@ -513,13 +513,16 @@ class Chat:
         conversation_id = self._here()
         conversation = self.conversations.get(conversation_id)
         if conversation is not None and conversation.kind != "group":
-            raise LocalError("NOT_A_GROUP", "Nobody is invited to a direct conversation: /group TITLE USER... starts one.")
+            raise LocalError(
+                "NOT_A_GROUP", "Nobody is invited to a direct conversation: /group TITLE USER... starts a group."
+            )
         return conversation_id
 
     async def _do_invite(self, users):
         conversation_id = self._group_here()
         invited = await self.client.invite_members(conversation_id, users)
-        self._answer("invite", conversation_id=conversation_id, conversation=self._name(conversation_id), invited=invited)
+        name = self._name(conversation_id)
+        self._answer("invite", conversation_id=conversation_id, conversation=name, invited=invited)
 
     async def _do_invitations(self):
         self._logged_in()
@@ -1297,7 +1300,9 @@ async def connect(reactor, host, port, ca, reconnect, cert=None, key=None):
         await client.connect()
     except CertError as problem:
         mine = cert is not None and (cert in str(problem) or key in str(problem))
-        hint = "--cert and --key name your client certificate and its key" if mine else "--ca FILE names the server's CA"
+        hint = "--ca FILE names the server's CA"
+        if mine:
+            hint = "--cert and --key name your client certificate and its key"
         raise LocalError("CERTIFICATE", f"Certificate problem: {problem} ({hint}).")
     except TLSHandshakeFailed as problem:
         raise _handshake_problem(host, port, ca, str(problem))
@@ -1325,7 +1330,13 @@ async def _session(reactor, options, interactive):
     try:
         password = configured_password(options["password-file"], os.environ)
         client = await connect(
-            reactor, options["host"], options["port"], options["ca"], not options["batch"], options["cert"], options["key"]
+            reactor,
+            options["host"],
+            options["port"],
+            options["ca"],
+            not options["batch"],
+            options["cert"],
+            options["key"],
         )
     except Exception as problem:
         if not isinstance(problem, LocalError):

@@ -690,7 +690,8 @@ def invitation_name(invitation):
 
 def _invitation(row, at):
     """One of the user's invitations, as /invitations lists it."""
-    line = f"  #{row['conversation_id']:<5} [{clean(invitation_name(row))}] from {row['inviter']}, {at(row['invited_at'])}"
+    group = clean(invitation_name(row))
+    line = f"  #{row['conversation_id']:<5} [{group}] from {row['inviter']}, {at(row['invited_at'])}"
     if row["accepted"]:
         return line + " (accepted: a member adds you with a signed state)"
     return line + f"  /accept {row['conversation_id']} or /decline {row['conversation_id']}"
