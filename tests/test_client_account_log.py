@@ -264,6 +264,15 @@ class TamperTests(LogCase):
         self.sql(("DELETE FROM account_events WHERE leaf_index >= 5", ()))
         self.assertCaught(f"the server's log was cut: it no longer holds the tree head of size 7 signed {SEEN}", [])
 
+    def test_a_deleted_event_shown_to_a_new_client(self):
+        """A client with no saved head gets the events the damaged tree can still prove (the server's tree
+        stops at the deleted leaf), not an error; the events after it are left out."""
+        rowid, _ = self.alice(3)
+        self.sql(("DELETE FROM account_events WHERE rowid = ?", (rowid,)))
+        os.remove(self.state)
+        report = self.check()
+        self.assertEqual((report.verified, [r.seq for r in report.events]), (True, [1, 2]))
+
     def test_a_deleted_event(self):
         """A row deleted in the middle: the server's tree stops before it, smaller than the one seen."""
         rowid, _ = self.alice(3)

@@ -107,8 +107,10 @@ class AccountLog:
                 " a larger one has since shown you another."
             )
         consistency = self.tree.consistency_proof(tree_size, head.size) if 0 < tree_size < head.size else []
-        entries = [
-            (event, index, proof_bytes(self.tree.inclusion_proof(index, head.size))) for event, index in rows[:PAGE]
+        entries = [  # (an event whose leaf is past a damaged place in the tree cannot be proved: left out)
+            (event, index, proof_bytes(self.tree.inclusion_proof(index, head.size)))
+            for event, index in rows[:PAGE]
+            if index < head.size
         ]
         return entries, head_bytes(head), proof_bytes(consistency), len(rows) > PAGE
 
