@@ -122,6 +122,8 @@ class Settings:
     action_rate: float = 1.0
     claim_burst: int = 50
     claim_rate: float = 0.1
+    search_burst: int = 30
+    search_rate: float = 0.5
     max_devices: int = 25
     max_one_time_prekeys: int = 200
     shutdown_grace: float = 10.0
@@ -191,6 +193,8 @@ SCHEMA = {
     "action_rate": ("limits", "action_rate", _seconds),
     "claim_burst": ("limits", "claim_burst", _integer(1)),
     "claim_rate": ("limits", "claim_rate", _seconds),
+    "search_burst": ("limits", "search_burst", _integer(1)),
+    "search_rate": ("limits", "search_rate", _seconds),
     "max_devices": ("keys", "max_devices", _integer(1, 200)),
     "max_one_time_prekeys": ("keys", "max_one_time_prekeys", _integer(1, 10000)),
     "shutdown_grace": ("server", "shutdown_grace", _seconds),

@@ -176,7 +176,13 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
     )
     receipts = ReceiptService(store, conversations, accounts.registry, clock)
     presence = PresenceService(
-        store, accounts.registry, clock, actions, settings.presence_scope, settings.directory_prefix
+        store,
+        accounts.registry,
+        clock,
+        actions,
+        TokenBucket(clock, settings.search_burst, settings.search_rate),
+        settings.presence_scope,
+        settings.directory_prefix,
     )
     hub = Hub(
         accounts,

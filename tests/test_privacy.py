@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 import tests.test_encrypted as encrypted_tests
 from securechatd import commands
-from securechatd.commands import InvalidArgument, NoSuchConversation, NotAllowed
+from securechatd.commands import InvalidArgument, NoSuchConversation, NotAllowed, RateLimited
 from tests.helpers import Connection, make_hub, settle
 
 PASSWORD = "correct horse battery"
@@ -134,6 +134,18 @@ class DirectoryTests(PrivacyTestCase):
             arguments = {} if prefix is None else {"prefix": prefix}
             self.assertIn("3 characters", self.error(self.mallory, InvalidArgument, commands.ListUsers, **arguments))
         self.assertEqual(self.listed(self.mallory, "ALI"), {"alice": "offline"})
+
+    def test_searches_are_limited(self):
+        """A burst of 30 searches, then one every 2 seconds: a directory of thousands cannot be paged through."""
+        for n in range(29):
+            self.listed(self.mallory, f"aa{n:02d}")
+        self.assertEqual(self.listed(self.mallory, "ali"), {"alice": "offline"})  # the 30th
+        refused = self.error(self.mallory, RateLimited, commands.ListUsers, prefix="bob")
+        self.assertEqual(refused, "Too many searches of the directory; retry in 2 seconds.")
+        self.assertEqual(self.listed(self.bob, "ali"), {"alice": "online"})  # another user's searches are their own
+        self.clock.advance(2)
+        self.assertEqual(self.listed(self.mallory, "bob"), {"bob": "offline"})
+        self.error(self.mallory, RateLimited, commands.ListUsers, prefix="car")
 
 
 class InvitationTests(PrivacyTestCase):

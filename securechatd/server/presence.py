@@ -17,10 +17,11 @@ conversation with the user, as in version 1.
 from twisted.logger import Logger
 
 from securechatd import commands
-from securechatd.commands import InvalidArgument, NoSuchUser
+from securechatd.commands import InvalidArgument, NoSuchUser, RateLimited
 from securechatd.records import Presence
 from securechatd.server.accounts import existing_name
 from securechatd.server.policy import check_limit, deferred, take_action
+from securechatd.server.throttle import retry_text
 
 log = Logger()
 
@@ -38,13 +39,14 @@ def combined(sessions, own=False):
 
 
 class PresenceService:
-    def __init__(self, store, registry, clock, actions, scope="contacts", directory_prefix=0):
+    def __init__(self, store, registry, clock, actions, searches, scope="contacts", directory_prefix=0):
         self.store = store
         self.registry = registry
         self.clock = clock
         self.actions = actions  # the TokenBucket shared with membership changes
         self.scope = scope  # [privacy] presence: "contacts" or "everyone"
         self.directory_prefix = directory_prefix  # [privacy] directory_prefix: ListUsers' shortest prefix
+        self.searches = searches  # the TokenBucket of ListUsers per user: the directory cannot be paged through fast
 
     def status_of(self, username):
         return combined(self.registry.sessions_of(username))
@@ -128,6 +130,9 @@ class PresenceService:
         prefix = (prefix or "").lower()
         if len(prefix) < self.directory_prefix:
             raise InvalidArgument(f"Give at least the first {self.directory_prefix} characters of a name (prefix).")
+        wait = self.searches.take(session.username)
+        if wait:
+            raise RateLimited(f"Too many searches of the directory; {retry_text(wait)}.")
         names = await self.store.list_users(prefix, limit)
         views = await self.store.presence_view(session.username, names)
         return [(name, self._seen_by(session.username, name, views[name])[0]) for name in names if name in views]
