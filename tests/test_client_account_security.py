@@ -9,7 +9,8 @@ from datetime import datetime, timezone
 
 import segno
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ConnectionClosed
 from twisted.trial import unittest
 
 from securechatd.certs import write_certs, write_client_cert
@@ -95,13 +96,21 @@ class EncryptedInvitationTests(AccountSecurityCase):
         self.assertEqual(message.body, "thanks for the invitation")
 
     @inlineCallbacks
+    def team(self):
+        """alice's encrypted group with bob (who wrote to her first, so he joins at once) and carol, a stranger:
+        ({name: (client, inbox)}, the direct conversation, the group)."""
+        people = {}
+        for name in ("alice", "bob", "carol"):
+            people[name] = yield self.user(name, f"{name}-laptop")
+        direct, _ = yield people["bob"][0].create_conversation(["alice"])
+        yield people["bob"][0].send_message(direct, "hello alice")  # (his own accord)
+        group, _ = yield people["alice"][0].create_conversation(["bob"], title="Team")
+        return people, direct, group
+
+    @inlineCallbacks
     def test_adding_a_stranger_invites_them_and_a_declined_invitation_is_gone(self):
-        alice, _ = yield self.user("alice", "alice-laptop")
-        bob, _ = yield self.user("bob", "bob-laptop")
-        carol, carol_inbox = yield self.user("carol", "carol-laptop")
-        direct, _ = yield bob.create_conversation(["alice"])
-        yield bob.send_message(direct, "hello alice")  # bob shares a conversation with alice of his own accord
-        group, _ = yield alice.create_conversation(["bob"], title="Team")
+        people, direct, group = yield self.team()
+        (alice, _), (carol, carol_inbox) = people["alice"], people["carol"]
         invited = yield alice.add_members(group, ["Carol"])
         self.assertEqual(invited, ["carol"])
         self.assertEqual((yield alice.members(group)), ("alice", "bob"))
@@ -114,15 +123,10 @@ class EncryptedInvitationTests(AccountSecurityCase):
             yield alice.invite_members(direct, ["carol"])
         self.assertEqual((yield alice.invite_members(group, ["bob", "carol"])), ["carol"])
 
-
     @inlineCallbacks
     def test_only_the_inviters_device_adds_who_accepted(self):
-        alice, alice_inbox = yield self.user("alice", "alice-laptop")
-        bob, bob_inbox = yield self.user("bob", "bob-laptop")
-        carol, carol_inbox = yield self.user("carol", "carol-laptop")
-        direct, _ = yield bob.create_conversation(["alice"])
-        yield bob.send_message(direct, "hello alice")
-        group, _ = yield alice.create_conversation(["bob"], title="Team")
+        people, _, group = yield self.team()
+        (alice, alice_inbox), (bob, bob_inbox), (carol, carol_inbox) = people["alice"], people["bob"], people["carol"]
         yield bob_inbox.wait("conversation", 1)  # (the group: bob made the direct conversation himself)
         self.assertEqual((yield bob.invite_members(group, ["carol"])), ["carol"])  # bob invites
         yield carol_inbox.wait("invited", 1)
@@ -193,6 +197,19 @@ class ClientCertificateTests(DaemonClientCase):
             with self.assertRaises(RefusedAtTLS) as refused:
                 yield client.register("alice", PASSWORD)
             self.assertIn(alert, refused.exception.alert)
+
+    @inlineCallbacks
+    def test_a_refused_certificate_is_not_tried_again(self):
+        client = self.make_client()  # (a client that reconnects)
+        lost = Deferred()
+        client.on_disconnected = lambda reason: lost.callback(reason.value)
+        yield client.connect()
+        with self.assertRaises(RefusedAtTLS):
+            yield client.register("alice", PASSWORD)
+        self.assertIsInstance((yield lost), RefusedAtTLS)
+        self.assertIsNone(client._retry)  # (no reconnection scheduled)
+        with self.assertRaises(ConnectionClosed):  # (at once: nothing waits for a reconnection)
+            yield client.ping()
 
 
 class AccountLogTests(AccountSecurityCase):

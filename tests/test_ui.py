@@ -20,6 +20,7 @@ from twisted.trial import unittest
 
 from securechatd import commands
 from securechatd.client import ui
+from securechatd.client.crypto import EncryptionUnavailable
 from securechatd.client.library import (
     Conversation,
     HistoryPage,
@@ -28,6 +29,7 @@ from securechatd.client.library import (
     Presence,
     Receipt,
     ReceiptRow,
+    RefusedAtTLS,
     Sent,
 )
 from securechatd.client.main import (
@@ -974,6 +976,15 @@ class InteractiveTests(ChatTestCase):
         self.assertIn("* connection lost; reconnecting", text)
         self.assertIn("* reconnected as alice", text)
 
+    def test_a_refused_client_certificate_is_said_plainly_and_not_retried(self):
+        self.logged_in()
+        self.transport.clear()
+        self.client.on_disconnected(Failure(RefusedAtTLS("tlsv1 alert unknown ca")))
+        text = self.transport.value().decode()
+        self.assertIn("error: The server refused your client certificate (tlsv1 alert unknown ca): it must", text)
+        self.assertNotIn("reconnecting", text)
+        self.assertNoResult(self.status)
+
 
 class OptionsTests(unittest.TestCase):
     def test_defaults_match_the_daemon_first_run(self):
@@ -1078,3 +1089,7 @@ class OptionsTests(unittest.TestCase):
     def test_describe(self):
         self.assertEqual(describe(NoSuchUser("There is no user x.")), ("NO_SUCH_USER", "There is no user x."))
         self.assertEqual(describe(ConnectionLost()), ("DISCONNECTED", "Not connected to the server."))
+        required = describe(RefusedAtTLS("tlsv13 alert certificate required"))
+        self.assertEqual(required[0], "TLS_REFUSED")
+        self.assertIn("The server requires a client certificate: give yours with --cert FILE --key FILE", required[1])
+        self.assertEqual(describe(EncryptionUnavailable("Log in first.")), ("NO_DEVICE", "Log in first."))

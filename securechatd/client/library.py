@@ -243,6 +243,8 @@ class ClientProtocol(amp.AMP):
             self.handshake.errback(TLSHandshakeFailed(reason.getErrorMessage()))
         else:  # (with TLS 1.3 the server checks a client certificate after the client's handshake is done)
             reason = _refused_at_tls(reason)
+            if reason.check(RefusedAtTLS):  # the certificate would be refused again: no reconnecting, nothing
+                self.client.reconnect = False  # waits for one (set before the calls on this connection fail)
         super().connectionLost(reason)
         self.client._connection_lost(self, reason)
         self.closed.callback(None)

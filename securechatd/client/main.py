@@ -1061,11 +1061,12 @@ class Chat:
         self.emit({"event": "reconnected", "username": login.username, "at": self._now()})
 
     def _disconnected(self, reason):
-        if self.batch:  # no reconnecting in --batch: a script should know at once
-            refused = reason.check(RefusedAtTLS)
+        refused = reason.check(RefusedAtTLS)  # (not reconnected: the certificate would be refused again)
+        if self.batch or refused:  # no reconnecting in --batch: a script should know at once
             lost = reason if refused else Failure(LocalError("DISCONNECTED", "The connection to the server was lost."))
             self._error("connection", lost)
-            self.finish(1)
+            if self.batch:
+                self.finish(1)
         else:
             self.offline = True
             self.emit({"event": "disconnected", "message": reason.getErrorMessage(), "at": self._now()})
