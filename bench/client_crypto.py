@@ -28,11 +28,24 @@ and ranges of the runs.
   head signature (the daemon signs one per conversation per store batch).
 - `check_receipt_us`: a receiver's check of a message's receipt (one link
   recomputed, the server's head signature verified).
+
+The device's state with H messages of history (`--history`): a device file
+holding 20 sessions, the keys of H messages read and the chain of their
+conversation, verified up to its link H (so it keeps the e_n of the newest
+min(H, E_KEPT) links), as a client in use for a while holds it.
+
 - `save_<H>_cpu_us` / `save_<H>_wall_us`: one DeviceFile.save (encode, write,
-  fsync, rename, fsync of the directory) of a device file holding 20
-  sessions and H message keys; ChatClient saves it after sealing, again when
-  the send is answered (the message's key kept) and after opening each
-  message, so a sent message costs two saves and a received one one.
+  fsync, rename, fsync of the directory) of that state.
+- `receive_<H>_cpu_us` / `receive_<H>_wall_us`: what keeping one received
+  message costs the state, as client/crypto.py and client/transcripts.py do
+  it (the cryptography is left out: `open_sessions_us`): its session, replay
+  window and key recorded and saved, then its link taken into the chain and
+  saved again.
+- `send_<H>_cpu_us` / `send_<H>_wall_us`: the same for a message sent: the
+  session and counter saved after sealing, its key kept when the server's
+  answer names it, then its link taken into the chain and saved.
+- `save_<H>_file_bytes`: what the state holds on disk after those messages
+  (every file of it).
 """
 
 import argparse
@@ -51,7 +64,8 @@ from cryptography.hazmat.backends.openssl.backend import backend as openssl_back
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.measure import cpu_ticks
-from securechatd.client.device_file import ACTIVE, DeviceFile
+from securechatd.client.device_file import ACTIVE, DeviceFile, ReplayWindow
+from securechatd.client.transcripts import ConversationChain
 from securechatd.e2ee import envelope, keys, transcript, x3dh
 from securechatd.e2ee.session import NewSession, Session
 
@@ -64,9 +78,10 @@ def parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=counts, default=(1, 20), help="recipient device counts to seal for (1,20)")
     p.add_argument("--iterations", type=int, default=300, help="messages per figure per run (300)")
-    p.add_argument("--history", type=counts, default=(0, 10000),
-                   help="message keys held by the device file whose save is timed (0,10000); empty: no save figures")
-    p.add_argument("--saves", type=int, default=20, help="device file saves per history size per run (20)")
+    p.add_argument("--history", type=counts, default=(0, 1000, 10000),
+                   help="messages of history of the device whose state is timed (0,1000,10000); empty: none")
+    p.add_argument("--saves", type=int, default=20,
+                   help="device file saves, and messages received and sent, per history size per run (20)")
     p.add_argument("--repeat", type=int, default=5, help="runs (5), each with new devices and sessions")
     p.add_argument("--directory", default=None, help="where the device files are written (a temporary directory)")
     return p
@@ -211,20 +226,92 @@ def measure_run(args, directory, clock):
     result.update(verifiable_figures(run, args.iterations))
 
     for history in args.history:
-        state = DeviceFile(os.path.join(directory, f"alice-{history}.device"), run.sender, ACTIVE)
+        result.update(state_figures(run, directory, history, args.saves))
+    return result
+
+
+class History:
+    """A device with `history` messages read in one conversation: its device file, chain and the server behind it."""
+
+    def __init__(self, run, path, history):
+        self.server = Ed25519PrivateKey.generate()
+        self.server_key = self.server.public_key().public_bytes_raw()
+        self.state = DeviceFile(path, keys.Device.generate("bob"), ACTIVE)
         for other in run.peers[:20]:
-            state.sessions[other.device.user, other.device.id] = other.outgoing.to_bytes()
-        state.message_keys = {message_id: os.urandom(32) for message_id in range(1, history + 1)}
+            self.state.sessions[other.device.user, other.device.id] = other.outgoing.to_bytes()
+        self.peer = ("alice", run.sender.id)
+        self.session = run.peers[0].outgoing.to_bytes()  # (its size is what counts: the bytes of a session)
+        self.state.replay[self.peer] = ReplayWindow()
+        self.state.server_key = self.server_key
+        self.chain = ConversationChain(CONVERSATION)
+        self.position = self.chain.position
+        self.chain.absorb(*self.links(history), self.server_key)
+        for seq in range(1, history + 1):
+            self.keep_key(seq)
+        self.state.transcripts[CONVERSATION] = self.chain.to_bytes()
+        self.state.save()
+
+    def links(self, count):
+        """The server's next `count` message links, and a head over the last."""
+        made = []
+        for _ in range(count):
+            n = self.position.n + 1
+            made.append(transcript.Link(CONVERSATION, n, 1000 + n, "message", n, os.urandom(32)))
+            self.position = self.position.after(made[-1])
+        return made, [transcript.sign_head(self.server, CONVERSATION, self.position.n, self.position.e)] * bool(made)
+
+    def keep_key(self, seq):
+        self.state.message_keys[seq] = (os.urandom(32), CONVERSATION, seq)
+
+    def take_link(self, links, heads):
+        """Its link taken into the chain and saved (Transcripts.check, Transcripts.sent)."""
+        self.chain.absorb(links, heads, self.server_key)
+        self.state.transcripts[CONVERSATION] = self.chain.to_bytes()
+        self.state.save()
+
+    def receive(self, links, heads):
+        """EndToEnd._open's bookkeeping of one message opened, then its link (Transcripts.check)."""
+        seq = self.position.n
+        self.state.sessions[self.peer] = self.session
+        self.state.replay[self.peer].record(seq)
+        self.keep_key(seq)
+        self.state.save()
+        self.take_link(links, heads)
+
+    def send(self, links, heads):
+        """EndToEnd._seal's save, EndToEnd.sent's (the key), then its link (Transcripts.sent)."""
+        self.state.counter += 1
+        self.state.sessions[self.peer] = self.session
+        self.state.save()
+        self.keep_key(self.position.n)
+        self.state.save()
+        self.take_link(links, heads)
+
+
+def state_figures(run, directory, history, count):
+    """The device's state with `history` messages read: one save, a message received, a message sent (CPU, wall)."""
+    kept = History(run, os.path.join(directory, f"bob-{history}.device"), history)
+    figures = {}
+
+    def timed(name, work, link=True):
         cpu = wall = 0.0
-        for _ in range(args.saves):
+        for _ in range(count):
+            batch = kept.links(1) if link else ()  # (the server's work, untimed)
             started_cpu, started_wall = time.process_time(), time.perf_counter()
-            state.save()
+            work(*batch)
             cpu += time.process_time() - started_cpu
             wall += time.perf_counter() - started_wall
-        result[f"save_{history}_cpu_us"] = round(cpu / args.saves * 1e6, 1)
-        result[f"save_{history}_wall_us"] = round(wall / args.saves * 1e6, 1)
-        result[f"save_{history}_file_bytes"] = os.path.getsize(state.path)
-    return result
+        figures[f"{name}_{history}_cpu_us"] = round(cpu / count * 1e6, 1)
+        figures[f"{name}_{history}_wall_us"] = round(wall / count * 1e6, 1)
+
+    timed("save", kept.state.save, link=False)
+    timed("receive", kept.receive)
+    timed("send", kept.send)
+    base = os.path.basename(kept.state.path)
+    figures[f"save_{history}_file_bytes"] = sum(
+        os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory) if name.startswith(base)
+    )
+    return figures
 
 
 def verifiable_figures(run, iterations):
