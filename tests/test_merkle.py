@@ -105,6 +105,15 @@ class ReferenceTreeTests(unittest.SynchronousTestCase):
             self.assertEqual([p.hex() for p in proof], case["proof"], case)
             self.assertTrue(verify_inclusion(merkle.leaf_hash(ENTRIES[index]), index, size, proof, x(REFERENCE["roots"][size])))
 
+    def test_batch_proofs(self):
+        """The whole tree at once: the reference root and the reference proofs of the eight-leaf tree."""
+        root, paths = merkle.batch_proofs([merkle.leaf_hash(entry) for entry in ENTRIES])
+        self.assertEqual(root.hex(), REFERENCE["roots"][8])
+        for case in REFERENCE["inclusion"]:
+            if case["tree_size"] == 8:
+                self.assertEqual([p.hex() for p in paths[case["leaf_index"]]], case["proof"], case)
+        self.assertEqual(merkle.batch_proofs([]), (merkle.EMPTY_ROOT, []))
+
     def test_consistency_proofs(self):
         tree = Tree(merkle.leaf_hash(entry) for entry in ENTRIES)
         for case in REFERENCE["consistency"]:
@@ -193,6 +202,13 @@ class PropertyTests(unittest.SynchronousTestCase):
         self.assertFalse(verify_inclusion(leaf, index, size, proof + [root], root))
         if proof:
             self.assertFalse(verify_inclusion(leaf, index, size, proof[:-1], root))
+
+    def test_batch_proofs_are_the_trees(self):
+        """Every size up to MAX_SIZE: the root and every leaf's path as Tree (the RFC's recursion) gives them."""
+        for size in range(1, MAX_SIZE + 1):
+            root, paths = merkle.batch_proofs(LEAVES[:size])
+            self.assertEqual(root, BIG.root(size), size)
+            self.assertEqual(paths, [BIG.inclusion_proof(index, size) for index in range(size)], size)
 
     @settings(max_examples=100, deadline=None)
     @given(st.data())

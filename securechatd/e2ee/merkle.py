@@ -33,6 +33,32 @@ def mth(entries):
     return Tree(leaf_hash(entry) for entry in entries).root()
 
 
+def batch_proofs(leaf_hashes):
+    """(root, [PATH(i, D[n]) for every leaf i]) of a whole tree at once, as a batch of signed heads needs.
+
+    Built level by level, the last node of an odd level carried up as it
+    is, which gives the RFC's tree (its left subtree is always the largest
+    power of two): about 2n hashes in all and no recursion, where n calls of
+    Tree.inclusion_proof would recurse log n deep each.
+    """
+    levels = [list(leaf_hashes)]
+    while len(levels[-1]) > 1:
+        below = levels[-1]
+        above = [node_hash(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
+        if len(below) % 2:
+            above.append(below[-1])
+        levels.append(above)
+    paths = []
+    for index in range(len(levels[0])):
+        path = []
+        for level in levels[:-1]:
+            if index ^ 1 < len(level):
+                path.append(level[index ^ 1])
+            index >>= 1
+        paths.append(path)
+    return (levels[-1][0] if levels[0] else EMPTY_ROOT), paths
+
+
 class Tree:
     """An append-only tree of leaf hashes that answers for its current size and any earlier one.
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from securechatd.e2ee.chain import HASH_BYTES
 from securechatd.e2ee.encoding import Malformed, dec, digest, enc, sign, verify
 from securechatd.e2ee.keys import DEVICE_ID_BYTES, KEY_BYTES, SIGNATURE_BYTES
-from securechatd.e2ee.merkle import Tree, leaf_hash, verify_inclusion
+from securechatd.e2ee.merkle import batch_proofs, leaf_hash, verify_inclusion
 
 GENESIS_LABEL = "securechatd/chain-genesis/v1"
 CHAIN_LABEL = "securechatd/chain/v1"
@@ -256,12 +256,12 @@ class Head:
 
 def sign_heads(server_private, heads):
     """[Head] for the batch [(conversation, n, e)], all under one signature of the server's Ed25519 key."""
-    tree = Tree(leaf_hash(enc([conversation, n, e])) for conversation, n, e in heads)
-    size, root = tree.size, tree.root()
+    root, paths = batch_proofs([leaf_hash(enc([conversation, n, e])) for conversation, n, e in heads])
+    size = len(heads)
     signature = sign(server_private, HEAD_LABEL, [size, root])
     return [
-        Head(conversation, n, e, index, size, root, tree.inclusion_proof(index), signature)
-        for index, (conversation, n, e) in enumerate(heads)
+        Head(conversation, n, e, index, size, root, path, signature)
+        for index, ((conversation, n, e), path) in enumerate(zip(heads, paths))
     ]
 
 
