@@ -154,12 +154,13 @@ class DeviceFileTests(unittest.TestCase):
         window.record(3)
         state.replay[("bob", bytes(16))] = window
         state.trusted["bob"] = frozenset([b"k" * 32])
-        state.message_keys[12] = (b"K" * 32, 5, 3)  # (the key, and where it was read: conversation 5, seq 3)
+        state.keep_key(12, b"K" * 32, 5, 3)  # (the key, and where it was read: conversation 5, seq 3; in the log)
         return state
 
     def test_every_section_survives_the_round_trip(self):
         state = self.state()
-        again = DeviceFile.from_bytes(state.path, state.to_bytes())
+        state.save()
+        again = DeviceFile.load(state.path)
         self.assertEqual(again.device.id, state.device.id)
         self.assertEqual(again.device.to_bytes(), state.device.to_bytes())
         self.assertEqual((again.status, again.counter, again.spk_made_at, again.spk_uploaded), (ACTIVE, 7, 99, True))
@@ -185,7 +186,8 @@ class DeviceFileTests(unittest.TestCase):
         state.counter = 8
         state.save()
         self.assertNotEqual(os.stat(state.path).st_ino, before)  # a new file renamed over the old one
-        self.assertEqual(os.listdir(os.path.dirname(state.path)), ["alice.device"])
+        self.assertEqual(sorted(os.listdir(os.path.dirname(state.path))), ["alice.device", "alice.device.log"])
+        self.assertEqual(stat.S_IMODE(os.stat(state.log.path).st_mode), 0o600)
         self.assertEqual(DeviceFile.load(state.path).counter, 8)
 
     def test_a_write_that_fails_leaves_the_old_file(self):
@@ -196,7 +198,7 @@ class DeviceFileTests(unittest.TestCase):
         with mock.patch("os.replace", side_effect=OSError("disk full")):
             self.assertRaises(OSError, state.save)
         self.assertEqual(open(state.path, "rb").read(), saved)
-        self.assertEqual(os.listdir(os.path.dirname(state.path)), ["alice.device"])
+        self.assertEqual(sorted(os.listdir(os.path.dirname(state.path))), ["alice.device", "alice.device.log"])
 
     def test_a_damaged_file_is_an_error_and_stays_as_it_is(self):
         state = self.state()

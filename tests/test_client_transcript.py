@@ -34,6 +34,7 @@ from securechatd.e2ee.envelope import Header
 from securechatd.e2ee.transcript import next_hash, sign_head
 from tests.test_e2ee_membership import BOB, PHONE
 from tests import test_tui
+from tests.test_client_device_log import VERSION_2
 from tests.test_client_e2ee import E2EETestCase
 from tests.test_ui import NOW, FakeClient, message, render
 from tests.test_transcript import CONVERSATION, SERVER, SERVER_KEY, History
@@ -262,7 +263,7 @@ class MessageTests(unittest.TestCase):
 class DeviceFileTests(unittest.TestCase):
     """The device file keeps the pinned server key and the conversation chains; a version 1 file still reads."""
 
-    def test_version_2_round_trip_and_version_1_read(self):
+    def test_the_round_trip_and_version_1_read(self):
         path = os.path.join(os.path.abspath(self.mktemp()), "alice.device")
         state = DeviceFile(path, Device.generate("alice"), ACTIVE)
         chain = ConversationChain(CONVERSATION)
@@ -272,10 +273,11 @@ class DeviceFileTests(unittest.TestCase):
         again = DeviceFile.load(path)
         self.assertEqual((again.server_key, again.transcripts), (SERVER_KEY, state.transcripts))
         self.assertEqual(ConversationChain.from_bytes(again.transcripts[CONVERSATION]).position.n, 7)
-        old = enc([LABEL_V1] + dec(state.to_bytes())[1:15])  # what an earlier client wrote
+        version_2 = open(VERSION_2, "rb").read()  # written by the client before the device log
+        old = enc([LABEL_V1] + dec(version_2)[1:15])  # and what a version 1 client wrote
         read = DeviceFile.from_bytes(path, old)
-        self.assertEqual((read.server_key, read.transcripts, read.device.id), (b"", {}, state.device.id))
-        self.assertEqual(dec(read.to_bytes())[0], b"securechatd/device-file/v2")
+        self.assertEqual((read.server_key, read.transcripts, read.device.user), (b"", {}, "alice"))
+        self.assertEqual(dec(read.to_bytes())[0], b"securechatd/device-file/v3")
 
 
 # -- against the real daemon -----------------------------------------------------------------------

@@ -3,7 +3,8 @@
 `EndToEnd` is one user's device on one installation. It keeps everything in
 the device file (client/device_file.py) and writes it once per step: the
 sessions a message advanced go to disk with that message (before it is sent;
-before a received one is acknowledged). It asks the server through the
+before a received one is acknowledged). A message's key goes to the device
+log beside it, durable before the device file that moves past the message. It asks the server through the
 client's `call`, and checks everything the server says against the device
 chains (client/chains.py) and signed membership states it verified: the
 recipients of a message are the current devices of the members of the
@@ -269,8 +270,9 @@ class EndToEnd:
         state = DeviceFile(path, Device.generate(username))
         if revoked is not None:
             state.chains, state.memberships = revoked.chains, revoked.memberships
-            state.trusted, state.message_keys = revoked.trusted, revoked.message_keys
+            state.trusted, state.message_keys, state.log = revoked.trusted, revoked.message_keys, revoked.log
             state.server_key, state.transcripts = revoked.server_key, revoked.transcripts
+            state.windows = revoked.windows
         return state
 
     def close(self):
@@ -593,9 +595,12 @@ class EndToEnd:
         return session
 
     def sent(self, message_id, key, conversation_id, seq):
-        """Our message was stored as `message_id` at `seq`: keep its key and place, to read it in history."""
-        self.state.message_keys[message_id] = (key, conversation_id, seq)
-        self.save()
+        """Our message was stored as `message_id` at `seq`: keep its key and place, to read it in history.
+
+        Only the device log is written: nothing else changed (the session and counter were saved when sealing).
+        """
+        self.state.keep_key(message_id, key, conversation_id, seq)
+        self.state.save_log()
 
     async def sent_checked(self, answer, sealed, conversation_id):
         """sent(), then the chain: our message's link and receipt (SendEncrypted's answer); its transcripts.Verdict."""
@@ -745,7 +750,7 @@ class EndToEnd:
         window.record(header.counter)
         state.replay[peer] = window
         state.sessions[peer] = session.to_bytes()
-        state.message_keys[item["message_id"]] = (opened["key"], conversation_id, item["seq"])
+        state.keep_key(item["message_id"], opened["key"], conversation_id, item["seq"], peer, header.counter)
         if opened.get("opk"):
             state.one_time_prekeys.pop(opened["opk"], None)
         self.save()

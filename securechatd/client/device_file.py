@@ -7,23 +7,35 @@ one, never half of one. It holds private keys: losing it loses this device
 (its keys, sessions and the keys of the messages it read), nothing else.
 
 Versioned, in the e2ee layer's own encoding: `enc` of the label
-`securechatd/device-file/v2` and the sections below, each an `enc` of its
+`securechatd/device-file/v3` and the sections below, each an `enc` of its
 records. (Version 2 added the server's pinned key and the conversation chains
-verified, client/transcripts.py; a version 1 file is read as one with
-neither, and written back as version 2.) The client changes a DeviceFile in memory and calls save() once
-per step, so what one message changed (its session, the replay window of
-its sender, a one-time prekey it used, its key) lands in one write.
+verified, client/transcripts.py; version 3 moved the message keys and the
+chains' e_n to the device log; a version 1 or 2 file is read, and written
+back as version 3.) The client changes a DeviceFile in memory and calls
+save() once per step, so what one message changed (its session, the replay
+window of its sender, a one-time prekey it used) lands in one write.
+
+What grows with history is appended to the device log instead
+(client/device_log.py), and save() makes it durable first: a message's key
+is on disk before the device file that moves its session past it, so a
+crash between the two leaves a message that is read again with its key (by
+its id), never one lost. A received message's record names its sender
+device and counter, and loading replays those into the replay windows: a
+key on disk whose device file write never came still refuses that counter.
 """
 
 import errno
 import fcntl
 import os
 
+from securechatd.client.device_log import DeviceLog, sync_directory
 from securechatd.e2ee.encoding import Malformed, dec, enc
 from securechatd.e2ee.keys import Device, Prekey
 
-LABEL = b"securechatd/device-file/v2"
+LABEL = b"securechatd/device-file/v3"
+LABEL_V2 = b"securechatd/device-file/v2"  # read, never written: the message keys and e_n inside
 LABEL_V1 = b"securechatd/device-file/v1"  # read, never written: no server key, no conversation chains
+KEY, LINK = b"key", b"link"  # the device log's records: a message's key; a chain link's e_n
 
 # status of this installation's device
 NEW = "new"  # keys made; not yet in the user's chain, and the chain was not looked at yet
@@ -96,11 +108,7 @@ def write_private(path, data):
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
-    directory_descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(directory_descriptor)  # the rename itself survives a power loss
-    finally:
-        os.close(directory_descriptor)
+    sync_directory(directory)  # the rename itself survives a power loss
 
 
 def _number(raw):
@@ -136,7 +144,9 @@ class DeviceFile:
     - `trusted`: {user: frozenset of sig_pub}: the devices the user compared safety numbers for
     - `message_keys`: {message_id: (K, conversation, seq)} of messages read or sent, for reading history
       again (and disclosing in an export); the place is kept with the key, so a message pushed again at
-      another place is a replay
+      another place is a replay. Read only: keep_key() adds one (to the device log)
+    - `windows`: {conversation_id: {n: (e_n, seq)}}: the chain links' e_n the device log holds, read at
+      load for client/transcripts.py (which keeps the newest); keep_links() adds some
     - `server_key`: the server's Ed25519 public key (32 bytes), pinned the first time it was asked for
       (trusted on first use), or b"" before; it signs the conversation chains' heads
     - `transcripts`: {conversation_id: bytes of a client/transcripts.ConversationChain}: how far each
@@ -161,6 +171,8 @@ class DeviceFile:
         self.message_keys = {}
         self.server_key = b""
         self.transcripts = {}
+        self.windows = {}
+        self.log = DeviceLog(f"{path}.log")
         self._lock = None
 
     def __repr__(self):
@@ -193,7 +205,7 @@ class DeviceFile:
                 enc([enc([conversation, enc(states)]) for conversation, states in self.memberships.items()]),
                 enc([enc([user, device, window.to_bytes()]) for (user, device), window in self.replay.items()]),
                 enc([enc([user, enc(sorted(keys))]) for user, keys in self.trusted.items()]),
-                enc([enc([message_id, *kept]) for message_id, kept in self.message_keys.items()]),
+                self.log.end,  # (the log is flushed first: at least this much of it is on disk)
                 self.server_key,
                 enc([enc([conversation, data]) for conversation, data in self.transcripts.items()]),
             ]
@@ -205,9 +217,9 @@ class DeviceFile:
         fields = dec(data)
         if fields[:1] == [LABEL_V1] and len(fields) == 15:
             fields += [b"", b""]
-        elif fields[:1] != [LABEL] or len(fields) != 17:
-            raise Malformed("not a device file of version securechatd/device-file/v2 (or v1)")
-        (_, device, status, counter, spk_made_at, uploaded, to_upload, spks, opks) = fields[:9]
+        elif fields[:1] not in ([LABEL], [LABEL_V2]) or len(fields) != 17:
+            raise Malformed("not a device file of version securechatd/device-file/v3 (or v2, v1)")
+        (label, device, status, counter, spk_made_at, uploaded, to_upload, spks, opks) = fields[:9]
         (sessions, chains, memberships, replay, trusted, message_keys, server_key, transcripts) = fields[9:]
         status = _text(status)
         if status not in STATUSES or uploaded not in (b"", b"\x01"):
@@ -232,8 +244,11 @@ class DeviceFile:
             state.replay[_text(user), device_id] = ReplayWindow.from_bytes(window)
         for user, keys in _records(trusted, 2):
             state.trusted[_text(user)] = frozenset(dec(keys))
-        for message_id, key, conversation, seq in _records(message_keys, 4):
-            state.message_keys[_number(message_id)] = (key, _number(conversation), _number(seq))
+        if label == LABEL:
+            state.log.end = _number(message_keys)
+        else:
+            for message_id, key, conversation, seq in _records(message_keys, 4):
+                state.keep_key(_number(message_id), key, _number(conversation), _number(seq))
         if len(server_key) not in (0, 32):
             raise Malformed("a pinned server key is not 32 bytes")
         state.server_key = server_key
@@ -241,11 +256,50 @@ class DeviceFile:
             state.transcripts[_number(conversation)] = chain_data
         return state
 
+    # -- the device log -----------------------------------------------------------------
+
+    def keep_key(self, message_id, key, conversation, seq, sender=None, counter=0):
+        """Keep a message's key and place (to the log at the next save or save_log).
+
+        `sender` (user, device id bytes) and `counter` name a received message's
+        sender device: loading records that counter in its replay window again.
+        """
+        if self.message_keys.get(message_id) == (key, conversation, seq):
+            return
+        self.message_keys[message_id] = (key, conversation, seq)
+        user, device = sender or ("", b"")
+        self.log.add(enc([KEY, message_id, key, conversation, seq, user, device, counter]))
+
+    def keep_links(self, conversation, entries):
+        """Keep the e_n of chain links verified: `entries` [(n, e_n, seq)] (to the log at the next save)."""
+        for n, e, seq in entries:
+            self.log.add(enc([LINK, conversation, n, e, seq]))
+
+    def _replay_log(self, records):
+        for record in records:
+            fields = dec(record)
+            if fields[:1] == [KEY] and len(fields) == 8:
+                message_id, key, conversation, seq, user, device, counter = fields[1:]
+                self.message_keys[_number(message_id)] = (key, _number(conversation), _number(seq))
+                if user:
+                    window = self.replay.setdefault((_text(user), device), ReplayWindow())
+                    if window.fresh(_number(counter)):
+                        window.record(_number(counter))  # (its device file write may never have come)
+            elif fields[:1] == [LINK] and len(fields) == 5:
+                conversation, n, e, seq = (_number(fields[1]), _number(fields[2]), fields[3], _number(fields[4]))
+                self.windows.setdefault(conversation, {})[n] = (e, seq)
+            else:
+                raise Malformed("a device log record of an unknown kind")
+
+    def save_log(self):
+        """Make what was kept durable, without rewriting the device file (nothing else changed)."""
+        self.log.flush()
+
     # -- the file ---------------------------------------------------------------------
 
     @classmethod
     def load(cls, path):
-        """The DeviceFile at `path`, or None if there is none; DeviceFileError if it cannot be read as one."""
+        """The DeviceFile at `path` with its device log, or None if there is none; DeviceFileError if unusable."""
         try:
             with open(path, "rb") as saved:
                 data = saved.read()
@@ -254,12 +308,17 @@ class DeviceFile:
         except OSError as problem:
             raise DeviceFileError(f"cannot read the device file {path}: {problem.strerror}")
         try:
-            return cls.from_bytes(path, data)
+            state = cls.from_bytes(path, data)
+            state._replay_log(state.log.read(state.log.end))
+        except OSError as problem:
+            raise DeviceFileError(f"cannot read the device log {path}.log: {problem.strerror}")
         except (Malformed, ValueError) as problem:
-            raise DeviceFileError(f"the device file {path} is damaged ({problem}); it was left as it is")
+            raise DeviceFileError(f"the device file {path} (or its log) is damaged ({problem}); it was left as it is")
+        return state
 
     def save(self):
-        """Replace the file with what this object holds now (write_private)."""
+        """Append what was kept to the log (durable first), then replace the file with what this object holds now."""
+        self.log.flush()
         write_private(self.path, self.to_bytes())
 
     def lock(self):
@@ -282,6 +341,7 @@ class DeviceFile:
         self._lock = descriptor
 
     def unlock(self):
+        self.log.close()
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None

@@ -120,6 +120,10 @@ class Absorbed:
 class ConversationChain:
     """How far this device verified one conversation's chain (mutable; to_bytes for the device file).
 
+    The device file keeps it without its window: the e_n of the links taken
+    are appended to the device log (`unsaved`, taken by Transcripts), so a
+    message costs its own link, not a rewrite of the E_KEPT before it.
+
     `position` is a transcript.Position; `window` {n: (e_n, seq of the last
     message at or before n)} for the newest E_KEPT links; `epochs` {epoch:
     n} and `mode_links` {number: n} where each membership state and mode
@@ -144,6 +148,7 @@ class ConversationChain:
         self.proofs = []
         self.signed = 0
         self.ths = {}
+        self.unsaved = []  # [(n, e_n, seq)] taken into the window since the device log was given them
 
     def __repr__(self):
         return f"<ConversationChain {self.conversation} n={self.position.n}>"
@@ -265,15 +270,27 @@ class ConversationChain:
         for link, position in accepted:
             seq = position.numbers[MESSAGE]
             self.window[link.n] = (position.e, seq)
+            self.unsaved.append((link.n, position.e, seq))
             if link.kind == MEMBERSHIP:
                 self.epochs[link.number] = link.n
             elif link.kind == MODE:
                 self.mode_links[link.number] = link.n
         if accepted:
             self.position = accepted[-1][1]
-            for n in sorted(self.window)[: max(len(self.window) - E_KEPT, 0)]:
-                del self.window[n]
+            self._trim()
         return Absorbed([link for link, _ in accepted], problems, missing_after, unsigned)
+
+    def _trim(self):
+        for n in sorted(self.window)[: max(len(self.window) - E_KEPT, 0)]:
+            del self.window[n]
+
+    def restore(self, window):
+        """Take the e_n the device log kept, {n: (e_n, seq)}: the newest E_KEPT up to the verified head.
+
+        (Links past the head are from a step whose device file write never came: taken again when they come.)
+        """
+        self.window.update((n, kept) for n, kept in window.items() if n <= self.position.n)
+        self._trim()
 
     def _keep_head(self, head, ours, server_key, problems):
         """Keep a signed head; a kept one for the same n with another e is proof the server lied (reported once).
@@ -309,9 +326,11 @@ class ConversationChain:
 
     # -- bytes -----------------------------------------------------------------------------------
 
-    def to_bytes(self):
-        low = min(self.window, default=self.position.n + 1)
-        window = b"".join(self.window[n][0] + self.window[n][1].to_bytes(8, "big") for n in sorted(self.window))
+    def to_bytes(self, with_window=True):
+        """Its bytes; `with_window` False leaves the window out (the device file's: its e_n are in the device log)."""
+        kept = sorted(self.window) if with_window else []
+        low = kept[0] if kept else self.position.n + 1
+        window = b"".join(self.window[n][0] + self.window[n][1].to_bytes(8, "big") for n in kept)
         return enc(
             [
                 LABEL,
@@ -575,9 +594,13 @@ class Transcripts:
         self.state = e2ee.state
         self.available = True if self.state.server_key else None
         self.changed_key = None  # the key the server gives now, if it is not the one pinned
-        self._chains = {
-            conversation: ConversationChain.from_bytes(data) for conversation, data in self.state.transcripts.items()
-        }
+        self._chains = {}
+        for conversation, data in self.state.transcripts.items():
+            chain = self._chains[conversation] = ConversationChain.from_bytes(data)
+            if chain.window:  # (a version 2 device file kept the e_n inline: to the log at the next save)
+                chain.unsaved = [(n, e, seq) for n, (e, seq) in sorted(chain.window.items())]
+                self._keep(chain)
+            chain.restore(self.state.windows.pop(conversation, {}))
 
     @property
     def key(self):
@@ -595,7 +618,10 @@ class Transcripts:
         return self._chains.get(conversation)
 
     def _keep(self, chain):
-        self.state.transcripts[chain.conversation] = chain.to_bytes()
+        """Put what `chain` verified in the device file (written by the next save; its e_n to the log before)."""
+        self.state.keep_links(chain.conversation, chain.unsaved)
+        chain.unsaved = []
+        self.state.transcripts[chain.conversation] = chain.to_bytes(with_window=False)
 
     def _alarm(self, problems, user=None, prefix=""):
         for problem in problems:

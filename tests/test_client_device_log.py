@@ -1,0 +1,261 @@
+"""The device log (client/device_log.py): what grows with history, appended beside the device file.
+
+Real files in a temporary directory. A crash is played by what it leaves on
+disk: a torn last record, or a device file older than its log (the log was
+flushed, the device file write never came).
+"""
+
+import os
+import shutil
+import stat
+from unittest import mock
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial import unittest
+
+from securechatd.client import transcripts
+from securechatd.client.device_file import ACTIVE, LABEL, DeviceFile, DeviceFileError, ReplayWindow
+from securechatd.client.device_log import DeviceLog
+from securechatd.client.library import ChatClient
+from securechatd.client.crypto import Problem
+from securechatd.client.transcripts import ConversationChain, Transcripts
+from securechatd.e2ee.encoding import Malformed, dec
+from securechatd.e2ee.keys import Device
+from tests.test_client_e2ee import E2EETestCase
+from tests.test_transcript import CONVERSATION, SERVER_KEY, History
+
+VERSION_2 = os.path.join(os.path.dirname(__file__), "vectors", "device_file_v2.device")
+BOB = ("bob", bytes(16))
+
+
+class DeviceLogTests(unittest.TestCase):
+    def log(self):
+        return DeviceLog(os.path.join(os.path.abspath(self.mktemp()), "alice.device.log"))
+
+    def test_records_are_appended_0600_and_read_in_order(self):
+        log = self.log()
+        self.assertEqual(log.read(), [])
+        log.add(b"one")
+        log.add(b"two")
+        self.assertFalse(os.path.exists(log.path))  # nothing is written before flush
+        log.flush()
+        log.add(b"three")
+        log.flush()
+        log.close()
+        self.assertEqual(stat.S_IMODE(os.stat(log.path).st_mode), 0o600)
+        again = DeviceLog(log.path)
+        self.assertEqual(again.read(), [b"one", b"two", b"three"])
+        self.assertEqual(again.end, os.path.getsize(log.path))
+
+    def test_a_torn_last_record_is_ignored_and_cut_off_at_the_next_append(self):
+        for tail in (b"\x00\x00\x00\x09\x12", b"\x00" * 64):  # a record cut short; zeros past the end
+            log = self.log()
+            log.add(b"kept")
+            log.flush()
+            whole = log.end
+            log.close()
+            with open(log.path, "ab") as out:
+                out.write(tail)
+            again = DeviceLog(log.path)
+            self.assertEqual(again.read(at_least=whole), [b"kept"])
+            self.assertEqual(os.path.getsize(log.path), whole + len(tail))  # reading changes nothing
+            again.add(b"next")
+            again.flush()
+            again.close()
+            self.assertEqual(DeviceLog(log.path).read(), [b"kept", b"next"])
+            self.assertEqual(os.path.getsize(log.path), again.end)
+
+    def test_a_log_shorter_than_the_device_file_counts_is_damaged(self):
+        log = self.log()
+        for record in (b"one", b"two"):
+            log.add(record)
+        log.flush()
+        whole = log.end
+        with open(log.path, "r+b") as out:
+            out.seek(whole - 2)
+            out.write(b"X")  # a flipped byte in a record the device file counts on
+        self.assertRaises(Malformed, DeviceLog(log.path).read, whole)
+        os.truncate(log.path, whole - 4)
+        self.assertRaises(Malformed, DeviceLog(log.path).read, whole)
+
+    def test_a_failed_append_is_written_again_by_the_next(self):
+        log = self.log()
+        log.add(b"one")
+        log.flush()
+        log.add(b"two")
+        with mock.patch("os.fsync", side_effect=OSError("disk full")):
+            self.assertRaises(OSError, log.flush)
+        log.flush()
+        log.close()
+        self.assertEqual(DeviceLog(log.path).read(), [b"one", b"two"])
+
+
+class DeviceFileTests(unittest.TestCase):
+    def state(self):
+        path = os.path.join(os.path.abspath(self.mktemp()), "bob.device")
+        return DeviceFile(path, Device.generate("bob"), ACTIVE)
+
+    def test_message_keys_are_in_the_log_and_the_device_file_does_not_grow(self):
+        state = self.state()
+        state.save()
+        size = os.path.getsize(state.path)
+        for message_id in range(1, 101):
+            state.keep_key(message_id, os.urandom(32), 5, message_id)
+        state.save()
+        self.assertEqual(os.path.getsize(state.path), size)
+        self.assertGreater(os.path.getsize(state.log.path), 100 * 32)
+        again = DeviceFile.load(state.path)
+        self.assertEqual(again.message_keys, state.message_keys)
+
+    def test_a_sent_messages_key_is_appended_without_rewriting_the_device_file(self):
+        state = self.state()
+        state.keep_key(8, b"J" * 32, 5, 1)
+        state.save()
+        inode, length = os.stat(state.path).st_ino, os.path.getsize(state.log.path)
+        state.keep_key(9, b"K" * 32, 5, 2)
+        state.keep_key(9, b"K" * 32, 5, 2)  # (kept again, e.g. a resent message's answer: one record)
+        state.save_log()
+        self.assertEqual(os.stat(state.path).st_ino, inode)
+        self.assertEqual(DeviceFile.load(state.path).message_keys, {8: (b"J" * 32, 5, 1), 9: (b"K" * 32, 5, 2)})
+        self.assertLess(os.path.getsize(state.log.path) - length, 200)
+
+    def test_a_crash_after_the_log_and_before_the_device_file_keeps_the_key_and_refuses_the_counter(self):
+        state = self.state()
+        state.replay[BOB] = ReplayWindow()
+        state.save()
+        window = state.replay[BOB]
+        window.record(4)  # what opening bob's message with counter 4 changes, as client/crypto.py does it
+        state.keep_key(30, b"K" * 32, 5, 7, BOB, 4)
+        with mock.patch("securechatd.client.device_file.write_private", side_effect=OSError("killed")):
+            self.assertRaises(OSError, state.save)
+        again = DeviceFile.load(state.path)
+        self.assertEqual(again.message_keys, {30: (b"K" * 32, 5, 7)})  # read again by its id: nothing lost
+        self.assertFalse(again.replay[BOB].fresh(4))  # under another id: a replay
+        self.assertTrue(again.replay[BOB].fresh(5))
+
+    def test_a_device_file_older_than_a_damaged_log_is_an_error(self):
+        state = self.state()
+        state.keep_key(1, b"K" * 32, 5, 1)
+        state.save()
+        os.truncate(state.log.path, os.path.getsize(state.log.path) - 1)
+        with self.assertRaises(DeviceFileError) as raised:
+            DeviceFile.load(state.path)
+        self.assertIn("damaged", str(raised.exception))
+
+    def test_a_version_2_file_is_read_and_migrated_at_the_first_save(self):
+        path = os.path.join(os.path.abspath(self.mktemp()), "alice.device")
+        os.makedirs(os.path.dirname(path))
+        shutil.copy(VERSION_2, path)
+        keys = {12: (b"K" * 32, 5, 3), 13: (b"L" * 32, 5, 4), 20: (b"M" * 32, 6, 1)}
+        state = DeviceFile.load(path)
+        self.assertEqual((state.device.user, state.counter, state.server_key), ("alice", 7, b"S" * 32))
+        self.assertEqual(state.message_keys, keys)
+        self.assertEqual((state.replay[BOB].highest, state.replay[BOB].fresh(3)), (5, False))
+        self.assertFalse(os.path.exists(state.log.path))  # loading writes nothing
+        state.save()
+        data = open(path, "rb").read()
+        self.assertEqual(dec(data)[0], LABEL)
+        self.assertNotIn(b"K" * 32, data)
+        again = DeviceFile.load(path)
+        self.assertEqual((again.message_keys, again.replay[BOB].highest), (keys, 5))
+        again.save()
+        self.assertEqual(DeviceFile.load(path).message_keys, keys)  # (migrated once: no key twice)
+        self.assertEqual(len(DeviceLog(state.log.path).read()), 3)
+
+
+class Stub:
+    """What Transcripts reads of client/crypto.EndToEnd when it starts: the device file."""
+
+    def __init__(self, state):
+        self.state = state
+
+
+class ChainWindowTests(unittest.TestCase):
+    """The e_n of a conversation's chain are appended to the log, not rewritten with the device file."""
+
+    def state(self):
+        path = os.path.join(os.path.abspath(self.mktemp()), "bob.device")
+        return DeviceFile(path, Device.generate("bob"), ACTIVE)
+
+    def test_the_window_goes_to_the_log_and_comes_back(self):
+        state, history = self.state(), History()
+        kept = Transcripts(Stub(state))
+        chain = kept.get(CONVERSATION)
+        chain.absorb(history.links, history.heads, SERVER_KEY)
+        kept._keep(chain)
+        state.save()
+        self.assertEqual(ConversationChain.from_bytes(state.transcripts[CONVERSATION]).window, {})
+        again = Transcripts(Stub(DeviceFile.load(state.path))).chain(CONVERSATION)
+        self.assertEqual((again.window, again.position.e), (chain.window, chain.position.e))
+        self.assertEqual(again.to_bytes(), chain.to_bytes())
+
+    def test_links_past_the_head_of_the_device_file_are_not_taken(self):
+        state, history = self.state(), History()
+        kept = Transcripts(Stub(state))
+        chain = kept.get(CONVERSATION)
+        chain.absorb(history.links, history.heads, SERVER_KEY)
+        state.keep_links(CONVERSATION, chain.unsaved)
+        state.transcripts[CONVERSATION] = ConversationChain(CONVERSATION).to_bytes()  # the device file of before
+        state.save()  # (as a crash leaves it: the chain at its genesis in the device file, e_1 ... e_7 in the log)
+        again = Transcripts(Stub(DeviceFile.load(state.path))).chain(CONVERSATION)
+        self.assertEqual((again.position.n, again.window), (0, {}))
+
+    def test_the_newest_are_kept(self):
+        self.patch(transcripts, "E_KEPT", 3)
+        state, history = self.state(), History()
+        kept = Transcripts(Stub(state))
+        chain = kept.get(CONVERSATION)
+        chain.absorb(history.links, history.heads, SERVER_KEY)
+        kept._keep(chain)
+        state.save()
+        self.assertEqual(len(state.windows), 0)
+        again = Transcripts(Stub(DeviceFile.load(state.path))).chain(CONVERSATION)
+        self.assertEqual(sorted(again.window), [5, 6, 7])
+
+    def test_a_version_2_chain_with_its_window_inline_moves_to_the_log(self):
+        state, history = self.state(), History()
+        chain = ConversationChain(CONVERSATION)
+        chain.absorb(history.links, history.heads, SERVER_KEY)
+        state.transcripts[CONVERSATION] = chain.to_bytes()  # as a version 2 device file kept it
+        kept = Transcripts(Stub(state))
+        self.assertEqual(kept.chain(CONVERSATION).window, chain.window)
+        state.save()
+        self.assertEqual(ConversationChain.from_bytes(state.transcripts[CONVERSATION]).window, {})
+        again = Transcripts(Stub(DeviceFile.load(state.path))).chain(CONVERSATION)
+        self.assertEqual(again.window, chain.window)
+
+
+class CrashTests(E2EETestCase):
+    """Against the real daemon: a crash between the log and the device file loses nothing and lets no replay in."""
+
+    @inlineCallbacks
+    def test_a_message_whose_device_file_write_never_came(self):
+        pushed = []
+        original = ChatClient._deliver_encrypted
+        self.patch(ChatClient, "_deliver_encrypted", lambda client, item: pushed.append(item) or original(client, item))
+        alice, _ = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        conversation, _ = yield alice.create_conversation(["bob"])
+        yield alice.send_message(conversation, "before")
+        yield bob_inbox.wait("deliver", 1)
+        yield bob.ping()
+        path = bob.e2ee.state.path
+        before = open(path, "rb").read()  # the device file as the crash will leave it
+        yield alice.send_message(conversation, "hello")
+        yield bob_inbox.wait("deliver", 2)
+        yield bob.ping()
+        yield bob.close()
+        with open(path, "wb") as out:
+            out.write(before)  # its log holds the key of "hello"; the device file is the one before it
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        bob.seen = type(bob.seen)()  # (a crash before the seen file was written, too)
+        hello = pushed[-1]
+        yield bob._deliver_encrypted(hello)  # pushed again: read with its kept key
+        yield bob._deliver_encrypted(dict(hello, message_id=hello["message_id"] + 100, seq=hello["seq"] + 100))
+        [again, replayed] = bob_inbox.items["deliver"][-2:]
+        self.assertEqual((again.body, again.problem), ("hello", None))
+        self.assertEqual((replayed.body, replayed.problem), (None, Problem.REPLAY))
+        self.assertEqual([kind for kind, _, _ in bob_inbox.alarms()], [Problem.REPLAY])
+        yield alice.send_message(conversation, "after")  # the session carries on from the device file's
+        after = (yield bob_inbox.wait("deliver", 3))[-1]
+        self.assertEqual((after.body, after.problem), ("after", None))
