@@ -44,6 +44,8 @@ min(H, E_KEPT) links), as a client in use for a while holds it.
 - `send_<H>_cpu_us` / `send_<H>_wall_us`: the same for a message sent: the
   session and counter saved after sealing, its key kept when the server's
   answer names it, then its link taken into the chain and saved.
+- `load_<H>_cpu_us` / `load_<H>_wall_us`: reading it at start, as
+  EndToEnd.load does (the device file and its log, the chains' windows).
 - `save_<H>_file_bytes`: what the state holds on disk after those messages
   (every file of it).
 """
@@ -58,6 +60,7 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import cryptography
 from cryptography.hazmat.backends.openssl.backend import backend as openssl_backend
@@ -65,7 +68,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.measure import cpu_ticks
 from securechatd.client.device_file import ACTIVE, DeviceFile, ReplayWindow
-from securechatd.client.transcripts import ConversationChain
+from securechatd.client.transcripts import Transcripts
 from securechatd.e2ee import envelope, keys, transcript, x3dh
 from securechatd.e2ee.session import NewSession, Session
 
@@ -243,12 +246,13 @@ class History:
         self.session = run.peers[0].outgoing.to_bytes()  # (its size is what counts: the bytes of a session)
         self.state.replay[self.peer] = ReplayWindow()
         self.state.server_key = self.server_key
-        self.chain = ConversationChain(CONVERSATION)
+        self.transcripts = Transcripts(self)  # (it reads `state` of its EndToEnd when it starts)
+        self.chain = self.transcripts.get(CONVERSATION)
         self.position = self.chain.position
         self.chain.absorb(*self.links(history), self.server_key)
         for seq in range(1, history + 1):
-            self.keep_key(seq)
-        self.state.transcripts[CONVERSATION] = self.chain.to_bytes()
+            self.state.keep_key(seq, os.urandom(32), CONVERSATION, seq, self.peer, seq)
+        self.transcripts._keep(self.chain)
         self.state.save()
 
     def links(self, count):
@@ -260,13 +264,10 @@ class History:
             self.position = self.position.after(made[-1])
         return made, [transcript.sign_head(self.server, CONVERSATION, self.position.n, self.position.e)] * bool(made)
 
-    def keep_key(self, seq):
-        self.state.message_keys[seq] = (os.urandom(32), CONVERSATION, seq)
-
     def take_link(self, links, heads):
         """Its link taken into the chain and saved (Transcripts.check, Transcripts.sent)."""
         self.chain.absorb(links, heads, self.server_key)
-        self.state.transcripts[CONVERSATION] = self.chain.to_bytes()
+        self.transcripts._keep(self.chain)
         self.state.save()
 
     def receive(self, links, heads):
@@ -274,17 +275,17 @@ class History:
         seq = self.position.n
         self.state.sessions[self.peer] = self.session
         self.state.replay[self.peer].record(seq)
-        self.keep_key(seq)
+        self.state.keep_key(seq, os.urandom(32), CONVERSATION, seq, self.peer, seq)
         self.state.save()
         self.take_link(links, heads)
 
     def send(self, links, heads):
-        """EndToEnd._seal's save, EndToEnd.sent's (the key), then its link (Transcripts.sent)."""
+        """EndToEnd._seal's save, EndToEnd.sent's (the key: appended to the device log), then its link."""
         self.state.counter += 1
         self.state.sessions[self.peer] = self.session
         self.state.save()
-        self.keep_key(self.position.n)
-        self.state.save()
+        self.state.keep_key(self.position.n, os.urandom(32), CONVERSATION, self.position.n)
+        self.state.save_log()
         self.take_link(links, heads)
 
 
@@ -307,6 +308,7 @@ def state_figures(run, directory, history, count):
     timed("save", kept.state.save, link=False)
     timed("receive", kept.receive)
     timed("send", kept.send)
+    timed("load", lambda: Transcripts(SimpleNamespace(state=DeviceFile.load(kept.state.path))), link=False)
     base = os.path.basename(kept.state.path)
     figures[f"save_{history}_file_bytes"] = sum(
         os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory) if name.startswith(base)
