@@ -40,6 +40,7 @@ BadSignature = _error("BadSignature", b"BAD_SIGNATURE")
 SecondFactorRequired = _error("SecondFactorRequired", b"SECOND_FACTOR_REQUIRED")  # (issue 13) answer with SecondFactor
 EnrolmentRequired = _error("EnrolmentRequired", b"ENROLMENT_REQUIRED")  # (issue 13) enrol to finish logging in
 NoSuchSession = _error("NoSuchSession", b"NO_SUCH_SESSION")  # (issue 13)
+InvitationRequired = _error("InvitationRequired", b"INVITATION_REQUIRED")  # (issue 13) strangers to a signed state
 
 ERRORS = {
     cls: cls.code
@@ -63,6 +64,7 @@ ERRORS = {
         SecondFactorRequired,
         EnrolmentRequired,
         NoSuchSession,
+        InvitationRequired,
     )
 }
 ERRORS_BY_CODE = {code: cls for cls, code in ERRORS.items()}
@@ -377,7 +379,12 @@ class CreateConversation(ChatCommand):
         (b"title", amp.Unicode(optional=True)),
         (b"encrypted", amp.Boolean(optional=True)),  # (v2) absent: encrypted unless the server allows plaintext
     ]
-    response = [(b"conversation_id", Integer()), (b"created", amp.Boolean()), (b"encrypted", amp.Boolean(optional=True))]
+    response = [
+        (b"conversation_id", Integer()),
+        (b"created", amp.Boolean()),
+        (b"encrypted", amp.Boolean(optional=True)),
+        (b"invited", amp.ListOf(amp.Unicode(), optional=True)),  # (v2) strangers invited instead; absent: none
+    ]
 
 
 class ListConversations(ChatCommand):
@@ -407,7 +414,7 @@ class AddMembers(ChatCommand):
         (b"members", amp.ListOf(amp.Unicode())),
         (b"membership", amp.String(optional=True)),  # (v2) the signed state after the change: encrypted only
     ]
-    response = []
+    response = [(b"invited", amp.ListOf(amp.Unicode(), optional=True))]  # (v2) strangers invited instead; absent: none
 
 
 class LeaveConversation(ChatCommand):

@@ -124,6 +124,19 @@ class EncryptedInvitationTests(AccountSecurityCase):
         self.assertEqual((yield alice.invite_members(group, ["bob", "carol"])), ["carol"])
 
     @inlineCallbacks
+    def test_strangers_and_a_contact_added_at_once(self):
+        """The server names both strangers (INVITATION_REQUIRED): they are invited, the contact is added."""
+        people, _, group = yield self.team()
+        alice = people["alice"][0]
+        dave, _ = yield self.user("dave", "dave-laptop")
+        erin, _ = yield self.user("erin", "erin-laptop")
+        to_alice, _ = yield erin.create_conversation(["alice"])
+        yield erin.send_message(to_alice, "hello alice")  # (erin's own accord: she is alice's contact)
+        self.assertEqual((yield alice.add_members(group, ["carol", "dave", "erin"])), ["carol", "dave"])
+        self.assertEqual((yield alice.members(group)), ("alice", "bob", "erin"))
+        self.assertEqual({row.username for row in (yield alice.group_invitations(group))}, {"carol", "dave"})
+
+    @inlineCallbacks
     def test_only_the_inviters_device_adds_who_accepted(self):
         people, _, group = yield self.team()
         (alice, alice_inbox), (bob, bob_inbox), (carol, carol_inbox) = people["alice"], people["bob"], people["carol"]

@@ -308,7 +308,7 @@ class PlaintextSettingTests(EncryptedTestCase):
     def test_new_conversations_are_encrypted_and_plaintext_is_refused(self):
         alice, carol = self.connect("alice"), self.connect("carol")
         direct = self.create(alice, ["bob"])
-        self.assertEqual(direct, {"conversation_id": direct["conversation_id"], "created": True, "encrypted": True})
+        self.assertEqual(direct, {"conversation_id": direct["conversation_id"], "created": True, "encrypted": True, "invited": None})
         text = self.refused(alice, NotAllowed, commands.CreateConversation, members=["carol"], encrypted=False)
         self.assertIn("refuses plaintext conversations", text)
         group = self.create(alice, ["bob", "carol"], "team", encrypted=True)
@@ -329,7 +329,7 @@ class PlaintextSettingTests(EncryptedTestCase):
         plain = self.ok(alice, commands.CreateConversation, members=["bob"])
         secret = self.ok(alice, commands.CreateConversation, members=["bob"], encrypted=True)
         again = self.ok(alice, commands.CreateConversation, members=["bob"], encrypted=True)
-        self.assertEqual(plain, {"conversation_id": plain["conversation_id"], "created": True, "encrypted": None})
+        self.assertEqual(plain, {"conversation_id": plain["conversation_id"], "created": True, "encrypted": None, "invited": None})
         self.assertNotEqual(plain["conversation_id"], secret["conversation_id"])
         self.assertEqual((again["conversation_id"], again["created"]), (secret["conversation_id"], False))
 

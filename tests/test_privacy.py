@@ -151,6 +151,7 @@ class DirectoryTests(PrivacyTestCase):
 class InvitationTests(PrivacyTestCase):
     def test_a_stranger_cannot_put_you_in_a_group(self):
         group = self.ok(self.mallory, commands.CreateConversation, members=["alice", "carol"], title="spam")
+        self.assertEqual(group["invited"], ["alice", "carol"])  # (the answer says so)
         group = group["conversation_id"]
         self.settle()
         [listed] = [c for c in self.ok(self.mallory, commands.ListConversations)["conversations"] if c["conversation_id"] == group]
@@ -186,12 +187,14 @@ class InvitationTests(PrivacyTestCase):
         self.assertEqual(self.seen(self.mallory)[0], "online")  # now alice shares a group with her, by choice
 
     def test_adding_a_stranger_invites_and_a_contact_joins(self):
-        group = self.ok(self.bob, commands.CreateConversation, members=["alice"], title="book club")["conversation_id"]
+        created = self.ok(self.bob, commands.CreateConversation, members=["alice"], title="book club")
+        self.assertIsNone(created["invited"])  # nobody was: absent from the answer, as in version 1
+        group = created["conversation_id"]
         self.assertEqual(
             [c["members"] for c in self.ok(self.bob, commands.ListConversations)["conversations"] if c["conversation_id"] == group],
             [["alice", "bob"]],  # alice and bob share "friends": she joins at once
         )
-        self.ok(self.bob, commands.AddMembers, conversation_id=group, members=["mallory"])
+        self.assertEqual(self.ok(self.bob, commands.AddMembers, conversation_id=group, members=["mallory"]), {"invited": ["mallory"]})
         self.assertEqual([i["username"] for i in self.ok(self.bob, commands.GetInvitations, conversation_id=group)["invitations"]], ["mallory"])
         self.assertEqual(self.ok(self.bob, commands.InviteMembers, conversation_id=group, members=["mallory", "alice"]), {"invited": []})
 
@@ -233,9 +236,13 @@ class EncryptedInvitationTests(encrypted_tests.EncryptedTestCase):
         group = self.group(alice, alice_device, ["bob"])  # bob joins at once: no invitation
         carol_device = self.device("carol")
         carol = self.connect("carol", carol_device)
-        state = self.next_state(group, "add", ["alice", "bob", "carol"], alice_device)
-        text = self.refused(alice, NotAllowed, commands.AddMembers, conversation_id=group, members=["carol"], membership=state.to_bytes())
-        self.assertIn("InviteMembers", text)
+        dave_device = self.device("dave")
+        state = self.next_state(group, "add", ["alice", "bob", "carol", "dave"], alice_device)
+        text = self.refused(
+            alice, commands.InvitationRequired, commands.AddMembers,
+            conversation_id=group, members=["carol", "dave"], membership=state.to_bytes(),
+        )
+        self.assertTrue(text.startswith("carol, dave share no conversation with you: invite them (InviteMembers)"), text)
         self.assertEqual(self.ok(alice, commands.InviteMembers, conversation_id=group, members=["carol"]), {"invited": ["carol"]})
         self.assertEqual(self.ok(carol, commands.AnswerInvitation, conversation_id=group, accept=True), {"joined": False})
         self.settle(alice, bob, carol)

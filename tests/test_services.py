@@ -93,7 +93,7 @@ class ServiceTestCase(unittest.TestCase):
         return session, client
 
     def direct(self, session, other):
-        conversation, _ = self.successResultOf(self.hub.conversations.create(session, [other], None))
+        conversation, _, _ = self.successResultOf(self.hub.conversations.create(session, [other], None))
         return conversation
 
 
@@ -152,7 +152,7 @@ class FanOutTests(ServiceTestCase):
         alice, _ = self.login("alice")
         bob, _ = self.login("bob", RecordingClient(broken=True))
         _, carol_client = self.login("carol")
-        group, _ = self.successResultOf(self.hub.conversations.create(alice, ["bob", "carol"], "team"))
+        group, _, _ = self.successResultOf(self.hub.conversations.create(alice, ["bob", "carol"], "team"))
         self.assertEqual(carol_client.of("conversation"), [group])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 

@@ -50,7 +50,14 @@ from zope.interface import implementer
 
 from securechatd import commands
 from securechatd.accountlog import ACTION_LABEL, NONCE_BYTES, action_fields
-from securechatd.commands import BadCredentials, MessageTooLarge, NoSuchDevice, NotAllowed, SecondFactorRequired
+from securechatd.commands import (
+    BadCredentials,
+    InvitationRequired,
+    MessageTooLarge,
+    NoSuchDevice,
+    NotAllowed,
+    SecondFactorRequired,
+)
 from securechatd.client.account_log import AccountLogCheck
 from securechatd.client.crypto import (  # noqa: F401 (DeviceInfo, LinkError: for apps)
     Alarm,
@@ -366,12 +373,11 @@ def _seq_ranges(seqs):
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges)
 
 
-def _stranger(refused, names):
-    """The one of `names` a refusal of AddMembers says must be invited instead (an encrypted group, invitations
-    on: "NAME shares no conversation with you: invite them (InviteMembers) ..."), or None for another refusal."""
-    text = str(refused)
-    name = text.split(" ", 1)[0]
-    return name if "(InviteMembers)" in text and name in names else None
+def _strangers(refused, names):
+    """Those of `names` an INVITATION_REQUIRED refusal of AddMembers names, to invite instead (docs/PROTOCOL.md,
+    "Invitations": its description starts "NAME, NAME share no conversation with you")."""
+    listed = str(refused).split(" share", 1)[0].split(", ")
+    return [name for name in listed if name in names]
 
 
 MAX_RESEALS = 2  # times a message the server refused because the membership or a device changed is sealed again
@@ -1052,8 +1058,7 @@ class ChatClient:
         if answer.get("encrypted"):
             others = {name.lower() for name in members} - {self.username}
             kind = "direct" if len(others) == 1 and title is None else "group"
-            if kind == "group":  # strangers were invited, not added: the first state holds the members only
-                others -= {row.username for row in await self.group_invitations(conversation_id)}
+            others -= set(answer.get("invited") or ())  # strangers were invited, not added: not in the first state
             title = title.strip() if title is not None else ""
             await self._e2ee().publish_first(conversation_id, kind, title, sorted(others))
         return conversation_id, answer["created"]
@@ -1123,30 +1128,28 @@ class ChatClient:
 
     async def _add_members(self, conversation_id, names):
         if self.e2ee is None or not await self._is_encrypted(conversation_id):
-            await self._change_members(conversation_id, "add", names)  # (the server invites the strangers itself)
-            pending = {row.username for row in await self.group_invitations(conversation_id) if not row.accepted}
-            return sorted(pending & set(names))
-        # A signed state cannot hold a stranger: the server names one at a time; they are invited instead.
-        strangers, names = [], list(names)
-        while names:
-            try:
-                await self._change_members(conversation_id, "add", names)
-                break
-            except NotAllowed as refused:
-                stranger = _stranger(refused, names)
-                if stranger is None:
-                    raise
-                names.remove(stranger)
-                strangers.append(stranger)
-        if strangers:
-            await self.invite_members(conversation_id, strangers)
+            answer = await self._change_members(conversation_id, "add", names)  # (the server invites strangers itself)
+            return sorted(answer.get("invited") or ())
+        # A signed state cannot hold a stranger: the server names them, and they are invited instead.
+        try:
+            await self._change_members(conversation_id, "add", names)
+            return []
+        except InvitationRequired as refused:
+            strangers = _strangers(refused, names)
+            if not strangers:
+                raise
+        names = [name for name in names if name not in strangers]
+        if names:
+            await self._change_members(conversation_id, "add", names)
+        await self.invite_members(conversation_id, strangers)
         return sorted(strangers)
 
     def leave_conversation(self, conversation_id):
         return Deferred.fromCoroutine(self._change_members(conversation_id, "leave", []))
 
     async def _change_members(self, conversation_id, op, members):
-        """AddMembers or LeaveConversation; for an encrypted conversation with the signed state after the change."""
+        """AddMembers or LeaveConversation; for an encrypted conversation with the signed state after the change
+        (then the new state, else the server's answer)."""
 
         def send(membership=None):
             if op == "add":
@@ -1158,9 +1161,8 @@ class ChatClient:
         if self.e2ee is not None and await self._is_encrypted(conversation_id):
             if op == "leave":  # a signed head over the whole transcript, while still a member
                 await self._sign_quietly(conversation_id, again=True)
-            await self.e2ee.change_membership(conversation_id, op, members, send)
-        else:
-            await send()
+            return await self.e2ee.change_membership(conversation_id, op, members, send)
+        return await send()
 
     # -- invitations (docs/PROTOCOL.md, "Invitations") -------------------------------
 

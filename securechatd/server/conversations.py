@@ -29,7 +29,14 @@ each other, and it shows a stranger's presence only once they write back.
 from twisted.internet.defer import Deferred, succeed
 
 from securechatd import commands
-from securechatd.commands import InvalidArgument, NO_SUCH_CONVERSATION_TEXT, NoSuchConversation, NoSuchUser, NotAllowed
+from securechatd.commands import (
+    InvalidArgument,
+    InvitationRequired,
+    NO_SUCH_CONVERSATION_TEXT,
+    NoSuchConversation,
+    NoSuchUser,
+    NotAllowed,
+)
 from securechatd.e2ee.membership import MAX_TITLE_BYTES
 from securechatd.server.accounts import existing_name
 from securechatd.server.membership import MOVED_ON
@@ -125,7 +132,7 @@ class ConversationService:
 
     @deferred
     async def create(self, session, members, title, encrypted=None):
-        """(Conversation, created): the pair's direct conversation, or a new group.
+        """(Conversation, created, [invited]): the pair's direct conversation, or a new group.
 
         `encrypted` None: encrypted unless plaintext is allowed. A pair has one
         direct conversation of each kind (plaintext, encrypted). A group's
@@ -151,6 +158,7 @@ class ConversationService:
         take_action(self.actions, session)
         await self._existing(others)
         now = self.clock.seconds()
+        invited = []
         if len(others) == 1 and title is None:
             conversation, created = await self.store.direct_conversation(session.username, others[0], now, encrypted)
         else:
@@ -158,11 +166,11 @@ class ConversationService:
             members = [session.username, *(name for name in others if name not in strangers)]
             group = await self.store.create_group(members, title, now, encrypted)
             conversation, created = group, True
-            await self._invite(session, group, strangers)
+            invited = await self._invite(session, group, strangers)
         self._update(conversation)
         if created:
             self.announce(conversation, conversation.members, origin=session)
-        return conversation, created
+        return conversation, created, invited
 
     @staticmethod
     def _membership_argument(conversation, membership, command):
@@ -183,6 +191,7 @@ class ConversationService:
 
     @deferred
     async def add_members(self, session, conversation_id, members, membership=None):
+        """Add `members` to a group; those of them invited instead (strangers, invited now or before)."""
         conversation = await self.member_of(conversation_id, session.username)
         if conversation.kind == "direct":
             raise NotAllowed("Members cannot be added to a direct conversation; create a group.")
@@ -205,14 +214,14 @@ class ConversationService:
         if strangers:
             strangers = sorted(set(strangers) - await self.store.accepted_invitations(conversation.id, strangers))
         if strangers and conversation.encrypted:
-            raise NotAllowed(
-                f"{strangers[0]} shares no conversation with you: invite them (InviteMembers); once they accept,"
-                " a member adds them with the signed state."
+            raise InvitationRequired(
+                f"{', '.join(strangers)} {'share' if len(strangers) > 1 else 'shares'} no conversation with you:"
+                " invite them (InviteMembers); once they accept, a member adds them with the signed state."
             )
-        invited = await self._invite(session, conversation, strangers)
+        await self._invite(session, conversation, strangers)
         names = [name for name in names if name not in strangers]
         if not names:
-            return invited
+            return strangers
         if previous is not None:
             after = set(previous.members) | set(names)
             state = await self.checker.check(session, conversation, membership, "add", after, previous)
@@ -222,7 +231,7 @@ class ConversationService:
         await self.store.drop_invitations(conversation.id, names)
         self._update(updated)
         self.announce(updated, updated.members, origin=session, joined=names)
-        return invited
+        return strangers
 
     @deferred
     async def leave(self, session, conversation_id, membership=None):

@@ -302,6 +302,7 @@ class ChatLocator(amp.CommandLocator):
                 "conversation_id": result[0].id,
                 "created": result[1],
                 "encrypted": True if result[0].encrypted else None,  # (absent for plaintext, as in version 1)
+                "invited": result[2] or None,  # (absent when nobody was: as in version 1)
             }
         )
 
@@ -322,7 +323,7 @@ class ChatLocator(amp.CommandLocator):
     @commands.AddMembers.responder
     def add_members(self, conversation_id, members, membership=None):
         added = self.hub.conversations.add_members(self._session(), conversation_id, members, membership)
-        return added.addCallback(_nothing)
+        return added.addCallback(lambda invited: {"invited": invited or None})  # (absent when nobody was)
 
     @commands.LeaveConversation.responder
     def leave_conversation(self, conversation_id, membership=None):
