@@ -90,10 +90,13 @@ class DeviceLogTests(unittest.TestCase):
         self.assertEqual(DeviceLog(log.path).read(), [b"one", b"two"])
 
 
+def new_state(test):
+    """bob's new device file, in a directory of its own."""
+    return DeviceFile(os.path.join(os.path.abspath(test.mktemp()), "bob.device"), Device.generate("bob"), ACTIVE)
+
+
 class DeviceFileTests(unittest.TestCase):
-    def state(self):
-        path = os.path.join(os.path.abspath(self.mktemp()), "bob.device")
-        return DeviceFile(path, Device.generate("bob"), ACTIVE)
+    state = new_state
 
     def test_message_keys_are_in_the_log_and_the_device_file_does_not_grow(self):
         state = self.state()
@@ -173,15 +176,17 @@ class Stub:
 class ChainWindowTests(unittest.TestCase):
     """The e_n of a conversation's chain are appended to the log, not rewritten with the device file."""
 
-    def state(self):
-        path = os.path.join(os.path.abspath(self.mktemp()), "bob.device")
-        return DeviceFile(path, Device.generate("bob"), ACTIVE)
-
-    def test_the_window_goes_to_the_log_and_comes_back(self):
-        state, history = self.state(), History()
+    def verified(self):
+        """(device file, its Transcripts, conversation 7's chain verified to link 7)."""
+        state = new_state(self)
         kept = Transcripts(Stub(state))
         chain = kept.get(CONVERSATION)
+        history = History()
         chain.absorb(history.links, history.heads, SERVER_KEY)
+        return state, kept, chain
+
+    def test_the_window_goes_to_the_log_and_comes_back(self):
+        state, kept, chain = self.verified()
         kept._keep(chain)
         state.save()
         self.assertEqual(ConversationChain.from_bytes(state.transcripts[CONVERSATION]).window, {})
@@ -190,10 +195,7 @@ class ChainWindowTests(unittest.TestCase):
         self.assertEqual(again.to_bytes(), chain.to_bytes())
 
     def test_links_past_the_head_of_the_device_file_are_not_taken(self):
-        state, history = self.state(), History()
-        kept = Transcripts(Stub(state))
-        chain = kept.get(CONVERSATION)
-        chain.absorb(history.links, history.heads, SERVER_KEY)
+        state, _, chain = self.verified()
         state.keep_links(CONVERSATION, chain.unsaved)
         state.transcripts[CONVERSATION] = ConversationChain(CONVERSATION).to_bytes()  # the device file of before
         state.save()  # (as a crash leaves it: the chain at its genesis in the device file, e_1 ... e_7 in the log)
@@ -202,10 +204,7 @@ class ChainWindowTests(unittest.TestCase):
 
     def test_the_newest_are_kept(self):
         self.patch(transcripts, "E_KEPT", 3)
-        state, history = self.state(), History()
-        kept = Transcripts(Stub(state))
-        chain = kept.get(CONVERSATION)
-        chain.absorb(history.links, history.heads, SERVER_KEY)
+        state, kept, chain = self.verified()
         kept._keep(chain)
         state.save()
         self.assertEqual(len(state.windows), 0)
@@ -213,7 +212,7 @@ class ChainWindowTests(unittest.TestCase):
         self.assertEqual(sorted(again.window), [5, 6, 7])
 
     def test_a_version_2_chain_with_its_window_inline_moves_to_the_log(self):
-        state, history = self.state(), History()
+        state, history = new_state(self), History()
         chain = ConversationChain(CONVERSATION)
         chain.absorb(history.links, history.heads, SERVER_KEY)
         state.transcripts[CONVERSATION] = chain.to_bytes()  # as a version 2 device file kept it

@@ -220,7 +220,7 @@ class DeviceFile:
         elif fields[:1] not in ([LABEL], [LABEL_V2]) or len(fields) != 17:
             raise Malformed("not a device file of version securechatd/device-file/v3 (or v2, v1)")
         (label, device, status, counter, spk_made_at, uploaded, to_upload, spks, opks) = fields[:9]
-        (sessions, chains, memberships, replay, trusted, message_keys, server_key, transcripts) = fields[9:]
+        (sessions, chains, memberships, replay, trusted, keys_or_log, server_key, transcripts) = fields[9:]
         status = _text(status)
         if status not in STATUSES or uploaded not in (b"", b"\x01"):
             raise Malformed("a device file's status is unknown")
@@ -245,9 +245,9 @@ class DeviceFile:
         for user, keys in _records(trusted, 2):
             state.trusted[_text(user)] = frozenset(dec(keys))
         if label == LABEL:
-            state.log.end = _number(message_keys)
-        else:
-            for message_id, key, conversation, seq in _records(message_keys, 4):
+            state.log.end = _number(keys_or_log)  # (how long the device log was when this was written)
+        else:  # the message keys, inline before version 3: to the log at the first save
+            for message_id, key, conversation, seq in _records(keys_or_log, 4):
                 state.keep_key(_number(message_id), key, _number(conversation), _number(seq))
         if len(server_key) not in (0, 32):
             raise Malformed("a pinned server key is not 32 bytes")
