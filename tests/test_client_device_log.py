@@ -65,6 +65,17 @@ class DeviceLogTests(unittest.TestCase):
             self.assertEqual(DeviceLog(log.path).read(), [b"kept", b"next"])
             self.assertEqual(os.path.getsize(log.path), again.end)
 
+    def test_a_log_whose_label_was_cut_short_starts_again(self):
+        log = self.log()
+        os.makedirs(os.path.dirname(log.path))
+        with open(log.path, "wb") as out:
+            out.write(b"\x00\x00\x00")
+        self.assertEqual(log.read(), [])
+        log.add(b"one")
+        log.flush()
+        log.close()
+        self.assertEqual(DeviceLog(log.path).read(), [b"one"])
+
     def test_a_log_shorter_than_the_device_file_counts_is_damaged(self):
         log = self.log()
         for record in (b"one", b"two"):

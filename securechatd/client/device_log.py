@@ -35,6 +35,12 @@ def sync_directory(directory):
         os.close(descriptor)
 
 
+def _write(descriptor, data):
+    """All of `data` (a write to a regular file may be short just before the disk is full: the next one raises)."""
+    while data:
+        data = data[os.write(descriptor, data) :]
+
+
 def _frame(record):
     length = struct.pack(">I", len(record))
     return length + struct.pack(">I", zlib.crc32(record, zlib.crc32(length))) + record
@@ -81,8 +87,8 @@ class DeviceLog:
         if self._file is None:
             self._open()
         data = b"".join(_frame(record) for record in self.pending)
-        os.lseek(self._file, self.end, os.SEEK_SET)
-        os.write(self._file, data)  # (a short write is an OSError on a regular file: disk full)
+        os.lseek(self._file, self.end, os.SEEK_SET)  # (over what a failed flush may have left)
+        _write(self._file, data)
         os.fsync(self._file)
         self.end += len(data)
         self.pending = []
@@ -90,20 +96,19 @@ class DeviceLog:
     def _open(self):
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        created = not os.path.exists(self.path)
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.fchmod(descriptor, 0o600)
             os.ftruncate(descriptor, self.end)  # what a crash left after the last whole record
-            if self.end == 0:
-                os.write(descriptor, _frame(LABEL))
-                self.end = os.lseek(descriptor, 0, os.SEEK_CUR)
-            os.fsync(descriptor)
+            if self.end == 0:  # a new log (or one whose label a crash cut short)
+                label = _frame(LABEL)
+                _write(descriptor, label)
+                os.fsync(descriptor)
+                sync_directory(directory)
+                self.end = len(label)
         except BaseException:
             os.close(descriptor)
             raise
-        if created:
-            sync_directory(directory)
         self._file = descriptor
 
     def close(self):
