@@ -771,7 +771,11 @@ class ConfirmTwoFactor(ChatCommand):
 
     After a Login answered ENROLMENT_REQUIRED, the answer also logs the connection in (the Login fields)."""
 
-    arguments = [(b"code", amp.Unicode()), *_SIGNED_ACTION]
+    arguments = [
+        (b"code", amp.Unicode()),
+        (b"password", amp.Unicode(optional=True)),  # the account's own: all but a Login's enrolment need it
+        *_SIGNED_ACTION,
+    ]
     response = [(b"recovery_codes", amp.ListOf(amp.Unicode())), *_LOGGED_IN_OPTIONAL]
 
 

@@ -231,7 +231,7 @@ class AccountLogTests(SecurityTestCase):
         self.ok(laptop, commands.EndSession, session_id=phone.login["session_id"], **self.signed(device, "session_end", phone.login["session_id"]))
         begun = self.ok(laptop, commands.BeginTwoFactor)
         secret = base64.b32decode(begun["secret"])
-        codes = self.ok(laptop, commands.ConfirmTwoFactor, code=totp.code(secret, self.clock.seconds()), **self.signed(device, "second_factor_on"))["recovery_codes"]
+        codes = self.ok(laptop, commands.ConfirmTwoFactor, code=totp.code(secret, self.clock.seconds()), password=PASSWORD, **self.signed(device, "second_factor_on"))["recovery_codes"]
         self.clock.advance(60)
         other = Connection(self.hub, address="10.0.0.3")
         self.failureResultOf(other.call(commands.Login, username="alice", password=PASSWORD), commands.SecondFactorRequired)

@@ -126,10 +126,11 @@ class TwoFactorLogTests(unittest.TestCase):
         self.watch(begun["secret"], parse_qs(urlparse(begun["uri"]).query)["secret"][0], begun["uri"], secret.hex())
         wrong = "000000" if totp.code(secret, clock.seconds()) != "000000" else "111111"
         self.watch(wrong)
-        self.failureResultOf(conn.call(commands.ConfirmTwoFactor, code=wrong), commands.BadCredentials)
+        self.failureResultOf(conn.call(commands.ConfirmTwoFactor, code=wrong, password=PASSWORD), commands.BadCredentials)
         code = totp.code(secret, clock.seconds())
-        self.watch(code)
-        codes = self.successResultOf(conn.call(commands.ConfirmTwoFactor, code=code))["recovery_codes"]
+        self.watch(code, "wrong " + PASSWORD)
+        self.failureResultOf(conn.call(commands.ConfirmTwoFactor, code=code, password="wrong " + PASSWORD), commands.BadCredentials)
+        codes = self.successResultOf(conn.call(commands.ConfirmTwoFactor, code=code, password=PASSWORD))["recovery_codes"]
         self.watch(*codes, *(c.replace("-", "") for c in codes))
         for typed in (totp.code(secret, clock.seconds() + 60), wrong, codes[0]):
             self.later(clock, conn)

@@ -56,7 +56,7 @@ class TwoFactorTestCase(unittest.TestCase):
         """Switch two-factor login on from a logged-in `conn`: (secret bytes, recovery codes)."""
         conn = conn or self.conn
         secret = base64.b32decode(self.ok(conn, commands.BeginTwoFactor)["secret"])
-        codes = self.ok(conn, commands.ConfirmTwoFactor, code=self.code(secret))["recovery_codes"]
+        codes = self.ok(conn, commands.ConfirmTwoFactor, password=PASSWORD, code=self.code(secret))["recovery_codes"]
         return secret, codes
 
     def code(self, secret, steps=0):
@@ -96,9 +96,9 @@ class EnrolmentTests(TwoFactorTestCase):
         self.assertEqual(begun["uri"], totp.provisioning_uri(secret, "alice"))
         self.assertTrue(begun["uri"].startswith("otpauth://totp/securechatd:alice?"))
         self.assertEqual(self.status(), {"enabled": False, "required": False, "recovery_codes_left": 0})
-        self.assertIn("not right", self.error(self.conn, BadCredentials, commands.ConfirmTwoFactor, code="000000"))
+        self.assertIn("not right", self.error(self.conn, BadCredentials, commands.ConfirmTwoFactor, password=PASSWORD, code="000000"))
         self.assertFalse(self.status()["enabled"])
-        codes = self.ok(self.conn, commands.ConfirmTwoFactor, code=self.code(secret))["recovery_codes"]
+        codes = self.ok(self.conn, commands.ConfirmTwoFactor, password=PASSWORD, code=self.code(secret))["recovery_codes"]
         self.assertEqual(len(set(codes)), 10)
         for code in codes:
             self.assertRegex(code, r"\A[a-z2-7]{4}-[a-z2-7]{4}-[a-z2-7]{4}\Z")
@@ -114,16 +114,16 @@ class EnrolmentTests(TwoFactorTestCase):
         first = base64.b32decode(self.ok(self.conn, commands.BeginTwoFactor)["secret"])
         second = base64.b32decode(self.ok(self.conn, commands.BeginTwoFactor)["secret"])
         self.assertNotEqual(first, second)
-        self.error(self.conn, BadCredentials, commands.ConfirmTwoFactor, code=self.code(first))
-        self.ok(self.conn, commands.ConfirmTwoFactor, code=self.code(second))
+        self.error(self.conn, BadCredentials, commands.ConfirmTwoFactor, password=PASSWORD, code=self.code(first))
+        self.ok(self.conn, commands.ConfirmTwoFactor, password=PASSWORD, code=self.code(second))
 
     def test_confirm_without_beginning(self):
-        self.error(self.conn, NotAllowed, commands.ConfirmTwoFactor, code="123456")
+        self.error(self.conn, NotAllowed, commands.ConfirmTwoFactor, password=PASSWORD, code="123456")
 
     def test_beginning_while_on_is_refused(self):
         self.enrol()
         self.assertIn("DisableTwoFactor", self.error(self.conn, NotAllowed, commands.BeginTwoFactor))
-        self.error(self.conn, NotAllowed, commands.ConfirmTwoFactor, code="123456")
+        self.error(self.conn, NotAllowed, commands.ConfirmTwoFactor, password=PASSWORD, code="123456")
 
     def test_the_secret_is_sealed_in_the_database(self):
         secret, _ = self.enrol()
@@ -147,13 +147,13 @@ class EnrolmentTests(TwoFactorTestCase):
 
     def test_a_code_too_long(self):
         self.ok(self.conn, commands.BeginTwoFactor)
-        self.error(self.conn, InvalidArgument, commands.ConfirmTwoFactor, code="1" * 65)
+        self.error(self.conn, InvalidArgument, commands.ConfirmTwoFactor, password=PASSWORD, code="1" * 65)
 
     def test_needs_a_session(self):
         conn = Connection(self.hub)
         for command, arguments in (
             (commands.BeginTwoFactor, {}),
-            (commands.ConfirmTwoFactor, {"code": "123456"}),
+            (commands.ConfirmTwoFactor, {"code": "123456", "password": PASSWORD}),
             (commands.DisableTwoFactor, {"code": "123456"}),
             (commands.NewRecoveryCodes, {"code": "123456"}),
             (commands.TwoFactorStatus, {}),

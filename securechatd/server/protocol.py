@@ -202,13 +202,13 @@ class ChatLocator(amp.CommandLocator):
         return begun.addCallback(lambda result: {"secret": result[0], "uri": result[1]})
 
     @commands.ConfirmTwoFactor.responder
-    def confirm_two_factor(self, code, action_time=None, action_nonce=None, action_signature=None):
+    def confirm_two_factor(self, code, password=None, action_time=None, action_nonce=None, action_signature=None):
         if self.pending is not None:  # (at login nothing is signed: the device is not logged in yet)
             pending = self._pending_login()
-            step = self.accounts.confirm_enrolment(pending, code, self.connection)
+            step = self.hub.security.confirm_enrolment(pending, code, password, self.connection)
             return Deferred.fromCoroutine(self._second_step(pending, step))
         action = (action_time, action_nonce, action_signature)
-        confirmed = self.hub.security.confirm(self._session(), code, action, self._address())
+        confirmed = self.hub.security.confirm(self._session(), code, password, action, self._address())
         return confirmed.addCallback(lambda codes: {"recovery_codes": codes})
 
     # -- accounts --------------------------------------------------------------

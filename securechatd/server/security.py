@@ -5,6 +5,9 @@ log in the transaction that makes it, signed by the session's device when
 the session is bound to one (server/actions.py), and codes typed here count
 toward the login throttles, as a password typed to ChangePassword does, so
 a stolen session cannot guess its way to switching the second factor off.
+Switching it on takes the account's password too (a Login's enrolment
+just gave it): else a session resumed from a stolen token could enrol its
+own authenticator, end the owner's sessions and lock them out.
 """
 
 import re
@@ -13,6 +16,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.logger import Logger
 
 from securechatd.commands import InvalidArgument, NoSuchSession, NoSuchUser, NotAllowed
+from securechatd.server import passwords
 from securechatd.server.account_log import REPLAYED
 from securechatd.server.policy import deferred
 from securechatd.server.twofactor import WRONG_CODE, check_code_argument
@@ -45,11 +49,13 @@ class SecurityService:
         return await self.two_factor.begin(session.username)
 
     @deferred
-    async def confirm(self, session, code, action, address):
+    async def confirm(self, session, code, password, action, address):
         """Switch the enrolment on: the recovery codes. The user's other sessions end (they never
-        gave a second factor) and lose their resume tokens; this one keeps its own."""
+        gave a second factor) and lose their resume tokens; this one keeps its own. The password
+        first: a stolen session (or resume token) must not lock the owner out with its own authenticator."""
         check_code_argument(code)
         event = await self.actions.event(session, "second_factor_on", "", *action)
+        await self._password(session.username, password, address)
 
         codes, generation = await self.accounts.throttled_code(
             session.username, address, "enrolment code",
@@ -61,6 +67,30 @@ class SecurityService:
         )
         self._changed(session, address, "second_factor_on", f"{len(ended)} other sessions ended")
         return codes
+
+    @deferred
+    async def confirm_enrolment(self, pending, code, password, connection):
+        """ConfirmTwoFactor of a login that must enrol: that of a Login just gave the password, that of
+        a Resume (a token, perhaps stolen) gives it now."""
+        if pending.attempt.method == "token":
+            check_code_argument(code)
+            await self._password(pending.username, password, pending.address)
+        return await self.accounts.confirm_enrolment(pending, code, connection)
+
+    async def _password(self, username, password, address):
+        """BAD_CREDENTIALS unless `password` is the user's: bcrypt off the reactor thread (the hasher),
+        one attempt of the login throttle, as ChangePassword checks it."""
+        if password is None:
+            raise InvalidArgument("Give your password (password) to switch two-factor login on.")
+
+        async def verify():
+            found = await self.store.get_credentials(username)
+            if len(password) > passwords.MAX_LENGTH or not await self.accounts.hasher.verify(
+                password, found.password_hash if found else None
+            ):
+                raise UnauthorizedLogin()
+
+        await self.accounts.throttled(username, address, "password (enrolment)", verify)
 
     @deferred
     async def disable(self, session, code, action, address):
