@@ -141,6 +141,7 @@ class PendingLogin:
 
     passed = False
     over = False  # its second step was tried, or it was abandoned: the connection forgets it
+    confirming = False  # an enrolment's code is being checked
 
     def __init__(self, needed, attempt, client_name, address, device_id, deadline):
         self.username = needed.username
@@ -489,18 +490,19 @@ class AccountService:
         """(session, resume token) for the right code of a PendingLogin whose password was right.
 
         One code per login: a wrong code, a wrong password (the same answer)
-        or a code too late ends it with BAD_CREDENTIALS; log in again.
+        or a code too late ends it with BAD_CREDENTIALS; log in again. The
+        login is over before anything is awaited, so codes sent one behind
+        another find no login waiting (AUTH_REQUIRED), never a second try.
         """
         check_code_argument(code)  # (the login still waits)
         if pending.enrol:
             raise NotAllowed("This server requires two-factor login: enrol first (BeginTwoFactor, ConfirmTwoFactor).")
+        pending.over = True
         if pending.device_id is not None:  # a device the session could not bind to must not spend the code
             refused = await self.store.device_binding(pending.username, pending.device_id)
             if refused:
-                pending.over = True
                 pending.attempt.end(None)
                 self._refuse_device(pending, refused)
-        pending.over = True
         if self.clock.seconds() >= pending.deadline:
             pending.attempt.end(False, "second factor too late")
             raise BadCredentials(SECOND_FACTOR_TEXT)
@@ -542,11 +544,17 @@ class AccountService:
             raise AuthRequired("Give your second factor first (SecondFactor), or Logout.")
         if self.clock.seconds() >= pending.deadline:
             raise NotAllowed("This login waited too long for its enrolment: log in again.")
+        if pending.confirming:  # (two right codes sent at once would log the connection in twice)
+            raise NotAllowed("An enrolment code of this login is being checked: wait for its answer.")
         event = NewEvent("second_factor_on", pending.address, target="at login")
         def confirm():
             return self.two_factor.confirm(pending.username, code, None, event)
 
-        codes, generation = await self.throttled_code(pending.username, pending.address, "enrolment code", confirm)
+        pending.confirming = True
+        try:
+            codes, generation = await self.throttled_code(pending.username, pending.address, "enrolment code", confirm)
+        finally:
+            pending.confirming = False
         pending.over = True
         pending.generation = generation
         pending.attempt = _Done()
