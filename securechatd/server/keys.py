@@ -84,7 +84,7 @@ class KeyService:
             raise BadSignature(problem)
         digest = link.hash()
         new = NewLink(link.seq, link.prev, digest, data, link.op, device, link.sig_pub, link.dh_pub, link.name)
-        if not await self.store.append_link(session.username, new, self.clock.seconds()):
+        if not await self._store_link(session, link, new):
             raise NotAllowed(MOVED_ON)
         security.info(
             "device chain of {username}: link {seq} {op}s device {target}",
@@ -99,6 +99,10 @@ class KeyService:
         if link.op == "revoke":
             self._end_sessions(session, device)
         return link.seq, digest
+
+    async def _store_link(self, session, link, new):
+        """True if the NewLink `new` (of the checked Link `link`) now ends the caller's chain."""
+        return await self.store.append_link(session.username, new, self.clock.seconds())
 
     async def _chain_state(self, session, device_ids):
         state = await self.store.chain_state(session.username, device_ids)

@@ -9,6 +9,7 @@ it, so two links racing for the same place cannot both be accepted.
 
 from collections import namedtuple
 
+from securechatd.store.account_log import append_event
 from securechatd.store.accounts import AccountStore
 from securechatd.store.base import USER_ID, StoreBase, blobs_page, placeholders, user_id
 
@@ -83,19 +84,22 @@ class KeyStore(StoreBase):
         txn.execute(f"SELECT COUNT(*) FROM devices WHERE user_id = ? AND {_CURRENT}", (uid,))
         return ChainState(seq, digest, devices, txn.fetchone()[0])
 
-    def append_link(self, username, link, now):
-        """Deferred: True if the NewLink `link` now ends the chain; False if the chain is no longer at
-        link.seq - 1 with hash link.prev (another link got there first), or the user is gone.
+    def append_link(self, username, link, now, event=None):
+        """Deferred: True if the NewLink `link` now ends the chain (with an `event`, its Logged leaf);
+        False if the chain is no longer at link.seq - 1 with hash link.prev (another link got there
+        first), or the user is gone.
 
         What the link does to its device happens in the same transaction: an
         add lists it, a name renames it, a revoke marks it and drops its
         prekeys, the resume tokens of sessions bound to it and the wraps
-        waiting for it (it can never log in to take them).
+        waiting for it (it can never log in to take them); and the account
+        event `event` (a store.account_log.NewEvent) is logged, so a link is
+        never stored without its event, nor an event without its link.
         """
-        return self._write("append_link", self._append_link_txn, username, link, now)
+        return self._write("append_link", self._append_link_txn, username, link, now, event)
 
     @staticmethod
-    def _append_link_txn(txn, username, link, now):
+    def _append_link_txn(txn, username, link, now, event):
         uid = user_id(txn, username)
         if uid is None:
             return False
@@ -118,7 +122,7 @@ class KeyStore(StoreBase):
             txn.execute(f"UPDATE devices SET revoked_seq = ? WHERE {_OF_DEVICE}", (link.seq, *device))
             for table in ("one_time_prekeys", "signed_prekeys", "resume_tokens", "wraps"):
                 txn.execute(f"DELETE FROM {table} WHERE {_OF_DEVICE}", device)
-        return True
+        return True if event is None else append_event(txn, uid, username, event, now)
 
     def device_chain(self, username, after_seq, limit):
         """Deferred: ([link bytes], has_more): `username`'s links after `after_seq`, at most `limit`; None for no user."""
