@@ -72,7 +72,7 @@ class TwoFactorClientTests(DaemonClientCase):
         secret, uri = yield client.begin_two_factor()
         self.assertTrue(uri.startswith("otpauth://totp/"), uri)
         self.assertIn(f"secret={secret}", uri)
-        codes = yield client.confirm_two_factor(code_at(secret))  # a signed action of the device
+        codes = yield client.confirm_two_factor(code_at(secret), PASSWORD)  # a signed action of the device
         self.assertEqual(len(codes), 10)
         status = yield client.two_factor_status()
         self.assertEqual((status["enabled"], status["recovery_codes_left"]), (True, 10))
@@ -140,8 +140,11 @@ class TwoFactorClientTests(DaemonClientCase):
         yield plain.login("bob", PASSWORD)
         secret, _ = yield plain.begin_two_factor()
         with self.assertRaises(commands.BadCredentials):
-            yield plain.confirm_two_factor(wrong_code(secret))
-        codes = yield plain.confirm_two_factor(code_at(secret))  # nothing to sign: no device
+            yield plain.confirm_two_factor(wrong_code(secret), PASSWORD)
+        with self.assertRaises(commands.BadCredentials) as wrong:  # (a right code, a wrong password)
+            yield plain.confirm_two_factor(code_at(secret), "not the password at all")
+        self.assertEqual(str(wrong.exception), commands.BAD_CREDENTIALS_TEXT)
+        codes = yield plain.confirm_two_factor(code_at(secret), PASSWORD)  # nothing to sign: no device
         self.assertEqual(len(codes), 10)
         other = self.make_client()
         yield other.connect()

@@ -70,6 +70,28 @@ class TwoFactorSecurechatTests(SecurechatCase):
         self.assertEqual(self.events(again, "error", command="login")[0]["code"], "BAD_CREDENTIALS")
 
     @inlineCallbacks
+    def test_confirm_asks_the_password_as_the_next_line(self):
+        """Never on the command line: without SECURECHAT_PASSWORD, --batch reads it after /2fa confirm CODE."""
+        alice = self.securechat("/register alice\n/2fa enrol\n/quit\n")
+        yield self.ended(alice)
+        [enrol] = self.events(alice, "answer", command="2fa", action="enrol")
+        login = f"/login alice\n{self.PASSWORD}\n"
+        wrong = self.securechat(f"{login}/2fa confirm {code_at(enrol['secret'])}\nnot the password\n", password=False)
+        yield self.ended(wrong, 1)
+        [error] = self.events(wrong, "error", command="2fa")
+        self.assertEqual(error["code"], "BAD_CREDENTIALS")
+        right = self.securechat(
+            f"{login}/2fa confirm {code_at(enrol['secret'])}\n{self.PASSWORD}\n/2fa\n/quit\n", password=False
+        )
+        yield self.ended(right)
+        self.assertEqual(len(self.events(right, "answer", command="2fa", action="confirm")[0]["recovery_codes"]), 10)
+        [status] = self.events(right, "answer", command="2fa", action="status")
+        self.assertTrue(status["enabled"])
+        for run in (wrong, right):
+            self.assertNotIn(self.PASSWORD.encode(), run.out + run.err)
+            self.assertNotIn(b"not the password", run.out + run.err)
+
+    @inlineCallbacks
     def test_list_and_end_a_session_from_another_session(self):
         first = self.securechat("/register alice\n")
         yield self.answered(first, "login")

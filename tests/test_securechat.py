@@ -88,9 +88,9 @@ class BatchDaemonCase(unittest.TestCase):
         _, self.daemon = spawn_daemon(self, reactor, config, self.directory)
         self.port = yield self.daemon.listening
 
-    def securechat(self, keys, installation="alice", close_stdin=False, arguments=()):
+    def securechat(self, keys, installation="alice", close_stdin=False, arguments=(), password=True):
         """A `securechat --batch` typing `keys`, with its own XDG_DATA_HOME; input stays open unless `close_stdin`;
-        `arguments`: more of its command line."""
+        `arguments`: more of its command line; without `password`, no SECURECHAT_PASSWORD (it is asked)."""
         client = ClientProcess(keys, close_stdin=close_stdin)
         home = os.path.join(self.directory, installation)
         os.makedirs(home, exist_ok=True)
@@ -98,7 +98,7 @@ class BatchDaemonCase(unittest.TestCase):
             client,
             SECURECHAT,
             [SECURECHAT, "--host", "localhost", "--port", str(self.port), "--ca", "certs/ca.pem", "--batch", *arguments],
-            env=dict(environment(), XDG_DATA_HOME=home, SECURECHAT_PASSWORD=self.PASSWORD),
+            env=dict(environment(), XDG_DATA_HOME=home, **({"SECURECHAT_PASSWORD": self.PASSWORD} if password else {})),
             path=self.directory,
         )
 

@@ -823,9 +823,10 @@ class ChatClient:
         begun = self.call(commands.BeginTwoFactor)
         return begun.addCallback(lambda answer: (answer["secret"], answer["uri"]))
 
-    def confirm_two_factor(self, code):
-        """Deferred list of the ten recovery codes (shown once): two-factor login is on."""
-        confirmed = self._signed_call(commands.ConfirmTwoFactor, "second_factor_on", code=code)
+    def confirm_two_factor(self, code, password):
+        """Deferred list of the ten recovery codes (shown once): two-factor login is on. `password`, the
+        account's, proves this is its owner, not a session resumed from a stolen token."""
+        confirmed = self._signed_call(commands.ConfirmTwoFactor, "second_factor_on", code=code, password=password)
         return confirmed.addCallback(lambda answer: list(answer["recovery_codes"]))
 
     def disable_two_factor(self, code):

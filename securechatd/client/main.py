@@ -381,13 +381,13 @@ class Chat:
         elif action == "disable":
             await self.client.disable_two_factor(await self._code("Code (or a recovery code): ", code))
             self._answer("2fa", action=action)
+        elif action == "confirm":
+            password = self.password or await self._secret("Current password: ")
+            code = await self._code("Code from your authenticator app: ", code)
+            codes = await self.client.confirm_two_factor(code, password)
+            self._answer("2fa", action=action, recovery_codes=codes)
         else:
-            ask = "Code from your authenticator app: " if action == "confirm" else "Code (or a recovery code): "
-            code = await self._code(ask, code)
-            if action == "confirm":
-                codes = await self.client.confirm_two_factor(code)
-            else:
-                codes = await self.client.new_recovery_codes(code)
+            codes = await self.client.new_recovery_codes(await self._code("Code (or a recovery code): ", code))
             self._answer("2fa", action=action, recovery_codes=codes)
 
     async def _do_sessions(self):

@@ -168,8 +168,9 @@ COMMANDS = {
             "two-factor login: status, enrol, confirm CODE, disable CODE, recovery CODE",
             "status (the default) says whether it is on and how many recovery codes are left. enrol shows a "
             "secret and an otpauth:// URI for your authenticator app; confirm CODE with a code of the app "
-            "switches it on and shows ten recovery codes, once: keep them safe (it also ends your other "
-            "sessions). disable CODE switches it off; recovery CODE makes ten new recovery codes (the old stop "
+            "and your password (asked unless --password-file or SECURECHAT_PASSWORD gives it; in --batch the "
+            "next input line) switches it on and shows ten recovery codes, once: keep them safe (it also ends "
+            "your other sessions). disable CODE switches it off; recovery CODE makes ten new recovery codes (the old stop "
             "working). CODE may be a recovery code; without it you are asked.",
             rest=True,
         ),
