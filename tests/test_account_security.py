@@ -39,6 +39,13 @@ def entries(answer):
     return [Entry(item["event"], item["leaf_index"], item["proof"]) for item in answer["events"]]
 
 
+# A forger that deletes an event renumbers the leaves after it, so the server's tree has no hole
+# (leaves are appended in row order).
+CLOSE_GAPS = (
+    ("UPDATE account_events SET leaf_index = -1 - (SELECT COUNT(*) FROM account_events e WHERE e.rowid < account_events.rowid)", ()),
+    ("UPDATE account_events SET leaf_index = -1 - leaf_index", ()),
+)
+
 class Client:
     """What a client keeps of its account log: the last event and tree head it verified."""
 
@@ -383,6 +390,7 @@ class TamperTests(SecurityTestCase):
     def test_a_dropped_event(self):
         self.tamper(
             ("DELETE FROM account_events WHERE event = ?", (self.alice_event(2),)),
+            *CLOSE_GAPS,
         )
         with self.assertRaises(accountlog.LogError):
             self.refetch_from_scratch()
@@ -405,9 +413,17 @@ class TamperTests(SecurityTestCase):
             self.error(self.conn, InvalidArgument, commands.GetAccountLog, tree_size=self.client.known.head.size),
         )
 
+    def test_a_missing_leaf_is_not_shown_as_a_log(self):
+        """A leaf gone from the middle (the database damaged, or a careless forger): the server's tree would
+        stop there and every later event look never logged, so GetAccountLog says the log is damaged."""
+        self.tamper(("DELETE FROM account_events WHERE leaf_index = 2", ()))
+        self.connect("bob")  # (a new event: the log cannot grow past the damage either)
+        text = self.error(self.conn, commands.ServiceUnavailable, commands.GetAccountLog)
+        self.assertIn("account log is damaged", text)
+
     def test_a_forked_view(self):
         """The server shows alice a tree where another of her events is missing: the consistency proof fails."""
-        self.tamper(("DELETE FROM account_events WHERE leaf_index = 2", ()))
+        self.tamper(("DELETE FROM account_events WHERE leaf_index = 2", ()), *CLOSE_GAPS)
         self.connect("bob")
         self.connect("bob")
         with self.assertRaises(accountlog.LogError):

@@ -23,7 +23,7 @@ from securechatd.server.account_log import AccountLog
 from securechatd import verify_log
 from securechatd.verify_log import Row
 from tests.helpers import Connection, run_now
-from tests.test_account_security import NOW, SecurityTestCase
+from tests.test_account_security import CLOSE_GAPS, NOW, SecurityTestCase
 
 SEEN = "2023-11-14 22:13:20 UTC"  # NOW: when the daemon signed the first tree head
 
@@ -264,17 +264,17 @@ class TamperTests(LogCase):
         self.sql(("DELETE FROM account_events WHERE leaf_index >= 5", ()))
         self.assertCaught(f"the server's log was cut: it no longer holds the tree head of size 7 signed {SEEN}", [])
 
-    def test_a_deleted_event_shown_to_a_new_client(self):
-        """A client with no saved head gets the events the damaged tree can still prove (the server's tree
-        stops at the deleted leaf), not an error; the events after it are left out."""
+    def test_a_missing_leaf(self):
+        """A row deleted and its leaf's place left empty: the server says its log is damaged (a tree stopping
+        there would show every later event as never logged), to a client with or without a saved head."""
         rowid, _ = self.alice(3)
         self.sql(("DELETE FROM account_events WHERE rowid = ?", (rowid,)))
+        self.failureResultOf(self.checker().check(self.conn.call), commands.ServiceUnavailable)
         os.remove(self.state)
-        report = self.check()
-        self.assertEqual((report.verified, [r.seq for r in report.events]), (True, [1, 2]))
+        self.failureResultOf(self.checker().check(self.conn.call), commands.ServiceUnavailable)
 
     def test_a_deleted_event(self):
-        """A row deleted in the middle: the server's tree stops before it, smaller than the one seen."""
+        """A row deleted in the middle and the leaves after it renumbered: the tree is smaller than the one seen."""
         rowid, _ = self.alice(3)
-        self.sql(("DELETE FROM account_events WHERE rowid = ?", (rowid,)))
+        self.sql(("DELETE FROM account_events WHERE rowid = ?", (rowid,)), *CLOSE_GAPS)
         self.assertCaught(f"the server's log was cut: it no longer holds the tree head of size 7 signed {SEEN}", [])

@@ -20,6 +20,7 @@ from securechatd.client.library import RefusedAtTLS
 from securechatd.commands import NoSuchConversation, NotAllowed
 from securechatd.server.account_log import AccountLog
 from tests.helpers import start_daemon, wall_now
+from tests.test_account_security import CLOSE_GAPS
 from tests.test_client import PASSWORD, Inbox
 from tests.test_client_twofactor import DaemonClientCase
 
@@ -243,6 +244,8 @@ class AccountLogTests(AccountSecurityCase):
                 "DELETE FROM account_events WHERE seq = 2"
                 " AND user_id = (SELECT id FROM users WHERE username = 'alice')"
             )
+            for statement, arguments in CLOSE_GAPS:
+                db.execute(statement, arguments)
         finally:
             db.close()
         log = self.hub.account_log

@@ -15,7 +15,7 @@ from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 
 from securechatd.accountlog import head_bytes, proof_bytes
-from securechatd.commands import InvalidArgument, NotAllowed
+from securechatd.commands import InvalidArgument, NotAllowed, ServiceUnavailable
 from securechatd.e2ee.merkle import Tree, sign_tree_head
 from securechatd.server.policy import deferred
 from securechatd.store.account_log import Logged
@@ -24,6 +24,7 @@ log = Logger()
 
 PAGE = 50  # events per GetAccountLog answer: with proofs of 20 hashes each, well within one AMP value
 REPLAYED = "This signed action was used before: sign it again with a new nonce."
+DAMAGED = "The server's account log is damaged (an event is missing): its operator must restore it; nothing is shown."
 
 
 class AccountLog:
@@ -35,6 +36,7 @@ class AccountLog:
         self.tree = Tree()
         self._head = None  # the newest TreeHead signed
         self._syncing = DeferredLock()
+        self.damaged = False  # a leaf is missing from the database: the log can no longer grow, nor be shown
 
     def added(self, logged):
         """The store appended the leaf of a Logged (a store answer: None or a word are passed over)."""
@@ -55,11 +57,13 @@ class AccountLog:
             if logged.leaf_index == self.tree.size:
                 self.tree.append(logged.leaf)
             elif logged.leaf_index > self.tree.size:
-                log.error(
-                    "the account log in the database has no leaf {index}: it was damaged or tampered with;"
-                    " the log stops there (clients will say so)",
-                    index=self.tree.size,
-                )
+                if not self.damaged:
+                    log.error(
+                        "the account log in the database has no leaf {index}: it was damaged or tampered with;"
+                        " GetAccountLog answers SERVICE_UNAVAILABLE until it is restored from a backup",
+                        index=self.tree.size,
+                    )
+                self.damaged = True
                 return
 
     @deferred
@@ -100,6 +104,8 @@ class AccountLog:
             raise InvalidArgument("after_seq and tree_size are 0 or more.")
         rows = await self.store.account_events(username, after_seq, PAGE + 1)
         await self.sync()  # (after reading the events: their leaves are in the tree)
+        if self.damaged:  # (a head of the part before the damage would show every later event as never logged)
+            raise ServiceUnavailable(DAMAGED)
         head = await self.head()
         if tree_size > head.size:
             raise InvalidArgument(
@@ -107,10 +113,8 @@ class AccountLog:
                 " a larger one has since shown you another."
             )
         consistency = self.tree.consistency_proof(tree_size, head.size) if 0 < tree_size < head.size else []
-        entries = [  # (an event whose leaf is past a damaged place in the tree cannot be proved: left out)
-            (event, index, proof_bytes(self.tree.inclusion_proof(index, head.size)))
-            for event, index in rows[:PAGE]
-            if index < head.size
+        entries = [
+            (event, index, proof_bytes(self.tree.inclusion_proof(index, head.size))) for event, index in rows[:PAGE]
         ]
         return entries, head_bytes(head), proof_bytes(consistency), len(rows) > PAGE
 
