@@ -148,6 +148,20 @@ class DirectoryTests(PrivacyTestCase):
         self.error(self.mallory, RateLimited, commands.ListUsers, prefix="car")
 
 
+    def test_presence_of_strangers_is_a_search_too(self):
+        """NO_SUCH_USER tells who exists, so asking about anyone but contacts spends a search, whether the
+        names exist or not: a stranger cannot test a list of names faster than the directory limit."""
+        for n in range(15):
+            self.error(self.mallory, commands.NoSuchUser, commands.GetPresence, usernames=[f"nobody{n}"])
+            self.seen(self.mallory)  # (alice exists: the same cost)
+        for names in (["nobody"], ["alice"], ["mallory", "bob"]):
+            refused = self.error(self.mallory, RateLimited, commands.GetPresence, usernames=names)
+            self.assertEqual(refused, "Too many searches of the directory; retry in 2 seconds.")
+        self.ok(self.mallory, commands.GetPresence, usernames=["mallory"])  # (oneself is no search)
+        for _ in range(40):  # contacts are no search either
+            self.assertEqual(self.seen(self.bob)[0], "online")
+
+
 class InvitationTests(PrivacyTestCase):
     def test_a_stranger_cannot_put_you_in_a_group(self):
         group = self.ok(self.mallory, commands.CreateConversation, members=["alice", "carol"], title="spam")

@@ -111,17 +111,30 @@ class PresenceService:
 
     @deferred
     async def get(self, session, usernames):
-        """[(username, status, note, last_seen or None)]; NO_SUCH_USER if one is not registered."""
+        """[(username, status, note, last_seen or None)]; NO_SUCH_USER if one is not registered.
+
+        Asking about anyone but oneself and one's contacts is a search of the
+        directory (NO_SUCH_USER tells who exists): it spends one of the
+        caller's searches, whether those named exist or not, so the answer
+        says nothing before the limit does.
+        """
         if not 1 <= len(usernames) <= commands.MAX_PRESENCE_NAMES:
             raise InvalidArgument(f"Ask for 1 to {commands.MAX_PRESENCE_NAMES} users at a time.")
         names = [existing_name(name) for name in usernames]
         views = await self.store.presence_view(session.username, set(names))
+        if any(name != session.username and not (name in views and views[name].consents) for name in names):
+            self._search(session)
         rows = []
         for name in names:
             if name not in views:
                 raise NoSuchUser(f"There is no user {name}.")
             rows.append((name, *self._seen_by(session.username, name, views[name])))
         return rows
+
+    def _search(self, session):
+        wait = self.searches.take(session.username)
+        if wait:
+            raise RateLimited(f"Too many searches of the directory; {retry_text(wait)}.")
 
     @deferred
     async def list_users(self, session, prefix, limit):
@@ -130,9 +143,7 @@ class PresenceService:
         prefix = (prefix or "").lower()
         if len(prefix) < self.directory_prefix:
             raise InvalidArgument(f"Give at least the first {self.directory_prefix} characters of a name (prefix).")
-        wait = self.searches.take(session.username)
-        if wait:
-            raise RateLimited(f"Too many searches of the directory; {retry_text(wait)}.")
+        self._search(session)
         names = await self.store.list_users(prefix, limit)
         views = await self.store.presence_view(session.username, names)
         return [(name, self._seen_by(session.username, name, views[name])[0]) for name in names if name in views]
