@@ -387,7 +387,7 @@ class AccountService:
         username = normalize_username(username)
         if device_id is not None:
             check_device_id(device_id)
-        check_certificate(certificate, username)
+        self._check_certificate(certificate, username, address)
         self.realm.check_limit(username)
         credentials = UsernamePassword(username, password)
 
@@ -416,7 +416,7 @@ class AccountService:
         except InvalidUsername:
             name = None
         if name is not None:
-            check_certificate(certificate, name)
+            self._check_certificate(certificate, name, address)
             self.realm.check_limit(name)  # before the token is spent
         credentials = ResumeToken(name, token)
 
@@ -644,6 +644,7 @@ class AccountService:
         )
 
     def _device_refused(self, session, reason):
+        """Tell the operator's security log and the user's account log (a revoked laptop trying is news to them)."""
         security.warn(
             "login refused for {username} on device {target}: {reason}",
             username=session.username,
@@ -652,6 +653,17 @@ class AccountService:
             reason=reason,
             security_event="login_device_refused",
         )
+        event = NewEvent("login_failed", session.address, device=bytes.fromhex(session.device_id), target=f"device {reason}")
+        self.log.record_quietly(session.username, event)
+
+    def _check_certificate(self, certificate, username, address):
+        """NOT_ALLOWED if the connection's client certificate names another account than `username`; the
+        account's owner finds the try in their account log."""
+        if certificate is not None and certificate != username:
+            self.log.record_quietly(
+                username, NewEvent("login_failed", address, target=f"the client certificate of {certificate}")
+            )
+            raise NotAllowed("This connection's client certificate is for another account.")
 
     @deferred
     async def logout(self, session):
@@ -759,9 +771,3 @@ class _Done:
 
     def end(self, outcome, reason=None):
         pass
-
-
-def check_certificate(certificate, username):
-    """NOT_ALLOWED if the connection's client certificate names another account than `username`."""
-    if certificate is not None and certificate != username:
-        raise NotAllowed("This connection's client certificate is for another account.")
