@@ -77,11 +77,14 @@ class RequiredTests(ClientCertTestCase):
     @inlineCallbacks
     def test_a_certificate_for_another_account(self):
         alice = yield self.connect("alice")
-        yield alice.callRemote(commands.Register, username="bob", password=PASSWORD)
+        with self.assertRaises(NotAllowed) as refused:  # (nor can it take the name issued to another)
+            yield alice.callRemote(commands.Register, username="bob", password=PASSWORD)
+        self.assertIn("client certificate is for another account", str(refused.exception))
+        bob = yield self.connect("bob")
+        yield bob.callRemote(commands.Register, username="bob", password=PASSWORD)
         with self.assertRaises(NotAllowed) as refused:
             yield alice.callRemote(commands.Login, username="bob", password=PASSWORD)
         self.assertIn("client certificate is for another account", str(refused.exception))
-        bob = yield self.connect("bob")
         token = (yield bob.callRemote(commands.Login, username="bob", password=PASSWORD))["resume_token"]
         with self.assertRaises(NotAllowed):
             yield alice.callRemote(commands.Resume, username="bob", resume_token=token)
@@ -110,8 +113,10 @@ class AllowedTests(ClientCertTestCase):
 
     @inlineCallbacks
     def test_with_one_only_its_account(self):
+        yield (yield self.connect()).callRemote(commands.Register, username="bob", password=PASSWORD)
         alice = yield self.connect("alice")
-        yield alice.callRemote(commands.Register, username="bob", password=PASSWORD)
+        with self.assertRaises(NotAllowed):
+            yield alice.callRemote(commands.Register, username="carol", password=PASSWORD)
         with self.assertRaises(NotAllowed):
             yield alice.callRemote(commands.Login, username="bob", password=PASSWORD)
 

@@ -337,9 +337,11 @@ class AccountService:
         )
 
     @deferred
-    async def register(self, username, password, address, invite=None):
-        """Create an account; with registration closed, only with a valid invitation."""
+    async def register(self, username, password, address, invite=None, certificate=None):
+        """Create an account; with registration closed, only with a valid invitation; on a connection with a
+        client certificate, only the account the certificate names (no one takes a name issued to another)."""
         username = normalize_username(username)
+        self._check_certificate(certificate, username, address)
         passwords.check_rule(password)
         invite_hash = None
         if not self.registration_open:

@@ -216,7 +216,9 @@ class ChatLocator(amp.CommandLocator):
     @commands.Register.responder
     def register(self, username, password, invite=None):
         self._not_logged_in()
-        registered = self.accounts.register(username, password, self._address(), invite)
+        registered = self.accounts.register(
+            username, password, self._address(), invite, self.connection.certificate_name
+        )
         return registered.addCallback(lambda name: {"username": name})
 
     @commands.Login.responder
