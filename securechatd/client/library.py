@@ -31,6 +31,7 @@ callbacks and methods.
 import hashlib
 import os
 import random
+import re
 import uuid
 from collections import deque
 from dataclasses import dataclass, field, fields
@@ -214,6 +215,11 @@ class TLSHandshakeFailed(Exception):
     """The server could not be verified (wrong CA, host name or an expired certificate)."""
 
 
+class MalformedAnswer(Exception):
+    """The server answered what no securechatd server sends (a session id that is not 32 hex digits):
+    refused rather than shown or sent back."""
+
+
 class RefusedAtTLS(ConnectionClosed):
     """The server ended the connection with a TLS alert after the handshake: it refused this client's
     certificate (none given where one is required, another CA's, expired). `alert` is OpenSSL's text."""
@@ -221,6 +227,17 @@ class RefusedAtTLS(ConnectionClosed):
     def __init__(self, alert):
         super().__init__(f"The server refused the connection at TLS ({alert}).")
         self.alert = alert
+
+
+_SESSION_ID = re.compile(r"[0-9a-f]{32}\Z")
+
+
+def _checked_sessions(rows):
+    """ListSessions' rows, each session id the 32 lower-case hex digits EndSession takes, or MalformedAnswer."""
+    for row in rows:
+        if not _SESSION_ID.match(row["session_id"]):
+            raise MalformedAnswer("The server listed a session whose id is not 32 hex digits.")
+    return list(rows)
 
 
 def _refused_at_tls(reason):
@@ -841,7 +858,7 @@ class ChatClient:
     def list_sessions(self):
         """Deferred list of dicts (session_id, device_id, client_name, address, since, last_active, online,
         this_session), oldest first."""
-        return self.call(commands.ListSessions).addCallback(lambda answer: list(answer["sessions"]))
+        return self.call(commands.ListSessions).addCallback(lambda answer: _checked_sessions(answer["sessions"]))
 
     def end_session(self, session_id):
         """Deferred: end another session of the user (its connection closes, its resume token is revoked)."""

@@ -30,7 +30,7 @@ from securechatd.certs import CA_CERT, CertError
 from securechatd.client import ui
 from securechatd.client.crypto import EncryptionUnavailable
 from securechatd.client.device_file import write_private
-from securechatd.client.library import ChatClient, RefusedAtTLS, TLSHandshakeFailed
+from securechatd.client.library import ChatClient, MalformedAnswer, RefusedAtTLS, TLSHandshakeFailed
 from securechatd.client.transcripts import ExportError
 from securechatd.commands import ChatError, MessageTooLarge, NoSuchConversation
 from securechatd.e2ee.membership import ModeError
@@ -67,6 +67,8 @@ def describe(error):
         return "NO_DEVICE", str(error)
     if isinstance(error, RefusedAtTLS):
         return "TLS_REFUSED", _tls_refusal(error.alert)
+    if isinstance(error, MalformedAnswer):
+        return "BAD_ANSWER", str(error)
     if isinstance(error, ConnectionClosed):
         return "DISCONNECTED", "Not connected to the server."
     return "INTERNAL", f"Unexpected problem: {type(error).__name__}: {error} (--debug logs the details)."
@@ -1322,7 +1324,7 @@ def _report(problem, batch):
     if batch:
         sys.stdout.write(ui.to_json({"event": "error", "command": "connect", "code": code, "message": message}) + "\n")
     else:
-        sys.stderr.write(f"securechat: {message}\n")
+        sys.stderr.write(f"securechat: {ui.clean(message)}\n")
 
 
 CLOSED_PIPE = 128 + 13  # the status a shell shows for a program killed by SIGPIPE
@@ -1387,7 +1389,7 @@ def _one_line(event):
     client's status window), not a traceback."""
     failure = event.get("log_failure")
     if failure is not None and event.get("log_namespace") != __name__:
-        _show_problem(f"unexpected problem: {failure.getErrorMessage()} (--debug shows more)")
+        _show_problem(ui.clean(f"unexpected problem: {failure.getErrorMessage()} (--debug shows more)"))
 
 
 def main(argv=None):

@@ -3,8 +3,9 @@
 main.Chat stays the one place that runs commands and turns answers and pushes
 into records; Tui is the console it talks to (next_line, read_secret,
 show_record, set_prompt, close), as ui.Console and ui.Terminal are. Tui sorts
-each record into its conversation's window and draws it; everything a remote
-person wrote goes through ui.clean, so no control character of theirs reaches
+each record into its conversation's window and draws it; every text of a
+record (ui.cleaned), and every name it draws from elsewhere, goes through
+ui.clean, so no control character a server or a remote person sent reaches
 the terminal.
 
 The widgets are plain urwid objects: tests press keys into `Tui.widget` and
@@ -403,7 +404,7 @@ class Tui(ui.Typed):
         me = self._me()
         order = self.order()
         number = order.index(self.shown) if self.shown in order else "-"
-        parts = [("bar", f" {me or 'not logged in'} │ {number}:{ui.clean(self._name(self.shown))}")]
+        parts = [("bar", f" {ui.clean(me or 'not logged in')} │ {number}:{ui.clean(self._name(self.shown))}")]
         conversations = self._conversations()
         mode = self._mode(self.shown)
         if mode is not None:
@@ -438,6 +439,7 @@ class Tui(ui.Typed):
     # -- records --------------------------------------------------------------------------------------
 
     def show_record(self, record, now):
+        record = ui.cleaned(record)
         self._now = now
         self.refresh()  # (Chat may have changed the current conversation just before)
         event = record["event"]
@@ -501,7 +503,7 @@ class Tui(ui.Typed):
             if index:
                 markup.append("\n      ")
             attr = "quote" if text.startswith("> ") else ("mention" if mentioned else None)
-            markup.append((attr, ui.clean(text)) if attr else ui.clean(text))
+            markup.append((attr, text) if attr else text)
         if record.get("message_id") is not None:
             markup.append(("id", f"  #{record['message_id']}"))
         note = ui.chain_note(record)
@@ -552,8 +554,7 @@ class Tui(ui.Typed):
 
     def _answer_dm(self, record, at):
         if record["created"]:
-            name = ui.clean(record["conversation"])
-            self.system(f"new conversation with {name}", "system", record["conversation_id"])
+            self.system(f"new conversation with {record['conversation']}", "system", record["conversation_id"])
         if "message_id" in record:
             self._message(record, at)
 
@@ -648,8 +649,8 @@ class Tui(ui.Typed):
             desktop = self.which("notify-send") if display or self.notify != "auto" else None
         if desktop is not None:
             body = record["body"][len(ui.ACTION) :] if ui.is_action(record["body"]) else record["body"]
-            text = ui.clean(body)[:NOTE_LENGTH]
-            title = f"{record['sender']} in {ui.clean(record['conversation'])}"
+            text = body[:NOTE_LENGTH]
+            title = f"{record['sender']} in {record['conversation']}"
             argv = [desktop, "--app-name=securechat", "--", title, text]
             try:
                 self.reactor.spawnProcess(_Quiet(), desktop, argv, env=dict(self.environ))
@@ -841,7 +842,7 @@ class Tui(ui.Typed):
         else:
             people = set(self.users)
             for conversation in self._conversations().values():
-                people.update(conversation.members)
+                people.update(ui.clean(member) for member in conversation.members)
             people.discard(self._me())
             bare = word.lstrip("@")
             at = word[: len(word) - len(bare)]

@@ -377,7 +377,7 @@ def conversation_name(conversation, me):
 
 def prompt(conversation, unread, elsewhere=0, mode=None):
     """The input prompt: where a line without a slash goes, its mode (encrypted), its unread count, and the others'."""
-    parts = [conversation or "-"] + ([mode] if mode else [])
+    parts = [clean(conversation or "-")] + ([mode] if mode else [])
     if unread:
         parts.append(f"{unread} unread")
     if elsewhere:
@@ -408,6 +408,18 @@ def clean(text, indent=""):
     lines = text.split("\n")
     safe = ["".join("�" if unicodedata.category(c) == "Cc" else c for c in line.replace("\t", " ")) for line in lines]
     return ("\n" + indent).join(safe)
+
+
+def cleaned(record):
+    """`record` with every text in it (at any depth) through clean(): whatever a server or another
+    person sent, in any field, reaches a screen as text, never as a control sequence."""
+    if isinstance(record, str):
+        return clean(record)
+    if isinstance(record, dict):
+        return {key: cleaned(value) for key, value in record.items()}
+    if isinstance(record, (list, tuple)):
+        return [cleaned(value) for value in record]
+    return record
 
 
 ACTION = "/me "  # a message starting so is an action: "* alice waves"
@@ -450,11 +462,11 @@ MODE_TEXTS = {
 
 def _message(record, at, suffix=""):
     suffix = chain_note(record) + suffix
-    body, head = record["body"], f"{at(record['sent_at'])} [{clean(record['conversation'])}] "
+    body, head = record["body"], f"{at(record['sent_at'])} [{record['conversation']}] "
     if record.get("problem") == "no_key":
         return head + f"<{record['sender']}> (sent before this device was added: it cannot be read here)"
     if record.get("problem"):
-        detail = f": {clean(record['problem_detail'])}" if record.get("problem_detail") else ""
+        detail = f": {record['problem_detail']}" if record.get("problem_detail") else ""
         return head + f"<{record['sender']}> !! this message could not be decrypted ({record['problem']}{detail})"
     if is_action(body):
         return head + f"* {record['sender']} " + clean(body[len(ACTION) :], " " * 6) + suffix
@@ -477,20 +489,20 @@ def _receipt(record, at):
         what = f" {len(ids)} messages up to #{ids[-1]}"
     else:  # (messages sent before this run: their ids are not known here, their place is)
         what = f" messages up to no. {record['seq']}"
-    return [f"{at(record['at'])} [{clean(record['conversation'])}] {mark}{what} {verb} {record['username']}"]
+    return [f"{at(record['at'])} [{record['conversation']}] {mark}{what} {verb} {record['username']}"]
 
 
 def _presence_text(row, at):
     text = f"{row['username']} is {row['status']}"
     if row.get("note"):
-        text += f": {clean(row['note'])}"
+        text += f": {row['note']}"
     if row["status"] == "offline" and row.get("last_seen"):
         text += f", last seen {at(row['last_seen'])}"
     return text
 
 
 def _conversation(record, at):
-    name, members = clean(record["conversation"]), ", ".join(record["members"])
+    name, members = record["conversation"], ", ".join(record["members"])
     when = at(record["at"])
     if record["change"] == "left":
         return [f"{when} * you are no longer in [{name}]"]
@@ -513,7 +525,7 @@ def _login(record, at):
 
 
 def _dm(record, at):
-    opened = f"now in [{clean(record['conversation'])}]" + (" (new conversation)" if record["created"] else "")
+    opened = f"now in [{record['conversation']}]" + (" (new conversation)" if record["created"] else "")
     opened += f" ({record['mode']})" if record.get("mode") else ""
     return [opened] + ([_sent(record, at)] if "message_id" in record else [])
 
@@ -541,13 +553,13 @@ def _convs(record, at):
         security = ("encrypted, all verified" if row["verified"] else "encrypted") if row.get("encrypted") else "plaintext"
         if row.get("mode"):
             security += f", {row['mode']}"
-        line = f"{marker} #{row['conversation_id']:<5} {clean(row['conversation']):<24} {security:<24} {unread}"
+        line = f"{marker} #{row['conversation_id']:<5} {row['conversation']:<24} {security:<24} {unread}"
         lines.append(line.rstrip())
     return lines
 
 
 def _open(record, at):
-    line = f"now in [{clean(record['conversation'])}]" + (f" ({record['mode']})" if record.get("mode") else "")
+    line = f"now in [{record['conversation']}]" + (f" ({record['mode']})" if record.get("mode") else "")
     if not record["unread"]:
         return [line]
     missed = [_message(message, at) for message in record["messages"]]
@@ -564,7 +576,7 @@ def _history(record, at):
 
 
 def _receipts(record, at):
-    lines = [f"#{record['message_id']} in [{clean(record['conversation'])}]:"]
+    lines = [f"#{record['message_id']} in [{record['conversation']}]:"]
     for row in record["receipts"]:
         if row["read_at"]:
             state = f"read {at(row['read_at'])}"
@@ -577,7 +589,7 @@ def _receipts(record, at):
 
 
 def _transcript_signed(record, at):
-    where = f"{at(record['at'])} [{clean(record['conversation'])}]"
+    where = f"{at(record['at'])} [{record['conversation']}]"
     upto = f"#{record['n']}" + (f" (message no. {record['seq']})" if record.get("seq") else "")
     if record["verified"]:
         return [f"{where} read by {record['username']}, transcript verified up to {upto}"]
@@ -590,12 +602,12 @@ def _transcript_signed(record, at):
 def _export(record, at):
     shown = len(record["disclosed"])
     lines = [
-        f"exported [{clean(record['conversation'])}] to {clean(record['file'])}: {record['links']} chain links,"
+        f"exported [{record['conversation']}] to {record['file']}: {record['links']} chain links,"
         f" {record['messages']} messages ({shown} with their text), {record['transcript_heads']} transcript heads",
-        f"  anyone with the file can check it: securechatd-verify {clean(record['file'])}"
+        f"  anyone with the file can check it: securechatd-verify {record['file']}"
         + (" (and read the texts in it)" if shown else ""),
     ]
-    lines += [f"  left out: {clean(reason)}" for reason in record["left_out"]]
+    lines += [f"  left out: {reason}" for reason in record["left_out"]]
     return lines
 
 
@@ -646,24 +658,24 @@ def _security(record, at):
     if record["verified"]:
         lines = [f"account log of {user}: verified ({len(record['events'])} events, tree of {record['tree_size']})"]
     else:
-        lines = [f"!! account log of {user} does NOT check: {clean(record['problem'] or '')}"]
+        lines = [f"!! account log of {user} does NOT check: {record['problem'] or ''}"]
     for e in record["events"]:
         signed = "  signed by its device" if e["signed"] == "yes" else ""
         where = f" from {e['address']}" if e["address"] else ""
         device = f" device {e['device'][:8]}" if e["device"] else ""
-        target = f" {clean(e['target'])}" if e["target"] else ""
+        target = f" {e['target']}" if e["target"] else ""
         lines.append(f"  #{e['seq']:<4} {e['time']}  {e['kind']}{target}{where}{device}{signed}")
     if not record["verified"] and record["events"]:
         lines.append(f"  (verified up to #{record['events'][-1]['seq']})")
     if record.get("file"):
-        lines.append(f"  written to {clean(record['file'])}: securechatd-verify-log {clean(record['file'])} checks it")
+        lines.append(f"  written to {record['file']}: securechatd-verify-log {record['file']} checks it")
     return lines
 
 
 def _sessions(record, at):
     lines = []
     for s in record["sessions"]:
-        what = clean(s.get("client_name") or "?") + (f" device {s['device_id'][:8]}" if s.get("device_id") else "")
+        what = (s.get("client_name") or "?") + (f" device {s['device_id'][:8]}" if s.get("device_id") else "")
         state = "this session" if s["this_session"] else ("online" if s["online"] else "away")
         lines.append(
             f"  {s['session_id'][:8]}  {what}  from {s.get('address') or '?'}  since {at(s['since'])}"
@@ -691,7 +703,7 @@ def invitation_name(invitation):
 
 def _invitation(row, at):
     """One of the user's invitations, as /invitations lists it."""
-    group = clean(invitation_name(row))
+    group = invitation_name(row)
     line = f"  #{row['conversation_id']:<5} [{group}] from {row['inviter']}, {at(row['invited_at'])}"
     if row["accepted"]:
         return line + " (accepted: a member adds you with a signed state)"
@@ -701,7 +713,7 @@ def _invitation(row, at):
 def _invitations(record, at):
     lines = [_invitation(row, at) for row in record["invitations"]] or ["no invitations to you"]
     if "group" in record:
-        lines.append(f"invited to [{clean(record['conversation'])}]:")
+        lines.append(f"invited to [{record['conversation']}]:")
         for row in record["group"]:
             state = "accepted, waiting for a member's signed state" if row["accepted"] else "not answered yet"
             lines.append(f"  {row['username']} by {row['inviter']}, {at(row['invited_at'])}: {state}")
@@ -712,20 +724,20 @@ def _invitations(record, at):
 
 def _invite(record, at):
     if not record["invited"]:
-        return [f"[{clean(record['conversation'])}] nobody newly invited: they are members or invited already"]
-    return [f"[{clean(record['conversation'])}] invited {', '.join(record['invited'])}: they join once they accept"]
+        return [f"[{record['conversation']}] nobody newly invited: they are members or invited already"]
+    return [f"[{record['conversation']}] invited {', '.join(record['invited'])}: they join once they accept"]
 
 
 def _accept(record, at):
     if record["joined"]:
-        return [f"you joined [{clean(record['conversation'])}]; /open {clean(record['conversation'])} to talk there"]
-    return [f"accepted the invitation to [{clean(record['conversation'])}]; it is end-to-end encrypted: you join"
+        return [f"you joined [{record['conversation']}]; /open {record['conversation']} to talk there"]
+    return [f"accepted the invitation to [{record['conversation']}]; it is end-to-end encrypted: you join"
             " when a member's device adds you with a signed state"]
 
 
 def _invitation_accepted(record, at):
     done = "you added them with a signed state" if record["added"] else "a member's device adds them"
-    return [f"{at(record['at'])} * [{clean(record['conversation'])}] {record['username']} accepted the invitation;"
+    return [f"{at(record['at'])} * [{record['conversation']}] {record['username']} accepted the invitation;"
             f" {done}"]
 
 
@@ -756,42 +768,42 @@ _ANSWERS = {
     "invite": _invite,
     "invitations": _invitations,
     "accept": _accept,
-    "decline": lambda r, at: [f"declined the invitation to [{clean(r['conversation'])}]"],
-    "status": lambda r, at: [f"you are {r['status']}" + (f": {clean(r['note'])}" if r["note"] else "")],
+    "decline": lambda r, at: [f"declined the invitation to [{r['conversation']}]"],
+    "status": lambda r, at: [f"you are {r['status']}" + (f": {r['note']}" if r["note"] else "")],
     "say": lambda r, at: [_sent(r, at)],
     "dm": _dm,
     "group": lambda r, at: [
-        f"now in the new group [{clean(r['conversation'])}] with {', '.join(r['members'])}"
+        f"now in the new group [{r['conversation']}] with {', '.join(r['members'])}"
         + (f" ({r['mode']})" if r.get("mode") else "")
         + _invited_names(r)
     ],
-    "add": lambda r, at: [f"[{clean(r['conversation'])}] members: {', '.join(r['members'])}" + _invited_names(r)],
-    "leave": lambda r, at: [f"you left [{clean(r['conversation'])}]"],
+    "add": lambda r, at: [f"[{r['conversation']}] members: {', '.join(r['members'])}" + _invited_names(r)],
+    "leave": lambda r, at: [f"you left [{r['conversation']}]"],
     "convs": _convs,
     "open": _open,
     "history": _history,
-    "read": lambda r, at: [f"[{clean(r['conversation'])}] marked read"],
+    "read": lambda r, at: [f"[{r['conversation']}] marked read"],
     "receipts": _receipts,
     "wait": lambda r, at: [f"{r['count']} {r['awaited']} event(s) arrived"],
     "help": lambda r, at: r["lines"],
     "devices": lambda r, at: [
-        f"  {d['device_id'][:8]}  {clean(d['name'])}" + ("  (this device)" if d["this_device"] else "") for d in r["devices"]
+        f"  {d['device_id'][:8]}  {d['name']}" + ("  (this device)" if d["this_device"] else "") for d in r["devices"]
     ],
-    "revoke": lambda r, at: [f"revoked {r['device_id'][:8]} ({clean(r['name'])}): it reads nothing sent from now on"],
+    "revoke": lambda r, at: [f"revoked {r['device_id'][:8]} ({r['name']}): it reads nothing sent from now on"],
     "verify": _verify,
-    "name": lambda r, at: [f"your device {r['device_id'][:8]} is now called {clean(r['name'])}"],
+    "name": lambda r, at: [f"your device {r['device_id'][:8]} is now called {r['name']}"],
     "trust": lambda r, at: [f"{r['user']} is verified; you will be told if their devices change"],
     "link": lambda r, at: (
         [f"this device ({r['device_id'][:8]}) is linked: it reads and sends encrypted messages from now on"]
         if r["linked"]
         else ["On one of your devices already in use, type:", f"  /approve {r['request']}", "then /link again here."]
     ),
-    "approve": lambda r, at: [f"added the device {r['device_id'][:8]} ({clean(r['name'])})"],
+    "approve": lambda r, at: [f"added the device {r['device_id'][:8]} ({r['name']})"],
     "mode": lambda r, at: [
-        f"[{clean(r['conversation'])}] is " + ("now " if r["changed"] else "") + MODE_TEXTS[r["mode"]]
+        f"[{r['conversation']}] is " + ("now " if r["changed"] else "") + MODE_TEXTS[r["mode"]]
     ],
     "sign": lambda r, at: [
-        f"[{clean(r['conversation'])}] you signed the transcript up to #{r['n']}"
+        f"[{r['conversation']}] you signed the transcript up to #{r['n']}"
         + (f" (message no. {r['seq']})" if r["seq"] else "")
     ],
     "export": _export,
@@ -801,7 +813,7 @@ _ANSWERS = {
 
 _EVENTS = {
     "answer": lambda r, at: _ANSWERS[r["command"]](r, at),
-    "error": lambda r, at: [f"error: {clean(r['message'])}"],
+    "error": lambda r, at: [f"error: {r['message']}"],
     "deliver": lambda r, at: [_message(r, at)],
     "receipt": _receipt,
     "presence": lambda r, at: [f"{at(r['at'])} * {_presence_text(r, at)}"],
@@ -811,11 +823,11 @@ _EVENTS = {
     "reconnected": lambda r, at: [f"{at(r['at'])} * reconnected as {r['username']}"],
     "logged_out": lambda r, at: [f"{at(r['at'])} * logged out: {r['message']}"],
     "alarm": lambda r, at: [
-        f"{at(r['at'])} !! SECURITY: {r['kind']}" + (f" ({r['user']})" if r["user"] else "") + f": {clean(r['detail'] or '')}"
+        f"{at(r['at'])} !! SECURITY: {r['kind']}" + (f" ({r['user']})" if r["user"] else "") + f": {r['detail'] or ''}"
     ],
     "transcript_signed": _transcript_signed,
     "invited": lambda r, at: [
-        f"{at(r['at'])} * {r['inviter']} invites you to [{clean(invitation_name(r))}]"
+        f"{at(r['at'])} * {r['inviter']} invites you to [{invitation_name(r)}]"
         + (" (end-to-end encrypted)" if r["encrypted"] else "")
         + f": /accept {r['conversation_id']} or /decline {r['conversation_id']}"
     ],
@@ -824,7 +836,7 @@ _EVENTS = {
     + _two_factor({**r, "action": "enrol"}, at)[:-1]
     + ["then type the code it shows."],
     "recovery_codes": lambda r, at: _two_factor({**r, "action": "confirm"}, at)[1:],
-    "mode": lambda r, at: [f"{at(r['at'])} * [{clean(r['conversation'])}] {r['by']} made it {MODE_TEXTS[r['mode']]}"],
+    "mode": lambda r, at: [f"{at(r['at'])} * [{r['conversation']}] {r['by']} made it {MODE_TEXTS[r['mode']]}"],
     "devices": lambda r, at: [
         f"{at(r['at'])} !! {r['user']}'s devices changed: {len(r['added'])} added, {len(r['removed'])} removed;"
         f" compare safety numbers with /verify {r['user']}"
@@ -836,9 +848,10 @@ def render(record, now, tz=None):
     """The lines a person sees for an answer or event record.
 
     Times read as stamp() writes them: `now` (from the caller's clock) says
-    which day is today, `tz` (None: this machine's local zone) where.
+    which day is today, `tz` (None: this machine's local zone) where. Every text of the record
+    goes through clean() first, so no renderer can forget one.
     """
-    return _EVENTS[record["event"]](record, lambda moment: stamp(moment, now, tz))
+    return _EVENTS[record["event"]](cleaned(record), lambda moment: stamp(moment, now, tz))
 
 
 def to_json(record):
