@@ -32,8 +32,13 @@ class Unsealable(ValueError):
     """Sealed bytes that do not open with this key for this user: damaged, moved from another row, or of another key."""
 
 
-def load_or_create_key(path):
-    """The server key in `path`, made first if there is no file there.
+def load_or_create_key(path, sealed_for=0):
+    """The server key in `path`, made first if there is no file there and no secret was sealed before.
+
+    With the secrets of `sealed_for` users sealed under the key that was
+    there, a missing file is a KeyFileError instead: a new key opens none of
+    them, so every code of those users would be refused with no word why
+    (the file left behind in a restore to another machine, or a changed path).
 
     A new key is written to a temporary file beside `path` (created 0600,
     fsynced), then linked into place and the directory fsynced, so the name
@@ -44,7 +49,8 @@ def load_or_create_key(path):
     try:
         return _read_key(path)
     except FileNotFoundError:
-        pass
+        if sealed_for:
+            raise KeyFileError(_lost_key_text(path, sealed_for)) from None
     directory = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
     try:
@@ -62,6 +68,15 @@ def load_or_create_key(path):
     except OSError as problem:
         raise KeyFileError(f"cannot create the server key {path}: {problem.strerror}")
     return _read_key(path)
+
+
+def _lost_key_text(path, sealed_for):
+    return (
+        f"the TOTP key {path} is missing, but the two-factor secrets in the database ({sealed_for} users)"
+        " are sealed under it and no new key would open them: put the file back (restore it from its backup, or"
+        " correct [accounts] totp_key if it moved) and start again; only if it is lost for good, switch those"
+        " users' two-factor login off (securechatd-admin 2fa USER --disable) so that a new key can be made"
+    )
 
 
 def seal(key, user, secret):

@@ -43,7 +43,8 @@ from securechatd.server.services import (
     ThreadPoolService,
 )
 from securechatd.server.throttle import LoginThrottle, TokenBucket, WindowCounter
-from securechatd.store import MigrationError, Store, open_pool, prepare_database
+from securechatd.store import MigrationError, Store, StoreError, open_pool, prepare_database
+from securechatd.store.twofactor import two_factor_users
 
 log = Logger()
 
@@ -113,7 +114,12 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
     """
     account_log = AccountLog(store, clock, server_key, run_in_thread)
     two_factor = TwoFactor(
-        store, clock, totp_key or os.urandom(secretbox.KEY_BYTES), settings.two_factor == "required", account_log
+        store,
+        clock,
+        totp_key or os.urandom(secretbox.KEY_BYTES),
+        settings.two_factor == "required",
+        account_log,
+        config.totp_key_path(settings),
     )
     signed_actions = ActionChecker(store, clock, run_in_thread)
     accounts = AccountService(
@@ -224,13 +230,15 @@ def build(settings, reactor):
         )
     server_tls = tls.server_options(settings.certs, settings.client_certificates, config.client_ca_path(settings))
     _prepare_database(settings, reactor)
+    totp_key = secretbox.load_or_create_key(
+        config.totp_key_path(settings), two_factor_users(settings.database, settings.busy_timeout)
+    )
     store = Store(open_pool(settings.database, settings.durability, settings.busy_timeout, reactor))
     hash_pool = HashThreadPool(
         settings.hash_nice, minthreads=0, maxthreads=settings.hash_threads, name="securechatd-bcrypt"
     )
     hasher = PasswordHasher(settings.bcrypt_cost, partial(deferToThreadPool, reactor, hash_pool))
     server_key = load_server_key(config.signing_key_path(settings))
-    totp_key = secretbox.load_or_create_key(config.totp_key_path(settings))
     hub = make_hub(
         settings,
         store,
@@ -283,7 +291,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     try:
         daemon = build(options["settings"], reactor)
-    except (config.ConfigError, certs.CertError, MigrationError, OSError, secretbox.KeyFileError) as problem:
+    except (config.ConfigError, certs.CertError, MigrationError, StoreError, OSError, secretbox.KeyFileError) as problem:
         _fail(problem)
     reactor.callWhenRunning(_stop_on_sigterm, reactor)
     return daemon

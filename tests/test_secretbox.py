@@ -47,6 +47,17 @@ class KeyFileTests(unittest.SynchronousTestCase):
         self.write(b"k" * 32, 0o600)
         self.assertEqual(secretbox.load_or_create_key(self.path), b"k" * 32)
 
+    def test_a_lost_key_is_not_replaced_while_secrets_are_sealed_under_it(self):
+        with self.assertRaises(KeyFileError) as raised:
+            secretbox.load_or_create_key(self.path, sealed_for=3)
+        self.assertIn(f"the TOTP key {self.path} is missing", str(raised.exception))
+        self.assertIn("(3 users)", str(raised.exception))
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def test_a_key_in_place_is_used_whatever_is_sealed(self):
+        self.write(b"k" * 32, 0o600)
+        self.assertEqual(secretbox.load_or_create_key(self.path, sealed_for=3), b"k" * 32)
+
     def test_read_only_file_used(self):
         self.write(b"k" * 32, 0o400)
         self.assertEqual(secretbox.load_or_create_key(self.path), b"k" * 32)

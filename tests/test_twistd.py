@@ -6,6 +6,7 @@ import, not the copy `pip install .` left in site-packages.
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -15,9 +16,11 @@ from twisted.trial import unittest
 
 import securechatd
 from securechatd import commands
-from tests.helpers import SECURECHAT, SOURCE_ROOT, connected_client, environment, spawn_daemon, twistd
+from tests.helpers import SECURECHAT, SOURCE_ROOT, connected_client, environment, make_store, spawn_daemon, twistd
+from tests.test_totp_key import enable_two_factor
 
 PASSWORD = "correct horse battery"
+NOW = 1_700_000_000
 
 
 class TwistdTests(unittest.TestCase):
@@ -77,6 +80,44 @@ class TwistdTests(unittest.TestCase):
             ran.stdout,
         )
         self.assertNotIn("Traceback", ran.stdout + ran.stderr)
+
+    def two_factor_database(self, enabled):
+        """The daemon's database with alice's TOTP secret sealed under a key on no disk: on if `enabled`,
+        else an enrolment begun only. The path of the TOTP key the daemon looks for."""
+        store = make_store(self, os.path.join(self.directory, "securechatd.sqlite"))
+        self.successResultOf(store.create_user("alice", "a bcrypt hash", NOW))
+        key = os.urandom(32)
+        if enabled:
+            enable_two_factor(self, store, "alice", key, NOW)
+        else:
+            self.successResultOf(store.begin_two_factor("alice", b"sealed under the lost key", NOW))
+        store.close()
+        return os.path.join(self.directory, "certs", "totp.key")
+
+    def test_a_lost_totp_key_stops_start_up_with_one_line(self):
+        key = self.two_factor_database(enabled=True)
+        ran = self.run_twistd()
+        self.assertEqual(ran.returncode, 1)
+        output = ran.stdout + ran.stderr
+        told = [line for line in output.splitlines() if "totp.key" in line]
+        self.assertEqual(len(told), 1, output)
+        self.assertTrue(told[0].startswith("securechatd: the TOTP key certs/totp.key is missing"), told[0])
+        for words in ("(1 users)", "restore it from its backup", "[accounts] totp_key", "2fa USER --disable"):
+            self.assertIn(words, told[0])
+        self.assertNotIn("Traceback", output)
+        self.assertFalse(os.path.exists(key))  # nothing made: no new key, nor the signing key after it
+        self.assertFalse(os.path.exists(os.path.join(self.directory, "certs", "signing.key")))
+
+    @inlineCallbacks
+    def test_a_first_start_makes_the_totp_key(self):
+        """An enrolment begun but never switched on protects nobody: it does not hold the key back."""
+        key = self.two_factor_database(enabled=False)
+        process, daemon = self.spawn()
+        yield daemon.listening
+        self.assertEqual(stat.S_IMODE(os.stat(key).st_mode), 0o600)
+        self.assertEqual(os.path.getsize(key), 32)
+        process.signalProcess("TERM")
+        yield daemon.ended
 
     @inlineCallbacks
     def test_port_in_use_is_one_line(self):

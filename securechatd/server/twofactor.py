@@ -33,19 +33,36 @@ def check_code_argument(code):
 
 
 class TwoFactor:
-    def __init__(self, store, clock, key, required, log_service):
+    def __init__(self, store, clock, key, required, log_service, key_path):
         self.store = store
         self.clock = clock
         self.key = key  # secretbox key: seals each user's TOTP secret (never the signing key)
+        self.key_path = key_path  # where it was read from, for the operator
         self.required = required  # [accounts] two_factor = required
         self.log = log_service  # the AccountLog: each change and each recovery code used is an event
+        self._mismatch_told = False
 
     def _secret(self, username, sealed):
         try:
             return secretbox.unseal(self.key, username, sealed)
-        except secretbox.Unsealable as problem:
-            log.error("the two-factor secret of {user} does not open: {problem}", user=username, problem=str(problem))
+        except secretbox.Unsealable:
+            self._tell_mismatch(username)
             raise ServiceUnavailable("The server cannot check two-factor codes just now; tell its operator.")
+
+    def _tell_mismatch(self, username):
+        """Tell the operator, once (each login would say it again), that the key file is not the database's."""
+        if self._mismatch_told:
+            return
+        self._mismatch_told = True
+        log.error(
+            "the TOTP key {path} does not match the database: it does not open the two-factor secret of {user},"
+            " so the secrets were sealed under another key (a key file or a database from another server?)."
+            " Until that key is back in {path} and the daemon restarted, TOTP codes answer SERVICE_UNAVAILABLE;"
+            " recovery codes still work. (If other users' codes do work, only {user}'s secret is damaged:"
+            " securechatd-admin 2fa {user} --disable.) Said once.",
+            path=self.key_path,
+            user=username,
+        )
 
     async def status(self, username):
         """(enabled, required, recovery codes left)."""

@@ -10,13 +10,27 @@ change is logged (store/account_log.py) in its own transaction.
 
 from collections import namedtuple
 
+from securechatd.store import dialect
 from securechatd.store.account_log import append_event, nonce_used
 from securechatd.store.accounts import revoke_tokens
-from securechatd.store.base import USER_ID, StoreBase, user_id
+from securechatd.store.base import USER_ID, StoreBase, StoreError, user_id
 
 # enabled: switched on (False: an enrolment not confirmed yet); recovery_left: unused recovery codes;
 # has_code: the recovery code asked about is one of them
 TwoFactorState = namedtuple("TwoFactorState", "enabled sealed last_step recovery_left has_code")
+
+
+def two_factor_users(path, busy_timeout):
+    """How many users of the database at `path` have two-factor login on: read at start-up, before
+    the daemon loads the key their secrets are sealed under (StoreError if it cannot be read)."""
+    try:
+        connection = dialect.connect(path, busy_timeout=busy_timeout)
+        try:
+            return connection.execute("SELECT COUNT(*) FROM two_factor WHERE enabled = 1").fetchone()[0]
+        finally:
+            connection.close()
+    except dialect.Error as problem:
+        raise StoreError(f"database {path}: {problem}") from problem
 
 
 class TwoFactorStore(StoreBase):
