@@ -10,6 +10,8 @@ answered ENROLMENT_REQUIRED, which just gave it.
 
 import base64
 
+from twisted.internet.defer import Deferred
+
 from securechatd import commands, totp
 from securechatd.commands import (
     BAD_CREDENTIALS_TEXT,
@@ -18,7 +20,8 @@ from securechatd.commands import (
     InvalidArgument,
     RateLimited,
 )
-from tests.helpers import Connection, make_hub
+from securechatd.server.passwords import PasswordHasher
+from tests.helpers import TEST_COST, Connection, make_hub
 from tests.test_twofactor import PASSWORD, TwoFactorTestCase
 
 WRONG = "not the password"
@@ -72,6 +75,25 @@ class StolenSessionTests(TwoFactorTestCase):
         self.failureResultOf(self.confirm(password=PASSWORD), RateLimited)
         self.failureResultOf(Connection(self.hub).call(commands.Login, username="alice", password=PASSWORD), RateLimited)
         self.assertOwnerUntouched()
+
+    def test_the_password_is_checked_off_the_reactor_thread(self):
+        """By the hasher's thread runner, as ChangePassword's: here one that holds each bcrypt call."""
+        held = []
+
+        def hold(check, *arguments):
+            held.append((Deferred(), check, arguments))
+            return held[-1][0]
+
+        self.hub.accounts.hasher = PasswordHasher(TEST_COST, hold)
+        confirming = self.thief.client.callRemote(  # (Connection.call would wait for no answer)
+            commands.ConfirmTwoFactor, code=self.code(self.secret), password=PASSWORD
+        )
+        self.thief.pump.flush()
+        self.assertNoResult(confirming)
+        [(done, check, arguments)] = held
+        done.callback(check(*arguments))
+        self.thief.pump.flush()
+        self.assertEqual(len(self.successResultOf(confirming)["recovery_codes"]), 10)
 
     def test_with_the_password_it_is_on(self):
         codes = self.successResultOf(self.confirm(password=PASSWORD))["recovery_codes"]
