@@ -193,12 +193,15 @@ class ClientCertificateTests(DaemonClientCase):
 
     @inlineCallbacks
     def test_another_accounts_certificate_is_refused(self):
+        alice = self.make_client(reconnect=False, **self.certificate("alice"))
+        yield alice.connect()
+        yield alice.register("alice", PASSWORD)
         client = self.make_client(reconnect=False, **self.certificate("bob"))
         yield client.connect()
-        yield client.register("alice", PASSWORD)
-        with self.assertRaises(NotAllowed) as refused:
-            yield client.login("alice", PASSWORD)
-        self.assertIn("client certificate is for another account", str(refused.exception))
+        for step in (client.login, client.register):  # (nor can it take a name issued to another)
+            with self.assertRaises(NotAllowed) as refused:
+                yield step("alice", PASSWORD)
+            self.assertIn("client certificate is for another account", str(refused.exception))
 
     @inlineCallbacks
     def test_no_certificate_or_another_cas_is_refused_at_tls(self):
