@@ -713,6 +713,20 @@ class AccountService:
         return deleted
 
     @deferred
+    async def check_password(self, username, password, address, what):
+        """BAD_CREDENTIALS unless `password` is the user's own: bcrypt off the reactor thread (the hasher),
+        one attempt of the login throttle (`what` names it), for changes a stolen session must not make."""
+
+        async def verify():
+            found = await self.store.get_credentials(username)
+            if len(password) > passwords.MAX_LENGTH or not await self.hasher.verify(
+                password, found.password_hash if found else None
+            ):
+                raise UnauthorizedLogin()
+
+        await self.throttled(username, address, what, verify)
+
+    @deferred
     async def change_password(self, session, old_password, new_password, address, action=(None, None, None)):
         """Replace the password, then end the user's other sessions and their tokens.
 
@@ -721,15 +735,7 @@ class AccountService:
         """
         passwords.check_rule(new_password)
         event = await self.actions.event(session, "password_change", "", *action, required=False)
-
-        async def verify():
-            found = await self.store.get_credentials(session.username)
-            if len(old_password) > passwords.MAX_LENGTH or not await self.hasher.verify(
-                old_password, found.password_hash if found else None
-            ):
-                raise UnauthorizedLogin()
-
-        await self.throttled(session.username, address, "password change", verify)
+        await self.check_password(session.username, old_password, address, "password change")
         hashed = await self.hasher.hash(new_password)
         logged = await self.store.change_password(
             session.username, hashed, self.clock.seconds(), session.session_id, event

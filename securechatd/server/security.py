@@ -16,7 +16,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.logger import Logger
 
 from securechatd.commands import InvalidArgument, NoSuchSession, NoSuchUser, NotAllowed
-from securechatd.server import passwords
 from securechatd.server.account_log import REPLAYED
 from securechatd.server.policy import deferred
 from securechatd.server.twofactor import WRONG_CODE, check_code_argument
@@ -82,15 +81,7 @@ class SecurityService:
         one attempt of the login throttle, as ChangePassword checks it."""
         if password is None:
             raise InvalidArgument("Give your password (password) to switch two-factor login on.")
-
-        async def verify():
-            found = await self.store.get_credentials(username)
-            if len(password) > passwords.MAX_LENGTH or not await self.accounts.hasher.verify(
-                password, found.password_hash if found else None
-            ):
-                raise UnauthorizedLogin()
-
-        await self.accounts.throttled(username, address, "password (enrolment)", verify)
+        await self.accounts.check_password(username, password, address, "password (enrolment)")
 
     @deferred
     async def disable(self, session, code, action, address):
