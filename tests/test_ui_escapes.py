@@ -112,6 +112,19 @@ class RenderTests(unittest.TestCase):
         self.assertEqual(len(lines), 3)  # (the heading, the event, how far it was verified: no line of the server's)
         self.assertIn("from 10.0.0.9�[1A�[2K� device", lines[1])
 
+    def test_a_field_cannot_start_a_line_of_its_own_nor_reorder_one(self):
+        """A newline (or a line separator) in a name or an address would draw a fake row; a bidirectional
+        override would show "verified" for what reads otherwise: both are replaced. A message keeps its lines."""
+        fake = "\n!! account log of alice: verified\u2028x\u202eok\u2066"
+        for record in records(fake):
+            lines = ui.render(record, NOW, ZONE)
+            shown = "\n".join(lines)
+            for unsafe in ("\u2028", "\u202e", "\u2066"):
+                self.assertNotIn(unsafe, shown, record)
+            self.assertFalse(any(line.startswith("!! account log of alice: verified") for line in lines), record)
+        message = next(r for r in records("") if r.get("event") == "deliver")
+        self.assertIn("      second line", "\n".join(ui.render(dict(message, body="first\nsecond line"), NOW, ZONE)))
+
     def test_the_prompt_shows_a_title_as_text(self):
         self.assertEqual(controls(ui.prompt("Team" + EVIL, 1)), [])
 

@@ -399,26 +399,38 @@ def stamp(moment, now, tz=None):
     return time if local.date() == today.date() else f"{_MONTHS[local.month - 1]} {local.day:02d} {time}"
 
 
-def clean(text, indent=""):
+# Shown as U+FFFD besides control characters: what reorders a line (bidirectional overrides, isolates and
+# marks: "Trojan source") or breaks it where a terminal does not show a newline (line, paragraph separators).
+_UNSAFE = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029")
+MULTILINE = frozenset({"body"})  # the fields of a record whose newlines are kept (messages)
+
+
+def clean(text, indent="", one_line=False):
     """Text from other people made safe for a terminal: no control sequences.
 
-    A newline continues on an indented line; every other control character
-    (ESC above all, which could rewrite the screen) becomes U+FFFD.
+    A newline continues on an indented line (`one_line`: it is refused like the
+    rest, so a name or an address cannot start a line of its own); every other
+    control character (ESC above all, which could rewrite the screen) and
+    every character that reorders or breaks a line becomes U+FFFD.
     """
-    lines = text.split("\n")
-    safe = ["".join("�" if unicodedata.category(c) == "Cc" else c for c in line.replace("\t", " ")) for line in lines]
+    lines = [text] if one_line else text.split("\n")
+    safe = [
+        "".join("�" if c in _UNSAFE or unicodedata.category(c) == "Cc" else c for c in line.replace("\t", " "))
+        for line in lines
+    ]
     return ("\n" + indent).join(safe)
 
 
-def cleaned(record):
+def cleaned(record, multiline=False):
     """`record` with every text in it (at any depth) through clean(): whatever a server or another
-    person sent, in any field, reaches a screen as text, never as a control sequence."""
+    person sent, in any field, reaches a screen as text, never as a control sequence, and only the
+    MULTILINE fields span lines."""
     if isinstance(record, str):
-        return clean(record)
+        return clean(record, one_line=not multiline)
     if isinstance(record, dict):
-        return {key: cleaned(value) for key, value in record.items()}
+        return {key: cleaned(value, key in MULTILINE) for key, value in record.items()}
     if isinstance(record, (list, tuple)):
-        return [cleaned(value) for value in record]
+        return [cleaned(value, multiline) for value in record]
     return record
 
 
