@@ -23,6 +23,7 @@ class LoggingKeyService(KeyService):
         self.account_log = account_log
 
     async def _store_link(self, session, link, new):
+        """Store the link with its account event, in one transaction: both or neither."""
         kind = LOGGED_OPS.get(link.op)
         event = kind and NewEvent(kind, session.address, session.session_id, link.signer, new.device)
         stored = await self.store.append_link(session.username, new, self.clock.seconds(), event)
