@@ -17,6 +17,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from securechatd.e2ee.encoding import labelled
+from securechatd.files import sync_directory
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -64,7 +65,7 @@ def load_or_create_key(path, sealed_for=0):
                 os.link(temporary, path)
         finally:
             os.unlink(temporary)
-        _fsync_directory(directory)
+        sync_directory(directory)
     except OSError as problem:
         raise KeyFileError(f"cannot create the server key {path}: {problem.strerror}")
     return _read_key(path)
@@ -124,9 +125,3 @@ def _read_key(path):
     return key
 
 
-def _fsync_directory(directory):
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -20,7 +20,7 @@ from twisted.internet.threads import deferToThread
 
 from securechatd import commands
 from securechatd.accountlog import Event, Known, parse_head
-from securechatd.client.device_file import write_private
+from securechatd.files import write_private
 from securechatd.e2ee.encoding import Malformed
 from securechatd.verify_log import Page, dumps, known_from_json, known_to_json, replay
 

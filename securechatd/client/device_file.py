@@ -28,9 +28,10 @@ import errno
 import fcntl
 import os
 
-from securechatd.client.device_log import DeviceLog, sync_directory
+from securechatd.client.device_log import DeviceLog
 from securechatd.e2ee.encoding import Malformed, dec, enc
 from securechatd.e2ee.keys import Device, Prekey
+from securechatd.files import write_private
 
 LABEL = b"securechatd/device-file/v3"
 LABEL_V2 = b"securechatd/device-file/v2"  # read, never written: the message keys and e_n inside
@@ -88,27 +89,6 @@ class ReplayWindow:
         if len(highest) != 8 or len(bitmap) != _WINDOW_BYTES:
             raise Malformed("a replay window has the wrong size")
         return cls(_number(highest), int.from_bytes(bitmap, "big"))
-
-
-def write_private(path, data):
-    """Replace `path` with `data`, mode 0600: a temporary file beside it, fsync, rename, fsync of the directory,
-    so a crash leaves the old file or the new one, never half of one."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as out:
-            os.fchmod(out.fileno(), 0o600)  # (a temporary file a crash left kept its mode)
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    sync_directory(directory)  # the rename itself survives a power loss
 
 
 def _number(raw):

@@ -21,18 +21,10 @@ import struct
 import zlib
 
 from securechatd.e2ee.encoding import Malformed
+from securechatd.files import sync_directory
 
 LABEL = b"securechatd/device-log/v1"
 _FRAME = struct.Struct(">II")
-
-
-def sync_directory(directory):
-    """fsync a directory: a file created or renamed in it keeps its name after a power loss."""
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _write(descriptor, data):

@@ -29,7 +29,7 @@ from securechatd import commands, config
 from securechatd.certs import CA_CERT, CertError
 from securechatd.client import ui
 from securechatd.client.crypto import EncryptionUnavailable
-from securechatd.client.device_file import write_private
+from securechatd.files import write_private
 from securechatd.client.library import ChatClient, MalformedAnswer, RefusedAtTLS, TLSHandshakeFailed
 from securechatd.client.transcripts import ExportError
 from securechatd.commands import ChatError, MessageTooLarge, NoSuchConversation
