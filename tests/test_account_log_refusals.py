@@ -1,7 +1,7 @@
 """Refused logins a user should hear of reach their account log, not only the operator's security log."""
 
 from securechatd import commands
-from securechatd.commands import NoSuchDevice, NotAllowed
+from securechatd.commands import NoSuchDevice, NotAllowed, RateLimited
 from tests.helpers import Connection
 from tests.test_account_security import PASSWORD, Client, Device, SecurityTestCase
 
@@ -22,6 +22,13 @@ class RefusalTests(SecurityTestCase):
         self.assertIn(("device not in the chain", stranger.id), self.failed())
 
     def test_a_client_certificate_of_another_account(self):
-        refused = self.hub.accounts.login("alice", PASSWORD, None, "10.0.0.9", None, certificate="bob")
-        self.failureResultOf(refused, NotAllowed)
+        """A failed login like any: logged for alice, and throttled (else any certificate holder could fill
+        her log, and the operator's)."""
+        for _ in range(5):
+            refused = self.hub.accounts.login("alice", PASSWORD, None, "10.0.0.9", None, certificate="bob")
+            self.failureResultOf(refused, NotAllowed)
+        self.failureResultOf(
+            self.hub.accounts.login("alice", PASSWORD, None, "10.0.0.9", None, certificate="bob"), RateLimited
+        )
+        self.clock.advance(3600)
         self.assertIn(("the client certificate of bob", b""), self.failed())

@@ -10,8 +10,18 @@ import base64
 from twisted.internet.defer import Deferred
 
 from securechatd import commands
-from securechatd.commands import AuthRequired, BadCredentials, EnrolmentRequired, NotAllowed, SecondFactorRequired
+from securechatd.commands import (
+    AuthRequired,
+    BadCredentials,
+    EnrolmentRequired,
+    NoSuchDevice,
+    NotAllowed,
+    RateLimited,
+    SecondFactorRequired,
+    ServiceUnavailable,
+)
 from securechatd.e2ee import chain, keys
+from securechatd.store.base import StoreError
 from tests.helpers import Connection
 from tests.test_twofactor import TwoFactorTestCase
 
@@ -90,6 +100,48 @@ class SecondFactorTests(PipelinedCase):
             conn = Connection(self.hub)
             self.pending(conn)
             self.assertEqual(self.ok(conn, commands.SecondFactor, code=typed)["username"], "alice")
+
+
+    def test_a_store_error_in_the_device_check_holds_nothing(self):
+        """A device check that fails (the database busy) ends the attempt as neither right nor wrong: five of
+        them do not leave the account refused as if five logins were still under way."""
+        device_id = self.bound_device()
+        gates = self.gate("device_binding")
+        for _ in range(5):
+            self.conn = Connection(self.hub)
+            self.failureResultOf(self.login(device_id=device_id), SecondFactorRequired)
+            answers = self.pipelined(commands.SecondFactor, [{"code": self.code(self.secret)}])
+            gates.pop().errback(StoreError("device_binding: database is locked"))
+            self.conn.pump.flush()
+            answers[0].trap(ServiceUnavailable)
+        self.conn = Connection(self.hub)
+        self.failureResultOf(self.login(), SecondFactorRequired)  # not RATE_LIMITED
+
+    def test_logout_waits_for_the_second_steps_answer(self):
+        """A Logout sent behind a code being checked is refused: the code's answer may log the connection in,
+        and a Login after the Logout would have given the connection a second session."""
+        device_id = self.bound_device()
+        gates = self.gate("device_binding")
+        self.failureResultOf(self.login(device_id=device_id), SecondFactorRequired)
+        answers = self.pipelined(commands.SecondFactor, [{"code": self.code(self.secret)}])
+        refused = self.error(self.conn, NotAllowed, commands.Logout)
+        self.assertIn("wait for its answer", refused)
+        self.release(gates)
+        self.assertEqual(answers[0]["username"], "alice")
+        self.ok(self.conn, commands.Logout)  # (now a plain logout)
+        self.assertEqual(self.hub.accounts.registry.sessions_of("alice"), [])
+
+    def test_a_refused_device_is_a_failed_login_whatever_the_password(self):
+        """Else anyone could fill a 2FA user's account log with device refusals, bcrypt for free."""
+        self.bound_device()
+        for _ in range(5):
+            self.conn = Connection(self.hub)
+            self.failureResultOf(
+                self.login(password="not the password", device_id=keys.Device.generate("alice").id.hex()),
+                SecondFactorRequired,
+            )
+            self.error(self.conn, NoSuchDevice, commands.SecondFactor, code="123456")
+        self.failureResultOf(self.login(Connection(self.hub)), RateLimited)
 
 
 class EnrolmentTests(PipelinedCase):

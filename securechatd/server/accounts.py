@@ -285,6 +285,18 @@ class Attempt:
             self.service.log.record_quietly(self.username, event)  # (the answer does not wait for it)
 
 
+DEVICE_REFUSED = {"revoked": "revoked", "unknown": "not in the chain"}  # a store's refusal of a device: why
+
+
+def _refuse_device(refused):
+    """Raise why a login cannot bind to its device (a DEVICE_REFUSED key)."""
+    if refused == "revoked":
+        raise NotAllowed("This device was revoked: it cannot log in as one of your devices again.")
+    raise NoSuchDevice(
+        "This device is not in your device chain: add it from one of your devices first, or log in without device_id."
+    )
+
+
 class AccountService:
     """The account rules of PROTOCOL.md, for the protocol to call.
 
@@ -500,19 +512,19 @@ class AccountService:
         if pending.enrol:
             raise NotAllowed("This server requires two-factor login: enrol first (BeginTwoFactor, ConfirmTwoFactor).")
         pending.over = True
-        if pending.device_id is not None:  # a device the session could not bind to must not spend the code
-            refused = await self.store.device_binding(pending.username, pending.device_id)
-            if refused:
-                pending.attempt.end(None)
-                self._refuse_device(pending, refused)
-        if self.clock.seconds() >= pending.deadline:
-            pending.attempt.end(False, "second factor too late")
-            raise BadCredentials(SECOND_FACTOR_TEXT)
         try:
+            if pending.device_id is not None:  # a device the session could not bind to must not spend the code
+                refused = await self.store.device_binding(pending.username, pending.device_id)
+                if refused:  # (a failure whatever the password: the answer comes before either is looked at)
+                    pending.attempt.end(False, f"device {DEVICE_REFUSED[refused]}" if pending.right else "password")
+                    _refuse_device(refused)
+            if self.clock.seconds() >= pending.deadline:
+                pending.attempt.end(False, "second factor too late")
+                raise BadCredentials(SECOND_FACTOR_TEXT)
             # a wrong password does the same work and spends nothing
             method = await self.two_factor.verify(pending.username, code, pending.address, commit=pending.right)
         except BaseException:
-            pending.attempt.end(None)
+            pending.attempt.end(None)  # (unless it ended above: a store error must not hold the throttle)
             raise
         if method is None or not pending.right:
             pending.attempt.end(False, "code" if pending.right else "password")
@@ -631,22 +643,14 @@ class AccountService:
         if session.device_id is None:
             return token if await self.store.add_resume_token(*recording) else None
         outcome = await self.store.add_device_resume_token(*recording, session.device_id)
-        if outcome in ("revoked", "unknown"):
-            self._refuse_device(session, outcome)
+        if outcome in DEVICE_REFUSED:
+            self._device_refused(session, DEVICE_REFUSED[outcome])
+            _refuse_device(outcome)
         return token if outcome == "recorded" else None
 
-    def _refuse_device(self, login, refused):
-        """Log and raise why the session (or login) `login` cannot bind to its device: "revoked" or "unknown"."""
-        self._device_refused(login, "revoked" if refused == "revoked" else "not in the chain")
-        if refused == "revoked":
-            raise NotAllowed("This device was revoked: it cannot log in as one of your devices again.")
-        raise NoSuchDevice(
-            "This device is not in your device chain: add it from one of your devices first,"
-            " or log in without device_id."
-        )
-
     def _device_refused(self, session, reason):
-        """Tell the operator's security log and the user's account log (a revoked laptop trying is news to them)."""
+        """Tell the operator's security log and the user's account log (a revoked laptop trying is news to them):
+        a session that proved its credentials, so nobody else can fill that log."""
         security.warn(
             "login refused for {username} on device {target}: {reason}",
             username=session.username,
@@ -659,12 +663,10 @@ class AccountService:
         self.log.record_quietly(session.username, event)
 
     def _check_certificate(self, certificate, username, address):
-        """NOT_ALLOWED if the connection's client certificate names another account than `username`; the
-        account's owner finds the try in their account log."""
+        """NOT_ALLOWED if the connection's client certificate names another account than `username`: a failed
+        login attempt (throttled as any: RATE_LIMITED past it), which the account's owner finds in their log."""
         if certificate is not None and certificate != username:
-            self.log.record_quietly(
-                username, NewEvent("login_failed", address, target=f"the client certificate of {certificate}")
-            )
+            Attempt(self, username, address, "client certificate").end(False, f"the client certificate of {certificate}")
             raise NotAllowed("This connection's client certificate is for another account.")
 
     @deferred

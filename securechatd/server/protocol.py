@@ -18,6 +18,7 @@ from securechatd.commands import (
     ChatError,
     EnrolmentRequired,
     InvalidArgument,
+    NotAllowed,
     SecondFactorRequired,
     ServiceUnavailable,
 )
@@ -244,6 +245,8 @@ class ChatLocator(amp.CommandLocator):
     @commands.Logout.responder
     def logout(self):
         if self.session is None and self.pending is not None:  # gives up a login's second step
+            if self.pending.over or self.pending.confirming:  # (its answer may still log the connection in)
+                raise NotAllowed("This login's second step is being checked: wait for its answer.")
             self._forget_pending("logged out")
             self.connection.second_step_over()
             return {}
