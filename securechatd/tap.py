@@ -211,6 +211,7 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
         TokenBucket(clock, settings.claim_burst, settings.claim_rate),
         settings.max_devices,
         settings.max_one_time_prekeys,
+        presence.look_up,
     )
     hub.chain = ChainService(store, conversations, accounts.registry, clock, heads, run_in_thread, actions)
     hub.account_log = account_log

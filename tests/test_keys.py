@@ -578,6 +578,17 @@ class ChainPagingTests(KeysTestCase):
         for name in ("nobody", "not a name!", ""):
             self.refused(self.witness, NoSuchUser, commands.GetDeviceChain, username=name)
 
+    def test_a_strangers_chain_is_a_directory_search(self):
+        """As GetPresence: a stranger's chain (or a name that is no one's) spends a search; one's own does not."""
+        for n in range(Settings().search_burst):
+            asked = self.witness.call(commands.GetDeviceChain, username="carol" if n % 2 else f"nobody{n}")
+            self.assertIsNotNone(self.successResultOf(asked) if n % 2 else self.failureResultOf(asked, NoSuchUser))
+        for name in ("carol", "nobody"):
+            refused = self.witness.call(commands.GetDeviceChain, username=name)
+            self.assertIn("Too many searches of the directory", str(self.failureResultOf(refused, RateLimited).value))
+        conn, _ = self.first_device()
+        self.links(conn, "alice")  # (others' searches are their own, and one's own chain is none)
+
     def test_a_user_deleted_while_logged_in(self):
         conn, laptop = self.first_device()
         self.successResultOf(self.hub.store.delete_user("alice", NOW))
@@ -799,21 +810,32 @@ class PrekeyTests(KeysTestCase):
         self.assertIn("has not uploaded prekeys yet", text)
         self.refused(self.witness, InvalidArgument, commands.ClaimPrekeyBundle, username="alice", device_id="laptop")
 
-    def test_a_stranger_cannot_drain_someones_one_time_prekeys(self):
+    def test_no_one_can_drain_someones_one_time_prekeys(self):
+        """Each caller has a claim budget per user claimed from (alice's own claims: no directory search)."""
         self.upload(self.alice, "alice", self.laptop, ids=range(1, 101))
         carol_device = Device()
         carol = self.connect("carol", carol_device)
         self.publish(carol, self.chain("carol").link("add", carol_device, carol_device))
         self.upload(carol, "carol", carol_device, ids=[1])
         for _ in range(Settings().claim_burst):
-            self.claim()
-        text = self.refused(self.witness, RateLimited, commands.ClaimPrekeyBundle, username="alice", device_id=self.laptop.hex)
-        self.assertIn("retry in 10 seconds", text)
-        self.claim(username="carol", device=carol_device)  # another user's devices: a bucket of their own
-        self.claim(self.alice)  # and other callers have theirs
+            self.claim(self.alice)
+        text = self.refused(self.alice, RateLimited, commands.ClaimPrekeyBundle, username="alice", device_id=self.laptop.hex)
+        self.assertIn("prekey claims for alice; retry in 10 seconds", text)
+        self.claim(self.alice, username="carol", device=carol_device)  # another user's devices: a bucket of their own
+        self.claim()  # and other callers have theirs
         self.assertEqual(self.ok(self.alice, commands.CountPrekeys), {"count": 100 - Settings().claim_burst - 1})
         self.clock.advance(10)
-        self.claim()
+        self.claim(self.alice)
+
+    def test_a_strangers_claims_are_directory_searches(self):
+        """NO_SUCH_USER tells who exists: claiming from a stranger spends a search, so the directory limit
+        stops a stranger before the claim budget does, whoever is named."""
+        self.upload(self.alice, "alice", self.laptop, ids=range(1, 101))
+        for _ in range(Settings().search_burst):
+            self.claim()
+        for name in ("alice", "nobody"):
+            refused = self.witness.call(commands.ClaimPrekeyBundle, username=name, device_id=self.laptop.hex)
+            self.assertIn("Too many searches of the directory", str(self.failureResultOf(refused, RateLimited).value))
 
 
 class ClaimTransactionTests(unittest.TestCase):

@@ -53,8 +53,11 @@ def _current(device):
 
 
 class KeyService:
-    def __init__(self, store, registry, clock, run_in_thread, actions, claims, max_devices, max_one_time_prekeys):
+    def __init__(
+        self, store, registry, clock, run_in_thread, actions, claims, max_devices, max_one_time_prekeys, look_up
+    ):
         self.store = store
+        self.look_up = look_up  # PresenceService.look_up: asking about a stranger is a directory search
         self.registry = registry
         self.clock = clock
         self._run = run_in_thread
@@ -167,6 +170,7 @@ class KeyService:
         after_seq = after_seq or 0
         if after_seq < 0:
             raise InvalidArgument("after_seq must be 0 or more.")
+        await self.look_up(session, [name])
         page = await self.store.device_chain(name, after_seq, commands.CHAIN_PAGE)
         if page is None:
             raise NoSuchUser(f"There is no user {username[:40]!r}.")
@@ -235,6 +239,7 @@ class KeyService:
         wait = self.claims.take((session.username, name))
         if wait:
             raise RateLimited(f"Too many prekey claims for {name}; {retry_text(wait)}.")
+        await self.look_up(session, [name])
         outcome, bundle = await self.store.claim_prekeys(name, device_id)
         if outcome == "no user":
             raise NoSuchUser(f"There is no user {username[:40]!r}.")

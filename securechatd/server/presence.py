@@ -114,22 +114,26 @@ class PresenceService:
         """[(username, status, note, last_seen or None)]; NO_SUCH_USER if one is not registered.
 
         Asking about anyone but oneself and one's contacts is a search of the
-        directory (NO_SUCH_USER tells who exists): it spends one of the
-        caller's searches, whether those named exist or not, so the answer
-        says nothing before the limit does.
+        directory (look_up).
         """
         if not 1 <= len(usernames) <= commands.MAX_PRESENCE_NAMES:
             raise InvalidArgument(f"Ask for 1 to {commands.MAX_PRESENCE_NAMES} users at a time.")
         names = [existing_name(name) for name in usernames]
-        views = await self.store.presence_view(session.username, set(names))
-        if any(name != session.username and not (name in views and views[name].consents) for name in names):
-            self._search(session)
+        views = await self.look_up(session, names)
         rows = []
         for name in names:
             if name not in views:
                 raise NoSuchUser(f"There is no user {name}.")
             rows.append((name, *self._seen_by(session.username, name, views[name])))
         return rows
+
+    async def look_up(self, session, names):
+        """{name: PresenceView} of those of `names` that exist (for the caller); a directory search of the
+        caller's unless they are all the caller or contacts (what answers NO_SUCH_USER tells who exists)."""
+        views = await self.store.presence_view(session.username, set(names))
+        if any(name != session.username and not (name in views and views[name].consents) for name in names):
+            self._search(session)
+        return views
 
     def _search(self, session):
         wait = self.searches.take(session.username)
