@@ -13,10 +13,11 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionClosed
 from twisted.trial import unittest
 
+from securechatd import commands
 from securechatd.certs import write_certs, write_client_cert
 from securechatd.client import ui
 from securechatd.client.crypto import EncryptionUnavailable
-from securechatd.client.library import RefusedAtTLS
+from securechatd.client.library import RefusedAtTLS, _strangers
 from securechatd.commands import NoSuchConversation, NotAllowed
 from securechatd.server.account_log import AccountLog
 from tests.helpers import start_daemon, wall_now
@@ -66,6 +67,18 @@ class PrivacyTests(AccountSecurityCase):
         self.assertEqual((privacy.hide_last_seen, privacy.appear_offline), (True, False))
         [seen] = yield bob.get_presence(["alice"])
         self.assertEqual(seen.status, "online")
+
+
+class StrangersTests(unittest.SynchronousTestCase):
+    def test_the_names_an_invitation_required_refusal_lists(self):
+        """docs/PROTOCOL.md: every name, joined by ", ", before " share(s) no conversation with you:"."""
+        for text, names, expected in (
+            ("carol shares no conversation with you: invite them (InviteMembers); ...", ["carol"], ["carol"]),
+            ("bob, shareef share no conversation with you: invite them", ["bob", "shareef", "x"], ["bob", "shareef"]),
+            ("mallory shares no conversation with you:", ["carol"], []),  # (only names that were asked for)
+            ("Something else.", ["carol"], []),
+        ):
+            self.assertEqual(_strangers(commands.InvitationRequired(text), names), expected, text)
 
 
 class EncryptedInvitationTests(AccountSecurityCase):

@@ -393,8 +393,8 @@ def _seq_ranges(seqs):
 def _strangers(refused, names):
     """Those of `names` an INVITATION_REQUIRED refusal of AddMembers names, to invite instead (docs/PROTOCOL.md,
     "Invitations": its description starts "NAME, NAME share no conversation with you")."""
-    listed = str(refused).split(" share", 1)[0].split(", ")
-    return [name for name in listed if name in names]
+    listed = re.match(r"(.+?) shares? no conversation with you:", str(refused))
+    return [name for name in listed.group(1).split(", ") if name in names] if listed else []
 
 
 MAX_RESEALS = 2  # times a message the server refused because the membership or a device changed is sealed again
