@@ -141,6 +141,22 @@ class SessionControlTests(SecurityTestCase):
         )
         self.assertEqual(self.ok(self.connect("bob"), commands.ListSessions)["sessions"][0]["client_name"], None)
 
+    def test_the_newest_sessions_come_first_and_names_are_short(self):
+        """Logged-in sessions first, newest first, and a client_name kept to 64 characters: long names and many
+        old sessions cannot push someone's new session off the one page ListSessions answers."""
+        for n in range(12):
+            self.connect(client_name=f"old {n} " + "x" * 4000).drop()  # (resumable: their tokens are kept)
+            self.clock.advance(1)
+        mine = self.connect(client_name="laptop")
+        self.clock.advance(1)
+        intruder = self.connect(address="203.0.113.9", client_name="?" * 4000)
+        sessions = self.ok(mine, commands.ListSessions)["sessions"]
+        self.assertEqual(
+            [(s["session_id"], s["client_name"]) for s in sessions[:2]],
+            [(intruder.login["session_id"], "?" * 64), (mine.login["session_id"], "laptop")],
+        )
+        self.assertEqual([s["client_name"][:6] for s in sessions[2:4]], ["old 11", "old 10"])
+
     def test_end_one_session(self):
         laptop = self.connect()
         self.clock.advance(1)
@@ -154,7 +170,7 @@ class SessionControlTests(SecurityTestCase):
         self.assertFalse(tablet.server.lost)
         self.error(Connection(self.hub), BadCredentials, commands.Resume, username="alice", resume_token=token)
         ids = [s["session_id"] for s in self.ok(laptop, commands.ListSessions)["sessions"]]
-        self.assertEqual(ids, [laptop.login["session_id"], tablet.login["session_id"]])
+        self.assertEqual(ids, [tablet.login["session_id"], laptop.login["session_id"]])  # (newest first)
 
     def test_end_a_session_that_is_away(self):
         """A phone that is off still holds a resume token: ending it revokes the token."""

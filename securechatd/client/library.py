@@ -857,7 +857,7 @@ class ChatClient:
 
     def list_sessions(self):
         """Deferred list of dicts (session_id, device_id, client_name, address, since, last_active, online,
-        this_session), oldest first."""
+        this_session): those logged in now, then those that may come back, each newest first."""
         return self.call(commands.ListSessions).addCallback(lambda answer: _checked_sessions(answer["sessions"]))
 
     def end_session(self, session_id):

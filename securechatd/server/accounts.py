@@ -285,6 +285,7 @@ class Attempt:
             self.service.log.record_quietly(self.username, event)  # (the answer does not wait for it)
 
 
+MAX_CLIENT_NAME = 64  # characters of a Login's client_name kept (version 1 set no limit: longer is cut)
 DEVICE_REFUSED = {"revoked": "revoked", "unknown": "not in the chain"}  # a store's refusal of a device: why
 
 
@@ -448,6 +449,7 @@ class AccountService:
         return session, await self._logged_in(session, credentials.generation, address, "token", device_id)
 
     async def _portal_login(self, credentials, client_name, connection):
+        client_name = client_name and client_name[:MAX_CLIENT_NAME]  # (what ListSessions shows: a page holds 100)
         _, session, _ = await self.portal.login(credentials, (connection, client_name), IChatSession)
         session.generation = credentials.generation  # (what check_sessions compares with the database)
         return session

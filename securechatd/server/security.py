@@ -136,7 +136,8 @@ class SecurityService:
     @deferred
     async def sessions(self, session):
         """([(session id, device id, client name, address, since, last active, online, this one)], has_more):
-        the caller's sessions logged in now, then those that may come back (a resume token), by start."""
+        the caller's sessions logged in now, then those that may come back (a resume token), each newest
+        first: a page cut short leaves out the oldest, never an intruder's new session."""
         live = {other.session_id: other for other in self.registry.sessions_of(session.username)}
         live.setdefault(session.session_id, session)
         rows = [
@@ -146,7 +147,7 @@ class SecurityService:
         for token in await self.store.resumable_sessions(session.username, self.clock.seconds()):
             if token.session_id not in live:
                 rows.append((*token, False, False))
-        rows.sort(key=lambda row: (row[4], row[0]))
+        rows.sort(key=lambda row: (not row[6], -row[4], row[0]))
         return rows[:SESSION_PAGE], len(rows) > SESSION_PAGE
 
     @deferred
