@@ -1,6 +1,7 @@
 """Private files: written whole or not at all, mode 0600, and durable with their names."""
 
 import os
+import secrets
 
 
 def sync_directory(directory):
@@ -17,11 +18,11 @@ def write_private(path, data):
     so a crash leaves the old file or the new one, never half of one."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # (a new name nobody could have placed a link or a file under: exports may go to shared directories)
+    temporary = f"{path}.{secrets.token_hex(8)}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(descriptor, "wb") as out:
-            os.fchmod(out.fileno(), 0o600)  # (a temporary file a crash left kept its mode)
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
