@@ -205,6 +205,26 @@ class SessionClientTests(DaemonClientCase):
         self.assertEqual([s["session_id"] for s in sessions], [tablet.session])
 
 
+class RequiredLaterTests(DaemonClientCase):
+    @inlineCallbacks
+    def test_a_resume_the_server_answers_with_an_enrolment_logs_out(self):
+        """The operator requires two-factor login while a client without it is connected: its next Resume
+        answers ENROLMENT_REQUIRED, and the client says so once instead of retrying a spent token."""
+        client = self.make_client()
+        yield client.connect()
+        yield client.register("alice", PASSWORD)
+        yield client.login("alice", PASSWORD)
+        logged_out = Deferred()
+        client.on_logged_out = logged_out.callback
+        for checker in self.hub.accounts.portal.checkers.values():  # (two_factor = required, from now on)
+            if hasattr(checker, "_required"):
+                checker._required = True
+        self.hub.accounts.registry.sessions_of("alice")[0].client.transport.abortConnection()
+        reason = yield logged_out.addTimeout(10, reactor)
+        self.assertIn("requires two-factor login", reason)
+        self.assertIsNone(client.username)
+
+
 class RenderTests(unittest.TestCase):
     """What a person sees for the answers of /2fa, /sessions, /endsession and /endsessions, and how they parse."""
 

@@ -574,6 +574,10 @@ class ChatClient:
         try:
             answer = await protocol.callRemote(commands.Resume, device_id=device, **arguments)
             bound = device is not None
+        except commands.EnrolmentRequired:  # (the token is spent; enrolling takes a person and the password)
+            self.username = self.resume_token = None
+            self.on_logged_out("This server now requires two-factor login: log in again to switch it on.")
+            return None
         except (BadCredentials, NoSuchDevice, NotAllowed) as refused:
             if isinstance(refused, NotAllowed) and device is None:
                 raise
