@@ -58,6 +58,14 @@ def _optional_text(text):
     return text.strip() or None
 
 
+def _issuer(text):
+    """An authenticator app's name for this server: 1 to 64 characters, no ':' (the URI's label separator)."""
+    issuer = _text(text)
+    if len(issuer) > 64 or ":" in issuer:
+        raise ValueError(f"must be 1 to 64 characters without ':', not {text!r}")
+    return issuer
+
+
 def _address(text):
     try:
         return str(ipaddress.ip_address(text.strip()))
@@ -135,6 +143,7 @@ class Settings:
     second_factor_timeout: float = 60.0
     enrolment_timeout: float = 600.0
     totp_key: str | None = None  # None: <certs>/totp.key
+    totp_issuer: str = "securechatd"
     presence_scope: str = "contacts"
     invitations: str = "on"
     directory_prefix: int = 0
@@ -205,6 +214,7 @@ SCHEMA = {
     "second_factor_timeout": ("accounts", "second_factor_timeout", _seconds),
     "enrolment_timeout": ("accounts", "enrolment_timeout", _seconds),
     "totp_key": ("accounts", "totp_key", _optional_text),
+    "totp_issuer": ("accounts", "totp_issuer", _issuer),
     "presence_scope": ("privacy", "presence", _choice("contacts", "everyone")),
     "invitations": ("privacy", "invitations", _choice("off", "on")),
     "directory_prefix": ("privacy", "directory_prefix", _integer(0, 32)),

@@ -120,6 +120,7 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
         settings.two_factor == "required",
         account_log,
         config.totp_key_path(settings),
+        settings.totp_issuer,
     )
     signed_actions = ActionChecker(store, clock, run_in_thread)
     accounts = AccountService(

@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
 from securechatd.e2ee.encoding import digest
 
-ISSUER = "securechatd"
 SECRET_BYTES = 20  # 160 bits, RFC 4226 §4's recommendation; and base32 without the '=' padding some apps mishandle
 DIGITS = 6  # with SHA-1 and 30 s: what every authenticator app supports (some ignore other settings)
 TIME_STEP = 30
@@ -40,9 +39,10 @@ def new_secret():
     return os.urandom(SECRET_BYTES)
 
 
-def provisioning_uri(secret, user):
-    """The otpauth://totp/securechatd:<user>?secret=… URI an authenticator app scans."""
-    return _totp(secret).get_provisioning_uri(user, ISSUER)
+def provisioning_uri(secret, user, issuer="securechatd"):
+    """The otpauth://totp/<issuer>:<user>?secret=… URI an authenticator app scans (the issuer is what the app
+    shows above the code: [accounts] totp_issuer, so one name on two servers reads as two entries)."""
+    return _totp(secret).get_provisioning_uri(user, issuer)
 
 
 def time_step(now):

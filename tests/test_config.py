@@ -77,6 +77,10 @@ class ValidationTests(unittest.TestCase):
     def test_bad_choice(self):
         self.assertProblem("[database]\ndurability = fast\n", "normal, full", "'fast'")
 
+    def test_bad_totp_issuer(self):
+        for issuer in ("Example: chat", "x" * 65):
+            self.assertProblem(f"[accounts]\ntotp_issuer = {issuer}\n", "[accounts] totp_issuer", "':'")
+
     def test_bad_address(self):
         self.assertProblem("[limits]\nregistration_exempt = localhost\n", "[limits] registration_exempt")
 

@@ -104,6 +104,14 @@ class EnrolmentTests(TwoFactorTestCase):
             self.assertRegex(code, r"\A[a-z2-7]{4}-[a-z2-7]{4}-[a-z2-7]{4}\Z")
         self.assertEqual(self.status(), {"enabled": True, "required": False, "recovery_codes_left": 10})
 
+    def test_the_issuer_apps_show_is_the_servers_setting(self):
+        hub = make_hub(self, clock=self.clock, store=self.hub.store, totp_issuer="Example Corp chat")
+        conn = Connection(hub)
+        self.ok(conn, commands.Login, username="alice", password=PASSWORD)
+        uri = self.ok(conn, commands.BeginTwoFactor)["uri"]
+        self.assertTrue(uri.startswith("otpauth://totp/Example%20Corp%20chat:alice?"), uri)
+        self.assertIn("issuer=Example+Corp+chat", uri)
+
     def test_abandoned_halfway_it_stays_off(self):
         self.ok(self.conn, commands.BeginTwoFactor)
         self.ok(self.conn, commands.Logout)

@@ -33,8 +33,9 @@ def check_code_argument(code):
 
 
 class TwoFactor:
-    def __init__(self, store, clock, key, required, log_service, key_path):
+    def __init__(self, store, clock, key, required, log_service, key_path, issuer="securechatd"):
         self.store = store
+        self.issuer = issuer  # [accounts] totp_issuer: the name authenticator apps show
         self.clock = clock
         self.key = key  # secretbox key: seals each user's TOTP secret (never the signing key)
         self.key_path = key_path  # where it was read from, for the operator
@@ -77,7 +78,7 @@ class TwoFactor:
         outcome = await self.store.begin_two_factor(username, sealed, self.clock.seconds())
         if outcome == "on":
             raise NotAllowed("Two-factor login is on already: switch it off first (DisableTwoFactor) to enrol again.")
-        return base64.b32encode(secret).decode("ascii"), totp.provisioning_uri(secret, username)
+        return base64.b32encode(secret).decode("ascii"), totp.provisioning_uri(secret, username, self.issuer)
 
     async def confirm(self, username, code, keep_session, event):
         """Switch the begun enrolment on with a right `code`: (recovery codes, new credential generation).
