@@ -126,8 +126,9 @@ class TwoFactorOptions(UserOptions):
 
 class ServerKeyOptions(usage.Options):
     longdesc = (
-        "Print the server's signing key (it signs the chains of encrypted conversations) and its key id:"
-        " publish them so that users and securechatd-verify can check what the server signed."
+        "Print the server's signing key (it signs the chains of encrypted conversations and the account log's"
+        " tree heads) and its key id: publish them so that users, securechatd-verify and securechatd-verify-log"
+        " can check what the server signed."
     )
 
 

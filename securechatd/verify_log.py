@@ -9,7 +9,7 @@ user can act on; the client and this command call the same replay(), so they
 say the same thing about the same bytes. The export file holds the pages as
 the server sent them, with the server key and what the client remembered,
 so anyone can check them again later without the server (docs/PROTOCOL.md,
-"Account log export"). Stdlib, cryptography and accountlog.py: no Twisted,
+"The client's account log check and its export file"). Stdlib, cryptography and accountlog.py: no Twisted,
 no network.
 """
 

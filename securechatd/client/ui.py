@@ -320,7 +320,8 @@ COMMANDS = {
         Command(
             "/wait EVENT [COUNT] [TIMEOUT]",
             "for scripts: wait for COUNT more EVENTs",
-            "EVENT is deliver, receipt, presence, conversation, transcript_signed or mode; COUNT defaults to 1. "
+            "EVENT is deliver, receipt, presence, conversation, transcript_signed, mode, invited or"
+            " invitation_accepted; COUNT defaults to 1. "
             "Only events "
             "no earlier /wait claimed count, so /wait deliver returns at once if a message came in "
             "before it. Fails after TIMEOUT seconds (default 30). Later input waits meanwhile.",
