@@ -176,7 +176,7 @@ class ParserTests(unittest.TestCase):
         self.assertIn("/wait EVENT [COUNT] [TIMEOUT]", "\n".join(lines))
         wait = ui.help_lines("/wait")
         details = " ".join(line.strip() for line in wait[1:])
-        self.assertIn("deliver, receipt, presence, conversation, transcript_signed or mode", details)
+        self.assertIn("deliver, receipt, presence, conversation, transcript_signed, mode, invited or invitation_accepted", details)
         self.assertEqual(ui.help_lines("who"), ["/who  presence of the people in your conversations"])
         with self.assertRaises(ui.UsageError):
             ui.help_lines("nope")
