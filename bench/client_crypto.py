@@ -48,6 +48,11 @@ min(H, E_KEPT) links), as a client in use for a while holds it.
   EndToEnd.load does (the device file and its log, the chains' windows).
 - `save_<H>_file_bytes`: what the state holds on disk after those messages
   (every file of it).
+- `compact_<H>_cpu_us` / `compact_<H>_wall_us`: the first save after a load,
+  which compacts the device log if it is worth it (`compact_<H>_generation`
+  1: it was; 0: it was not, and this is a plain save);
+  `load_compacted_<H>_cpu_us` / `_wall_us` and `compacted_<H>_file_bytes`:
+  reading it at start again, and what is on disk, after that.
 """
 
 import argparse
@@ -291,7 +296,8 @@ class History:
 
 def state_figures(run, directory, history, count):
     """The device's state with `history` messages read: one save, a message received, a message sent (CPU, wall)."""
-    kept = History(run, os.path.join(directory, f"bob-{history}.device"), history)
+    own = tempfile.mkdtemp(dir=directory)  # (each run's files alone: a compacted run leaves another log name)
+    kept = History(run, os.path.join(own, f"bob-{history}.device"), history)
     figures = {}
 
     def timed(name, work, link=True):
@@ -309,11 +315,32 @@ def state_figures(run, directory, history, count):
     timed("receive", kept.receive)
     timed("send", kept.send)
     timed("load", lambda: Transcripts(SimpleNamespace(state=DeviceFile.load(kept.state.path))), link=False)
-    base = os.path.basename(kept.state.path)
-    figures[f"save_{history}_file_bytes"] = sum(
-        os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory) if name.startswith(base)
-    )
+    figures[f"save_{history}_file_bytes"] = on_disk(kept.state.path)
+    figures.update(compaction_figures(kept.state.path, history))
+    timed("load_compacted", lambda: Transcripts(SimpleNamespace(state=DeviceFile.load(kept.state.path))), link=False)
+    figures[f"compacted_{history}_file_bytes"] = on_disk(kept.state.path)
     return figures
+
+
+def on_disk(path):
+    """Bytes of the device file at `path` and every file beside it named after it (its log)."""
+    directory, base = os.path.split(path)
+    names = [name for name in os.listdir(directory) if name.startswith(base)]
+    return sum(os.path.getsize(os.path.join(directory, name)) for name in names)
+
+
+def compaction_figures(path, history):
+    """The first save after a load, as the client's claim() does it: it compacts the log if that is worth it."""
+    state = DeviceFile.load(path)
+    started_cpu, started_wall = time.process_time(), time.perf_counter()
+    state.save()
+    cpu, wall = time.process_time() - started_cpu, time.perf_counter() - started_wall
+    state.log.close()
+    return {
+        f"compact_{history}_cpu_us": round(cpu * 1e6, 1),
+        f"compact_{history}_wall_us": round(wall * 1e6, 1),
+        f"compact_{history}_generation": state.log.generation,
+    }
 
 
 def verifiable_figures(run, iterations):

@@ -13,7 +13,7 @@ from unittest import mock
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial import unittest
 
-from securechatd.client import transcripts
+from securechatd.client import device_file, transcripts
 from securechatd.client.device_file import ACTIVE, LABEL, DeviceFile, DeviceFileError, ReplayWindow
 from securechatd.client.device_log import DeviceLog
 from securechatd.client.library import ChatClient
@@ -30,7 +30,7 @@ BOB = ("bob", bytes(16))
 
 class DeviceLogTests(unittest.TestCase):
     def log(self):
-        return DeviceLog(os.path.join(os.path.abspath(self.mktemp()), "alice.device.log"))
+        return DeviceLog(os.path.join(os.path.abspath(self.mktemp()), "alice.device"))
 
     def test_records_are_appended_0600_and_read_in_order(self):
         log = self.log()
@@ -43,7 +43,7 @@ class DeviceLogTests(unittest.TestCase):
         log.flush()
         log.close()
         self.assertEqual(stat.S_IMODE(os.stat(log.path).st_mode), 0o600)
-        again = DeviceLog(log.path)
+        again = DeviceLog(log.device_path)
         self.assertEqual(again.read(), [b"one", b"two", b"three"])
         self.assertEqual(again.end, os.path.getsize(log.path))
 
@@ -56,13 +56,13 @@ class DeviceLogTests(unittest.TestCase):
             log.close()
             with open(log.path, "ab") as out:
                 out.write(tail)
-            again = DeviceLog(log.path)
+            again = DeviceLog(log.device_path)
             self.assertEqual(again.read(at_least=whole), [b"kept"])
             self.assertEqual(os.path.getsize(log.path), whole + len(tail))  # reading changes nothing
             again.add(b"next")
             again.flush()
             again.close()
-            self.assertEqual(DeviceLog(log.path).read(), [b"kept", b"next"])
+            self.assertEqual(DeviceLog(log.device_path).read(), [b"kept", b"next"])
             self.assertEqual(os.path.getsize(log.path), again.end)
 
     def test_a_log_whose_label_was_cut_short_starts_again(self):
@@ -74,7 +74,7 @@ class DeviceLogTests(unittest.TestCase):
         log.add(b"one")
         log.flush()
         log.close()
-        self.assertEqual(DeviceLog(log.path).read(), [b"one"])
+        self.assertEqual(DeviceLog(log.device_path).read(), [b"one"])
 
     def test_a_log_shorter_than_the_device_file_counts_is_damaged(self):
         log = self.log()
@@ -85,9 +85,9 @@ class DeviceLogTests(unittest.TestCase):
         with open(log.path, "r+b") as out:
             out.seek(whole - 2)
             out.write(b"X")  # a flipped byte in a record the device file counts on
-        self.assertRaises(Malformed, DeviceLog(log.path).read, whole)
+        self.assertRaises(Malformed, DeviceLog(log.device_path).read, whole)
         os.truncate(log.path, whole - 4)
-        self.assertRaises(Malformed, DeviceLog(log.path).read, whole)
+        self.assertRaises(Malformed, DeviceLog(log.device_path).read, whole)
 
     def test_a_failed_append_is_written_again_by_the_next(self):
         log = self.log()
@@ -98,7 +98,7 @@ class DeviceLogTests(unittest.TestCase):
             self.assertRaises(OSError, log.flush)
         log.flush()
         log.close()
-        self.assertEqual(DeviceLog(log.path).read(), [b"one", b"two"])
+        self.assertEqual(DeviceLog(log.device_path).read(), [b"one", b"two"])
 
 
 def new_state(test):
@@ -174,7 +174,7 @@ class DeviceFileTests(unittest.TestCase):
         self.assertEqual((again.message_keys, again.replay[BOB].highest), (keys, 5))
         again.save()
         self.assertEqual(DeviceFile.load(path).message_keys, keys)  # (migrated once: no key twice)
-        self.assertEqual(len(DeviceLog(state.log.path).read()), 3)
+        self.assertEqual(len(DeviceLog(state.path).read()), 3)
 
 
 class Stub:
@@ -235,8 +235,143 @@ class ChainWindowTests(unittest.TestCase):
         self.assertEqual(again.window, chain.window)
 
 
+class CompactionTests(unittest.TestCase):
+    """A log mostly dead weight is rewritten with what is live, and a crash between any two steps loses nothing.
+
+    A crash is played by stopping between the steps of DeviceFile.save and loading what is on disk.
+    """
+
+    def setUp(self):
+        self.patch(transcripts, "E_KEPT", 2)  # (the e_n of links 1-5 of 7 are dead weight)
+        self.patch(device_file, "COMPACT_AT", 0)
+
+    def history(self):
+        """bob's device file and log: eight messages read (keys, counters), their chain verified to link 7."""
+        state, kept, chain = ChainWindowTests.verified(self)
+        state.replay[BOB] = ReplayWindow()
+        for counter in range(1, 8):
+            state.replay[BOB].record(counter)
+            state.keep_key(counter, bytes([counter]) * 32, CONVERSATION, counter, BOB, counter)
+        kept._keep(chain)
+        state.save()
+        state.keep_key(8, b"\x08" * 32, CONVERSATION, 8, BOB, 8)  # its device file write never came (a crash):
+        state.save_log()  # counter 8 is refused by what the log says
+        state.log.close()
+        loaded = DeviceFile.load(state.path)
+        self.chain = Transcripts(Stub(loaded)).chain(CONVERSATION).to_bytes()  # with its window, as loaded before
+        self.keys = loaded.message_keys
+        return state
+
+    def files(self, state):
+        return sorted(os.listdir(os.path.dirname(state.path)))
+
+    def assertSameDevice(self, state):
+        """`state` loads as it did before compaction: every key, the chain and its window, counters refused."""
+        again = DeviceFile.load(state.path)
+        chain = Transcripts(Stub(again)).chain(CONVERSATION)
+        self.assertEqual(again.message_keys, self.keys)
+        self.assertEqual((chain.position.n, sorted(chain.window), chain.to_bytes()), (7, [6, 7], self.chain))
+        self.assertEqual([again.replay[BOB].fresh(counter) for counter in range(1, 10)], [False] * 8 + [True])
+        again.log.close()
+        return again
+
+    def test_a_long_log_mostly_dead_is_compacted_at_the_first_save_after_load(self):
+        before = self.history()
+        length = before.log.end
+        state = DeviceFile.load(before.path)
+        state.save()
+        self.assertEqual((state.log.generation, self.files(state)), (1, ["bob.device", "bob.device.log.1"]))
+        for name in self.files(state):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(os.path.dirname(state.path), name)).st_mode), 0o600)
+        self.assertLess(state.log.end, length * 2 / 3)
+        self.assertEqual(len(DeviceLog(state.path, 1).read()), 8 + 2)  # every key, the window's e_n
+        again = self.assertSameDevice(state)
+        again.keep_key(9, b"H" * 32, CONVERSATION, 9, BOB, 9)  # the new log is appended to as the old was
+        again.save()
+        again.log.close()
+        self.assertEqual(DeviceFile.load(state.path).message_keys[9], (b"H" * 32, CONVERSATION, 9))
+        self.assertEqual(self.files(state), ["bob.device", "bob.device.log.1"])
+
+    def test_only_a_long_log_mostly_dead_and_only_at_the_first_save_after_load(self):
+        before = self.history()
+        self.patch(device_file, "COMPACT_AT", before.log.end + 1)
+        state = DeviceFile.load(before.path)  # too short
+        state.save()
+        self.patch(device_file, "COMPACT_AT", 0)
+        state.save()  # (not the first save after load)
+        state.log.close()
+        self.patch(transcripts, "E_KEPT", 6)  # not enough dead weight: 8 keys and 6 e_n live
+        state = DeviceFile.load(before.path)
+        state.save()
+        state.log.close()
+        self.assertEqual((state.log.generation, self.files(state)), (0, ["bob.device", "bob.device.log"]))
+        self.patch(transcripts, "E_KEPT", 2)  # 5 e_n dead, and the counters: more than a third of the log
+        state = DeviceFile.load(before.path)
+        state.save()
+        state.log.close()
+        self.assertEqual((state.log.generation, self.files(state)), (1, ["bob.device", "bob.device.log.1"]))
+
+    def test_a_crash_after_the_new_log_is_written(self):
+        before = self.history()
+        state = DeviceFile.load(before.path)
+        state._write_log()  # the log of generation 1, durable; the device file still names generation 0
+        self.assertEqual(self.files(state), ["bob.device", "bob.device.log", "bob.device.log.1"])
+        again = self.assertSameDevice(state)
+        self.assertEqual(again.log.generation, 0)  # the new log is ignored ...
+        again.save()  # ... and written again, then the old one removed
+        self.assertEqual((again.log.generation, self.files(state)), (1, ["bob.device", "bob.device.log.1"]))
+        self.assertSameDevice(state)
+
+    def test_a_crash_after_the_device_file_names_the_new_log(self):
+        before = self.history()
+        state = DeviceFile.load(before.path)
+        state._write_log()
+        state._write_file()  # the old log is not removed yet
+        self.assertEqual(self.files(state), ["bob.device", "bob.device.log", "bob.device.log.1"])
+        again = self.assertSameDevice(state)
+        self.assertEqual(again.log.generation, 1)
+        self.patch(device_file, "COMPACT_AT", 1 << 30)
+        again = DeviceFile.load(state.path)
+        again.save()  # the old log is a leftover: removed
+        again.log.close()
+        self.assertEqual(self.files(state), ["bob.device", "bob.device.log.1"])
+        self.assertSameDevice(state)
+
+    def test_a_half_written_new_log_is_ignored_and_removed(self):
+        before = self.history()
+        state = DeviceFile.load(before.path)
+        state._write_log()
+        new = state.log.path
+        os.truncate(new, os.path.getsize(new) // 2)  # (write_private renames only a whole file: the worst case)
+        with open(f"{new}.0123456789abcdef.tmp", "wb") as out:  # write_private's, cut short by a crash
+            out.write(b"\x00\x00\x00")
+        self.assertSameDevice(state)
+        self.patch(device_file, "COMPACT_AT", 1 << 30)
+        again = DeviceFile.load(state.path)
+        again.save()
+        again.log.close()
+        self.assertEqual(self.files(state), ["bob.device", "bob.device.log"])
+        self.assertSameDevice(state)
+
+    def test_a_device_file_naming_a_damaged_new_log_is_refused(self):
+        state = DeviceFile.load(self.history().path)
+        state.save()
+        state.log.close()
+        os.truncate(state.log.path, state.log.end - 1)
+        self.assertRaises(DeviceFileError, DeviceFile.load, state.path)
+
+    def test_a_compacted_device_file_names_its_log_and_a_version_3_file_its_first(self):
+        state = DeviceFile.load(self.history().path)
+        self.assertEqual(len(dec(state.to_bytes())), 17)  # (as before compaction: older clients read it)
+        state.save()
+        state.log.close()
+        written = dec(open(state.path, "rb").read())
+        self.assertEqual((written[0], len(written), written[-1]), (LABEL, 18, bytes(7) + b"\x01"))
+
+
 class CrashTests(E2EETestCase):
-    """Against the real daemon: a crash between the log and the device file loses nothing and lets no replay in."""
+    """Against the real daemon: a crash between the log and the device file loses nothing and lets no replay in;
+    a compacted log keeps what history and the chain need."""
 
     @inlineCallbacks
     def test_a_message_whose_device_file_write_never_came(self):
@@ -269,3 +404,28 @@ class CrashTests(E2EETestCase):
         yield alice.send_message(conversation, "after")  # the session carries on from the device file's
         after = (yield bob_inbox.wait("deliver", 3))[-1]
         self.assertEqual((after.body, after.problem), ("after", None))
+
+    @inlineCallbacks
+    def test_a_compacted_device_reads_its_history_and_checks_the_chain(self):
+        self.patch(transcripts, "E_KEPT", 2)
+        self.patch(device_file, "COMPACT_AT", 0)
+        alice, _ = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        conversation, _ = yield alice.create_conversation(["bob"])
+        sent = [f"message {number}" for number in range(6)]
+        for body in sent:
+            yield alice.send_message(conversation, body)
+        yield bob_inbox.wait("deliver", len(sent))
+        yield bob.ping()
+        yield bob.close()
+        bob, bob_inbox = yield self.device("bob", install="bobs")  # loaded, compacted at its first save
+        log = bob.e2ee.state.log
+        self.assertEqual(log.generation, 1)
+        self.assertFalse(os.path.exists(log.device_path + ".log"))
+        self.assertEqual(stat.S_IMODE(os.stat(log.path).st_mode), 0o600)
+        page = yield bob.history(conversation)  # (the wraps were let go: read with the keys kept)
+        self.assertEqual([(m.body, m.problem) for m in page.messages], [(body, None) for body in sent])
+        yield alice.send_message(conversation, "after")
+        [after] = yield bob_inbox.wait("deliver", 1)
+        self.assertEqual((after.body, after.problem, after.chain), ("after", None, "verified"))
+        self.assertEqual(bob_inbox.alarms(), [])

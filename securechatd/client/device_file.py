@@ -10,8 +10,9 @@ Versioned, in the e2ee layer's own encoding: `enc` of the label
 `securechatd/device-file/v3` and the sections below, each an `enc` of its
 records. (Version 2 added the server's pinned key and the conversation chains
 verified, client/transcripts.py; version 3 moved the message keys and the
-chains' e_n to the device log; a version 1 or 2 file is read, and written
-back as version 3.) The client changes a DeviceFile in memory and calls
+chains' e_n to the device log, and once the log is compacted a last field
+names its generation; a version 1 or 2 file is read, and written back as
+version 3.) The client changes a DeviceFile in memory and calls
 save() once per step, so what one message changed (its session, the replay
 window of its sender, a one-time prekey it used) lands in one write.
 
@@ -22,13 +23,22 @@ crash between the two leaves a message that is read again with its key (by
 its id), never one lost. A received message's record names its sender
 device and counter, and loading replays those into the replay windows: a
 key on disk whose device file write never came still refuses that counter.
+
+The log is compacted at the first save after load, if it holds more than
+COMPACT_RATIO times what is live and at least COMPACT_AT bytes: a log of the
+next generation holding only what a load would take from the old one is
+written and made durable, then the device file naming it, then the old log
+is removed. A crash before the device file leaves the old pair (the new log
+is a leftover); after it, the new pair (the old log is one); leftovers are
+removed at the first save after the next load.
 """
 
 import errno
 import fcntl
 import os
 
-from securechatd.client.device_log import DeviceLog
+from securechatd.client import transcripts
+from securechatd.client.device_log import FRAME_BYTES, DeviceLog
 from securechatd.e2ee.encoding import Malformed, dec, enc
 from securechatd.e2ee.keys import Device, Prekey
 from securechatd.files import write_private
@@ -37,6 +47,11 @@ LABEL = b"securechatd/device-file/v3"
 LABEL_V2 = b"securechatd/device-file/v2"  # read, never written: the message keys and e_n inside
 LABEL_V1 = b"securechatd/device-file/v1"  # read, never written: no server key, no conversation chains
 KEY, LINK = b"key", b"link"  # the device log's records: a message's key; a chain link's e_n
+COMPACT_AT = 1 << 20  # bytes: a smaller log is read at start in ~30 ms, not worth rewriting
+COMPACT_RATIO = 1.5  # compacted when it holds more than this times what is live (at best ~2: a key and an e_n
+# a message, and the key alone live)
+_KEY_BYTES = FRAME_BYTES + len(enc([KEY, 0, b"", 0, 0, "", b"", 0]))  # a live key's record, but for K
+_LINK_BYTES = FRAME_BYTES + len(enc([LINK, 0, 0, b"", 0]))  # an e_n's record, but for e_n
 
 # status of this installation's device
 NEW = "new"  # keys made; not yet in the user's chain, and the chain was not looked at yet
@@ -152,7 +167,9 @@ class DeviceFile:
         self.server_key = b""
         self.transcripts = {}
         self.windows = {}
-        self.log = DeviceLog(f"{path}.log")
+        self.log = DeviceLog(path)
+        self._kept = None  # at load, if the log is long: {conversation: {n: (e_n, seq)}} a load would keep
+        self._leftovers = False  # logs of other generations may be beside it (until the first save after load)
         self._lock = None
 
     def __repr__(self):
@@ -189,6 +206,7 @@ class DeviceFile:
                 self.server_key,
                 enc([enc([conversation, data]) for conversation, data in self.transcripts.items()]),
             ]
+            + [self.log.generation] * bool(self.log.generation)  # (absent until compacted: older clients read it)
         )
 
     @classmethod
@@ -197,10 +215,12 @@ class DeviceFile:
         fields = dec(data)
         if fields[:1] == [LABEL_V1] and len(fields) == 15:
             fields += [b"", b""]
-        elif fields[:1] not in ([LABEL], [LABEL_V2]) or len(fields) != 17:
+        if fields[:1] in ([LABEL], [LABEL_V2], [LABEL_V1]) and len(fields) == 17:
+            fields.append(bytes(8))  # (its log is of generation 0: never compacted)
+        elif fields[:1] != [LABEL] or len(fields) != 18:
             raise Malformed("not a device file of version securechatd/device-file/v3 (or v2, v1)")
         (label, device, status, counter, spk_made_at, uploaded, to_upload, spks, opks) = fields[:9]
-        (sessions, chains, memberships, replay, trusted, keys_or_log, server_key, transcripts) = fields[9:]
+        (sessions, chains, memberships, replay, trusted, keys_or_log, server_key, chains_verified) = fields[9:17]
         status = _text(status)
         if status not in STATUSES or uploaded not in (b"", b"\x01"):
             raise Malformed("a device file's status is unknown")
@@ -225,6 +245,7 @@ class DeviceFile:
         for user, keys in _records(trusted, 2):
             state.trusted[_text(user)] = frozenset(dec(keys))
         if label == LABEL:
+            state.log = DeviceLog(path, _number(fields[17]))
             state.log.end = _number(keys_or_log)  # (how long the device log was when this was written)
         else:  # the message keys, inline before version 3: to the log at the first save
             for message_id, key, conversation, seq in _records(keys_or_log, 4):
@@ -232,7 +253,7 @@ class DeviceFile:
         if len(server_key) not in (0, 32):
             raise Malformed("a pinned server key is not 32 bytes")
         state.server_key = server_key
-        for conversation, chain_data in _records(transcripts, 2):
+        for conversation, chain_data in _records(chains_verified, 2):
             state.transcripts[_number(conversation)] = chain_data
         return state
 
@@ -290,16 +311,72 @@ class DeviceFile:
         try:
             state = cls.from_bytes(path, data)
             state._replay_log(state.log.read(state.log.end))
+            if state.log.end >= COMPACT_AT:
+                state._kept = state._kept_windows()
         except OSError as problem:
-            raise DeviceFileError(f"cannot read the device log {path}.log: {problem.strerror}")
+            raise DeviceFileError(f"cannot read the device log {state.log.path}: {problem.strerror}")
         except (Malformed, ValueError) as problem:
             raise DeviceFileError(f"the device file {path} (or its log) is damaged ({problem}); it was left as it is")
+        state._leftovers = True
         return state
 
     def save(self):
-        """Append what was kept to the log (durable first), then replace the file with what this object holds now."""
-        self.log.flush()
+        """Append what was kept to the log (durable first), then replace the file with what this object holds now.
+
+        Each step leaves a device that loads whole if a crash stops it there (tests stop between them).
+        """
+        self._write_log()
+        self._write_file()
+        self._remove_leftovers()
+
+    def _write_log(self):
+        """Flush the pending records; or, the first time after load, compact the log if it is mostly dead weight."""
+        kept, self._kept = self._kept, None
+        if kept is not None and self.log.end > COMPACT_RATIO * self._live_bytes(kept):
+            self.log.close()
+            self.log = self.log.successor(self._live_records(kept) + self.log.pending)
+        else:
+            self.log.flush()
+
+    def _write_file(self):
         write_private(self.path, self.to_bytes())
+
+    def _remove_leftovers(self):
+        """The first save after load removes the logs the device file it replaced did not name (under the lock)."""
+        if self._leftovers:
+            self.log.remove_others()
+            self._leftovers = False
+
+    # -- compaction ---------------------------------------------------------------------
+
+    def _kept_windows(self):
+        """Per conversation, the e_n a load gives its chain: the newest E_KEPT at or before its verified head.
+
+        (Read at load, before client/transcripts.py takes `windows`; later e_n are in the pending records.)
+        """
+        kept = {}
+        for conversation, data in self.transcripts.items():
+            head = transcripts.ConversationChain.from_bytes(data).position.n
+            window = self.windows.get(conversation, {})
+            newest = sorted(n for n in window if n <= head)[-transcripts.E_KEPT :]
+            kept[conversation] = {n: window[n] for n in newest}
+        return kept
+
+    def _live_bytes(self, windows):
+        keys = sum(_KEY_BYTES + len(key) for key, _, _ in self.message_keys.values())
+        return keys + sum(_LINK_BYTES + len(e) for window in windows.values() for e, _ in window.values())
+
+    def _live_records(self, windows):
+        """What a load must find again: every message key, and the e_n `windows` keep.
+
+        The keys name no sender device: their counters are in the replay windows of the device file
+        written with this log (recorded when opened, or from the log at load).
+        """
+        records = [enc([KEY, message_id, key, conversation, seq, "", b"", 0])
+                   for message_id, (key, conversation, seq) in self.message_keys.items()]
+        for conversation, window in windows.items():
+            records += [enc([LINK, conversation, n, e, seq]) for n, (e, seq) in sorted(window.items())]
+        return records
 
     def lock(self):
         """Hold `<path>.lock` for this process: two programs advancing the same ratchets would break them.

@@ -14,17 +14,25 @@ torn last record: it is read as the end of the log and cut off before the
 next append. The device file records how long the log was when it was
 written (`read(at_least)`), so a log cut shorter than that is damage, not a
 torn record.
+
+Compaction (DeviceFile.save) writes what is live to a log of the next
+generation (`successor`), durable under its own name, before the device
+file naming it replaces the one naming this; the logs of other generations
+are then removed (`remove_others`). So the device file on disk always names
+a whole log, and any other log beside it is a leftover.
 """
 
 import os
+import re
 import struct
 import zlib
 
 from securechatd.e2ee.encoding import Malformed
-from securechatd.files import sync_directory
+from securechatd.files import sync_directory, write_private
 
 LABEL = b"securechatd/device-log/v1"
 _FRAME = struct.Struct(">II")
+FRAME_BYTES = _FRAME.size  # a record's length and CRC-32, before it
 
 
 def _write(descriptor, data):
@@ -38,11 +46,19 @@ def _frame(record):
     return length + struct.pack(">I", zlib.crc32(record, zlib.crc32(length))) + record
 
 
-class DeviceLog:
-    """The records appended to `path`: read() them once, add() new ones, flush() them to disk before they count."""
+def _path(device_path, generation):
+    """The log of `generation` beside the device file: generation 0 kept the name it had before compaction."""
+    return f"{device_path}.log" if generation == 0 else f"{device_path}.log.{generation}"
 
-    def __init__(self, path):
-        self.path = path
+
+class DeviceLog:
+    """The records of the device file at `device_path`'s log of `generation`: read() them once, add() new ones,
+    flush() them to disk before they count."""
+
+    def __init__(self, device_path, generation=0):
+        self.device_path = device_path
+        self.generation = generation
+        self.path = _path(device_path, generation)
         self.end = 0  # the bytes of whole records on disk (after read() or flush())
         self.pending = []  # records added, not written yet
         self._file = None
@@ -102,6 +118,25 @@ class DeviceLog:
             os.close(descriptor)
             raise
         self._file = descriptor
+
+    def successor(self, records):
+        """A log of the next generation holding `records`, whole and durable under its name (this one untouched).
+
+        (write_private: a temporary name, fsync, rename, fsync of the directory; a leftover of that name is replaced.)
+        """
+        log = DeviceLog(self.device_path, self.generation + 1)
+        data = b"".join(_frame(record) for record in [LABEL, *records])
+        write_private(log.path, data)
+        log.end = len(data)
+        return log
+
+    def remove_others(self):
+        """Remove the logs of other generations (and a compaction's temporary file): none is the device file's."""
+        directory, name = os.path.split(self.device_path)
+        leftover = re.compile(re.escape(name) + r"\.log(\.[0-9]+)?(\.[0-9a-f]{16}\.tmp)?")
+        for other in os.listdir(directory or "."):
+            if leftover.fullmatch(other) and other != os.path.basename(self.path):
+                os.unlink(os.path.join(directory, other))
 
     def close(self):
         if self._file is not None:
