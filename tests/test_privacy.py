@@ -161,6 +161,16 @@ class DirectoryTests(PrivacyTestCase):
         for _ in range(40):  # contacts are no search either
             self.assertEqual(self.seen(self.bob)[0], "online")
 
+    def test_who_shares_a_conversation_is_no_search(self):
+        """A client fetches its conversations' members' chains before every message it seals: someone who
+        opened a direct conversation with alice, who never wrote back, knows she exists and is never limited
+        (though she is still offline to him: she did not consent)."""
+        self.ok(self.mallory, commands.CreateConversation, members=["carol"])
+        for _ in range(50):
+            self.assertEqual(self.ok(self.mallory, commands.GetPresence, usernames=["carol"])["presence"][0]["status"],
+                             "offline")
+            self.assertEqual(self.ok(self.mallory, commands.GetDeviceChain, username="carol")["links"], [])
+
 
 class InvitationTests(PrivacyTestCase):
     def test_a_stranger_cannot_put_you_in_a_group(self):

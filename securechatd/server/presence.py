@@ -113,7 +113,7 @@ class PresenceService:
     async def get(self, session, usernames):
         """[(username, status, note, last_seen or None)]; NO_SUCH_USER if one is not registered.
 
-        Asking about anyone but oneself and one's contacts is a search of the
+        Asking about anyone one shares no conversation with is a search of the
         directory (look_up).
         """
         if not 1 <= len(usernames) <= commands.MAX_PRESENCE_NAMES:
@@ -129,9 +129,10 @@ class PresenceService:
 
     async def look_up(self, session, names):
         """{name: PresenceView} of those of `names` that exist (for the caller); a directory search of the
-        caller's unless they are all the caller or contacts (what answers NO_SUCH_USER tells who exists)."""
+        caller's unless the caller shares a conversation with each (what answers NO_SUCH_USER tells who
+        exists; a client fetches its conversations' members' chains before every message it seals)."""
         views = await self.store.presence_view(session.username, set(names))
-        if any(name != session.username and not (name in views and views[name].consents) for name in names):
+        if any(name != session.username and not (name in views and views[name].shared) for name in names):
             self._search(session)
         return views
 

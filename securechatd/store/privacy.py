@@ -23,8 +23,9 @@ _SHARED = (
     " JOIN members theirs ON theirs.conversation_id = mine.conversation_id AND theirs.user_id <> mine.user_id"
 )
 
-# What a viewer may know of a user: last_seen, their choices, and whether they consent to the viewer.
-PresenceView = namedtuple("PresenceView", "last_seen hide_last_seen appear_offline consents")
+# What a viewer may know of a user: last_seen, their choices, whether they consent to the viewer, and whether
+# the two share any conversation at all (then the viewer knows the user exists: naming them searches nothing).
+PresenceView = namedtuple("PresenceView", "last_seen hide_last_seen appear_offline consents shared")
 # An invitation as its invitee lists it.
 Invitation = namedtuple("Invitation", "conversation_id kind title inviter invited_at accepted encrypted")
 
@@ -56,13 +57,14 @@ class PrivacyStore(StoreBase):
         txn.execute(
             "SELECT u.username, u.last_seen, u.hide_last_seen, u.appear_offline,"
             f" EXISTS (SELECT 1 FROM {_SHARED} WHERE mine.user_id = u.id AND theirs.user_id = ({USER_ID})"
-            f"  AND {CONSENTS})"
+            f"  AND {CONSENTS}),"
+            f" EXISTS (SELECT 1 FROM {_SHARED} WHERE mine.user_id = u.id AND theirs.user_id = ({USER_ID}))"
             f" FROM users u WHERE u.username IN {placeholders(usernames)} AND u.{LIVE}",
-            (viewer, *usernames),
+            (viewer, viewer, *usernames),
         )
         return {
-            name: PresenceView(seen, bool(hide), bool(appear), bool(consents))
-            for name, seen, hide, appear, consents in txn.fetchall()
+            name: PresenceView(seen, bool(hide), bool(appear), bool(consents), bool(shared))
+            for name, seen, hide, appear, consents, shared in txn.fetchall()
         }
 
     def consenting(self, username, others):
