@@ -292,6 +292,18 @@ class CompactionTests(unittest.TestCase):
         self.assertEqual(DeviceFile.load(state.path).message_keys[9], (b"H" * 32, CONVERSATION, 9))
         self.assertEqual(self.files(state), ["bob.device", "bob.device.log.1"])
 
+    def test_not_after_a_log_only_flush(self):
+        """Records flushed by save_log() before the first save are not in the windows taken at load: that
+        start does not compact (it would drop them); nothing is lost."""
+        before = self.history()
+        state = DeviceFile.load(before.path)
+        state.keep_key(9, b"H" * 32, CONVERSATION, 9, BOB, 9)
+        state.save_log()
+        state.save()
+        self.assertEqual((state.log.generation, self.files(state)), (0, ["bob.device", "bob.device.log"]))
+        state.log.close()
+        self.assertEqual(DeviceFile.load(state.path).message_keys[9], (b"H" * 32, CONVERSATION, 9))
+
     def test_only_a_long_log_mostly_dead_and_only_at_the_first_save_after_load(self):
         before = self.history()
         self.patch(device_file, "COMPACT_AT", before.log.end + 1)

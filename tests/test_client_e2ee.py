@@ -486,6 +486,24 @@ class MessageTests(E2EETestCase):
         self.assertIn("Work laptop", {d.name for d in (yield phone.list_devices())})
 
     @inlineCallbacks
+    def test_a_member_deleted_from_a_group_is_asked_for_once(self):
+        """The signed state still names a member the operator deleted: their chain is not asked for again at
+        every message (each ask of someone who shares no conversation is a directory search: 35 messages
+        would run out of them), and nothing is encrypted to them."""
+        alice, _ = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        carol, _ = yield self.device("carol", install="carols")
+        group, _ = yield alice.create_conversation(["bob", "carol"], title="Team")
+        yield alice.send_message(group, "hello all")
+        yield carol.close()
+        yield self.hub.store.delete_user("carol", reactor.seconds())
+        for n in range(35):
+            sent = yield alice.send_message(group, f"message {n}")
+        self.assertNotIn(carol.device_id, (yield self.wrapped_for(sent.message_id)))
+        received = yield bob_inbox.wait("deliver", 36)
+        self.assertEqual(received[-1].body, "message 34")
+
+    @inlineCallbacks
     def test_a_group_of_three_with_an_add_and_a_leave(self):
         alice, alice_inbox = yield self.device("alice")
         bob, bob_inbox = yield self.device("bob", install="bobs")

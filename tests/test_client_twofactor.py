@@ -223,6 +223,8 @@ class RequiredLaterTests(DaemonClientCase):
         reason = yield logged_out.addTimeout(10, reactor)
         self.assertIn("requires two-factor login", reason)
         self.assertIsNone(client.username)
+        with self.assertRaises(commands.EnrolmentRequired):  # (a login again is asked to enrol, not refused)
+            yield client.login("alice", PASSWORD)
 
 
 class RenderTests(unittest.TestCase):

@@ -144,6 +144,19 @@ class SecondFactorTests(PipelinedCase):
         self.failureResultOf(self.login(Connection(self.hub)), RateLimited)
 
 
+    def test_a_new_installation_with_the_right_password_is_no_failure(self):
+        """A new installation tries its device first (not yet in the chain), then logs in unbound: with the
+        right password that is not a failed login, however often it happens before a device adds it."""
+        self.bound_device()
+        for _ in range(6):
+            self.conn = Connection(self.hub)
+            self.failureResultOf(
+                self.login(device_id=keys.Device.generate("alice").id.hex()), SecondFactorRequired
+            )
+            self.error(self.conn, NoSuchDevice, commands.SecondFactor, code="123456")
+        self.failureResultOf(self.login(Connection(self.hub)), SecondFactorRequired)  # not RATE_LIMITED
+
+
 class EnrolmentTests(PipelinedCase):
     settings = {"two_factor": "required"}
 

@@ -10,7 +10,7 @@ verified before. A chain seen for the first time is trusted on first use
 reported, never silent.
 """
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from securechatd import commands
 from securechatd.e2ee.chain import ChainError, ChainState, Fork, Link, verify_chain
@@ -39,6 +39,7 @@ class Chains:
         self._chains = {}
         self._fetched = {}  # user -> when the server was last asked (clock seconds)
         self._fetching = {}  # user -> [Deferred] of callers waiting for the fetch under way
+        self._gone = set()  # users the server does not know (deleted): never fetched again in this run
         for user, links in state.chains.items():
             self._chains[user] = verify_chain(user, [Link.from_bytes(link) for link in links])
 
@@ -72,6 +73,8 @@ class Chains:
         it verified. A user the server does not know (deleted) answers None.
         A fetch already under way for `user` is shared.
         """
+        if user in self._gone:
+            return succeed(None)
         fetched = self._fetched.get(user)
         if fetched is not None and self._clock.seconds() - fetched <= max_age and user in self._chains:
             return Deferred.fromCoroutine(self._known(user))
@@ -105,7 +108,10 @@ class Chains:
             try:
                 page = await self._call(commands.GetDeviceChain, username=user, after_seq=after + len(links))
             except commands.NoSuchUser:
+                self._gone.add(user)  # (a name is never taken again: not asked again, nor charged as a search)
                 return None  # deleted (or never was): no devices to encrypt to; what was verified is kept
+            except commands.RateLimited:
+                return known  # (too many directory searches just now: go on with what was verified)
             links += page["links"]
             if not page["has_more"] or not page["links"]:
                 break

@@ -294,6 +294,7 @@ class DeviceFile:
 
     def save_log(self):
         """Make what was kept durable, without rewriting the device file (nothing else changed)."""
+        self._kept = None  # (what this flushes is not in the windows taken at load: compaction waits for a start)
         self.log.flush()
 
     # -- the file ---------------------------------------------------------------------

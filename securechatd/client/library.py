@@ -575,6 +575,7 @@ class ChatClient:
             answer = await protocol.callRemote(commands.Resume, device_id=device, **arguments)
             bound = device is not None
         except commands.EnrolmentRequired:  # (the token is spent; enrolling takes a person and the password)
+            await self._give_up(protocol.callRemote)  # (so the connection can log in again)
             self.username = self.resume_token = None
             self.on_logged_out("This server now requires two-factor login: log in again to switch it on.")
             return None

@@ -517,8 +517,11 @@ class AccountService:
         try:
             if pending.device_id is not None:  # a device the session could not bind to must not spend the code
                 refused = await self.store.device_binding(pending.username, pending.device_id)
-                if refused:  # (a failure whatever the password: the answer comes before either is looked at)
-                    pending.attempt.end(False, f"device {DEVICE_REFUSED[refused]}" if pending.right else "password")
+                if refused:  # (before the code: a failure unless it is a new installation of the right password)
+                    if pending.right and refused == "unknown":
+                        pending.attempt.end(None)  # (it logs in again unbound, until a device of the user adds it)
+                    else:
+                        pending.attempt.end(False, f"device {DEVICE_REFUSED[refused]}" if pending.right else "password")
                     _refuse_device(refused)
             if self.clock.seconds() >= pending.deadline:
                 pending.attempt.end(False, "second factor too late")
@@ -666,9 +669,12 @@ class AccountService:
 
     def _check_certificate(self, certificate, username, address):
         """NOT_ALLOWED if the connection's client certificate names another account than `username`: a failed
-        login attempt (throttled as any: RATE_LIMITED past it), which the account's owner finds in their log."""
+        attempt of the certificate's own account (throttled: its holder, not `username`, is held back), which
+        `username`'s owner finds in their log too."""
         if certificate is not None and certificate != username:
-            Attempt(self, username, address, "client certificate").end(False, f"the client certificate of {certificate}")
+            Attempt(self, certificate, address, "client certificate").end(False, f"used for {username}")
+            event = NewEvent("login_failed", address, target=f"the client certificate of {certificate}")
+            self.log.record_quietly(username, event)
             raise NotAllowed("This connection's client certificate is for another account.")
 
     @deferred
