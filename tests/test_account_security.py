@@ -27,6 +27,7 @@ from securechatd.commands import (
 )
 from securechatd.e2ee.encoding import sign
 from securechatd.server.account_log import AccountLog
+from securechatd.store.account_log import Logged
 from securechatd.store.account_log import NewEvent
 from tests.helpers import Connection, make_hub, settle
 from tests.test_keys import Chain, Device
@@ -436,6 +437,11 @@ class TamperTests(SecurityTestCase):
         self.connect("bob")  # (a new event: the log cannot grow past the damage either)
         text = self.error(self.conn, commands.ServiceUnavailable, commands.GetAccountLog)
         self.assertIn("account log is damaged", text)
+        reads, read = [], self.hub.store.account_leaves
+        self.patch(self.hub.store, "account_leaves", lambda first: reads.append(first) or read(first))
+        for index in range(20, 25):  # known damaged: new events do not read the database's leaves again each time
+            self.hub.account_log.added(Logged(index, b"\x00" * 32))
+        self.assertEqual(reads, [])
 
     def test_a_forked_view(self):
         """The server shows alice a tree where another of her events is missing: the consistency proof fails."""

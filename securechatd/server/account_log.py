@@ -44,7 +44,7 @@ class AccountLog:
             return
         if logged.leaf_index == self.tree.size:
             self.tree.append(logged.leaf)
-        elif logged.leaf_index > self.tree.size:  # another process wrote leaves in between
+        elif logged.leaf_index > self.tree.size and not self.damaged:  # another process wrote leaves in between
             self.sync().addErrback(lambda failure: log.failure("bringing the account log up to date", failure))
 
     def sync(self):
