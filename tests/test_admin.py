@@ -48,8 +48,8 @@ def verify(password, hashed):
     return outcome[0]
 
 
-class CertsTests(unittest.TestCase):
-    """`certs` writes files and returns; it runs in-process."""
+class CertsCase(unittest.TestCase):
+    """`certs` writes files into `self.dir` and returns; it runs in-process."""
 
     def setUp(self):
         self.dir = os.path.join(self.mktemp(), "certs")
@@ -60,6 +60,9 @@ class CertsTests(unittest.TestCase):
         out = io.StringIO()
         status = admin.run(list(argv), out)
         return status, out.getvalue(), self.stderr.getvalue()
+
+
+class CertsTests(CertsCase):
 
     def certs(self, *extra):
         return self.run_admin(

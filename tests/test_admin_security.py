@@ -1,6 +1,5 @@
 """securechatd-admin's account security: `certs --client USER` in-process, `2fa USER [--disable]` as the installed command."""
 
-import io
 import json
 import os
 import sqlite3
@@ -11,23 +10,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.trial import unittest
 
-from securechatd import admin, accountlog
+from securechatd import accountlog
 from securechatd.store.dialect import connect
 from securechatd.store.migrations import upgrade
 import tests.test_admin as admin_tests
-from tests.test_admin import ONE_ERROR_LINE
+from tests.test_admin import ONE_ERROR_LINE, CertsCase
 
 
-class ClientCertTests(unittest.TestCase):
-    def setUp(self):
-        self.dir = os.path.join(self.mktemp(), "certs")
-        self.stderr = io.StringIO()
-        self.patch(admin.sys, "stderr", self.stderr)
-
-    def run_admin(self, *argv):
-        out = io.StringIO()
-        return admin.run(list(argv), out), out.getvalue(), self.stderr.getvalue()
-
+class ClientCertTests(CertsCase):
     def test_a_client_certificate_for_an_account(self):
         self.assertEqual(self.run_admin("certs", "--dir", self.dir, "--hostname", "localhost")[0], 0)
         status, out, err = self.run_admin("certs", "--dir", self.dir, "--client", "Alice")
