@@ -203,10 +203,11 @@ class Connection:
         self.pump.flush()
 
 
-def tls_connect(reactor, port, ca_path, hostname="localhost", protocol=None):
-    """A real TLS connection to 127.0.0.1:`port`, verifying `hostname` against the CA."""
+def tls_connect(reactor, port, ca_path, hostname="localhost", protocol=None, **certificate):
+    """A real TLS connection to 127.0.0.1:`port`, verifying `hostname` against the CA (`certificate`: the
+    client_cert and client_key files to present, if any)."""
     endpoint = wrapClientTLS(
-        client_options(ca_path, hostname), TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
+        client_options(ca_path, hostname, **certificate), TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
     )
     return connectProtocol(endpoint, protocol or amp.AMP())
 
@@ -225,9 +226,9 @@ def when_lost(protocol):
 
 
 @defer.inlineCallbacks
-def connected_client(testcase, reactor, port, ca_path, hostname="localhost"):
+def connected_client(testcase, reactor, port, ca_path, hostname="localhost", **certificate):
     """tls_connect, closed (and waited for) at the end of the test."""
-    client = yield tls_connect(reactor, port, ca_path, hostname)
+    client = yield tls_connect(reactor, port, ca_path, hostname, **certificate)
     lost = when_lost(client)
 
     def close():

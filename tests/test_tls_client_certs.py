@@ -10,15 +10,12 @@ import os
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.protocols import amp
 from twisted.trial import unittest
 
 from securechatd import commands
 from securechatd.certs import write_certs, write_client_cert
 from securechatd.commands import NotAllowed
-from securechatd.tls import client_options
-from tests.helpers import start_daemon, wall_now, when_lost
+from tests.helpers import connected_client, start_daemon, wall_now
 
 PASSWORD = "correct horse battery"
 
@@ -32,27 +29,14 @@ class ClientCertTestCase(unittest.TestCase):
         for name in ("alice", "bob"):
             write_client_cert(self.certs, name, now=wall_now())
 
-    @inlineCallbacks
     def connect(self, name=None, directory=None):
-        """A TLS connection presenting `name`'s certificate (from `directory`), or none."""
+        """Deferred TLS connection presenting `name`'s certificate (from `directory`), or none."""
         directory = directory or self.certs
         cert = {} if name is None else {
             "client_cert": os.path.join(directory, f"{name}.pem"),
             "client_key": os.path.join(directory, f"{name}.key"),
         }
-        endpoint = wrapClientTLS(
-            client_options(self.ca, "localhost", **cert), TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=10)
-        )
-        client = yield connectProtocol(endpoint, amp.AMP())
-        lost = when_lost(client)
-
-        def close():
-            if not lost.called:
-                client.transport.loseConnection()
-            return lost
-
-        self.addCleanup(close)
-        return client
+        return connected_client(self, reactor, self.port, self.ca, **cert)
 
     @inlineCallbacks
     def refused_at_tls(self, client):
@@ -64,7 +48,18 @@ class ClientCertTestCase(unittest.TestCase):
         self.assertIsNone((yield self.hub.store.get_credentials("carol")))
 
 
-class RequiredTests(ClientCertTestCase):
+class AnotherCa:
+    """Required or allowed alike: a certificate from another CA does not get past TLS."""
+
+    @inlineCallbacks
+    def test_a_certificate_of_another_ca(self):
+        other = self.mktemp()
+        write_certs(other, ["localhost"], now=wall_now())
+        write_client_cert(other, "alice", now=wall_now())
+        yield self.refused_at_tls((yield self.connect("alice", other)))
+
+
+class RequiredTests(AnotherCa, ClientCertTestCase):
     @inlineCallbacks
     def test_the_right_certificate(self):
         alice = yield self.connect("alice")
@@ -94,15 +89,8 @@ class RequiredTests(ClientCertTestCase):
     def test_no_certificate(self):
         yield self.refused_at_tls((yield self.connect()))
 
-    @inlineCallbacks
-    def test_a_certificate_of_another_ca(self):
-        other = self.mktemp()
-        write_certs(other, ["localhost"], now=wall_now())
-        write_client_cert(other, "alice", now=wall_now())
-        yield self.refused_at_tls((yield self.connect("alice", other)))
 
-
-class AllowedTests(ClientCertTestCase):
+class AllowedTests(AnotherCa, ClientCertTestCase):
     mode = "allowed"
 
     @inlineCallbacks
@@ -120,9 +108,3 @@ class AllowedTests(ClientCertTestCase):
         with self.assertRaises(NotAllowed):
             yield alice.callRemote(commands.Login, username="bob", password=PASSWORD)
 
-    @inlineCallbacks
-    def test_a_certificate_of_another_ca(self):
-        other = self.mktemp()
-        write_certs(other, ["localhost"], now=wall_now())
-        write_client_cert(other, "alice", now=wall_now())
-        yield self.refused_at_tls((yield self.connect("alice", other)))
