@@ -65,6 +65,24 @@ def events(records, kind):
     return [r for r in records if r["event"] == kind]
 
 
+def new_directory(testcase):
+    directory = os.path.abspath(testcase.mktemp())
+    os.makedirs(directory)
+    return directory
+
+
+@inlineCallbacks
+def own_daemon(testcase, directory, config):
+    """The tree's twistd in `directory`, with `config` (INI text) and a certificate for the name localhost
+    only (so 127.0.0.1 is a wrong host name): (daemon, port)."""
+    path = os.path.join(directory, "securechatd.ini")
+    with open(path, "w") as f:
+        f.write(config)
+    write_certs(os.path.join(directory, "certs"), ["localhost"], now=wall_now())
+    _, daemon = spawn_daemon(testcase, reactor, path, directory)
+    return daemon, (yield daemon.listening)
+
+
 
 class BatchDaemonCase(unittest.TestCase):
     """A daemon of its own with the defaults (plaintext refused), and `securechat --batch` processes,
@@ -79,14 +97,9 @@ class BatchDaemonCase(unittest.TestCase):
 
     @inlineCallbacks
     def setUp(self):
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        config = os.path.join(self.directory, "securechatd.ini")
-        with open(config, "w") as f:
-            f.write(f"[server]\nport = 0\n{self.server_config}[accounts]\nbcrypt_cost = 10\n{self.more_config()}")
-        write_certs(os.path.join(self.directory, "certs"), ["localhost"], now=wall_now())
-        _, self.daemon = spawn_daemon(self, reactor, config, self.directory)
-        self.port = yield self.daemon.listening
+        self.directory = new_directory(self)
+        config = f"[server]\nport = 0\n{self.server_config}[accounts]\nbcrypt_cost = 10\n{self.more_config()}"
+        self.daemon, self.port = yield own_daemon(self, self.directory, config)
 
     def securechat(self, keys, installation="alice", close_stdin=False, arguments=(), password=True):
         """A `securechat --batch` typing `keys`, with its own XDG_DATA_HOME; input stays open unless `close_stdin`;
@@ -117,15 +130,10 @@ class BatchDaemonCase(unittest.TestCase):
 class SecurechatTests(unittest.TestCase):
     @inlineCallbacks
     def setUp(self):
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
-        config = os.path.join(self.directory, "securechatd.ini")
-        with open(config, "w") as f:
-            f.write("[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n" + V1_CONFIG)  # (a version 1 client)
-        # A certificate for the name localhost only, so 127.0.0.1 is a wrong host name.
-        write_certs(os.path.join(self.directory, "certs"), ["localhost"], now=wall_now())
-        _, self.daemon = spawn_daemon(self, reactor, config, self.directory)
-        self.port = yield self.daemon.listening
+        self.directory = new_directory(self)
+        self.daemon, self.port = yield own_daemon(
+            self, self.directory, "[server]\nport = 0\n[accounts]\nbcrypt_cost = 10\n" + V1_CONFIG  # (version 1)
+        )
         self.ca = os.path.join(self.directory, "certs", "ca.pem")
 
     def stop(self, process, ended):
