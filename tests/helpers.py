@@ -19,6 +19,7 @@ from twisted.test import iosim
 
 import securechatd
 from securechatd import commands, tap
+from securechatd.client.library import ChatClient
 from securechatd.config import Settings
 from securechatd.tls import client_options
 from securechatd.server.passwords import PasswordHasher
@@ -237,6 +238,23 @@ def connected_client(testcase, reactor, port, ca_path, hostname="localhost", **c
         return lost
 
     testcase.addCleanup(close)
+    return client
+
+
+def chat_client(testcase, reactor, port, ca, install=None, base=None, **options):
+    """A ChatClient of the daemon at 127.0.0.1:`port`, closed at the end of the test; `install` names its
+    installation (client_name, and its state directory under `base`), None: none kept."""
+    client = ChatClient(
+        "127.0.0.1",
+        port,
+        ca,
+        hostname="localhost",
+        reactor=reactor,
+        client_name=install or "plain",
+        state_directory=os.path.join(base, install) if install else None,
+        **options,
+    )
+    testcase.addCleanup(client.close)
     return client
 
 

@@ -22,7 +22,7 @@ from securechatd.client.library import ChatClient, split_wraps
 from securechatd.e2ee import chain, envelope, membership
 from securechatd.e2ee.keys import Device
 from securechatd.e2ee.session import Session
-from tests.helpers import start_daemon
+from tests.helpers import chat_client, start_daemon
 from tests.test_client import PASSWORD, Inbox
 
 WEEK = 7 * 24 * 3600
@@ -61,17 +61,7 @@ class E2EETestCase(unittest.TestCase):
     @inlineCallbacks
     def device(self, username, install="phone", remember_password=False, **kw):
         """A client of `username` on installation `install`, logged in: (client, E2EEInbox)."""
-        client = ChatClient(
-            "127.0.0.1",
-            self.port,
-            self.ca,
-            hostname="localhost",
-            reactor=reactor,
-            client_name=install,
-            state_directory=self.directory(install),
-            **kw,
-        )
-        self.addCleanup(client.close)
+        client = chat_client(self, reactor, self.port, self.ca, install, self.base, **kw)
         inbox = E2EEInbox(client)
         yield client.connect()
         if username not in self.registered:

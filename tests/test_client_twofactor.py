@@ -13,8 +13,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial import unittest
 
 from securechatd import commands, totp
-from securechatd.client.library import ChatClient
-from tests.helpers import start_daemon
+from tests.helpers import chat_client, start_daemon
 from tests.test_client import PASSWORD
 
 
@@ -43,18 +42,7 @@ class DaemonClientCase(unittest.TestCase):
 
     def make_client(self, install=None, **options):
         """A ChatClient; `install` names its installation (its own state directory), None: none kept."""
-        client = ChatClient(
-            "127.0.0.1",
-            self.port,
-            self.ca,
-            hostname="localhost",
-            reactor=reactor,
-            client_name=install or "plain",
-            state_directory=os.path.join(self.base, install) if install else None,
-            **options,
-        )
-        self.addCleanup(client.close)
-        return client
+        return chat_client(self, reactor, self.port, self.ca, install, self.base, **options)
 
 
 class TwoFactorClientTests(DaemonClientCase):
