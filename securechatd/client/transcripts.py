@@ -700,22 +700,20 @@ class Transcripts:
             if not page["has_more"] or not page["links"]:
                 break
             after = Link.from_bytes(page["links"][-1]).n
-        links, heads, problems = [], [], []
-        for data in raw_links:
-            try:
-                links.append(Link.from_bytes(data))
-            except Malformed as problem:
-                problems.append(
-                    ChainProblem(LINK_MISMATCH, f"conversation {conversation}: a malformed link ({problem})")
-                )
-        for data in raw_heads:
-            try:
-                heads.append(Head.from_bytes(data))
-            except Malformed as problem:
-                problems.append(
-                    ChainProblem(BAD_HEAD_SIGNATURE, f"conversation {conversation}: a malformed head ({problem})")
-                )
-        return links, heads, problems
+        problems = []
+
+        def parsed(raws, kind, alarm, what):
+            """The `kind`s read from `raws`; each malformed one a problem with `alarm` instead."""
+            items = []
+            for data in raws:
+                try:
+                    items.append(kind.from_bytes(data))
+                except Malformed as problem:
+                    problems.append(ChainProblem(alarm, f"conversation {conversation}: a malformed {what} ({problem})"))
+            return items
+
+        links = parsed(raw_links, Link, LINK_MISMATCH, "link")
+        return links, parsed(raw_heads, Head, BAD_HEAD_SIGNATURE, "head"), problems
 
     async def sync(self, conversation, links=(), heads=(), fetch=False, save=True):
         """(ConversationChain, problems): take `links` and `heads` (from a push or receipt), fetching what is missing.
