@@ -170,11 +170,17 @@ class KeyService:
         after_seq = after_seq or 0
         if after_seq < 0:
             raise InvalidArgument("after_seq must be 0 or more.")
-        await self.look_up(session, [name])
+        await self._looked_up(session, name)
         page = await self.store.device_chain(name, after_seq, commands.CHAIN_PAGE)
         if page is None:
             raise NoSuchUser(f"There is no user {username[:40]!r}.")
         return page
+
+    async def _looked_up(self, session, name):
+        """Asking about `name` is a directory search unless the caller shares a conversation with them
+        (PresenceService.look_up); one's own name asks nothing (one's chain is fetched before every seal)."""
+        if name != session.username:
+            await self.look_up(session, [name])
 
     # -- prekeys -----------------------------------------------------------------------
 
@@ -239,7 +245,7 @@ class KeyService:
         wait = self.claims.take((session.username, name))
         if wait:
             raise RateLimited(f"Too many prekey claims for {name}; {retry_text(wait)}.")
-        await self.look_up(session, [name])
+        await self._looked_up(session, name)
         outcome, bundle = await self.store.claim_prekeys(name, device_id)
         if outcome == "no user":
             raise NoSuchUser(f"There is no user {username[:40]!r}.")
