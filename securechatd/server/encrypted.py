@@ -29,14 +29,12 @@ from securechatd.commands import (
     NoSuchConversation,
     NoSuchDevice,
     NotAllowed,
-    RateLimited,
 )
 from securechatd.e2ee.encoding import Malformed
 from securechatd.e2ee.envelope import FIRST_BUCKET, Header
 from securechatd.e2ee.keys import SIGNATURE_BYTES
 from securechatd.server.accounts import check_device_id
-from securechatd.server.policy import check_limit, deferred
-from securechatd.server.throttle import retry_text
+from securechatd.server.policy import check_limit, deferred, take
 from securechatd.store.encrypted import NewEnvelope
 
 log = Logger()
@@ -132,9 +130,7 @@ class EncryptedService:
         return conversation
 
     def _take(self, session):
-        wait = self.rate.take(session.username)
-        if wait:
-            raise RateLimited(f"Too many messages; {retry_text(wait)}.")
+        take(self.rate, session.username, "Too many messages")
 
     # -- staging and sending ---------------------------------------------------------------
 

@@ -17,13 +17,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from twisted.logger import Logger
 
 from securechatd import commands
-from securechatd.commands import BadSignature, InvalidArgument, NoSuchDevice, NoSuchUser, NotAllowed, RateLimited
+from securechatd.commands import BadSignature, InvalidArgument, NoSuchDevice, NoSuchUser, NotAllowed
 from securechatd.e2ee.chain import COUNTERSIGN_LABEL, KEY_BYTES, LINK_LABEL, ZERO_HASH, Link
 from securechatd.e2ee.encoding import Malformed, verify
 from securechatd.e2ee.keys import SPK_LABEL, spk_fields
 from securechatd.server.accounts import check_device_id, existing_name
-from securechatd.server.policy import deferred, take_action
-from securechatd.server.throttle import retry_text
+from securechatd.server.policy import deferred, take, take_action
 from securechatd.store.keys import NewLink
 
 security = Logger(namespace="securechatd.security")
@@ -242,9 +241,7 @@ class KeyService:
         """The PrekeyBundle of one of `username`'s devices, with at most one one-time prekey, never handed out twice."""
         name = existing_name(username)
         check_device_id(device_id)
-        wait = self.claims.take((session.username, name))
-        if wait:
-            raise RateLimited(f"Too many prekey claims for {name}; {retry_text(wait)}.")
+        take(self.claims, (session.username, name), f"Too many prekey claims for {name}")
         await self._looked_up(session, name)
         outcome, bundle = await self.store.claim_prekeys(name, device_id)
         if outcome == "no user":

@@ -14,10 +14,8 @@ from securechatd.commands import (
     NO_SUCH_CONVERSATION_TEXT,
     NoSuchConversation,
     NotAllowed,
-    RateLimited,
 )
-from securechatd.server.policy import check_limit, deferred
-from securechatd.server.throttle import retry_text
+from securechatd.server.policy import check_limit, deferred, take
 
 
 ENCRYPTED = (
@@ -73,9 +71,7 @@ class MessageService:
         if conversation.encrypted or not self.plaintext_allowed:
             self._refuse_plaintext(conversation)
         self.conversations.check_writable(conversation)
-        wait = self.rate.take(session.username)
-        if wait:
-            raise RateLimited(f"Too many messages; {retry_text(wait)}.")
+        take(self.rate, session.username, "Too many messages")
         stored = self.store.add_message(
             conversation.id, session.username, client_msg_id, body, self.clock.seconds(), self.max_pending
         )

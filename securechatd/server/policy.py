@@ -41,8 +41,13 @@ def check_id(value, name="conversation_id"):
     return value
 
 
+def take(bucket, key, too_many):
+    """One of `key`'s tokens in the TokenBucket `bucket`, or RATE_LIMITED: "`too_many`; retry in N seconds."."""
+    wait = bucket.take(key)
+    if wait:
+        raise RateLimited(f"{too_many}; {retry_text(wait)}.")
+
+
 def take_action(actions, session):
     """Presence and membership changes push to many others: each user gets so many (a TokenBucket)."""
-    wait = actions.take(session.username)
-    if wait:
-        raise RateLimited(f"Too many changes; {retry_text(wait)}.")
+    take(actions, session.username, "Too many changes")

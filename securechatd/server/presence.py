@@ -17,11 +17,10 @@ conversation with the user, as in version 1.
 from twisted.logger import Logger
 
 from securechatd import commands
-from securechatd.commands import InvalidArgument, NoSuchUser, RateLimited
+from securechatd.commands import InvalidArgument, NoSuchUser
 from securechatd.records import Presence
 from securechatd.server.accounts import existing_name
-from securechatd.server.policy import check_limit, deferred, take_action
-from securechatd.server.throttle import retry_text
+from securechatd.server.policy import check_limit, deferred, take, take_action
 
 log = Logger()
 
@@ -137,9 +136,7 @@ class PresenceService:
         return views
 
     def _search(self, session):
-        wait = self.searches.take(session.username)
-        if wait:
-            raise RateLimited(f"Too many searches of the directory; {retry_text(wait)}.")
+        take(self.searches, session.username, "Too many searches of the directory")
 
     @deferred
     async def list_users(self, session, prefix, limit):
