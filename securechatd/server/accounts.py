@@ -281,8 +281,7 @@ class Attempt:
                 reason=reason,
                 security_event="login_failed",
             )
-            event = NewEvent("login_failed", self.address, target=reason or self.method)
-            self.service.log.record_quietly(self.username, event)  # (the answer does not wait for it)
+            self.service.login_failed(self.username, self.address, reason or self.method)
 
 
 MAX_CLIENT_NAME = 64  # characters of a Login's client_name kept (version 1 set no limit: longer is cut)
@@ -664,8 +663,11 @@ class AccountService:
             reason=reason,
             security_event="login_device_refused",
         )
-        event = NewEvent("login_failed", session.address, device=bytes.fromhex(session.device_id), target=f"device {reason}")
-        self.log.record_quietly(session.username, event)
+        self.login_failed(session.username, session.address, f"device {reason}", bytes.fromhex(session.device_id))
+
+    def login_failed(self, username, address, why, device=b""):
+        """The login_failed event in `username`'s account log (the answer does not wait for it)."""
+        self.log.record_quietly(username, NewEvent("login_failed", address, device=device, target=why))
 
     def _check_certificate(self, certificate, username, address):
         """NOT_ALLOWED if the connection's client certificate names another account than `username`: a failed
@@ -673,8 +675,7 @@ class AccountService:
         `username`'s owner finds in their log too."""
         if certificate is not None and certificate != username:
             Attempt(self, certificate, address, "client certificate").end(False, f"used for {username}")
-            event = NewEvent("login_failed", address, target=f"the client certificate of {certificate}")
-            self.log.record_quietly(username, event)
+            self.login_failed(username, address, f"the client certificate of {certificate}")
             raise NotAllowed("This connection's client certificate is for another account.")
 
     @deferred
