@@ -110,7 +110,8 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
     account log's tree heads (each under its own label). `totp_key` (32
     bytes, another key) seals TOTP secrets (None, for tests: a new random key).
     `run_in_thread` checks signatures of chain links and membership states
-    and signs heads (build: a thread pool; the default, for tests, runs them at once).
+    and signs the account log's heads (build: a thread pool; the default, for
+    tests, runs them at once). Chain heads are signed on the store's thread.
     """
     account_log = AccountLog(store, clock, server_key, run_in_thread)
     two_factor = TwoFactor(
@@ -168,7 +169,7 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
         settings.max_pending,
         plaintext_allowed,
     )
-    heads = HeadSigner(store, server_key, run_in_thread)
+    heads = HeadSigner(store, server_key)
     encrypted = EncryptedService(
         store,
         conversations,
@@ -179,7 +180,6 @@ def make_hub(settings, store, hasher, clock, server_key, run_in_thread=maybeDefe
         settings.max_pending,
         settings.max_recipient_devices,
         settings.staging_timeout,
-        heads,
     )
     receipts = ReceiptService(store, conversations, accounts.registry, clock)
     presence = PresenceService(

@@ -9,14 +9,14 @@ import os
 import stat
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from twisted.internet.defer import succeed
 from twisted.trial import unittest
 
 from securechatd import commands
 from securechatd.commands import BadSignature, InvalidArgument, NoSuchConversation, NotAllowed
 from securechatd.e2ee import membership, transcript
-from securechatd.records import ChainLink
 from securechatd.server.chain import HeadSigner, load_server_key
+from securechatd.store import StoreError
+from securechatd.store.links import next_link
 from tests.helpers import Connection, make_store
 from tests.test_encrypted import Scene
 
@@ -205,62 +205,67 @@ class ChainTests(Scene):
 
 
 class HeadSignerTests(unittest.TestCase):
-    """One signature for every link of a batch; each receipt is its own head and link."""
+    """Before a store batch commits, one signature covers every link it appended; each receipt is its own head and link."""
+
+    def signed_batch(self, conversations, links_each):
+        """Append `links_each` message links to each of `conversations` in one store call (one batch): (the
+        ChainLinks, how many signatures were made, the store)."""
+        store = make_store(self)
+        signer = HeadSigner(store, SERVER_KEY)
+        batches = []
+        store.sign_heads = lambda heads: batches.append(heads) or signer.sign(heads)
+
+        def append(txn):
+            txn.executemany(
+                "INSERT INTO conversations (id, kind, created_at) VALUES (?, 'group', 0)", [(c,) for c in conversations]
+            )
+            return [
+                next_link(txn, c, "message", number, bytes(32), 1000.0 + number)
+                for number in range(1, links_each + 1)
+                for c in conversations
+            ]
+
+        links = self.successResultOf(store._write("test", append))
+        return links, len(batches), store
+
+    def check(self, link, before):
+        """The link's receipt checks against the server key after `before` (a Position): the Position at link.n."""
+        receipt = transcript.Receipt.from_bytes(link.receipt)
+        self.assertEqual([l.to_bytes() for l in receipt.links], [link.data])
+        return transcript.check_receipt(receipt, before, SERVER_KEY.public_key().public_bytes_raw())[-1]
 
     def test_every_link_of_a_batch_is_a_head_and_its_receipt_is_that_head_and_link(self):
-        store = make_store(self)
-        self.successResultOf(
-            store._write("test", lambda txn: txn.execute("INSERT INTO conversations (id, kind, created_at) VALUES (9, 'group', 0)"))
-        )
-        signed = []
-        signer = HeadSigner(store, SERVER_KEY, lambda function, *args: _ran(signed, function, *args))
-        links = [transcript.Link(9, n, 1000 + n, "message", n, bytes(32)) for n in range(1, 21)]
-        positions = transcript.Position(9).extend(links)
-        store.finishing_batch = True  # (as while a batch's callers get their results)
-        receipts = [signer.receipt(ChainLink(9, p.n, p.e, link.to_bytes())) for link, p in zip(links, positions)]
-        store.finishing_batch = False
-        signer._sign()
-        [heads] = signed  # one signing job, one signature
-        self.assertEqual([n for _, n, _ in heads], list(range(1, 21)))
-        public = SERVER_KEY.public_key().public_bytes_raw()
-        for before, receipt in zip([transcript.Position(9), *positions], receipts):
-            receipt = transcript.Receipt.from_bytes(self.successResultOf(receipt))
-            self.assertEqual(len(receipt.links), 1)
-            transcript.check_receipt(receipt, before, public)
+        links, signatures, store = self.signed_batch([9], 20)
+        self.assertEqual(signatures, 1)
+        position = transcript.Position(9)
+        for link in links:
+            position = self.check(link, position)
         stored = self.successResultOf(store._read("test", lambda txn: txn.execute("SELECT n FROM heads").fetchall()))
-        self.assertEqual(stored, [(20,)])  # the newest per conversation: what later receipts are made from
+        self.assertEqual(stored, [(20,)])  # the newest per conversation, in the same transaction
 
     def test_one_signature_covers_every_conversation_of_a_batch(self):
+        links, signatures, store = self.signed_batch(list(range(1, 6)), 2)
+        self.assertEqual(signatures, 1)
+        heads = [transcript.Receipt.from_bytes(link.receipt).head for link in links]
+        self.assertEqual({(head.size, head.signature) for head in heads}, {(10, heads[0].signature)})
+        positions = {}
+        for link in links:
+            positions[link.conversation_id] = self.check(link, positions.get(link.conversation_id, transcript.Position(link.conversation_id)))
+        stored = self.successResultOf(store._read("test", lambda txn: txn.execute("SELECT conversation_id, n FROM heads").fetchall()))
+        self.assertEqual(sorted(stored), [(c, 2) for c in range(1, 6)])
+
+    def test_a_batch_that_fails_keeps_no_head(self):
         store = make_store(self)
-        self.successResultOf(
-            store._write(
-                "test",
-                lambda txn: txn.executemany(
-                    "INSERT INTO conversations (id, kind, created_at) VALUES (?, 'group', 0)", [(c,) for c in range(1, 6)]
-                ),
-            )
-        )
-        signer = HeadSigner(store, SERVER_KEY, lambda function, *args: succeed(function(*args)))
-        store.finishing_batch = True
-        receipts = {}
-        for conversation in range(1, 6):
-            link = transcript.Link(conversation, 1, 1000, "message", 1, bytes(32))
-            [position] = transcript.Position(conversation).extend([link])
-            receipts[conversation] = signer.receipt(ChainLink(conversation, 1, position.e, link.to_bytes()))
-        store.finishing_batch = False
-        signer._sign()
-        receipts = {c: transcript.Receipt.from_bytes(self.successResultOf(r)) for c, r in receipts.items()}
-        heads = [receipt.head for receipt in receipts.values()]
-        self.assertEqual({(head.size, head.root, head.signature) for head in heads}, {(5, heads[0].root, heads[0].signature)})
-        public = SERVER_KEY.public_key().public_bytes_raw()
-        for conversation, receipt in receipts.items():
-            transcript.check_receipt(receipt, transcript.Position(conversation), public)
+        HeadSigner(store, SERVER_KEY)
 
+        def append_then_fail(txn):
+            txn.execute("INSERT INTO conversations (id, kind, created_at) VALUES (9, 'group', 0)")
+            next_link(txn, 9, "message", 1, bytes(32), 1000.0)
+            txn.execute("INSERT INTO nowhere VALUES (1)")
 
-def _ran(signed, function, *args):
-    """Run `function` now, keeping the heads it was asked to sign."""
-    signed.append(args[1])
-    return succeed(function(*args))
+        self.failureResultOf(store._write("test", append_then_fail), StoreError)
+        count = self.successResultOf(store._read("test", lambda txn: txn.execute("SELECT COUNT(*) FROM heads").fetchall()))
+        self.assertEqual(count, [(0,)])
 
 
 class ServerKeyFileTests(unittest.TestCase):

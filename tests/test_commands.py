@@ -198,7 +198,7 @@ class DeliverEncryptedBoxTests(unittest.TestCase):
     def test_two_devices_share_the_message_and_get_their_own_wraps(self):
         message = EncryptedMessage(
             41, 7, 12, "alice", "ab" * 16, 1_790_000_000.25, b"header\x00", b"body" * 70, {"d1": b"w1", "d2": b"w2"},
-            b"s" * 64, ChainLink(7, 30, b"e" * 32, b"link"), b"receipt",
+            b"s" * 64, ChainLink(7, 30, b"e" * 32, b"link", b"receipt"),
         )
         first = self.decode(wire.deliver_encrypted_box(message, message.wraps["d1"]))
         second = self.decode(wire.deliver_encrypted_box(message, message.wraps["d2"]))

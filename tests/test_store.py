@@ -1121,7 +1121,7 @@ class BatchingTests(unittest.TestCase):
         self.store.list_users()
         self.store.move_mark(1, "bob", "read", 1, NOW)
         self.pool.finish()
-        [(_, _, (batch,), _)] = self.pool.batches
+        [(_, _, (batch, _), _)] = self.pool.batches
         self.assertEqual(
             [name for name, *_ in batch], ["move_mark", "move_mark", "create_user", "list_users"]
         )

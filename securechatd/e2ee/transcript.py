@@ -229,7 +229,7 @@ class Head:
         return leaf_hash(enc(self.fields()))
 
     def to_bytes(self):
-        return enc(self.fields() + [self.index, self.size, self.root, enc(list(self.path)), self.signature])
+        return _head_bytes(self.conversation, self.n, self.e, self.index, self.size, self.root, self.path, self.signature)
 
     def check(self):
         _u64(self.conversation, self.n, self.index, self.size)
@@ -254,15 +254,25 @@ class Head:
         return head
 
 
-def sign_heads(server_private, heads):
-    """[Head] for the batch [(conversation, n, e)], all under one signature of the server's Ed25519 key."""
-    root, paths = batch_proofs([leaf_hash(enc([conversation, n, e])) for conversation, n, e in heads])
+def _head_bytes(conversation, n, e, index, size, root, path, signature):
+    return enc([conversation, n, e, index, size, root, enc(list(path)), signature])
+
+
+def signed_heads(server_private, heads):
+    """[Head.to_bytes()] for the batch [(conversation, n, e)], all under one signature of the server's
+    Ed25519 key. (The daemon signs every batch of links: bytes straight away, no Head objects.)"""
+    root, paths = batch_proofs([leaf_hash(enc(head)) for head in heads])
     size = len(heads)
     signature = sign(server_private, HEAD_LABEL, [size, root])
     return [
-        Head(conversation, n, e, index, size, root, path, signature)
+        _head_bytes(conversation, n, e, index, size, root, path, signature)
         for index, ((conversation, n, e), path) in enumerate(zip(heads, paths))
     ]
+
+
+def sign_heads(server_private, heads):
+    """[Head] for the batch [(conversation, n, e)], all under one signature of the server's Ed25519 key."""
+    return [Head.from_bytes(data) for data in signed_heads(server_private, heads)]
 
 
 def sign_head(server_private, conversation, n, e):

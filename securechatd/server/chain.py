@@ -2,14 +2,15 @@
 
 The store places every message, membership state and mode event of an
 encrypted conversation as the next link of its hash chain, in the
-transaction that stores it (store/links.py). The server then signs heads
-(conversation, n, e_n) with its own Ed25519 key: `HeadSigner` gathers the
-links committed in one store batch, makes every one of them a head, and
-signs the Merkle root of all those heads once, off the reactor thread: a
-batch costs one signature, however many conversations and messages it
-holds (e2ee/transcript.py, `sign_heads`), and each link's receipt is just
-its head and itself. The newest head of each conversation is stored, for the
-receipts of messages read back later (links up to that head). Two heads
+transaction that stores it (store/links.py). The server signs heads
+(conversation, n, e_n) with its own Ed25519 key: before a store batch
+commits, `HeadSigner` makes every link the batch appended a head and signs
+the Merkle root of all those heads once, on the database thread: a batch
+costs one signature, however many conversations and messages it holds
+(e2ee/transcript.py, `signed_heads`), and each link's receipt is just its
+head and itself. The newest head of each conversation is stored in the same
+transaction, for the receipts of messages read back later (links up to
+that head). Two heads
 signed for one n with different e are portable proof that the server
 lied, which is the point: the server cannot show members different
 histories without handing them that proof.
@@ -21,13 +22,13 @@ states), keeps them and passes them on; clients check everything again.
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 
 from securechatd.commands import BadSignature, InvalidArgument, NoSuchDevice, NotAllowed
 from securechatd.e2ee.encoding import Malformed
 from securechatd.e2ee.membership import MODE_SIGN_LABEL, ModeEvent
-from securechatd.e2ee.transcript import TH_LABEL, TranscriptHead, receipt_bytes, server_key_id, sign_heads
+from securechatd.e2ee.transcript import TH_LABEL, TranscriptHead, server_key_id, signed_heads
 from securechatd.secretbox import load_or_create_key
 from securechatd.server.keys import signed_by
 from securechatd.server.policy import check_limit, deferred, take_action
@@ -49,56 +50,18 @@ def load_server_key(path):
     return Ed25519PrivateKey.from_private_bytes(load_or_create_key(path))
 
 
-def _sign_heads(key, heads):
-    """[head bytes] for [(conversation, n, e)], under one signature: run off the reactor thread."""
-    return [head.to_bytes() for head in sign_heads(key, heads)]
-
-
 class HeadSigner:
-    """Signs chain heads for the links committed in each store batch, and gives each link its receipt."""
+    """Signs the chain heads of each store batch: the store calls it before the batch commits (store/links.py)."""
 
-    def __init__(self, store, key, run_in_thread):
-        self.store = store
+    def __init__(self, store, key):
         self.key = key
         self.public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.key_id = server_key_id(self.public)
-        self._run = run_in_thread
-        self._waiting = []  # [(ChainLink, Deferred of its receipt)] of the batch being finished
-        self._signing = succeed(None)  # one signing job at a time, so receipts come in link order
-        store.after_each_batch(self._sign)
+        store.sign_heads = self.sign
 
-    def receipt(self, link):
-        """Deferred receipt bytes for a ChainLink just committed (None if signing failed: it is logged),
-        once the batch that committed it is done."""
-        receipt = Deferred()
-        self._waiting.append((link, receipt))
-        if not self.store.finishing_batch:  # its batch is done already
-            self._sign()
-        return receipt
-
-    def _sign(self):
-        """Every link waiting is a head of its own, all signed together: each receipt is its head and its link."""
-        if not self._waiting:
-            return
-        waiting, self._waiting = self._waiting, []
-        heads = [(link.conversation_id, link.n, link.e) for link, _ in waiting]
-        self._signing.addCallback(lambda _: self._run(_sign_heads, self.key, heads))
-        self._signing.addCallbacks(self._signed, self._failed, callbackArgs=(waiting,), errbackArgs=(waiting,))
-        self._signing.addErrback(lambda failure: log.failure("giving receipts", failure))
-
-    def _signed(self, signed, waiting):
-        last = {}  # conversation -> its last link's head: kept for receipts of messages read back later
-        for (link, receipt), head in zip(waiting, signed):
-            receipt.callback(receipt_bytes(head, [link.data]))
-            if link.n > last.get(link.conversation_id, (0,))[0]:
-                last[link.conversation_id] = (link.n, head)
-        stored = self.store.add_heads([(c, n, head) for c, (n, head) in last.items()])
-        stored.addErrback(lambda failure: log.failure("storing signed heads", failure))
-
-    def _failed(self, failure, waiting):
-        log.failure("signing chain heads", failure)
-        for _, receipt in waiting:
-            receipt.callback(None)
+    def sign(self, heads):
+        """[head bytes] for [(conversation, n, e)] under one signature (on the database thread)."""
+        return signed_heads(self.key, heads)
 
 
 class ChainService:
@@ -176,7 +139,7 @@ class ChainService:
         )
         if link is None:
             raise NotAllowed(MOVED_ON)
-        return event.number, await self.heads.receipt(link)
+        return event.number, link.receipt
 
     @deferred
     async def sign_transcript(self, session, conversation_id, data):

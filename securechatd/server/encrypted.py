@@ -77,10 +77,8 @@ class EncryptedService:
         max_pending,
         max_devices,
         staging_timeout,
-        heads,
     ):
         self.store = store
-        self.heads = heads  # server/chain.py's HeadSigner: a receipt for each new message's chain link
         self.conversations = conversations
         self.registry = registry
         self.clock = clock
@@ -219,20 +217,15 @@ class EncryptedService:
 
     def _stored(self, result, session, staged):
         outcome, value = result
-        if outcome == "stored":
+        if outcome == "stored":  # (with its link's receipt: signed before it was committed)
             self.conversations.committed(value.conversation_id, value.seq)
-            return self.heads.receipt(value.link).addCallback(self._received, value, session)
+            self._fan_out(value, session)
+            return value
         if outcome in ("resent", "full"):
             self.rate.refund(session.username)  # stored nothing: cost nothing (as SendMessage)
         if outcome == "resent":
             return value
         raise self._refusal(outcome, value, staged)
-
-    def _received(self, receipt, message, session):
-        """The new message with its receipt goes to every device, and back to its sender."""
-        message = message._replace(receipt=receipt)
-        self._fan_out(message, session)
-        return message
 
     def _refusal(self, outcome, value, staged):
         if outcome == "not member":  # left while this was on its way

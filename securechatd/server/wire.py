@@ -42,7 +42,7 @@ def deliver_encrypted_box(message, wrap):
         message.body,
         message.signature,
         message.link and message.link.data,
-        message.receipt,
+        message.link and message.link.receipt,
     )
     return shared if wrap is None else shared + encode([(b"wrap", wrap)])
 
@@ -143,7 +143,7 @@ def sent_encrypted_answer(message):
         "message_id": message.id,
         "seq": message.seq,
         "sent_at": utc(message.sent_at),
-        "receipt": message.receipt,
+        "receipt": message.link and message.link.receipt,
     }
 
 

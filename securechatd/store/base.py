@@ -87,7 +87,7 @@ def _failed(where, problem):
     return StoreError(f"{where}: {problem}")
 
 
-def _run_batch(connection, batch):
+def _run_batch(connection, batch, finish):
     # (the pool commits, or rolls back; a plain cursor is what adbapi's Transaction wraps)
     cursor = connection.cursor()
     where = _describe(batch)
@@ -97,6 +97,9 @@ def _run_batch(connection, batch):
         results = []
         for where, function, args, _, _ in batch:
             results.append(function(cursor, *args))
+        if writes:
+            where = _describe(batch)
+            finish(cursor)
         return results
     except dialect.Error as problem:
         raise _failed(where, problem) from problem
@@ -112,8 +115,6 @@ class StoreBase:
         self._retry = []  # the calls of a failed batch, to run one by one before anything else
         self._running = False
         self._closed = False
-        self._after_batch = []  # called once each batch's callers have their results
-        self.finishing_batch = False  # True while a batch's callers get their results
 
     def _write(self, name, function, *args):
         """Deferred result of `function(txn, *args)` in a transaction holding the write lock."""
@@ -147,7 +148,7 @@ class StoreBase:
             del self._queue[:room]
         self._running = bool(batch)
         if batch:
-            ran = self._pool.runWithConnection(_run_batch, batch)
+            ran = self._pool.runWithConnection(_run_batch, batch, self._finish_batch)
             ran.addBoth(self._batch_done, batch)
 
     def _batch_done(self, outcome, batch):
@@ -164,23 +165,13 @@ class StoreBase:
                 outcome = Failure(_failed(name, outcome.value))
             result.errback(outcome)
         else:
-            self.finishing_batch = True
-            try:
-                for (_, _, _, _, result), value in zip(batch, outcome):
-                    result.callback(value)
-            finally:
-                self.finishing_batch = False
-        for function in self._after_batch:
-            function()
+            for (_, _, _, _, result), value in zip(batch, outcome):
+                result.callback(value)
         self._run_next()
 
-    def after_each_batch(self, function):
-        """Call `function()` once the callers of each batch have their results (and acted on them).
-
-        (A caller that gets a result later, from a Deferred that fired
-        before it was given one, finds `finishing_batch` False.)
-        """
-        self._after_batch.append(function)
+    def _finish_batch(self, txn):
+        """Called on the database thread in each writing batch's transaction, after its calls, before
+        its COMMIT (LinkStore signs the chain links they appended)."""
 
     def flush(self):
         """Deferred firing once the queue is empty, including calls queued by earlier results."""

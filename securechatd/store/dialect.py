@@ -33,6 +33,20 @@ BEGIN_READ = "BEGIN"
 SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 
 
+class _Cursor(sqlite3.Cursor):
+    """A cursor that also carries `links`: the conversations' chain links its transaction appended
+    (store/links.py), which are signed before it commits."""
+
+    def __init__(self, connection):
+        super().__init__(connection)
+        self.links = []
+
+
+class _Connection(sqlite3.Connection):
+    def cursor(self, factory=_Cursor):
+        return super().cursor(factory)
+
+
 def configure(connection, durability="normal", busy_timeout=5.0):
     """Switch on WAL, foreign keys, the busy timeout and the durability level."""
     connection.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
@@ -49,7 +63,7 @@ def connect(path, durability="normal", busy_timeout=5.0):
     """
     if path != ":memory:" and not os.path.exists(path):
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, factory=_Connection)
     configure(connection, durability, busy_timeout)
     return connection
 
@@ -61,6 +75,7 @@ def open_pool(path, durability="normal", busy_timeout=5.0, reactor=None, pool_cl
         path,
         isolation_level=None,
         check_same_thread=False,
+        factory=_Connection,
         cp_min=1,
         cp_max=1,
         cp_noisy=False,

@@ -49,8 +49,7 @@ def _envelope(row, wraps, receipt=None):
         bytes(body),
         wraps,
         bytes(signature or b""),
-        None if n is None else ChainLink(conversation_id, n, bytes(e), bytes(link)),
-        receipt,
+        None if n is None else ChainLink(conversation_id, n, bytes(e), bytes(link), receipt),
     )
 
 
@@ -69,7 +68,7 @@ def _sent(txn, uid, client_msg_id):
     if n is None:
         return EncryptedMessage(*fields, None, None, {})
     found = receipts(txn, fields[1], [n])
-    return EncryptedMessage(*fields, None, None, {}, b"", ChainLink(fields[1], n, bytes(e), bytes(link)), found.get(n))
+    return EncryptedMessage(*fields, None, None, {}, b"", ChainLink(fields[1], n, bytes(e), bytes(link), found.get(n)))
 
 
 def _staged(txn, uid, client_msg_id, fresh_after):

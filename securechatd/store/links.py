@@ -6,7 +6,12 @@ links"), in the transaction that places it: the link's n is the
 conversation's chain_n + 1 and its e_n hashes e_{n-1}, so the chain can
 only ever grow at its end and a rolled-back batch leaves no link behind.
 The store computes e_n (a SHA-256 of bytes it stores anyway) but never
-signs: heads are signed by the service (server/chain.py) and stored here.
+holds the server's key: before a batch's transaction commits, LinkStore has
+every link it appended signed by the service's `sign_heads` (server/chain.py,
+one signature for the batch), gives each link its receipt and keeps each
+conversation's newest head, all in that transaction. So a link is never
+committed without its signed head, and a new message's receipt is there when
+its caller gets the message.
 """
 
 from securechatd.e2ee.transcript import Link, genesis, next_hash, receipt_bytes
@@ -26,7 +31,9 @@ def append_link(txn, conversation_id, n, prev_e, kind, number, item, now):
     e = next_hash(genesis(conversation_id) if prev_e is None else bytes(prev_e), link)
     data = link.to_bytes()
     txn.execute("INSERT INTO links (conversation_id, n, e, link) VALUES (?, ?, ?, ?)", (conversation_id, n, e, data))
-    return ChainLink(conversation_id, n, e, data)
+    appended = ChainLink(conversation_id, n, e, data)
+    txn.links.append(appended)  # signed before the transaction commits (LinkStore._finish_batch)
+    return appended
 
 
 # The end of a conversation's chain moves on by one, in the UPDATE that numbers what the link is for
@@ -70,13 +77,23 @@ def receipts(txn, conversation_id, ns):
 
 
 class LinkStore(StoreBase):
-    def add_heads(self, heads):
-        """Deferred: keep the signed heads [(conversation_id, n, head bytes)] (a head signed twice is kept once)."""
-        return self._write("add_heads", self._add_heads_txn, heads)
+    # [head bytes] for [(conversation_id, n, e)], all under one signature: set by server/chain.py's
+    # HeadSigner (None: links are stored unsigned, as by securechatd-admin)
+    sign_heads = None
 
-    @staticmethod
-    def _add_heads_txn(txn, heads):
-        txn.executemany("INSERT INTO heads (conversation_id, n, head) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", heads)
+    def _finish_batch(self, txn):
+        """Every link the batch appended is a head, all signed at once: each link's receipt is its head and
+        itself. Each conversation's newest head is kept, for the receipts of messages read back later."""
+        if not txn.links or self.sign_heads is None:
+            return
+        heads = self.sign_heads([(link.conversation_id, link.n, link.e) for link in txn.links])
+        newest = {}
+        for link, head in zip(txn.links, heads):
+            link.receipt = receipt_bytes(head, [link.data])
+            newest[link.conversation_id] = (link.conversation_id, link.n, head)  # (links come in n order)
+        txn.executemany(
+            "INSERT INTO heads (conversation_id, n, head) VALUES (?, ?, ?) ON CONFLICT DO NOTHING", newest.values()
+        )
 
     def chain(self, conversation_id, after_n, limit):
         """Deferred ([link bytes] after n `after_n`, at most `limit`, [head bytes] covering them, has_more).
