@@ -6,7 +6,8 @@ with the parameters of the peer baseline); attacks, flood and killloop
 named. direct and fanout take --encrypted (end-to-end encrypted
 conversations). client-crypto is the client's own cost of sealing and opening
 messages, with no daemon and no network (its own options: client-crypto
---help). By default each measurement
+--help); library is the daemon's cost per message sent and received by the
+real client library (ChatClient) in an encrypted group. By default each measurement
 starts its own fresh daemon and stops it afterwards; `--server HOST:PORT
 --ca FILE --pid PID` measures a running one instead.
 """
@@ -27,7 +28,17 @@ epollreactor.install()
 import twisted  # noqa: E402
 
 from bench.daemon import Daemon, Existing, raise_open_files, raised_limits, source_info  # noqa: E402
-from bench.workloads import WORKLOADS  # noqa: E402
+from bench.workloads import WORKLOADS as _WORKLOADS  # noqa: E402
+
+
+async def library(reactor, target, params):
+    """bench/library.py, imported only when run (it needs this tree's client library)."""
+    from bench.library import library
+
+    return await library(reactor, target, params)
+
+
+WORKLOADS = {**_WORKLOADS, "library": library}
 
 # Per workload: the defaults of the options it uses.
 DEFAULTS = {
@@ -40,6 +51,7 @@ DEFAULTS = {
     "attacks": dict(),
     "flood": dict(flooders=(0, 1, 5), duration=10.0, rate=10.0, window=8, outstanding=4096),
     "killloop": dict(rounds=40, n=300, window=32, duration=3.0, seed=1, both_ways=False),
+    "library": dict(k=3, m=20),
 }
 # Workloads that measure a limit themselves: these settings keep the daemon's default.
 KEEP_DEFAULT = {"flood": ("message_burst", "message_rate")}
@@ -70,8 +82,8 @@ def parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workload", choices=[*WORKLOADS, "all", "client-crypto"])
     p.add_argument("-n", type=int, help="users (logins 100, direct 100, storm: load users 20, killloop 300)")
-    p.add_argument("-m", type=int, help="messages per sender (direct, fanout: 100)")
-    p.add_argument("-k", type=int, help="fanout: group members (20)")
+    p.add_argument("-m", type=int, help="messages per sender (direct, fanout: 100; library 20)")
+    p.add_argument("-k", type=int, help="fanout: group members (20); library: users (3)")
     p.add_argument("--senders", type=int, help="fanout: senders (0 = all k)")
     p.add_argument("-c", type=int, help="idle: connections (1000)")
     p.add_argument("-p", type=int, help="offline: pending messages (100000)")
@@ -148,7 +160,7 @@ async def measure(reactor, args, workload, params, source):
         server="securechatd",
         fresh_daemon=target.fresh,
         bcrypt_cost=target.bcrypt_cost,
-        setup=SEEDED if target.fresh else REGISTERED,
+        setup=result.pop("setup", None) or (SEEDED if target.fresh else REGISTERED),  # (a workload's own, if any)
         raised_limits=target.limits,
         started_at=started,
         load_average_1m_at_start=load,
