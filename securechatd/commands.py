@@ -602,6 +602,8 @@ class SendEncrypted(ChatCommand):
         (b"seq", Integer()),
         (b"sent_at", amp.DateTime()),
         (b"receipt", amp.String(optional=True)),  # (added) the server's signed receipt for the message's chain link
+        # (added) members with a current device the message has no wrap for (their client fetches their chains)
+        (b"missing", amp.ListOf(amp.Unicode(), optional=True)),
     ]
 
 
@@ -690,6 +692,14 @@ class DeliverEncrypted(ChatCommand):
         *ENCRYPTED_MESSAGE,
         (b"receipt", amp.String(optional=True)),  # (added) the server's signed receipt for its chain link
     ]
+    response = []
+
+
+class DevicesChanged(ChatCommand):
+    """A user's device chain changed (a device added or revoked): to the device-bound sessions of those who
+    share a conversation with them, and their own others, so clients fetch the chain before encrypting again."""
+
+    arguments = [(b"username", amp.Unicode())]
     response = []
 
 

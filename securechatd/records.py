@@ -17,11 +17,12 @@ Conversation = namedtuple(
 Message = namedtuple("Message", "id conversation_id seq sender body sent_at")
 # A message of an encrypted conversation: header and body as sent, and wraps {device_id: wrap}
 # (every recipient device's when just stored; only the reading device's when read back); its
-# sender device's signature (b"": none), and its ChainLink. Never hashed.
+# sender device's signature (b"": none), its ChainLink, and (when just stored) the names of
+# members with a current device it has no wrap for. Never hashed.
 EncryptedMessage = namedtuple(
     "EncryptedMessage",
-    "id conversation_id seq sender sender_device sent_at header body wraps signature link",
-    defaults=(b"", None),
+    "id conversation_id seq sender sender_device sent_at header body wraps signature link left_out",
+    defaults=(b"", None, ()),
 )
 
 

@@ -145,6 +145,7 @@ PUSHES = {
         commands.PresenceChanged,
         commands.ConversationUpdated,
         commands.TranscriptSigned,
+        commands.DevicesChanged,
         commands.Invited,
         commands.InvitationAccepted,
     )

@@ -464,6 +464,72 @@ class MessageTests(E2EETestCase):
         self.assertEqual([m.body for m in page.messages], ["to both of you", "from the laptop"])
         self.assertEqual(phone_inbox.alarms() + laptop_inbox.alarms() + bob_inbox.alarms(), [])
 
+    def count_chain_fetches(self):
+        """[(asker, user)] of every GetDeviceChain from now on."""
+        asked, chain = [], self.hub.keys.chain
+        self.patch(self.hub.keys, "chain", lambda session, user, after: (asked.append((session.username, user)), chain(session, user, after))[1])
+        return asked
+
+    def lose_devices_changed(self):
+        """From now on the server tells nobody of device changes (as if every DevicesChanged push were lost)."""
+
+        async def told_nobody(session):
+            pass
+
+        self.patch(self.hub.keys, "_tell_contacts", told_nobody)
+
+    @inlineCallbacks
+    def test_device_chains_are_fetched_when_they_change_not_before_every_message(self):
+        alice, _ = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        conversation, _ = yield alice.create_conversation(["bob"])
+        yield alice.send_message(conversation, "first")  # (both chains fetched for it)
+        yield bob_inbox.wait("deliver", 1)  # (alice's chain fetched to read it)
+        asked = self.count_chain_fetches()
+        for n in range(3):
+            yield alice.send_message(conversation, f"again {n}")
+        yield bob_inbox.wait("deliver", 4)
+        self.assertEqual(asked, [])
+        laptop, laptop_inbox = yield self.linked(bob, "bob", install="bobs-laptop")  # DevicesChanged to alice
+        yield alice.send_message(conversation, "to the laptop too")
+        self.assertEqual(asked.count(("alice", "bob")), 1)
+        [message] = yield laptop_inbox.wait("deliver", 1)
+        self.assertEqual(message.body, "to the laptop too")
+
+    @inlineCallbacks
+    def test_a_device_added_unannounced_gets_the_message_after_the_answer_names_its_user(self):
+        alice, _ = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        conversation, _ = yield alice.create_conversation(["bob"])
+        yield alice.send_message(conversation, "first")
+        self.lose_devices_changed()
+        laptop, laptop_inbox = yield self.linked(bob, "bob", install="bobs-laptop")
+        yield alice.send_message(conversation, "not to the laptop: alice has not seen it")
+        yield alice.send_message(conversation, "to the laptop too")  # the answer named bob: his chain fetched
+        yield laptop_inbox.wait("deliver", 1)
+        yield laptop.ping()
+        self.assertEqual([m.body for m in laptop_inbox.items["deliver"]], ["to the laptop too"])
+
+    @inlineCallbacks
+    def test_a_device_revoked_unannounced_is_refused_by_the_server_and_the_message_sealed_again(self):
+        phone, phone_inbox = yield self.device("alice")
+        laptop, laptop_inbox = yield self.linked(phone, "alice", remember_password=True)
+        bob, _ = yield self.device("bob", install="bobs")
+        conversation, _ = yield bob.create_conversation(["alice"])
+        yield bob.send_message(conversation, "before")
+        yield laptop_inbox.wait("deliver", 1)
+        self.lose_devices_changed()
+        reconnected = Deferred()
+        laptop.on_reconnected = reconnected.callback
+        yield phone.revoke_device(laptop.device_id)
+        yield reconnected.addTimeout(10, reactor)
+        sent = yield bob.send_message(conversation, "after")  # wrapped for the laptop, refused, sealed again
+        self.assertIn((yield self.wrapped_for(sent.message_id)), ([phone.device_id], []))  # ([]: acknowledged)
+        [_, after] = yield phone_inbox.wait("deliver", 2)
+        self.assertEqual(after.body, "after")
+        yield laptop.ping()
+        self.assertEqual([m.body for m in laptop_inbox.items["deliver"]], ["before"])
+
     @inlineCallbacks
     def test_naming_a_device_from_another(self):
         phone, _ = yield self.device("alice")
@@ -681,6 +747,7 @@ class AlarmTests(E2EETestCase):
             forged.hash(),
             forged.to_bytes(),
         )
+        bob.e2ee.chains.stale(["alice"])  # (fetched again: after a DevicesChanged, a reconnect, or an hour)
         yield bob.send_message(conversation, "still to the phone only")
         [(kind, user, detail)] = bob_inbox.alarms()
         self.assertEqual((kind, user), (Alarm.BAD_CHAIN, "alice"))

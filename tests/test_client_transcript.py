@@ -362,12 +362,15 @@ class HonestServerTests(ChainTestCase):
     @inlineCallbacks
     def test_read_receipts_are_signed_transcript_heads(self):
         [(alice, alice_inbox), (bob, _), (carol, carol_inbox)], group = yield self.three()
+        asked, chain = [], self.hub.keys.chain
+        self.patch(self.hub.keys, "chain", lambda session, user, after: (asked.append(session.username), chain(session, user, after))[1])
         yield bob.mark_read(group, 1)
         [signed] = yield alice_inbox.wait("signed", 1)
         self.assertEqual(
             (signed.conversation_id, signed.username, signed.device_id, signed.n, signed.seq, signed.verified),
             (group, "bob", bob.device_id, 2, 1, True),
         )
+        self.assertNotIn("alice", asked)  # checked with bob's chain as kept: a read receipt costs no fetch
         yield bob.mark_read(group, 1)  # the same link again: nothing new to sign
         mine = yield carol.sign_transcript(group)  # /sign: a head over all carol verified
         self.assertEqual((mine.n, mine.seq), (2, 1))

@@ -967,6 +967,23 @@ class StageTests(Scene):
         self.assertEqual(len(self.wrap_rows()), 1)  # bob's laptop's, offline
         self.assertEqual(self.staged_rows(), [])
 
+    def test_the_answer_names_members_with_a_device_left_out(self):
+        """So a client that keeps device chains between messages knows whose to fetch again."""
+        everyone = self.sent(self.alice, self.group_id, self.seal(self.alice_laptop, self.group_id, self.everyone))
+        self.assertIsNone(everyone["missing"])
+        one = self.sent(self.alice, self.group_id, self.seal(self.alice_laptop, self.group_id, [self.bob_laptop]))
+        self.assertEqual(one["missing"], ["bob", "carol"])  # bob's phone, and carol's only device
+        alice_phone = self.device("alice", "phone")  # the sender's own other device counts too ...
+        own = self.sent(self.alice, self.group_id, self.seal(self.alice_laptop, self.group_id, self.everyone))
+        self.assertEqual(own["missing"], ["alice"])
+        self.revoke("bob", self.bob_laptop)  # ... and a revoked device no longer does
+        staged = self.seal(self.alice_laptop, self.group_id, [alice_phone, self.bob_phone, self.carol_laptop])
+        self.stage("left-out", self.wraps(staged)[:1])
+        answer = self.sent(self.alice, self.group_id, staged, client_msg_id="left-out", wraps=self.wraps(staged)[1:], staged=1)
+        self.assertIsNone(answer["missing"])
+        again = self.sent(self.alice, self.group_id, staged, client_msg_id="left-out", wraps=self.wraps(staged)[1:], staged=1)
+        self.assertIsNone(again["missing"])  # a resend: the first answer's place, nothing more
+
     def staged_rows(self):
         return self.successResultOf(
             self.hub.store._read("test", lambda txn: txn.execute("SELECT * FROM staged_wraps").fetchall())
@@ -1130,6 +1147,23 @@ class DeliveryTests(Scene):
         self.assertEqual((push["sender"], push["wrap"]), ("alice", sealed.wraps[alice_phone.id]))
         self.assertEqual(self.pushed(other_laptop_session), [])  # the sending device has no wrap
         self.assertNotIn("alice", [row[0] for row in self.wrap_rows()])
+
+    def test_a_device_added_or_revoked_is_pushed_to_contacts_and_own_other_devices(self):
+        """DevicesChanged: clients keep chains between messages and fetch this one before encrypting again."""
+        carol = self.connect("carol", self.carol_laptop)
+        bob_phone = self.connect("bob", self.bob_phone)
+        dave = self.connect("dave", self.device("dave"))  # shares no conversation with bob
+        self.settle(carol, bob_phone, dave, self.bob_watch, self.alice)
+        before = {conn: len(self.pushed(conn, "DevicesChanged")) for conn in (carol, bob_phone, dave, self.bob_watch, self.alice)}
+        tablet = self.device("bob", "tablet")
+        self.revoke("bob", tablet)
+        self.settle(carol, bob_phone, dave, self.bob_watch, self.alice)
+        told = {conn: self.pushed(conn, "DevicesChanged")[before[conn]:] for conn in before}
+        self.assertEqual(told[carol], [{"username": "bob"}] * 2)
+        self.assertEqual(told[self.alice], [{"username": "bob"}] * 2)
+        self.assertEqual(told[bob_phone], [{"username": "bob"}] * 2)  # (the publishing session itself is not told)
+        self.assertEqual(told[dave], [])
+        self.assertEqual(told[self.bob_watch], [])  # a version 1 session knows no devices
 
     def test_a_device_without_a_wrap_gets_nothing_and_delivery_goes_on(self):
         phone = self.connect("bob", self.bob_phone)

@@ -159,6 +159,7 @@ class InjectedDeviceTests(MaliciousServerTestCase):
             self.proxy.honest()
             self.proxy.rewrite(commands.GetDeviceChain, extra(link))
             before = len(alice_inbox.alarms())
+            alice.e2ee.chains.stale(["bob"])  # (fetched again: after a DevicesChanged, a reconnect, or an hour)
             yield alice.send_message(conversation, "to bob's real device only")
             self.assertEqual(self.wrapped_to(alice), [bob.device_id])
             [(kind, user, detail)] = alice_inbox.alarms()[before:]
@@ -211,8 +212,11 @@ class InjectedDeviceTests(MaliciousServerTestCase):
             stranger.keys.sig_pub,
             stranger.keys.dh_pub,
         )
-        sent = yield alice.send_message(conversation, "not for the operator")
+        sent = yield alice.send_message(conversation, "not for the operator")  # bob's chain as fetched before
         self.assertEqual(self.wrapped_to(alice), [bob.device_id])
+        self.assertEqual((yield self.wrapped_for(sent.message_id)), [bob.device_id])
+        self.assertEqual(alice_inbox.alarms(), [])
+        sent = yield alice.send_message(conversation, "nor for it now")  # the answer named bob: fetched again
         self.assertEqual((yield self.wrapped_for(sent.message_id)), [bob.device_id])
         [(kind, user, _)] = alice_inbox.alarms()
         self.assertEqual((kind, user), (Alarm.BAD_CHAIN, "bob"))
@@ -731,6 +735,7 @@ class ForkTests(MaliciousServerTestCase):
                 if request["username"] == "alice" and tap.username == "bob" else None,
             )
             before = len(bob_inbox.alarms())
+            bob.e2ee.chains.stale(["alice"])  # (fetched again: after a DevicesChanged, a reconnect, or an hour)
             yield bob.send_message(conversation, "to alice's device as seen")
             self.assertEqual(self.wrapped_to(bob), [alice.device_id])
             [(kind, user, detail)] = bob_inbox.alarms()[before:]

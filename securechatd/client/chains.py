@@ -65,6 +65,11 @@ class Chains:
         device = chain_state.devices.get(device_id) or chain_state.former.get(device_id)
         return device.keys if device is not None else None
 
+    def stale(self, users=None):
+        """Fetch the chains of `users` (None: everyone's) at their next refresh, whatever their age."""
+        for user in list(self._fetched) if users is None else users:
+            self._fetched.pop(user, None)
+
     def refresh(self, user, max_age=0.0):
         """Deferred ChainState of `user`, verified against what was seen; fetched unless fetched `max_age` seconds ago.
 

@@ -45,10 +45,16 @@ Device lifecycle (the statuses of client/device_file.py):
   place (what it verified about others is kept; its keys and sessions are
   not).
 
-Chains of other users are fetched when they are needed: before each message
-is sealed (`chain_max_age`, default 0: every time, so a revoked device gets
-nothing new), for a sender device not known yet, for safety numbers and
-trust. A change of devices is reported with on_devices_changed.
+Chains of other users are fetched when they are needed: before a message is
+sealed if the chain was last fetched more than `chain_max_age` ago (an
+hour), for a sender device not known yet, for the signers of new membership
+states, mode events and transcript heads, for an export, for safety numbers
+and trust. Between fetches the server keeps sealing honest: it refuses a
+wrap for a device that is no longer current (revoked, or its user gone), and
+the client fetches every chain again and seals anew; a SendEncrypted answer
+names the members who have a current device the message was not wrapped for
+(a device added since), whose chains are fetched before the next message. A
+change of devices is reported with on_devices_changed.
 """
 
 import inspect
@@ -218,7 +224,7 @@ class EndToEnd:
     callbacks on_alarm and on_devices_changed. `state` is the DeviceFile.
     """
 
-    chain_max_age = 0.0  # seconds a fetched chain is trusted as current before sending (0: fetch each time)
+    chain_max_age = 3600.0  # seconds a fetched chain is used to seal before it is fetched again
 
     def __init__(self, client, state):
         self.client = client
@@ -814,7 +820,7 @@ class EndToEnd:
             if not states:
                 return self._memberships.get(conversation_id)
             actors = sorted({s.actor for s in states})
-            await _gather([self.chains.refresh(actor, self.chain_max_age) for actor in actors])
+            await _gather([self.chains.refresh(actor) for actor in actors])
             new = known.extend(states, self.chains.lookup, self.chains.history_lookup)
         except (membership.MembershipError, Malformed) as problem:
             kind = Alarm.MEMBERSHIP_FORK if isinstance(problem, membership.Fork) else Alarm.BAD_MEMBERSHIP

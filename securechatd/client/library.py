@@ -288,6 +288,12 @@ class ClientProtocol(amp.AMP):
             return Deferred()
         return failure
 
+    @commands.DevicesChanged.responder
+    def devices_changed(self, username):
+        if self.client.e2ee is not None:  # fetched (and checked) before the next message is encrypted
+            self.client.e2ee.chains.stale([username])
+        return {}
+
     @commands.TranscriptSigned.responder
     def transcript_signed(self, conversation_id, username, head):
         return self.client._transcript_signed(conversation_id, username, head).addCallback(lambda _: {})
@@ -735,6 +741,8 @@ class ChatClient:
         # the device key that signs this session's account actions (kept even if the device file is then
         # found unusable here, e.g. in use by another program: the server requires them of a bound session)
         self._signer = self.e2ee.state.device if bound and self.e2ee is not None else None
+        if self.e2ee is not None:  # (a DevicesChanged may have come while we were away)
+            self.e2ee.chains.stale()
         return login
 
     SAVE_AFTER = 1.0  # seconds: what was seen is written at most this often
@@ -1339,12 +1347,15 @@ class ChatClient:
                     self._failed(client_msg_id, Failure())
                 else:  # not stored: encrypt it for the members and devices as they are now
                     log.info("sealing {id} again: {why}", id=client_msg_id, why=refused)
+                    if isinstance(refused, NoSuchDevice):  # a device that is gone: fetch every chain again
+                        self._e2ee().chains.stale()
                     outgoing.reseals += 1
                     outgoing.sealed = None
                     continue
             else:
                 chained = {}
                 if self.e2ee is not None:
+                    self.e2ee.chains.stale(answer.get("missing") or ())  # a device added: seal for it next time
                     verdict = await self._sent_checked(answer, outgoing, conversation_id)
                     if verdict is not None:
                         chained = dict(mode=verdict.mode, n=verdict.n, chain=verdict.state)

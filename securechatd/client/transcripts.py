@@ -866,7 +866,7 @@ class Transcripts:
             if members is None:
                 raise membership.ModeActorNotMember(new[0].number, "the conversation has no verified membership")
             for actor in sorted({event.actor for event in new}):
-                await self.e2ee.chains.refresh(actor, self.e2ee.chain_max_age)
+                await self.e2ee.chains.refresh(actor)
             membership.verify_modes(conversation, events, members, self.e2ee.chains.history_lookup)
             for event in new:
                 if self.e2ee.chains.lookup(event.actor, event.actor_device) is None:
@@ -1034,8 +1034,13 @@ class Transcripts:
         chain = self.get(conversation)
         if head.n > chain.position.n:
             chain, _ = await self.sync(conversation)
+        # (one comes with every read receipt: the chain kept between messages serves, as for sealing, unless
+        # it does not list the signing device)
         await self.e2ee.chains.refresh(username, self.e2ee.chain_max_age)
         keys = self.e2ee.chains.device(username, head.device)
+        if keys is None:
+            await self.e2ee.chains.refresh(username)
+            keys = self.e2ee.chains.device(username, head.device)
         if keys is None:
             return ChainProblem(BAD_TRANSCRIPT_HEAD, f"{where} is signed by {head.device.hex()}, not a current device")
         e = chain.e_at(head.n) if head.n <= chain.position.n else None
@@ -1156,7 +1161,7 @@ class Transcripts:
                 left_out += reasons[:1]
         device_chains = {}
         for user in sorted(users):
-            await self.e2ee.chains.refresh(user, self.e2ee.chain_max_age)
+            await self.e2ee.chains.refresh(user)
             if self.state.chains.get(user):
                 device_chains[user] = list(self.state.chains[user])
             else:
@@ -1205,7 +1210,7 @@ class Transcripts:
             return "a malformed transcript head"
         if head.conversation != chain.conversation or not 1 <= head.n <= len(links):
             return f"{head.user}'s transcript head at link {head.n}, beyond the links signed"
-        await self.e2ee.chains.refresh(head.user, self.e2ee.chain_max_age)
+        await self.e2ee.chains.refresh(head.user)
         keys = self.e2ee.chains.history_lookup(head.user, head.device)
         mode = membership.DEFAULT_MODE
         for link in links[: head.n]:

@@ -321,6 +321,9 @@ class ChatProtocol(BoundedBoxProtocol):
     def receipt(self, receipt):
         return self._push(commands.Receipt, wire.receipt_box(receipt))
 
+    def devices_changed(self, username):
+        return self._push(commands.DevicesChanged, wire.devices_changed_box(username))
+
     def transcript_signed(self, conversation_id, username, head):
         return self._push(commands.TranscriptSigned, wire.transcript_signed_box(conversation_id, username, head))
 

@@ -100,7 +100,19 @@ class KeyService:
         )
         if link.op == "revoke":
             self._end_sessions(session, device)
+        await self._tell_contacts(session)
         return link.seq, digest
+
+    async def _tell_contacts(self, session):
+        """DevicesChanged to every device session of the caller's contacts and the caller's others: their
+        clients keep chains between messages, and fetch this one before they encrypt again."""
+        contacts = await self.store.contacts_of(session.username)
+        self.registry.tell(
+            [session.username, *sorted(contacts)],
+            lambda client: client.devices_changed(session.username),
+            exclude=session,
+            devices_only=True,
+        )
 
     async def _store_link(self, session, link, new):
         """True if the NewLink `new` (of the checked Link `link`) now ends the caller's chain."""

@@ -40,6 +40,9 @@ class IChatClient(Interface):
     def receipt(receipt):
         """A records.Receipt: someone has delivered or read a conversation up to a seq."""
 
+    def devices_changed(username):
+        """`username` (a contact, or the user) added or revoked a device: their chain is to be fetched again."""
+
     def transcript_signed(conversation_id, username, head):
         """A member's device signed a transcript head (bytes) of an encrypted conversation."""
 

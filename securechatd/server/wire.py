@@ -138,13 +138,20 @@ def envelope_item(message):
 
 
 def sent_encrypted_answer(message):
-    """SendEncrypted's answer: the message's place, and its receipt (none for a resend)."""
+    """SendEncrypted's answer: the message's place, its receipt (none for a resend), and who has a device
+    it was not wrapped for (absent when nobody has)."""
     return {
         "message_id": message.id,
         "seq": message.seq,
         "sent_at": utc(message.sent_at),
         "receipt": message.link and message.link.receipt,
+        "missing": list(message.left_out) or None,
     }
+
+
+@lru_cache(maxsize=256)
+def devices_changed_box(username):
+    return encode_arguments(commands.DevicesChanged, {"username": username})
 
 
 @lru_cache(maxsize=256)

@@ -17,7 +17,7 @@ from collections import namedtuple
 from securechatd.e2ee.transcript import message_item
 from securechatd.records import ChainLink, EncryptedMessage
 from securechatd.store import dialect
-from securechatd.store.base import LIVE, MAX_NAMES, USER_ID, StoreBase, blobs_page, placeholders, user_id
+from securechatd.store.base import LIVE, USER_ID, StoreBase, blobs_page, user_id
 from securechatd.store.links import NEXT_LINK_RETURNING, NEXT_LINK_SET, append_link, receipts
 from securechatd.store.messaging import OWN_MESSAGE_MARKS, conversation_row, record_state
 
@@ -81,21 +81,32 @@ def _staged(txn, uid, client_msg_id, fresh_after):
     return [(device_id, bytes(wrap), conversation_id) for device_id, wrap, conversation_id in txn.fetchall()]
 
 
-def _recipients(txn, conversation_id, device_ids):
-    """{device_id: {user id: user name}}: which of `device_ids` are current devices of current members."""
-    recipients = {}
-    device_ids = list(device_ids)
-    for start in range(0, len(device_ids), MAX_NAMES):
-        chunk = device_ids[start : start + MAX_NAMES]
-        txn.execute(
-            "SELECT d.device_id, d.user_id, u.username FROM devices d"
-            " JOIN members m ON m.user_id = d.user_id AND m.conversation_id = ? JOIN users u ON u.id = d.user_id"
-            f" WHERE d.revoked_seq IS NULL AND d.device_id IN {placeholders(chunk)} AND {LIVE}",
-            (conversation_id, *chunk),
+def _member_devices(txn, conversation_id):
+    """{device_id: {user id: user name}} of every current device of the conversation's current members."""
+    txn.execute(
+        "SELECT d.device_id, d.user_id, u.username FROM members m JOIN devices d ON d.user_id = m.user_id"
+        f" JOIN users u ON u.id = m.user_id WHERE m.conversation_id = ? AND d.revoked_seq IS NULL AND {LIVE}",
+        (conversation_id,),
+    )
+    devices = {}
+    for device_id, uid, username in txn.fetchall():
+        devices.setdefault(device_id, {})[uid] = username
+    return devices
+
+
+def _left_out(devices, wraps, sender_device, sender_id):
+    """The sorted names of members with a current device (but the sending one) that got no wrap."""
+    return tuple(
+        sorted(
+            {
+                username
+                for device_id, owners in devices.items()
+                if device_id not in wraps
+                for uid, username in owners.items()
+                if (device_id, uid) != (sender_device, sender_id)
+            }
         )
-        for device_id, uid, username in txn.fetchall():
-            recipients.setdefault(device_id, {})[uid] = username
-    return recipients
+    )
 
 
 # Numbers an encrypted message (RETURNING its seq) only if every check of EncryptedStore.add_envelope
@@ -160,7 +171,7 @@ def _add_envelope_checked(txn, e, now, max_pending, max_wraps, fresh_after):
     wraps.update(e.wraps)
     if len(wraps) > max_wraps:
         return "too many", len(wraps)
-    recipients = _recipients(txn, e.conversation_id, wraps)
+    recipients = _member_devices(txn, e.conversation_id)
     for device_id in wraps:
         if device_id not in recipients:
             return "no device", device_id
@@ -181,8 +192,8 @@ def _add_envelope_checked(txn, e, now, max_pending, max_wraps, fresh_after):
 
 def _store_envelope(txn, e, now, uid, numbered, wraps, recipients, staged):
     """Write the message numbered (seq, link n, e_{n-1}) = `numbered` (with its counter, signature and
-    chain link) and its `wraps`, and the sender's marks; delete its staged wraps if `staged`:
-    ("stored", the EncryptedMessage)."""
+    chain link) and its `wraps` (`recipients`: every current device of the members), and the sender's
+    marks; delete its staged wraps if `staged`: ("stored", the EncryptedMessage)."""
     seq, n, prev_e = numbered
     link = append_link(txn, e.conversation_id, n, prev_e, "message", seq, message_item(e.header, e.body, e.signature), now)
     message_id = dialect.insert(
@@ -206,7 +217,8 @@ def _store_envelope(txn, e, now, uid, numbered, wraps, recipients, staged):
         txn.execute("DELETE FROM staged_wraps WHERE user_id = ? AND client_msg_id = ?", (uid, e.client_msg_id))
     txn.execute(OWN_MESSAGE_MARKS, {"c": e.conversation_id, "sender": e.sender, "seq": seq, "before": seq - 1})
     message = EncryptedMessage(
-        message_id, e.conversation_id, seq, e.sender, e.sender_device, now, e.header, e.body, wraps, e.signature, link
+        message_id, e.conversation_id, seq, e.sender, e.sender_device, now, e.header, e.body, wraps, e.signature, link,
+        _left_out(recipients, wraps, e.sender_device, uid),
     )
     return "stored", message
 
@@ -327,7 +339,8 @@ class EncryptedStore(StoreBase):
         `max_wraps` wraps in all; ("no device", device_id) a wrap for what is not a current
         device of a current member; ("full", None) a direct conversation whose other member
         has `max_pending` messages of it waiting; else ("stored", the new EncryptedMessage
-        with every wrap).
+        with every wrap, its link's receipt, and in `left_out` the members with a current
+        device that got no wrap, so their sender's client can fetch their chains again).
         """
         return self._write("add_envelope", self._add_envelope_txn, envelope, now, max_pending, max_wraps, fresh_after)
 
@@ -335,12 +348,12 @@ class EncryptedStore(StoreBase):
     def _add_envelope_txn(txn, e, now, max_pending, max_wraps, fresh_after):
         # This runs for every encrypted message, so the common case (a new message, nothing
         # staged for it, the sending device and every wrap's device a current device of a
-        # current member, every check passing) costs one statement for the devices, one that
+        # current member, every check passing) costs one statement for the members' devices, one that
         # makes every other check and numbers the message, and the rows written. Anything else
         # goes the long way, which checks one thing at a time to answer the first failing
         # check's outcome.
         if e.staged in (None, 0) and len(e.wraps) <= max_wraps:
-            devices = _recipients(txn, e.conversation_id, [e.sender_device, *e.wraps])
+            devices = _member_devices(txn, e.conversation_id)
             senders = [uid for uid, name in devices.get(e.sender_device, {}).items() if name == e.sender]
             if senders and all(device_id in devices for device_id in e.wraps):
                 txn.execute(
