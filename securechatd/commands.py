@@ -695,6 +695,14 @@ class DeliverEncrypted(ChatCommand):
     response = []
 
 
+class ModeChanged(ChatCommand):
+    """A member published a mode event (PublishMode): to the other members' device-bound sessions, so clients fetch
+    the chain before they seal again."""
+
+    arguments = [(b"conversation_id", Integer())]
+    response = []
+
+
 class DevicesChanged(ChatCommand):
     """A user's device chain changed (a device added or revoked): to the device-bound sessions of those who
     share a conversation with them, and their own others, so clients fetch the chain before encrypting again."""

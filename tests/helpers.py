@@ -146,6 +146,7 @@ PUSHES = {
         commands.ConversationUpdated,
         commands.TranscriptSigned,
         commands.DevicesChanged,
+        commands.ModeChanged,
         commands.Invited,
         commands.InvitationAccepted,
     )

@@ -139,6 +139,21 @@ class ChainTests(Scene):
         self.assertEqual(listed, {"events": [event.to_bytes(), again.to_bytes()], "has_more": False})
         self.assertEqual(self.ok(self.bob_watch, commands.GetModes, conversation_id=self.group_id, after_number=1)["events"], [again.to_bytes()])
 
+    def test_a_mode_event_is_pushed_to_the_other_members_devices(self):
+        """ModeChanged: clients keep the chain between messages and fetch it before they seal again."""
+        phone = self.connect("bob", self.bob_phone)
+        alice_again = self.connect("alice", self.alice_laptop)
+        conns = (phone, alice_again, self.alice, self.bob_watch)
+        self.settle(*conns)
+        before = {conn: len(self.pushed(conn, "ModeChanged")) for conn in conns}
+        self.ok(self.alice, commands.PublishMode, conversation_id=self.group_id, event=self.mode(None, "deniable").to_bytes())
+        self.settle(*conns)
+        told = {conn: self.pushed(conn, "ModeChanged")[before[conn]:] for conn in conns}
+        self.assertEqual(told[phone], [{"conversation_id": self.group_id}])
+        self.assertEqual(told[alice_again], [{"conversation_id": self.group_id}])  # the actor's other session too
+        self.assertEqual(told[self.alice], [])  # (the session that published it has its receipt)
+        self.assertEqual(told[self.bob_watch], [])  # a version 1 session keeps no chain
+
     def test_mode_events_bad_input(self):
         event = self.mode(None, "deniable")
         publish = dict(conversation_id=self.group_id, event=event.to_bytes())

@@ -22,6 +22,7 @@ from securechatd.client.library import ChatClient, split_wraps
 from securechatd.e2ee import chain, envelope, membership
 from securechatd.e2ee.keys import Device
 from securechatd.e2ee.session import Session
+from securechatd.server.protocol import ChatLocator
 from tests.helpers import chat_client, start_daemon
 from tests.test_client import PASSWORD, Inbox
 
@@ -469,6 +470,41 @@ class MessageTests(E2EETestCase):
         asked, chain = [], self.hub.keys.chain
         self.patch(self.hub.keys, "chain", lambda session, user, after: (asked.append((session.username, user)), chain(session, user, after))[1])
         return asked
+
+    def count_commands(self, username):
+        """[command name] of every command `username`'s sessions send from now on."""
+        sent, run = [], ChatLocator.run
+
+        def counting(locator, name, box):
+            if locator.session is not None and locator.session.username == username:
+                sent.append(name.decode())
+            return run(locator, name, box)
+
+        self.patch(ChatLocator, "run", counting)
+        return sent
+
+    @inlineCallbacks
+    def test_once_keys_and_chains_are_known_a_message_is_one_command(self):
+        """No GetMembership, GetChain or GetDeviceChain before each message: pushes say when something moved on."""
+        alice, _ = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        group, _ = yield alice.create_conversation(["bob"], title="us")
+        yield alice.send_message(group, "first")
+        yield bob_inbox.wait("deliver", 1)
+        sent = self.count_commands("alice")
+        for n in range(3):
+            yield alice.send_message(group, f"again {n}")
+        self.assertEqual(sent, ["SendEncrypted"] * 3)
+        yield bob.set_mode(group, "deniable")  # ModeChanged: alice's next message is sealed in the new mode
+        later = yield alice.send_message(group, "off the record")
+        self.assertEqual(later.mode, "deniable")
+        self.assertIn("GetChain", sent[3:])
+        carol, _ = yield self.device("carol", install="carols")
+        yield bob.add_members(group, ["carol"])  # ConversationUpdated: alice's next one is sealed for carol too
+        del sent[:]
+        yield alice.send_message(group, "hello carol")
+        self.assertIn("GetMembership", sent)
+        self.assertEqual(sent.count("SendEncrypted"), 1)  # (not refused as sealed under an earlier state)
 
     def lose_devices_changed(self):
         """From now on the server tells nobody of device changes (as if every DevicesChanged push were lost)."""

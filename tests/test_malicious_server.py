@@ -284,6 +284,7 @@ class InjectedMemberTests(MaliciousServerTestCase):
                 if tap.username == "bob" else None,
             )
             before = len(bob_inbox.alarms())
+            bob.e2ee.moved(group)  # (fetched again: after a ConversationUpdated, a login, or a refusal)
             yield bob.send_message(group, "not for mallory")
             self.assertEqual(self.wrapped_to(bob), [alice.device_id])
             [(kind, _, detail)] = bob_inbox.alarms()[before:]

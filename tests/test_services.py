@@ -63,6 +63,9 @@ class RecordingClient:
     def transcript_signed(self, conversation_id, username, head):
         return self._told("transcript_signed", (conversation_id, username, head))
 
+    def mode_changed(self, conversation_id):
+        return self._told("mode_changed", conversation_id)
+
     def devices_changed(self, username):
         return self._told("devices_changed", username)
 

@@ -241,6 +241,9 @@ class EndToEnd:
             )
             self._memberships[conversation] = verified
         self.transcripts = transcripts.Transcripts(self)
+        # conversations whose membership state and chain, as kept, are the latest the server told of (since
+        # the last login): a message to one is sealed without asking for either (see `moved`)
+        self._current = set()
         self._timers = {}
         self._running = []  # Deferreds of scheduled work under way
         self._closed = False
@@ -508,7 +511,8 @@ class EndToEnd:
         if reason is not None:
             raise EncryptionUnavailable(reason)
         state = self.state
-        members = await self.refresh_membership(conversation_id)
+        current = conversation_id in self._current
+        members = self._memberships.get(conversation_id) if current else await self.refresh_membership(conversation_id)
         if members is None or members.latest is None:
             raise EncryptionUnavailable("This conversation has no verified membership state yet.")
         if self.user not in members.members:
@@ -545,7 +549,7 @@ class EndToEnd:
         for device, keys in recipients.items():
             if device not in sessions:
                 sessions[device] = Session.from_bytes(state.sessions[keys.user, device])
-        chain, _ = await self.transcripts.sync(conversation_id)
+        chain = self.transcripts.get(conversation_id) if current else (await self.transcripts.sync(conversation_id))[0]
         mode = chain.mode  # the mode in force at the view the header names: (n, e_n) verified
         key = os.urandom(KEY_BYTES)
         counter = state.counter + 1
@@ -569,6 +573,7 @@ class EndToEnd:
             state.sessions[recipients[device].user, device] = session.to_bytes()
         self.save()
         wraps = tuple((device.hex(), wrap) for device, wrap in sealed.wraps.items())
+        self._current.add(conversation_id)
         return Sealed(sealed.header, sealed.body, wraps, key, tuple(sorted(unreached)), sealed.signature, mode)
 
     async def _start_session(self, keys):
@@ -795,6 +800,22 @@ class EndToEnd:
     def is_encrypted(self, conversation_id):
         return conversation_id in self._memberships
 
+    def moved(self, conversation_id=None):
+        """The membership or the chain of a conversation (None: of every one) may have moved on: both are fetched
+        before its next message is sealed.
+
+        Told by the pushes ConversationUpdated and ModeChanged, at each login, and
+        by a refusal of a message sealed under an earlier membership state. A
+        message sealed with a view of the chain that a push had not yet made
+        stale is what a message crossing a mode change on its way is: valid at
+        the view its header names, and the answer's receipt brings the chain up
+        to date (the links before it are fetched).
+        """
+        if conversation_id is None:
+            self._current.clear()
+        else:
+            self._current.discard(conversation_id)
+
     async def refresh_membership(self, conversation_id):
         """The MembershipState after the states the server has beyond the last one verified (None: none yet).
 
@@ -889,6 +910,7 @@ class EndToEnd:
         else:
             new = membership.leave(current.latest, self.state.device)
         await send(new.to_bytes())
+        self.moved(conversation_id)  # (its link is in the chain, which AddMembers and Leave do not answer with)
         return self._published(conversation_id, new)
 
     def _published(self, conversation_id, new_state):

@@ -308,6 +308,12 @@ class ClientProtocol(amp.AMP):
         self.client.on_presence(_record(Presence, presence))
         return {}
 
+    @commands.ModeChanged.responder
+    def mode_changed(self, conversation_id):
+        if self.client.e2ee is not None:  # the chain is fetched (and the new mode seen) before the next message
+            self.client.e2ee.moved(conversation_id)
+        return {}
+
     @commands.ConversationUpdated.responder
     def conversation_updated(self, members, **conversation):
         self.client._conversation_updated(_record(Conversation, dict(conversation, members=tuple(members))))
@@ -741,8 +747,9 @@ class ChatClient:
         # the device key that signs this session's account actions (kept even if the device file is then
         # found unusable here, e.g. in use by another program: the server requires them of a bound session)
         self._signer = self.e2ee.state.device if bound and self.e2ee is not None else None
-        if self.e2ee is not None:  # (a DevicesChanged may have come while we were away)
+        if self.e2ee is not None:  # (a DevicesChanged, ConversationUpdated or ModeChanged may have come meanwhile)
             self.e2ee.chains.stale()
+            self.e2ee.moved()
         return login
 
     SAVE_AFTER = 1.0  # seconds: what was seen is written at most this often
@@ -1097,6 +1104,8 @@ class ChatClient:
     def _conversation_updated(self, conversation):
         if conversation.encrypted is not None:
             self._encrypted[conversation.conversation_id] = conversation.encrypted
+        if self.e2ee is not None:  # (its membership state may have moved on)
+            self.e2ee.moved(conversation.conversation_id)
         self.on_conversation(conversation)
         self._check_members(conversation)
 
@@ -1349,6 +1358,8 @@ class ChatClient:
                     log.info("sealing {id} again: {why}", id=client_msg_id, why=refused)
                     if isinstance(refused, NoSuchDevice):  # a device that is gone: fetch every chain again
                         self._e2ee().chains.stale()
+                    else:  # sealed under an earlier membership state: fetch it
+                        self._e2ee().moved(conversation_id)
                     outgoing.reseals += 1
                     outgoing.sealed = None
                     continue

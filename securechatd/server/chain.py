@@ -139,6 +139,12 @@ class ChainService:
         )
         if link is None:
             raise NotAllowed(MOVED_ON)
+        self.registry.tell(  # (clients keep the chain between messages)
+            conversation.members,
+            lambda client: client.mode_changed(conversation.id),
+            exclude=session,
+            devices_only=True,
+        )
         return event.number, link.receipt
 
     @deferred

@@ -321,6 +321,9 @@ class ChatProtocol(BoundedBoxProtocol):
     def receipt(self, receipt):
         return self._push(commands.Receipt, wire.receipt_box(receipt))
 
+    def mode_changed(self, conversation_id):
+        return self._push(commands.ModeChanged, wire.mode_changed_box(conversation_id))
+
     def devices_changed(self, username):
         return self._push(commands.DevicesChanged, wire.devices_changed_box(username))
 

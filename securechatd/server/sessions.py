@@ -40,6 +40,9 @@ class IChatClient(Interface):
     def receipt(receipt):
         """A records.Receipt: someone has delivered or read a conversation up to a seq."""
 
+    def mode_changed(conversation_id):
+        """A member published a mode event of an encrypted conversation: its chain is to be fetched again."""
+
     def devices_changed(username):
         """`username` (a contact, or the user) added or revoked a device: their chain is to be fetched again."""
 

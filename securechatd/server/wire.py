@@ -150,6 +150,11 @@ def sent_encrypted_answer(message):
 
 
 @lru_cache(maxsize=256)
+def mode_changed_box(conversation_id):
+    return encode_arguments(commands.ModeChanged, {"conversation_id": conversation_id})
+
+
+@lru_cache(maxsize=256)
 def devices_changed_box(username):
     return encode_arguments(commands.DevicesChanged, {"username": username})
 
