@@ -269,6 +269,18 @@ class HeadSignerTests(unittest.TestCase):
         stored = self.successResultOf(store._read("test", lambda txn: txn.execute("SELECT conversation_id, n FROM heads").fetchall()))
         self.assertEqual(sorted(stored), [(c, 2) for c in range(1, 6)])
 
+    def test_a_batch_whose_heads_cannot_be_signed_stores_no_link(self):
+        links, _, store = self.signed_batch([9], 1)
+        store.sign_heads = lambda heads: 1 / 0
+
+        def append(txn):
+            return next_link(txn, 9, "message", 2, bytes(32), 1000.0)
+
+        failure = self.failureResultOf(store._write("test", append), StoreError)
+        self.assertIn("signing chain heads: ZeroDivisionError", str(failure.value))
+        stored = self.successResultOf(store._read("test", lambda txn: txn.execute("SELECT n FROM links").fetchall()))
+        self.assertEqual(stored, [(1,)])
+
     def test_a_batch_that_fails_keeps_no_head(self):
         store = make_store(self)
         HeadSigner(store, SERVER_KEY)

@@ -11,7 +11,7 @@ import stat
 from unittest import mock
 
 from twisted.internet import reactor, task
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.trial import unittest
 
 from securechatd import commands
@@ -508,11 +508,40 @@ class MessageTests(E2EETestCase):
 
     def lose_devices_changed(self):
         """From now on the server tells nobody of device changes (as if every DevicesChanged push were lost)."""
+        self.patch(self.hub.keys, "_tell_contacts", lambda session: succeed(None))
 
-        async def told_nobody(session):
-            pass
+    @inlineCallbacks
+    def test_a_move_told_while_a_message_is_sealed_is_not_lost(self):
+        alice, _ = yield self.device("alice")
+        yield self.device("bob", install="bobs")
+        group, _ = yield alice.create_conversation(["bob"], title="us")
+        yield alice.send_message(group, "first")
+        self.assertIn(group, alice.e2ee._current)
+        alice.e2ee.moved(group)
+        run, told = ChatLocator.run, []
 
-        self.patch(self.hub.keys, "_tell_contacts", told_nobody)
+        def meanwhile(locator, name, box):
+            if name == b"GetMembership" and not told:  # (alice's seal waits for its answer)
+                told.append(alice.e2ee.moved(group))  # a ModeChanged that comes meanwhile
+            return run(locator, name, box)
+
+        self.patch(ChatLocator, "run", meanwhile)
+        yield alice.send_message(group, "sealed after a fetch")
+        self.assertNotIn(group, alice.e2ee._current)  # the next message fetches again
+
+    @inlineCallbacks
+    def test_a_chain_not_followed_after_a_message_is_fetched_before_the_next(self):
+        alice, _ = yield self.device("alice")
+        yield self.device("bob", install="bobs")
+        group, _ = yield alice.create_conversation(["bob"], title="us")
+        yield alice.send_message(group, "first")
+
+        async def refused(*arguments):
+            raise commands.RateLimited("Too many requests: try again in 1 s.")
+
+        self.patch(alice.e2ee, "sent_checked", refused)
+        yield alice.send_message(group, "its receipt is not followed")
+        self.assertNotIn(group, alice.e2ee._current)
 
     @inlineCallbacks
     def test_device_chains_are_fetched_when_they_change_not_before_every_message(self):

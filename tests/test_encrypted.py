@@ -34,6 +34,7 @@ from securechatd.e2ee import chain, envelope, keys, transcript
 from securechatd.e2ee.encoding import digest, enc
 from securechatd.server import conversations as conversations_module
 from securechatd.server.encrypted import ACK_FLUSH, MAX_STAGED_MESSAGES, body_limit
+from securechatd.store import StoreError
 from securechatd.store.encrypted import EncryptedStore
 from securechatd.store.messaging import NewState
 from tests.helpers import (
@@ -1164,6 +1165,12 @@ class DeliveryTests(Scene):
         self.assertEqual(told[bob_phone], [{"username": "bob"}] * 2)  # (the publishing session itself is not told)
         self.assertEqual(told[dave], [])
         self.assertEqual(told[self.bob_watch], [])  # a version 1 session knows no devices
+
+    def test_a_device_change_is_answered_even_if_its_contacts_cannot_be_told(self):
+        self.patch(self.hub.store, "contacts_of", lambda username: defer.fail(StoreError("contacts_of: disk I/O error")))
+        tablet = self.device("bob", "tablet")  # (PublishChainLink answered: the helper checks it)
+        self.assertIn(tablet.id.hex(), [d["device_id"] for d in self.ok(self.connect("bob", self.bob_phone), commands.ListDevices)["devices"]])
+        self.assertEqual(len(self.flushLoggedErrors(StoreError)), 1)
 
     def test_a_device_without_a_wrap_gets_nothing_and_delivery_goes_on(self):
         phone = self.connect("bob", self.bob_phone)

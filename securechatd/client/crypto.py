@@ -244,6 +244,7 @@ class EndToEnd:
         # conversations whose membership state and chain, as kept, are the latest the server told of (since
         # the last login): a message to one is sealed without asking for either (see `moved`)
         self._current = set()
+        self._moves = 0  # calls of moved(): a seal that saw one while it ran does not mark its conversation current
         self._timers = {}
         self._running = []  # Deferreds of scheduled work under way
         self._closed = False
@@ -511,6 +512,7 @@ class EndToEnd:
         if reason is not None:
             raise EncryptionUnavailable(reason)
         state = self.state
+        moves = self._moves
         current = conversation_id in self._current
         members = self._memberships.get(conversation_id) if current else await self.refresh_membership(conversation_id)
         if members is None or members.latest is None:
@@ -573,7 +575,8 @@ class EndToEnd:
             state.sessions[recipients[device].user, device] = session.to_bytes()
         self.save()
         wraps = tuple((device.hex(), wrap) for device, wrap in sealed.wraps.items())
-        self._current.add(conversation_id)
+        if self._moves == moves:  # (a push that came while this was waiting on the server must not be lost)
+            self._current.add(conversation_id)
         return Sealed(sealed.header, sealed.body, wraps, key, tuple(sorted(unreached)), sealed.signature, mode)
 
     async def _start_session(self, keys):
@@ -811,6 +814,7 @@ class EndToEnd:
         the view its header names, and the answer's receipt brings the chain up
         to date (the links before it are fetched).
         """
+        self._moves += 1
         if conversation_id is None:
             self._current.clear()
         else:

@@ -1378,15 +1378,18 @@ class ChatClient:
             del self._queues[conversation_id]
 
     async def _sent_checked(self, answer, outgoing, conversation_id):
-        """Keep our message's key, and take its link and receipt into the chain: its Verdict (None if that failed)."""
+        """Keep our message's key, and take its link and receipt into the chain: its Verdict (None if that failed:
+        the chain and the membership are then fetched before the next message)."""
+        verdict = None
         try:
-            return await self.e2ee.sent_checked(answer, outgoing.sealed, conversation_id)
+            verdict = await self.e2ee.sent_checked(answer, outgoing.sealed, conversation_id)
         except (ConnectionClosed, commands.ChatError) as problem:  # (the message is sent: followed at the next one)
             log.info("the chain of conversation {id} is followed later: {why}", id=conversation_id, why=problem)
-            return None
         except Exception:
             log.failure("following the chain of conversation {id}", Failure(), id=conversation_id)
-            return None
+        if verdict is None:
+            self.e2ee.moved(conversation_id)
+        return verdict
 
     async def _send_sealed(self, protocol, client_msg_id, outgoing):
         """StageWraps for the wraps beyond one box, then SendEncrypted; its answer."""

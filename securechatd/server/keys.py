@@ -25,6 +25,7 @@ from securechatd.server.accounts import check_device_id, existing_name
 from securechatd.server.policy import deferred, take, take_action
 from securechatd.store.keys import NewLink
 
+log = Logger()
 security = Logger(namespace="securechatd.security")
 
 SIGNATURE_BYTES = 64
@@ -100,9 +101,12 @@ class KeyService:
         )
         if link.op == "revoke":
             self._end_sessions(session, device)
-        await self._tell_contacts(session)
+        told = self._tell_contacts(session)  # (the link is stored: its answer does not wait for this)
+        told.addErrback(lambda failure: log.failure("telling {user}'s contacts of a device change", failure,
+                                                    user=session.username))
         return link.seq, digest
 
+    @deferred
     async def _tell_contacts(self, session):
         """DevicesChanged to every device session of the caller's contacts and the caller's others: their
         clients keep chains between messages, and fetch this one before they encrypt again."""

@@ -98,7 +98,7 @@ def _run_batch(connection, batch, finish):
         for where, function, args, _, _ in batch:
             results.append(function(cursor, *args))
         if writes:
-            where = _describe(batch)
+            where = "the end of " + _describe(batch)
             finish(cursor)
         return results
     except dialect.Error as problem:

@@ -16,7 +16,7 @@ its caller gets the message.
 
 from securechatd.e2ee.transcript import Link, genesis, next_hash, receipt_bytes
 from securechatd.records import ChainLink
-from securechatd.store.base import USER_ID, StoreBase, blobs_page
+from securechatd.store.base import USER_ID, StoreBase, StoreError, blobs_page
 
 
 def milliseconds(now):
@@ -86,7 +86,10 @@ class LinkStore(StoreBase):
         itself. Each conversation's newest head is kept, for the receipts of messages read back later."""
         if not txn.links or self.sign_heads is None:
             return
-        heads = self.sign_heads([(link.conversation_id, link.n, link.e) for link in txn.links])
+        try:
+            heads = self.sign_heads([(link.conversation_id, link.n, link.e) for link in txn.links])
+        except Exception as problem:  # (then every call that placed a link fails: none is stored unsigned)
+            raise StoreError(f"signing chain heads: {problem!r}") from problem
         newest = {}
         for link, head in zip(txn.links, heads):
             link.receipt = receipt_bytes(head, [link.data])
