@@ -544,6 +544,31 @@ class MessageTests(E2EETestCase):
         self.assertNotIn(group, alice.e2ee._current)
 
     @inlineCallbacks
+    def test_a_later_message_pushed_while_our_answer_is_followed_is_no_gap(self):
+        alice, alice_inbox = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        group, _ = yield alice.create_conversation(["bob"], title="us")
+        yield alice.send_message(group, "first")
+        yield bob.send_message(group, "hi")
+        yield alice_inbox.wait("deliver", 1)
+        following, checked = Deferred(), alice.e2ee.sent_checked
+
+        async def slowly(*arguments):
+            await following
+            return await checked(*arguments)
+
+        self.patch(alice.e2ee, "sent_checked", slowly)
+        sent = self.count_commands("alice")
+        sending = alice.send_message(group, "mine")  # answered, then followed slowly
+        yield bob_inbox.wait("deliver", 2)
+        yield bob.send_message(group, "after yours")  # pushed to alice meanwhile
+        yield alice_inbox.wait("deliver", 2)
+        following.callback(None)
+        yield sending
+        self.assertNotIn("HistoryEncrypted", sent)  # (alice's own seq was no gap)
+        self.assertEqual([m.body for m in alice_inbox.items["deliver"]], ["hi", "after yours"])
+
+    @inlineCallbacks
     def test_device_chains_are_fetched_when_they_change_not_before_every_message(self):
         alice, _ = yield self.device("alice")
         bob, bob_inbox = yield self.device("bob", install="bobs")

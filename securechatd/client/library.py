@@ -1364,13 +1364,14 @@ class ChatClient:
                     outgoing.sealed = None
                     continue
             else:
+                # (ours before anything is awaited: a push of a later message checked meanwhile sees no gap here)
+                self._sequences.setdefault(conversation_id, _Sequence()).own.add(answer["seq"])
                 chained = {}
                 if self.e2ee is not None:
                     self.e2ee.chains.stale(answer.get("missing") or ())  # a device added: seal for it next time
                     verdict = await self._sent_checked(answer, outgoing, conversation_id)
                     if verdict is not None:
                         chained = dict(mode=verdict.mode, n=verdict.n, chain=verdict.state)
-                self._sequences.setdefault(conversation_id, _Sequence()).own.add(answer["seq"])
                 self._answered(dict(answer, **chained), client_msg_id, outgoing.sealed.unreached)
             if queue and queue[0] == client_msg_id:
                 queue.popleft()
