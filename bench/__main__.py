@@ -7,7 +7,7 @@ named. direct and fanout take --encrypted (end-to-end encrypted
 conversations). client-crypto is the client's own cost of sealing and opening
 messages, with no daemon and no network (its own options: client-crypto
 --help); library is the daemon's cost per message sent and received by the
-real client library (ChatClient) in an encrypted group. By default each measurement
+real client library (ChatClient) in an encrypted group (--plaintext: a plaintext one). By default each measurement
 starts its own fresh daemon and stops it afterwards; `--server HOST:PORT
 --ca FILE --pid PID` measures a running one instead.
 """
@@ -51,7 +51,7 @@ DEFAULTS = {
     "attacks": dict(),
     "flood": dict(flooders=(0, 1, 5), duration=10.0, rate=10.0, window=8, outstanding=4096),
     "killloop": dict(rounds=40, n=300, window=32, duration=3.0, seed=1, both_ways=False),
-    "library": dict(k=3, m=20),
+    "library": dict(k=3, m=20, warm=1, plaintext=False),
 }
 # Workloads that measure a limit themselves: these settings keep the daemon's default.
 KEEP_DEFAULT = {"flood": ("message_burst", "message_rate")}
@@ -94,6 +94,9 @@ def parser():
     p.add_argument("--encrypted", action="store_true", default=None,
                    help="direct, fanout: end-to-end encrypted conversations (devices, SendEncrypted of envelopes"
                    " sealed in set-up, DeliverEncrypted)")
+    p.add_argument("--plaintext", action="store_true", default=None,
+                   help="library: a plaintext group (SendMessage, Deliver), the encrypted figures' baseline")
+    p.add_argument("--warm", type=int, help="library: messages each user sends before the measured phase (1)")
     p.add_argument("--hold", type=float, help="idle: seconds before the second RSS reading (3)")
     p.add_argument("--logins", type=int, help="storm: password logins during traffic (100)")
     p.add_argument("--rate", type=float, help="storm, flood: messages per second per sender (10)")

@@ -1,4 +1,4 @@
-"""`library`: the daemon's CPU per encrypted message sent by the real client library.
+"""`library`: the daemon's CPU per message sent by the real client library, encrypted or (--plaintext) not.
 
 The `--encrypted` workloads send envelopes sealed ahead, so they measure the
 daemon's cost of SendEncrypted and DeliverEncrypted alone. A real client
@@ -15,13 +15,19 @@ password (a first login on a new installation binds the session to a new
 device and publishes its chain and prekeys; a resumed one could not bind
 it); the first user creates an encrypted group of all K through the
 library (which publishes the signed epoch 1) and every member waits to
-see it. Measured: every user sends M messages, one at a time (each send's
-answer awaited), all users at once, until every member has opened every
-other member's messages (on_deliver with a body). The first message to
-each device starts a session (ClaimPrekeyBundle): that is in the figures,
-spread over M. The clients' cryptography and device-file writes run in
-this process on the same machine: a run whose client_cpu_s nears wall_s
-is client-bound, but the server's CPU per message is still its own.
+see it. Then (not timed) every user sends --warm messages (default 1), so
+every pairwise session exists and every chain was fetched: the figures are
+those of a conversation under way (`--warm 0` keeps first contact in them,
+spread over M). Measured: every user sends M messages, one at a time (each
+send's answer awaited), all users at once, until every member has opened
+every other member's messages (on_deliver with a body). The clients'
+cryptography and device-file writes run in this process on the same
+machine: a run whose client_cpu_s nears wall_s is client-bound, but the
+server's CPU per message is still its own.
+
+`--plaintext`: the same, in a plaintext group (the bench daemon allows
+them): SendMessage and Deliver, for the encrypted figures' baseline with
+the same clients and pacing.
 """
 
 import shutil
@@ -109,7 +115,7 @@ class Member:
 
 
 async def library(reactor, target, p):
-    """K ChatClients in one encrypted group; each sends M, one at a time; the daemon's CPU and the commands, per message."""
+    """K ChatClients in one group; each sends M, one at a time; the daemon's CPU and the commands, per message."""
     if p.k < 2:
         raise ValueError("library needs k >= 2")
     users = [f"library{i}" for i in range(p.k)]
@@ -132,11 +138,12 @@ async def _measure(reactor, target, p, members, counter):
         reactor, defer.gatherResults([m.client.login(m.user, PASSWORD) for m in members]), SETUP_TIMEOUT,
         "password logins (each publishes its device chain and prekeys)",
     )
+    encrypted = not p.plaintext
     unbound = {m.user: m.client.encryption_problem for m in members if m.client.encryption_problem}
-    if unbound:
+    if unbound and encrypted:
         raise RuntimeError(f"no usable device after login: {unbound}")
-    created = creator.client.create_conversation([m.user for m in others], title="bench", encrypted=True)
-    group, _ = await within(reactor, created, SETUP_TIMEOUT, "creating the encrypted group")
+    created = creator.client.create_conversation([m.user for m in others], title="bench", encrypted=encrypted)
+    group, _ = await within(reactor, created, SETUP_TIMEOUT, "creating the group")
     for m in members:
         m.group = group
     await wait_until(
@@ -144,39 +151,46 @@ async def _measure(reactor, target, p, members, counter):
     )
     await sleep(reactor, 1.0)  # (the members' checks of the new group's signed membership, in the background)
 
-    expected = len(members) * (len(members) - 1) * p.m
-    everything_opened = defer.Deferred()
+    async def round_of(first, count, timeout, what):
+        """Every member sends messages first..first+count-1; until every other member opened them all."""
+        expected = len(members) * (len(members) - 1) * (first + count)
+        everything_opened = defer.Deferred()
 
-    def opened():
-        if sum(len(m.opened) + m.problems for m in members) >= expected and not everything_opened.called:
-            everything_opened.callback(None)
+        def opened():
+            if sum(len(m.opened) + m.problems for m in members) >= expected and not everything_opened.called:
+                everything_opened.callback(None)
 
-    for m in members:
-        m.on_opened = opened
+        async def send_all(member):
+            for i in range(first, first + count):
+                await member.client.send_message(group, f"{member.user} {i}")
 
-    async def send_all(member):
-        for i in range(p.m):
-            await member.client.send_message(group, f"{member.user} {i}")
+        for m in members:
+            m.on_opened = opened
+        sends = defer.gatherResults([defer.Deferred.fromCoroutine(send_all(m)) for m in members], consumeErrors=True)
+        try:
+            await within(reactor, defer.gatherResults([sends, everything_opened]), timeout, what)
+        except RuntimeError as problem:
+            opened_now = sum(len(m.opened) for m in members)
+            raise RuntimeError(f"{problem}: {opened_now} of {expected} deliveries opened") from None
 
+    await round_of(0, p.warm, SETUP_TIMEOUT, "the warm-up messages")
     counter.on = True
     meter = Meter(target.pid)
     meter.start()
-    sends = defer.gatherResults([defer.Deferred.fromCoroutine(send_all(m)) for m in members], consumeErrors=True)
-    try:
-        await within(reactor, defer.gatherResults([sends, everything_opened]), p.timeout, "the measured phase")
-    except RuntimeError as problem:
-        opened_now = sum(len(m.opened) for m in members)
-        raise RuntimeError(f"{problem}: {opened_now} of {expected} deliveries opened") from None
+    await round_of(p.warm, p.m, p.timeout, "the measured phase")
     figures = meter.stop(len(members) * p.m)
     counter.on = False
 
     sent = len(members) * p.m
-    delivered = sum(len(m.opened) for m in members)
+    expected = len(members) * (len(members) - 1) * p.m
+    delivered = sum(len(m.opened) for m in members) - len(members) * (len(members) - 1) * p.warm
     if figures.get("server_cpu_s"):
         figures["per_message_server_cpu_ms"] = round(1000 * figures["server_cpu_s"] / sent, 3)
     return dict(
         k=len(members),
         m=p.m,
+        encrypted=encrypted,
+        warm_up=p.warm,
         messages_sent=sent,
         deliveries_received=delivered,
         deliveries_expected=expected,
@@ -186,7 +200,8 @@ async def _measure(reactor, target, p, members, counter):
         pushes_per_message={name: round(n / sent, 3) for name, n in sorted(counter.pushed.items())},
         setup=(
             "accounts seeded as for the other workloads; one securechatd.client.library.ChatClient each with a"
-            " new device; password logins (bound to the device, which publishes its chain and prekeys)"
+            " new device; password logins (bound to the device, which publishes its chain and prekeys);"
+            f" {p.warm} message(s) from each before the measured phase"
         ),
         **figures,
     )
