@@ -124,6 +124,54 @@ class E2EETestCase(unittest.TestCase):
         found = yield self.query("SELECT device_id FROM wraps WHERE message_id = ?", message_id)
         return sorted(device for (device,) in found)
 
+    def count_chain_fetches(self):
+        """[(asker, user)] of every GetDeviceChain from now on."""
+        asked, chain = [], self.hub.keys.chain
+        self.patch(self.hub.keys, "chain", lambda session, user, after: (asked.append((session.username, user)), chain(session, user, after))[1])
+        return asked
+
+    def count_commands(self, username):
+        """[command name] of every command `username`'s sessions send from now on."""
+        sent, run = [], ChatLocator.run
+
+        def counting(locator, name, box):
+            if locator.session is not None and locator.session.username == username:
+                sent.append(name.decode())
+            return run(locator, name, box)
+
+        self.patch(ChatLocator, "run", counting)
+        return sent
+
+    @inlineCallbacks
+    def after_a_first_message(self, title=None):
+        """alice and bob (one device each) in a conversation (a group if `title`), alice's first message read by
+        bob: (alice, her inbox, bob, his inbox, the conversation)."""
+        alice, alice_inbox = yield self.device("alice")
+        bob, bob_inbox = yield self.device("bob", install="bobs")
+        conversation, _ = yield alice.create_conversation(["bob"], title=title)
+        yield alice.send_message(conversation, "first")
+        yield bob_inbox.wait("deliver", 1)
+        return alice, alice_inbox, bob, bob_inbox, conversation
+
+    @inlineCallbacks
+    def revoke_a_laptop(self, announced=True):
+        """alice's phone revokes her laptop after bob wrote to her ("before"), and the laptop logs in again unbound
+        (`announced`: bob's client is told with DevicesChanged): (phone, its inbox, laptop, its inbox, bob, their
+        conversation)."""
+        phone, phone_inbox = yield self.device("alice")
+        laptop, laptop_inbox = yield self.linked(phone, "alice", remember_password=True)
+        bob, _ = yield self.device("bob", install="bobs")
+        conversation, _ = yield bob.create_conversation(["alice"])
+        yield bob.send_message(conversation, "before")
+        yield laptop_inbox.wait("deliver", 1)
+        if not announced:
+            self.lose_devices_changed()
+        reconnected = Deferred()
+        laptop.on_reconnected = reconnected.callback
+        yield phone.revoke_device(laptop.device_id)
+        yield reconnected.addTimeout(10, reactor)  # the server ended its session; it logs in without the device
+        return phone, phone_inbox, laptop, laptop_inbox, bob, conversation
+
 
 class DeviceFileTests(unittest.TestCase):
     """The device file on its own: format, mode, atomic replacement, the replay window."""
@@ -465,32 +513,10 @@ class MessageTests(E2EETestCase):
         self.assertEqual([m.body for m in page.messages], ["to both of you", "from the laptop"])
         self.assertEqual(phone_inbox.alarms() + laptop_inbox.alarms() + bob_inbox.alarms(), [])
 
-    def count_chain_fetches(self):
-        """[(asker, user)] of every GetDeviceChain from now on."""
-        asked, chain = [], self.hub.keys.chain
-        self.patch(self.hub.keys, "chain", lambda session, user, after: (asked.append((session.username, user)), chain(session, user, after))[1])
-        return asked
-
-    def count_commands(self, username):
-        """[command name] of every command `username`'s sessions send from now on."""
-        sent, run = [], ChatLocator.run
-
-        def counting(locator, name, box):
-            if locator.session is not None and locator.session.username == username:
-                sent.append(name.decode())
-            return run(locator, name, box)
-
-        self.patch(ChatLocator, "run", counting)
-        return sent
-
     @inlineCallbacks
     def test_once_keys_and_chains_are_known_a_message_is_one_command(self):
         """No GetMembership, GetChain or GetDeviceChain before each message: pushes say when something moved on."""
-        alice, _ = yield self.device("alice")
-        bob, bob_inbox = yield self.device("bob", install="bobs")
-        group, _ = yield alice.create_conversation(["bob"], title="us")
-        yield alice.send_message(group, "first")
-        yield bob_inbox.wait("deliver", 1)
+        alice, _, bob, bob_inbox, group = yield self.after_a_first_message("us")
         sent = self.count_commands("alice")
         for n in range(3):
             yield alice.send_message(group, f"again {n}")
@@ -512,10 +538,7 @@ class MessageTests(E2EETestCase):
 
     @inlineCallbacks
     def test_a_move_told_while_a_message_is_sealed_is_not_lost(self):
-        alice, _ = yield self.device("alice")
-        yield self.device("bob", install="bobs")
-        group, _ = yield alice.create_conversation(["bob"], title="us")
-        yield alice.send_message(group, "first")
+        alice, _, _, _, group = yield self.after_a_first_message("us")
         self.assertIn(group, alice.e2ee._current)
         alice.e2ee.moved(group)
         run, told = ChatLocator.run, []
@@ -531,10 +554,7 @@ class MessageTests(E2EETestCase):
 
     @inlineCallbacks
     def test_a_chain_not_followed_after_a_message_is_fetched_before_the_next(self):
-        alice, _ = yield self.device("alice")
-        yield self.device("bob", install="bobs")
-        group, _ = yield alice.create_conversation(["bob"], title="us")
-        yield alice.send_message(group, "first")
+        alice, _, _, _, group = yield self.after_a_first_message("us")
 
         async def refused(*arguments):
             raise commands.RateLimited("Too many requests: try again in 1 s.")
@@ -545,10 +565,7 @@ class MessageTests(E2EETestCase):
 
     @inlineCallbacks
     def test_a_later_message_pushed_while_our_answer_is_followed_is_no_gap(self):
-        alice, alice_inbox = yield self.device("alice")
-        bob, bob_inbox = yield self.device("bob", install="bobs")
-        group, _ = yield alice.create_conversation(["bob"], title="us")
-        yield alice.send_message(group, "first")
+        alice, alice_inbox, bob, bob_inbox, group = yield self.after_a_first_message("us")
         yield bob.send_message(group, "hi")
         yield alice_inbox.wait("deliver", 1)
         following, checked = Deferred(), alice.e2ee.sent_checked
@@ -570,11 +587,7 @@ class MessageTests(E2EETestCase):
 
     @inlineCallbacks
     def test_device_chains_are_fetched_when_they_change_not_before_every_message(self):
-        alice, _ = yield self.device("alice")
-        bob, bob_inbox = yield self.device("bob", install="bobs")
-        conversation, _ = yield alice.create_conversation(["bob"])
-        yield alice.send_message(conversation, "first")  # (both chains fetched for it)
-        yield bob_inbox.wait("deliver", 1)  # (alice's chain fetched to read it)
+        alice, _, bob, bob_inbox, conversation = yield self.after_a_first_message()  # (every chain fetched for it)
         asked = self.count_chain_fetches()
         for n in range(3):
             yield alice.send_message(conversation, f"again {n}")
@@ -588,10 +601,7 @@ class MessageTests(E2EETestCase):
 
     @inlineCallbacks
     def test_a_device_added_unannounced_gets_the_message_after_the_answer_names_its_user(self):
-        alice, _ = yield self.device("alice")
-        bob, bob_inbox = yield self.device("bob", install="bobs")
-        conversation, _ = yield alice.create_conversation(["bob"])
-        yield alice.send_message(conversation, "first")
+        alice, _, bob, bob_inbox, conversation = yield self.after_a_first_message()
         self.lose_devices_changed()
         laptop, laptop_inbox = yield self.linked(bob, "bob", install="bobs-laptop")
         yield alice.send_message(conversation, "not to the laptop: alice has not seen it")
@@ -602,17 +612,7 @@ class MessageTests(E2EETestCase):
 
     @inlineCallbacks
     def test_a_device_revoked_unannounced_is_refused_by_the_server_and_the_message_sealed_again(self):
-        phone, phone_inbox = yield self.device("alice")
-        laptop, laptop_inbox = yield self.linked(phone, "alice", remember_password=True)
-        bob, _ = yield self.device("bob", install="bobs")
-        conversation, _ = yield bob.create_conversation(["alice"])
-        yield bob.send_message(conversation, "before")
-        yield laptop_inbox.wait("deliver", 1)
-        self.lose_devices_changed()
-        reconnected = Deferred()
-        laptop.on_reconnected = reconnected.callback
-        yield phone.revoke_device(laptop.device_id)
-        yield reconnected.addTimeout(10, reactor)
+        phone, phone_inbox, laptop, laptop_inbox, bob, conversation = yield self.revoke_a_laptop(announced=False)
         sent = yield bob.send_message(conversation, "after")  # wrapped for the laptop, refused, sealed again
         self.assertIn((yield self.wrapped_for(sent.message_id)), ([phone.device_id], []))  # ([]: acknowledged)
         [_, after] = yield phone_inbox.wait("deliver", 2)
@@ -845,16 +845,7 @@ class AlarmTests(E2EETestCase):
 
     @inlineCallbacks
     def test_a_revoked_device_gets_nothing_new(self):
-        phone, phone_inbox = yield self.device("alice")
-        laptop, laptop_inbox = yield self.linked(phone, "alice", remember_password=True)
-        bob, _ = yield self.device("bob", install="bobs")
-        conversation, _ = yield bob.create_conversation(["alice"])
-        yield bob.send_message(conversation, "before")
-        yield laptop_inbox.wait("deliver", 1)
-        reconnected = Deferred()
-        laptop.on_reconnected = reconnected.callback
-        yield phone.revoke_device(laptop.device_id)
-        yield reconnected.addTimeout(10, reactor)  # the server ended its session; it logs in without the device
+        phone, phone_inbox, laptop, laptop_inbox, bob, conversation = yield self.revoke_a_laptop()
         [(kind, user, _)] = yield laptop_inbox.wait("alarm", 1)
         self.assertEqual((kind, user, laptop.e2ee.status), (Alarm.DEVICE_REVOKED, "alice", REVOKED))
         self.assertEqual(self.session_devices("alice"), sorted(["", phone.device_id]))
