@@ -82,7 +82,8 @@ class VerifyLogTests(LogCase):
             "BROKEN: the server's log was cut: its tree of 7 leaves is smaller than the tree head of size 9 signed"
             " 2023-11-14 22:14:20 UTC\n"
         ), out)  # fmt: skip
-        status, out, _ = self.run_on(self.data, "--known-head", head[:-2] + "00")
+        other_last_byte = "01" if head.endswith("00") else "00"  # (a signature may end in 00: 1 run in 256 failed)
+        status, out, _ = self.run_on(self.data, "--known-head", head[:-2] + other_last_byte)
         self.assertEqual(status, 1)
         self.assertTrue(out.endswith("\nBROKEN: the --known-head is not valid: the tree head of size 9 is not signed by the server key\n"))
 
