@@ -252,6 +252,19 @@ class DeviceFileTests(unittest.TestCase):
         self.assertEqual(open(state.path, "rb").read(), bytes(data))
         self.assertIsNone(DeviceFile.load(state.path + ".none"))
 
+    def test_a_file_read_while_another_program_writes_it_is_in_use_not_damaged(self):
+        state = self.state()
+        state.save()
+        os.remove(state.log.path)  # (as between the steps of a compaction: the device file names a log just gone)
+        with self.assertRaises(DeviceFileError) as unlocked:
+            DeviceFile.load(state.path)
+        self.assertIn("is damaged", str(unlocked.exception))
+        state.lock()  # another program's, while it compacts
+        self.addCleanup(state.unlock)
+        with self.assertRaises(DeviceFileError) as locked:
+            DeviceFile.load(state.path)
+        self.assertEqual(str(locked.exception), f"the device file {state.path} is in use by another program")
+
     def test_one_process_at_a_time(self):
         state = self.state()
         state.lock()

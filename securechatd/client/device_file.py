@@ -65,6 +65,32 @@ _WINDOW_MASK = (1 << WINDOW) - 1
 _WINDOW_BYTES = WINDOW // 8
 
 
+_IN_USE = "the device file {path} is in use by another program"
+
+
+def _flock(descriptor):
+    """True if this process now holds the lock of `descriptor`; False if another one holds it."""
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as problem:
+        if problem.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _held_elsewhere(path):
+    """True if another program holds `<path>.lock` (never creates it)."""
+    try:
+        descriptor = os.open(f"{path}.lock", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        return not _flock(descriptor)
+    finally:
+        os.close(descriptor)  # (and with it a lock taken just to look)
+
+
 class DeviceFileError(Exception):
     """The device file cannot be used: damaged, of another user, or held by another process."""
 
@@ -314,9 +340,11 @@ class DeviceFile:
             state._replay_log(state.log.read(state.log.end))
             if state.log.end >= COMPACT_AT:
                 state._kept = state._kept_windows()
-        except OSError as problem:
-            raise DeviceFileError(f"cannot read the device log {state.log.path}: {problem.strerror}")
-        except (Malformed, ValueError) as problem:
+        except (OSError, Malformed, ValueError) as problem:
+            if _held_elsewhere(path):  # (read while another program was writing it: a new log, say)
+                raise DeviceFileError(_IN_USE.format(path=path))
+            if isinstance(problem, OSError):
+                raise DeviceFileError(f"cannot read the device log {state.log.path}: {problem.strerror}")
             raise DeviceFileError(f"the device file {path} (or its log) is damaged ({problem}); it was left as it is")
         state._leftovers = True
         return state
@@ -389,13 +417,9 @@ class DeviceFile:
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, mode=0o700, exist_ok=True)
         descriptor = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as problem:
+        if not _flock(descriptor):
             os.close(descriptor)
-            if problem.errno in (errno.EAGAIN, errno.EACCES):
-                raise DeviceFileError(f"the device file {self.path} is in use by another program")
-            raise
+            raise DeviceFileError(_IN_USE.format(path=self.path))
         self._lock = descriptor
 
     def unlock(self):
