@@ -550,6 +550,18 @@ class MessageTests(E2EETestCase):
         self.patch(self.hub.keys, "_tell_contacts", lambda session: succeed(None))
 
     @inlineCallbacks
+    def test_a_message_received_is_one_write_of_the_device_file(self):
+        """Opened and its link taken into the chain, then written once (each write is three fsyncs)."""
+        alice, _, bob, bob_inbox, conversation = yield self.after_a_first_message()
+        yield bob.e2ee.settled()  # (the prekey refill after the first message)
+        saves, save = [], bob.e2ee.state.save
+        self.patch(bob.e2ee.state, "save", lambda: (saves.append(1), save())[1])
+        yield alice.send_message(conversation, "second")
+        [_, second] = yield bob_inbox.wait("deliver", 2)
+        self.assertEqual((second.body, second.chain), ("second", "verified"))
+        self.assertEqual(len(saves), 1)
+
+    @inlineCallbacks
     def test_a_move_told_while_a_message_is_sealed_is_not_lost(self):
         alice, _, _, _, group = yield self.after_a_first_message("us")
         self.assertIn(group, alice.e2ee._current)

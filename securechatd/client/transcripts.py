@@ -892,6 +892,7 @@ class Transcripts:
         links before it this device lacks; each problem raises its alarm. A
         message that could not be opened (`opened` False: its own problem was
         reported) only gives its link and receipt: what it holds is not checked.
+        The caller writes the device file (with the message it opened).
         """
         if not await self.ready():
             return Verdict(None, header.mode, UNCHECKED, ())
@@ -918,13 +919,11 @@ class Transcripts:
             chain, synced = await self.sync(conversation, given, heads, save=False)
         if not opened:  # (what is wrong with it was reported: it may be no message of this conversation at all)
             self._keep(chain)
-            self.e2ee.save()
             problems = tuple(p for p in synced if p.kind not in WARNINGS)
             return Verdict(link.n if link is not None else None, header.mode, BROKEN if problems else UNCHECKED,
                            problems)
         if link is None and problems:
             self._alarm(problems, header.sender, where)
-            self.e2ee.save()
             return Verdict(None, header.mode, BROKEN, tuple(problems))
         keys = self.e2ee.chains.history_lookup(header.sender, header.sender_device)
         state_of_epoch, epoch_of = self._lookups(conversation)
@@ -933,7 +932,6 @@ class Transcripts:
         )
         self._alarm(problems + list(verdict.problems), header.sender, where)
         self._keep(chain)
-        self.e2ee.save()
         problems = tuple(problems) + verdict.problems + tuple(p for p in synced if p.kind not in WARNINGS)
         if any(problem.kind not in WARNINGS for problem in problems):
             return Verdict(verdict.n, verdict.mode, BROKEN, problems)
