@@ -612,13 +612,15 @@ class MessageTests(E2EETestCase):
 
     @inlineCallbacks
     def test_device_chains_are_fetched_when_they_change_not_before_every_message(self):
-        alice, _, bob, bob_inbox, conversation = yield self.after_a_first_message()  # (every chain fetched for it)
+        alice, alice_inbox, bob, bob_inbox, conversation = yield self.after_a_first_message()  # (chains fetched)
         asked = self.count_chain_fetches()
         for n in range(3):
             yield alice.send_message(conversation, f"again {n}")
         yield bob_inbox.wait("deliver", 4)
         self.assertEqual(asked, [])
         laptop, laptop_inbox = yield self.linked(bob, "bob", install="bobs-laptop")  # DevicesChanged to alice
+        [(user, added, removed)] = yield alice_inbox.wait("devices", 1)  # told at once, before she writes
+        self.assertEqual((user, added, removed), ("bob", [laptop.device_id], []))
         yield alice.send_message(conversation, "to the laptop too")
         self.assertEqual(asked.count(("alice", "bob")), 1)
         [message] = yield laptop_inbox.wait("deliver", 1)

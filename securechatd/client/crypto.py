@@ -812,6 +812,14 @@ class EndToEnd:
     def is_encrypted(self, conversation_id):
         return conversation_id in self._memberships
 
+    async def devices_pushed(self, user):
+        """`user` added or revoked a device (DevicesChanged): their chain, fetched and checked now."""
+        return await self._locked(self._devices_pushed, user)
+
+    async def _devices_pushed(self, user):
+        self.chains.stale([user])
+        return await self.chains.refresh(user)
+
     def moved(self, conversation_id=None):
         """The membership or the chain of a conversation (None: of every one) may have moved on: both are fetched
         before its next message is sealed.

@@ -290,8 +290,7 @@ class ClientProtocol(amp.AMP):
 
     @commands.DevicesChanged.responder
     def devices_changed(self, username):
-        if self.client.e2ee is not None:  # fetched (and checked) before the next message is encrypted
-            self.client.e2ee.chains.stale([username])
+        self.client._devices_changed(username)
         return {}
 
     @commands.TranscriptSigned.responder
@@ -1108,6 +1107,13 @@ class ChatClient:
             self.e2ee.moved(conversation.conversation_id)
         self.on_conversation(conversation)
         self._check_members(conversation)
+
+    def _devices_changed(self, username):
+        """A DevicesChanged push: the user's chain is fetched and checked now, so a change is told at once
+        (on_devices_changed) and the next message is sealed for the devices as they are."""
+        e2ee = self.e2ee
+        if e2ee is not None and e2ee.active:
+            self._background(e2ee.devices_pushed(username), f"fetching {username}'s device chain")
 
     def _check_members(self, conversation):
         """An encrypted conversation's member list from the server, compared with the signed one in the background."""
