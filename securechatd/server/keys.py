@@ -193,7 +193,8 @@ class KeyService:
 
     async def _looked_up(self, session, name):
         """Asking about `name` is a directory search unless the caller shares a conversation with them
-        (PresenceService.look_up); one's own name asks nothing (one's chain is fetched before every seal)."""
+        (PresenceService.look_up); one's own name asks nothing (a client fetches its own chain as often as
+        its contacts')."""
         if name != session.username:
             await self.look_up(session, [name])
 

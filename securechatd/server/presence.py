@@ -129,7 +129,7 @@ class PresenceService:
     async def look_up(self, session, names):
         """{name: PresenceView} of those of `names` that exist (for the caller); a directory search of the
         caller's unless the caller shares a conversation with each (what answers NO_SUCH_USER tells who
-        exists; a client fetches its conversations' members' chains before every message it seals)."""
+        exists; a client fetches its conversations' members' chains whenever they change)."""
         views = await self.store.presence_view(session.username, set(names))
         if any(name != session.username and not (name in views and views[name].shared) for name in names):
             self._search(session)
