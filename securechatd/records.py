@@ -38,8 +38,6 @@ class ChainLink:
     receipt: bytes = None
 
 Receipt = namedtuple("Receipt", "conversation_id reader state seq at")
-# A resume token just spent: the user's credential generation, and where its session was (address, device)
-SpentToken = namedtuple("SpentToken", "generation address device_id")
 # first_wrap: the lowest seq of a wrap waiting for the device asked about (None: none, or not asked)
 Membership = namedtuple(
     "Membership", "conversation_id delivered_seq read_seq last_seq encrypted first_wrap", defaults=(False, None)

@@ -905,7 +905,7 @@ class MigrationTests(unittest.TestCase):
         self.assertEqual(db.execute("SELECT session_id, device_id FROM resume_tokens").fetchall(), [("session-1", None)])
         db.close()
         store = make_store(self, path)
-        self.assertEqual(self.successResultOf(store.consume_resume_token("alice", "tokenhash", NOW)).generation, 2)
+        self.assertEqual(self.successResultOf(store.consume_resume_token("alice", "tokenhash", NOW)), 2)
         self.assertEqual(self.successResultOf(store.device_chain("alice", 0, 10)), ([], False))
         self.assertEqual(self.successResultOf(store.chain_state("alice", [])).seq, 0)
         device = Device()

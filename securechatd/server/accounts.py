@@ -97,7 +97,6 @@ class ResumeToken:
     def __init__(self, username, token):
         self.username = username
         self.token = token
-        self.came_from = None  # (address, device_id) of the session whose token this was, once it is spent
 
     def __repr__(self):
         return f"<ResumeToken for {self.username}>"
@@ -219,13 +218,12 @@ class ResumeTokenChecker:
         self._required = required
 
     async def _check(self, credentials):
-        spent = await self._store.consume_resume_token(
+        generation = await self._store.consume_resume_token(
             credentials.username, token_hash(credentials.token), self._clock.seconds()
         )
-        if spent is None:
+        if generation is None:
             raise UnauthorizedLogin()
-        generation = credentials.generation = spent.generation
-        credentials.came_from = (spent.address, spent.device_id)
+        credentials.generation = generation
         if self._required:
             found = await self._store.get_credentials(credentials.username)
             if found is not None and not found.two_factor:
@@ -447,10 +445,7 @@ class AccountService:
             session = await self._attempt(attempt, verify)
         except SecondFactorNeeded as needed:
             return self._pending(needed, attempt, client_name, address, device_id)
-        # (a client reconnecting from where it was is no event of the account log: one that comes from
-        # another address, or binds another device, is)
-        again = credentials.came_from == (address, device_id)
-        return session, await self._logged_in(session, credentials.generation, address, "token", device_id, again)
+        return session, await self._logged_in(session, credentials.generation, address, "token", device_id)
 
     async def _portal_login(self, credentials, client_name, connection):
         client_name = client_name and client_name[:MAX_CLIENT_NAME]  # (what ListSessions shows: a page holds 100)
@@ -609,16 +604,14 @@ class AccountService:
 
         return await self.throttled(username, address, method, verify, WRONG_CODE)
 
-    async def _logged_in(self, session, generation, address, method, device_id, again=False):
-        """The session's resume token; the login is an account event unless it is a Resume from `again`: the
-        address and device of the session whose token it spent."""
+    async def _logged_in(self, session, generation, address, method, device_id):
         # (before any wait: a revoke of the device meanwhile finds the session and ends it)
         session.address, session.device_id = address, device_id
         try:
             token = await self._issue_token(session, generation)
             if token is None:  # the credentials changed while this login was being checked
                 raise BadCredentials(BAD_CREDENTIALS_TEXT)
-            event = None if again else NewEvent("login", address, session.session_id, bytes.fromhex(device_id or ""), method)
+            event = NewEvent("login", address, session.session_id, bytes.fromhex(device_id or ""), method)
             started = await self.store.session_started(
                 session.username, session.session_id, session.client_name, address, event, self.clock.seconds()
             )

@@ -2,7 +2,6 @@
 
 from collections import namedtuple
 
-from securechatd.records import SpentToken
 from securechatd.store import dialect
 from securechatd.store.account_log import append_event, nonce_used
 from securechatd.store.base import LIVE, MAX_NAMES, USER_ID, StoreBase, limited, placeholders, user_id
@@ -228,21 +227,20 @@ class AccountStore(StoreBase):
         return True
 
     def consume_resume_token(self, username, token_hash, now):
-        """Deferred: a SpentToken if the user held this unexpired token (now spent), else None."""
+        """Deferred: the user's credential generation if they held this unexpired token (now spent), else None."""
         return self._write("consume_resume_token", self._consume_resume_token_txn, username, token_hash, now)
 
     @staticmethod
     def _consume_resume_token_txn(txn, username, token_hash, now):
         txn.execute(
             "DELETE FROM resume_tokens WHERE token_hash = ? AND expires_at > ?"
-            f" AND user_id = ({USER_ID}) RETURNING address, device_id",
+            f" AND user_id = ({USER_ID})",
             (token_hash, now, username),
         )
-        spent = txn.fetchall()
-        if len(spent) != 1:
+        if txn.rowcount != 1:
             return None
         txn.execute(f"SELECT generation FROM users WHERE username = ? AND {LIVE}", (username,))
-        return SpentToken(txn.fetchone()[0], *spent[0])
+        return txn.fetchone()[0]
 
     def revoke_resume_token(self, username, session_id):
         """Deferred: forget the token of one session (at logout)."""
@@ -260,8 +258,8 @@ class AccountStore(StoreBase):
 
     def session_started(self, username, session_id, client_name, address, event, now):
         """Deferred: note what the session's client said it was and where it is (its resume token's
-        row, for ListSessions once it is gone) and log `event` (its login; None: not logged): (its
-        Logged leaf or None, the user's appear_offline); None if there is no such user."""
+        row, for ListSessions once it is gone) and log `event` (its login): (its Logged leaf, the
+        user's appear_offline); None if there is no such user."""
         return self._write(
             "session_started", self._session_started_txn, username, session_id, client_name, address, event, now
         )
@@ -278,7 +276,7 @@ class AccountStore(StoreBase):
         )
         txn.execute("SELECT appear_offline FROM users WHERE id = ?", (uid,))
         (appear_offline,) = txn.fetchone()
-        return (event and append_event(txn, uid, username, event, now)), bool(appear_offline)
+        return append_event(txn, uid, username, event, now), bool(appear_offline)
 
     def session_left(self, username, session_id, last_active):
         """Deferred: the session's connection went at `last_active`; its resume token (if any) remembers it."""
