@@ -627,6 +627,20 @@ class MessageTests(E2EETestCase):
         self.assertEqual(message.body, "to the laptop too")
 
     @inlineCallbacks
+    def test_devices_changed_pushed_again_and_again_costs_one_fetch(self):
+        """A server repeating DevicesChanged (or naming strangers) makes no queue of fetches ahead of messages."""
+        alice, _, bob, bob_inbox, conversation = yield self.after_a_first_message()
+        asked = self.count_chain_fetches()
+        for _ in range(50):  # (as pushes come: each answered at once)
+            alice._protocol.devices_changed("bob")
+            alice._protocol.devices_changed("nobody-alice-knows")
+        yield alice.send_message(conversation, "after them")
+        self.assertLessEqual(asked.count(("alice", "bob")), 2)
+        self.assertNotIn(("alice", "nobody-alice-knows"), asked)
+        self.assertIsNone(alice.e2ee.chains.get("nobody-alice-knows"))
+        yield bob_inbox.wait("deliver", 2)
+
+    @inlineCallbacks
     def test_a_device_added_unannounced_gets_the_message_after_the_answer_names_its_user(self):
         alice, _, bob, bob_inbox, conversation = yield self.after_a_first_message()
         self.lose_devices_changed()
@@ -987,6 +1001,19 @@ class AlarmTests(E2EETestCase):
                 "wrap": sealed.wraps.get(client.e2ee.state.device.id),
             }
         )
+
+    @inlineCallbacks
+    def test_a_push_that_cannot_be_opened_or_placed_writes_nothing(self):
+        """(A server pushing junk makes the client report it, not write its device file: no fsyncs for nothing.)"""
+        alice, _, bob, bob_inbox, conversation = yield self.conversation()
+        yield bob.e2ee.settled()  # (the prekey refill after the first message)
+        saves, save = [], bob.e2ee.state.save
+        self.patch(bob.e2ee.state, "save", lambda: (saves.append(1), save())[1])
+        junk = envelope.Envelope(b"not a header", bytes(272), {bob.e2ee.state.device.id: bytes(89)}, b"")
+        yield self.push(bob, conversation, junk, "alice", alice.e2ee.state.device.id)
+        [*_, shown] = bob_inbox.items["deliver"]
+        self.assertEqual((shown.body, shown.problem), (None, Problem.MALFORMED_HEADER))
+        self.assertEqual(saves, [])
 
     @inlineCallbacks
     def test_a_sender_showing_recipients_different_keys_is_caught(self):

@@ -245,6 +245,7 @@ class EndToEnd:
         # the last login): a message to one is sealed without asking for either (see `moved`)
         self._current = set()
         self._moves = 0  # calls of moved(): a seal that saw one while it ran does not mark its conversation current
+        self._devices_pushed = set()  # users whose chain a DevicesChanged fetch waits for the lock to fetch
         self._timers = {}
         self._running = []  # Deferreds of scheduled work under way
         self._closed = False
@@ -648,10 +649,13 @@ class EndToEnd:
 
     async def _open_checked(self, conversation_id, item):
         text, problem = await self._open_reporting(conversation_id, item, save=False)
+        verdict = None
         try:
-            return text, problem, await self._checked_place(conversation_id, item, problem)
+            verdict = await self._checked_place(conversation_id, item, problem)
+            return text, problem, verdict
         finally:  # one write of the device file for the message opened and its link taken (three fsyncs, not six)
-            self.save()
+            if problem is None or verdict is not None:  # (a push that changed nothing writes nothing)
+                self.save()
 
     async def _checked_place(self, conversation_id, item, problem):
         """The transcripts.Verdict on an opened (or unopenable) message's place in the chain; None if it has none."""
@@ -812,11 +816,17 @@ class EndToEnd:
     def is_encrypted(self, conversation_id):
         return conversation_id in self._memberships
 
-    async def devices_pushed(self, user):
-        """`user` added or revoked a device (DevicesChanged): their chain, fetched and checked now."""
-        return await self._locked(self._devices_pushed, user)
+    def devices_pushed(self, user):
+        """`user` added or revoked a device (DevicesChanged): a coroutine that fetches and checks their chain
+        (under the lock, as sealing and opening), or None if one is waiting to already: pushes for a user
+        coalesce, so a server repeating them makes at most one fetch wait behind another."""
+        if user in self._devices_pushed:
+            return None
+        self._devices_pushed.add(user)
+        return self._locked(self._fetch_pushed, user)
 
-    async def _devices_pushed(self, user):
+    async def _fetch_pushed(self, user):
+        self._devices_pushed.discard(user)  # (a push from now on asks for one more fetch)
         self.chains.stale([user])
         return await self.chains.refresh(user)
 

@@ -1109,11 +1109,16 @@ class ChatClient:
         self._check_members(conversation)
 
     def _devices_changed(self, username):
-        """A DevicesChanged push: the user's chain is fetched and checked now, so a change is told at once
-        (on_devices_changed) and the next message is sealed for the devices as they are."""
+        """A DevicesChanged push: the user's chain is fetched again before the next message is sealed; and
+        now, if it is ours or one this device keeps, so a change is told at once (on_devices_changed)."""
         e2ee = self.e2ee
-        if e2ee is not None and e2ee.active:
-            self._background(e2ee.devices_pushed(username), f"fetching {username}'s device chain")
+        if e2ee is None:
+            return
+        e2ee.chains.stale([username])
+        if e2ee.active and (username == self.username or e2ee.chains.get(username) is not None):
+            fetching = e2ee.devices_pushed(username)
+            if fetching is not None:
+                self._background(fetching, f"fetching {username}'s device chain")
 
     def _check_members(self, conversation):
         """An encrypted conversation's member list from the server, compared with the signed one in the background."""
