@@ -143,6 +143,18 @@ class E2EETestCase(unittest.TestCase):
         return sent
 
     @inlineCallbacks
+    def count_saves(self, client):
+        """[1 for every write of `client`'s device file] from now on, once what it had under way is done."""
+        yield client.e2ee.settled()  # (the prekey refill after a first message)
+        saves, save = [], client.e2ee.state.save
+        self.patch(client.e2ee.state, "save", lambda: (saves.append(1), save())[1])
+        return saves
+
+    def lose_devices_changed(self):
+        """From now on the server tells nobody of device changes (as if every DevicesChanged push were lost)."""
+        self.patch(self.hub.keys, "_tell_contacts", lambda session: succeed(None))
+
+    @inlineCallbacks
     def after_a_first_message(self, title=None):
         """alice and bob (one device each) in a conversation (a group if `title`), alice's first message read by
         bob: (alice, her inbox, bob, his inbox, the conversation)."""
@@ -545,17 +557,11 @@ class MessageTests(E2EETestCase):
         self.assertIn("GetMembership", sent)
         self.assertEqual(sent.count("SendEncrypted"), 1)  # (not refused as sealed under an earlier state)
 
-    def lose_devices_changed(self):
-        """From now on the server tells nobody of device changes (as if every DevicesChanged push were lost)."""
-        self.patch(self.hub.keys, "_tell_contacts", lambda session: succeed(None))
-
     @inlineCallbacks
     def test_a_message_received_is_one_write_of_the_device_file(self):
         """Opened and its link taken into the chain, then written once (each write is three fsyncs)."""
         alice, _, bob, bob_inbox, conversation = yield self.after_a_first_message()
-        yield bob.e2ee.settled()  # (the prekey refill after the first message)
-        saves, save = [], bob.e2ee.state.save
-        self.patch(bob.e2ee.state, "save", lambda: (saves.append(1), save())[1])
+        saves = yield self.count_saves(bob)
         yield alice.send_message(conversation, "second")
         [_, second] = yield bob_inbox.wait("deliver", 2)
         self.assertEqual((second.body, second.chain), ("second", "verified"))
@@ -1006,9 +1012,7 @@ class AlarmTests(E2EETestCase):
     def test_a_push_that_cannot_be_opened_or_placed_writes_nothing(self):
         """(A server pushing junk makes the client report it, not write its device file: no fsyncs for nothing.)"""
         alice, _, bob, bob_inbox, conversation = yield self.conversation()
-        yield bob.e2ee.settled()  # (the prekey refill after the first message)
-        saves, save = [], bob.e2ee.state.save
-        self.patch(bob.e2ee.state, "save", lambda: (saves.append(1), save())[1])
+        saves = yield self.count_saves(bob)
         junk = envelope.Envelope(b"not a header", bytes(272), {bob.e2ee.state.device.id: bytes(89)}, b"")
         yield self.push(bob, conversation, junk, "alice", alice.e2ee.state.device.id)
         [*_, shown] = bob_inbox.items["deliver"]
