@@ -262,7 +262,7 @@ def build(settings, reactor):
     checks.clock = reactor
     checks.setServiceParent(daemon)
     listener = ListenerService(
-        endpoint, AdmittingTLSFactory(server_tls, False, factory), where, settings.shutdown_grace
+        endpoint, AdmittingTLSFactory(server_tls, False, factory), where, reactor, settings.shutdown_grace
     )
     listener.setName("listener")
     listener.setServiceParent(daemon)

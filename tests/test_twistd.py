@@ -67,6 +67,15 @@ class TwistdTests(unittest.TestCase):
         self.assertNotIn(PASSWORD.encode(), daemon.output)
         self.assertTrue(os.path.exists(os.path.join(self.directory, "securechatd.sqlite")))
 
+    @inlineCallbacks
+    def test_sigterm_as_soon_as_it_listens_is_a_clean_stop(self):
+        """The "listening" line comes once twistd handles SIGTERM (it once came before, and the signal killed it)."""
+        for _ in range(3):
+            process, daemon = self.spawn()
+            yield daemon.listening
+            process.signalProcess("TERM")
+            self.assertEqual((yield daemon.ended), (0, None))
+
     def test_bad_setting_is_one_line(self):
         with open(self.config, "a") as f:
             f.write("[database]\ndurability = sometimes\n")

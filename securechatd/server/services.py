@@ -85,15 +85,21 @@ class StoreService(Service):
 
 
 class ListenerService(Service):
-    """Listens on an endpoint; a port that cannot be bound stops start-up with one line."""
+    """Listens on an endpoint; a port that cannot be bound stops start-up with one line.
+
+    "listening on" is logged once the reactor runs, when twistd's signal
+    handlers are in place: a supervisor (or a test) that sends SIGTERM as soon
+    as it reads the line gets a clean stop, never a process ended by the signal.
+    """
 
     port = None
     _listened = False
 
-    def __init__(self, endpoint, factory, where, grace=10.0):
+    def __init__(self, endpoint, factory, where, reactor, grace=10.0):
         self.endpoint = endpoint
         self.factory = factory
         self.where = where
+        self.reactor = reactor
         self.grace = grace
 
     def privilegedStartService(self):
@@ -114,7 +120,7 @@ class ListenerService(Service):
 
     def _listening(self, port):
         self.port = port
-        log.info("securechatd listening on {address}", address=port.getHost())
+        self.reactor.callWhenRunning(log.info, "securechatd listening on {address}", address=port.getHost())
 
     def startService(self):
         if not self._listened:
