@@ -353,6 +353,15 @@ class RenderTests(unittest.TestCase):
             "  #4    2026-11-30 10:00:00 UTC  session_end 9b2535c4 from 127.0.0.1 device 7f9ff192"
             "  signed by its device",
         ])
+        resume = dict(row, kind="login", target="token", signed="no")
+        resumes = [dict(resume, seq=5 + n, time=f"2026-11-30 1{n}:00:00 UTC") for n in range(3)]
+        elsewhere = dict(resume, seq=8, address="10.9.9.9")
+        again = dict(resume, seq=9)
+        self.assertEqual(render(dict(record, events=[row, *resumes, elsewhere, again]))[2:], [
+            "  #5-#7 2026-11-30 10:00:00 UTC to 2026-11-30 12:00:00 UTC  3 x login token from 127.0.0.1 device 7f9ff192",
+            "  #8    2026-11-30 10:00:00 UTC  login token from 10.9.9.9 device 7f9ff192",
+            "  #9    2026-11-30 10:00:00 UTC  login token from 127.0.0.1 device 7f9ff192",
+        ])  # (a client that reconnected all day is one line; --batch keeps every event)
         broken = render(dict(record, verified=False, problem="event #5 was rewritten", file="/tmp/log.json"))
         self.assertEqual(broken[0], "!! account log of alice does NOT check: event #5 was rewritten")
         self.assertEqual(broken[-2:], ["  (verified up to #4)",

@@ -672,17 +672,36 @@ def _security(record, at):
         lines = [f"account log of {user}: verified ({len(record['events'])} events, tree of {record['tree_size']})"]
     else:
         lines = [f"!! account log of {user} does NOT check: {record['problem'] or ''}"]
-    for e in record["events"]:
+    for run in _runs_of_resumes(record["events"]):
+        e, last = run[0], run[-1]
         signed = "  signed by its device" if e["signed"] == "yes" else ""
         where = f" from {e['address']}" if e["address"] else ""
         device = f" device {e['device'][:8]}" if e["device"] else ""
         target = f" {e['target']}" if e["target"] else ""
-        lines.append(f"  #{e['seq']:<4} {e['time']}  {e['kind']}{target}{where}{device}{signed}")
+        if len(run) == 1:
+            lines.append(f"  #{e['seq']:<4} {e['time']}  {e['kind']}{target}{where}{device}{signed}")
+        else:
+            lines.append(
+                f"  #{e['seq']}-#{last['seq']} {e['time']} to {last['time']}  {len(run)} x {e['kind']}{target}{where}{device}"
+            )
     if not record["verified"] and record["events"]:
         lines.append(f"  (verified up to #{record['events'][-1]['seq']})")
     if record.get("file"):
         lines.append(f"  written to {record['file']}: securechatd-verify-log {record['file']} checks it")
     return lines
+
+
+def _runs_of_resumes(events):
+    """[[event]]: each event alone, but consecutive resumes (login by token) from one address and device
+    together, so a client that reconnected all day is one line (every one is in the log, and in --batch)."""
+    runs = []
+    for e in events:
+        place = (e["kind"], e["target"], e["address"], e["device"])
+        if runs and place[:2] == ("login", "token") and place == runs[-1][-1]["place"]:
+            runs[-1].append(dict(e, place=place))
+        else:
+            runs.append([dict(e, place=place)])
+    return runs
 
 
 def _sessions(record, at):
