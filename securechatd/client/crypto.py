@@ -45,11 +45,14 @@ Device lifecycle (the statuses of client/device_file.py):
   place (what it verified about others is kept; its keys and sessions are
   not).
 
-Chains of other users are fetched when they are needed: before a message is
-sealed if the chain was last fetched more than `chain_max_age` ago (an
-hour), for a sender device not known yet, for the signers of new membership
-states, mode events and transcript heads, for an export, for safety numbers
-and trust. Between fetches the server keeps sealing honest: it refuses a
+Chains of other users are fetched when they are needed: at once when a
+DevicesChanged push names one this device keeps (coalesced per user), before
+a message is sealed if the chain was marked stale (a push, a login) or last
+fetched more than `chain_max_age` ago (an hour), for a sender device not
+known yet, for the signers of new membership states, mode events and
+transcript heads, for an export, for safety numbers and trust. The
+conversation's membership state and chain are kept between messages too
+(`moved`). Between fetches the server keeps sealing honest: it refuses a
 wrap for a device that is no longer current (revoked, or its user gone), and
 the client fetches every chain again and seals anew; a SendEncrypted answer
 names the members who have a current device the message was not wrapped for
