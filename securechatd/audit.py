@@ -7,7 +7,6 @@ fields are written, so nothing secret can slip in by a careless log call.
 
 import json
 import os
-import time
 from datetime import datetime, timezone
 
 from zope.interface import implementer

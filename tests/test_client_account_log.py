@@ -23,7 +23,7 @@ from securechatd.server.account_log import AccountLog
 from securechatd import verify_log
 from securechatd.verify_log import Row
 from tests.helpers import Connection, run_now
-from tests.test_account_security import CLOSE_GAPS, NOW, SecurityTestCase
+from tests.test_account_security import CLOSE_GAPS, SecurityTestCase
 
 SEEN = "2023-11-14 22:13:20 UTC"  # NOW: when the daemon signed the first tree head
 

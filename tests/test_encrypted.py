@@ -19,7 +19,6 @@ from twisted.trial import unittest
 
 from securechatd import commands
 from securechatd.commands import (
-    AuthRequired,
     BadSignature,
     InvalidArgument,
     MailboxFull,

@@ -13,7 +13,6 @@ from dataclasses import replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from twisted.internet import defer, task
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
@@ -662,7 +661,7 @@ class BindingTests(KeysTestCase):
         self.publish(laptop_conn, self.chain("alice").link("revoke", tablet, laptop))
         self.publish(laptop_conn, self.chain("alice").link("name", phone, laptop, name="old phone"))
         self.clock.advance(5)
-        unbound = self.connect("alice", client_name="script")
+        self.connect("alice", client_name="script")
         listing = self.ok(phone_conn, commands.ListDevices)
         self.assertEqual(
             listing["devices"],

@@ -260,7 +260,7 @@ class EncryptedInvitationTests(encrypted_tests.EncryptedTestCase):
         group = self.group(alice, alice_device, ["bob"])  # bob joins at once: no invitation
         carol_device = self.device("carol")
         carol = self.connect("carol", carol_device)
-        dave_device = self.device("dave")
+        self.device("dave")
         state = self.next_state(group, "add", ["alice", "bob", "carol", "dave"], alice_device)
         text = self.refused(
             alice, commands.InvitationRequired, commands.AddMembers,

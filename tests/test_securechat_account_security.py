@@ -10,7 +10,6 @@ import os
 import stat
 import sys
 
-from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.utils import getProcessOutputAndValue
 

@@ -9,7 +9,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from securechatd.records import Conversation, MarkMove, Message, Stored
+from securechatd.records import Conversation, MarkMove, Stored
 from securechatd.store import MigrationError, Store, StoreError, base, dialect, migrations, prepare_database
 from securechatd.store.accounts import Credentials
 from securechatd.store.dialect import connect, open_pool
