@@ -16,6 +16,7 @@ from twisted.trial import unittest
 
 from securechatd import commands
 from securechatd.client import library
+from securechatd.client.chains import Chains
 from securechatd.client.crypto import Alarm, EncryptionUnavailable, EndToEnd, LinkError, Problem
 from securechatd.client.device_file import ACTIVE, PENDING, REVOKED, DeviceFile, DeviceFileError, ReplayWindow
 from securechatd.client.library import ChatClient, split_wraps
@@ -183,6 +184,27 @@ class E2EETestCase(unittest.TestCase):
         yield phone.revoke_device(laptop.device_id)
         yield reconnected.addTimeout(10, reactor)  # the server ended its session; it logs in without the device
         return phone, phone_inbox, laptop, laptop_inbox, bob, conversation
+
+
+class ChainsTests(unittest.TestCase):
+    """client/chains.py's bookkeeping of when a chain was fetched."""
+
+    def test_a_chain_marked_stale_while_it_is_fetched_is_fetched_again(self):
+        """(A DevicesChanged that comes while the chain is asked: the answer may be from before the change.)"""
+        asked, clock = [], task.Clock()
+        chains = Chains(
+            mock.Mock(chains={}), lambda command, **arguments: asked.append(Deferred()) or asked[-1],
+            lambda: None, lambda *alarm: None, lambda *change: None, clock,
+        )
+        chains.refresh("bob", 3600)
+        chains.stale(["bob"])
+        asked[0].callback({"links": [], "has_more": False})
+        clock.advance(1)
+        chains.refresh("bob", 3600)
+        self.assertEqual(len(asked), 2)
+        asked[1].callback({"links": [], "has_more": False})
+        chains.refresh("bob", 3600)  # fresh now: not asked again
+        self.assertEqual(len(asked), 2)
 
 
 class DeviceFileTests(unittest.TestCase):
@@ -407,6 +429,18 @@ class DeviceTests(E2EETestCase):
         yield alice.e2ee.settled()
         self.assertNotIn(first, state.signed_prekeys)
         self.assertEqual(len(state.signed_prekeys), 2)
+
+    @inlineCallbacks
+    def test_nothing_is_written_to_the_device_file_once_its_client_closed(self):
+        alice, _ = yield self.device("alice")
+        e2ee = alice.e2ee
+        yield alice.close()
+        with open(e2ee.state.path, "rb") as f:
+            closed_with = f.read()
+        e2ee.state.counter += 1  # (as work still queued when it closed would change it)
+        e2ee.save()
+        with open(e2ee.state.path, "rb") as f:
+            self.assertEqual(f.read(), closed_with)
 
     @inlineCallbacks
     def test_a_damaged_device_file_is_reported_and_kept(self):

@@ -39,6 +39,7 @@ class Chains:
         self._chains = {}
         self._fetched = {}  # user -> when the server was last asked (clock seconds)
         self._fetching = {}  # user -> [Deferred] of callers waiting for the fetch under way
+        self._stale_meanwhile = set()  # users marked stale while a fetch was under way: it may predate the change
         self._gone = set()  # users the server does not know (deleted): never fetched again in this run
         for user, links in state.chains.items():
             self._chains[user] = verify_chain(user, [Link.from_bytes(link) for link in links])
@@ -67,8 +68,10 @@ class Chains:
 
     def stale(self, users=None):
         """Fetch the chains of `users` (None: everyone's) at their next refresh, whatever their age."""
-        for user in list(self._fetched) if users is None else users:
+        for user in list(self._fetched) + list(self._fetching) if users is None else users:
             self._fetched.pop(user, None)
+            if user in self._fetching:  # (its answer may be from before the change: not fresh when it comes)
+                self._stale_meanwhile.add(user)
 
     def refresh(self, user, max_age=0.0):
         """Deferred ChainState of `user`, verified against what was seen; fetched unless fetched `max_age` seconds ago.
@@ -91,10 +94,12 @@ class Chains:
         fetch = Deferred.fromCoroutine(self._fetch(user))
 
         def done(result):
+            self._stale_meanwhile.discard(user)
             for waiter in self._fetching.pop(user):
                 waiter.callback(result)
 
         def failed(failure):
+            self._stale_meanwhile.discard(user)
             for waiter in self._fetching.pop(user):
                 waiter.errback(failure)
 
@@ -127,7 +132,8 @@ class Chains:
         except (ChainError, Malformed) as problem:
             self._alarm(FORK if isinstance(problem, Fork) else BAD_CHAIN, user, f"{user}'s device chain: {problem}")
             return known
-        self._fetched[user] = fetched_at
+        if user not in self._stale_meanwhile:  # (else the next refresh asks again)
+            self._fetched[user] = fetched_at
         if known is not None and new.seq == known.seq:
             return known
         self._chains[user] = new

@@ -299,7 +299,10 @@ class EndToEnd:
         self.state.unlock()
 
     def save(self):
-        self.state.save()
+        """Write the device file; not once closed (its lock is released: another EndToEnd may hold the file now,
+        and work that was still queued, a chain fetch say, must not write over it)."""
+        if not self._closed:
+            self.state.save()
 
     def _devices_changed(self, user, added, removed):
         """A verified chain lists other devices than before: forget the sessions with the removed ones, tell the app."""
