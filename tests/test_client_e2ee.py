@@ -207,6 +207,19 @@ class ChainsTests(unittest.TestCase):
         self.assertEqual(len(asked), 2)
 
 
+    def test_a_refused_device_names_whose_chain_to_fetch_again(self):
+        """NO_SUCH_DEVICE names the device: its owner's chain is fetched again; when that cannot be told, everyone's."""
+        device = Device.generate("bob")
+        chains = Chains(
+            mock.Mock(chains={"bob": [chain.first(device, "phone").to_bytes()]}), None, None, None, None, task.Clock()
+        )
+        refused = commands.NoSuchDevice(f"{device.id.hex()} is not a current device of a member of this conversation.")
+        self.assertEqual(library._owner_of_refused_device(chains, refused), ["bob"])
+        stranger = commands.NoSuchDevice(f"{'ab' * 16} is not a current device of a member of this conversation.")
+        self.assertIsNone(library._owner_of_refused_device(chains, stranger))
+        self.assertIsNone(library._owner_of_refused_device(chains, commands.NoSuchDevice("no device named")))
+
+
 class DeviceFileTests(unittest.TestCase):
     """The device file on its own: format, mode, atomic replacement, the replay window."""
 
@@ -694,7 +707,9 @@ class MessageTests(E2EETestCase):
     @inlineCallbacks
     def test_a_device_revoked_unannounced_is_refused_by_the_server_and_the_message_sealed_again(self):
         phone, phone_inbox, laptop, laptop_inbox, bob, conversation = yield self.revoke_a_laptop(announced=False)
+        asked = self.count_chain_fetches()
         sent = yield bob.send_message(conversation, "after")  # wrapped for the laptop, refused, sealed again
+        self.assertEqual([fetch for fetch in asked if fetch[0] == "bob"], [("bob", "alice")])  # (its owner's only)
         self.assertIn((yield self.wrapped_for(sent.message_id)), ([phone.device_id], []))  # ([]: acknowledged)
         [_, after] = yield phone_inbox.wait("deliver", 2)
         self.assertEqual(after.body, "after")

@@ -66,6 +66,13 @@ class Chains:
         device = chain_state.devices.get(device_id) or chain_state.former.get(device_id)
         return device.keys if device is not None else None
 
+    def owner(self, device_id):
+        """The user whose kept chain lists the device `device_id` (32 hex digits) as current, or None."""
+        for user, chain_state in self._chains.items():
+            if any(device.hex() == device_id for device in chain_state.devices):
+                return user
+        return None
+
     def stale(self, users=None):
         """Fetch the chains of `users` (None: everyone's) at their next refresh, whatever their age."""
         for user in list(self._fetched) + list(self._fetching) if users is None else users:

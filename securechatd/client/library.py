@@ -411,6 +411,14 @@ def _strangers(refused, names):
 MAX_RESEALS = 2  # times a message the server refused because the membership or a device changed is sealed again
 
 
+def _owner_of_refused_device(chains, error):
+    """[the user] whose device a NO_SUCH_DEVICE refusal of SendEncrypted names (its description names the
+    device, docs/PROTOCOL.md), as kept chains list it; None (every chain) if that cannot be told."""
+    found = re.search(r"\b[0-9a-f]{32}\b", str(error))
+    owner = found and chains.owner(found.group(0))
+    return [owner] if owner else None
+
+
 def _seal_again(error):
     """True for a refusal of SendEncrypted after which the message is sealed again, for the members and devices now.
 
@@ -1367,8 +1375,8 @@ class ChatClient:
                     self._failed(client_msg_id, Failure())
                 else:  # not stored: encrypt it for the members and devices as they are now
                     log.info("sealing {id} again: {why}", id=client_msg_id, why=refused)
-                    if isinstance(refused, NoSuchDevice):  # a device that is gone: fetch every chain again
-                        self._e2ee().chains.stale()
+                    if isinstance(refused, NoSuchDevice):  # a device that is gone: fetch its owner's chain again
+                        self._e2ee().chains.stale(_owner_of_refused_device(self._e2ee().chains, refused))
                     else:  # sealed under an earlier membership state: fetch it
                         self._e2ee().moved(conversation_id)
                     outgoing.reseals += 1
