@@ -8,7 +8,10 @@ in the transaction that commits the message, that the header was made under
 the conversation's latest membership state, that its counter moves on, and
 that every wrap (those staged with StageWraps and those sent) goes to a
 current device of a current member. The header and body are stored once and
-one wrap per device; each member's Outbox (server/delivery.py) then pushes
+one wrap per device, the message's chain link with its signed receipt
+(store/links.py); the answer carries the receipt and names the members with
+a current device the message has no wrap for (`missing`: their client
+fetches their chains again). Each member's Outbox (server/delivery.py) then pushes
 `DeliverEncrypted` to the sessions bound to a device that has a wrap, each
 with its own wrap only. A device's answer is its acknowledgement: its wraps
 up to there are deleted (`acknowledged`), and the user's delivered mark
