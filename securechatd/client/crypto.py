@@ -833,8 +833,8 @@ class EndToEnd:
 
     async def _fetch_pushed(self, user):
         self._devices_pushed.discard(user)  # (a push from now on asks for one more fetch)
-        self.chains.stale([user])
-        return await self.chains.refresh(user)
+        # (the push marked the chain stale: fetched unless a seal fetched it since, after the push)
+        return await self.chains.refresh(user, self.chain_max_age)
 
     def moved(self, conversation_id=None):
         """The membership or the chain of a conversation (None: of every one) may have moved on: both are fetched
